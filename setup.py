@@ -1,0 +1,28 @@
+"""Builds pagefork._native; everything else is in pyproject.toml."""
+
+import os
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+NATIVE = Path("src/pagefork/_native")
+
+# PAGEFORK_SANITIZE=1 builds with ASan/UBSan for debugging signal and
+# userfaultfd code (run Python with LD_PRELOAD=$(gcc -print-file-name=libasan.so)).
+extra_compile = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+extra_link: list[str] = []
+if os.environ.get("PAGEFORK_SANITIZE"):
+    extra_compile += ["-fsanitize=address,undefined", "-O0", "-g", "-fno-omit-frame-pointer"]
+    extra_link += ["-fsanitize=address,undefined"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "pagefork._native",
+            sources=sorted(str(p) for p in NATIVE.glob("*.c")),
+            depends=[str(NATIVE / "pagefork.h")],
+            extra_compile_args=extra_compile,
+            extra_link_args=extra_link,
+        )
+    ]
+)

@@ -1,0 +1,47 @@
+"""pagefork: fork-join over copy-on-write memory snapshots.
+
+Snapshot a block of memory, fork it to a batch of threads, let the kernel
+track which pages each writes, diff and merge the changes back. See
+DESIGN.md for the architecture; this module only re-exports public names.
+"""
+
+from __future__ import annotations
+
+from . import _native
+
+__version__ = "0.1.0"
+
+if _native.VERSION != __version__:  # a stale build of the extension
+    raise ImportError(
+        f"pagefork's native extension is version {_native.VERSION} but the package is "
+        f"{__version__}: rebuild it (make test, or pip install .)"
+    )
+
+from ._errors import (  # noqa: E402
+    ConflictError,
+    CorruptDataError,
+    MergeError,
+    OutOfBoundsError,
+    PageforkError,
+    UnsupportedModeError,
+    WorkerError,
+)
+from .memory import PAGE_SIZE, Region  # noqa: E402
+from .tracking import MODES, Support, Tracker, probe, tracker  # noqa: E402
+
+__all__ = [
+    "PAGE_SIZE",
+    "Region",
+    "MODES",
+    "Support",
+    "Tracker",
+    "probe",
+    "tracker",
+    "PageforkError",
+    "UnsupportedModeError",
+    "CorruptDataError",
+    "OutOfBoundsError",
+    "MergeError",
+    "ConflictError",
+    "WorkerError",
+]

@@ -1,0 +1,295 @@
+/* _native.Mapping: page-aligned memory with address space reserved up to
+ * max_size, so it grows and shrinks in place. The base class of
+ * pagefork.Region; it exports the writable buffer protocol.
+ *
+ * Kinds: anonymous private, anonymous shared (MAP_SHARED|MAP_ANONYMOUS),
+ * memfd private and memfd shared. The reservation is PROT_NONE beyond `size`.
+ * close() with buffers still exported (numpy views) marks the mapping closed
+ * and unmaps when the last view goes away, so no view ever points at
+ * unmapped memory.
+ */
+#define _GNU_SOURCE
+#include "pagefork.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+typedef struct {
+    PyObject_HEAD
+    uintptr_t address;
+    size_t size;
+    size_t max_size; /* bytes reserved */
+    int shared;
+    int fd; /* memfd backing the region, or -1 */
+    int mapped;
+    int closed;
+    Py_ssize_t exports;
+} PfMapping;
+
+static int map_fixed_file(PfMapping *m, size_t from, size_t to, int fd, int shared)
+{
+    void *want = (void *)(m->address + from);
+    void *got = mmap(want, to - from, PROT_READ | PROT_WRITE,
+                     (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED, fd, (off_t)from);
+    if (got == MAP_FAILED) {
+        pf_oserror("mmap");
+        return -1;
+    }
+    madvise(want, to - from, MADV_NOHUGEPAGE);
+    return 0;
+}
+
+/* Turns [from, to) back into PROT_NONE reservation, dropping its pages. */
+static int unmap_tail(PfMapping *m, size_t from, size_t to)
+{
+    void *where = (void *)(m->address + from);
+    size_t len = to - from;
+    if (m->fd >= 0) {
+        if (mmap(where, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1,
+                 0) == MAP_FAILED) {
+            pf_oserror("mmap");
+            return -1;
+        }
+        if (ftruncate(m->fd, (off_t)from) != 0) {
+            pf_oserror("ftruncate");
+            return -1;
+        }
+        return 0;
+    }
+    /* Anonymous: free the pages (shmem needs REMOVE) so regrowth reads zeroes. */
+    if (madvise(where, len, m->shared ? MADV_REMOVE : MADV_DONTNEED) != 0) {
+        pf_oserror("madvise");
+        return -1;
+    }
+    if (mprotect(where, len, PROT_NONE) != 0) {
+        pf_oserror("mprotect");
+        return -1;
+    }
+    return 0;
+}
+
+static int grow(PfMapping *m, size_t from, size_t to)
+{
+    if (m->fd >= 0) {
+        if (ftruncate(m->fd, (off_t)to) != 0) {
+            pf_oserror("ftruncate");
+            return -1;
+        }
+        return map_fixed_file(m, from, to, m->fd, m->shared);
+    }
+    if (mprotect((void *)(m->address + from), to - from, PROT_READ | PROT_WRITE) != 0) {
+        pf_oserror("mprotect");
+        return -1;
+    }
+    return 0;
+}
+
+static void release_memory(PfMapping *m)
+{
+    if (m->mapped) {
+        munmap((void *)m->address, m->max_size);
+        m->mapped = 0;
+    }
+    if (m->fd >= 0) {
+        close(m->fd);
+        m->fd = -1;
+    }
+}
+
+/* _map(size, max_size, shared, memfd): both sizes whole pages. */
+static PyObject *mapping_map(PfMapping *self, PyObject *args)
+{
+    Py_ssize_t size, max_size;
+    int shared, use_memfd;
+    if (!PyArg_ParseTuple(args, "nnpp", &size, &max_size, &shared, &use_memfd))
+        return NULL;
+    if (self->mapped || self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "Mapping already mapped");
+        return NULL;
+    }
+    if (size < 0 || max_size < size || size % (Py_ssize_t)pf_page_size ||
+        max_size % (Py_ssize_t)pf_page_size || max_size == 0) {
+        PyErr_SetString(PyExc_ValueError, "_map: sizes must be whole pages, 0 < max_size >= size");
+        return NULL;
+    }
+    int flags = (shared && !use_memfd ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS | MAP_NORESERVE;
+    void *addr = mmap(NULL, (size_t)max_size, PROT_NONE, flags, -1, 0);
+    if (addr == MAP_FAILED)
+        return pf_oserror("mmap");
+    self->address = (uintptr_t)addr;
+    self->max_size = (size_t)max_size;
+    self->size = 0;
+    self->shared = shared;
+    self->fd = -1;
+    self->mapped = 1;
+    madvise(addr, (size_t)max_size, MADV_NOHUGEPAGE);
+    if (use_memfd) {
+        self->fd = memfd_create("pagefork-region", MFD_CLOEXEC);
+        if (self->fd < 0) {
+            pf_oserror("memfd_create");
+            release_memory(self);
+            return NULL;
+        }
+    }
+    if (size > 0 && grow(self, 0, (size_t)size) != 0) {
+        release_memory(self);
+        return NULL;
+    }
+    self->size = (size_t)size;
+    Py_RETURN_NONE;
+}
+
+static int check_open(PfMapping *self)
+{
+    if (self->closed || !self->mapped) {
+        PyErr_SetString(PyExc_ValueError, "region is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *mapping_resize(PfMapping *self, PyObject *args)
+{
+    Py_ssize_t new_size;
+    if (!PyArg_ParseTuple(args, "n", &new_size))
+        return NULL;
+    if (check_open(self) != 0)
+        return NULL;
+    if (new_size < 0 || (size_t)new_size > self->max_size || new_size % (Py_ssize_t)pf_page_size) {
+        PyErr_SetString(PyExc_ValueError, "_resize: whole pages within max_size");
+        return NULL;
+    }
+    size_t n = (size_t)new_size;
+    if (n < self->size) {
+        if (self->exports > 0) {
+            PyErr_SetString(PyExc_BufferError,
+                            "cannot shrink a region while views of it exist (memoryview/numpy)");
+            return NULL;
+        }
+        if (unmap_tail(self, n, self->size) != 0)
+            return NULL;
+    } else if (n > self->size && grow(self, self->size, n) != 0) {
+        return NULL;
+    }
+    self->size = n;
+    Py_RETURN_NONE;
+}
+
+/* _map_file(fd, length, shared): maps [0, length) of fd over the start of the
+ * region, in place (MAP_FIXED), e.g. a snapshot's memfd copy-on-write. */
+static PyObject *mapping_map_file(PfMapping *self, PyObject *args)
+{
+    int fd, shared;
+    Py_ssize_t length;
+    if (!PyArg_ParseTuple(args, "inp", &fd, &length, &shared))
+        return NULL;
+    if (check_open(self) != 0)
+        return NULL;
+    if (length < 0 || (size_t)length > self->size || length % (Py_ssize_t)pf_page_size) {
+        PyErr_SetString(PyExc_ValueError, "_map_file: whole pages within the region's size");
+        return NULL;
+    }
+    if (length > 0 && map_fixed_file(self, 0, (size_t)length, fd, shared) != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *mapping_close(PfMapping *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->closed)
+        Py_RETURN_NONE;
+    self->closed = 1;
+    if (self->exports == 0)
+        release_memory(self);
+    Py_RETURN_NONE;
+}
+
+static int mapping_getbuffer(PfMapping *self, Py_buffer *view, int flags)
+{
+    if (self->closed || !self->mapped) {
+        PyErr_SetString(PyExc_BufferError, "region is closed");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->address, (Py_ssize_t)self->size, 0,
+                          flags) != 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void mapping_releasebuffer(PfMapping *self, Py_buffer *view)
+{
+    (void)view;
+    if (--self->exports == 0 && self->closed)
+        release_memory(self);
+}
+
+static PyBufferProcs mapping_as_buffer = {
+    .bf_getbuffer = (getbufferproc)mapping_getbuffer,
+    .bf_releasebuffer = (releasebufferproc)mapping_releasebuffer,
+};
+
+static void mapping_dealloc(PfMapping *self)
+{
+    release_memory(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    PfMapping *self = (PfMapping *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->fd = -1;
+    return (PyObject *)self;
+}
+
+#define GETTER(name, expr)                                              \
+    static PyObject *mapping_get_##name(PfMapping *self, void *closure) \
+    {                                                                   \
+        (void)closure;                                                  \
+        return expr;                                                    \
+    }
+GETTER(address, PyLong_FromUnsignedLongLong((unsigned long long)self->address))
+GETTER(size, PyLong_FromSize_t(self->size))
+GETTER(max_size, PyLong_FromSize_t(self->max_size))
+GETTER(shared, PyBool_FromLong(self->shared))
+GETTER(closed, PyBool_FromLong(self->closed))
+GETTER(fd, PyLong_FromLong(self->fd))
+GETTER(exports, PyLong_FromSsize_t(self->exports))
+
+static PyGetSetDef mapping_getset[] = {
+    {"address", (getter)mapping_get_address, NULL, "Start address.", NULL},
+    {"size", (getter)mapping_get_size, NULL, "Size in bytes (whole pages).", NULL},
+    {"max_size", (getter)mapping_get_max_size, NULL, "Bytes reserved for growth.", NULL},
+    {"shared", (getter)mapping_get_shared, NULL, "MAP_SHARED memory.", NULL},
+    {"closed", (getter)mapping_get_closed, NULL, "close() was called.", NULL},
+    {"_fd", (getter)mapping_get_fd, NULL, "Backing memfd, or -1.", NULL},
+    {"_exports", (getter)mapping_get_exports, NULL, "Buffers currently exported.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef mapping_methods[] = {
+    {"_map", (PyCFunction)mapping_map, METH_VARARGS, NULL},
+    {"_resize", (PyCFunction)mapping_resize, METH_VARARGS, NULL},
+    {"_map_file", (PyCFunction)mapping_map_file, METH_VARARGS, NULL},
+    {"_close", (PyCFunction)mapping_close, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject PfMappingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pagefork._native.Mapping",
+    .tp_basicsize = sizeof(PfMapping),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Page-aligned memory reserved up to max_size (base of pagefork.Region).",
+    .tp_new = mapping_new,
+    .tp_dealloc = (destructor)mapping_dealloc,
+    .tp_as_buffer = &mapping_as_buffer,
+    .tp_getset = mapping_getset,
+    .tp_methods = mapping_methods,
+};

@@ -1,0 +1,72 @@
+/* pagefork._native: the method table, constants and module init. The code
+ * lives in one file per mechanism; see pagefork.h. */
+#include "pagefork.h"
+
+#include <unistd.h>
+
+size_t pf_page_size;
+
+static PyObject *native_pagemap_scan_available(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(pf_pagemap_scan_available());
+}
+
+static PyObject *native_set_pagemap_scan(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int enabled = PyObject_IsTrue(arg);
+    if (enabled < 0)
+        return NULL;
+    pf_pagemap_scan_disabled = !enabled;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef native_methods[] = {
+    {"uffd_probe", pf_uffd_probe, METH_NOARGS,
+     "uffd_probe() -> (errno, supported_features, user_mode_only)"},
+    {"pagemap_scan_available", native_pagemap_scan_available, METH_NOARGS,
+     "Whether the PAGEMAP_SCAN ioctl works here."},
+    {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,
+     "Allow (True) or forbid (False) PAGEMAP_SCAN; tests use it to exercise the fallback."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pagefork._native",
+    .m_doc = "pagefork's native core.",
+    .m_size = -1,
+    .m_methods = native_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    pf_page_size = (size_t)sysconf(_SC_PAGESIZE);
+    if (PyType_Ready(&PfMappingType) < 0 || PyType_Ready(&PfTrackingType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&PfMappingType);
+    Py_INCREF(&PfTrackingType);
+    if (PyModule_AddObject(m, "Mapping", (PyObject *)&PfMappingType) < 0 ||
+        PyModule_AddObject(m, "Tracking", (PyObject *)&PfTrackingType) < 0 ||
+        PyModule_AddStringConstant(m, "VERSION", PAGEFORK_NATIVE_VERSION) < 0 ||
+        PyModule_AddIntConstant(m, "PAGE_SIZE", (long)pf_page_size) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_NONE", PF_MODE_NONE) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_SOFTPTE", PF_MODE_SOFTPTE) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_SEGFAULT", PF_MODE_SEGFAULT) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_UFFD", PF_MODE_UFFD) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_UFFD_ASYNC", PF_MODE_UFFD_ASYNC) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_COW", PF_MODE_COW) < 0 ||
+        PyModule_AddIntConstant(m, "UFFD_FEATURE_THREAD_ID", UFFD_FEATURE_THREAD_ID) < 0 ||
+        PyModule_AddIntConstant(m, "UFFD_FEATURE_WP_HUGETLBFS_SHMEM", UFFD_FEATURE_WP_HUGETLBFS_SHMEM) < 0 ||
+        PyModule_AddIntConstant(m, "UFFD_FEATURE_WP_UNPOPULATED", UFFD_FEATURE_WP_UNPOPULATED) < 0 ||
+        PyModule_AddIntConstant(m, "UFFD_FEATURE_WP_ASYNC", UFFD_FEATURE_WP_ASYNC) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

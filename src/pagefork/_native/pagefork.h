@@ -1,0 +1,175 @@
+/* Shared declarations of the pagefork native core.
+ *
+ * One file per mechanism (segfault.c, uffd.c, uffd_async.c, softpte.c, cow.c),
+ * the range registry shared by the fault handlers (registry.c), memory mappings
+ * (mapping.c), the tracking object that drives a mode (tracking.c), pagemap
+ * reading (pagemap.c) and errno errors (errors.c).
+ */
+#ifndef PAGEFORK_H
+#define PAGEFORK_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <linux/fs.h>
+#include <linux/userfaultfd.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <sys/types.h>
+
+#define PAGEFORK_NATIVE_VERSION "0.1.0"
+
+/* ---- kernel interfaces newer than the system headers ------------------ */
+
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+#ifndef PAGEMAP_SCAN
+/* Linux 6.7 uapi (include/uapi/linux/fs.h). */
+#define PAGE_IS_WPALLOWED (1 << 0)
+#define PAGE_IS_WRITTEN (1 << 1)
+#define PAGE_IS_FILE (1 << 2)
+#define PAGE_IS_PRESENT (1 << 3)
+#define PAGE_IS_SWAPPED (1 << 4)
+#define PAGE_IS_PFNZERO (1 << 5)
+#define PAGE_IS_HUGE (1 << 6)
+#define PAGE_IS_SOFT_DIRTY (1 << 7)
+
+struct page_region {
+    __u64 start;
+    __u64 end;
+    __u64 categories;
+};
+
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+
+struct pm_scan_arg {
+    __u64 size;
+    __u64 flags;
+    __u64 start;
+    __u64 end;
+    __u64 walk_end;
+    __u64 vec;
+    __u64 vec_len;
+    __u64 max_pages;
+    __u64 category_inverted;
+    __u64 category_mask;
+    __u64 category_anyof_mask;
+    __u64 return_mask;
+};
+
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+
+/* ---- globals ----------------------------------------------------------- */
+
+extern size_t pf_page_size;
+extern PyTypeObject PfMappingType;
+extern PyTypeObject PfTrackingType;
+
+/* errors.c: raise OSError(errno, "<syscall>: <strerror>") and return NULL. */
+PyObject *pf_oserror(const char *syscall_name);
+PyObject *pf_oserror_errno(int err, const char *syscall_name);
+
+/* ---- tracked ranges (registry.c) --------------------------------------- */
+
+enum pf_mode {
+    PF_MODE_NONE = 0,
+    PF_MODE_SOFTPTE,
+    PF_MODE_SEGFAULT,
+    PF_MODE_UFFD,
+    PF_MODE_UFFD_ASYNC,
+    PF_MODE_COW,
+    PF_N_MODES
+};
+
+#define PF_MAX_RANGES 256
+#define PF_MAX_THREADS 1024
+
+typedef struct {
+    _Atomic pid_t tid;  /* 0: free */
+    _Atomic int active; /* this thread's writes are being recorded */
+    uint8_t *flags;     /* max_pages bytes, written before tid is published */
+} pf_thread_slot;
+
+typedef struct pf_range {
+    uintptr_t start;
+    _Atomic size_t n_pages; /* current size; flags are allocated for max_pages */
+    size_t max_pages;
+    int mode;
+    int shared;          /* MAP_SHARED memory (uffd needs shmem WP support) */
+    _Atomic int global_active;
+    _Atomic int threads_active;
+    _Atomic int inflight; /* fault handlers currently using this range */
+    uint8_t *global;
+    pf_thread_slot threads[PF_MAX_THREADS];
+} pf_range;
+
+pf_range *pf_range_new(int mode, uintptr_t start, size_t n_pages, size_t max_pages, int shared);
+void pf_range_free(pf_range *r);
+int pf_registry_publish(pf_range *r);     /* 0, or -1 with errno=ENOSPC */
+void pf_registry_unpublish(pf_range *r);  /* waits for handlers still inside */
+pf_range *pf_registry_acquire(uintptr_t addr, int mode); /* async-signal-safe */
+void pf_registry_release(pf_range *r);                   /* async-signal-safe */
+/* Calls fn on every published range of `mode` except `skip` (GIL held). */
+void pf_registry_foreach(int mode, pf_range *skip, void (*fn)(pf_range *));
+void pf_range_mark(pf_range *r, uintptr_t addr, pid_t tid); /* async-signal-safe */
+pid_t pf_current_tid(void);                                 /* async-signal-safe */
+pf_thread_slot *pf_range_thread_slot(pf_range *r, pid_t tid, int create);
+
+/* ---- mechanisms ----------------------------------------------------------
+ * Each returns 0 on success or -1 with a Python exception set. Ranges are in
+ * pages relative to r->start. */
+typedef struct {
+    int (*attach)(pf_range *r);                           /* before first arm */
+    int (*arm)(pf_range *r, size_t first, size_t count);  /* start recording */
+    int (*disarm)(pf_range *r, size_t first, size_t count);
+    int (*collect)(pf_range *r);                          /* kernel state -> flags */
+    int (*detach)(pf_range *r, size_t first, size_t count); /* stop for good */
+} pf_mode_ops;
+
+extern const pf_mode_ops pf_segfault_ops;
+extern const pf_mode_ops pf_uffd_ops;
+extern const pf_mode_ops pf_uffd_async_ops;
+extern const pf_mode_ops pf_softpte_ops;
+extern const pf_mode_ops pf_cow_ops;
+
+/* pagemap.c */
+enum pf_pagemap_kind { PF_PAGEMAP_COW, PF_PAGEMAP_SOFT_DIRTY };
+/* Marks in `out` (one byte per page) the pages of [start, start + n pages)
+ * that match `kind`. Uses PAGEMAP_SCAN when the kernel has it, else
+ * /proc/self/pagemap. Returns the number of pages found, or -1 with errno. */
+ssize_t pf_pagemap_find(uintptr_t start, size_t n_pages, int kind, uint8_t *out);
+/* Issues PAGEMAP_SCAN over [start, end) with the masks of `tmpl`, looping on
+ * walk_end, and marks every returned page in `out` (may be NULL). Returns the
+ * number of pages returned, or -1 with errno. */
+ssize_t pf_pagemap_scan(uintptr_t start, uintptr_t end, struct pm_scan_arg *tmpl, uint8_t *out);
+int pf_pagemap_scan_available(void);
+
+/* uffd.c / uffd_async.c: process-wide descriptors and probes. */
+int pf_uffd_open(int features, int *got_features, int *user_mode_only);
+int pf_uffd_register(int fd, pf_range *r, size_t first, size_t count);
+int pf_uffd_unregister(int fd, pf_range *r, size_t first, size_t count);
+int pf_uffd_protect(int fd, pf_range *r, size_t first, size_t count, int protect);
+PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
+
+/* module-level switches for tests */
+extern int pf_pagemap_scan_disabled;
+
+#endif

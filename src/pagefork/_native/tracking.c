@@ -1,0 +1,352 @@
+/* _native.Tracking: one region tracked in one mode. It drives the mode's
+ * mechanism (pf_mode_ops) through start/stop, thread-local start/stop, reads
+ * and resizes, and owns the flags the mechanisms write.
+ *
+ * Protection is armed while the region is tracked globally or by any thread;
+ * a write is recorded for the process while global tracking is on, and for
+ * the writing thread while that thread's tracking is on. Every call holds the
+ * GIL, which serialises them; fault handlers run concurrently and only touch
+ * the range through the lock-free registry.
+ */
+#include "pagefork.h"
+
+#include <errno.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    pf_range *range;
+    const pf_mode_ops *ops; /* NULL for mode "none" */
+    int attached;
+    PyObject *weakrefs;
+} PfTracking;
+
+static const pf_mode_ops *ops_for(int mode)
+{
+    switch (mode) {
+    case PF_MODE_SOFTPTE: return &pf_softpte_ops;
+    case PF_MODE_SEGFAULT: return &pf_segfault_ops;
+    case PF_MODE_UFFD: return &pf_uffd_ops;
+    case PF_MODE_UFFD_ASYNC: return &pf_uffd_async_ops;
+    case PF_MODE_COW: return &pf_cow_ops;
+    default: return NULL;
+    }
+}
+
+static int thread_local_capable(int mode)
+{
+    return mode == PF_MODE_NONE || mode == PF_MODE_SEGFAULT || mode == PF_MODE_UFFD;
+}
+
+static int tracking_init(PfTracking *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mode", "address", "n_pages", "max_pages", "shared", NULL};
+    int mode, shared = 0;
+    unsigned long long address;
+    Py_ssize_t n_pages, max_pages;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKnn|p", kwlist, &mode, &address, &n_pages,
+                                     &max_pages, &shared))
+        return -1;
+    if (mode < 0 || mode >= PF_N_MODES || n_pages < 0 || max_pages < n_pages ||
+        address % pf_page_size != 0) {
+        PyErr_SetString(PyExc_ValueError, "Tracking: bad mode, address or page counts");
+        return -1;
+    }
+    if (self->range != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Tracking already initialised");
+        return -1;
+    }
+    self->range = pf_range_new(mode, (uintptr_t)address, (size_t)n_pages, (size_t)max_pages, shared);
+    if (self->range == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->ops = ops_for(mode);
+    return 0;
+}
+
+static int any_active(pf_range *r)
+{
+    return atomic_load(&r->global_active) || atomic_load(&r->threads_active) > 0;
+}
+
+static int attach(PfTracking *self)
+{
+    if (self->attached || self->ops == NULL)
+        return 0;
+    if (pf_registry_publish(self->range) != 0) {
+        pf_oserror("pagefork: too many tracked regions");
+        return -1;
+    }
+    if (self->ops->attach(self->range) != 0) {
+        pf_registry_unpublish(self->range);
+        return -1;
+    }
+    self->attached = 1;
+    return 0;
+}
+
+/* Drops protection and kernel registrations once nothing is tracked. */
+static int detach_if_idle(PfTracking *self)
+{
+    pf_range *r = self->range;
+    if (!self->attached || any_active(r))
+        return 0;
+    size_t n = atomic_load(&r->n_pages);
+    int rc = self->ops->disarm(r, 0, n);
+    if (self->ops->detach(r, 0, n) != 0)
+        rc = -1;
+    pf_registry_unpublish(r);
+    self->attached = 0;
+    return rc;
+}
+
+static int collect(PfTracking *self)
+{
+    if (self->ops == NULL || !self->attached)
+        return 0;
+    return self->ops->collect(self->range);
+}
+
+static PyObject *tracking_start(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    pf_range *r = self->range;
+    if (attach(self) != 0)
+        return NULL;
+    memset(r->global, 0, r->max_pages);
+    atomic_store(&r->global_active, 1);
+    if (self->ops != NULL && self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0) {
+        atomic_store(&r->global_active, 0);
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        detach_if_idle(self);
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *tracking_stop(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    pf_range *r = self->range;
+    if (!atomic_load(&r->global_active))
+        Py_RETURN_NONE;
+    int rc = collect(self);
+    atomic_store(&r->global_active, 0);
+    if (detach_if_idle(self) != 0 || rc != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    pf_range *r = self->range;
+    if (!thread_local_capable(r->mode)) {
+        PyErr_SetString(PyExc_NotImplementedError, "this mode has no thread-local scope");
+        return NULL;
+    }
+    pf_thread_slot *slot = pf_range_thread_slot(r, pf_current_tid(), 1);
+    if (slot == NULL)
+        return pf_oserror("pagefork: no free thread-tracking slot");
+    if (attach(self) != 0)
+        return NULL;
+    memset(slot->flags, 0, r->max_pages);
+    if (!atomic_exchange(&slot->active, 1))
+        atomic_fetch_add(&r->threads_active, 1);
+    /* Pages other threads already wrote are writable again: re-protect all
+     * so this thread's first write to each is seen. */
+    if (self->ops != NULL && self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *tracking_stop_thread(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    pf_range *r = self->range;
+    pf_thread_slot *slot = pf_range_thread_slot(r, pf_current_tid(), 0);
+    if (slot == NULL || !atomic_exchange(&slot->active, 0))
+        Py_RETURN_NONE;
+    atomic_fetch_sub(&r->threads_active, 1);
+    if (detach_if_idle(self) != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* dirty(out, scope): fills the writable buffer `out` (n_pages bytes) with 0/1
+ * flags. scope: 0 global, 1 calling thread, 2 both. */
+static PyObject *tracking_dirty(PfTracking *self, PyObject *args)
+{
+    Py_buffer out;
+    int scope;
+    if (!PyArg_ParseTuple(args, "w*i", &out, &scope))
+        return NULL;
+    pf_range *r = self->range;
+    size_t n = atomic_load(&r->n_pages);
+    if ((size_t)out.len != n || scope < 0 || scope > 2) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "dirty: buffer must hold n_pages bytes; scope 0..2");
+        return NULL;
+    }
+    uint8_t *dst = out.buf;
+    if (self->ops == NULL) {
+        memset(dst, 1, n);
+        PyBuffer_Release(&out);
+        Py_RETURN_NONE;
+    }
+    if (atomic_load(&r->global_active) && collect(self) != 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    pf_thread_slot *slot = scope == 0 ? NULL : pf_range_thread_slot(r, pf_current_tid(), 0);
+    if (scope == 1) {
+        if (slot != NULL)
+            memcpy(dst, slot->flags, n);
+        else
+            memset(dst, 0, n);
+    } else {
+        memcpy(dst, r->global, n);
+        if (slot != NULL)
+            for (size_t i = 0; i < n; i++)
+                dst[i] |= slot->flags[i];
+    }
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tracking_reset(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    pf_range *r = self->range;
+    if (self->attached && any_active(r) && self->ops != NULL) {
+        /* Consume the kernel's state first (uffd-async re-protects as it
+         * reads), then re-arm what handlers un-protected. */
+        if (collect(self) != 0)
+            return NULL;
+    }
+    memset(r->global, 0, r->max_pages);
+    for (int i = 0; i < PF_MAX_THREADS; i++)
+        if (r->threads[i].flags != NULL)
+            memset(r->threads[i].flags, 0, r->max_pages);
+    if (self->attached && any_active(r) && self->ops != NULL && r->mode != PF_MODE_COW &&
+        self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* resize(n_pages): the region grew (after) or is about to shrink (before). */
+static PyObject *tracking_resize(PfTracking *self, PyObject *args)
+{
+    Py_ssize_t new_n;
+    if (!PyArg_ParseTuple(args, "n", &new_n))
+        return NULL;
+    pf_range *r = self->range;
+    if (new_n < 0 || (size_t)new_n > r->max_pages) {
+        PyErr_SetString(PyExc_ValueError, "resize: beyond the tracked maximum");
+        return NULL;
+    }
+    size_t old = atomic_load(&r->n_pages), n = (size_t)new_n;
+    if (n < old) {
+        if (self->attached && collect(self) != 0)
+            return NULL;
+        atomic_store(&r->n_pages, n);
+        memset(r->global + n, 0, old - n);
+        for (int i = 0; i < PF_MAX_THREADS; i++)
+            if (r->threads[i].flags != NULL)
+                memset(r->threads[i].flags + n, 0, old - n);
+        if (self->attached && self->ops->detach(r, n, old - n) != 0)
+            return NULL;
+    } else if (n > old) {
+        atomic_store(&r->n_pages, n);
+        if (self->attached && any_active(r) && self->ops->arm(r, old, n - old) != 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *tracking_close(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    pf_range *r = self->range;
+    if (r == NULL)
+        Py_RETURN_NONE;
+    atomic_store(&r->global_active, 0);
+    for (int i = 0; i < PF_MAX_THREADS; i++)
+        atomic_store(&r->threads[i].active, 0);
+    atomic_store(&r->threads_active, 0);
+    if (detach_if_idle(self) != 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static void tracking_dealloc(PfTracking *self)
+{
+    if (self->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->range != NULL) {
+        PyObject *ok = tracking_close(self, NULL);
+        if (ok == NULL)
+            PyErr_WriteUnraisable((PyObject *)self);
+        Py_XDECREF(ok);
+        if (!self->attached)
+            pf_range_free(self->range);
+        /* else: still published after a failed detach; leaking beats a
+         * handler reading freed memory */
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *tracking_get_active(PfTracking *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(atomic_load(&self->range->global_active));
+}
+
+static PyObject *tracking_get_thread_active(PfTracking *self, void *closure)
+{
+    (void)closure;
+    pf_thread_slot *slot = pf_range_thread_slot(self->range, pf_current_tid(), 0);
+    return PyBool_FromLong(slot != NULL && atomic_load(&slot->active));
+}
+
+static PyObject *tracking_get_n_pages(PfTracking *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t(atomic_load(&self->range->n_pages));
+}
+
+static PyMethodDef tracking_methods[] = {
+    {"start", (PyCFunction)tracking_start, METH_NOARGS, "Start tracking the whole process."},
+    {"stop", (PyCFunction)tracking_stop, METH_NOARGS, "Stop whole-process tracking."},
+    {"start_thread", (PyCFunction)tracking_start_thread, METH_NOARGS, "Track the calling thread."},
+    {"stop_thread", (PyCFunction)tracking_stop_thread, METH_NOARGS, "Stop tracking the calling thread."},
+    {"dirty", (PyCFunction)tracking_dirty, METH_VARARGS, "dirty(out, scope): write flags into out."},
+    {"reset", (PyCFunction)tracking_reset, METH_NOARGS, "Clear all flags and re-arm."},
+    {"resize", (PyCFunction)tracking_resize, METH_VARARGS, "resize(n_pages)"},
+    {"close", (PyCFunction)tracking_close, METH_NOARGS, "Stop everything and drop kernel state."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef tracking_getset[] = {
+    {"active", (getter)tracking_get_active, NULL, "Global tracking is on.", NULL},
+    {"thread_active", (getter)tracking_get_thread_active, NULL, "The calling thread is tracked.", NULL},
+    {"n_pages", (getter)tracking_get_n_pages, NULL, "Pages tracked.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject PfTrackingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pagefork._native.Tracking",
+    .tp_basicsize = sizeof(PfTracking),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tracking(mode, address, n_pages, max_pages, shared=False): one tracked region.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)tracking_init,
+    .tp_dealloc = (destructor)tracking_dealloc,
+    .tp_methods = tracking_methods,
+    .tp_getset = tracking_getset,
+    .tp_weaklistoffset = offsetof(PfTracking, weakrefs),
+};

@@ -1,0 +1,148 @@
+"""Region: page-aligned memory that can grow in place and be tracked."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from . import _native
+from ._errors import OutOfBoundsError, PageforkError, native_error
+from ._sizes import PAGE_SIZE, parse_size, round_to_pages
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+
+__all__ = ["Region", "PAGE_SIZE"]
+
+Backing = Literal["anonymous", "memfd"]
+
+
+class Region(_native.Mapping):
+    """Page-aligned, mmap-backed memory.
+
+    ``size`` is rounded up to whole pages; ``max_size`` (default ``size``)
+    reserves address space so :meth:`resize` can grow the region without
+    moving it. ``shared=True`` maps it ``MAP_SHARED`` (visible to processes
+    that share it); ``backing="memfd"`` backs it with a memfd instead of
+    anonymous memory (``cow`` tracking needs a private memfd mapping). Memory
+    starts zeroed. Supports the writable buffer protocol, so
+    ``memoryview(region)`` and ``numpy.frombuffer(region, ...)`` work.
+
+    Regions are advised ``MADV_NOHUGEPAGE`` so tracking stays page-granular.
+    """
+
+    def __init__(
+        self,
+        size: int | str,
+        *,
+        max_size: int | str | None = None,
+        shared: bool = False,
+        backing: Backing = "anonymous",
+    ) -> None:
+        nbytes = round_to_pages(parse_size(size, "size"))
+        max_bytes = nbytes if max_size is None else round_to_pages(parse_size(max_size, "max_size"))
+        if max_bytes < nbytes:
+            raise ValueError(f"max_size ({max_bytes} bytes) is smaller than size ({nbytes} bytes)")
+        if backing not in ("anonymous", "memfd"):
+            raise ValueError(f"backing must be 'anonymous' or 'memfd', not {backing!r}")
+        self.backing: Backing = backing
+        # Trackers of this region, told about resizes and close.
+        self._trackings: weakref.WeakSet[Any] = weakref.WeakSet()
+        try:
+            self._map(nbytes, max(max_bytes, PAGE_SIZE), bool(shared), backing == "memfd")
+        except OSError as exc:
+            raise native_error(exc, f"cannot map a region of {nbytes} bytes") from exc
+        self._max_size = max_bytes
+
+    # The C base reports the reservation (at least one page); the contract's
+    # max_size is what the user asked for.
+    @property
+    def max_size(self) -> int:  # type: ignore[override]
+        """The largest size :meth:`resize` accepts, in bytes."""
+        return self._max_size
+
+    @property
+    def n_pages(self) -> int:
+        """Number of pages in the region."""
+        return self.size // PAGE_SIZE
+
+    def resize(self, size: int | str) -> None:
+        """Grows or shrinks the region in place, keeping its address and the
+        contents of the pages it keeps; grown pages read as zero.
+
+        Tracking stays correct across a resize: new pages are tracked like the
+        rest. Shrinking while views (memoryview, numpy) exist raises
+        ``BufferError``.
+        """
+        self._check_open()
+        nbytes = round_to_pages(parse_size(size, "size"))
+        if nbytes > self._max_size:
+            raise OutOfBoundsError(
+                f"cannot resize to {nbytes} bytes: max_size is {self._max_size} bytes"
+            )
+        old = self.size
+        if nbytes < old:
+            if self._exports:
+                raise BufferError("cannot shrink a region while views of it exist (memoryview/numpy)")
+            for tracking in list(self._trackings):
+                tracking.resize(nbytes // PAGE_SIZE)
+        try:
+            self._resize(nbytes)
+        except OSError as exc:
+            raise native_error(exc, f"cannot resize the region to {nbytes} bytes") from exc
+        if nbytes > old:
+            for tracking in list(self._trackings):
+                tracking.resize(nbytes // PAGE_SIZE)
+
+    def array(self, dtype: DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None,
+              offset: int = 0) -> np.ndarray:
+        """Returns a writable numpy view of the region starting at byte ``offset``.
+
+        ``shape=None`` covers the rest of the region. The view keeps the
+        memory alive even after :meth:`close`.
+        """
+        self._check_open()
+        dt = np.dtype(dtype)
+        if offset < 0 or offset > self.size:
+            raise OutOfBoundsError(f"offset {offset} is outside the region (size {self.size})")
+        if shape is None:
+            count = (self.size - offset) // dt.itemsize
+            shape = (count,)
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        count = int(np.prod(shape_t, dtype=np.int64))
+        if offset + count * dt.itemsize > self.size:
+            raise OutOfBoundsError(
+                f"{shape_t} of {dt} at offset {offset} needs {offset + count * dt.itemsize} bytes; "
+                f"the region has {self.size}"
+            )
+        return np.frombuffer(self, dtype=dt, count=count, offset=offset).reshape(shape_t)
+
+    def close(self) -> None:
+        """Stops all tracking of the region and releases it. Views still alive
+        keep the memory mapped until they are gone."""
+        if self.closed:
+            return
+        for tracking in list(self._trackings):
+            tracking.close()
+        self._trackings.clear()
+        self._close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PageforkError("the region is closed")
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.size} bytes at {self.address:#x}"
+        kind = ("shared " if self.shared else "private ") + self.backing
+        return f"<Region {kind}, {state}, max_size={self._max_size}>"

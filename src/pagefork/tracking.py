@@ -1,0 +1,365 @@
+"""Dirty-page tracking: one Tracker interface over six kernel mechanisms.
+
+Pick a mode with :func:`tracker` (``None`` reads ``PAGEFORK_TRACKING``, else
+``"auto"``), see what works here with :func:`probe`. All mechanisms live in
+the native core; this module chooses, checks and explains.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import platform
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from . import _native
+from ._errors import PageforkError, UnsupportedModeError, native_error
+from .memory import Region
+
+__all__ = ["MODES", "AUTO_ORDER", "Support", "Tracker", "probe", "tracker"]
+
+MODES: tuple[str, ...] = ("none", "softpte", "segfault", "uffd", "uffd-async", "cow")
+
+#: Preference of ``"auto"``, fastest first, from ``pagefork bench`` per-page
+#: write costs (uffd-async resolves faults in the kernel; uffd pays a context
+#: switch to the fault thread; segfault pays a signal and an mprotect).
+#: softpte (process-wide clearing) and cow (snapshot mappings only) are not
+#: general-purpose; "none" is the last resort.
+AUTO_ORDER: tuple[str, ...] = ("uffd-async", "uffd", "segfault", "none")
+
+Scope = Literal["global", "thread", "both"]
+_SCOPES = {"global": 0, "thread": 1, "both": 2}
+_MODE_IDS = {
+    "none": _native.MODE_NONE,
+    "softpte": _native.MODE_SOFTPTE,
+    "segfault": _native.MODE_SEGFAULT,
+    "uffd": _native.MODE_UFFD,
+    "uffd-async": _native.MODE_UFFD_ASYNC,
+    "cow": _native.MODE_COW,
+}
+_THREAD_LOCAL = {"none", "segfault", "uffd"}
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether a tracking mode works here; ``reason`` says exactly why not."""
+
+    mode: str
+    available: bool
+    reason: str
+    thread_local: bool
+
+
+def _kernel() -> str:
+    return f"Linux {platform.release()}"
+
+
+# ---- probes: each runs the real mechanism on scratch memory ---------------
+
+
+def _write_test(mode: str, backing: str = "anonymous") -> str:
+    """Tracks 4 scratch pages, writes pages 1 and 3, and returns "" if exactly
+    those are reported, else what went wrong."""
+    with Region(4 * _native.PAGE_SIZE, backing=backing) as region:  # type: ignore[arg-type]
+        view = memoryview(region)
+        tracking = _native.Tracking(_MODE_IDS[mode], region.address, 4, 4, False)
+        try:
+            tracking.start()
+            _ = bytes(view[: _native.PAGE_SIZE])  # a read must not count
+            view[_native.PAGE_SIZE] = 1
+            view[3 * _native.PAGE_SIZE + 5] = 7
+            out = bytearray(4)
+            tracking.dirty(out, 0)
+            tracking.stop()
+        except OSError as exc:
+            return f"{exc.strerror or exc} during a write test"
+        finally:
+            tracking.close()
+            view.release()
+        if list(out) != [0, 1, 0, 1]:
+            return f"a write test reported pages {list(out)} instead of [0, 1, 0, 1]"
+    return ""
+
+
+def _uffd_reason(needed: dict[int, str]) -> tuple[str, int]:
+    err, features, _ = _native.uffd_probe()
+    if err == errno.ENOSYS:
+        return f"{_kernel()} has no userfaultfd (CONFIG_USERFAULTFD is off)", 0
+    if err in (errno.EPERM, errno.EACCES):
+        return (
+            "userfaultfd is not permitted: vm.unprivileged_userfaultfd=0 and the process lacks "
+            "CAP_SYS_PTRACE (UFFD_USER_MODE_ONLY needs Linux 5.11)"
+        ), 0
+    if err:
+        return f"userfaultfd failed: {os.strerror(err)}", 0
+    missing = [name for bit, name in needed.items() if not features & bit]
+    if missing:
+        return f"{_kernel()} lacks " + ", ".join(missing), features
+    return "", features
+
+
+def _probe_softpte() -> str:
+    for path, mode in (("/proc/self/clear_refs", os.W_OK), ("/proc/self/pagemap", os.R_OK)):
+        if not os.access(path, mode):
+            return f"{path} is not accessible"
+    reason = _write_test("softpte")
+    if reason.startswith("a write test reported"):
+        return (
+            "the soft-dirty bit never sets after a write: the kernel lacks CONFIG_MEM_SOFT_DIRTY "
+            f"({_kernel()}, {platform.machine()})"
+        )
+    return reason
+
+
+def _probe_uffd() -> str:
+    reason, _ = _uffd_reason({_native.UFFD_FEATURE_THREAD_ID: "UFFD_FEATURE_THREAD_ID (Linux 4.14)"})
+    return reason or _write_test("uffd")
+
+
+def _probe_uffd_async() -> str:
+    reason, _ = _uffd_reason({
+        _native.UFFD_FEATURE_WP_UNPOPULATED: "UFFD_FEATURE_WP_UNPOPULATED (Linux 6.4)",
+        _native.UFFD_FEATURE_WP_ASYNC: "UFFD_FEATURE_WP_ASYNC (Linux 6.7)",
+    })
+    if reason:
+        return reason
+    if not _native.pagemap_scan_available():
+        return f"{_kernel()} has no PAGEMAP_SCAN ioctl on /proc/self/pagemap (Linux 6.7)"
+    return _write_test("uffd-async")
+
+
+def _probe_cow() -> str:
+    if not os.access("/proc/self/pagemap", os.R_OK):
+        return "/proc/self/pagemap is not readable"
+    return _write_test("cow", backing="memfd")
+
+
+_PROBES = {
+    "none": lambda: "",
+    "softpte": _probe_softpte,
+    "segfault": lambda: _write_test("segfault"),
+    "uffd": _probe_uffd,
+    "uffd-async": _probe_uffd_async,
+    "cow": _probe_cow,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_all() -> dict[str, Support]:
+    result = {}
+    for mode in MODES:
+        try:
+            reason = _PROBES[mode]()
+        except Exception as exc:  # a probe must explain, never crash the caller
+            reason = f"probe failed: {exc}"
+        result[mode] = Support(mode, not reason, reason, mode in _THREAD_LOCAL)
+    return result
+
+
+def probe(refresh: bool = False) -> dict[str, Support]:
+    """Which modes work here and why not, by trying each on scratch memory.
+
+    The result is cached for the process; ``refresh=True`` probes again.
+    """
+    if refresh:
+        _probe_all.cache_clear()
+    return dict(_probe_all())
+
+
+def auto_mode(thread_local: bool = False) -> str:
+    """The mode ``"auto"`` stands for: the first available of :data:`AUTO_ORDER`."""
+    support = probe()
+    for mode in AUTO_ORDER:
+        if support[mode].available and (support[mode].thread_local or not thread_local):
+            return mode
+    return "none"
+
+
+def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:
+    """Returns a :class:`Tracker` for ``mode``.
+
+    ``None`` means the ``PAGEFORK_TRACKING`` environment variable, else
+    ``"auto"``: the fastest available general-purpose mode (with
+    ``thread_local=True``, the fastest one that has a thread-local scope).
+    An unknown name raises ``ValueError``; an unavailable mode raises
+    :class:`UnsupportedModeError` with the probe's reason.
+    """
+    if mode is None:
+        mode = os.environ.get("PAGEFORK_TRACKING") or "auto"
+    if mode == "auto":
+        mode = auto_mode(thread_local)
+    if mode not in MODES:
+        raise ValueError(f"unknown tracking mode {mode!r}; valid: 'auto', " + ", ".join(map(repr, MODES)))
+    support = probe()[mode]
+    if not support.available:
+        raise UnsupportedModeError(mode, support.reason)
+    if thread_local and not support.thread_local:
+        raise UnsupportedModeError(mode, "it has no thread-local scope")
+    return Tracker(mode)
+
+
+class Tracker:
+    """Tracks which pages of one or more regions are written.
+
+    ``start``/``stop`` track the whole process; ``start_thread``/
+    ``stop_thread`` only the calling thread (modes with ``thread_local``).
+    ``dirty_pages`` returns one bool per page. Flags stay readable after
+    ``stop``; ``start`` clears them. Reads never mark a page, and tracking
+    never changes the data. Each region is tracked independently (softpte
+    clears soft-dirty bits process-wide; pagefork collects other softpte
+    regions' bits before each clear so they stay correct).
+
+    Thread-local scope records each thread's first write to a page after the
+    page was armed; when several threads write the same page, the ones after
+    the first are not seen (the page is already writable).
+    Under ``segfault``, kernel writes into tracked memory (``read(2)`` into a
+    protected page) fail with ``EFAULT``.
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown tracking mode {mode!r}; valid: " + ", ".join(map(repr, MODES)))
+        self.mode = mode
+        self._regions: dict[int, tuple[weakref.ref[Region], _native.Tracking]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Tracker mode={self.mode!r} regions={len(self._regions)}>"
+
+    # ---- region bookkeeping ------------------------------------------------
+
+    def _tracking(self, region: Region, create: bool) -> _native.Tracking:
+        if not isinstance(region, Region):
+            raise TypeError(f"expected a pagefork.Region, got {type(region).__name__}")
+        if region.closed:
+            raise PageforkError("the region is closed")
+        with self._lock:
+            entry = self._regions.get(id(region))
+            if entry is not None and entry[0]() is region:
+                return entry[1]
+            if not create:
+                raise PageforkError(f"this {self.mode!r} tracker has never tracked the region")
+            for other in region._trackings:
+                if other is not None:
+                    raise PageforkError("the region is already tracked by another Tracker")
+            self._check_memory(region)
+            tracking = _native.Tracking(
+                _MODE_IDS[self.mode], region.address, region.n_pages,
+                region.max_size // _native.PAGE_SIZE, region.shared,
+            )
+            key = id(region)
+            self._regions[key] = (weakref.ref(region, lambda _, k=key: self._forget(k)), tracking)
+            region._trackings.add(tracking)
+            return tracking
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            entry = self._regions.pop(key, None)
+        if entry is not None:
+            entry[1].close()
+
+    def _check_memory(self, region: Region) -> None:
+        if self.mode == "cow" and (region.shared or region.backing != "memfd"):
+            raise PageforkError(
+                "cow tracks only memory mapped privately from a snapshot (Snapshot.map_to) "
+                "or a private memfd Region; this region is "
+                + ("shared" if region.shared else "anonymous")
+            )
+
+    def _call(self, region: Region, action: str, create: bool = False) -> None:
+        tracking = self._tracking(region, create)
+        try:
+            getattr(tracking, action)()
+        except NotImplementedError:
+            raise UnsupportedModeError(self.mode, "it has no thread-local scope") from None
+        except OSError as exc:
+            raise self._error(exc, action, region) from exc
+
+    def _error(self, exc: OSError, action: str, region: Region) -> PageforkError:
+        if self.mode == "cow" and exc.errno == errno.EBUSY:
+            return PageforkError(
+                f"{exc.strerror}: cow tracking is re-armed only by mapping the memory from its "
+                "snapshot again (Snapshot.map_to)"
+            )
+        if self.mode in ("uffd", "uffd-async") and exc.errno == errno.EINVAL and region.shared:
+            err, features, _ = _native.uffd_probe()
+            if not err and not features & _native.UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
+                return UnsupportedModeError(
+                    self.mode, f"{_kernel()} lacks UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19), "
+                    "needed for shared memory")
+        return native_error(exc, f"{self.mode} tracking: {action}")
+
+    # ---- public API ----------------------------------------------------------
+
+    def start(self, region: Region) -> None:
+        """Starts tracking writes to ``region`` by every thread; clears its flags."""
+        self._call(region, "start", create=True)
+
+    def stop(self, region: Region) -> None:
+        """Stops whole-process tracking of ``region``; its flags stay readable."""
+        self._call(region, "stop")
+
+    def start_thread(self, region: Region) -> None:
+        """Starts tracking the calling thread's writes to ``region``."""
+        if self.mode not in _THREAD_LOCAL:
+            raise UnsupportedModeError(self.mode, "it has no thread-local scope")
+        self._call(region, "start_thread", create=True)
+
+    def stop_thread(self, region: Region) -> None:
+        """Stops tracking the calling thread's writes; its flags stay readable."""
+        if self.mode not in _THREAD_LOCAL:
+            raise UnsupportedModeError(self.mode, "it has no thread-local scope")
+        self._call(region, "stop_thread")
+
+    def dirty_pages(self, region: Region, scope: Scope = "both") -> np.ndarray:
+        """One bool per page of ``region``: written since tracking started.
+
+        ``scope`` is ``"global"`` (every thread, since :meth:`start`),
+        ``"thread"`` (the calling thread, since :meth:`start_thread`) or
+        ``"both"`` (their union).
+        """
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be one of 'global', 'thread', 'both', not {scope!r}")
+        if scope == "thread" and self.mode not in _THREAD_LOCAL:
+            raise UnsupportedModeError(self.mode, "it has no thread-local scope")
+        tracking = self._tracking(region, create=False)
+        out = np.zeros(tracking.n_pages, dtype=np.uint8)
+        try:
+            tracking.dirty(out, _SCOPES[scope])
+        except OSError as exc:
+            raise self._error(exc, "dirty_pages", region) from exc
+        return out.view(np.bool_)
+
+    def reset(self) -> None:
+        """Clears every flag of every region and re-arms tracking where it is on."""
+        for ref, tracking in list(self._regions.values()):
+            region = ref()
+            if region is None or region.closed:
+                continue
+            try:
+                tracking.reset()
+            except OSError as exc:
+                raise self._error(exc, "reset", region) from exc
+
+    def close(self) -> None:
+        """Stops tracking every region."""
+        with self._lock:
+            entries = list(self._regions.values())
+            self._regions.clear()
+        for ref, tracking in entries:
+            tracking.close()
+            region = ref()
+            if region is not None:
+                region._trackings.discard(tracking)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
