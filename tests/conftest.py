@@ -1,0 +1,77 @@
+"""Shared fixtures: every tracking mode and every kind of memory."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import settings
+
+import pagefork
+from pagefork import PAGE_SIZE, Region
+
+settings.register_profile("slow", max_examples=2000, deadline=None)
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("PAGEFORK_HYPOTHESIS", "default"))
+
+KINDS = {
+    "anon-private": dict(shared=False, backing="anonymous"),
+    "anon-shared": dict(shared=True, backing="anonymous"),
+    "memfd-private": dict(shared=False, backing="memfd"),
+    "memfd-shared": dict(shared=True, backing="memfd"),
+}
+
+
+def require(mode: str) -> None:
+    """Skips the test with the probe's reason when ``mode`` cannot work here."""
+    support = pagefork.probe()[mode]
+    if not support.available:
+        pytest.skip(f"{mode} unavailable: {support.reason}")
+
+
+def kind_supports(mode: str, kind: str) -> bool:
+    """cow tracks only private memfd (snapshot) mappings."""
+    return mode != "cow" or kind == "memfd-private"
+
+
+@pytest.fixture(params=pagefork.MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    require(request.param)
+    return request.param
+
+
+@pytest.fixture(params=[m for m in pagefork.MODES if m in ("none", "segfault", "uffd")])
+def thread_mode(request: pytest.FixtureRequest) -> str:
+    require(request.param)
+    return request.param
+
+
+@pytest.fixture(params=list(KINDS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def make_region(kind: str, pages: int = 16, max_pages: int | None = None) -> Region:
+    max_size = None if max_pages is None else max_pages * PAGE_SIZE
+    return Region(pages * PAGE_SIZE, max_size=max_size, **KINDS[kind])
+
+
+COMBOS = [(m, k) for m in pagefork.MODES for k in KINDS if kind_supports(m, k)]
+
+
+@pytest.fixture(params=COMBOS, ids=[f"{m}-{k}" for m, k in COMBOS])
+def tracked(request: pytest.FixtureRequest):
+    """(mode, tracker, region) for every mode and the memory kinds it tracks
+    (cow's refusal of the others is tested on its own)."""
+    mode, kind = request.param
+    require(mode)
+    region = make_region(kind, 16, max_pages=32)
+    tracker = pagefork.tracker(mode)
+    yield mode, tracker, region
+    tracker.close()
+    region.close()
+
+
+def remap(region: Region) -> None:
+    """Maps a memfd region's file over it again (how cow tracking is re-armed)."""
+    region._map_file(region._fd, region.size, region.shared)
