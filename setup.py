@@ -23,6 +23,13 @@ setup(
             depends=[str(NATIVE / "pagefork.h")],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
-        )
+        ),
+        # The raw kernel mechanisms that benchmarks compare pagefork against.
+        Extension(
+            "pagefork._baseline",
+            sources=["src/pagefork/_baseline/baseline.c"],
+            depends=[str(NATIVE / "pagefork.h")],
+            extra_compile_args=extra_compile,
+        ),
     ]
 )

@@ -22,16 +22,15 @@ from . import _native
 from ._errors import PageforkError, UnsupportedModeError, native_error
 from .memory import Region
 
-__all__ = ["MODES", "AUTO_ORDER", "Support", "Tracker", "probe", "tracker"]
+__all__ = ["MODES", "AUTO_CANDIDATES", "Support", "Tracker", "probe", "tracker", "write_costs"]
 
 MODES: tuple[str, ...] = ("none", "softpte", "segfault", "uffd", "uffd-async", "cow")
 
-#: Preference of ``"auto"``, fastest first, from ``pagefork bench`` per-page
-#: write costs (uffd-async resolves faults in the kernel; uffd pays a context
-#: switch to the fault thread; segfault pays a signal and an mprotect).
-#: softpte (process-wide clearing) and cow (snapshot mappings only) are not
-#: general-purpose; "none" is the last resort.
-AUTO_ORDER: tuple[str, ...] = ("uffd-async", "uffd", "segfault", "none")
+#: The general-purpose modes ``"auto"`` chooses from, by their per-page write
+#: cost measured on this machine (:func:`write_costs`). softpte (process-wide
+#: clearing) and cow (snapshot mappings only) are not general-purpose; "none"
+#: is the last resort.
+AUTO_CANDIDATES: tuple[str, ...] = ("uffd-async", "uffd", "segfault")
 
 Scope = Literal["global", "thread", "both"]
 _SCOPES = {"global": 0, "thread": 1, "both": 2}
@@ -172,13 +171,32 @@ def probe(refresh: bool = False) -> dict[str, Support]:
     return dict(_probe_all())
 
 
-def auto_mode(thread_local: bool = False) -> str:
-    """The mode ``"auto"`` stands for: the first available of :data:`AUTO_ORDER`."""
+@functools.lru_cache(maxsize=1)
+def write_costs() -> dict[str, float]:
+    """Nanoseconds per first write to a page under each available
+    general-purpose mode, measured once per process on 128 scratch pages
+    (a few milliseconds). ``"auto"`` picks the cheapest."""
+    from . import _baseline  # the C write loop the benchmarks use too
+
     support = probe()
-    for mode in AUTO_ORDER:
-        if support[mode].available and (support[mode].thread_local or not thread_local):
-            return mode
-    return "none"
+    pages = 128
+    costs = {}
+    for mode in AUTO_CANDIDATES:
+        if not support[mode].available:
+            continue
+        with Region(pages * _native.PAGE_SIZE) as region:
+            _baseline.touch(region.address, pages, 0)  # allocate first: time only tracking
+            with Tracker(mode) as t:
+                t.start(region)
+                costs[mode] = _baseline.touch(region.address, pages, 1) / pages
+    return costs
+
+
+def auto_mode(thread_local: bool = False) -> str:
+    """The mode ``"auto"`` stands for: the available general-purpose mode with
+    the cheapest measured write (optionally only those with a thread scope)."""
+    costs = {m: c for m, c in write_costs().items() if m in _THREAD_LOCAL or not thread_local}
+    return min(costs, key=costs.__getitem__) if costs else "none"
 
 
 def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:

@@ -1,0 +1,31 @@
+"""Per-page write cost, read/re-arm cost and start/stop cost of every tracking
+mode, through pagefork and through the bare kernel mechanism in C, in one run.
+
+    .venv/bin/python benchmarks/bench_tracking.py [--sizes 4MiB 1GiB] [--modes segfault cow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pagefork import MODES
+from pagefork.bench import DEFAULT_SIZES, _stderr, format_table, parse_sizes, tracking_costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    rows = tracking_costs(args.modes, parse_sizes(args.sizes), args.repeat, progress=_stderr)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
