@@ -9,7 +9,7 @@ NATIVE = Path("src/pagefork/_native")
 
 # PAGEFORK_SANITIZE=1 builds with ASan/UBSan for debugging signal and
 # userfaultfd code (run Python with LD_PRELOAD=$(gcc -print-file-name=libasan.so)).
-extra_compile = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+extra_compile = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 extra_link: list[str] = []
 if os.environ.get("PAGEFORK_SANITIZE"):
     extra_compile += ["-fsanitize=address,undefined", "-O0", "-g", "-fno-omit-frame-pointer"]

@@ -27,7 +27,9 @@ from ._errors import (  # noqa: E402
     WorkerError,
 )
 from .memory import PAGE_SIZE, Region  # noqa: E402
+from .snapshot import DataType, Diff, DiffBatch, MergeOp, MergeRegion, Snapshot  # noqa: E402
 from .tracking import MODES, Support, Tracker, probe, tracker  # noqa: E402
+from . import delta, wire  # noqa: E402
 
 __all__ = [
     "PAGE_SIZE",
@@ -37,6 +39,14 @@ __all__ = [
     "Tracker",
     "probe",
     "tracker",
+    "DataType",
+    "MergeOp",
+    "MergeRegion",
+    "Diff",
+    "DiffBatch",
+    "Snapshot",
+    "wire",
+    "delta",
     "PageforkError",
     "UnsupportedModeError",
     "CorruptDataError",

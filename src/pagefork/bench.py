@@ -100,12 +100,9 @@ def _raw_once(mode: str, region: Region) -> tuple[int, int, int]:
     """(write ns, read+re-arm ns, arm+disarm ns) for the bare mechanism."""
 
     addr, n = region.address, region.n_pages
-    if mode == "segfault":
-        arm, write, disarm = _baseline.segfault(addr, n)
-        return write, arm, arm + disarm
-    if mode == "uffd":
-        arm, write, disarm = _baseline.uffd(addr, n)
-        return write, arm, arm + disarm
+    if mode in ("segfault", "uffd"):
+        arm, write, rearm, disarm = getattr(_baseline, mode)(addr, n)
+        return write, rearm, arm + disarm
     if mode == "uffd-async":
         arm, write, rearm, _ = _baseline.uffd_async(addr, n)
         return write, rearm, arm

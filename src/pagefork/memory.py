@@ -50,6 +50,8 @@ class Region(_native.Mapping):
         self.backing: Backing = backing
         # Trackers of this region, told about resizes and close.
         self._trackings: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Set by Snapshot.map_to: the memory is a private mapping of a snapshot.
+        self._snapshot_mapped = False
         try:
             self._map(nbytes, max(max_bytes, PAGE_SIZE), bool(shared), backing == "memfd")
         except OSError as exc:

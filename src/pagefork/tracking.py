@@ -283,7 +283,8 @@ class Tracker:
             entry[1].close()
 
     def _check_memory(self, region: Region) -> None:
-        if self.mode == "cow" and (region.shared or region.backing != "memfd"):
+        private_file = not region.shared and (region.backing == "memfd" or region._snapshot_mapped)
+        if self.mode == "cow" and not private_file:
             raise PageforkError(
                 "cow tracks only memory mapped privately from a snapshot (Snapshot.map_to) "
                 "or a private memfd Region; this region is "

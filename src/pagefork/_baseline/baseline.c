@@ -75,10 +75,13 @@ static PyObject *bl_segfault(PyObject *self, PyObject *args)
     int64_t arm = now_ns() - t0;
     int64_t touch = touch_pages(start, n, 2);
     t0 = now_ns();
+    mprotect((void *)start, n * page, PROT_READ);
+    int64_t rearm = now_ns() - t0;
+    t0 = now_ns();
     mprotect((void *)start, n * page, PROT_READ | PROT_WRITE);
     int64_t disarm = now_ns() - t0;
     sigaction(SIGSEGV, &old, NULL);
-    return Py_BuildValue("(LLL)", arm, touch, disarm);
+    return Py_BuildValue("(LLLL)", arm, touch, rearm, disarm);
 }
 
 /* ---- userfaultfd ---------------------------------------------------------------- */
@@ -139,6 +142,9 @@ static PyObject *bl_uffd(PyObject *self, PyObject *args)
     int64_t arm = now_ns() - t0;
     int64_t touch = touch_pages(start, n, 3);
     t0 = now_ns();
+    wp(fd, start, n * page, 1);
+    int64_t rearm = now_ns() - t0;
+    t0 = now_ns();
     wp(fd, start, n * page, 0);
     int64_t disarm = now_ns() - t0;
     struct uffdio_range range = {start, n * page};
@@ -146,7 +152,7 @@ static PyObject *bl_uffd(PyObject *self, PyObject *args)
     pthread_cancel(thread);
     pthread_join(thread, NULL);
     close(fd);
-    return Py_BuildValue("(LLL)", arm, touch, disarm);
+    return Py_BuildValue("(LLLL)", arm, touch, rearm, disarm);
 }
 
 /* PAGEMAP_SCAN over [start, start + n pages); returns pages matched. */
@@ -281,8 +287,8 @@ static PyObject *bl_memcmp(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"touch", bl_touch, METH_VARARGS, "touch(address, n_pages, value=1) -> ns"},
-    {"segfault", bl_segfault, METH_VARARGS, "segfault(address, n_pages) -> (arm, touch, disarm) ns"},
-    {"uffd", bl_uffd, METH_VARARGS, "uffd(address, n_pages) -> (arm, touch, disarm) ns"},
+    {"segfault", bl_segfault, METH_VARARGS, "segfault(address, n) -> (arm, touch, rearm, disarm) ns"},
+    {"uffd", bl_uffd, METH_VARARGS, "uffd(address, n) -> (arm, touch, rearm, disarm) ns"},
     {"uffd_async", bl_uffd_async, METH_VARARGS, "uffd_async(address, n) -> (arm, touch, rearm, found)"},
     {"cow", bl_cow, METH_VARARGS, "cow(address, n, memfd) -> (map, touch, read, found)"},
     {"softpte", bl_softpte, METH_VARARGS, "softpte(address, n) -> (arm, touch, read, found)"},

@@ -172,4 +172,43 @@ PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
 /* module-level switches for tests */
 extern int pf_pagemap_scan_disabled;
 
+/* ---- diffs (diff.c, merge.c) ---------------------------------------------- */
+
+/* Codes shared with pagefork.snapshot.DataType / MergeOp and the wire format. */
+enum pf_dtype {
+    PF_RAW = 0, PF_BOOL, PF_INT8, PF_INT16, PF_INT32, PF_INT64,
+    PF_UINT8, PF_UINT16, PF_UINT32, PF_UINT64, PF_FLOAT32, PF_FLOAT64, PF_N_DTYPES
+};
+enum pf_op {
+    PF_OVERWRITE = 0, PF_XOR, PF_SUM, PF_PRODUCT, PF_SUBTRACT, PF_MAX, PF_MIN, PF_IGNORE, PF_N_OPS
+};
+extern const int pf_itemsize[PF_N_DTYPES];
+/* 0 if `op` is defined for `dtype`, else -1 (arithmetic needs a number type). */
+int pf_op_valid(int dtype, int op);
+
+/* A DiffBatch under construction: growable columns. */
+typedef struct {
+    int64_t *offsets;
+    int64_t *lengths;
+    uint8_t *dtypes;
+    uint8_t *ops;
+    size_t n, cap;
+    uint8_t *data;
+    size_t data_len, data_cap;
+} pf_batch;
+
+/* Appends a diff and returns where its `length` data bytes go (NULL: no memory). */
+uint8_t *pf_batch_add(pf_batch *b, int64_t offset, size_t length, int dtype, int op);
+void pf_batch_drop_last(pf_batch *b);
+/* Returns (offsets, lengths, dtypes, ops, data) as bytes, and frees b. */
+PyObject *pf_batch_finish(pf_batch *b);
+void pf_batch_free(pf_batch *b);
+
+PyObject *pf_diff(PyObject *self, PyObject *args);
+PyObject *pf_apply(PyObject *self, PyObject *args);
+PyObject *pf_crc32c(PyObject *self, PyObject *args);
+uint32_t pf_crc32c_update(uint32_t crc, const uint8_t *data, size_t len);
+PyObject *pf_delta_encode(PyObject *self, PyObject *args);
+PyObject *pf_delta_apply(PyObject *self, PyObject *args);
+
 #endif

@@ -1,0 +1,202 @@
+/* The body of pagefork.delta: records of changed bytes between two buffers.
+ *
+ * A record is [varint gap][varint length][length bytes]: the gap counts the
+ * unchanged bytes since the previous record's end. The reference is `old`
+ * cut or padded with zeros to the new size; bytes past the end of `old` are
+ * always covered by records (no gaps there), so a delta can never describe
+ * more output than len(old) plus the bytes it carries. With xor, record
+ * bytes are new ^ reference instead of new.
+ */
+#include "pagefork.h"
+#include "compare.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    uint8_t *buf;
+    size_t len, cap;
+} growbuf;
+
+static int reserve(growbuf *g, size_t extra)
+{
+    if (g->len + extra <= g->cap)
+        return 0;
+    size_t cap = g->cap ? g->cap : 4096;
+    while (cap < g->len + extra)
+        cap *= 2;
+    uint8_t *p = realloc(g->buf, cap);
+    if (p == NULL)
+        return -1;
+    g->buf = p;
+    g->cap = cap;
+    return 0;
+}
+
+static void put_varint(growbuf *g, uint64_t v)
+{
+    while (v >= 0x80) {
+        g->buf[g->len++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    g->buf[g->len++] = (uint8_t)v;
+}
+
+static int add_record(growbuf *g, size_t *prev_end, const uint8_t *old, size_t old_len,
+                      const uint8_t *new, size_t from, size_t to, int xor)
+{
+    if (reserve(g, 20 + (to - from)) != 0)
+        return -1;
+    put_varint(g, from - *prev_end);
+    put_varint(g, to - from);
+    uint8_t *dst = g->buf + g->len;
+    if (xor) {
+        size_t common = to < old_len ? to : old_len;
+        size_t i = from;
+        for (; i < common; i++)
+            dst[i - from] = new[i] ^ old[i];
+        for (; i < to; i++)
+            dst[i - from] = new[i];
+    } else {
+        memcpy(dst, new + from, to - from);
+    }
+    g->len += to - from;
+    *prev_end = to;
+    return 0;
+}
+
+/* delta_encode(old, new, page_size, xor) -> body bytes. page_size 0: byte runs. */
+PyObject *pf_delta_encode(PyObject *self, PyObject *args)
+{
+    Py_buffer old, new;
+    Py_ssize_t page_size;
+    int xor;
+    if (!PyArg_ParseTuple(args, "y*y*np", &old, &new, &page_size, &xor))
+        return NULL;
+    PyObject *result = NULL;
+    if (page_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "page_size must be positive");
+        goto done;
+    }
+    const uint8_t *o = old.buf, *n = new.buf;
+    size_t old_len = (size_t)old.len, new_len = (size_t)new.len;
+    size_t common = old_len < new_len ? old_len : new_len;
+    size_t ps = (size_t)page_size;
+    growbuf g = {0};
+    size_t prev_end = 0;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    size_t pos = 0;
+    while (rc == 0 && pos < common) {
+        pos = pf_find_diff(n, o, pos, common);
+        if (pos >= common)
+            break;
+        size_t end;
+        if (ps == 0) {
+            end = pf_find_same(n, o, pos, common);
+        } else {
+            /* Whole pages: extend while the next page differs too. */
+            pos -= pos % ps;
+            end = pos + ps;
+            while (end < common && pf_find_diff(n, o, end, end + ps < common ? end + ps : common) <
+                                       (end + ps < common ? end + ps : common))
+                end += ps;
+            if (end > common)
+                end = common;
+        }
+        rc = add_record(&g, &prev_end, o, old_len, n, pos, end, xor);
+        pos = end;
+    }
+    if (rc == 0 && new_len > old_len) /* growth is always sent, zeros included */
+        rc = add_record(&g, &prev_end, o, old_len, n, old_len, new_len, xor);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        free(g.buf);
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(g.len ? (const char *)g.buf : "", (Py_ssize_t)g.len);
+    free(g.buf);
+done:
+    PyBuffer_Release(&old);
+    PyBuffer_Release(&new);
+    return result;
+}
+
+static int get_varint(const uint8_t *p, size_t len, size_t *at, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (*at >= len)
+            return -1;
+        uint8_t b = p[(*at)++];
+        if (shift == 63 && b > 1)
+            return -1;
+        v |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) {
+            *out = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Walks the records; with out != NULL, also applies them. -1: malformed. */
+static int walk(const uint8_t *body, size_t body_len, size_t old_len, size_t new_len,
+                uint8_t *out, int xor)
+{
+    size_t at = 0, end = 0;
+    while (at < body_len) {
+        uint64_t gap, len;
+        if (get_varint(body, body_len, &at, &gap) || get_varint(body, body_len, &at, &len))
+            return -1;
+        if (gap > new_len - end || len > new_len - end - gap || len > body_len - at)
+            return -1;
+        size_t pos = end + (size_t)gap;
+        if (gap > 0 && pos > old_len) /* past old's end every byte must be carried */
+            return -1;
+        if (out != NULL) {
+            if (xor)
+                for (size_t i = 0; i < len; i++)
+                    out[pos + i] ^= body[at + i];
+            else
+                memcpy(out + pos, body + at, (size_t)len);
+        }
+        at += (size_t)len;
+        end = pos + (size_t)len;
+    }
+    if (new_len > old_len && end != new_len)
+        return -1;
+    return 0;
+}
+
+/* delta_apply(old, body, new_len, xor) -> new bytes; ValueError if malformed. */
+PyObject *pf_delta_apply(PyObject *self, PyObject *args)
+{
+    Py_buffer old, body;
+    unsigned long long new_len_ull;
+    int xor;
+    if (!PyArg_ParseTuple(args, "y*y*Kp", &old, &body, &new_len_ull, &xor))
+        return NULL;
+    PyObject *result = NULL;
+    size_t old_len = (size_t)old.len, body_len = (size_t)body.len;
+    /* Checked before allocating: output past old's end needs carried bytes. */
+    if (new_len_ull > (unsigned long long)old_len + body_len ||
+        walk(body.buf, body_len, old_len, (size_t)new_len_ull, NULL, xor) != 0) {
+        PyErr_SetString(PyExc_ValueError, "malformed delta records");
+        goto done;
+    }
+    size_t new_len = (size_t)new_len_ull;
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)new_len);
+    if (result == NULL)
+        goto done;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
+    size_t keep = old_len < new_len ? old_len : new_len;
+    memcpy(out, old.buf, keep);
+    memset(out + keep, 0, new_len - keep);
+    walk(body.buf, body_len, old_len, new_len, out, xor);
+done:
+    PyBuffer_Release(&old);
+    PyBuffer_Release(&body);
+    return result;
+}

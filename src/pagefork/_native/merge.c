@@ -1,0 +1,157 @@
+/* Snapshot.apply: merges a DiffBatch into memory. The whole batch is checked
+ * first (codes, bounds, element alignment, PRODUCT over a zero), so a bad
+ * diff changes nothing; then every diff is applied in order:
+ * OVERWRITE copies, XOR xors, SUM o+d, SUBTRACT o-d, PRODUCT o*d,
+ * MAX/MIN like numpy.maximum/minimum (NaN wins), IGNORE does nothing.
+ */
+#include "pagefork.h"
+
+#include <math.h>
+#include <string.h>
+
+#define IS_NAN(x) ((x) != (x))
+
+#define TYPED_APPLY(NAME, T, U, IS_FLOAT)                                             \
+    static void NAME(uint8_t *dst, const uint8_t *src, size_t n, int op)              \
+    {                                                                                 \
+        for (size_t i = 0; i < n; i++) {                                              \
+            T o, d;                                                                   \
+            memcpy(&o, dst + i * sizeof(T), sizeof(T));                               \
+            memcpy(&d, src + i * sizeof(T), sizeof(T));                               \
+            switch (op) {                                                             \
+            case PF_SUM: o = IS_FLOAT ? (T)(o + d) : (T)((U)o + (U)d); break;         \
+            case PF_SUBTRACT: o = IS_FLOAT ? (T)(o - d) : (T)((U)o - (U)d); break;    \
+            case PF_PRODUCT: o = IS_FLOAT ? (T)(o * d) : (T)((U)o * (U)d); break;     \
+            case PF_MAX: o = (o >= d || IS_NAN(o)) ? o : d; break;                    \
+            case PF_MIN: o = (o <= d || IS_NAN(o)) ? o : d; break;                    \
+            default: break;                                                           \
+            }                                                                         \
+            memcpy(dst + i * sizeof(T), &o, sizeof(T));                               \
+        }                                                                             \
+    }                                                                                 \
+    static ssize_t NAME##_find_zero(const uint8_t *dst, size_t n)                    \
+    {                                                                                 \
+        for (size_t i = 0; i < n; i++) {                                              \
+            T o;                                                                      \
+            memcpy(&o, dst + i * sizeof(T), sizeof(T));                               \
+            if (o == 0)                                                               \
+                return (ssize_t)i;                                                    \
+        }                                                                             \
+        return -1;                                                                    \
+    }
+
+TYPED_APPLY(apply_i8, int8_t, uint8_t, 0)
+TYPED_APPLY(apply_i16, int16_t, uint16_t, 0)
+TYPED_APPLY(apply_i32, int32_t, uint32_t, 0)
+TYPED_APPLY(apply_i64, int64_t, uint64_t, 0)
+TYPED_APPLY(apply_u8, uint8_t, uint8_t, 0)
+TYPED_APPLY(apply_u16, uint16_t, uint16_t, 0)
+TYPED_APPLY(apply_u32, uint32_t, uint32_t, 0)
+TYPED_APPLY(apply_u64, uint64_t, uint64_t, 0)
+TYPED_APPLY(apply_f32, float, uint32_t, 1)
+TYPED_APPLY(apply_f64, double, uint64_t, 1)
+
+typedef struct {
+    void (*apply)(uint8_t *, const uint8_t *, size_t, int);
+    ssize_t (*find_zero)(const uint8_t *, size_t);
+} typed_ops;
+
+#define OPS(name) {name, name##_find_zero}
+static const typed_ops typed[PF_N_DTYPES] = {
+    [PF_BOOL] = OPS(apply_u8),    [PF_INT8] = OPS(apply_i8),     [PF_INT16] = OPS(apply_i16),
+    [PF_INT32] = OPS(apply_i32),  [PF_INT64] = OPS(apply_i64),   [PF_UINT8] = OPS(apply_u8),
+    [PF_UINT16] = OPS(apply_u16), [PF_UINT32] = OPS(apply_u32),  [PF_UINT64] = OPS(apply_u64),
+    [PF_FLOAT32] = OPS(apply_f32), [PF_FLOAT64] = OPS(apply_f64),
+};
+
+/* apply(target, offsets, lengths, dtypes, ops, data, check_only=False, limit=-1)
+ * Raises IndexError (bounds), ValueError (malformed) or ArithmeticError
+ * (PRODUCT over a zero) before writing anything. A check may allow bytes up
+ * to `limit` past the target (memory about to grow, reading as zero). */
+PyObject *pf_apply(PyObject *self, PyObject *args)
+{
+    Py_buffer target, offsets, lengths, dtypes, ops, data;
+    int check_only = 0;
+    Py_ssize_t limit = -1;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*|pn", &target, &offsets, &lengths, &dtypes, &ops,
+                          &data, &check_only, &limit))
+        return NULL;
+    PyObject *result = NULL;
+    size_t n = (size_t)dtypes.len;
+    const int64_t *off = offsets.buf, *len = lengths.buf;
+    const uint8_t *dt = dtypes.buf, *op = ops.buf, *src = data.buf;
+    uint8_t *dst = target.buf;
+    size_t mapped = (size_t)target.len;
+    size_t size = check_only && limit > target.len ? (size_t)limit : mapped;
+    if (offsets.len != (Py_ssize_t)(n * 8) || lengths.len != offsets.len || ops.len != dtypes.len) {
+        PyErr_SetString(PyExc_ValueError, "apply: malformed diff columns");
+        goto done;
+    }
+    size_t used = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (pf_op_valid(dt[i], op[i]) != 0) {
+            PyErr_Format(PyExc_ValueError, "diff %zu: invalid dtype/op codes %d/%d", i, dt[i], op[i]);
+            goto done;
+        }
+        if (off[i] < 0 || len[i] < 0 || (uint64_t)len[i] > (uint64_t)data.len - used ||
+            (uint64_t)off[i] > size || (uint64_t)len[i] > size - (uint64_t)off[i]) {
+            PyErr_Format(PyExc_IndexError, "diff %zu at offset %lld, %lld bytes, is outside the "
+                         "%zu bytes it applies to", i, (long long)off[i], (long long)len[i], size);
+            goto done;
+        }
+        int typed_op = op[i] != PF_OVERWRITE && op[i] != PF_XOR && op[i] != PF_IGNORE;
+        size_t k = (size_t)pf_itemsize[dt[i]];
+        if (typed_op && (size_t)len[i] % k != 0) {
+            PyErr_Format(PyExc_ValueError, "diff %zu: %lld bytes is not a whole number of %zu-byte "
+                         "values", i, (long long)len[i], k);
+            goto done;
+        }
+        if (op[i] == PF_PRODUCT && len[i] > 0) {
+            size_t in_map = (size_t)off[i] >= mapped ? 0 : mapped - (size_t)off[i];
+            if (in_map > (size_t)len[i])
+                in_map = (size_t)len[i];
+            ssize_t z = typed[dt[i]].find_zero(dst + off[i], in_map / k);
+            long long at = z >= 0 ? (long long)(off[i] + z * (ssize_t)k)
+                                  : (in_map < (size_t)len[i] ? (long long)(off[i] + (int64_t)in_map) : -1);
+            if (at >= 0) { /* bytes past the mapped end read as zero */
+                PyErr_Format(PyExc_ArithmeticError, "PRODUCT at offset %lld: the value it "
+                             "multiplies is zero", at);
+                goto done;
+            }
+        }
+        used += (size_t)len[i];
+    }
+    if (used != (size_t)data.len) {
+        PyErr_SetString(PyExc_ValueError, "apply: data length does not match the diff lengths");
+        goto done;
+    }
+    if (!check_only) {
+        Py_BEGIN_ALLOW_THREADS
+        size_t at = 0;
+        for (size_t i = 0; i < n; i++) {
+            size_t l = (size_t)len[i];
+            uint8_t *d = dst + off[i];
+            switch (op[i]) {
+            case PF_OVERWRITE: memcpy(d, src + at, l); break;
+            case PF_XOR:
+                for (size_t j = 0; j < l; j++)
+                    d[j] ^= src[at + j];
+                break;
+            case PF_IGNORE: break;
+            default: typed[dt[i]].apply(d, src + at, l / (size_t)pf_itemsize[dt[i]], op[i]);
+            }
+            at += l;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&target);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&dtypes);
+    PyBuffer_Release(&ops);
+    PyBuffer_Release(&data);
+    return result;
+}

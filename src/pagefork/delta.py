@@ -1,0 +1,140 @@
+"""Delta encoding of one buffer against another.
+
+``encode(old, new)`` records what changed; ``apply(delta, old)`` rebuilds
+``new``. Byte-granular runs by default, or whole pages of ``page_size``
+bytes; ``xor=True`` stores ``new ^ old`` (zeros where pages agree, which
+compresses well); ``zstd_level`` compresses the records with zstandard.
+
+Layout (little-endian)::
+
+    magic "PFDL" | version u8 | flags u8 | reserved u16 | page_size u32
+    old_len u64 | new_len u64 | body_len u64 | body (maybe zstd) | crc32c u32
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from . import _native
+from ._errors import CorruptDataError
+
+__all__ = ["encode", "apply", "Settings", "VERSION"]
+
+MAGIC = b"PFDL"
+VERSION = 1
+_HEADER = struct.Struct("<4sBBHIQQQ")
+_CRC = struct.Struct("<I")
+_XOR, _ZSTD = 1, 2
+
+
+def _zstd() -> Any:
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        raise ImportError("zstd compression needs the 'zstandard' package") from None
+    return zstandard
+
+
+def encode(old: Any, new: Any, *, page_size: int | None = None, xor: bool = False,
+           zstd_level: int | None = None) -> bytes:
+    """A delta that turns ``old`` into ``new`` (sizes may differ)."""
+    if page_size is not None and not 0 < page_size < 2**32:
+        raise ValueError(f"page_size must be a positive 32-bit size, got {page_size}")
+    old_view, new_view = memoryview(old).cast("B"), memoryview(new).cast("B")
+    body = _native.delta_encode(old_view, new_view, page_size or 0, xor)
+    body_len = len(body)
+    flags = _XOR if xor else 0
+    if zstd_level is not None:
+        body = _zstd().ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
+        flags |= _ZSTD
+    header = _HEADER.pack(MAGIC, VERSION, flags, 0, page_size or 0, old_view.nbytes,
+                          new_view.nbytes, body_len)
+    message = header + body
+    return message + _CRC.pack(_native.crc32c(message))
+
+
+def apply(delta: Any, old: Any) -> bytes:
+    """Rebuilds the new buffer from ``delta`` and the ``old`` it was made
+    against. Malformed input raises :class:`CorruptDataError`."""
+    try:
+        view = memoryview(delta).cast("B")
+        old_view = memoryview(old).cast("B")
+    except TypeError as exc:
+        raise CorruptDataError(f"delta and old must be bytes-like: {exc}") from None
+    size = view.nbytes
+    if size < _HEADER.size + _CRC.size:
+        raise CorruptDataError(f"delta of {size} bytes is shorter than its header")
+    magic, version, flags, reserved, _page, old_len, new_len, body_len = _HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise CorruptDataError(f"not a pagefork delta (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise CorruptDataError(f"unsupported delta version {version} (this build reads {VERSION})")
+    if flags & ~(_XOR | _ZSTD) or reserved:
+        raise CorruptDataError(f"unknown delta flags {flags:#x}")
+    (crc,) = _CRC.unpack_from(view, size - _CRC.size)
+    if _native.crc32c(view[: size - _CRC.size]) != crc:
+        raise CorruptDataError("delta checksum mismatch: the delta is corrupted")
+    if old_len != old_view.nbytes:
+        raise CorruptDataError(f"the delta was made against {old_len} bytes, got {old_view.nbytes}")
+    body = view[_HEADER.size: size - _CRC.size]
+    if flags & _ZSTD:
+        # Compressed records can only expand to the carried bytes plus their
+        # headers, which new_len bounds; decompress no further than body_len.
+        if body_len > new_len + 20 * (new_len + 1):
+            raise CorruptDataError("delta body length is impossible for its output size")
+        zstandard = _zstd()
+        try:
+            params = zstandard.get_frame_parameters(body)
+            if params.content_size != body_len:
+                raise CorruptDataError("compressed delta body has the wrong size")
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
+        except zstandard.ZstdError as exc:
+            raise CorruptDataError(f"compressed delta body is corrupted: {exc}") from None
+    if len(body) != body_len:
+        raise CorruptDataError("delta body length does not match its header")
+    try:
+        return _native.delta_apply(old_view, body, new_len, bool(flags & _XOR))
+    except ValueError as exc:
+        raise CorruptDataError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Delta settings, parsed from strings like ``"pages=64;xor;zstd=1"``."""
+
+    page_size: int | None = None
+    xor: bool = False
+    zstd_level: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Settings:
+        """Parses ``;``-separated items: ``pages=N``, ``bytes`` (byte runs),
+        ``xor``, ``zstd`` or ``zstd=LEVEL``. Unknown items are a ValueError."""
+        page_size, xor, zstd_level = None, False, None
+        for item in filter(None, (part.strip() for part in text.split(";"))):
+            key, _, value = item.partition("=")
+            key = key.strip().lower()
+            try:
+                if key == "pages" and value:
+                    page_size = int(value)
+                    if page_size <= 0:
+                        raise ValueError
+                elif key == "bytes" and not value:
+                    page_size = None
+                elif key == "xor" and not value:
+                    xor = True
+                elif key == "zstd":
+                    zstd_level = int(value) if value else 3
+                else:
+                    raise KeyError
+            except KeyError:
+                raise ValueError(f"unknown delta setting {item!r} (use pages=N, bytes, xor, "
+                                 "zstd[=LEVEL])") from None
+            except ValueError:
+                raise ValueError(f"bad value in delta setting {item!r}") from None
+        return cls(page_size, xor, zstd_level)
+
+    def encode(self, old: Any, new: Any) -> bytes:
+        return encode(old, new, page_size=self.page_size, xor=self.xor, zstd_level=self.zstd_level)
