@@ -1,0 +1,162 @@
+"""A small pure-Python model of diff and apply, to check the native kernels.
+
+Slow and obvious on purpose: byte loops, Python ints, numpy scalars for float
+rounding. Mirrors the rules in DESIGN.md (Snapshots, merge regions, diffs).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from pagefork import DataType, Diff, MergeError, MergeOp, PAGE_SIZE
+
+FORMAT = {DataType.BOOL: "B", DataType.INT8: "b", DataType.INT16: "h", DataType.INT32: "i",
+          DataType.INT64: "q", DataType.UINT8: "B", DataType.UINT16: "H", DataType.UINT32: "I",
+          DataType.UINT64: "Q", DataType.FLOAT32: "f", DataType.FLOAT64: "d"}
+FLOATS = {DataType.FLOAT32: np.float32, DataType.FLOAT64: np.float64}
+
+
+def unpack(dtype: DataType, raw: bytes):
+    if dtype in FLOATS:
+        return np.frombuffer(raw, FLOATS[dtype])[0]
+    return struct.unpack("<" + FORMAT[dtype], raw)[0]
+
+
+def pack(dtype: DataType, value) -> bytes:
+    if dtype in FLOATS:
+        return np.array([value], FLOATS[dtype]).tobytes()
+    bits = 8 * dtype.itemsize
+    value %= 1 << bits  # wrap like numpy
+    if FORMAT[dtype].islower() and value >= 1 << (bits - 1):
+        value -= 1 << bits
+    return struct.pack("<" + FORMAT[dtype], value)
+
+
+def is_nan(x) -> bool:
+    return isinstance(x, (float, np.floating)) and math.isnan(x)
+
+
+def combine(dtype: DataType, op: MergeOp, o, d):
+    """What apply does to one element."""
+    with np.errstate(all="ignore"):
+        if op is MergeOp.SUM:
+            return o + d
+        if op is MergeOp.SUBTRACT:
+            return o - d
+        if op is MergeOp.PRODUCT:
+            return o * d
+        if op is MergeOp.MAX:
+            return o if (o >= d or is_nan(o)) else d
+        if op is MergeOp.MIN:
+            return o if (o <= d or is_nan(o)) else d
+    raise AssertionError(op)
+
+
+def element_delta(dtype: DataType, op: MergeOp, u, o, offset: int):
+    """What diff sends for one changed element."""
+    with np.errstate(all="ignore"):
+        if op is MergeOp.SUM:
+            return u - o
+        if op is MergeOp.SUBTRACT:
+            return o - u
+        if op is MergeOp.PRODUCT:
+            if o == 0:
+                raise MergeError(f"PRODUCT at offset {offset}")
+            if dtype in FLOATS:
+                return u / o
+            if u % o:
+                raise MergeError(f"PRODUCT at offset {offset}")
+            return u // o
+        return u
+
+
+def dirty_runs(dirty, start: int, end: int):
+    """Maximal runs of dirty pages, as byte ranges clipped to [start, end)."""
+    p, last = start // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1
+    while p < last:
+        if not dirty[p]:
+            p += 1
+            continue
+        p1 = p
+        while p1 < last and dirty[p1]:
+            p1 += 1
+        yield max(start, p * PAGE_SIZE), min(end, p1 * PAGE_SIZE)
+        p = p1
+
+
+def diff(orig: bytes, mem: bytes, dirty, regions) -> list[Diff]:
+    """regions: MergeRegion list (empty: OVERWRITE over everything)."""
+    size, limit = len(orig), min(len(orig), len(mem))
+    out: list[Diff] = []
+    from pagefork import MergeRegion
+
+    for r in sorted(regions or [MergeRegion(0, 0)], key=lambda r: r.offset):
+        start = r.offset
+        end = min(size if r.length == 0 else r.offset + r.length, limit)
+        k = r.dtype.itemsize
+        typed = r.op not in (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)
+        if typed:
+            end = start + (end - start) // k * k
+        if end <= start or r.op is MergeOp.IGNORE:
+            continue
+        for a, b in dirty_runs(dirty, start, end):
+            if r.op is MergeOp.OVERWRITE:
+                i = a
+                while i < b:
+                    if mem[i] == orig[i]:
+                        i += 1
+                        continue
+                    j = i
+                    while j < b and mem[j] != orig[j]:
+                        j += 1
+                    out.append(Diff(i, mem[i:j], r.dtype, r.op))
+                    i = j
+            elif r.op is MergeOp.XOR:
+                out.append(Diff(a, bytes(x ^ y for x, y in zip(mem[a:b], orig[a:b])), r.dtype, r.op))
+            else:
+                n = (end - start) // k
+                e0, e1 = (a - start) // k, min(n, (b - start + k - 1) // k)
+                e = e0
+                while e < e1:
+                    at = start + e * k
+                    if mem[at:at + k] == orig[at:at + k]:
+                        e += 1
+                        continue
+                    run0, data = e, b""
+                    while e < e1 and mem[start + e * k: start + e * k + k] != orig[start + e * k: start + e * k + k]:
+                        at = start + e * k
+                        u, o = unpack(r.dtype, mem[at:at + k]), unpack(r.dtype, orig[at:at + k])
+                        data += pack(r.dtype, element_delta(r.dtype, r.op, u, o, at))
+                        e += 1
+                    out.append(Diff(start + run0 * k, data, r.dtype, r.op))
+    if len(mem) > size:
+        out.append(Diff(size, mem[size:]))
+    return out
+
+
+def apply(target: bytes, diffs) -> bytes:
+    for d in diffs:  # checked up front: a bad batch changes nothing
+        if d.op is MergeOp.PRODUCT:
+            k = d.dtype.itemsize
+            for at in range(d.offset, d.offset + len(d.data), k):
+                if at + k > len(target) or unpack(d.dtype, target[at:at + k]) == 0:
+                    raise MergeError(f"PRODUCT at offset {at}")
+    buf = bytearray(target)
+    for d in diffs:
+        end = d.offset + len(d.data)
+        if end > len(buf):
+            buf.extend(bytes(end - len(buf)))
+        if d.op is MergeOp.OVERWRITE:
+            buf[d.offset:end] = d.data
+        elif d.op is MergeOp.XOR:
+            buf[d.offset:end] = bytes(x ^ y for x, y in zip(buf[d.offset:end], d.data))
+        elif d.op is not MergeOp.IGNORE:
+            k = d.dtype.itemsize
+            for at in range(d.offset, end, k):
+                o = unpack(d.dtype, bytes(buf[at:at + k]))
+                v = unpack(d.dtype, d.data[at - d.offset: at - d.offset + k])
+                buf[at:at + k] = pack(d.dtype, combine(d.dtype, d.op, o, v))
+    return bytes(buf)

@@ -1,0 +1,418 @@
+"""Snapshots, merge regions and diffs, checked against tests/reference.py."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import pagefork
+from pagefork import (PAGE_SIZE, DataType, Diff, DiffBatch, MergeError, MergeOp, MergeRegion,
+                      OutOfBoundsError, PageforkError, Region, Snapshot)
+
+import reference
+
+TYPED_OPS = [MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.PRODUCT, MergeOp.MAX, MergeOp.MIN]
+NUMERIC = [t for t in DataType if t not in (DataType.RAW, DataType.BOOL)]
+
+
+def valid_pairs():
+    for dtype in dict.fromkeys(DataType):  # aliases collapse
+        for op in MergeOp:
+            try:
+                MergeRegion(0, 8, dtype, op)
+            except ValueError:
+                continue
+            yield dtype, op
+
+
+PAIRS = list(valid_pairs())
+
+
+# ---- types and values ----------------------------------------------------------
+
+
+def test_datatype_and_mergeop_coercion():
+    assert DataType.INT is DataType.INT32 and DataType.LONG is DataType.INT64
+    assert DataType.FLOAT is DataType.FLOAT32 and DataType.DOUBLE is DataType.FLOAT64
+    assert DataType.of(np.float64) is DataType.FLOAT64
+    assert DataType.of("int16") is DataType.INT16
+    assert DataType.of("raw") is DataType.RAW
+    assert DataType.of(np.dtype("<u4")) is DataType.UINT32
+    assert DataType.of(bool) is DataType.BOOL
+    with pytest.raises(ValueError):
+        DataType.of(np.complex128)
+    with pytest.raises(ValueError):
+        DataType.of(">i4")
+    assert MergeOp.of("sum") is MergeOp.SUM and MergeOp.of("Max") is MergeOp.MAX
+    with pytest.raises(ValueError, match="overwrite"):
+        MergeOp.of("add")
+
+
+def test_merge_region_validation():
+    r = MergeRegion(8, 16, np.int32, "sum")
+    assert r.dtype is DataType.INT32 and r.op is MergeOp.SUM
+    with pytest.raises(ValueError, match="whole number"):
+        MergeRegion(0, 6, DataType.INT32, MergeOp.SUM)
+    with pytest.raises(ValueError, match="numeric"):
+        MergeRegion(0, 8, DataType.RAW, MergeOp.SUM)
+    with pytest.raises(ValueError, match="numeric"):
+        MergeRegion(0, 8, DataType.BOOL, MergeOp.PRODUCT)
+    with pytest.raises(ValueError):
+        MergeRegion(-1, 8)
+    with pytest.raises(Exception):
+        r.offset = 3  # type: ignore[misc]  # frozen
+
+
+def test_diff_batch_is_a_sequence():
+    diffs = [Diff(0, b"ab"), Diff(10, b"\x01\x00\x00\x00", DataType.INT32, MergeOp.SUM),
+             Diff(99, b"", op="xor")]
+    batch = DiffBatch(diffs)
+    assert len(batch) == 3 and batch == diffs and list(batch) == diffs
+    assert batch[1] == diffs[1] and batch[-1] == diffs[2]
+    assert batch[1:] == diffs[1:]
+    assert batch.nbytes == 6
+    with pytest.raises(IndexError):
+        batch[3]
+    assert DiffBatch.concat([batch, batch]) == diffs + diffs
+    assert DiffBatch() == [] and batch != diffs[:2]
+
+
+# ---- snapshot basics ------------------------------------------------------------
+
+
+def test_read_write_and_growth():
+    with Snapshot(b"hello", max_size=20) as s:
+        assert s.size == 5 and s.read() == b"hello" and s.read(1, 3) == b"ell"
+        s.write(b"!!", 4)
+        assert s.read() == b"hell!!" and s.size == 6
+        s.write(b"x", 19)
+        assert s.size == 20 and s.read(6, 13) == bytes(13)
+        with pytest.raises(OutOfBoundsError):
+            s.write(b"yy", 19)
+        with pytest.raises(OutOfBoundsError):
+            s.read(18, 5)
+        with pytest.raises(IndexError):
+            s.read(-1, 1)
+    assert s.closed
+    with pytest.raises(PageforkError, match="closed"):
+        s.read()
+    with pytest.raises(ValueError):
+        Snapshot(b"abc", size=5)
+    assert Snapshot(size="8KiB").read() == bytes(8192)
+
+
+def test_map_to_in_place_copy_on_write():
+    content = np.arange(3 * PAGE_SIZE // 8, dtype=np.int64)
+    with Snapshot(content) as snap, Region(3 * PAGE_SIZE) as region:
+        view = region.array(np.int64)  # made before mapping: stays valid
+        address = region.address
+        snap.map_to(region)
+        assert region.address == address and np.array_equal(view, content)
+        view[:10] = -1
+        assert np.array_equal(np.frombuffer(snap.read(0, 80), np.int64), np.arange(10))
+        snap.map_to(region)  # restores
+        assert np.array_equal(view, content)
+        with Region(PAGE_SIZE) as small:
+            snap.map_to(small)
+            assert np.array_equal(small.array(np.int64), content[: PAGE_SIZE // 8])
+        with Region(4 * PAGE_SIZE) as big, pytest.raises(OutOfBoundsError):
+            snap.map_to(big)
+        del view
+
+
+def test_cow_tracks_memory_mapped_from_a_snapshot():
+    pagefork.probe()["cow"].available or pytest.skip(pagefork.probe()["cow"].reason)
+    with Snapshot(size=8 * PAGE_SIZE) as snap, Region(8 * PAGE_SIZE) as region:
+        tracker = pagefork.tracker("cow")
+        snap.map_to(region)
+        tracker.start(region)
+        region.array(np.uint8)[[PAGE_SIZE * 2, PAGE_SIZE * 5 + 9]] = 1
+        dirty = tracker.dirty_pages(region)
+        assert np.flatnonzero(dirty).tolist() == [2, 5]
+        assert snap.diff(region, dirty) == [Diff(2 * PAGE_SIZE, b"\x01"), Diff(5 * PAGE_SIZE + 9, b"\x01")]
+        with pytest.raises(PageforkError, match="map_to"):
+            tracker.start(region)
+        snap.map_to(region)
+        tracker.start(region)
+        tracker.close()
+
+
+def test_merge_regions_sorted_overlaps_and_gaps():
+    s = Snapshot(size=100)
+    s.add_merge_region(40, 8, DataType.INT64, MergeOp.SUM)
+    s.add_merge_region(0, 16, DataType.RAW, MergeOp.XOR)
+    assert [r.offset for r in s.merge_regions] == [0, 40]
+    with pytest.raises(ValueError, match="overlaps"):
+        s.add_merge_region(44, 8)
+    with pytest.raises(ValueError, match="overlaps"):
+        s.add_merge_region(10, 0)  # to the end
+    s.fill_gaps()
+    assert s.merge_regions == [MergeRegion(0, 16, DataType.RAW, MergeOp.XOR),
+                               MergeRegion(16, 24), MergeRegion(40, 8, DataType.INT64, MergeOp.SUM),
+                               MergeRegion(48, 0)]
+    with pytest.raises(ValueError, match="OVERWRITE or XOR"):
+        s.fill_gaps(MergeOp.SUM)
+    s.clear_merge_regions()
+    s.fill_gaps("xor")
+    assert s.merge_regions == [MergeRegion(0, 0, DataType.RAW, MergeOp.XOR)]
+
+
+def test_diff_rules_by_example():
+    orig = np.zeros(2 * PAGE_SIZE, np.uint8)
+    orig[100:108] = np.frombuffer(np.int64(10).tobytes(), np.uint8)
+    s = Snapshot(orig)
+    s.add_merge_region(100, 8, DataType.INT64, MergeOp.SUM)
+    s.add_merge_region(200, 4, DataType.UINT8, MergeOp.IGNORE)
+    s.fill_gaps()
+    mem = bytearray(orig.tobytes())
+    mem[100:108] = np.int64(15).tobytes()
+    mem[200] = 9  # ignored
+    mem[PAGE_SIZE - 2: PAGE_SIZE + 2] = b"abcd"  # one run across the page boundary
+    mem[300] = 1
+    mem += b"ext"
+    dirty = np.ones(3, bool)
+    batch = s.diff(bytes(mem), dirty)
+    assert batch == [Diff(100, np.int64(5).tobytes(), DataType.INT64, MergeOp.SUM),
+                     Diff(300, b"\x01"), Diff(PAGE_SIZE - 2, b"abcd"),
+                     Diff(2 * PAGE_SIZE, b"ext")]
+    # Only dirty pages are compared.
+    assert s.diff(bytes(mem), np.array([False, True, False])) == [
+        Diff(PAGE_SIZE, b"cd"), Diff(2 * PAGE_SIZE, b"ext")]
+    with pytest.raises(ValueError, match="one flag per page"):
+        s.diff(bytes(mem), np.ones(2, bool))
+
+
+def test_product_of_a_zero_integer_is_a_merge_error():
+    s = Snapshot(np.array([0, 4, 3], np.int32))
+    s.add_merge_region(0, 12, DataType.INT32, MergeOp.PRODUCT)
+    with pytest.raises(MergeError, match="offset 0"):
+        s.diff(np.array([5, 4, 3], np.int32), np.ones(1, bool))
+    with pytest.raises(MergeError, match="offset 8: .*whole multiple"):
+        s.diff(np.array([0, 8, 4], np.int32), np.ones(1, bool))
+    assert s.diff(np.array([0, 12, 3], np.int32), np.ones(1, bool)) == [
+        Diff(4, np.int32(3).tobytes(), DataType.INT32, MergeOp.PRODUCT)]
+    before = s.read()
+    bad = [Diff(4, np.int32(2).tobytes(), DataType.INT32, MergeOp.PRODUCT),
+           Diff(0, np.int32(2).tobytes(), DataType.INT32, MergeOp.PRODUCT)]
+    with pytest.raises(MergeError, match="offset 0"):
+        s.apply(bad)
+    assert s.read() == before  # nothing applied
+
+
+def test_apply_is_all_or_nothing_and_grows():
+    s = Snapshot(bytes(10), max_size=16)
+    with pytest.raises(OutOfBoundsError):
+        s.apply([Diff(0, b"ok"), Diff(15, b"xx")])
+    assert s.read() == bytes(10) and s.size == 10
+    s.apply([Diff(0, b"ok"), Diff(12, b"xy")])
+    assert s.size == 14 and s.read() == b"ok" + bytes(10) + b"xy"
+
+
+def test_queue_and_tracked_changes():
+    s = Snapshot(bytes(64))
+    s.queue([Diff(0, b"aaaa")])
+    s.queue(DiffBatch([Diff(2, b"bb"), Diff(40, b"\x01", DataType.UINT8, MergeOp.SUM)]))
+    assert s.queued == 3
+    assert s.write_queued() == 3 and s.queued == 0
+    s.write(b"zz", 50)
+    changes = s.tracked_changes()
+    assert changes == [Diff(0, b"aabb"), Diff(40, b"\x01"), Diff(50, b"zz")]
+    s.clear_tracked_changes()
+    assert s.tracked_changes() == []
+    assert s.write_queued() == 0
+
+
+# ---- the reference model ------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw):
+    """(orig, mem, dirty, regions): a few pages, a few changes, a merge layout."""
+    n_pages = draw(st.integers(1, 3))
+    size = n_pages * PAGE_SIZE - draw(st.sampled_from([0, 0, 13]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    orig = rng.integers(0, 256, size, dtype=np.uint8)
+    n_regions = draw(st.integers(0, 4))
+    cuts = sorted(draw(st.lists(st.integers(0, size // 8), min_size=n_regions * 2,
+                                max_size=n_regions * 2, unique=True)))
+    regions = []
+    for i in range(n_regions):
+        dtype, op = draw(st.sampled_from(PAIRS))
+        k = dtype.itemsize
+        start = cuts[2 * i] * 8
+        length = (cuts[2 * i + 1] * 8 - start) // k * k
+        if i == n_regions - 1 and draw(st.booleans()):
+            length = 0
+        if length or i == n_regions - 1:
+            regions.append(MergeRegion(start, length, dtype, op))
+    mem = orig.copy()
+    n_changes = draw(st.integers(0, 40))
+    at = rng.integers(0, size, n_changes)
+    mem[at] = rng.integers(0, 256, n_changes, dtype=np.uint8)
+    runs = draw(st.integers(0, 3))
+    for _ in range(runs):
+        a = int(rng.integers(0, size))
+        b = min(size, a + int(rng.integers(1, 300)))
+        mem[a:b] = rng.integers(0, 256, b - a, dtype=np.uint8)
+    # PRODUCT regions: make changes whole multiples of non-zero originals.
+    for r in regions:
+        if r.op is MergeOp.PRODUCT and draw(st.booleans()):
+            end = r.end(size)
+            k = r.dtype.itemsize
+            end = r.offset + (end - r.offset) // k * k
+            o = orig[r.offset:end].view(r.dtype.numpy).copy()
+            o[o == 0] = 1
+            orig[r.offset:end] = o.view(np.uint8)
+            factor = rng.integers(-3, 4, o.size).astype(r.dtype.numpy)
+            keep = rng.random(o.size) < 0.7
+            with np.errstate(all="ignore"):
+                m = np.where(keep, o, o * factor).astype(r.dtype.numpy)
+            mem[r.offset:end] = m.view(np.uint8)
+    extra = draw(st.sampled_from([0, 0, 0, 5]))
+    mem_bytes = mem.tobytes() + rng.integers(0, 256, extra, dtype=np.uint8).tobytes()
+    n_mem_pages = -(-len(mem_bytes) // PAGE_SIZE)
+    dirty = np.array(draw(st.lists(st.booleans(), min_size=n_mem_pages, max_size=n_mem_pages)))
+    return orig.tobytes(), mem_bytes, dirty, regions
+
+
+def snapshot_with(orig: bytes, regions) -> Snapshot:
+    s = Snapshot(orig, max_size=len(orig) + PAGE_SIZE)
+    for r in regions:
+        s.add_merge_region(r.offset, r.length, r.dtype, r.op)
+    return s
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(layouts())
+def test_diff_matches_the_reference(layout):
+    orig, mem, dirty, regions = layout
+    with snapshot_with(orig, regions) as s:
+        try:
+            expected = reference.diff(orig, mem, dirty, regions)
+        except MergeError as exc:
+            with pytest.raises(MergeError, match=str(exc).split(" ")[3]):
+                s.diff(mem, dirty)
+            return
+        got = s.diff(mem, dirty)
+        assert got == expected
+        # Applying the diff merges exactly like the reference does.
+        try:
+            want = reference.apply(orig, expected)
+        except MergeError:
+            with pytest.raises(MergeError):
+                s.apply(got)
+            assert s.read() == orig
+            return
+        s.apply(got)
+        assert s.read() == want
+
+
+@settings(deadline=None)
+@given(layouts())
+def test_overwrite_and_xor_round_trip(layout):
+    orig, mem, dirty, regions = layout
+    regions = [MergeRegion(r.offset, r.length, DataType.RAW,
+                           MergeOp.XOR if r.op is MergeOp.XOR else MergeOp.OVERWRITE) for r in regions]
+    with snapshot_with(orig, regions) as s:
+        s.fill_gaps()
+        s.apply(s.diff(mem, dirty))
+        got = s.read()
+    expected = bytearray(orig)
+    for p in np.flatnonzero(dirty):  # dirty pages take the new bytes, others keep the old
+        lo, hi = p * PAGE_SIZE, min((p + 1) * PAGE_SIZE, len(orig))
+        expected[lo:hi] = mem[lo:hi]
+    expected += mem[len(orig):]
+    assert got == bytes(expected)
+
+
+@st.composite
+def batches(draw, size: int = 256):
+    diffs = []
+    for _ in range(draw(st.integers(0, 8))):
+        dtype, op = draw(st.sampled_from(PAIRS))
+        k = dtype.itemsize
+        n = draw(st.integers(0, 6))
+        offset = draw(st.integers(0, (size - n * k) // k)) * k
+        diffs.append(Diff(offset, draw(st.binary(min_size=n * k, max_size=n * k)), dtype, op))
+    return diffs
+
+
+@settings(deadline=None)
+@given(st.binary(min_size=256, max_size=256), batches())
+def test_apply_matches_the_reference(target, diffs):
+    with Snapshot(target) as s:
+        try:
+            want = reference.apply(target, diffs)
+        except MergeError:
+            with pytest.raises(MergeError):
+                s.apply(diffs)
+            assert s.read() == target
+            return
+        s.apply(diffs)
+        got = s.read()
+    assert got == want
+
+
+# ---- reductions from many threads ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", NUMERIC, ids=lambda t: t.name)
+@pytest.mark.parametrize("op", [MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.MAX, MergeOp.MIN])
+def test_reductions_merged_from_many_threads(dtype, op):
+    n, threads = 3000, 12  # spans several pages
+    npdt = dtype.numpy
+    rng = np.random.default_rng(int(dtype) * 10 + int(op))
+    base = rng.integers(10, 50, n).astype(npdt)  # no wrap-around in MIN below
+    snap = Snapshot(base, max_size=base.nbytes)
+    snap.add_merge_region(0, 0, dtype, op)
+    n_pages = -(-base.nbytes // PAGE_SIZE)
+    updates = [rng.integers(0, 5, n).astype(npdt) * (rng.random(n) < 0.3) for _ in range(threads)]
+    diffs: list[DiffBatch] = [None] * threads  # type: ignore[list-item]
+
+    def thread(i: int) -> None:
+        mine = base.copy()
+        with np.errstate(all="ignore"):
+            if op is MergeOp.SUM:
+                mine += updates[i]
+            elif op is MergeOp.SUBTRACT:
+                mine -= updates[i]
+            elif op is MergeOp.MAX:
+                mine = np.maximum(mine, base + updates[i])
+            else:
+                mine = np.minimum(mine, base - updates[i])
+        diffs[i] = snap.diff(mine, np.ones(n_pages, bool))
+
+    workers = [threading.Thread(target=thread, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for batch in diffs:  # in thread order
+        snap.queue(batch)
+    snap.write_queued()
+    got = np.frombuffer(snap.read(), npdt)
+    with np.errstate(all="ignore"):
+        if op is MergeOp.SUM:
+            want = base + sum(updates)
+        elif op is MergeOp.SUBTRACT:
+            want = base - sum(updates)
+        elif op is MergeOp.MAX:
+            want = base + np.max(updates, axis=0)
+        else:
+            want = base - np.max(updates, axis=0)
+    assert np.array_equal(got, want.astype(npdt))
+
+
+def test_product_reduction_across_threads():
+    base = np.full(100, 3, np.int64)
+    snap = Snapshot(base)
+    snap.add_merge_region(0, 0, np.int64, "product")
+    for factor in (2, 5, -1):
+        snap.queue(snap.diff(base * factor, np.ones(1, bool)))
+    snap.write_queued()
+    assert (np.frombuffer(snap.read(), np.int64) == 3 * 2 * 5 * -1).all()
