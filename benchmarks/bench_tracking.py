@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+# Idle OpenBLAS threads spin on the second core and blur the timings.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pagefork import MODES
 from pagefork.bench import DEFAULT_SIZES, _stderr, format_table, parse_sizes, tracking_costs

@@ -207,10 +207,11 @@ class DiffBatch(Sequence[Diff]):
         return batch
 
     @classmethod
-    def _from_native(cls, columns: tuple[bytes, bytes, bytes, bytes, bytes]) -> DiffBatch:
-        offsets, lengths, dtypes, ops, data = columns
+    def _from_native(cls, columns: tuple[Any, Any, Any, Any, Any]) -> DiffBatch:
+        offsets, lengths, dtypes, ops, data = columns  # _native.Buffer: no copies
         return cls.from_columns(np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int64),
-                                np.frombuffer(dtypes, np.uint8), np.frombuffer(ops, np.uint8), data)
+                                np.frombuffer(dtypes, np.uint8), np.frombuffer(ops, np.uint8),
+                                memoryview(data))
 
     @classmethod
     def concat(cls, batches: Iterable[DiffBatch]) -> DiffBatch:
@@ -221,7 +222,7 @@ class DiffBatch(Sequence[Diff]):
         return cls.from_columns(
             np.concatenate([b.offsets for b in parts]), np.concatenate([b.lengths for b in parts]),
             np.concatenate([b.dtypes for b in parts]), np.concatenate([b.ops for b in parts]),
-            b"".join(bytes(b.data) for b in parts))
+            b"".join(b.data for b in parts))
 
     @property
     def starts(self) -> np.ndarray:
@@ -314,7 +315,8 @@ class Snapshot:
                               shared=True, backing="memfd")
         self._merge_regions: list[MergeRegion] = []
         self._queue: list[DiffBatch] = []
-        self._changes: list[tuple[int, int]] = []
+        # Ranges written through the snapshot: (offsets, lengths) array pairs.
+        self._changes: list[tuple[np.ndarray, np.ndarray]] = []
         self._lock = threading.RLock()
         if view is not None and nbytes:
             memoryview(self._memory)[:nbytes] = view
@@ -380,7 +382,7 @@ class Snapshot:
         with self._lock:
             self._grow(offset + view.nbytes)
             memoryview(self._memory)[offset:offset + view.nbytes] = view
-            self._changes.append((offset, view.nbytes))
+            self._changes.append((np.array([offset], np.int64), np.array([view.nbytes], np.int64)))
 
     def map_to(self, region: Region) -> None:
         """Restores ``region`` from the snapshot, copy-on-write and in place:
@@ -518,7 +520,7 @@ class Snapshot:
             except IndexError as exc:
                 raise OutOfBoundsError(str(exc)) from None
             changed = batch.ops != MergeOp.IGNORE
-            self._changes.extend(zip(batch.offsets[changed].tolist(), batch.lengths[changed].tolist()))
+            self._changes.append((batch.offsets[changed], batch.lengths[changed]))
 
     def queue(self, diffs: Batchable) -> None:
         """Queues ``diffs`` for :meth:`write_queued` (thread-safe)."""
@@ -550,9 +552,10 @@ class Snapshot:
         with self._lock:
             if not self._changes:
                 return DiffBatch()
-            ranges = np.array(self._changes, dtype=np.int64).reshape(-1, 2)
-            order = np.argsort(ranges[:, 0], kind="stable")
-            starts, ends = ranges[order, 0], ranges[order, 0] + ranges[order, 1]
+            offsets = np.concatenate([o for o, _ in self._changes])
+            lengths = np.concatenate([n for _, n in self._changes])
+            order = np.argsort(offsets, kind="stable")
+            starts, ends = offsets[order], offsets[order] + lengths[order]
             reach = np.maximum.accumulate(ends)
             new_run = np.concatenate(([True], starts[1:] > reach[:-1]))
             run_id = np.cumsum(new_run) - 1

@@ -49,7 +49,7 @@ def encode(diffs: Batchable) -> bytes:
         batch.lengths.astype("<i8", copy=False).tobytes(),
         batch.dtypes.tobytes(),
         batch.ops.tobytes(),
-        bytes(batch.data) if not isinstance(batch.data, bytes) else batch.data,
+        batch.data,
     ))
     return body + _CRC.pack(_native.crc32c(body))
 

@@ -11,6 +11,18 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
+/* Bit i set where a[i] != b[i], for the 64 bytes at a and b. */
+static inline uint64_t pf_diff_mask64(const uint8_t *a, const uint8_t *b)
+{
+    uint64_t eq = 0;
+    for (int i = 0; i < 4; i++) {
+        __m128i e = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(a + 16 * i)),
+                                   _mm_loadu_si128((const __m128i *)(b + 16 * i)));
+        eq |= (uint64_t)(unsigned)_mm_movemask_epi8(e) << (16 * i);
+    }
+    return ~eq;
+}
+
 /* First index in [pos, end) where a and b differ, or end. */
 static inline size_t pf_find_diff(const uint8_t *a, const uint8_t *b, size_t pos, size_t end)
 {
@@ -56,6 +68,14 @@ static inline size_t pf_find_same(const uint8_t *a, const uint8_t *b, size_t pos
 }
 
 #else
+
+static inline uint64_t pf_diff_mask64(const uint8_t *a, const uint8_t *b)
+{
+    uint64_t m = 0;
+    for (int i = 0; i < 64; i++)
+        m |= (uint64_t)(a[i] != b[i]) << i;
+    return m;
+}
 
 static inline uint64_t pf_load64(const uint8_t *p)
 {

@@ -10,6 +10,7 @@
 #include "pagefork.h"
 #include "compare.h"
 
+#include <stdint.h>
 #include <string.h>
 
 typedef struct {
@@ -17,21 +18,67 @@ typedef struct {
     const char *why;
 } diff_error;
 
+static inline int emit_run(pf_batch *out, const uint8_t *mem, size_t from, size_t to, int dtype)
+{
+    uint8_t *dst = pf_batch_add(out, (int64_t)from, to - from, dtype, PF_OVERWRITE);
+    if (dst == NULL)
+        return -1;
+    if (to - from <= 16) /* most runs are short: skip the memcpy call */
+        for (size_t i = from; i < to; i++)
+            *dst++ = mem[i];
+    else
+        memcpy(dst, mem + from, to - from);
+    return 0;
+}
+
+/* Maximal runs of changed bytes in [a, b). Equal stretches are skipped with
+ * pf_find_diff; from a difference on, 64 bytes at a time become a bit mask
+ * of differing bytes whose transitions are the run edges, so many short runs
+ * in a block cost no rescans. */
 static int overwrite_runs(pf_batch *out, const uint8_t *mem, const uint8_t *orig, size_t a,
                           size_t b, int dtype)
 {
-    size_t pos = a;
-    while (pos < b) {
-        pos = pf_find_diff(mem, orig, pos, b);
-        if (pos >= b)
-            break;
-        size_t end = pf_find_same(mem, orig, pos, b);
-        uint8_t *dst = pf_batch_add(out, (int64_t)pos, end - pos, dtype, PF_OVERWRITE);
-        if (dst == NULL)
-            return -1;
-        memcpy(dst, mem + pos, end - pos);
-        pos = end;
+    size_t open_at = SIZE_MAX; /* start of the run in progress */
+    for (size_t p = a, n; p < b; p += n) {
+        n = b - p < 64 ? b - p : 64;
+        uint64_t m;
+        if (n == 64) {
+            m = pf_diff_mask64(mem + p, orig + p);
+        } else {
+            m = 0;
+            for (size_t i = 0; i < n; i++)
+                m |= (uint64_t)(mem[p + i] != orig[p + i]) << i;
+        }
+        if (m == 0 && open_at == SIZE_MAX) {
+            /* An equal block between runs: skip ahead at full speed. */
+            size_t next = pf_find_diff(mem, orig, p + n, b);
+            n = next - p;
+            continue;
+        }
+        size_t i = 0;
+        while (i < n) {
+            if (open_at != SIZE_MAX) {
+                uint64_t same = ~m >> i; /* bits past n are 0 in m: "same" */
+                if (same == 0)
+                    break; /* the run goes on into the next block */
+                size_t z = (size_t)__builtin_ctzll(same);
+                if (i + z >= n)
+                    break;
+                if (emit_run(out, mem, open_at, p + i + z, dtype) != 0)
+                    return -1;
+                open_at = SIZE_MAX;
+                i += z;
+            } else {
+                uint64_t rest = m >> i;
+                if (rest == 0)
+                    break;
+                i += (size_t)__builtin_ctzll(rest);
+                open_at = p + i;
+            }
+        }
     }
+    if (open_at != SIZE_MAX)
+        return emit_run(out, mem, open_at, b, dtype);
     return 0;
 }
 
@@ -168,6 +215,7 @@ PyObject *pf_diff(PyObject *self, PyObject *args)
     }
 
     pf_batch out = {0};
+    pf_batch_prepare(&out);
     diff_error err = {0, NULL};
     int rc = 0;
     const uint8_t *m = mem.buf, *o = orig.buf;

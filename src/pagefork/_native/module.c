@@ -51,7 +51,8 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     pf_page_size = (size_t)sysconf(_SC_PAGESIZE);
-    if (PyType_Ready(&PfMappingType) < 0 || PyType_Ready(&PfTrackingType) < 0)
+    if (PyType_Ready(&PfMappingType) < 0 || PyType_Ready(&PfTrackingType) < 0 ||
+        PyType_Ready(&PfBufferType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)

@@ -82,6 +82,7 @@ struct pm_scan_arg {
 extern size_t pf_page_size;
 extern PyTypeObject PfMappingType;
 extern PyTypeObject PfTrackingType;
+extern PyTypeObject PfBufferType;
 
 /* errors.c: raise OSError(errno, "<syscall>: <strerror>") and return NULL. */
 PyObject *pf_oserror(const char *syscall_name);
@@ -186,7 +187,16 @@ extern const int pf_itemsize[PF_N_DTYPES];
 /* 0 if `op` is defined for `dtype`, else -1 (arithmetic needs a number type). */
 int pf_op_valid(int dtype, int op);
 
-/* A DiffBatch under construction: growable columns. */
+/* A growable column: malloc while small; past PF_COLUMN_MMAP bytes a large
+ * NORESERVE mapping (huge pages advised) that grows with mremap, so big
+ * batches are never copied while they grow and only touched pages cost. */
+typedef struct {
+    uint8_t *p;
+    size_t cap;    /* bytes usable */
+    size_t mapped; /* bytes mapped, 0 while malloc'ed */
+} pf_column;
+
+/* A DiffBatch under construction. */
 typedef struct {
     int64_t *offsets;
     int64_t *lengths;
@@ -194,13 +204,32 @@ typedef struct {
     uint8_t *ops;
     size_t n, cap;
     uint8_t *data;
-    size_t data_len, data_cap;
+    size_t data_len;
+    pf_column col[5]; /* offsets, lengths, dtypes, ops, data */
 } pf_batch;
 
-/* Appends a diff and returns where its `length` data bytes go (NULL: no memory). */
-uint8_t *pf_batch_add(pf_batch *b, int64_t offset, size_t length, int dtype, int op);
-void pf_batch_drop_last(pf_batch *b);
-/* Returns (offsets, lengths, dtypes, ops, data) as bytes, and frees b. */
+/* Seeds an empty batch with cached column mappings; call with the GIL. */
+void pf_batch_prepare(pf_batch *b);
+/* Makes room for one more diff with `length` data bytes; -1: no memory. */
+int pf_batch_reserve(pf_batch *b, size_t length);
+
+/* Appends a diff and returns where its `length` data bytes go (NULL: no
+ * memory). Inline: the dense diff loop calls it once per run. */
+static inline uint8_t *pf_batch_add(pf_batch *b, int64_t offset, size_t length, int dtype, int op)
+{
+    if ((b->n == b->cap || b->data_len + length > b->col[4].cap) && pf_batch_reserve(b, length) != 0)
+        return NULL;
+    b->offsets[b->n] = offset;
+    b->lengths[b->n] = (int64_t)length;
+    b->dtypes[b->n] = (uint8_t)dtype;
+    b->ops[b->n] = (uint8_t)op;
+    b->n++;
+    uint8_t *dst = b->data + b->data_len;
+    b->data_len += length;
+    return dst;
+}
+/* Returns (offsets, lengths, dtypes, ops, data) as _native.Buffer objects
+ * that take over b's memory. Call with the GIL, like pf_batch_free. */
 PyObject *pf_batch_finish(pf_batch *b);
 void pf_batch_free(pf_batch *b);
 
