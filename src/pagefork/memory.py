@@ -40,6 +40,7 @@ class Region(_native.Mapping):
         max_size: int | str | None = None,
         shared: bool = False,
         backing: Backing = "anonymous",
+        _fd: int = -1,
     ) -> None:
         nbytes = round_to_pages(parse_size(size, "size"))
         max_bytes = nbytes if max_size is None else round_to_pages(parse_size(max_size, "max_size"))
@@ -53,7 +54,7 @@ class Region(_native.Mapping):
         # Set by Snapshot.map_to: the memory is a private mapping of a snapshot.
         self._snapshot_mapped = False
         try:
-            self._map(nbytes, max(max_bytes, PAGE_SIZE), bool(shared), backing == "memfd")
+            self._map(nbytes, max(max_bytes, PAGE_SIZE), bool(shared), backing == "memfd", _fd)
         except OSError as exc:
             raise native_error(exc, f"cannot map a region of {nbytes} bytes") from exc
         self._max_size = max_bytes

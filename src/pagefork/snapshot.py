@@ -301,7 +301,7 @@ class Snapshot:
     """
 
     def __init__(self, data: Any = None, *, size: int | str | None = None,
-                 max_size: int | str | None = None) -> None:
+                 max_size: int | str | None = None, _fd: int = -1) -> None:
         view = memoryview(data).cast("B") if data is not None else None
         if view is not None and size is not None and parse_size(size) != view.nbytes:
             raise ValueError(f"size={size} disagrees with the {view.nbytes} bytes of data")
@@ -312,7 +312,7 @@ class Snapshot:
         self._size = nbytes
         self._max_size = max_bytes
         self._memory = Region(round_to_pages(nbytes), max_size=max(round_to_pages(max_bytes), PAGE_SIZE),
-                              shared=True, backing="memfd")
+                              shared=True, backing="memfd", _fd=_fd)
         self._merge_regions: list[MergeRegion] = []
         self._queue: list[DiffBatch] = []
         # Ranges written through the snapshot: (offsets, lengths) array pairs.
@@ -320,6 +320,17 @@ class Snapshot:
         self._lock = threading.RLock()
         if view is not None and nbytes:
             memoryview(self._memory)[:nbytes] = view
+
+    @classmethod
+    def attach(cls, fd: int, size: int, max_size: int | None = None) -> Snapshot:
+        """A Snapshot over an existing snapshot's memfd (e.g. received from
+        another process): the same bytes, shared, not copied. The file is
+        duplicated; ``fd`` stays the caller's."""
+        return cls(size=size, max_size=max_size, _fd=fd)
+
+    def _follow_size(self, size: int) -> None:
+        """Adopts a size the snapshot's owner grew the shared file to."""
+        self._grow(size)
 
     # ---- basics ---------------------------------------------------------------
 
@@ -445,8 +456,8 @@ class Snapshot:
             self._merge_regions.extend(gaps)
             self._merge_regions.sort(key=lambda r: r.offset)
 
-    def _region_columns(self, limit: int) -> tuple[np.ndarray, ...]:
-        regions = self._merge_regions or [MergeRegion(0, 0)]
+    def _region_columns(self, limit: int, regions: list[MergeRegion]) -> tuple[np.ndarray, ...]:
+        regions = regions or [MergeRegion(0, 0)]
         starts, ends, dtypes, ops = [], [], [], []
         for r in regions:
             start, end = r.offset, min(r.end(self._size), limit)
@@ -462,12 +473,15 @@ class Snapshot:
 
     # ---- diffs ------------------------------------------------------------------
 
-    def diff(self, memory: Any, dirty_pages: Any) -> DiffBatch:
+    def diff(self, memory: Any, dirty_pages: Any, *,
+             regions: Iterable[MergeRegion] | None = None) -> DiffBatch:
         """The changes of ``memory`` against the snapshot, comparing only the
         pages flagged in ``dirty_pages`` (one bool per page of memory), by
         the merge regions' rules (no regions: OVERWRITE over everything).
         Memory larger than the snapshot adds one OVERWRITE diff for the
-        extension. A PRODUCT that cannot be expressed raises MergeError."""
+        extension. A PRODUCT that cannot be expressed raises MergeError.
+        ``regions`` overrides the snapshot's merge regions for this call
+        (``()``: OVERWRITE over everything)."""
         self._check_open()
         mem = memoryview(memory).cast("B")
         n_pages = -(-mem.nbytes // PAGE_SIZE)
@@ -479,7 +493,8 @@ class Snapshot:
                              f"got shape {flags.shape}")
         limit = min(mem.nbytes, self._size)
         with self._lock:
-            columns = self._region_columns(limit)
+            columns = self._region_columns(limit, self._merge_regions if regions is None
+                                           else sorted(regions, key=lambda r: r.offset))
             try:
                 batch = DiffBatch._from_native(_native.diff(
                     mem, self.view(), flags.view(np.uint8), PAGE_SIZE, *columns))

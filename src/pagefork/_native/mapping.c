@@ -12,6 +12,8 @@
 #include "pagefork.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -72,8 +74,14 @@ static int unmap_tail(PfMapping *m, size_t from, size_t to)
 
 static int grow(PfMapping *m, size_t from, size_t to)
 {
+    struct stat st;
     if (m->fd >= 0) {
-        if (ftruncate(m->fd, (off_t)to) != 0) {
+        /* Never shrink a file another process may share (an attached one). */
+        if (fstat(m->fd, &st) != 0) {
+            pf_oserror("fstat");
+            return -1;
+        }
+        if ((size_t)st.st_size < to && ftruncate(m->fd, (off_t)to) != 0) {
             pf_oserror("ftruncate");
             return -1;
         }
@@ -98,12 +106,14 @@ static void release_memory(PfMapping *m)
     }
 }
 
-/* _map(size, max_size, shared, memfd): both sizes whole pages. */
+/* _map(size, max_size, shared, memfd, fd=-1): both sizes whole pages. With
+ * memfd and fd >= 0, maps a duplicate of that file (e.g. a snapshot sent by
+ * another process) instead of a new memfd. */
 static PyObject *mapping_map(PfMapping *self, PyObject *args)
 {
     Py_ssize_t size, max_size;
-    int shared, use_memfd;
-    if (!PyArg_ParseTuple(args, "nnpp", &size, &max_size, &shared, &use_memfd))
+    int shared, use_memfd, existing = -1;
+    if (!PyArg_ParseTuple(args, "nnpp|i", &size, &max_size, &shared, &use_memfd, &existing))
         return NULL;
     if (self->mapped || self->closed) {
         PyErr_SetString(PyExc_RuntimeError, "Mapping already mapped");
@@ -126,9 +136,10 @@ static PyObject *mapping_map(PfMapping *self, PyObject *args)
     self->mapped = 1;
     madvise(addr, (size_t)max_size, MADV_NOHUGEPAGE);
     if (use_memfd) {
-        self->fd = memfd_create("pagefork-region", MFD_CLOEXEC);
+        self->fd = existing >= 0 ? fcntl(existing, F_DUPFD_CLOEXEC, 0)
+                                 : memfd_create("pagefork-region", MFD_CLOEXEC);
         if (self->fd < 0) {
-            pf_oserror("memfd_create");
+            pf_oserror(existing >= 0 ? "fcntl(F_DUPFD_CLOEXEC)" : "memfd_create");
             release_memory(self);
             return NULL;
         }
