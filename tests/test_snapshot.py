@@ -416,3 +416,18 @@ def test_product_reduction_across_threads():
         snap.queue(snap.diff(base * factor, np.ones(1, bool)))
     snap.write_queued()
     assert (np.frombuffer(snap.read(), np.int64) == 3 * 2 * 5 * -1).all()
+
+
+def test_write_pages_copies_whole_dirty_pages():
+    with Snapshot(bytes(3 * PAGE_SIZE + 100)) as s:
+        mem = np.arange(3 * PAGE_SIZE + 100, dtype=np.uint64).astype(np.uint8)
+        copied = s.write_pages(mem, np.array([True, False, True, True]))
+        assert copied == 2 * PAGE_SIZE + 100
+        got = np.frombuffer(s.read(), np.uint8)
+        assert np.array_equal(got[:PAGE_SIZE], mem[:PAGE_SIZE])
+        assert not got[PAGE_SIZE: 2 * PAGE_SIZE].any()
+        assert np.array_equal(got[2 * PAGE_SIZE:], mem[2 * PAGE_SIZE:])
+        assert [(d.offset, len(d.data)) for d in s.tracked_changes()] == [
+            (0, PAGE_SIZE), (2 * PAGE_SIZE, PAGE_SIZE + 100)]
+        with pytest.raises(ValueError, match="one flag per page"):
+            s.write_pages(mem, np.ones(2, bool))

@@ -80,27 +80,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .demo import run_demo
 
-    from . import PAGE_SIZE, Region, tracker
-
-    _doctor(argparse.Namespace(json=False))
-    print()
-    t = tracker()
-    with Region("64MiB") as region:
-        data = region.array(np.float64)
-        t.start(region)
-        rng = np.random.default_rng(0)
-        rows = rng.choice(data.size, size=1000, replace=False)
-        data[rows] += 1.0
-        dirty = t.dirty_pages(region)
-        t.stop(region)
-        expected = np.unique(rows * 8 // PAGE_SIZE)
-        ok = np.array_equal(np.flatnonzero(dirty), expected)
-        print(f"demo: {t.mode} tracked 1000 scattered updates to a 64 MiB array: "
-              f"{int(dirty.sum())} of {region.n_pages} pages dirty "
-              f"({'exactly the pages written' if ok else 'MISMATCH'})")
-    return 0 if ok else 1
+    return 0 if run_demo(backend=args.backend, workers=args.workers, threads=args.threads) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--modes", nargs="+", choices=MODES)
     bench.add_argument("--sizes", nargs="+", help="memory sizes, e.g. 4MiB 1GiB")
     bench.set_defaults(run=_bench)
-    demo = sub.add_parser("demo", help="an example end to end")
+    demo = sub.add_parser("demo", help="an example application end to end")
+    demo.add_argument("--backend", default="processes", choices=("threads", "processes"))
+    demo.add_argument("--workers", type=int, default=None)
+    demo.add_argument("--threads", type=int, default=8)
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     return int(args.run(args))

@@ -257,11 +257,11 @@ class Executor:
 
     def carry_main_writes(self) -> int:
         """Carries the main program's writes since the last batch into the
-        snapshot (as OVERWRITE diffs of the pages it wrote). Returns pages."""
+        snapshot: the pages it wrote, copied whole. Returns their count."""
         dirty = self._main_tracker.dirty_pages(self.memory, "global")
         n = int(dirty.sum())
         if n:
-            self.snapshot.apply(self.snapshot.diff(self.memory, dirty, regions=()))
+            self.snapshot.write_pages(self.memory, dirty)
             self.version += 1
         self._remap_main()  # drops the private copies and re-arms tracking
         return n

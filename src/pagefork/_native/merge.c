@@ -155,3 +155,41 @@ done:
     PyBuffer_Release(&data);
     return result;
 }
+
+/* copy_pages(target, source, dirty, page_size) -> bytes copied: copies every
+ * page flagged in `dirty` from source to target (both clipped to the shorter). */
+PyObject *pf_copy_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer target, source, dirty;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "w*y*y*n", &target, &source, &dirty, &page_size))
+        return NULL;
+    size_t limit = (size_t)(target.len < source.len ? target.len : source.len);
+    size_t ps = (size_t)page_size, copied = 0;
+    if (page_size <= 0 || (size_t)dirty.len < (limit + ps - 1) / ps) {
+        PyErr_SetString(PyExc_ValueError, "copy_pages: one flag per page needed");
+    } else {
+        const uint8_t *flags = dirty.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t p = 0; p * ps < limit;) {
+            if (!flags[p]) {
+                p++;
+                continue;
+            }
+            size_t q = p + 1;
+            while (q * ps < limit && flags[q])
+                q++;
+            size_t a = p * ps, b = q * ps < limit ? q * ps : limit;
+            memcpy((uint8_t *)target.buf + a, (const uint8_t *)source.buf + a, b - a);
+            copied += b - a;
+            p = q;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&target);
+    PyBuffer_Release(&source);
+    PyBuffer_Release(&dirty);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromSize_t(copied);
+}

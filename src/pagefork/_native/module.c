@@ -32,6 +32,8 @@ static PyMethodDef native_methods[] = {
      "diff(memory, original, dirty, page_size, starts, ends, dtypes, ops) -> columns"},
     {"apply", pf_apply, METH_VARARGS,
      "apply(target, offsets, lengths, dtypes, ops, data, check_only=False)"},
+    {"copy_pages", pf_copy_pages, METH_VARARGS,
+     "copy_pages(target, source, dirty, page_size) -> bytes copied"},
     {"crc32c", pf_crc32c, METH_VARARGS, "crc32c(data, crc=0) -> int"},
     {"delta_encode", pf_delta_encode, METH_VARARGS, "delta_encode(old, new, page_size, xor) -> body"},
     {"delta_apply", pf_delta_apply, METH_VARARGS, "delta_apply(old, body, new_len, xor) -> new"},
