@@ -14,7 +14,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pagefork._sizes import parse_size
-from pagefork.bench import _stderr, delta_costs, diff_costs, format_delta_table, format_diff_table
+from pagefork.bench import progress_to_stderr
+from pagefork.bench.diffs import delta_costs, diff_costs, format_delta_table, format_diff_table
 
 
 def main() -> None:
@@ -24,8 +25,8 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     size = parse_size(args.size)
-    diffs = diff_costs(size, args.repeat, progress=_stderr)
-    deltas = delta_costs(min(size, 16 << 20), max(1, args.repeat // 2), progress=_stderr)
+    diffs = diff_costs(size, args.repeat, progress=progress_to_stderr)
+    deltas = delta_costs(min(size, 16 << 20), max(1, args.repeat // 2), progress=progress_to_stderr)
     print(format_diff_table(diffs))
     print()
     print(format_delta_table(deltas))

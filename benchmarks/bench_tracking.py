@@ -14,7 +14,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pagefork import MODES
-from pagefork.bench import DEFAULT_SIZES, _stderr, format_table, parse_sizes, tracking_costs
+from pagefork.bench import parse_sizes, progress_to_stderr
+from pagefork.bench.tracking import DEFAULT_SIZES, format_table, tracking_costs
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
-    rows = tracking_costs(args.modes, parse_sizes(args.sizes), args.repeat, progress=_stderr)
+    rows = tracking_costs(args.modes, parse_sizes(args.sizes), args.repeat, progress=progress_to_stderr)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -68,10 +68,11 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import DEFAULT_SIZES, QUICK_SIZES, _stderr, format_table, parse_sizes, tracking_costs
+    from .bench import parse_sizes, progress_to_stderr
+    from .bench.tracking import DEFAULT_SIZES, QUICK_SIZES, format_table, tracking_costs
 
     sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
-    rows = tracking_costs(args.modes, sizes, repeat=1 if args.quick else 3, progress=_stderr)
+    rows = tracking_costs(args.modes, sizes, repeat=1 if args.quick else 3, progress=progress_to_stderr)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -148,7 +148,7 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker) -
             tracker_.stop(region)
         dirty = tracker_.dirty_pages(region, "global")
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
-        return ThreadOutcome(index, result, diffs, int(dirty.sum()))
+        return ThreadOutcome(index, result, diffs, int(np.count_nonzero(dirty)))
     except BaseException as exc:  # the thread's own error, reported with its traceback
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -259,7 +259,7 @@ class Executor:
         """Carries the main program's writes since the last batch into the
         snapshot: the pages it wrote, copied whole. Returns their count."""
         dirty = self._main_tracker.dirty_pages(self.memory, "global")
-        n = int(dirty.sum())
+        n = int(np.count_nonzero(dirty))
         if n:
             self.snapshot.write_pages(self.memory, dirty)
             self.version += 1

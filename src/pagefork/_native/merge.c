@@ -170,12 +170,13 @@ PyObject *pf_copy_pages(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "copy_pages: one flag per page needed");
     } else {
         const uint8_t *flags = dirty.buf;
+        size_t n_pages = (limit + ps - 1) / ps;
         Py_BEGIN_ALLOW_THREADS
-        for (size_t p = 0; p * ps < limit;) {
-            if (!flags[p]) {
-                p++;
-                continue;
-            }
+        for (size_t p = 0; p < n_pages;) {
+            const uint8_t *hit = memchr(flags + p, 1, n_pages - p); /* skip clean pages fast */
+            if (hit == NULL)
+                break;
+            p = (size_t)(hit - flags);
             size_t q = p + 1;
             while (q * ps < limit && flags[q])
                 q++;
