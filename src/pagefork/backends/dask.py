@@ -1,0 +1,269 @@
+"""The Dask backend: each thread of a batch is a task on a Dask cluster.
+
+Workers may be on other hosts, so they cannot map the snapshot's memfd.
+Each keeps a cache of snapshots keyed by (app, version), as an attribute
+of the Worker object (never in ``Worker.data``). A worker that does not
+hold the batch's version receives either the whole snapshot (first batch,
+or a worker that lost its cache) or a zstd-compressed delta: the ranges the
+snapshot changed since the version it holds, wire-encoded. Payloads travel
+as futures, not task arguments. Results come back as compressed wire-encoded
+DiffBatches and merge on the client like every other backend's.
+
+Install with ``pip install pagefork[dask]``.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+import uuid
+from typing import Any, Sequence
+
+import cloudpickle
+import zstandard
+
+from .. import wire
+from .._errors import PageforkError
+from ..executor import BatchSpec, ThreadOutcome, Workspace, thread_tracking_mode
+from ..snapshot import DiffBatch, Snapshot
+from ..tracking import probe
+
+__all__ = ["DaskBackend"]
+
+_MAX_ATTEMPTS = 3  # per thread: a lost worker's threads re-run elsewhere
+
+
+class SnapshotMissing(Exception):
+    """A worker was asked to run a version it cannot build (it lost its cache)."""
+
+
+# ---- the worker side ------------------------------------------------------------
+
+
+class _CacheEntry:
+    """One app's snapshot on one worker, and thread memory for its tasks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.version = -1
+        self.snapshot: Snapshot | None = None
+        self.spaces: list[Workspace] = []
+
+    def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> None:
+        with self.lock:
+            if self.version == version:
+                return
+            if kind == "full" and payload is not None:
+                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+                if self.snapshot is not None:
+                    self.snapshot.close()
+                self.snapshot = Snapshot(data, max_size=max_size)
+            elif kind == "delta" and payload is not None and self.snapshot is not None:
+                base, changes = cloudpickle.loads(zstandard.ZstdDecompressor().decompress(payload))
+                if base != self.version:
+                    raise SnapshotMissing(f"holds version {self.version}, delta is from {base}")
+                self.snapshot._grow(size)
+                self.snapshot.apply(wire.decode(changes))
+            else:
+                raise SnapshotMissing(f"holds version {self.version}, needs {version}")
+            self.version = version
+
+    def workspace(self) -> Workspace:
+        with self.lock:
+            return self.spaces.pop() if self.spaces else Workspace()
+
+    def give_back(self, space: Workspace) -> None:
+        with self.lock:
+            self.spaces.append(space)
+
+    def close(self) -> None:
+        with self.lock:
+            for space in self.spaces:
+                space.close()
+            self.spaces.clear()
+            if self.snapshot is not None:
+                self.snapshot.close()
+                self.snapshot = None
+
+
+def _cache(app_id: str) -> _CacheEntry:
+    from distributed import get_worker
+
+    worker = get_worker()
+    lock = worker.__dict__.setdefault("_pagefork_lock", threading.Lock())
+    with lock:
+        caches = worker.__dict__.setdefault("_pagefork_snapshots", {})
+        return caches.setdefault(app_id, _CacheEntry())
+
+
+def _drop_cache(app_id: str, dask_worker: Any = None) -> None:
+    caches = getattr(dask_worker, "_pagefork_snapshots", {})
+    entry = caches.pop(app_id, None)
+    if entry is not None:
+        entry.close()
+
+
+def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, payload: Any,
+              program: bytes, index: int) -> tuple:
+    """One thread, on a worker: bring the cached snapshot to ``version``, run."""
+    entry = _cache(app_id)
+    try:
+        entry.update(version, size, max_size, kind, payload)
+    except SnapshotMissing as exc:
+        return ("missing", index, str(exc))
+    fn, args, n, layout, regions, mode = cloudpickle.loads(program)
+    if mode not in probe() or not probe()[mode].available:
+        mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
+    assert entry.snapshot is not None
+    spec = BatchSpec(fn, n, args, entry.snapshot, layout, regions, mode, version)
+    space = entry.workspace()
+    try:
+        (outcome,) = space.run(spec, [index])
+    finally:
+        entry.give_back(space)
+    if outcome.error is not None:
+        return ("error", index, outcome.error)
+    try:
+        result = cloudpickle.dumps(outcome.result)
+        diffs = zstandard.ZstdCompressor(level=1).compress(wire.encode(outcome.diffs or DiffBatch()))
+    except BaseException:
+        return ("error", index, "cannot send the result back:\n" + traceback.format_exc())
+    from distributed import get_worker
+
+    return ("ok", index, result, diffs, outcome.dirty_pages, get_worker().address)
+
+
+# ---- the client side ---------------------------------------------------------------
+
+
+class DaskBackend:
+    """Runs threads as Dask tasks; ``client`` is a ``distributed.Client`` or a
+    scheduler address; ``workers`` limits how many workers are used."""
+
+    name = "dask"
+
+    def __init__(self, client: Any, workers: int | None = None) -> None:
+        try:
+            import distributed
+        except ImportError:
+            raise ImportError("backend='dask' needs the distributed package: "
+                              "pip install 'pagefork[dask]'") from None
+        if client is None:
+            raise ValueError("backend='dask' needs client= (a distributed.Client or a scheduler address)")
+        self._own_client = not isinstance(client, distributed.Client)
+        self.client = distributed.Client(client) if self._own_client else client
+        addresses = sorted(self.client.scheduler_info()["workers"])
+        if not addresses:
+            raise PageforkError("the Dask cluster has no workers")
+        self.addresses = addresses[:workers] if workers else addresses
+        self.slots = len(self.addresses)
+        self.app_id = uuid.uuid4().hex
+        self._known: dict[str, int] = {}  # worker address -> snapshot version it holds
+        self._recorded: list[int] = []    # versions whose changes are kept, oldest first
+        self._changes: dict[int, DiffBatch] = {}  # version -> changes from the one before
+
+    # -- payloads --
+
+    def _record(self, spec: BatchSpec) -> None:
+        """Files the snapshot's changes since the last batch under this
+        version, and forgets versions no worker holds any more."""
+        if self._recorded and self._recorded[-1] == spec.version:
+            return
+        changes = spec.snapshot.tracked_changes()
+        spec.snapshot.clear_tracked_changes()
+        if self._recorded:
+            self._changes[spec.version] = changes
+        self._recorded.append(spec.version)
+        held = [v for v in self._known.values() if v in self._recorded]
+        oldest = min(held, default=spec.version)
+        while self._recorded[0] < oldest:
+            self._recorded.pop(0)
+            self._changes.pop(self._recorded[0], None)
+
+    def _payload(self, spec: BatchSpec, held: int | None) -> tuple[str, bytes | None]:
+        """What a worker holding version ``held`` needs: nothing, a delta, or
+        the whole snapshot (zstd-compressed)."""
+        if held == spec.version:
+            return "none", None
+        compress = zstandard.ZstdCompressor(level=1).compress
+        if held is not None and held in self._recorded:
+            batch = DiffBatch.concat(self._changes[v] for v in self._recorded if v > held)
+            return "delta", compress(cloudpickle.dumps((held, wire.encode(batch))))
+        return "full", compress(spec.snapshot.read())
+
+    # -- running --
+
+    def run(self, spec: BatchSpec, placement: Sequence[int]) -> list[ThreadOutcome]:
+        from distributed import as_completed
+
+        self._record(spec)
+        program = cloudpickle.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
+                                     spec.tracking))
+        program_future = self.client.scatter(program, hash=False)
+        shipped = len(program) * self.slots
+        payloads: dict[tuple[str, int | None], Any] = {}
+
+        def submit(i: int, address: str, full: bool = False) -> Any:
+            nonlocal shipped
+            kind, blob = self._payload(spec, None if full else self._known.get(address))
+            key = (kind, self._known.get(address) if kind == "delta" else None)
+            if blob is not None and key not in payloads:  # one future per distinct payload
+                payloads[key] = self.client.scatter(blob, hash=False)
+                shipped += len(blob)
+            future = self.client.submit(
+                _run_task, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
+                kind, payloads.get(key), program_future, i, workers=[address],
+                allow_other_workers=True, pure=False)
+            tasks[future.key] = (i, address)
+            return future
+
+        tasks: dict[str, tuple[int, str]] = {}
+        attempts = {i: 1 for i in range(spec.n)}
+        outcomes: dict[int, ThreadOutcome] = {}
+        pending = as_completed([submit(i, self.addresses[slot]) for i, slot in enumerate(placement)])
+        for future in pending:
+            i, address = tasks[future.key]
+            try:
+                reply = future.result()
+            except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
+                self._known.pop(address, None)
+                if attempts[i] < _MAX_ATTEMPTS:
+                    attempts[i] += 1
+                    pending.add(submit(i, self._other(address), full=True))
+                else:
+                    outcomes[i] = ThreadOutcome(
+                        i, error=f"thread {i} was lost {attempts[i]} times with its Dask worker; "
+                                 f"last: {exc!r}")
+                continue
+            if reply[0] == "missing":  # the worker lost its cache: send it everything
+                self._known.pop(address, None)
+                if attempts[i] <= _MAX_ATTEMPTS:
+                    attempts[i] += 1
+                    pending.add(submit(i, address, full=True))
+                else:
+                    outcomes[i] = ThreadOutcome(i, error=f"thread {i}: {reply[2]}")
+            elif reply[0] == "error":
+                outcomes[i] = ThreadOutcome(i, error=reply[2])
+            else:
+                _, _, result, diffs, dirty, worker = reply
+                shipped += len(result) + len(diffs)
+                outcomes[i] = ThreadOutcome(
+                    i, cloudpickle.loads(result),
+                    wire.decode(zstandard.ZstdDecompressor().decompress(diffs)), dirty)
+                self._known[worker] = spec.version
+        result = [outcomes[i] for i in sorted(outcomes)]
+        result[0].bytes_shipped = shipped
+        return result
+
+    def _other(self, address: str) -> str:
+        alive = sorted(self.client.scheduler_info()["workers"])
+        others = [a for a in alive if a != address] or alive
+        return others[0] if others else address
+
+    def close(self) -> None:
+        try:
+            self.client.run(_drop_cache, self.app_id)
+        except Exception:
+            pass
+        if self._own_client:
+            self.client.close()
