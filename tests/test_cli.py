@@ -29,6 +29,10 @@ def test_doctor_json_schema():
 def test_doctor_table_and_demo():
     result = run("doctor")
     assert result.returncode == 0 and "auto picks" in result.stdout
+    for mode, support in pagefork.probe().items():
+        assert mode in result.stdout
+        if not support.available:
+            assert support.reason.split(":")[0] in result.stdout.replace("\n", " ")
     result = run("demo", "--threads", "3")
     assert result.returncode == 0, result.stderr
     assert "check against a serial computation: PASSED" in result.stdout
@@ -36,12 +40,19 @@ def test_doctor_table_and_demo():
 
 
 def test_bench_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run("bench", "--sizes", "64KiB", "--json", str(out))
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = run("bench", "--quick", "--sizes", "64KiB", "--batch-sizes", "1MiB", "--json", str(out),
+                 "--plot", str(png))
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["tracking"]
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "tracking", "diff", "batches"}
+    rows = report["tracking"]
     assert {r["mode"] for r in rows} == {m for m, s in pagefork.probe().items() if s.available}
-    assert all(r["pages"] == 16 and r["write_ns"] > 0 for r in rows)
+    assert all(r["pages"] == 16 and r["write_ns"] > 0 and r["raw_write_ns"] > 0 for r in rows)
+    assert {r["case"] for r in report["diff"]} == {"sparse", "dense"}
+    assert report["batches"][0]["size"] == 1 << 20 and report["batches"][0]["dirty_pages"] == 64
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Dirty tracking" in result.stdout and "Executor batches" in result.stdout
 
 
 def test_bad_arguments_exit_2():

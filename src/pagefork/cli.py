@@ -1,4 +1,4 @@
-"""The ``pagefork`` command: doctor, bench and demo."""
+"""The ``pagefork`` command: ``doctor``, ``bench`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import os
 import platform
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "doctor_report"]
 
 
 def _read(path: str) -> str:
@@ -20,16 +20,32 @@ def _read(path: str) -> str:
         return f"unreadable ({exc.strerror})"
 
 
-def doctor_report() -> dict:
-    """What `pagefork doctor` shows, as data."""
-    from . import PAGE_SIZE, probe
+def _uffd_features() -> dict[str, Any]:
+    from . import _native
+
+    err, features, user_mode_only = _native.uffd_probe()
+    names = {
+        "THREAD_ID": _native.UFFD_FEATURE_THREAD_ID,
+        "WP_HUGETLBFS_SHMEM": _native.UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        "WP_UNPOPULATED": _native.UFFD_FEATURE_WP_UNPOPULATED,
+        "WP_ASYNC": _native.UFFD_FEATURE_WP_ASYNC,
+    }
+    return {"error": os.strerror(err) if err else None, "user_mode_only": bool(user_mode_only),
+            "features": [name for name, bit in names.items() if features & bit]}
+
+
+def doctor_report() -> dict[str, Any]:
+    """What ``pagefork doctor`` shows, as data (the ``--json`` schema)."""
+    from . import PAGE_SIZE, __version__, _native, probe
     from .tracking import auto_mode, write_costs
 
     support = probe()
     costs = write_costs()
     return {
+        "pagefork": __version__,
         "kernel": platform.release(),
         "machine": platform.machine(),
+        "python": platform.python_version(),
         "page_size": PAGE_SIZE,
         "modes": {
             m: {"available": s.available, "reason": s.reason, "thread_local": s.thread_local,
@@ -42,9 +58,19 @@ def doctor_report() -> dict:
             "vm.unprivileged_userfaultfd": _read("/proc/sys/vm/unprivileged_userfaultfd"),
             "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
             "pagemap_readable": os.access("/proc/self/pagemap", os.R_OK),
+            "pagemap_scan": bool(_native.pagemap_scan_available()),
+            "userfaultfd": _uffd_features(),
             "euid": os.geteuid(),
         },
     }
+
+
+def _console() -> Any:
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console()
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -52,32 +78,153 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"pagefork doctor — Linux {report['kernel']} ({report['machine']}), "
-          f"page size {report['page_size']}")
-    print()
-    print(f"  {'mode':<11} {'works':<6} {'thread':<7} {'write ns/page':>13}  reason")
-    for mode, m in report["modes"].items():
-        cost = f"{m['write_ns_per_page']:.0f}" if m["write_ns_per_page"] is not None else "-"
-        print(f"  {mode:<11} {'yes' if m['available'] else 'no':<6} "
-              f"{'yes' if m['thread_local'] else 'no':<7} {cost:>13}  {m['reason']}")
-    print()
-    print(f"  auto picks {report['auto']!r} (with a thread scope: {report['auto_thread_local']!r})")
-    for key, value in report["settings"].items():
+    rows = [(mode, "yes" if m["available"] else "no", "yes" if m["thread_local"] else "no",
+             f"{m['write_ns_per_page']:.0f}" if m["write_ns_per_page"] is not None else "-",
+             m["reason"] or "") for mode, m in report["modes"].items()]
+    uffd = report["settings"]["userfaultfd"]
+    settings = {
+        "vm.unprivileged_userfaultfd": report["settings"]["vm.unprivileged_userfaultfd"],
+        "transparent huge pages": report["settings"]["transparent_hugepage"],
+        "/proc/self/pagemap readable": report["settings"]["pagemap_readable"],
+        "PAGEMAP_SCAN ioctl": report["settings"]["pagemap_scan"],
+        "userfaultfd": uffd["error"] or ("user-mode only, " if uffd["user_mode_only"] else "")
+        + "features " + ", ".join(uffd["features"]),
+        "effective uid": report["settings"]["euid"],
+    }
+    title = (f"pagefork {report['pagefork']} on Linux {report['kernel']} ({report['machine']}), "
+             f"page size {report['page_size']}")
+    console = _console()
+    if console is not None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        console.print(escape(title))
+        table = Table()
+        for column in ("mode", "works", "thread scope", "first write ns/page"):
+            table.add_column(column, justify="right" if "ns" in column else "left")
+        for mode, works, thread, cost, _ in rows:
+            table.add_row(mode, works, thread, cost, style=None if works == "yes" else "dim")
+        console.print(table)
+        for mode, works, _, _, why in rows:
+            if works != "yes":
+                console.print(f"[bold]{mode}[/bold] is unavailable: {escape(why)}")
+        console.print(f"auto picks [bold]{report['auto']}[/bold] (with a thread scope: "
+                      f"[bold]{report['auto_thread_local']}[/bold])")
+        for key, value in settings.items():
+            console.print(f"  {key:<28} {escape(str(value))}", soft_wrap=True)
+        return 0
+    print(title)
+    print(f"  {'mode':<11} {'works':<6} {'thread':<7} {'write ns':>9}  why not")
+    for mode, works, thread, cost, why in rows:
+        print(f"  {mode:<11} {works:<6} {thread:<7} {cost:>9}  {why}")
+    print(f"auto picks {report['auto']!r} (with a thread scope: {report['auto_thread_local']!r})")
+    for key, value in settings.items():
         print(f"  {key:<28} {value}")
     return 0
 
 
+class _Progress:
+    """A progress bar over a known number of steps (rich if installed)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self._bar = total, 0, None
+        try:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            return
+        self._bar = Progress(TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                             TimeElapsedColumn(), console=__import__("rich.console").console.Console(stderr=True))
+        self._task = self._bar.add_task("starting", total=total)
+        self._bar.start()
+
+    def step(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, description=message)
+        else:
+            print(f"  [{self.done + 1}/{self.total}] {message} ...", file=sys.stderr, flush=True)
+        self.done += 1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.total, description="done")
+            self._bar.stop()
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import parse_sizes, progress_to_stderr
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from . import probe
+    from .bench import parse_sizes
+    from .bench.diffs import diff_costs, format_diff_table
+    from .bench.executor import batch_costs, format_batch_table
     from .bench.tracking import DEFAULT_SIZES, QUICK_SIZES, format_table, tracking_costs
 
     sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
-    rows = tracking_costs(args.modes, sizes, repeat=1 if args.quick else 3, progress=progress_to_stderr)
-    print(format_table(rows))
+    modes = [m for m in (args.modes or probe()) if probe()[m].available]
+    batch_sizes = parse_sizes(args.batch_sizes or (("16MiB", "128MiB") if args.quick
+                                                   else ("16MiB", "64MiB", "256MiB", "1GiB")))
+    diff_size = min(max(sizes), (16 if args.quick else 64) << 20)
+    progress = _Progress(len(sizes) * len(modes) + 2 + len(batch_sizes))
+    try:
+        tracking = tracking_costs(modes, sizes, repeat=1 if args.quick else 3, progress=progress.step)
+        diffs = diff_costs(diff_size, repeat=3 if args.quick else 7, progress=progress.step)
+        batches = batch_costs(batch_sizes, batches=5 if args.quick else 20, progress=progress.step)
+    finally:
+        progress.close()
+    print("Dirty tracking: first write to a page, read + re-arm, start + stop "
+          "(pagefork beside the same mechanism in C)")
+    print(format_table(tracking))
+    print("\nDiffs against the snapshot, all pages dirty, beside memcmp of the same pages")
+    print(format_diff_table(diffs))
+    print("\nExecutor batches (processes backend, 2 workers, 4 threads x 16 dirty pages)")
+    print(format_batch_table(batches))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"tracking": [r.as_dict() for r in rows]}, f, indent=2)
+            json.dump({"machine": {"kernel": platform.release(), "machine": platform.machine(),
+                                   "cpus": os.cpu_count()},
+                       "tracking": [r.as_dict() for r in tracking],
+                       "diff": [r.as_dict() for r in diffs],
+                       "batches": [r.as_dict() for r in batches]}, f, indent=2)
+    if args.plot:
+        _plot(args.plot, tracking, batches)
+        print(f"\nplot written to {args.plot}")
     return 0
+
+
+def _plot(path: str, tracking: list, batches: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    largest = max(r.size for r in tracking)
+    rows = [r for r in tracking if r.size == largest and r.mode != "none"]
+    x = np.arange(len(rows))
+    left.bar(x - 0.2, [r.write_ns for r in rows], 0.4, label="through pagefork", color="#2b6cb0")
+    left.bar(x + 0.2, [r.raw_write_ns for r in rows], 0.4, label="same mechanism in C", color="#a0aec0")
+    for i, r in enumerate(rows):
+        left.annotate(f"{r.write_ratio:.2f}x", (i, max(r.write_ns, r.raw_write_ns)), ha="center",
+                      va="bottom", fontsize=9)
+    left.set_xticks(x, [r.mode for r in rows])
+    left.set_yscale("log")
+    left.set_ylabel("ns per first write to a page (log); label: pagefork / C")
+    left.set_title(f"Cost of tracking a write, {largest >> 20} MiB region")
+    left.legend()
+    sizes = [r.size >> 20 for r in batches]
+    right.plot(sizes, [r.batch_ms for r in batches], "o-", color="#2b6cb0", label="whole batch")
+    for phase in batches[0].phases_ms:
+        right.plot(sizes, [r.phases_ms[phase] for r in batches], ".--", label=phase, alpha=0.7)
+    right.set_xscale("log", base=2)
+    right.set_xticks(sizes, [str(s) for s in sizes])
+    right.set_xlabel("memory size (MiB)")
+    right.set_ylabel("ms per batch")
+    right.set_ylim(bottom=0)
+    right.set_title("Batch cost against memory size (same dirty pages)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -89,16 +236,19 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from . import MODES
 
-    parser = argparse.ArgumentParser(prog="pagefork", description="pagefork command line")
+    parser = argparse.ArgumentParser(prog="pagefork", description="pagefork: fork-join over "
+                                     "copy-on-write memory snapshots with kernel dirty tracking")
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="which tracking modes work here, and why not")
-    doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.add_argument("--json", action="store_true", help="print a JSON report")
     doctor.set_defaults(run=_doctor)
-    bench = sub.add_parser("bench", help="measure modes beside the raw kernel mechanisms")
-    bench.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    bench.add_argument("--json", metavar="FILE", help="also write results as JSON")
-    bench.add_argument("--modes", nargs="+", choices=MODES)
-    bench.add_argument("--sizes", nargs="+", help="memory sizes, e.g. 4MiB 1GiB")
+    bench = sub.add_parser("bench", help="measure modes, diffs and batches side by side")
+    bench.add_argument("--quick", action="store_true", help="small sizes, few repeats (under 2 minutes)")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="PNG", help="also draw the results into a PNG file")
+    bench.add_argument("--modes", nargs="+", choices=MODES, help="tracking modes to measure")
+    bench.add_argument("--sizes", nargs="+", help="region sizes for tracking, e.g. 4MiB 1GiB")
+    bench.add_argument("--batch-sizes", nargs="+", help="memory sizes for executor batches")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="an example application end to end")
     demo.add_argument("--backend", default="processes", choices=("threads", "processes"))
@@ -106,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=8)
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
-    return int(args.run(args))
+    run: Callable[[argparse.Namespace], int] = args.run
+    return int(run(args))
 
 
 if __name__ == "__main__":
