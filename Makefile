@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard src/pagefork/_native/*.[ch] src/pagefork/_baseline/*.c)
+SOURCES := pyproject.toml setup.py src/pagefork/_version.py $(wildcard src/pagefork/_native/*.[ch] src/pagefork/_baseline/*.c)
 EXTRAS ?= test
 
 .PHONY: demo test bench doctor clean

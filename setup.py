@@ -6,6 +6,9 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 NATIVE = Path("src/pagefork/_native")
+# The extension is stamped with the package version so a stale build is caught at import.
+VERSION = {}
+exec(Path("src/pagefork/_version.py").read_text(), VERSION)
 
 # PAGEFORK_SANITIZE=1 builds with ASan/UBSan for debugging signal and
 # userfaultfd code (run Python with LD_PRELOAD=$(gcc -print-file-name=libasan.so)).
@@ -20,7 +23,8 @@ setup(
         Extension(
             "pagefork._native",
             sources=sorted(str(p) for p in NATIVE.glob("*.c")),
-            depends=[str(NATIVE / "pagefork.h")],
+            depends=[str(NATIVE / "pagefork.h"), "src/pagefork/_version.py"],
+            define_macros=[("PAGEFORK_NATIVE_VERSION", f'"{VERSION["__version__"]}"')],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
         ),

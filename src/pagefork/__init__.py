@@ -8,8 +8,7 @@ DESIGN.md for the architecture; this module only re-exports public names.
 from __future__ import annotations
 
 from . import _native
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 if _native.VERSION != __version__:  # a stale build of the extension
     raise ImportError(

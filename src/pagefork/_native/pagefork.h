@@ -19,7 +19,9 @@
 #include <sys/ioctl.h>
 #include <sys/types.h>
 
-#define PAGEFORK_NATIVE_VERSION "0.1.0"
+#ifndef PAGEFORK_NATIVE_VERSION /* set by setup.py from pagefork/_version.py */
+#define PAGEFORK_NATIVE_VERSION "unknown"
+#endif
 
 /* ---- kernel interfaces newer than the system headers ------------------ */
 

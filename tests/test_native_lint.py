@@ -1,0 +1,53 @@
+"""Text checks over the C sources: patterns that are easy to get wrong and
+hard to test for."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+NATIVE = Path(__file__).resolve().parent.parent / "src" / "pagefork" / "_native"
+SOURCES = sorted(NATIVE.glob("*.c")) + sorted((NATIVE.parent / "_baseline").glob("*.c"))
+
+
+def functions(text: str):
+    """(name, body) of each top-level C function."""
+    for match in re.finditer(r"^[a-zA-Z][^;{}()]*\b(\w+)\([^;{}]*\)\s*\{", text, re.M):
+        start, depth = match.end(), 1
+        i = start
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        yield match.group(1), text[start:i]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_allow_threads_blocks_are_balanced_and_never_return(path):
+    for name, body in functions(path.read_text()):
+        begins = body.count("Py_BEGIN_ALLOW_THREADS")
+        assert begins == body.count("Py_END_ALLOW_THREADS"), f"{path.name}:{name}"
+        for block in re.findall(r"Py_BEGIN_ALLOW_THREADS(.*?)Py_END_ALLOW_THREADS", body, re.S):
+            assert not re.search(r"\breturn\b|\bgoto\b", block), f"{path.name}:{name} leaves a GIL-free block"
+            assert "Py" not in block.replace("PyBuffer", ""), f"{path.name}:{name} calls Python without the GIL"
+
+
+def test_every_read_only_protection_has_an_unprotect_path():
+    text = (NATIVE / "segfault.c").read_text()
+    assert "PROT_READ)" in text and "PROT_READ | PROT_WRITE" in text
+    uffd = (NATIVE / "uffd.c").read_text()
+    assert "UFFDIO_WRITEPROTECT_MODE_WP" in uffd and ".mode = 0" in uffd
+
+
+def test_signal_handler_stays_async_signal_safe():
+    text = (NATIVE / "segfault.c").read_text()
+    handler = dict(functions(text))
+    for name in ("on_segv", "chain", "is_write_fault"):
+        body = handler[name]
+        for forbidden in ("malloc", "calloc", "free(", "Py", "printf", "pthread_mutex", "fopen"):
+            assert forbidden not in body, f"{name} uses {forbidden}"
+    registry = dict(functions((NATIVE / "registry.c").read_text()))
+    for name in ("pf_registry_acquire", "pf_registry_release", "pf_range_mark", "pf_current_tid"):
+        for forbidden in ("malloc", "calloc", "free(", "Py", "pthread_mutex"):
+            assert forbidden not in registry[name], f"{name} uses {forbidden}"
