@@ -9,7 +9,6 @@ import signal
 import numpy as np
 import pytest
 
-import pagefork
 from pagefork import App, ConflictError, OutOfBoundsError, PAGE_SIZE, PageforkError, WorkerError
 
 

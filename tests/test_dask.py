@@ -24,9 +24,9 @@ def client():
 def program(app: App) -> None:
     """A few batches with main-program writes between them."""
     data = app.alloc("data", 50_000, np.int64)
-    hist = app.alloc("hist", 64, np.int64, merge="sum")
-    owner = app.alloc("owner", 16, np.int32)
-    hi = app.alloc("hi", 1, np.int64, merge="max")
+    app.alloc("hist", 64, np.int64, merge="sum")
+    app.alloc("owner", 16, np.int32)
+    app.alloc("hi", 1, np.int64, merge="max")
     data[:] = np.random.default_rng(0).integers(0, 64, data.size)
 
     def work(mem, i, n, step):

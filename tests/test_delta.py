@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagefork import CorruptDataError, delta
-from pagefork import _native
+from fuzzing import mutate, reseal
 
 
 @st.composite
@@ -73,10 +73,6 @@ def test_wrong_base_and_bad_arguments():
         delta.encode(b"a", b"b", page_size=0)
 
 
-def reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", _native.crc32c(body))
-
-
 def test_describing_more_than_it_carries_is_rejected():
     header = struct.Struct("<4sBBHIQQQ")
     # 10 bytes of old, claims 1 TB of new with an empty body.
@@ -87,23 +83,6 @@ def test_describing_more_than_it_carries_is_rejected():
     body = bytes([20, 1]) + b"x"  # gap 20, length 1
     with pytest.raises(CorruptDataError):
         delta.apply(reseal(header.pack(b"PFDL", 1, 0, 0, 0, 10, 21, len(body)) + body), bytes(10))
-
-
-def mutate(rng: random.Random, message: bytes) -> bytes:
-    data = bytearray(message)
-    kind = rng.randrange(4)
-    if kind == 0 and data:
-        for _ in range(rng.randint(1, 4)):
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-    elif kind == 1:
-        del data[rng.randrange(len(data) + 1):]
-    elif kind == 2 and len(data) > 36:
-        at = rng.choice([12, 16, 24, 32])  # page_size / sizes in the header
-        width = 4 if at == 12 else 8
-        data[at:at + width] = rng.randbytes(width)
-    else:
-        data += rng.randbytes(rng.randint(1, 16))
-    return bytes(data)
 
 
 def test_fuzzed_deltas_only_raise_corrupt_data():
@@ -119,7 +98,7 @@ def test_fuzzed_deltas_only_raise_corrupt_data():
         seeds.append((old, delta.encode(old, bytes(new), **rng.choice(SETTINGS))))
     for i in range(50_000):
         old, message = rng.choice(seeds)
-        message = mutate(rng, message)
+        message = mutate(rng, message, [(12, 4), (16, 8), (24, 8), (32, 8)])  # sizes
         if i % 2 and len(message) >= 4:
             message = reseal(message[:-4])
         try:

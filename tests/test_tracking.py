@@ -16,7 +16,7 @@ import pagefork
 from pagefork import PAGE_SIZE, PageforkError, Region, UnsupportedModeError
 from pagefork import _native
 
-from conftest import KINDS, kind_supports, make_region, remap, require
+from conftest import kind_supports, make_region, remap, require
 
 
 def write_pages(region: Region, pages, value: int = 1, offset: int = 0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 from pagefork import CorruptDataError, DataType, Diff, DiffBatch, MergeOp, wire
 from pagefork import _native
 
+from fuzzing import mutate, reseal
 from test_snapshot import PAIRS
 
 
@@ -48,10 +48,6 @@ def test_layout_is_versioned_and_checksummed():
     assert struct.unpack("<I", message[-4:])[0] == _native.crc32c(message[:-4])
 
 
-def reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", _native.crc32c(body))
-
-
 @pytest.mark.parametrize("bad, match", [
     (b"", "shorter"),
     (b"XXXX" + bytes(20) + bytes(4), "magic"),
@@ -80,24 +76,6 @@ def test_not_bytes_like():
         wire.decode("text")  # type: ignore[arg-type]
 
 
-def mutate(rng: random.Random, message: bytes) -> bytes:
-    data = bytearray(message)
-    kind = rng.randrange(5)
-    if kind == 0 and data:
-        for _ in range(rng.randint(1, 4)):
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-    elif kind == 1:
-        del data[rng.randrange(len(data) + 1):]
-    elif kind == 2:
-        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-    elif kind == 3 and len(data) > 28:
-        at = rng.randrange(8, 24)  # counts in the header
-        data[at:at + 8] = struct.pack("<Q", rng.choice([0, 1, 2**63 - 1, 2**64 - 1, rng.randrange(2**32)]))
-    else:
-        data = bytearray(rng.randbytes(rng.randrange(64)))
-    return bytes(data)
-
-
 def test_fuzzed_messages_only_raise_corrupt_data():
     """60,000 malformed messages: half with a wrong checksum, half resealed so
     the parser itself is exercised. Together with the delta fuzz, over 100,000."""
@@ -108,7 +86,7 @@ def test_fuzzed_messages_only_raise_corrupt_data():
                           for _ in range(rng.randrange(4))]) for _ in range(50)]
     decoded = 0
     for i in range(60_000):
-        message = mutate(rng, rng.choice(seeds))
+        message = mutate(rng, rng.choice(seeds), [(8, 8), (16, 8)])  # count, data_len
         if i % 2 and len(message) >= 4:
             message = reseal(message[:-4])
         try:

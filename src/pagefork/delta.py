@@ -19,13 +19,13 @@ from typing import Any
 
 from . import _native
 from ._errors import CorruptDataError
+from ._framing import open_sealed, seal
 
 __all__ = ["encode", "apply", "Settings", "VERSION"]
 
 MAGIC = b"PFDL"
 VERSION = 1
 _HEADER = struct.Struct("<4sBBHIQQQ")
-_CRC = struct.Struct("<I")
 _XOR, _ZSTD = 1, 2
 
 
@@ -51,34 +51,23 @@ def encode(old: Any, new: Any, *, page_size: int | None = None, xor: bool = Fals
         flags |= _ZSTD
     header = _HEADER.pack(MAGIC, VERSION, flags, 0, page_size or 0, old_view.nbytes,
                           new_view.nbytes, body_len)
-    message = header + body
-    return message + _CRC.pack(_native.crc32c(message))
+    return seal(header + body)
 
 
 def apply(delta: Any, old: Any) -> bytes:
     """Rebuilds the new buffer from ``delta`` and the ``old`` it was made
     against. Malformed input raises :class:`CorruptDataError`."""
     try:
-        view = memoryview(delta).cast("B")
         old_view = memoryview(old).cast("B")
     except TypeError as exc:
-        raise CorruptDataError(f"delta and old must be bytes-like: {exc}") from None
-    size = view.nbytes
-    if size < _HEADER.size + _CRC.size:
-        raise CorruptDataError(f"delta of {size} bytes is shorter than its header")
-    magic, version, flags, reserved, _page, old_len, new_len, body_len = _HEADER.unpack_from(view)
-    if magic != MAGIC:
-        raise CorruptDataError(f"not a pagefork delta (magic {bytes(magic)!r})")
-    if version != VERSION:
-        raise CorruptDataError(f"unsupported delta version {version} (this build reads {VERSION})")
+        raise CorruptDataError(f"old must be bytes-like: {exc}") from None
+    view, fields = open_sealed(delta, _HEADER, MAGIC, VERSION, "delta")
+    _, _, flags, reserved, _page, old_len, new_len, body_len = fields
     if flags & ~(_XOR | _ZSTD) or reserved:
         raise CorruptDataError(f"unknown delta flags {flags:#x}")
-    (crc,) = _CRC.unpack_from(view, size - _CRC.size)
-    if _native.crc32c(view[: size - _CRC.size]) != crc:
-        raise CorruptDataError("delta checksum mismatch: the delta is corrupted")
     if old_len != old_view.nbytes:
         raise CorruptDataError(f"the delta was made against {old_len} bytes, got {old_view.nbytes}")
-    body = view[_HEADER.size: size - _CRC.size]
+    body = view[_HEADER.size:]
     if flags & _ZSTD:
         # Compressed records can only expand to the carried bytes plus their
         # headers, which new_len bounds; decompress no further than body_len.

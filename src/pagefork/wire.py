@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _native
 from ._errors import CorruptDataError
+from ._framing import open_sealed, seal
 from .snapshot import Batchable, DiffBatch, _as_batch
 
 __all__ = ["encode", "decode", "VERSION"]
@@ -27,8 +27,7 @@ __all__ = ["encode", "decode", "VERSION"]
 MAGIC = b"PFDB"
 VERSION = 1
 _HEADER = struct.Struct("<4sHHQQ")
-_CRC = struct.Struct("<I")
-_PER_DIFF = 8 + 8 + 1 + 1
+_PER_DIFF = 8 + 8 + 1 + 1  # offset, length, dtype, op
 
 # valid[dtype, op]: which op a dtype allows (mirrors snapshot._check_op).
 _VALID = np.zeros((12, 8), dtype=bool)
@@ -51,33 +50,19 @@ def encode(diffs: Batchable) -> bytes:
         batch.ops.tobytes(),
         batch.data,
     ))
-    return body + _CRC.pack(_native.crc32c(body))
+    return seal(body)
 
 
 def decode(data: Any) -> DiffBatch:
     """Decodes :func:`encode`'s output; any malformed input raises
     :class:`CorruptDataError`."""
-    try:
-        view = memoryview(data).cast("B")
-    except TypeError as exc:
-        raise CorruptDataError(f"wire data must be bytes-like: {exc}") from None
-    size = view.nbytes
-    if size < _HEADER.size + _CRC.size:
-        raise CorruptDataError(f"wire message of {size} bytes is shorter than its header")
-    magic, version, flags, count, data_len = _HEADER.unpack_from(view)
-    if magic != MAGIC:
-        raise CorruptDataError(f"not a pagefork diff message (magic {bytes(magic)!r})")
-    if version != VERSION:
-        raise CorruptDataError(f"unsupported wire version {version} (this build reads {VERSION})")
+    view, (_, _, flags, count, data_len) = open_sealed(data, _HEADER, MAGIC, VERSION, "wire message")
     if flags != 0:
         raise CorruptDataError(f"unknown wire flags {flags:#x}")
-    room = size - _HEADER.size - _CRC.size
+    room = view.nbytes - _HEADER.size
     if count > room // _PER_DIFF or data_len != room - count * _PER_DIFF:
         raise CorruptDataError(f"wire header says {count} diffs and {data_len} data bytes, which "
-                               f"does not match the {size}-byte message")
-    (crc,) = _CRC.unpack_from(view, size - _CRC.size)
-    if _native.crc32c(view[: size - _CRC.size]) != crc:
-        raise CorruptDataError("wire checksum mismatch: the message is corrupted")
+                               f"does not match the {view.nbytes + 4}-byte message")
     at = _HEADER.size
     offsets = np.frombuffer(view, "<i8", count, at).astype(np.int64, copy=False)
     at += 8 * count
