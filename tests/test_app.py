@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 
+import pagefork
 from pagefork import App, ConflictError, OutOfBoundsError, PAGE_SIZE, PageforkError, WorkerError
 
 
@@ -209,8 +210,17 @@ def test_worker_killed_mid_batch(how):
         assert app._executor.backend.replaced >= 1
 
 
-def test_threads_backend_falls_back_when_cow_is_unavailable():
-    with App("64KiB", backend="threads", tracking="segfault", workers=2) as app:
-        app.alloc("a", 100, np.int64, merge="sum")
-        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 3)
-        assert (app["a"] == 3).all()
+@pytest.mark.parametrize("mode", ["segfault", "uffd-async", "uffd"])
+def test_other_tracking_modes_where_cow_is_unavailable(mode, backend):
+    support = pagefork.probe()[mode]
+    if not support.available:
+        pytest.skip(support.reason)
+    with App("64KiB", backend=backend, tracking=mode, workers=2) as app:
+        assert app._executor._main_mode == mode
+        a = app.alloc("a", 100, np.int64, merge="sum")
+        b = app.alloc("b", 2 * PAGE_SIZE // 8, np.int64)
+        for step in range(3):
+            b[step * 500] = step + 1  # main-program writes, tracked by `mode`
+            got = app.parallel(lambda mem, i, n: (mem["a"].__iadd__(1), int(mem["b"].sum()))[1], 3)
+            assert got == [sum(range(step + 2))] * 3
+        assert (a == 9).all()

@@ -241,8 +241,10 @@ class Executor:
         self.version = 0
         self.thread_mode = thread_tracking_mode(tracking)
         # Main memory: a private mapping of the snapshot, so cow tracks the
-        # main program's writes for free; other modes where cow cannot work.
-        self._main_mode = "cow" if probe()["cow"].available else tracker("auto").mode
+        # main program's writes for free; other modes where cow cannot work
+        # or where the caller asked for one.
+        self._main_mode = self.thread_mode if tracking not in (None, "auto") else (
+            "cow" if probe()["cow"].available else tracker("auto").mode)
         self._main_tracker = tracker(self._main_mode)
         self._remap_main()
         self._placements: dict[tuple[int, int], list[int]] = {}

@@ -1,0 +1,105 @@
+"""Every public API, and its error paths, called many times: no growth in
+memory or open file descriptors (the native core frees what it allocates)."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+import pagefork
+from pagefork import PAGE_SIZE, Diff, MergeError, Region, Snapshot, delta, wire
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _snapshot_round():
+    with Snapshot(np.arange(4 * PAGE_SIZE, dtype=np.uint8), max_size=8 * PAGE_SIZE) as s:
+        s.add_merge_region(0, 64, np.int32, "sum")
+        s.fill_gaps()
+        mem = np.frombuffer(s.read(), np.uint8).copy()
+        mem[::97] ^= 1
+        batch = s.diff(mem, np.ones(4, bool))
+        s.apply(wire.decode(wire.encode(batch)))
+        s.queue(batch)
+        s.write_queued()
+        s.tracked_changes()
+        try:
+            s.apply([Diff(0, b"\x02\x00\x00\x00", np.int32, "product"),
+                     Diff(PAGE_SIZE * 9, b"x")])
+        except pagefork.OutOfBoundsError:
+            pass
+        with Region(4 * PAGE_SIZE) as r:
+            s.map_to(r)
+
+
+def _product_error():
+    with Snapshot(np.zeros(4, np.int32)) as s:
+        s.add_merge_region(0, 16, np.int32, "product")
+        try:
+            s.diff(np.array([1, 0, 0, 0], np.int32), np.ones(1, bool))
+        except MergeError:
+            pass
+
+
+def _encodings():
+    old = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    new = bytearray(old)
+    new[100:200] = bytes(100)
+    for kwargs in ({}, {"page_size": 64, "xor": True, "zstd_level": 1}):
+        assert delta.apply(delta.encode(old, new, **kwargs), old) == new
+    for bad in (b"", b"PFDB" + bytes(40), delta.encode(old, new)[:-3]):
+        for decode in (wire.decode, lambda d: delta.apply(d, old)):
+            try:
+                decode(bad)
+            except pagefork.CorruptDataError:
+                pass
+
+
+def _regions():
+    with Region(2 * PAGE_SIZE, max_size=16 * PAGE_SIZE, backing="memfd") as r:
+        r.resize(16 * PAGE_SIZE)
+        r.array(np.int64)[:] = 1
+        r.resize(PAGE_SIZE)
+
+
+@pytest.mark.parametrize("work", [_snapshot_round, _product_error, _encodings, _regions],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_no_growth(work):
+    for _ in range(50):  # warm up caches and allocators
+        work()
+    gc.collect()
+    fds, rss = open_fds(), rss_kib()
+    for _ in range(1000):
+        work()
+    gc.collect()
+    assert open_fds() == fds
+    assert rss_kib() - rss < 8192, "RSS grew by more than 8 MiB over 1000 rounds"
+
+
+def test_no_growth_over_batches():
+    with pagefork.App("256KiB", backend="threads", workers=2) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            mem["a"][i::n] += 1
+
+        for _ in range(30):
+            app.parallel(work, 4)
+        gc.collect()
+        fds, rss = open_fds(), rss_kib()
+        for _ in range(500):
+            a[0] += 1
+            app.parallel(work, 4)
+        gc.collect()
+        assert open_fds() == fds
+        assert rss_kib() - rss < 8192
