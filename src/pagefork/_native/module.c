@@ -23,6 +23,16 @@ static PyObject *native_set_pagemap_scan(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *native_set_uffd_feature_mask(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long mask = PyLong_AsLong(arg);
+    if (mask == -1 && PyErr_Occurred())
+        return NULL;
+    pf_uffd_feature_mask = (int)mask;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef native_methods[] = {
     {"uffd_probe", pf_uffd_probe, METH_NOARGS,
      "uffd_probe() -> (errno, supported_features, user_mode_only)"},
@@ -37,6 +47,8 @@ static PyMethodDef native_methods[] = {
     {"crc32c", pf_crc32c, METH_VARARGS, "crc32c(data, crc=0) -> int"},
     {"delta_encode", pf_delta_encode, METH_VARARGS, "delta_encode(old, new, page_size, xor) -> body"},
     {"delta_apply", pf_delta_apply, METH_VARARGS, "delta_apply(old, body, new_len, xor) -> new"},
+    {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
+     "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},
     {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,
      "Allow (True) or forbid (False) PAGEMAP_SCAN; tests use it to exercise the fallback."},
     {NULL, NULL, 0, NULL},

@@ -174,6 +174,7 @@ PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
 
 /* module-level switches for tests */
 extern int pf_pagemap_scan_disabled;
+extern int pf_uffd_feature_mask;
 
 /* ---- diffs (diff.c, merge.c) ---------------------------------------------- */
 

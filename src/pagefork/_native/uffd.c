@@ -32,6 +32,9 @@ static int open_raw(int *user_mode_only)
     return fd;
 }
 
+/* Features pagefork may use; tests clear bits to act like older kernels. */
+int pf_uffd_feature_mask = ~0;
+
 int pf_uffd_open(int features, int *got_features, int *user_mode_only)
 {
     int fd = open_raw(user_mode_only);
@@ -44,8 +47,8 @@ int pf_uffd_open(int features, int *got_features, int *user_mode_only)
         errno = err;
         return -1;
     }
-    if (got_features != NULL)
-        *got_features = (int)api.features;
+    if (got_features != NULL) /* UFFDIO_API reports every feature the kernel has */
+        *got_features = (int)api.features & pf_uffd_feature_mask;
     return fd;
 }
 
@@ -164,7 +167,7 @@ static int sync_descriptor(void)
     close(probe_fd);
     int want = UFFD_FEATURE_THREAD_ID |
                (supported & (UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
-    int fd = pf_uffd_open(want, &sync_features, &user_mode_only);
+    int fd = pf_uffd_open(want, NULL, &user_mode_only);
     if (fd < 0) {
         pf_oserror("ioctl(UFFDIO_API)");
         return -1;
@@ -182,6 +185,7 @@ static int sync_descriptor(void)
         return -1;
     }
     pthread_detach(thread);
+    sync_features = want; /* what this descriptor was opened with */
     sync_fd = fd;
     sync_pid = getpid();
     return fd;
