@@ -224,3 +224,25 @@ def test_other_tracking_modes_where_cow_is_unavailable(mode, backend):
             got = app.parallel(lambda mem, i, n: (mem["a"].__iadd__(1), int(mem["b"].sum()))[1], 3)
             assert got == [sum(range(step + 2))] * 3
         assert (a == 9).all()
+
+
+def test_an_interrupted_batch_leaves_no_stale_replies():
+    """Ctrl-C while workers run: their late replies must not count in the next batch."""
+    import threading
+    import time
+
+    with App("64KiB", backend="processes", workers=1) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n: None, 1)
+
+        def slow(mem, i, n):
+            time.sleep(0.5)
+            mem["a"][:] += 100
+            return "slow"
+
+        timer = threading.Timer(0.1, lambda: __import__("_thread").interrupt_main())
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            app.parallel(slow, 2)
+        assert app.parallel(lambda mem, i, n: (mem["a"].__iadd__(1), "fast")[1], 1) == ["fast"]
+        assert a.tolist() == [1, 1, 1, 1]

@@ -58,7 +58,7 @@ def _worker_main(conn: connection.Connection) -> None:
             snapshot = Snapshot.attach(fd, size, max_size)
             os.close(fd)
             continue
-        _, version, size, n, fn_bytes, args_bytes, layout, regions, mode, indexes = message
+        _, seq, version, size, n, fn_bytes, args_bytes, layout, regions, mode, indexes = message
         assert snapshot is not None, "a batch arrived before its snapshot"
         try:
             snapshot._follow_size(size)
@@ -67,7 +67,7 @@ def _worker_main(conn: connection.Connection) -> None:
         except BaseException:
             error = "".join(traceback.format_exc())
             for i in indexes:
-                _send(conn, ("done", i, None, None, 0, f"cannot load the thread function:\n{error}"))
+                _send(conn, ("done", seq, i, None, None, 0, f"cannot load the thread function:\n{error}"))
             continue
         spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
         for i in indexes:
@@ -79,7 +79,7 @@ def _worker_main(conn: connection.Connection) -> None:
                     diffs = wire.encode(outcome.diffs) if outcome.diffs is not None else None
                 except BaseException:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-            _send(conn, ("done", i, result, diffs, outcome.dirty_pages, outcome.error))
+            _send(conn, ("done", seq, i, result, diffs, outcome.dirty_pages, outcome.error))
 
 
 class _Worker:
@@ -136,6 +136,7 @@ class ProcessesBackend:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self._workers: list[_Worker | None] = [None] * self.slots
         self.replaced = 0  # workers restarted after dying
+        self._seq = 0
 
     def _worker(self, slot: int) -> _Worker:
         w = self._workers[slot]
@@ -147,6 +148,8 @@ class ProcessesBackend:
         return w
 
     def run(self, spec: BatchSpec, placement: Sequence[int]) -> list[ThreadOutcome]:
+        self._seq += 1
+        seq = self._seq  # replies carry it, so an interrupted batch's never count
         fn_bytes = cloudpickle.dumps(spec.fn)
         args_bytes = cloudpickle.dumps(spec.args)
         outcomes: dict[int, ThreadOutcome] = {}
@@ -156,7 +159,7 @@ class ProcessesBackend:
             w = self._worker(slot)
             try:
                 shipped += w.ensure_snapshot(spec.snapshot)
-                shipped += _send(w.conn, ("batch", spec.version, spec.snapshot.size, spec.n, fn_bytes,
+                shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n, fn_bytes,
                                           args_bytes, spec.layout, spec.merge_regions, spec.tracking,
                                           indexes))
                 pending[slot] = set(indexes)
@@ -186,7 +189,9 @@ class ProcessesBackend:
                     self.replaced += 1
                     continue
                 shipped += len(data)
-                _, i, result, diffs, dirty, error = pickle.loads(data)
+                _, reply_seq, i, result, diffs, dirty, error = pickle.loads(data)
+                if reply_seq != seq:
+                    continue  # a late reply to a batch that was interrupted
                 outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
                 if error is None:
                     outcome.result = cloudpickle.loads(result)
