@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/pagefork demo
 
 test: $(STAMP)
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

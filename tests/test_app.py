@@ -178,6 +178,8 @@ def test_bad_arguments():
         App(0, backend="threads")
     with pytest.raises(ValueError, match="workers"):
         App("1MiB", backend="threads", workers=0)
+    with pytest.raises(ValueError, match="unknown tracking mode"):
+        App("1MiB", backend="threads", tracking="mprotect")
     with App("64KiB", backend="threads") as app:
         with pytest.raises(ValueError, match="at least one thread"):
             app.parallel(lambda mem, i, n: None, 0)

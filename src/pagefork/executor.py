@@ -128,8 +128,8 @@ class BatchStats:
 def thread_tracking_mode(requested: str | None = None) -> str:
     """The mode thread memory is tracked with: ``cow`` (free for memory
     mapped from a snapshot), else the fastest available other mode."""
-    if requested not in (None, "auto"):
-        return requested  # type: ignore[return-value]
+    if requested is not None and requested != "auto":
+        return tracker(requested).mode  # checks that it exists and works here
     support = probe()
     if support["cow"].available:
         return "cow"

@@ -120,7 +120,7 @@ class Region(_native.Mapping):
                 f"{shape_t} of {dt} at offset {offset} needs {offset + count * dt.itemsize} bytes; "
                 f"the region has {self.size}"
             )
-        return np.frombuffer(self, dtype=dt, count=count, offset=offset).reshape(shape_t)
+        return np.frombuffer(memoryview(self), dtype=dt, count=count, offset=offset).reshape(shape_t)
 
     def close(self) -> None:
         """Stops all tracking of the region and releases it. Views still alive

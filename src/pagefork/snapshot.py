@@ -597,7 +597,7 @@ class Snapshot:
             np.maximum.at(run_ends, run_id, ends)
             keep = run_ends > run_starts
             run_starts, run_ends = run_starts[keep], run_ends[keep]
-            view = np.frombuffer(self._memory, np.uint8, count=self._size)
+            view = np.frombuffer(memoryview(self._memory), np.uint8, count=self._size)
             lengths = run_ends - run_starts
             index = np.repeat(run_starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) \
                 + np.arange(int(lengths.sum()))

@@ -272,7 +272,11 @@ class Tracker:
                 region.max_size // _native.PAGE_SIZE, region.shared,
             )
             key = id(region)
-            self._regions[key] = (weakref.ref(region, lambda _, k=key: self._forget(k)), tracking)
+
+            def forget(_: object, key: int = key) -> None:
+                self._forget(key)
+
+            self._regions[key] = (weakref.ref(region, forget), tracking)
             region._trackings.add(tracking)
             return tracking
 

@@ -199,22 +199,29 @@ class DaskBackend:
         self._record(spec)
         program = cloudpickle.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
                                      spec.tracking))
-        program_future = self.client.scatter(program, hash=False)
         shipped = len(program) * self.slots
         payloads: dict[tuple[str, int | None], Any] = {}
+        futures = {"program": self._scatter(program)}
+
+        def rescatter() -> None:
+            """Scattered data dies with the worker that held it: start over."""
+            nonlocal shipped
+            futures["program"] = self._scatter(program)
+            payloads.clear()
+            shipped += len(program)
 
         def submit(i: int, address: str, full: bool = False) -> Any:
             nonlocal shipped
             kind, blob = self._payload(spec, None if full else self._known.get(address))
             key = (kind, self._known.get(address) if kind == "delta" else None)
             if blob is not None and key not in payloads:  # one future per distinct payload
-                payloads[key] = self.client.scatter(blob, hash=False)
+                payloads[key] = self._scatter(blob)
                 shipped += len(blob)
             future = self.client.submit(
                 _run_task, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
-                kind, payloads.get(key), program_future, i, workers=[address],
+                kind, payloads.get(key), futures["program"], i, workers=[address],
                 allow_other_workers=True, pure=False)
-            tasks[future.key] = (i, address)
+            tasks[str(future.key)] = (i, address)
             return future
 
         tasks: dict[str, tuple[int, str]] = {}
@@ -222,14 +229,19 @@ class DaskBackend:
         outcomes: dict[int, ThreadOutcome] = {}
         pending = as_completed([submit(i, self.addresses[slot]) for i, slot in enumerate(placement)])
         for future in pending:
-            i, address = tasks[future.key]
+            i, address = tasks[str(future.key)]
             try:
                 reply = future.result()
             except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
                 self._known.pop(address, None)
                 if attempts[i] < _MAX_ATTEMPTS:
                     attempts[i] += 1
-                    pending.add(submit(i, self._other(address), full=True))
+                    try:
+                        rescatter()
+                        pending.add(submit(i, self._other(address), full=True))
+                    except Exception as again:
+                        outcomes[i] = ThreadOutcome(i, error=f"thread {i} was lost with its Dask "
+                                                             f"worker and could not be re-sent: {again!r}")
                 else:
                     outcomes[i] = ThreadOutcome(
                         i, error=f"thread {i} was lost {attempts[i]} times with its Dask worker; "
@@ -254,6 +266,19 @@ class DaskBackend:
         result = [outcomes[i] for i in sorted(outcomes)]
         result[0].bytes_shipped = shipped
         return result
+
+    def _scatter(self, blob: bytes) -> Any:
+        """A future holding ``blob``. Right after a worker dies the scheduler
+        may still pick it, so a failed scatter is retried for a few seconds."""
+        import time
+
+        for attempt in range(20):
+            try:
+                return self.client.scatter(blob, hash=False)
+            except Exception:
+                if attempt == 19:
+                    raise
+                time.sleep(0.25)
 
     def _other(self, address: str) -> str:
         alive = sorted(self.client.scheduler_info()["workers"])

@@ -167,14 +167,14 @@ class ProcessesBackend:
                 for i in indexes:
                     outcomes[i] = ThreadOutcome(i, error=f"cannot reach worker {slot}: {exc}")
         while pending:
-            waits = {}
+            waits: dict[Any, int] = {}
             for slot in pending:
-                w = self._workers[slot]
-                assert w is not None
-                waits[w.conn] = slot
+                worker = self._workers[slot]
+                assert worker is not None
+                waits[worker.conn] = slot
             for ready in connection.wait(list(waits)):
                 slot = waits[ready]
-                w = self._workers[slot]
+                w = self._workers[slot]  # type: ignore[assignment]
                 assert w is not None
                 try:
                     data = w.conn.recv_bytes()

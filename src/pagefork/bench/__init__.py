@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
 
 __all__ = ["parse_sizes", "progress_to_stderr", "best_of"]
 
@@ -23,10 +25,12 @@ def progress_to_stderr(message: str) -> None:
     print(f"  measuring {message} ...", file=sys.stderr, flush=True)
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    """(fastest time in ns, last result) of ``repeat`` calls."""
-    best, result = float("inf"), None
-    for _ in range(repeat):
+def best_of(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
+    """(fastest time in ns, last result) of ``repeat`` (at least one) calls."""
+    t0 = time.perf_counter_ns()
+    result = fn()
+    best = float(time.perf_counter_ns() - t0)
+    for _ in range(repeat - 1):
         t0 = time.perf_counter_ns()
         result = fn()
         best = min(best, time.perf_counter_ns() - t0)

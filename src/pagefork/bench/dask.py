@@ -101,7 +101,7 @@ def dask_comparison(client: Any = None, size: int = 8 << 20, threads: int = 4, b
         runs.append(DaskRun("plain dask", size, changed, statistics.median(sent), statistics.median(times)))
         return runs
     finally:
-        if own:
+        if cluster is not None:
             client.close()
             cluster.close()
 

@@ -147,7 +147,7 @@ def reduction_comparison(values: int = 8_000_000, bins: int = 4_000_000, threads
         if progress:
             progress("reduction with joblib (loky)")
         with Parallel(n_jobs=workers, backend="loky") as parallel:
-            best, result = float("inf"), None
+            best, result = float("inf"), np.zeros(0)
             for r in range(repeat + 1):
                 t0 = time.perf_counter()
                 result = sum(parallel(delayed(_count_array)(data, i, threads, bins)
@@ -161,7 +161,7 @@ def reduction_comparison(values: int = 8_000_000, bins: int = 4_000_000, threads
     import multiprocessing as mp
 
     with mp.get_context("forkserver").Pool(workers) as pool:
-        best, result = float("inf"), None
+        best, result = float("inf"), np.zeros(0)
         for r in range(repeat + 1):
             t0 = time.perf_counter()
             chunks = [(data[i * values // threads: (i + 1) * values // threads], bins)
