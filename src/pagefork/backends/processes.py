@@ -134,7 +134,9 @@ class ProcessesBackend:
         self.slots = workers if workers is not None else (os.cpu_count() or 1)
         if self.slots < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        self._workers: list[_Worker | None] = [None] * self.slots
+        # Started now: the interpreters import numpy and pagefork while the
+        # caller sets up its arrays, so the first batch does not wait for them.
+        self._workers: list[_Worker | None] = [_Worker(slot) for slot in range(self.slots)]
         self.replaced = 0  # workers restarted after dying
         self._seq = 0
 
