@@ -352,7 +352,7 @@ class Tracker:
         if scope == "thread" and self.mode not in _THREAD_LOCAL:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         tracking = self._tracking(region, create=False)
-        out = np.zeros(tracking.n_pages, dtype=np.uint8)
+        out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
         try:
             tracking.dirty(out, _SCOPES[scope])
         except OSError as exc:

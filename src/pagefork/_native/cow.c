@@ -24,8 +24,8 @@ static int cow_arm(pf_range *r, size_t first, size_t count)
         pf_oserror("read(/proc/self/pagemap)");
         return -1;
     }
-    memset(r->global + first, 0, count);
     if (copied > 0) {
+        memset(r->global + first, 0, count); /* the check used the flags as scratch */
         char message[200];
         snprintf(message, sizeof message,
                  "cow: %zd page(s) of this memory are already private copies", copied);

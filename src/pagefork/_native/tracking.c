@@ -114,7 +114,7 @@ static PyObject *tracking_start(PfTracking *self, PyObject *unused)
     pf_range *r = self->range;
     if (attach(self) != 0)
         return NULL;
-    memset(r->global, 0, r->max_pages);
+    memset(r->global, 0, atomic_load(&r->n_pages)); /* pages past n were cleared on shrink */
     atomic_store(&r->global_active, 1);
     if (self->ops != NULL && self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0) {
         atomic_store(&r->global_active, 0);

@@ -45,28 +45,39 @@ def batch_costs(sizes: list[int], backend: str = "processes", workers: int = 2, 
                 pages_per_thread: int = 16, batches: int = 20,
                 progress: Callable[[str], None] | None = None) -> list[BatchCost]:
     """Batch time with ``threads`` threads each dirtying ``pages_per_thread``
-    pages, and the main program 16 pages between batches, at each size."""
-    rows = []
-    for size in sizes:
-        if progress:
-            progress(f"batches on {backend} at {size >> 20} MiB")
-        with App(size, backend=backend, workers=workers) as app:
-            a = app.alloc("a", size, np.uint8)
-            main_pages = np.linspace(0, size // PAGE_SIZE - 1, 16).astype(np.int64) * PAGE_SIZE
-            times, phases = [], []
-            for b in range(batches + 1):
-                a[main_pages + 1] += 1  # main-program writes between batches
+    pages, and the main program 16 pages between batches, at each size. One
+    App per size, their batches interleaved, so machine noise hits every
+    size alike."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        apps, views, main_pages = [], [], []
+        for size in sizes:
+            if progress:
+                progress(f"batches on {backend} at {size >> 20} MiB")
+            app = stack.enter_context(App(size, backend=backend, workers=workers))
+            apps.append(app)
+            views.append(app.alloc("a", size, np.uint8))
+            main_pages.append(np.linspace(0, size // PAGE_SIZE - 1, 16).astype(np.int64) * PAGE_SIZE)
+        times: list[list[float]] = [[] for _ in sizes]
+        phases: list[list[dict[str, float]]] = [[] for _ in sizes]
+        for b in range(batches + 1):
+            for k, app in enumerate(apps):
+                views[k][main_pages[k] + 1] += 1  # main-program writes between batches
                 t0 = time.perf_counter()
                 app.parallel(_touch, threads, args=(pages_per_thread,))
-                if b:  # the first batch starts the workers
-                    times.append(time.perf_counter() - t0)
-                    phases.append(app.last_batch.times)
-            expected = batches + 1
-            assert int(a[main_pages + 1].min()) == expected
-            rows.append(BatchCost(backend, size, threads, app.last_batch.dirty_pages,
-                                  statistics.median(times) * 1e3,
-                                  {k: statistics.median(p[k] for p in phases) * 1e3 for k in phases[0]}))
-    return rows
+                if b:  # the first batch waits for the workers to start
+                    times[k].append(time.perf_counter() - t0)
+                    phases[k].append(app.last_batch.times)
+        rows = []
+        for k, size in enumerate(sizes):
+            assert int(views[k][main_pages[k] + 1].min()) == batches + 1
+            rows.append(BatchCost(backend, size, threads, apps[k].last_batch.dirty_pages,
+                                  statistics.median(times[k]) * 1e3,
+                                  {p: statistics.median(x[p] for x in phases[k]) * 1e3
+                                   for p in phases[k][0]}))
+        del views
+        return rows
 
 
 # ---- a reduction workload ---------------------------------------------------------
