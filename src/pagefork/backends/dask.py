@@ -180,16 +180,22 @@ class DaskBackend:
             self._recorded.pop(0)
             self._changes.pop(self._recorded[0], None)
 
-    def _payload(self, spec: BatchSpec, held: int | None) -> tuple[str, bytes | None]:
-        """What a worker holding version ``held`` needs: nothing, a delta, or
-        the whole snapshot (zstd-compressed)."""
+    def _payload_kind(self, spec: BatchSpec, held: int | None) -> tuple[str, int | None]:
+        """What a worker holding version ``held`` needs: nothing, a delta from
+        ``held``, or the whole snapshot."""
         if held == spec.version:
             return "none", None
-        compress = zstandard.ZstdCompressor(level=1).compress
         if held is not None and held in self._recorded:
-            batch = DiffBatch.concat(self._changes[v] for v in self._recorded if v > held)
-            return "delta", compress(cloudpickle.dumps((held, wire.encode(batch))))
-        return "full", compress(spec.snapshot.read())
+            return "delta", held
+        return "full", None
+
+    def _payload(self, spec: BatchSpec, kind: str, held: int | None) -> bytes:
+        """The payload itself, zstd-compressed."""
+        compress = zstandard.ZstdCompressor(level=1).compress
+        if kind == "delta":
+            batch = DiffBatch.concat(self._changes[v] for v in self._recorded if v > (held or 0))
+            return compress(cloudpickle.dumps((held, wire.encode(batch))))
+        return compress(spec.snapshot.read())
 
     # -- running --
 
@@ -200,7 +206,7 @@ class DaskBackend:
         program = cloudpickle.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
                                      spec.tracking))
         shipped = len(program) * self.slots
-        payloads: dict[tuple[str, int | None], Any] = {}
+        payloads: dict[tuple[str, int | None], tuple[Any, int]] = {}  # key -> (future, bytes)
         futures = {"program": self._scatter(program)}
 
         def rescatter() -> None:
@@ -208,18 +214,25 @@ class DaskBackend:
             nonlocal shipped
             futures["program"] = self._scatter(program)
             payloads.clear()
+            receivers.clear()
             shipped += len(program)
+
+        receivers: dict[tuple[str, int | None], set[str]] = {}
 
         def submit(i: int, address: str, full: bool = False) -> Any:
             nonlocal shipped
-            kind, blob = self._payload(spec, None if full else self._known.get(address))
-            key = (kind, self._known.get(address) if kind == "delta" else None)
-            if blob is not None and key not in payloads:  # one future per distinct payload
-                payloads[key] = self._scatter(blob)
-                shipped += len(blob)
+            key = self._payload_kind(spec, None if full else self._known.get(address))
+            if key[0] != "none":
+                if key not in payloads:  # one future per distinct payload
+                    blob = self._payload(spec, *key)
+                    payloads[key] = (self._scatter(blob), len(blob))
+                if address not in receivers.setdefault(key, set()):  # Dask moves it to each
+                    receivers[key].add(address)
+                    shipped += payloads[key][1]
             future = self.client.submit(
                 _run_task, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
-                kind, payloads.get(key), futures["program"], i, workers=[address],
+                key[0], payloads[key][0] if key in payloads else None, futures["program"], i,
+                workers=[address],
                 allow_other_workers=True, pure=False)
             tasks[str(future.key)] = (i, address)
             return future
