@@ -158,6 +158,12 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.executor import batch_costs, format_batch_table
     from .bench.tracking import DEFAULT_SIZES, QUICK_SIZES, format_table, tracking_costs
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("pagefork bench --plot needs matplotlib: pip install 'pagefork[cli]'", file=sys.stderr)
+            return 2
     sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     modes = [m for m in (args.modes or probe()) if probe()[m].available]
     batch_sizes = parse_sizes(args.batch_sizes or (("16MiB", "128MiB") if args.quick
