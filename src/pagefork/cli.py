@@ -129,11 +129,13 @@ class _Progress:
     def __init__(self, total: int) -> None:
         self.total, self.done, self._bar = total, 0, None
         try:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         except ImportError:
             return
-        self._bar = Progress(TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                             TimeElapsedColumn(), console=__import__("rich.console").console.Console(stderr=True))
+        self._bar = Progress(TextColumn("{task.description:<44}"), BarColumn(),
+                             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                             console=Console(stderr=True))
         self._task = self._bar.add_task("starting", total=total)
         self._bar.start()
 

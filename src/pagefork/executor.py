@@ -20,7 +20,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
-from .memory import PAGE_SIZE, Region
+from ._sizes import round_to_pages
+from .memory import Region
 from .snapshot import DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
 
@@ -204,8 +205,8 @@ class Workspace:
         self.tracker: Tracker | None = None
 
     def prepare(self, spec: BatchSpec) -> tuple[Region, Tracker]:
-        size = -(-spec.snapshot.size // PAGE_SIZE) * PAGE_SIZE
-        max_size = max(-(-spec.snapshot.max_size // PAGE_SIZE) * PAGE_SIZE, size)
+        size = round_to_pages(spec.snapshot.size)
+        max_size = max(round_to_pages(spec.snapshot.max_size), size)
         if self.region is None or self.region.max_size < max_size:
             self.close()
             self.region = Region(size, max_size=max_size)
