@@ -93,13 +93,18 @@ def diff(orig: bytes, mem: bytes, dirty, regions) -> list[Diff]:
     out: list[Diff] = []
     from pagefork import MergeRegion
 
+    clipped = []
     for r in sorted(regions or [MergeRegion(0, 0)], key=lambda r: r.offset):
-        start = r.offset
         end = min(size if r.length == 0 else r.offset + r.length, limit)
         k = r.dtype.itemsize
-        typed = r.op not in (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)
-        if typed:
-            end = start + (end - start) // k * k
+        if r.op in (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE):
+            clipped.append((r, r.offset, end))
+        else:  # whole values; a leftover tail is carried as OVERWRITE
+            whole = r.offset + max(end - r.offset, 0) // k * k
+            clipped.append((r, r.offset, whole))
+            clipped.append((MergeRegion(whole, 0), whole, end))
+    for r, start, end in clipped:
+        k = r.dtype.itemsize
         if end <= start or r.op is MergeOp.IGNORE:
             continue
         for a, b in dirty_runs(dirty, start, end):
@@ -133,7 +138,12 @@ def diff(orig: bytes, mem: bytes, dirty, regions) -> list[Diff]:
                         e += 1
                     out.append(Diff(start + run0 * k, data, r.dtype, r.op))
     if len(mem) > size:
-        out.append(Diff(size, mem[size:]))
+        tail = mem[size:]
+        page_end = -(-size // PAGE_SIZE) * PAGE_SIZE
+        if len(mem) <= page_end:  # within the snapshot's last page: nonzero bytes of a dirty page
+            tail = tail.rstrip(b"\0") if dirty[size // PAGE_SIZE] else b""
+        if tail:
+            out.append(Diff(size, tail))
     return out
 
 

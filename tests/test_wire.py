@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,7 +81,7 @@ def test_fuzzed_messages_only_raise_corrupt_data():
     """60,000 malformed messages: half with a wrong checksum, half resealed so
     the parser itself is exercised. Together with the delta fuzz, over 100,000."""
     rng = random.Random(1234)
-    seeds = [wire.encode([Diff(rng.randrange(1 << 20), rng.randbytes(rng.randrange(40)),
+    seeds = [wire.encode([Diff(rng.randrange(1 << 20), rng.randbytes(8 * rng.randrange(5)),
                                *rng.choice([(DataType.RAW, MergeOp.OVERWRITE),
                                             (DataType.INT64, MergeOp.SUM)]))
                           for _ in range(rng.randrange(4))]) for _ in range(50)]
@@ -91,8 +92,79 @@ def test_fuzzed_messages_only_raise_corrupt_data():
             message = reseal(message[:-4])
         try:
             batch = wire.decode(message)
-        except CorruptDataError:
+        except CorruptDataError as exc:
+            assert type(exc) is CorruptDataError
             continue
         decoded += 1
         assert wire.decode(wire.encode(batch)) == batch  # whatever decodes is consistent
     assert decoded < 60_000
+
+
+# ---- findings of issue 11 ------------------------------------------------------------
+
+
+def test_zero_diffs_with_trailing_data_is_corrupt_data():
+    """A message with no diffs but data bytes and a valid CRC."""
+    message = reseal(struct.pack("<4sHHQQ", b"PFDB", 1, 0, 0, 5) + b"xxxxx")
+    with pytest.raises(CorruptDataError, match="no diffs, but 5 bytes") as info:
+        wire.decode(message)
+    assert type(info.value) is CorruptDataError
+
+
+@pytest.mark.parametrize("dtype", [DataType.INT16, DataType.INT32, DataType.LONG, DataType.DOUBLE])
+def test_typed_diffs_must_be_whole_values_when_made_and_encoded(dtype):
+    """Encode never accepts what decode would refuse; the error names the offset."""
+    with pytest.raises(ValueError, match="offset 4096: 101 bytes is not a whole number"):
+        Diff(4096, bytes(101), dtype, MergeOp.SUM)
+    k = dtype.itemsize
+    bad = DiffBatch._unchecked(np.array([0, 4096], np.int64), np.array([k, k + 1], np.int64),
+                               np.array([dtype, dtype], np.uint8),
+                               np.array([MergeOp.SUM] * 2, np.uint8), bytes(2 * k + 1))
+    with pytest.raises(ValueError, match="offset 4096: .*not a whole number"):
+        wire.encode(bad)
+    with pytest.raises(ValueError, match="offset 4096"):
+        DiffBatch.from_columns(*bad.columns())
+    # Byte-wise ops on a typed region may have any length.
+    assert wire.decode(wire.encode([Diff(3, bytes(5), dtype, MergeOp.XOR)])) == [
+        Diff(3, bytes(5), dtype, MergeOp.XOR)]
+
+
+@pytest.mark.parametrize("offsets, lengths, why", [
+    ([-1], [1], "negative"),
+    ([2**63 - 1], [1], "overflows"),
+    ([0, 2**62], [1, 0], None),
+])
+def test_encode_rejects_what_decode_rejects(offsets, lengths, why):
+    data = bytes(sum(lengths))
+    n = len(offsets)
+    batch = DiffBatch._unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
+                                 np.zeros(n, np.uint8), np.zeros(n, np.uint8), data)
+    if why is None:
+        assert wire.decode(wire.encode(batch)) == batch
+        return
+    with pytest.raises(ValueError, match=why):
+        wire.encode(batch)
+    raw = b"".join((struct.pack("<4sHHQQ", b"PFDB", 1, 0, n, len(data)),
+                    np.array(offsets, "<i8").tobytes(), np.array(lengths, "<i8").tobytes(),
+                    bytes(2 * n), data))
+    with pytest.raises(CorruptDataError, match=why):
+        wire.decode(reseal(raw))
+
+
+def test_reused_receive_buffer_cannot_redirect_apply():
+    """decode is zero-copy: the batch's columns are views of the buffer.
+    Changing the buffer after decode changes the batch, but apply checks and
+    applies one private copy of the columns."""
+    from pagefork import OutOfBoundsError, Snapshot
+
+    buffer = bytearray(wire.encode([Diff(0, b"ab"), Diff(10, b"cd")]))
+    batch = wire.decode(buffer)
+    at = 24 + 8  # the second diff's offset
+    buffer[at: at + 8] = struct.pack("<q", 1 << 44)
+    with Snapshot(bytes(16)) as snap:
+        with pytest.raises(OutOfBoundsError):
+            snap.apply(batch)
+        assert snap.read() == bytes(16)
+        buffer[at: at + 8] = struct.pack("<q", 12)
+        snap.apply(batch)
+        assert snap.read() == b"ab" + bytes(10) + b"cd" + bytes(2)

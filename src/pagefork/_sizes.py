@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 
 from . import _native
@@ -22,17 +23,31 @@ def parse_size(value: int | str, what: str = "size") -> int:
     """Returns ``value`` in bytes: an int, or a string like ``"64MiB"`` or ``"1.5 GB"``."""
     if isinstance(value, bool):
         raise TypeError(f"{what} must be an int or a string like '64MiB', not bool")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{what} must not be negative, got {value}")
-        return value
     if isinstance(value, str):
         match = _SIZE.match(value)
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ValueError(f"{what}: cannot parse {value!r} (use e.g. 4096, '64KiB', '1GiB')")
         return int(float(match.group(1)) * _UNITS[unit])
-    raise TypeError(f"{what} must be an int or a string like '64MiB', not {type(value).__name__}")
+    try:
+        value = operator.index(value)  # any integer: int, numpy.int64, ...
+    except TypeError:
+        raise TypeError(f"{what} must be an int or a string like '64MiB', "
+                        f"not {type(value).__name__}") from None
+    if value < 0:
+        raise ValueError(f"{what} must not be negative, got {value}")
+    return value
+
+
+def as_index(value: object, what: str) -> int:
+    """``value`` as a Python int: any integer (``operator.index``: int,
+    numpy.int64, ...), never a bool, a float or a string."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        return operator.index(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
 
 
 def round_to_pages(n: int) -> int:

@@ -241,7 +241,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(backend=args.backend, workers=args.workers, threads=args.threads) else 1
 
 
+def _size_argument(text: str) -> int:
+    """A byte size like 4MiB (argparse type: a bad one is a usage error)."""
+    from ._sizes import parse_size
+
+    try:
+        size = parse_size(text, "size")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; bad arguments print a usage line and exit 2."""
     from . import MODES
 
     parser = argparse.ArgumentParser(prog="pagefork", description="pagefork: fork-join over "
@@ -255,13 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="PNG", help="also draw the results into a PNG file")
     bench.add_argument("--modes", nargs="+", choices=MODES, help="tracking modes to measure")
-    bench.add_argument("--sizes", nargs="+", help="region sizes for tracking, e.g. 4MiB 1GiB")
-    bench.add_argument("--batch-sizes", nargs="+", help="memory sizes for executor batches")
+    bench.add_argument("--sizes", nargs="+", type=_size_argument,
+                       help="region sizes for tracking, e.g. 4MiB 1GiB")
+    bench.add_argument("--batch-sizes", nargs="+", type=_size_argument,
+                       help="memory sizes for executor batches")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="an example application end to end")
     demo.add_argument("--backend", default="processes", choices=("threads", "processes"))
-    demo.add_argument("--workers", type=int, default=None)
-    demo.add_argument("--threads", type=int, default=8)
+    demo.add_argument("--workers", type=_positive_int, default=None)
+    demo.add_argument("--threads", type=_positive_int, default=8)
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

@@ -9,6 +9,12 @@ Layout (little-endian)::
 
     magic "PFDL" | version u8 | flags u8 | reserved u16 | page_size u32
     old_len u64 | new_len u64 | body_len u64 | body (maybe zstd) | crc32c u32
+
+Applying never allocates more than the receiver allows: the output is at
+most ``max_size`` bytes (by default ``len(old)`` plus :data:`MAX_GROWTH`
+output bytes per byte of the delta), the decompressed body at most three
+bytes per output byte (what the encoder can write), checked before anything
+is decompressed or allocated.
 """
 
 from __future__ import annotations
@@ -20,13 +26,21 @@ from typing import Any
 from . import _native
 from ._errors import CorruptDataError
 from ._framing import open_sealed, seal
+from ._sizes import as_index, parse_size
 
-__all__ = ["encode", "apply", "Settings", "VERSION"]
+__all__ = ["encode", "apply", "Settings", "VERSION", "MAX_GROWTH"]
 
 MAGIC = b"PFDL"
 VERSION = 1
 _HEADER = struct.Struct("<4sBBHIQQQ")
 _XOR, _ZSTD = 1, 2
+#: Without ``max_size``, how many output bytes past ``len(old)`` each byte of
+#: a delta may produce. An uncompressed delta carries every byte it adds (1
+#: per byte); zstd compresses real deltas far less than 1024:1, while a
+#: hostile 64 KiB one could otherwise declare gigabytes.
+MAX_GROWTH = 1024
+# Body bytes per output byte: a record covers >= 1 byte with minimal varints.
+_BODY_PER_OUTPUT = 3
 
 
 def _zstd() -> Any:
@@ -40,6 +54,7 @@ def _zstd() -> Any:
 def encode(old: Any, new: Any, *, page_size: int | None = None, xor: bool = False,
            zstd_level: int | None = None) -> bytes:
     """A delta that turns ``old`` into ``new`` (sizes may differ)."""
+    page_size = None if page_size is None else as_index(page_size, "page_size")
     if page_size is not None and not 0 < page_size < 2**32:
         raise ValueError(f"page_size must be a positive 32-bit size, got {page_size}")
     old_view, new_view = memoryview(old).cast("B"), memoryview(new).cast("B")
@@ -54,9 +69,13 @@ def encode(old: Any, new: Any, *, page_size: int | None = None, xor: bool = Fals
     return seal(header + body)
 
 
-def apply(delta: Any, old: Any) -> bytes:
+def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
     """Rebuilds the new buffer from ``delta`` and the ``old`` it was made
-    against. Malformed input raises :class:`CorruptDataError`."""
+    against. Malformed input raises :class:`CorruptDataError`, and so does a
+    delta whose output would be larger than ``max_size`` bytes (default:
+    ``len(old) + MAX_GROWTH * len(delta)``; pass the size you are prepared
+    to receive, e.g. a snapshot's ``max_size``). Nothing is allocated or
+    decompressed beyond these bounds."""
     try:
         old_view = memoryview(old).cast("B")
     except TypeError as exc:
@@ -67,12 +86,17 @@ def apply(delta: Any, old: Any) -> bytes:
         raise CorruptDataError(f"unknown delta flags {flags:#x}")
     if old_len != old_view.nbytes:
         raise CorruptDataError(f"the delta was made against {old_len} bytes, got {old_view.nbytes}")
+    limit = (old_view.nbytes + MAX_GROWTH * (view.nbytes + 4) if max_size is None
+             else parse_size(max_size, "max_size"))
+    if new_len > limit:
+        raise CorruptDataError(f"the delta makes {new_len} bytes, more than the {limit} allowed "
+                               + ("(pass max_size= to accept more)" if max_size is None
+                                  else "by max_size"))
+    if body_len > _BODY_PER_OUTPUT * new_len:
+        raise CorruptDataError(f"a delta body of {body_len} bytes is impossible for "
+                               f"{new_len} bytes of output")
     body = view[_HEADER.size:]
     if flags & _ZSTD:
-        # Compressed records can only expand to the carried bytes plus their
-        # headers, which new_len bounds; decompress no further than body_len.
-        if body_len > new_len + 20 * (new_len + 1):
-            raise CorruptDataError("delta body length is impossible for its output size")
         zstandard = _zstd()
         try:
             params = zstandard.get_frame_parameters(body)

@@ -18,6 +18,9 @@ __all__ = ["Region", "PAGE_SIZE"]
 
 Backing = Literal["anonymous", "memfd"]
 
+# Sizes the native core takes as ssize_t; x86-64 user space is far smaller.
+_LARGEST = (1 << 63) - PAGE_SIZE
+
 
 class Region(_native.Mapping):
     """Page-aligned, mmap-backed memory.
@@ -53,10 +56,16 @@ class Region(_native.Mapping):
         self._trackings: weakref.WeakSet[Any] = weakref.WeakSet()
         # Set by Snapshot.map_to: the memory is a private mapping of a snapshot.
         self._snapshot_mapped = False
+        reserve = max(max_bytes, PAGE_SIZE)
+        if reserve > _LARGEST:
+            raise OutOfBoundsError(f"cannot reserve {reserve} bytes (max_size) for a region: "
+                                   f"more than the address space ({_LARGEST} bytes)")
         try:
-            self._map(nbytes, max(max_bytes, PAGE_SIZE), bool(shared), backing == "memfd", _fd)
+            self._map(nbytes, reserve, bool(shared), backing == "memfd", _fd)
         except OSError as exc:
-            raise native_error(exc, f"cannot map a region of {nbytes} bytes") from exc
+            what = (f"cannot reserve {reserve} bytes (max_size) for a region of {nbytes} bytes"
+                    if reserve > nbytes else f"cannot map a region of {nbytes} bytes")
+            raise native_error(exc, what) from exc
         self._max_size = max_bytes
 
     # The C base reports the reservation (at least one page); the contract's

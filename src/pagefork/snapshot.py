@@ -10,6 +10,7 @@ it copy-on-write (:meth:`Snapshot.map_to`), changed, and compared back
 from __future__ import annotations
 
 import enum
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, overload
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import _native
 from ._errors import MergeError, OutOfBoundsError, PageforkError
-from ._sizes import PAGE_SIZE, parse_size, round_to_pages
+from ._sizes import PAGE_SIZE, as_index, parse_size, round_to_pages
 from .memory import Region
 
 if TYPE_CHECKING:
@@ -64,9 +65,14 @@ class DataType(enum.IntEnum):
             return value
         if isinstance(value, str) and value.upper() in cls.__members__:
             return cls[value.upper()]
+        if value is None:  # np.dtype(None) would be float64
+            raise TypeError("not a DataType or numpy dtype: None")
         try:
             dt = np.dtype(value)
         except TypeError:
+            if isinstance(value, str):
+                raise ValueError(f"unknown DataType {value!r}; valid: "
+                                 + ", ".join(t.lower() for t in cls.__members__)) from None
             raise TypeError(f"not a DataType or numpy dtype: {value!r}") from None
         found = _FROM_NUMPY.get(dt.newbyteorder("=") if dt.byteorder not in "=|" else dt)
         if found is None or dt.byteorder not in "=|<":
@@ -112,6 +118,65 @@ class MergeOp(enum.IntEnum):
 _ARITHMETIC = {MergeOp.SUM, MergeOp.PRODUCT, MergeOp.SUBTRACT}
 _BYTEWISE = {MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE}
 
+# Offsets and lengths are int64 in every column and on the wire.
+_INT64_MAX = (1 << 63) - 1
+
+# The column checks shared by DiffBatch.from_columns, wire and apply.
+# _VALID[dtype, op]: which op a dtype allows (mirrors _check_op).
+_VALID = np.zeros((len(_ITEMSIZE), len(MergeOp)), dtype=bool)
+_VALID[:, [MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE]] = True
+_VALID[1:, [MergeOp.MAX, MergeOp.MIN]] = True
+_VALID[2:, [MergeOp.SUM, MergeOp.PRODUCT, MergeOp.SUBTRACT]] = True
+_ITEMSIZES = np.array([_ITEMSIZE[DataType(i)] for i in range(len(_ITEMSIZE))], dtype=np.int64)
+_TYPED_OPS = np.array([op not in _BYTEWISE for op in MergeOp])
+
+
+def _column_error(offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray, ops: np.ndarray,
+                  data_len: int) -> str | None:
+    """Why these DiffBatch columns are malformed (naming the first bad diff's
+    offset), or None. Whole-array numpy; never trusts a value it has not
+    checked (codes index tables only after they are known to be in range)."""
+    n = len(offsets)
+    if not (offsets.ndim == lengths.ndim == dtypes.ndim == ops.ndim == 1):
+        return "DiffBatch columns must be one-dimensional"
+    if not (len(lengths) == len(dtypes) == len(ops) == n):
+        return "DiffBatch columns differ in length"
+    if n == 0:
+        return None if data_len == 0 else f"no diffs, but {data_len} bytes of data"
+
+    def first(bad: np.ndarray, why: str) -> str:
+        i = int(np.flatnonzero(bad)[0])
+        return f"diff {i} at offset {int(offsets[i])}: {why}"
+
+    bad = (offsets < 0) | (lengths < 0)
+    if bad.any():
+        return first(bad, f"negative offset or length ({int(lengths[bad.argmax()])})")
+    bad = offsets > _INT64_MAX - lengths
+    if bad.any():
+        return first(bad, "its end overflows 64 bits")
+    bad = lengths > data_len
+    if bad.any():
+        return first(bad, f"longer than the {data_len} bytes of data")
+    # Each length is <= data_len, so the sum cannot wrap unless n * data_len does.
+    total = int(lengths.sum()) if n * data_len <= _INT64_MAX else sum(map(int, lengths))
+    if total != data_len:
+        return f"the diff lengths add up to {total} bytes, the data holds {data_len}"
+    bad = (dtypes >= len(_ITEMSIZES)) | (ops >= len(MergeOp))
+    if bad.any():
+        return first(bad, "unknown dtype/op codes")
+    bad = ~_VALID[dtypes, ops]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        return first(bad, f"invalid dtype/op: {MergeOp(int(ops[i])).name} is not defined for "
+                          f"{DataType(int(dtypes[i])).name}")
+    typed = _TYPED_OPS[ops]
+    bad = typed & (lengths % _ITEMSIZES[dtypes] != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        return first(bad, f"{int(lengths[i])} bytes is not a whole number of "
+                          f"{DataType(int(dtypes[i])).name} values")
+    return None
+
 
 def _check_op(dtype: DataType, op: MergeOp) -> None:
     if op in _BYTEWISE:
@@ -135,10 +200,15 @@ class MergeRegion:
     op: MergeOp = MergeOp.OVERWRITE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "offset", as_index(self.offset, "merge region offset"))
+        object.__setattr__(self, "length", as_index(self.length, "merge region length"))
         object.__setattr__(self, "dtype", DataType.of(self.dtype))
         object.__setattr__(self, "op", MergeOp.of(self.op))
         if self.offset < 0 or self.length < 0:
             raise ValueError(f"merge region offset and length must be >= 0, got {self.offset}, {self.length}")
+        if self.offset + self.length > _INT64_MAX:
+            raise ValueError(f"merge region at offset {self.offset} of {self.length} bytes ends "
+                             "past 64 bits")
         _check_op(self.dtype, self.op)
         if self.op not in _BYTEWISE and self.length % self.dtype.itemsize:
             raise ValueError(f"merge region of {self.length} bytes is not a whole number of "
@@ -159,12 +229,19 @@ class Diff:
     op: MergeOp = MergeOp.OVERWRITE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "offset", as_index(self.offset, "diff offset"))
         object.__setattr__(self, "dtype", DataType.of(self.dtype))
         object.__setattr__(self, "op", MergeOp.of(self.op))
-        object.__setattr__(self, "data", bytes(self.data))
+        if not isinstance(self.data, bytes):  # any bytes-like; bytes(5) would be 5 zeros
+            object.__setattr__(self, "data", memoryview(self.data).tobytes())
         if self.offset < 0:
             raise ValueError(f"diff offset must be >= 0, got {self.offset}")
+        if self.offset > _INT64_MAX - len(self.data):
+            raise ValueError(f"diff at offset {self.offset} of {len(self.data)} bytes ends past 64 bits")
         _check_op(self.dtype, self.op)
+        if self.op not in _BYTEWISE and len(self.data) % self.dtype.itemsize:
+            raise ValueError(f"diff at offset {self.offset}: {len(self.data)} bytes is not a whole "
+                             f"number of {self.dtype.name} values")
 
 
 class DiffBatch(Sequence[Diff]):
@@ -191,27 +268,35 @@ class DiffBatch(Sequence[Diff]):
     @classmethod
     def from_columns(cls, offsets: Any, lengths: Any, dtypes: Any, ops: Any,
                      data: bytes | memoryview) -> DiffBatch:
-        """Builds a batch from its columns without copying them."""
+        """Builds a batch from its columns without copying them. Malformed
+        columns (negative or overflowing ranges, unknown or invalid codes,
+        typed diffs that are not whole values, lengths that do not add up to
+        the data) raise ``ValueError`` naming the first bad diff."""
+        batch = cls._unchecked(_int_column(offsets, np.int64, "offsets"),
+                               _int_column(lengths, np.int64, "lengths"),
+                               _int_column(dtypes, np.uint8, "dtypes"),
+                               _int_column(ops, np.uint8, "ops"), data)
+        why = _column_error(*batch.columns()[:4], batch.nbytes)
+        if why is not None:
+            raise ValueError(why)
+        return batch
+
+    @classmethod
+    def _unchecked(cls, offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray,
+                   ops: np.ndarray, data: bytes | memoryview) -> DiffBatch:
         batch = cls.__new__(cls)
-        batch.offsets = np.asarray(offsets, dtype=np.int64)
-        batch.lengths = np.asarray(lengths, dtype=np.int64)
-        batch.dtypes = np.asarray(dtypes, dtype=np.uint8)
-        batch.ops = np.asarray(ops, dtype=np.uint8)
+        batch.offsets, batch.lengths, batch.dtypes, batch.ops = offsets, lengths, dtypes, ops
         batch.data = data
         batch._starts = None
-        n = len(batch.offsets)
-        if not (len(batch.lengths) == len(batch.dtypes) == len(batch.ops) == n):
-            raise ValueError("DiffBatch columns differ in length")
-        if int(batch.lengths.sum()) != len(memoryview(data)):
-            raise ValueError("DiffBatch data length does not match the diff lengths")
         return batch
 
     @classmethod
     def _from_native(cls, columns: tuple[Any, Any, Any, Any, Any]) -> DiffBatch:
+        """A batch the diff kernel made (well formed by construction)."""
         offsets, lengths, dtypes, ops, data = columns  # _native.Buffer: no copies
-        return cls.from_columns(np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int64),
-                                np.frombuffer(dtypes, np.uint8), np.frombuffer(ops, np.uint8),
-                                memoryview(data))
+        return cls._unchecked(np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int64),
+                              np.frombuffer(dtypes, np.uint8), np.frombuffer(ops, np.uint8),
+                              memoryview(data))
 
     @classmethod
     def concat(cls, batches: Iterable[DiffBatch]) -> DiffBatch:
@@ -219,7 +304,7 @@ class DiffBatch(Sequence[Diff]):
         parts = list(batches)
         if not parts:
             return cls()
-        return cls.from_columns(
+        return cls._unchecked(
             np.concatenate([b.offsets for b in parts]), np.concatenate([b.lengths for b in parts]),
             np.concatenate([b.dtypes for b in parts]), np.concatenate([b.ops for b in parts]),
             b"".join(b.data for b in parts))
@@ -252,6 +337,7 @@ class DiffBatch(Sequence[Diff]):
     def __getitem__(self, index: int | slice) -> Diff | DiffBatch:
         if isinstance(index, slice):
             return DiffBatch(self[i] for i in range(*index.indices(len(self))))
+        index = as_index(index, "diff index")
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"diff index {index} out of range for a batch of {n}")
@@ -279,6 +365,20 @@ class DiffBatch(Sequence[Diff]):
 
 
 Batchable = Union[DiffBatch, Iterable[Diff]]
+
+
+def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:
+    """``values`` as a column of ``dtype`` (no copy when it already is one);
+    values that do not fit are a ValueError, not a silent wrap."""
+    array = np.asarray(values)
+    if array.dtype == dtype:
+        return array
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"DiffBatch {what} must be integers, not {array.dtype}")
+    info = np.iinfo(dtype)
+    if array.size and (int(array.min()) < info.min or int(array.max()) > info.max):
+        raise ValueError(f"DiffBatch {what} do not fit {np.dtype(dtype)}")
+    return array.astype(dtype)
 
 
 def _as_batch(diffs: Batchable) -> DiffBatch:
@@ -311,6 +411,7 @@ class Snapshot:
             raise ValueError(f"max_size ({max_bytes}) is smaller than size ({nbytes})")
         self._size = nbytes
         self._max_size = max_bytes
+        self._attached = _fd >= 0  # the file is another snapshot's: never resize it
         self._memory = Region(round_to_pages(nbytes), max_size=max(round_to_pages(max_bytes), PAGE_SIZE),
                               shared=True, backing="memfd", _fd=_fd)
         self._merge_regions: list[MergeRegion] = []
@@ -325,12 +426,32 @@ class Snapshot:
     def attach(cls, fd: int, size: int, max_size: int | None = None) -> Snapshot:
         """A Snapshot over an existing snapshot's memfd (e.g. received from
         another process): the same bytes, shared, not copied. The file is
-        duplicated; ``fd`` stays the caller's."""
-        return cls(size=size, max_size=max_size, _fd=fd)
+        duplicated; ``fd`` stays the caller's.
+
+        The file belongs to the snapshot that made it: attaching never
+        changes its size. It must already hold ``size`` bytes rounded up to
+        whole pages (a snapshot's memfd always does), and the attached
+        snapshot grows only as far as the owner has grown the file.
+        """
+        fd = as_index(fd, "fd")
+        nbytes = parse_size(size, "size")
+        if fd < 0:
+            raise ValueError(f"attach needs an open file descriptor, got {fd}")
+        try:
+            held = os.fstat(fd).st_size
+        except OSError as exc:
+            raise ValueError(f"cannot attach fd {fd}: {exc.strerror}") from None
+        if held < round_to_pages(nbytes):
+            raise OutOfBoundsError(f"cannot attach {nbytes} bytes: the file holds {held} bytes, "
+                                   f"fewer than the {round_to_pages(nbytes)} bytes (whole pages) "
+                                   "it would map; attaching never resizes it")
+        return cls(size=nbytes, max_size=max_size, _fd=fd)
 
     def _follow_size(self, size: int) -> None:
         """Adopts a size the snapshot's owner grew the shared file to."""
-        self._grow(size)
+        with self._lock:
+            self._check_open()
+            self._grow(size)
 
     # ---- basics ---------------------------------------------------------------
 
@@ -365,32 +486,40 @@ class Snapshot:
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """A copy of ``length`` bytes at ``offset`` (default: to the end)."""
-        self._check_open()
-        if length is None:
-            length = max(self._size - offset, 0)
-        self._check_range(offset, length, self._size, "read")
-        return bytes(memoryview(self._memory)[offset:offset + length])
+        offset = as_index(offset, "offset")
+        with self._lock:
+            self._check_open()
+            length = max(self._size - offset, 0) if length is None else as_index(length, "length")
+            self._check_range(offset, length, self._size, "read")
+            with memoryview(self._memory) as whole:
+                return bytes(whole[offset:offset + length])
 
     def view(self) -> memoryview:
         """A read-only view of the snapshot's bytes (no copy)."""
-        self._check_open()
-        return memoryview(self._memory)[: self._size].toreadonly()
+        with self._lock:
+            self._check_open()
+            return memoryview(self._memory)[: self._size].toreadonly()
 
     def _grow(self, size: int) -> None:
         if size > self._max_size:
             raise OutOfBoundsError(f"the snapshot would grow to {size} bytes; its max_size is "
                                    f"{self._max_size}")
         if size > self._size:
+            if self._attached and os.fstat(self._memory._fd).st_size < round_to_pages(size):
+                raise OutOfBoundsError(f"an attached snapshot cannot grow to {size} bytes: its "
+                                       "file is smaller, and only the snapshot that made it "
+                                       "grows it")
             self._memory.resize(round_to_pages(size))
             self._size = size
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Writes ``data`` at ``offset``, growing the snapshot up to ``max_size``."""
-        self._check_open()
+        offset = as_index(offset, "offset")
         view = memoryview(data).cast("B")
         if offset < 0:
             raise OutOfBoundsError(f"write at negative offset {offset}")
         with self._lock:
+            self._check_open()
             self._grow(offset + view.nbytes)
             memoryview(self._memory)[offset:offset + view.nbytes] = view
             self._changes.append((np.array([offset], np.int64), np.array([view.nbytes], np.int64)))
@@ -399,12 +528,16 @@ class Snapshot:
         """Copies the pages flagged in ``dirty_pages`` from ``memory`` (up to
         the snapshot's size) and returns the bytes copied. Cheaper than
         ``apply(diff(...))`` when whole pages are known to have changed."""
-        self._check_open()
         mem = memoryview(memory).cast("B")
         flags = np.ascontiguousarray(dirty_pages, dtype=np.bool_)
         if flags.shape != (-(-mem.nbytes // PAGE_SIZE),):
             raise ValueError(f"dirty_pages must hold one flag per page of memory, got {flags.shape}")
-        with self._lock, memoryview(self._memory) as whole:
+        with self._lock:
+            self._check_open()
+            return self._write_pages(mem, flags)
+
+    def _write_pages(self, mem: memoryview, flags: np.ndarray) -> int:
+        with memoryview(self._memory) as whole:
             copied = _native.copy_pages(whole[: self._size], mem, flags.view(np.uint8), PAGE_SIZE)
             pages = np.flatnonzero(flags[: -(-min(mem.nbytes, self._size) // PAGE_SIZE)])
             if pages.size:
@@ -420,21 +553,29 @@ class Snapshot:
         snapshot (rounded up to pages); a smaller one maps the prefix. Re-arms
         ``cow`` tracking of the region.
         """
-        self._check_open()
-        if region.closed:
-            raise PageforkError("the region is closed")
-        if region.size > round_to_pages(self._size):
-            raise OutOfBoundsError(f"a region of {region.size} bytes is larger than the snapshot "
-                                   f"({self._size} bytes)")
-        region._map_file(self._memory._fd, region.size, False)
-        region._snapshot_mapped = True
+        if not isinstance(region, Region):
+            raise TypeError(f"map_to needs a pagefork Region, not {type(region).__name__} "
+                            "(only a Region's pages can be remapped in place)")
+        with self._lock:  # close() must not free the file while it is mapped
+            self._check_open()
+            if region.closed:
+                raise PageforkError("the region is closed")
+            if region.size > round_to_pages(self._size):
+                raise OutOfBoundsError(f"a region of {region.size} bytes is larger than the "
+                                       f"snapshot ({self._size} bytes)")
+            region._map_file(self._memory._fd, region.size, False)
+            region._snapshot_mapped = True
 
     # ---- merge regions ----------------------------------------------------------
 
     def add_merge_region(self, offset: int, length: int, dtype: DataType | DTypeLike = DataType.RAW,
                          op: MergeOp | str = MergeOp.OVERWRITE) -> MergeRegion:
-        """Adds a merge region; overlapping an existing one is a ``ValueError``."""
+        """Adds a merge region; overlapping an existing one is a ``ValueError``,
+        one reaching past ``max_size`` an :class:`OutOfBoundsError`."""
         region = MergeRegion(offset, length, dtype, op)  # type: ignore[arg-type]
+        if region.offset + region.length > self._max_size:
+            raise OutOfBoundsError(f"{region} reaches past the snapshot's max_size "
+                                   f"({self._max_size} bytes)")
         with self._lock:
             end = region.end(self._max_size) if region.length == 0 else region.offset + region.length
             for other in self._merge_regions:
@@ -452,7 +593,8 @@ class Snapshot:
         return list(self._merge_regions)
 
     def clear_merge_regions(self) -> None:
-        self._merge_regions.clear()
+        with self._lock:
+            self._merge_regions.clear()
 
     def fill_gaps(self, op: MergeOp | str = MergeOp.OVERWRITE) -> None:
         """Covers every byte no merge region covers with ``op`` (OVERWRITE or
@@ -475,17 +617,27 @@ class Snapshot:
             self._merge_regions.sort(key=lambda r: r.offset)
 
     def _region_columns(self, limit: int, regions: list[MergeRegion]) -> tuple[np.ndarray, ...]:
+        """The regions as kernel columns, clipped to ``limit``. A typed region
+        cut short (running to the end, or past the snapshot) keeps its whole
+        values; its leftover tail bytes are carried as OVERWRITE."""
         regions = regions or [MergeRegion(0, 0)]
         starts, ends, dtypes, ops = [], [], [], []
-        for r in regions:
-            start, end = r.offset, min(r.end(self._size), limit)
-            if r.op not in _BYTEWISE:  # whole elements only
-                end = start + (end - start) // r.dtype.itemsize * r.dtype.itemsize
+
+        def add(start: int, end: int, dtype: DataType, op: MergeOp) -> None:
             if end > start:
                 starts.append(start)
                 ends.append(end)
-                dtypes.append(int(r.dtype))
-                ops.append(int(r.op))
+                dtypes.append(int(dtype))
+                ops.append(int(op))
+
+        for r in regions:
+            start, end = r.offset, min(r.end(self._size), limit)
+            if r.op in _BYTEWISE:
+                add(start, end, r.dtype, r.op)
+                continue
+            whole = start + max(end - start, 0) // r.dtype.itemsize * r.dtype.itemsize
+            add(start, whole, r.dtype, r.op)
+            add(whole, end, DataType.RAW, MergeOp.OVERWRITE)
         return (np.array(starts, np.int64), np.array(ends, np.int64),
                 np.array(dtypes, np.uint8), np.array(ops, np.uint8))
 
@@ -499,8 +651,12 @@ class Snapshot:
         Memory larger than the snapshot adds one OVERWRITE diff for the
         extension. A PRODUCT that cannot be expressed raises MergeError.
         ``regions`` overrides the snapshot's merge regions for this call
-        (``()``: OVERWRITE over everything)."""
-        self._check_open()
+        (``()``: OVERWRITE over everything).
+
+        Memory past the snapshot's size but within its last page (a region
+        mapped from a snapshot whose size is not whole pages) reads as zero
+        in a snapshot; it adds a diff only for nonzero bytes there, on a dirty
+        page, so an unchanged mapping never diffs past the snapshot's size."""
         mem = memoryview(memory).cast("B")
         n_pages = -(-mem.nbytes // PAGE_SIZE)
         flags = np.asarray(dirty_pages)
@@ -509,51 +665,77 @@ class Snapshot:
         if flags.shape != (n_pages,):
             raise ValueError(f"dirty_pages must hold one flag per page of memory ({n_pages}), "
                              f"got shape {flags.shape}")
-        limit = min(mem.nbytes, self._size)
         with self._lock:
-            columns = self._region_columns(limit, self._merge_regions if regions is None
+            self._check_open()
+            size = self._size
+            columns = self._region_columns(min(mem.nbytes, size), self._merge_regions
+                                           if regions is None
                                            else sorted(regions, key=lambda r: r.offset))
             try:
-                batch = DiffBatch._from_native(_native.diff(
-                    mem, self.view(), flags.view(np.uint8), PAGE_SIZE, *columns))
+                with memoryview(self._memory) as whole:
+                    batch = DiffBatch._from_native(_native.diff(
+                        mem, whole[:size], flags.view(np.uint8), PAGE_SIZE, *columns))
             except ArithmeticError as exc:
                 raise MergeError(str(exc)) from None
-        if mem.nbytes > self._size:
-            extension = DiffBatch([Diff(self._size, bytes(mem[self._size:]))])
+        end = mem.nbytes
+        if size < end <= round_to_pages(size):  # the last page's tail: changed bytes only
+            nonzero = np.flatnonzero(np.frombuffer(mem, np.uint8, offset=size)) if flags[-1] else ()
+            end = size + int(nonzero[-1]) + 1 if len(nonzero) else size
+        if end > size:
+            extension = DiffBatch([Diff(size, bytes(mem[size:end]))])
             batch = DiffBatch.concat([batch, extension])
         return batch
 
     def apply(self, diffs: Batchable) -> None:
         """Merges ``diffs`` into the snapshot in order. The whole batch is
         checked first (bounds, PRODUCT over a zero), so a bad one changes
-        nothing. Diffs past the end grow the snapshot up to ``max_size``."""
-        self._check_open()
-        self._apply(_as_batch(diffs))
+        nothing. Diffs past the end grow the snapshot up to ``max_size``.
+
+        The batch's index columns are copied first, so another thread (or a
+        reused receive buffer under a zero-copy ``wire.decode``) changing
+        them meanwhile cannot make ``apply`` write what it did not check.
+        Malformed columns raise :class:`MergeError`, diffs outside
+        ``max_size`` :class:`OutOfBoundsError`."""
+        batch = _as_batch(diffs)
+        with self._lock:
+            self._check_open()
+            self._apply(batch)
 
     def _apply(self, batch: DiffBatch) -> None:
-        if len(batch) == 0:
+        """Applies ``batch`` (the caller holds the lock)."""
+        if len(batch) == 0 and batch.nbytes == 0:
             return
-        ends = batch.offsets + batch.lengths
-        if (batch.offsets < 0).any() or (batch.lengths < 0).any():
-            raise OutOfBoundsError("a diff has a negative offset or length")
-        end = int(ends.max())
-        with self._lock:
-            if end > self._max_size:
-                raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
-                                       f"({self._max_size})")
-            try:
-                # Check everything before growing or writing anything.
-                with memoryview(self._memory) as whole:
-                    _native.apply(whole[: self._size], *batch.columns(), True, max(end, self._size))
-                self._grow(end)
-                with memoryview(self._memory) as whole:
-                    _native.apply(whole[: self._size], *batch.columns())
-            except ArithmeticError as exc:
-                raise MergeError(str(exc)) from None
-            except IndexError as exc:
-                raise OutOfBoundsError(str(exc)) from None
-            changed = batch.ops != MergeOp.IGNORE
-            self._changes.append((batch.offsets[changed], batch.lengths[changed]))
+        # Private copies of the small index columns: what is checked is applied.
+        offsets, lengths = np.array(batch.offsets, np.int64), np.array(batch.lengths, np.int64)
+        dtypes, ops = np.array(batch.dtypes, np.uint8), np.array(batch.ops, np.uint8)
+        data = batch.data
+        why = _column_error(offsets, lengths, dtypes, ops, len(memoryview(data)))
+        if why is not None:
+            if (offsets < 0).any() or (offsets > _INT64_MAX - lengths).any():
+                raise OutOfBoundsError(why)
+            raise MergeError(f"malformed diff batch: {why}")
+        if len(offsets) == 0:
+            return
+        end = int((offsets + lengths).max())  # no overflow: checked above
+        if end > self._max_size:
+            raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
+                                   f"({self._max_size})")
+        try:
+            # Check everything before growing or writing anything.
+            with memoryview(self._memory) as whole:
+                _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data, True,
+                              max(end, self._size))
+            self._grow(end)
+            with memoryview(self._memory) as whole:
+                _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data)
+        except ArithmeticError as exc:
+            raise MergeError(str(exc)) from None
+        except IndexError as exc:
+            raise OutOfBoundsError(str(exc)) from None
+        except ValueError as exc:  # the data changed length under us
+            raise MergeError(f"malformed diff batch: {exc}") from None
+        changed = ops != MergeOp.IGNORE
+        self._changes.append((offsets[changed], lengths[changed]))
 
     def queue(self, diffs: Batchable) -> None:
         """Queues ``diffs`` for :meth:`write_queued` (thread-safe)."""
@@ -570,8 +752,8 @@ class Snapshot:
     def write_queued(self) -> int:
         """Applies every queued diff, in queue order, all or nothing; returns
         how many were written."""
-        self._check_open()
         with self._lock:
+            self._check_open()
             batch = DiffBatch.concat(self._queue)
             self._apply(batch)
             self._queue.clear()
@@ -581,8 +763,8 @@ class Snapshot:
         """OVERWRITE diffs of every range written (by write/apply) since
         :meth:`clear_tracked_changes`, overlapping ranges joined, with the
         snapshot's current bytes."""
-        self._check_open()
         with self._lock:
+            self._check_open()
             if not self._changes:
                 return DiffBatch()
             offsets = np.concatenate([o for o, _ in self._changes])
@@ -612,8 +794,10 @@ class Snapshot:
             self._changes.clear()
 
     def close(self) -> None:
-        """Releases the snapshot's memory (regions mapped from it keep their pages)."""
-        self._memory.close()
+        """Releases the snapshot's memory (regions mapped from it keep their
+        pages). Waits for a diff, apply or map_to running in another thread."""
+        with self._lock:
+            self._memory.close()
 
     def __enter__(self) -> Snapshot:
         return self

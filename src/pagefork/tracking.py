@@ -213,7 +213,10 @@ def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:
     if mode == "auto":
         mode = auto_mode(thread_local)
     if mode not in MODES:
-        raise ValueError(f"unknown tracking mode {mode!r}; valid: 'auto', " + ", ".join(map(repr, MODES)))
+        raise ValueError(f"unknown tracking mode {mode!r}"
+                         + (" (from the PAGEFORK_TRACKING environment variable)"
+                            if os.environ.get("PAGEFORK_TRACKING") == mode else "")
+                         + "; valid: 'auto', " + ", ".join(map(repr, MODES)))
     support = probe()[mode]
     if not support.available:
         raise UnsupportedModeError(mode, support.reason)

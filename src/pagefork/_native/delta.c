@@ -6,6 +6,12 @@
  * always covered by records (no gaps there), so a delta can never describe
  * more output than len(old) plus the bytes it carries. With xor, record
  * bytes are new ^ reference instead of new.
+ *
+ * Decoding accepts only what the encoder writes: every record carries at
+ * least one byte and varints are minimal. So a record's gap + length + its
+ * varints take at most 3 body bytes per output byte it covers, and the body
+ * can never be more than 3 * new_len bytes (the bound delta.py checks before
+ * decompressing anything).
  */
 #include "pagefork.h"
 #include "compare.h"
@@ -130,7 +136,7 @@ static int get_varint(const uint8_t *p, size_t len, size_t *at, uint64_t *out)
         if (*at >= len)
             return -1;
         uint8_t b = p[(*at)++];
-        if (shift == 63 && b > 1)
+        if ((shift == 63 && b > 1) || (shift > 0 && b == 0)) /* overflow, or not minimal */
             return -1;
         v |= (uint64_t)(b & 0x7F) << shift;
         if (!(b & 0x80)) {
@@ -150,7 +156,7 @@ static int walk(const uint8_t *body, size_t body_len, size_t old_len, size_t new
         uint64_t gap, len;
         if (get_varint(body, body_len, &at, &gap) || get_varint(body, body_len, &at, &len))
             return -1;
-        if (gap > new_len - end || len > new_len - end - gap || len > body_len - at)
+        if (len == 0 || gap > new_len - end || len > new_len - end - gap || len > body_len - at)
             return -1;
         size_t pos = end + (size_t)gap;
         if (gap > 0 && pos > old_len) /* past old's end every byte must be carried */
@@ -180,7 +186,10 @@ PyObject *pf_delta_apply(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     size_t old_len = (size_t)old.len, body_len = (size_t)body.len;
-    /* Checked before allocating: output past old's end needs carried bytes. */
+    /* Checked before allocating: output past old's end needs carried bytes.
+     * The applying walk checks every record again before writing it (the
+     * body may be a buffer another process can change), and a failure
+     * there discards the output. */
     if (new_len_ull > (unsigned long long)old_len + body_len ||
         walk(body.buf, body_len, old_len, (size_t)new_len_ull, NULL, xor) != 0) {
         PyErr_SetString(PyExc_ValueError, "malformed delta records");
@@ -194,7 +203,10 @@ PyObject *pf_delta_apply(PyObject *self, PyObject *args)
     size_t keep = old_len < new_len ? old_len : new_len;
     memcpy(out, old.buf, keep);
     memset(out + keep, 0, new_len - keep);
-    walk(body.buf, body_len, old_len, new_len, out, xor);
+    if (walk(body.buf, body_len, old_len, new_len, out, xor) != 0) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_ValueError, "delta records changed while being applied");
+    }
 done:
     PyBuffer_Release(&old);
     PyBuffer_Release(&body);

@@ -28,6 +28,7 @@ typedef struct {
     int mapped;
     int closed;
     Py_ssize_t exports;
+    size_t file_end; /* [0, file_end) may have a file (a snapshot) mapped over it */
 } PfMapping;
 
 static int map_fixed_file(PfMapping *m, size_t from, size_t to, int fd, int shared)
@@ -58,6 +59,19 @@ static int unmap_tail(PfMapping *m, size_t from, size_t to)
             pf_oserror("ftruncate");
             return -1;
         }
+        return 0;
+    }
+    if (from < m->file_end) {
+        /* A file mapped over anonymous memory (Snapshot.map_to) would show
+         * its bytes again after MADV_DONTNEED: put fresh anonymous
+         * reservation there instead, so regrown pages read as zero. */
+        int kind = (m->shared ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS | MAP_NORESERVE;
+        if (mmap(where, len, PROT_NONE, kind | MAP_FIXED, -1, 0) == MAP_FAILED) {
+            pf_oserror("mmap");
+            return -1;
+        }
+        madvise(where, len, MADV_NOHUGEPAGE);
+        m->file_end = from;
         return 0;
     }
     /* Anonymous: free the pages (shmem needs REMOVE) so regrowth reads zeroes. */
@@ -204,6 +218,8 @@ static PyObject *mapping_map_file(PfMapping *self, PyObject *args)
     }
     if (length > 0 && map_fixed_file(self, 0, (size_t)length, fd, shared) != 0)
         return NULL;
+    if ((size_t)length > self->file_end)
+        self->file_end = (size_t)length;
     Py_RETURN_NONE;
 }
 
