@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -103,6 +106,116 @@ def test_fuzzed_deltas_only_raise_corrupt_data():
             message = reseal(message[:-4])
         try:
             out = delta.apply(message, old)
-        except CorruptDataError:
+        except CorruptDataError as exc:
+            assert type(exc) is CorruptDataError
             continue
-        assert isinstance(out, bytes) and len(out) <= len(old) + len(message) * 64
+        assert isinstance(out, bytes) and len(out) <= len(old) + len(message)
+
+
+# ---- findings of issue 11 ------------------------------------------------------------
+
+HEADER = struct.Struct("<4sBBHIQQQ")
+
+
+def sealed(flags: int, old_len: int, new_len: int, body: bytes, body_len: int | None = None) -> bytes:
+    return reseal(HEADER.pack(b"PFDL", 1, flags, 0, 0, old_len, new_len,
+                              len(body) if body_len is None else body_len) + body)
+
+
+def run_measured(code: str) -> tuple[int, str, str]:
+    """Runs ``code`` in a fresh interpreter (a crash or a blow-up must not
+    take the test run with it); returns exit status, stdout, stderr."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=600)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_small_delta_declaring_gigabytes_is_refused_before_allocating():
+    """A sealed 64 KiB zstd delta declaring a 2 GiB body and output: refused
+    from the header, peak RSS stays flat (measured in a subprocess)."""
+    code = """
+        import resource, struct, zstandard
+        from pagefork import CorruptDataError, delta, _native
+        def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        n = 2 << 30
+        compressor = zstandard.ZstdCompressor(level=1).compressobj(size=n)
+        chunk = bytes(1 << 22)
+        body = b"".join([compressor.compress(chunk) for _ in range(n // len(chunk))]
+                        + [compressor.flush()])
+        assert len(body) < 100_000, len(body)
+        header = struct.pack("<4sBBHIQQQ", b"PFDL", 1, 2, 0, 0, 10, n, n)
+        message = header + body
+        message += struct.pack("<I", _native.crc32c(message))
+        before = rss()
+        for kwargs in ({}, {"max_size": 1 << 20}):
+            try:
+                delta.apply(message, bytes(10), **kwargs)
+            except CorruptDataError as exc:
+                assert type(exc) is CorruptDataError and "more than" in str(exc), exc
+            else:
+                raise AssertionError("accepted")
+        # Under a max_size that admits the output, a body declared larger
+        # than 3 bytes per output byte is refused before decompressing.
+        small = struct.pack("<4sBBHIQQQ", b"PFDL", 1, 2, 0, 0, 10, 1 << 20, n) + body
+        small += struct.pack("<I", _native.crc32c(small))
+        try:
+            delta.apply(small, bytes(10), max_size=1 << 20)
+        except CorruptDataError as exc:
+            assert "impossible" in str(exc), exc
+        else:
+            raise AssertionError("accepted")
+        print(before, rss())
+    """
+    status, out, err = run_measured(code)
+    assert status == 0, err
+    before, after = map(int, out.split())
+    assert after - before < 16 * 1024, (before, after)  # KiB: flat, not 2 GiB
+
+
+def test_max_size_bounds_the_output():
+    old, new = bytes(100), bytes(100) + b"x" * 1000
+    d = delta.encode(old, new)
+    assert delta.apply(d, old, max_size=1100) == new
+    assert delta.apply(d, old, max_size=np.int64(5000)) == new
+    with pytest.raises(CorruptDataError, match="more than the 1099 allowed by max_size"):
+        delta.apply(d, old, max_size=1099)
+    # Highly compressible growth beyond the default bound needs max_size.
+    z = delta.encode(b"", bytes(8 << 20), zstd_level=3)
+    assert len(z) * delta.MAX_GROWTH < 8 << 20
+    with pytest.raises(CorruptDataError, match="pass max_size"):
+        delta.apply(z, b"")
+    assert delta.apply(z, b"", max_size="8MiB") == bytes(8 << 20)
+
+
+def test_records_the_encoder_never_writes_are_corrupt():
+    old = bytes(10)
+    for body in (bytes([0, 0]) * 4 + bytes([0, 1]) + b"x",   # zero-length records
+                 bytes([0x81, 0x00, 1]) + b"x",              # non-minimal varint gap
+                 bytes([1, 0x81, 0x00]) + b"x"):             # non-minimal varint length
+        with pytest.raises(CorruptDataError) as info:
+            delta.apply(sealed(0, 10, 10, body), old)
+        assert type(info.value) is CorruptDataError
+    assert delta.apply(sealed(0, 10, 10, bytes([1, 1]) + b"x"), old) == b"\0x" + bytes(8)
+    # A body longer than 3 bytes per output byte is refused from the header.
+    with pytest.raises(CorruptDataError, match="impossible"):
+        delta.apply(sealed(0, 10, 2, bytes([0, 1]) + b"x" + bytes(4)), old)
+
+
+@pytest.mark.parametrize("old, new", [(b"", b""), (b"", b"abc"), (b"abc", b""), (bytes(5000), b"a"),
+                                      (b"a", bytes(5000)), (b"abc" * 2000, b"abd" * 1000)])
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_size_mismatched_inputs(old, new, kwargs):
+    d = delta.encode(old, new, **kwargs)
+    assert delta.apply(d, old, max_size=len(new)) == new
+    for wrong in (old + b"x", old[:-1]) if old else (b"x",):
+        with pytest.raises(CorruptDataError, match="made against"):
+            delta.apply(d, wrong)
+
+
+def test_encode_arguments():
+    assert delta.apply(delta.encode(b"abc", b"abd", page_size=np.int64(2)), b"abc") == b"abd"
+    for bad in (0, -1, 2**32):
+        with pytest.raises(ValueError):
+            delta.encode(b"a", b"b", page_size=bad)
+    with pytest.raises(TypeError):
+        delta.encode(b"a", b"b", page_size=1.5)  # type: ignore[arg-type]

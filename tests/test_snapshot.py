@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -465,3 +469,352 @@ def test_write_pages_copies_whole_dirty_pages():
             (0, PAGE_SIZE), (2 * PAGE_SIZE, PAGE_SIZE + 100)]
         with pytest.raises(ValueError, match="one flag per page"):
             s.write_pages(mem, np.ones(2, bool))
+
+
+# ---- findings of issue 11 ---------------------------------------------------------
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter: a crash shows as its exit status."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_apply_while_another_thread_changes_the_columns():
+    """Snapshot.apply checks, then applies with the GIL released: a thread
+    moving the last offset out of bounds in between must never make it
+    write there (it crashed with SIGSEGV). Same for a reused receive buffer
+    under a zero-copy wire.decode."""
+    result = run_python("""
+        import struct, sys, threading
+        import numpy as np
+        from pagefork import DiffBatch, OutOfBoundsError, Snapshot, wire
+        n = 2000
+        snap = Snapshot(size=1 << 20)
+        offsets = np.arange(n, dtype=np.int64) * 64
+        batch = DiffBatch.from_columns(offsets, np.full(n, 64, np.int64), np.zeros(n, np.uint8),
+                                       np.zeros(n, np.uint8), b"\\1" * (64 * n))
+        buffer = bytearray(wire.encode(batch))
+        received = wire.decode(buffer)
+        last = 24 + 8 * (n - 1)
+        far, near = struct.pack("<q", 1 << 44), struct.pack("<q", (n - 1) * 64)
+        stop = False
+        def mutate():
+            while not stop:
+                offsets[-1] = 1 << 44
+                buffer[last:last + 8] = far
+                offsets[-1] = (n - 1) * 64
+                buffer[last:last + 8] = near
+        thread = threading.Thread(target=mutate)
+        thread.start()
+        applied = refused = 0
+        try:
+            for i in range(3000):
+                try:
+                    snap.apply(batch if i % 2 else received)
+                    applied += 1
+                except OutOfBoundsError:
+                    refused += 1
+        finally:
+            stop = True
+            thread.join()
+        assert snap.size == 1 << 20 and snap.read(0, 64 * n) == b"\\1" * (64 * n)
+        assert snap.read(64 * n) == bytes((1 << 20) - 64 * n)
+        print(applied, refused)
+    """)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    applied, refused = map(int, result.stdout.split())
+    assert applied + refused == 3000 and applied > 0
+
+
+def test_close_while_other_threads_diff_and_apply():
+    """close() from another thread waits for a running diff/apply/map_to;
+    later calls raise PageforkError. Never a crash (subprocess, loop)."""
+    result = run_python("""
+        import threading
+        import numpy as np
+        from pagefork import PAGE_SIZE, Diff, PageforkError, Region, Snapshot
+        for round in range(200):
+            snap = Snapshot(size=64 * PAGE_SIZE)
+            mem = np.ones(64 * PAGE_SIZE, np.uint8)
+            region = Region(64 * PAGE_SIZE)
+            errors = []
+            def work(kind):
+                try:
+                    for _ in range(20):
+                        if kind == 0:
+                            snap.diff(mem, np.ones(64, bool))
+                        elif kind == 1:
+                            snap.apply([Diff(0, bytes(PAGE_SIZE * 8))])
+                        elif kind == 2:
+                            snap.map_to(region)
+                        else:
+                            snap.read(0, PAGE_SIZE)
+                except PageforkError:
+                    pass
+                except BaseException as exc:
+                    errors.append(exc)
+            threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            snap.close()
+            for t in threads:
+                t.join()
+            assert not errors, errors
+            region.close()
+        print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_writes_from_two_threads():
+    with Snapshot(size=0, max_size=1 << 20) as snap:
+        def writer(byte: int) -> None:
+            for i in range(200):
+                snap.write(bytes([byte]) * 100, (2 * i + byte) * 100)
+        threads = [threading.Thread(target=writer, args=(b,)) for b in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert snap.size == 400 * 100
+        assert snap.read() == b"".join(bytes([i % 2]) * 100 for i in range(400))
+        assert [(d.offset, len(d.data)) for d in snap.tracked_changes()] == [(0, 400 * 100)]
+
+
+@pytest.mark.parametrize("content", [b"hello world", bytes(PAGE_SIZE + 1), b"x" * (3 * PAGE_SIZE - 5)])
+def test_snapshot_of_partial_pages_round_trips(content):
+    """A region mapped from a snapshot whose size is not whole pages diffs
+    nothing past the snapshot's size unless bytes there changed."""
+    with Snapshot(content) as snap, Region(len(content)) as region:
+        snap.map_to(region)
+        dirty = np.ones(region.n_pages, bool)
+        assert snap.diff(region, dirty) == []
+        region.array(np.uint8)[0] ^= 1
+        batch = snap.diff(region, dirty)
+        assert batch == [Diff(0, bytes([content[0] ^ 1]))]
+        snap.apply(batch)
+        assert snap.read() == bytes([content[0] ^ 1]) + content[1:] and snap.size == len(content)
+        # A nonzero byte past the end is a real change: it needs room to grow.
+        region.array(np.uint8)[len(content) + 2] = 7
+        batch = snap.diff(region, dirty)
+        assert batch[-1] == Diff(len(content), b"\0\0\7")
+        with pytest.raises(OutOfBoundsError):
+            snap.apply(batch)
+        assert snap.size == len(content)
+        # ...unless its page is not dirty.
+        dirty[-1] = False
+        assert all(d.offset < len(content) for d in snap.diff(region, dirty))
+
+
+def test_partial_page_snapshot_grows_by_the_changed_tail():
+    with Snapshot(b"hello world", max_size=PAGE_SIZE) as snap, Region(11) as region:
+        snap.map_to(region)
+        region.array(np.uint8)[20:23] = [1, 2, 3]
+        snap.apply(snap.diff(region, np.ones(1, bool)))
+        assert snap.size == 23 and snap.read() == b"hello world" + bytes(9) + b"\1\2\3"
+
+
+@pytest.mark.parametrize("dtype", [DataType.INT16, DataType.INT32, DataType.INT64, DataType.FLOAT64])
+def test_typed_region_tail_is_carried_as_overwrite(dtype):
+    """A typed region running to the end of a snapshot whose size is not a
+    whole number of values: the leftover bytes merge as OVERWRITE."""
+    k = dtype.itemsize
+    size = 3 * k + k - 1
+    orig = bytes(range(size))
+    with Snapshot(orig) as snap:
+        snap.add_merge_region(0, 0, dtype, MergeOp.MAX)
+        mem = bytearray(orig)
+        mem[-1] ^= 0xFF
+        batch = snap.diff(bytes(mem), np.ones(1, bool))
+        assert batch == [Diff(size - 1, bytes([orig[-1] ^ 0xFF]))]
+        snap.apply(batch)
+        assert snap.read() == bytes(mem)
+    # The same for an explicit region cut short by the snapshot's end.
+    with Snapshot(orig, max_size=64) as snap:
+        snap.add_merge_region(k, 4 * k, dtype, "sum")
+        assert snap.diff(bytes(mem), np.ones(1, bool)) == [Diff(size - 1, bytes([orig[-1] ^ 0xFF]))]
+
+
+@pytest.mark.parametrize("kind", ["anon-private", "anon-shared", "memfd-private", "memfd-shared"])
+def test_regrown_pages_read_zero_after_map_to(kind):
+    from conftest import KINDS
+
+    with Snapshot(b"\xab" * 4 * PAGE_SIZE) as snap, \
+            Region(4 * PAGE_SIZE, max_size=4 * PAGE_SIZE, **KINDS[kind]) as region:
+        snap.map_to(region)
+        region.resize(PAGE_SIZE)
+        region.resize(4 * PAGE_SIZE)
+        got = region.array(np.uint8)
+        assert (got[:PAGE_SIZE] == 0xAB).all() and not got[PAGE_SIZE:].any()
+        del got
+        snap.map_to(region)  # and mapping again after a regrowth still works
+        assert bytes(memoryview(region)) == b"\xab" * 4 * PAGE_SIZE
+
+
+def test_sizes_and_offsets_accept_any_integer():
+    i = np.int64
+    with Region(i(PAGE_SIZE), max_size=np.uint32(2 * PAGE_SIZE)) as region:
+        region.resize(i(2 * PAGE_SIZE))
+        assert region.size == 2 * PAGE_SIZE
+    with Snapshot(size=i(100), max_size=i(200)) as snap:
+        snap.write(b"ab", i(10))
+        assert snap.read(i(10), np.uint8(2)) == b"ab"
+        region = snap.add_merge_region(i(16), np.int32(8), "int64", "sum")
+        assert type(region.offset) is int and region == MergeRegion(16, 8, DataType.INT64, MergeOp.SUM)
+        snap.apply([Diff(i(0), b"z")])
+        assert snap.read(0, 1) == b"z"
+    d = Diff(np.uint64(5), b"x")
+    assert type(d.offset) is int and DiffBatch([d])[np.int64(0)] == d
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, "8", None, True])
+def test_offsets_must_be_integers(bad):
+    with pytest.raises(TypeError):
+        MergeRegion(bad, 8)
+    with pytest.raises(TypeError):
+        Diff(bad, b"x")
+    with Snapshot(size=16) as snap:
+        with pytest.raises(TypeError):
+            snap.add_merge_region(bad, 8)
+        with pytest.raises(TypeError):
+            snap.read(bad, 1)
+        with pytest.raises(TypeError):
+            snap.write(b"x", bad)
+
+
+def test_diff_values_are_checked_when_made():
+    with pytest.raises(ValueError, match=">= 0"):
+        Diff(-1, b"a")
+    with pytest.raises(ValueError, match="64 bits"):
+        Diff(2**63 - 1, b"ab")
+    with pytest.raises(ValueError, match="64 bits"):
+        Diff(2**64, b"")
+    with pytest.raises(TypeError):
+        Diff(0, 5)  # type: ignore[arg-type]  # bytes(5) would be five zeros
+    assert Diff(0, np.arange(3, dtype=np.uint8)).data == b"\0\1\2"
+    assert Diff(0, bytearray(b"ab"), "int8", "sum") == Diff(0, b"ab", DataType.INT8, MergeOp.SUM)
+    with pytest.raises(ValueError, match="numeric"):
+        Diff(0, b"ab", "raw", "sum")
+    with pytest.raises(ValueError, match="unknown DataType 'int3'"):
+        Diff(0, b"ab", "int3")
+    with pytest.raises(ValueError, match="unknown merge op"):
+        Diff(0, b"ab", "int8", "add")
+    with pytest.raises(TypeError):
+        DataType.of(None)  # np.dtype(None) is float64
+
+
+def test_from_columns_checks_every_column():
+    z = np.zeros(1, np.uint8)
+    with pytest.raises(ValueError, match="differ in length"):
+        DiffBatch.from_columns([0, 1], [1], z, z, b"a")
+    with pytest.raises(ValueError, match="do not fit"):
+        DiffBatch.from_columns([2**64 - 1], [1], z, z, b"a")
+    with pytest.raises(ValueError, match="integers"):
+        DiffBatch.from_columns([0.5], [1], z, z, b"a")
+    with pytest.raises(ValueError, match="unknown dtype/op"):
+        DiffBatch.from_columns([0], [1], [12], z, b"a")
+    with pytest.raises(ValueError, match="add up"):
+        DiffBatch.from_columns([0], [1], z, z, b"ab")
+    with pytest.raises(ValueError, match="no diffs"):
+        DiffBatch.from_columns([], [], [], [], b"ab")
+
+
+def test_apply_refuses_malformed_and_out_of_bounds_batches():
+    def columns(offsets, lengths, dtypes=None, ops=None, data=None):
+        n = len(offsets)
+        return DiffBatch._unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
+                                    np.array(dtypes or [0] * n, np.uint8),
+                                    np.array(ops or [0] * n, np.uint8),
+                                    data if data is not None else bytes(sum(lengths)))
+
+    with Snapshot(bytes(16), max_size=32) as snap:
+        for batch, error in [
+            (columns([-1], [1]), OutOfBoundsError),
+            (columns([2**63 - 1], [1]), OutOfBoundsError),
+            (columns([30], [4]), OutOfBoundsError),            # growth past max_size
+            (columns([0], [3], [DataType.INT64], [MergeOp.SUM]), MergeError),
+            (columns([0], [1], [0], [9]), MergeError),
+            (columns([0], [1], data=b"ab"), MergeError),
+            (columns([], [], data=b"ab"), MergeError),
+        ]:
+            with pytest.raises(error) as info:
+                snap.apply(batch)
+            assert type(info.value) is error
+            assert snap.read() == bytes(16) and snap.size == 16
+        with pytest.raises(OutOfBoundsError):
+            snap.apply([Diff(0, b"ok"), Diff(31, b"xy")])
+        assert snap.read() == bytes(16)
+
+
+def test_read_bounds():
+    with Snapshot(b"0123456789") as snap:
+        assert snap.read(10) == b"" and snap.read(3, 0) == b""
+        for offset, length in [(2**63, 2**63), (0, 2**64), (5, 6), (11, None), (-1, 1), (2, -1)]:
+            with pytest.raises(OutOfBoundsError):
+                snap.read(offset, length)
+
+
+def test_merge_regions_stay_within_max_size():
+    with Snapshot(size=64, max_size=128) as snap:
+        snap.add_merge_region(120, 8)
+        snap.add_merge_region(128, 0)  # an empty region at the very end
+        for offset, length in [(121, 8), (129, 0), (2**62, 8)]:
+            with pytest.raises(OutOfBoundsError):
+                snap.add_merge_region(offset, length)
+        with pytest.raises(ValueError, match="64 bits"):
+            MergeRegion(2**63 - 4, 8)
+
+
+def test_map_to_needs_a_region():
+    with Snapshot(size=PAGE_SIZE) as snap:
+        for bad in (bytearray(PAGE_SIZE), memoryview(bytearray(PAGE_SIZE)), np.zeros(PAGE_SIZE, np.uint8)):
+            with pytest.raises(TypeError, match="needs a pagefork Region"):
+                snap.map_to(bad)  # type: ignore[arg-type]
+
+
+def test_attach_checks_its_file_and_never_resizes_it(tmp_path):
+    with pytest.raises(ValueError, match="open file descriptor"):
+        Snapshot.attach(-1, 10)
+    with pytest.raises(ValueError, match="cannot attach fd"):
+        Snapshot.attach(987654, 10)
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 10000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OutOfBoundsError, match="holds 10000 bytes"):
+            Snapshot.attach(fd, 20000)
+        with pytest.raises(OutOfBoundsError, match="holds 10000 bytes"):
+            Snapshot.attach(fd, 10000)  # would map 3 whole pages
+        assert os.fstat(fd).st_size == 10000
+        with Snapshot.attach(fd, 100, max_size=PAGE_SIZE * 4) as snap:
+            assert snap.read() == b"x" * 100
+            snap.write(b"y", 200)  # within the file's pages: fine
+            with pytest.raises(OutOfBoundsError, match="attached"):
+                snap.write(b"z", 3 * PAGE_SIZE)  # would grow another's file
+        assert os.fstat(fd).st_size == 10000 and path.read_bytes()[200:201] == b"y"
+    finally:
+        os.close(fd)
+    # A snapshot's own memfd, attached elsewhere, follows its owner's growth.
+    with Snapshot(b"abc", max_size=8 * PAGE_SIZE) as owner:
+        with Snapshot.attach(owner.fd, owner.size, owner.max_size) as other:
+            owner.write(b"z", 2 * PAGE_SIZE)
+            other._follow_size(owner.size)
+            assert other.read(2 * PAGE_SIZE, 1) == b"z"
+
+
+def test_failed_reservation_names_max_size():
+    with pytest.raises(PageforkError, match=f"cannot reserve {1 << 60} bytes \\(max_size\\)"):
+        Region(PAGE_SIZE, max_size=1 << 60)
+    with pytest.raises(OutOfBoundsError, match="address space"):
+        Region(PAGE_SIZE, max_size=1 << 64)
+
+
+def test_unknown_tracking_mode_from_the_environment_names_the_variable():
+    result = subprocess.run([sys.executable, "-c", "import pagefork; pagefork.tracker()"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PAGEFORK_TRACKING": "garbage"})
+    assert result.returncode != 0 and "PAGEFORK_TRACKING" in result.stderr
+    with pytest.raises(ValueError) as info:
+        pagefork.tracker("garbage2")
+    assert "PAGEFORK_TRACKING" not in str(info.value)
