@@ -58,3 +58,13 @@ def test_bench_smoke(tmp_path):
 def test_bad_arguments_exit_2():
     assert run("bench", "--modes", "bogus").returncode == 2
     assert run().returncode == 2
+
+
+def test_bad_argument_values_print_usage_not_a_traceback():
+    for args in (("bench", "--sizes", "lots"), ("bench", "--batch-sizes", "0"),
+                 ("bench", "--sizes", "-4KiB"), ("demo", "--threads", "0"),
+                 ("demo", "--workers", "-1"), ("demo", "--threads", "many"), ("nonsense",),
+                 ("doctor", "--bogus")):
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "usage: pagefork" in result.stderr and "Traceback" not in result.stderr, args
