@@ -121,68 +121,46 @@ _BYTEWISE = {MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE}
 # Offsets and lengths are int64 in every column and on the wire.
 _INT64_MAX = (1 << 63) - 1
 
-# The column checks shared by DiffBatch.from_columns, wire and apply.
-# _VALID[dtype, op]: which op a dtype allows (mirrors _check_op).
-_VALID = np.zeros((len(_ITEMSIZE), len(MergeOp)), dtype=bool)
-_VALID[:, [MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE]] = True
-_VALID[1:, [MergeOp.MAX, MergeOp.MIN]] = True
-_VALID[2:, [MergeOp.SUM, MergeOp.PRODUCT, MergeOp.SUBTRACT]] = True
-_ITEMSIZES = np.array([_ITEMSIZE[DataType(i)] for i in range(len(_ITEMSIZE))], dtype=np.int64)
-_TYPED_OPS = np.array([op not in _BYTEWISE for op in MergeOp])
-
-
-def _column_error(offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray, ops: np.ndarray,
-                  data_len: int) -> str | None:
-    """Why these DiffBatch columns are malformed (naming the first bad diff's
-    offset), or None. Whole-array numpy; never trusts a value it has not
-    checked (codes index tables only after they are known to be in range)."""
-    n = len(offsets)
-    if not (offsets.ndim == lengths.ndim == dtypes.ndim == ops.ndim == 1):
-        return "DiffBatch columns must be one-dimensional"
-    if not (len(lengths) == len(dtypes) == len(ops) == n):
-        return "DiffBatch columns differ in length"
-    if n == 0:
-        return None if data_len == 0 else f"no diffs, but {data_len} bytes of data"
-
-    def first(bad: np.ndarray, why: str) -> str:
-        i = int(np.flatnonzero(bad)[0])
-        return f"diff {i} at offset {int(offsets[i])}: {why}"
-
-    bad = (offsets < 0) | (lengths < 0)
-    if bad.any():
-        return first(bad, f"negative offset or length ({int(lengths[bad.argmax()])})")
-    bad = offsets > _INT64_MAX - lengths
-    if bad.any():
-        return first(bad, "its end overflows 64 bits")
-    bad = lengths > data_len
-    if bad.any():
-        return first(bad, f"longer than the {data_len} bytes of data")
-    # Each length is <= data_len, so the sum cannot wrap unless n * data_len does.
-    total = int(lengths.sum()) if n * data_len <= _INT64_MAX else sum(map(int, lengths))
-    if total != data_len:
-        return f"the diff lengths add up to {total} bytes, the data holds {data_len}"
-    bad = (dtypes >= len(_ITEMSIZES)) | (ops >= len(MergeOp))
-    if bad.any():
-        return first(bad, "unknown dtype/op codes")
-    bad = ~_VALID[dtypes, ops]
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        return first(bad, f"invalid dtype/op: {MergeOp(int(ops[i])).name} is not defined for "
-                          f"{DataType(int(dtypes[i])).name}")
-    typed = _TYPED_OPS[ops]
-    bad = typed & (lengths % _ITEMSIZES[dtypes] != 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        return first(bad, f"{int(lengths[i])} bytes is not a whole number of "
-                          f"{DataType(int(dtypes[i])).name} values")
-    return None
-
 
 def _check_op(dtype: DataType, op: MergeOp) -> None:
     if op in _BYTEWISE:
         return
     if dtype is DataType.RAW or (dtype is DataType.BOOL and op in _ARITHMETIC):
         raise ValueError(f"merge op {op.name} needs a numeric DataType, not {dtype.name}")
+
+
+def _column_error(offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray, ops: np.ndarray,
+                  data_len: int) -> str | None:
+    """Why these DiffBatch columns are malformed (naming the first bad diff
+    and its offset), or None. The checks shared by DiffBatch.from_columns
+    and the wire format: one native pass over the columns."""
+    n = len(offsets)
+    if not (offsets.ndim == lengths.ndim == dtypes.ndim == ops.ndim == 1):
+        return "DiffBatch columns must be one-dimensional"
+    if not (len(lengths) == len(dtypes) == len(ops) == n):
+        return "DiffBatch columns differ in length"
+    found = _native.check_columns(np.ascontiguousarray(offsets, np.int64),
+                                  np.ascontiguousarray(lengths, np.int64),
+                                  np.ascontiguousarray(dtypes, np.uint8),
+                                  np.ascontiguousarray(ops, np.uint8), data_len)
+    if found is None:
+        return None
+    i, problem = found
+    if problem == 7:
+        return (f"no diffs, but {data_len} bytes of data" if n == 0 else
+                f"the diff lengths do not add up to the {data_len} bytes of data")
+    offset, length, dtype, op = int(offsets[i]), int(lengths[i]), int(dtypes[i]), int(ops[i])
+    why = {
+        1: f"negative offset or length ({length})",
+        2: f"{length} bytes there end past 64 bits (the end overflows)",
+        3: f"{length} bytes, longer than the {data_len} bytes of data",
+        4: f"unknown dtype/op codes {dtype}/{op}",
+    }.get(problem)
+    if why is None:
+        name, op_name = DataType(dtype).name, MergeOp(op).name
+        why = (f"invalid dtype/op: {op_name} is not defined for {name}" if problem == 5 else
+               f"{length} bytes is not a whole number of {name} values")
+    return f"diff {i} at offset {offset}: {why}"
 
 
 @dataclass(frozen=True)
@@ -370,7 +348,7 @@ Batchable = Union[DiffBatch, Iterable[Diff]]
 def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:
     """``values`` as a column of ``dtype`` (no copy when it already is one);
     values that do not fit are a ValueError, not a silent wrap."""
-    array = np.asarray(values)
+    array = np.ascontiguousarray(values)
     if array.dtype == dtype:
         return array
     if array.size and array.dtype.kind not in "iu":
@@ -706,17 +684,16 @@ class Snapshot:
         if len(batch) == 0 and batch.nbytes == 0:
             return
         # Private copies of the small index columns: what is checked is applied.
+        # The native check (bounds, codes, whole values, data length) runs on
+        # these copies before anything grows or changes.
         offsets, lengths = np.array(batch.offsets, np.int64), np.array(batch.lengths, np.int64)
         dtypes, ops = np.array(batch.dtypes, np.uint8), np.array(batch.ops, np.uint8)
         data = batch.data
-        why = _column_error(offsets, lengths, dtypes, ops, len(memoryview(data)))
-        if why is not None:
-            if (offsets < 0).any() or (offsets > _INT64_MAX - lengths).any():
-                raise OutOfBoundsError(why)
-            raise MergeError(f"malformed diff batch: {why}")
-        if len(offsets) == 0:
-            return
-        end = int((offsets + lengths).max())  # no overflow: checked above
+        if len(offsets) != len(lengths) or len(offsets) == 0:
+            raise MergeError(f"malformed diff batch: {len(offsets)} offsets, {len(lengths)} "
+                             f"lengths, {len(memoryview(data))} bytes of data")
+        with np.errstate(over="ignore"):  # a wrapped end is caught by the native check
+            end = int((offsets + lengths).max())
         if end > self._max_size:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
@@ -724,7 +701,7 @@ class Snapshot:
             # Check everything before growing or writing anything.
             with memoryview(self._memory) as whole:
                 _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data, True,
-                              max(end, self._size))
+                              min(max(end, self._size), self._max_size))
             self._grow(end)
             with memoryview(self._memory) as whole:
                 _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data)
@@ -732,7 +709,7 @@ class Snapshot:
             raise MergeError(str(exc)) from None
         except IndexError as exc:
             raise OutOfBoundsError(str(exc)) from None
-        except ValueError as exc:  # the data changed length under us
+        except ValueError as exc:  # unknown codes, partial values, data length
             raise MergeError(f"malformed diff batch: {exc}") from None
         changed = ops != MergeOp.IGNORE
         self._changes.append((offsets[changed], lengths[changed]))

@@ -176,6 +176,61 @@ done:
     return result;
 }
 
+/* check_columns(offsets, lengths, dtypes, ops, data_len) -> None when the
+ * DiffBatch columns are well formed, else (index of the first bad diff,
+ * problem): 1 negative offset or length, 2 end past 2**63-1, 3 longer than
+ * the data, 4 unknown dtype/op code, 5 op not defined for the dtype, 6 typed
+ * diff not a whole number of values, 7 lengths not adding up to data_len
+ * (index = number of diffs). One pass, for the wire and DiffBatch checks. */
+PyObject *pf_check_columns(PyObject *self, PyObject *args)
+{
+    Py_buffer offsets, lengths, dtypes, ops;
+    unsigned long long data_len;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*K", &offsets, &lengths, &dtypes, &ops, &data_len))
+        return NULL;
+    PyObject *result = NULL;
+    size_t n = (size_t)dtypes.len, i = 0;
+    int problem = 0;
+    if (offsets.len != (Py_ssize_t)(n * 8) || lengths.len != offsets.len || ops.len != dtypes.len) {
+        PyErr_SetString(PyExc_ValueError, "check_columns: columns differ in length");
+        goto done;
+    }
+    const uint8_t *dt = dtypes.buf, *op = ops.buf;
+    uint64_t used = 0;
+    for (; i < n; i++) {
+        int64_t off, len;
+        memcpy(&off, (const uint8_t *)offsets.buf + 8 * i, 8);
+        memcpy(&len, (const uint8_t *)lengths.buf + 8 * i, 8);
+        if (off < 0 || len < 0)
+            problem = 1;
+        else if (off > INT64_MAX - len)
+            problem = 2;
+        else if ((uint64_t)len > data_len - used)
+            problem = (uint64_t)len <= data_len ? 7 : 3;
+        else if (dt[i] >= PF_N_DTYPES || op[i] >= PF_N_OPS)
+            problem = 4;
+        else if (pf_op_valid(dt[i], op[i]) != 0)
+            problem = 5;
+        else if (op[i] != PF_OVERWRITE && op[i] != PF_XOR && op[i] != PF_IGNORE &&
+                 (uint64_t)len % (uint64_t)pf_itemsize[dt[i]] != 0)
+            problem = 6;
+        if (problem)
+            break;
+        used += (uint64_t)len;
+    }
+    if (problem == 0 && used != data_len)
+        problem = 7;
+    if (problem == 7)
+        i = n;
+    result = problem ? Py_BuildValue("(ni)", (Py_ssize_t)i, problem) : Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&dtypes);
+    PyBuffer_Release(&ops);
+    return result;
+}
+
 /* copy_pages(target, source, dirty, page_size) -> bytes copied: copies every
  * page flagged in `dirty` from source to target (both clipped to the shorter). */
 PyObject *pf_copy_pages(PyObject *self, PyObject *args)

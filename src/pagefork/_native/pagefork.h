@@ -239,6 +239,7 @@ void pf_batch_free(pf_batch *b);
 PyObject *pf_diff(PyObject *self, PyObject *args);
 PyObject *pf_apply(PyObject *self, PyObject *args);
 PyObject *pf_copy_pages(PyObject *self, PyObject *args);
+PyObject *pf_check_columns(PyObject *self, PyObject *args);
 PyObject *pf_crc32c(PyObject *self, PyObject *args);
 uint32_t pf_crc32c_update(uint32_t crc, const uint8_t *data, size_t len);
 PyObject *pf_delta_encode(PyObject *self, PyObject *args);
