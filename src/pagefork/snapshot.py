@@ -692,8 +692,7 @@ class Snapshot:
         if len(offsets) != len(lengths) or len(offsets) == 0:
             raise MergeError(f"malformed diff batch: {len(offsets)} offsets, {len(lengths)} "
                              f"lengths, {len(memoryview(data))} bytes of data")
-        with np.errstate(over="ignore"):  # a wrapped end is caught by the native check
-            end = int((offsets + lengths).max())
+        end = int((offsets + lengths).max())  # arrays wrap silently; the kernel catches it
         if end > self._max_size:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
