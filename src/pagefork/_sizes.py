@@ -45,7 +45,7 @@ def as_index(value: object, what: str) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{what} must be an integer, not bool")
     try:
-        return operator.index(value)  # type: ignore[call-overload]
+        return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
 

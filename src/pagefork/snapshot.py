@@ -657,8 +657,9 @@ class Snapshot:
                 raise MergeError(str(exc)) from None
         end = mem.nbytes
         if size < end <= round_to_pages(size):  # the last page's tail: changed bytes only
-            nonzero = np.flatnonzero(np.frombuffer(mem, np.uint8, offset=size)) if flags[-1] else ()
-            end = size + int(nonzero[-1]) + 1 if len(nonzero) else size
+            nonzero = np.flatnonzero(np.frombuffer(mem, np.uint8, offset=size)) if flags[-1] \
+                else np.zeros(0, np.intp)
+            end = size + int(nonzero[-1]) + 1 if nonzero.size else size
         if end > size:
             extension = DiffBatch([Diff(size, bytes(mem[size:end]))])
             batch = DiffBatch.concat([batch, extension])
