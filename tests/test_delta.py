@@ -179,14 +179,105 @@ def test_max_size_bounds_the_output():
     assert delta.apply(d, old, max_size=np.int64(5000)) == new
     with pytest.raises(CorruptDataError, match="more than the 1099 allowed by max_size"):
         delta.apply(d, old, max_size=1099)
-    # Highly compressible growth beyond the default bound needs max_size.
-    z = delta.encode(b"", bytes(8 << 20), zstd_level=3)
-    assert len(z) * delta.MAX_GROWTH < 8 << 20
+    # Growth of a compressed delta: by default up to DEFAULT_GROWTH, whatever
+    # the ratio (1 MiB of zeros is under a hundred bytes of zstd).
+    z = delta.encode(bytes(100), bytes(1 << 20), zstd_level=3)
+    assert len(z) < 200 and delta.apply(z, bytes(100)) == bytes(1 << 20)
+    z = delta.encode(b"", bytes(delta.DEFAULT_GROWTH + 1), zstd_level=1)
     with pytest.raises(CorruptDataError, match="pass max_size"):
         delta.apply(z, b"")
-    assert delta.apply(z, b"", max_size="8MiB") == bytes(8 << 20)
+    assert len(delta.apply(z, b"", max_size=delta.DEFAULT_GROWTH + 1)) == delta.DEFAULT_GROWTH + 1
 
 
+def test_large_compressed_bodies_are_checked_as_they_stream():
+    """A malformed compressed body larger than one chunk is refused after
+    the first chunk: peak RSS stays flat (subprocess). A valid one round-trips."""
+    code = """
+        import resource, struct, zstandard
+        from pagefork import CorruptDataError, delta, _native
+        def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        new_len = 60 << 20                       # within the default bound
+        body = bytes(3 * new_len)                # zero-length records: malformed
+        packed = zstandard.ZstdCompressor(level=1).compress(body)
+        del body
+        header = struct.pack("<4sBBHIQQQ", b"PFDL", 1, 2, 0, 0, 10, new_len, 3 * new_len)
+        message = header + packed
+        message += struct.pack("<I", _native.crc32c(message))
+        before = rss()
+        try:
+            delta.apply(message, bytes(10))
+        except CorruptDataError as exc:
+            assert "malformed" in str(exc), exc
+        else:
+            raise AssertionError("accepted")
+        print(before, rss())
+    """
+    status, out, err = run_measured(code)
+    assert status == 0, err
+    before, after = map(int, out.split())
+    assert after - before < 16 * 1024, (before, after)  # KiB
+    rng = np.random.default_rng(5)
+    old = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    new = bytearray(old)
+    new[::7] = bytes(len(new[::7]))
+    d = delta.encode(old, bytes(new), zstd_level=1)
+    assert delta.apply(d, old) == bytes(new)
+
+
+@st.composite
+def bodies(draw):
+    """Record bodies: mostly well formed, sometimes damaged, with sizes."""
+    old_len = draw(st.integers(0, 300))
+    new_len = draw(st.integers(0, 300))
+    records, end = bytearray(), 0
+    while end < new_len and draw(st.integers(0, 4)):
+        gap = draw(st.integers(0, max(0, min(old_len - end, new_len - end - 1))))
+        length = draw(st.integers(1, new_len - end - gap)) if new_len - end - gap >= 1 else 0
+        if length == 0:
+            break
+        for v in (gap, length):
+            while v >= 0x80:
+                records.append(v & 0x7F | 0x80)
+                v >>= 7
+            records.append(v)
+        records += draw(st.binary(min_size=length, max_size=length))
+        end += gap + length
+    if new_len > old_len and end < new_len and draw(st.booleans()):
+        length = new_len - end
+        for v in (0, length):
+            while v >= 0x80:
+                records.append(v & 0x7F | 0x80)
+                v >>= 7
+            records.append(v)
+        records += bytes(length)
+    if records and draw(st.booleans()):
+        records[draw(st.integers(0, len(records) - 1))] ^= 1 << draw(st.integers(0, 7))
+    return old_len, new_len, bytes(records)
+
+
+@settings(deadline=None)
+@given(bodies(), st.lists(st.integers(1, 50), max_size=10))
+def test_streamed_check_agrees_with_the_applying_walk(body, cuts):
+    """delta_check, fed the body in arbitrary pieces (splitting varints and
+    records), accepts exactly what delta_apply accepts."""
+    from pagefork import _native
+
+    old_len, new_len, records = body
+    try:
+        _native.delta_apply(bytes(old_len), records, new_len, False)
+        valid = True
+    except ValueError:
+        valid = False
+    state, at = bytearray(_native.DELTA_CHECK_STATE), 0
+    try:
+        for cut in cuts:
+            _native.delta_check(state, records[at: at + cut], old_len, new_len, False)
+            at += cut
+        _native.delta_check(state, records[at:], old_len, new_len, True)
+        checked = True
+    except ValueError:
+        checked = False
+    assert checked == valid
 def test_records_the_encoder_never_writes_are_corrupt():
     old = bytes(10)
     for body in (bytes([0, 0]) * 4 + bytes([0, 1]) + b"x",   # zero-length records

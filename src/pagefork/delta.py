@@ -11,10 +11,12 @@ Layout (little-endian)::
     old_len u64 | new_len u64 | body_len u64 | body (maybe zstd) | crc32c u32
 
 Applying never allocates more than the receiver allows: the output is at
-most ``max_size`` bytes (by default ``len(old)`` plus :data:`MAX_GROWTH`
-output bytes per byte of the delta), the decompressed body at most three
-bytes per output byte (what the encoder can write), checked before anything
-is decompressed or allocated.
+most ``max_size`` bytes (by default ``len(old)`` plus the larger of the
+delta's own size and :data:`DEFAULT_GROWTH`), the decompressed body at most
+three bytes per output byte (what the encoder can write), both checked from
+the header before anything is allocated; a large compressed body is first
+checked as it streams out of the decompressor, so a malformed one is refused
+without ever being held whole.
 """
 
 from __future__ import annotations
@@ -28,19 +30,23 @@ from ._errors import CorruptDataError
 from ._framing import open_sealed, seal
 from ._sizes import as_index, parse_size
 
-__all__ = ["encode", "apply", "Settings", "VERSION", "MAX_GROWTH"]
+__all__ = ["encode", "apply", "Settings", "VERSION", "DEFAULT_GROWTH"]
 
 MAGIC = b"PFDL"
 VERSION = 1
 _HEADER = struct.Struct("<4sBBHIQQQ")
 _XOR, _ZSTD = 1, 2
-#: Without ``max_size``, how many output bytes past ``len(old)`` each byte of
-#: a delta may produce. An uncompressed delta carries every byte it adds (1
-#: per byte); zstd compresses real deltas far less than 1024:1, while a
-#: hostile 64 KiB one could otherwise declare gigabytes.
-MAX_GROWTH = 1024
+#: Without ``max_size``, how far past ``len(old)`` a compressed delta may grow
+#: its output (an uncompressed one carries every byte it adds, so it may
+#: always grow by its own size). zstd turns megabytes of zeros into a few
+#: dozen bytes, so no ratio to the delta's size bounds an honest delta, while
+#: a hostile 64 KiB one could declare gigabytes: receivers expecting more
+#: pass ``max_size`` (e.g. their snapshot's ``max_size``).
+DEFAULT_GROWTH = 64 << 20
 # Body bytes per output byte: a record covers >= 1 byte with minimal varints.
 _BODY_PER_OUTPUT = 3
+# Compressed bodies larger than this are checked chunk by chunk first.
+_CHUNK = 1 << 20
 
 
 def _zstd() -> Any:
@@ -73,9 +79,9 @@ def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
     """Rebuilds the new buffer from ``delta`` and the ``old`` it was made
     against. Malformed input raises :class:`CorruptDataError`, and so does a
     delta whose output would be larger than ``max_size`` bytes (default:
-    ``len(old) + MAX_GROWTH * len(delta)``; pass the size you are prepared
-    to receive, e.g. a snapshot's ``max_size``). Nothing is allocated or
-    decompressed beyond these bounds."""
+    ``len(old) + max(len(delta), DEFAULT_GROWTH)``; pass the size you are
+    prepared to receive, e.g. a snapshot's ``max_size``). Nothing is
+    allocated or decompressed beyond these bounds."""
     try:
         old_view = memoryview(old).cast("B")
     except TypeError as exc:
@@ -86,7 +92,7 @@ def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
         raise CorruptDataError(f"unknown delta flags {flags:#x}")
     if old_len != old_view.nbytes:
         raise CorruptDataError(f"the delta was made against {old_len} bytes, got {old_view.nbytes}")
-    limit = (old_view.nbytes + MAX_GROWTH * (view.nbytes + 4) if max_size is None
+    limit = (old_view.nbytes + max(view.nbytes + 4, DEFAULT_GROWTH) if max_size is None
              else parse_size(max_size, "max_size"))
     if new_len > limit:
         raise CorruptDataError(f"the delta makes {new_len} bytes, more than the {limit} allowed "
@@ -102,6 +108,8 @@ def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
             params = zstandard.get_frame_parameters(body)
             if params.content_size != body_len:
                 raise CorruptDataError("compressed delta body has the wrong size")
+            if body_len > _CHUNK:
+                _check_streamed(zstandard, body, body_len, old_len, new_len)
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
         except zstandard.ZstdError as exc:
             raise CorruptDataError(f"compressed delta body is corrupted: {exc}") from None
@@ -111,6 +119,26 @@ def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
         return _native.delta_apply(old_view, body, new_len, bool(flags & _XOR))
     except ValueError as exc:
         raise CorruptDataError(str(exc)) from None
+
+
+def _check_streamed(zstandard: Any, body: memoryview, body_len: int, old_len: int,
+                    new_len: int) -> None:
+    """Checks the records of a compressed body one decompressed chunk at a
+    time (memory: one chunk), before the body is decompressed whole."""
+    state = bytearray(_native.DELTA_CHECK_STATE)
+    seen = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+            while chunk := reader.read(_CHUNK):
+                seen += len(chunk)
+                if seen > body_len:
+                    raise CorruptDataError("compressed delta body is longer than its header says")
+                _native.delta_check(state, chunk, old_len, new_len, False)
+        _native.delta_check(state, b"", old_len, new_len, True)
+    except ValueError as exc:
+        raise CorruptDataError(str(exc)) from None
+    if seen != body_len:
+        raise CorruptDataError("compressed delta body length does not match its header")
 
 
 @dataclass(frozen=True)

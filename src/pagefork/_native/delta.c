@@ -212,3 +212,85 @@ done:
     PyBuffer_Release(&body);
     return result;
 }
+
+/* The records checked piece by piece, for a compressed body decompressed in
+ * chunks: a malformed body is refused after the chunk that shows it, never
+ * held whole. Same rules as walk(). */
+typedef struct {
+    uint64_t end;       /* output position after the last complete record */
+    uint64_t value;     /* the varint being read */
+    uint64_t gap;       /* the record's gap, once read */
+    uint64_t remaining; /* record bytes still to skip */
+    uint32_t shift;     /* bits of `value` read so far */
+    uint32_t phase;     /* 0 reading the gap, 1 the length, 2 skipping bytes */
+} check_state;
+
+_Static_assert(sizeof(check_state) == PF_DELTA_CHECK_STATE, "check_state size");
+
+static int check_chunk(check_state *s, const uint8_t *p, size_t n, uint64_t old_len,
+                       uint64_t new_len)
+{
+    size_t i = 0;
+    while (i < n) {
+        if (s->phase == 2) {
+            size_t take = n - i < s->remaining ? n - i : (size_t)s->remaining;
+            s->remaining -= take;
+            i += take;
+            if (s->remaining == 0)
+                s->phase = 0;
+            continue;
+        }
+        uint8_t b = p[i++];
+        if ((s->shift == 63 && b > 1) || (s->shift > 0 && b == 0)) /* overflow, not minimal */
+            return -1;
+        s->value |= (uint64_t)(b & 0x7F) << s->shift;
+        if (b & 0x80) {
+            s->shift += 7;
+            continue;
+        }
+        uint64_t v = s->value;
+        s->value = 0;
+        s->shift = 0;
+        if (s->phase == 0) {
+            s->gap = v;
+            s->phase = 1;
+            continue;
+        }
+        uint64_t gap = s->gap, len = v;
+        if (len == 0 || gap > new_len - s->end || len > new_len - s->end - gap)
+            return -1;
+        if (gap > 0 && s->end + gap > old_len) /* past old's end every byte must be carried */
+            return -1;
+        s->end += gap + len;
+        s->remaining = len;
+        s->phase = 2;
+    }
+    return 0;
+}
+
+/* delta_check(state, chunk, old_len, new_len, final) -> None; ValueError
+ * when malformed. `state`: a zeroed bytearray of DELTA_CHECK_STATE bytes,
+ * passed with every chunk in order; `final` after the last one. */
+PyObject *pf_delta_check(PyObject *self, PyObject *args)
+{
+    Py_buffer state, chunk;
+    unsigned long long old_len, new_len;
+    int final;
+    if (!PyArg_ParseTuple(args, "w*y*KKp", &state, &chunk, &old_len, &new_len, &final))
+        return NULL;
+    int bad = 1;
+    if (state.len == (Py_ssize_t)sizeof(check_state)) {
+        check_state s;
+        memcpy(&s, state.buf, sizeof s);
+        bad = check_chunk(&s, chunk.buf, (size_t)chunk.len, old_len, new_len) != 0 ||
+              (final && (s.phase != 0 || s.shift != 0 || (new_len > old_len && s.end != new_len)));
+        memcpy(state.buf, &s, sizeof s);
+    }
+    PyBuffer_Release(&state);
+    PyBuffer_Release(&chunk);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "malformed delta records");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}

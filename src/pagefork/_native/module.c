@@ -49,6 +49,8 @@ static PyMethodDef native_methods[] = {
     {"crc32c", pf_crc32c, METH_VARARGS, "crc32c(data, crc=0) -> int"},
     {"delta_encode", pf_delta_encode, METH_VARARGS, "delta_encode(old, new, page_size, xor) -> body"},
     {"delta_apply", pf_delta_apply, METH_VARARGS, "delta_apply(old, body, new_len, xor) -> new"},
+    {"delta_check", pf_delta_check, METH_VARARGS,
+     "delta_check(state, chunk, old_len, new_len, final): checks a body piece by piece"},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},
     {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,
@@ -79,6 +81,7 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddObject(m, "Tracking", (PyObject *)&PfTrackingType) < 0 ||
         PyModule_AddStringConstant(m, "VERSION", PAGEFORK_NATIVE_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", (long)pf_page_size) < 0 ||
+        PyModule_AddIntConstant(m, "DELTA_CHECK_STATE", PF_DELTA_CHECK_STATE) < 0 ||
         PyModule_AddIntConstant(m, "MODE_NONE", PF_MODE_NONE) < 0 ||
         PyModule_AddIntConstant(m, "MODE_SOFTPTE", PF_MODE_SOFTPTE) < 0 ||
         PyModule_AddIntConstant(m, "MODE_SEGFAULT", PF_MODE_SEGFAULT) < 0 ||

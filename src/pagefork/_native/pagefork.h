@@ -244,5 +244,7 @@ PyObject *pf_crc32c(PyObject *self, PyObject *args);
 uint32_t pf_crc32c_update(uint32_t crc, const uint8_t *data, size_t len);
 PyObject *pf_delta_encode(PyObject *self, PyObject *args);
 PyObject *pf_delta_apply(PyObject *self, PyObject *args);
+PyObject *pf_delta_check(PyObject *self, PyObject *args);
+#define PF_DELTA_CHECK_STATE 40 /* bytes of delta_check's state */
 
 #endif
