@@ -657,6 +657,14 @@ def test_sizes_and_offsets_accept_any_integer():
     with Region(i(PAGE_SIZE), max_size=np.uint32(2 * PAGE_SIZE)) as region:
         region.resize(i(2 * PAGE_SIZE))
         assert region.size == 2 * PAGE_SIZE
+        assert region.array(np.int64, i(10), offset=i(8)).shape == (10,)
+        assert region.array(np.int64, (i(2), np.uint8(3))).shape == (2, 3)
+        with pytest.raises(ValueError, match="negative"):
+            region.array(np.int64, (-1,))
+        with pytest.raises(OutOfBoundsError):
+            region.array(np.int64, (2**40, 2**40))  # overflows int64 as a product
+        with pytest.raises(TypeError):
+            region.array(np.int64, 1.5)  # type: ignore[arg-type]
     with Snapshot(size=i(100), max_size=i(200)) as snap:
         snap.write(b"ab", i(10))
         assert snap.read(i(10), np.uint8(2)) == b"ab"

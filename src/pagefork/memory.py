@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from . import _native
 from ._errors import OutOfBoundsError, PageforkError, native_error
-from ._sizes import PAGE_SIZE, parse_size, round_to_pages
+from ._sizes import PAGE_SIZE, as_index, parse_size, round_to_pages
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
@@ -117,13 +118,18 @@ class Region(_native.Mapping):
         """
         self._check_open()
         dt = np.dtype(dtype)
+        offset = as_index(offset, "offset")
         if offset < 0 or offset > self.size:
             raise OutOfBoundsError(f"offset {offset} is outside the region (size {self.size})")
         if shape is None:
-            count = (self.size - offset) // dt.itemsize
-            shape = (count,)
-        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
-        count = int(np.prod(shape_t, dtype=np.int64))
+            shape = ((self.size - offset) // dt.itemsize,)
+        try:
+            shape_t = tuple(as_index(n, "shape") for n in shape)  # type: ignore[union-attr]
+        except TypeError:
+            shape_t = (as_index(shape, "shape"),)
+        if any(n < 0 for n in shape_t):
+            raise ValueError(f"negative dimension in shape {shape_t}")
+        count = math.prod(shape_t)  # Python ints: no overflow
         if offset + count * dt.itemsize > self.size:
             raise OutOfBoundsError(
                 f"{shape_t} of {dt} at offset {offset} needs {offset + count * dt.itemsize} bytes; "
