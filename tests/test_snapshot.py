@@ -826,3 +826,42 @@ def test_unknown_tracking_mode_from_the_environment_names_the_variable():
     with pytest.raises(ValueError) as info:
         pagefork.tracker("garbage2")
     assert "PAGEFORK_TRACKING" not in str(info.value)
+
+
+def test_nobody_can_shrink_a_snapshot_file_under_its_mappings():
+    """A worker holding the memfd (or anyone it leaks to) truncating it would
+    make the owner's next read a SIGBUS: the file is sealed against shrinking."""
+    with Snapshot(b"x" * (3 * PAGE_SIZE), max_size=8 * PAGE_SIZE) as snap:
+        with pytest.raises(PermissionError):
+            os.ftruncate(snap.fd, 0)
+        os.ftruncate(snap.fd, 4 * PAGE_SIZE)  # growing stays possible
+        with Snapshot.attach(snap.fd, snap.size, snap.max_size) as other:
+            other.write(b"y", 3 * PAGE_SIZE + 1)
+            snap._follow_size(other.size)
+            assert snap.read(3 * PAGE_SIZE, 2) == b"\0y"
+        assert snap.read(0, 3 * PAGE_SIZE) == b"x" * (3 * PAGE_SIZE)
+
+
+def test_a_child_forked_while_a_thread_holds_the_lock_can_use_the_snapshot():
+    result = run_python("""
+        import os, threading
+        from pagefork import Snapshot
+        snap = Snapshot(b"abc", max_size=100)
+        held, release = threading.Event(), threading.Event()
+        def hold():
+            with snap._lock:
+                held.set()
+                release.wait()
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            snap.write(b"d", 3)  # would block forever on the inherited lock
+            os._exit(0 if snap.read() == b"abcd" else 1)
+        release.set()
+        t.join()
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    assert result.returncode == 0 and result.stdout.split() == ["0"], result.stderr[-2000:]

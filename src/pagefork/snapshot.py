@@ -10,8 +10,10 @@ it copy-on-write (:meth:`Snapshot.map_to`), changed, and compared back
 from __future__ import annotations
 
 import enum
+import fcntl
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, overload
 
@@ -344,6 +346,18 @@ class DiffBatch(Sequence[Diff]):
 
 Batchable = Union[DiffBatch, Iterable[Diff]]
 
+# Every open snapshot, so a forked child gets fresh locks: a lock held by a
+# parent thread at fork() would otherwise stay held in the child forever.
+_live: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+
+
+def _reset_locks_after_fork() -> None:
+    for snapshot in list(_live):
+        snapshot._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_locks_after_fork)
+
 
 def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:
     """``values`` as a column of ``dtype`` (no copy when it already is one);
@@ -397,6 +411,12 @@ class Snapshot:
         # Ranges written through the snapshot: (offsets, lengths) array pairs.
         self._changes: list[tuple[np.ndarray, np.ndarray]] = []
         self._lock = threading.RLock()
+        _live.add(self)
+        if not self._attached:
+            # Whoever else holds the memfd (a worker it was sent to) can grow
+            # it but never shrink it: pages cut off under a mapping would
+            # kill this process with SIGBUS on the next read.
+            fcntl.fcntl(self._memory._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         if view is not None and nbytes:
             memoryview(self._memory)[:nbytes] = view
 

@@ -151,7 +151,7 @@ static PyObject *mapping_map(PfMapping *self, PyObject *args)
     madvise(addr, (size_t)max_size, MADV_NOHUGEPAGE);
     if (use_memfd) {
         self->fd = existing >= 0 ? fcntl(existing, F_DUPFD_CLOEXEC, 0)
-                                 : memfd_create("pagefork-region", MFD_CLOEXEC);
+                                 : memfd_create("pagefork-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
         if (self->fd < 0) {
             pf_oserror(existing >= 0 ? "fcntl(F_DUPFD_CLOEXEC)" : "memfd_create");
             release_memory(self);
