@@ -65,6 +65,34 @@ def _encodings():
                 pass
 
 
+def _hostile_inputs():
+    """The error paths of the column, record and bound checks."""
+    from pagefork import DiffBatch, OutOfBoundsError
+    from pagefork import _native
+
+    z = np.zeros(2, np.uint8)
+    with Snapshot(bytes(64), max_size=128) as s:
+        for offsets, lengths, ops in (([0, 1 << 44], [1, 1], z), ([0, 1], [1, 1], [0, 9])):
+            batch = DiffBatch._unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
+                                         z, np.array(ops, np.uint8), b"ab")
+            try:
+                s.apply(batch)
+            except (OutOfBoundsError, MergeError):
+                pass
+            try:
+                wire.encode(batch)
+            except ValueError:
+                pass
+    state = bytearray(_native.DELTA_CHECK_STATE)
+    _native.delta_check(state, bytes([0, 3]) + b"abc", 10, 10, True)
+    try:
+        _native.delta_check(bytearray(_native.DELTA_CHECK_STATE), bytes([0, 0]), 10, 10, True)
+    except ValueError:
+        pass
+    big = delta.encode(bytes(10), bytes(2 << 20) + b"x", zstd_level=1)  # checked as it streams
+    assert len(delta.apply(big, bytes(10))) == (2 << 20) + 1
+
+
 def _regions():
     with Region(2 * PAGE_SIZE, max_size=16 * PAGE_SIZE, backing="memfd") as r:
         r.resize(16 * PAGE_SIZE)
@@ -72,7 +100,8 @@ def _regions():
         r.resize(PAGE_SIZE)
 
 
-@pytest.mark.parametrize("work", [_snapshot_round, _product_error, _encodings, _regions],
+@pytest.mark.parametrize("work", [_snapshot_round, _product_error, _encodings, _hostile_inputs,
+                                  _regions],
                          ids=lambda f: f.__name__.strip("_"))
 def test_no_growth(work):
     for _ in range(50):  # warm up caches and allocators

@@ -171,7 +171,10 @@ class MergeRegion:
 
     ``length == 0`` means "to the end of the snapshot". Typed ops (SUM,
     SUBTRACT, PRODUCT, MAX, MIN) work element-wise on ``dtype`` values, so
-    their ``length`` must be a whole number of elements.
+    their ``length`` must be a whole number of elements. Where the snapshot
+    (or the memory diffed) ends inside a typed region's last value, as it
+    may for a region running to the end, the leftover bytes are diffed and
+    merged as OVERWRITE: no change is ever left out.
     """
 
     offset: int

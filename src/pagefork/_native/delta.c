@@ -241,8 +241,8 @@ static int check_chunk(check_state *s, const uint8_t *p, size_t n, uint64_t old_
             continue;
         }
         uint8_t b = p[i++];
-        if ((s->shift == 63 && b > 1) || (s->shift > 0 && b == 0)) /* overflow, not minimal */
-            return -1;
+        if (s->shift > 63 || (s->shift == 63 && b > 1) || (s->shift > 0 && b == 0))
+            return -1; /* overflow, not minimal (or a state the caller damaged) */
         s->value |= (uint64_t)(b & 0x7F) << s->shift;
         if (b & 0x80) {
             s->shift += 7;
