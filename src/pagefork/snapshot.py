@@ -721,11 +721,11 @@ class Snapshot:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
         try:
-            # Check everything before growing or writing anything.
-            with memoryview(self._memory) as whole:
-                _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data, True,
-                              min(max(end, self._size), self._max_size))
-            self._grow(end)
+            if end > self._size:  # check everything before growing
+                with memoryview(self._memory) as whole:
+                    _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data, True, end)
+                self._grow(end)
+            # Checks everything again, then writes (all or nothing).
             with memoryview(self._memory) as whole:
                 _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data)
         except ArithmeticError as exc:

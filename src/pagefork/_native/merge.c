@@ -7,7 +7,6 @@
 #include "pagefork.h"
 
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define IS_NAN(x) ((x) != (x))
@@ -69,10 +68,9 @@ static const typed_ops typed[PF_N_DTYPES] = {
  * Raises IndexError (bounds), ValueError (malformed) or ArithmeticError
  * (PRODUCT over a zero) before writing anything. A check may allow bytes up
  * to `limit` past the target (memory about to grow, reading as zero).
- * The index columns are copied before they are checked: the caller's
- * buffers may be writable and shared (numpy arrays, a reused receive
- * buffer), and another thread may change them while the GIL is released,
- * so what is checked must be what is applied. */
+ * The index columns are read twice (checked, then applied with the GIL
+ * released): callers pass private copies nobody else can change
+ * (Snapshot._apply copies them), so what is checked is what is applied. */
 PyObject *pf_apply(PyObject *self, PyObject *args)
 {
     Py_buffer target, offsets, lengths, dtypes, ops, data;
@@ -83,9 +81,8 @@ PyObject *pf_apply(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     size_t n = (size_t)dtypes.len;
-    int64_t *copy = NULL;
-    const int64_t *off, *len;
-    const uint8_t *dt, *op, *src = data.buf;
+    const int64_t *off = offsets.buf, *len = lengths.buf;
+    const uint8_t *dt = dtypes.buf, *op = ops.buf, *src = data.buf;
     uint8_t *dst = target.buf;
     size_t mapped = (size_t)target.len;
     size_t size = check_only && limit > target.len ? (size_t)limit : mapped;
@@ -93,19 +90,6 @@ PyObject *pf_apply(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "apply: malformed diff columns");
         goto done;
     }
-    copy = malloc(n * 18 + 1); /* offsets, lengths, dtypes, ops */
-    if (copy == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    memcpy(copy, offsets.buf, n * 8);
-    memcpy(copy + n, lengths.buf, n * 8);
-    memcpy((uint8_t *)(copy + 2 * n), dtypes.buf, n);
-    memcpy((uint8_t *)(copy + 2 * n) + n, ops.buf, n);
-    off = copy;
-    len = copy + n;
-    dt = (const uint8_t *)(copy + 2 * n);
-    op = dt + n;
     size_t used = 0;
     for (size_t i = 0; i < n; i++) {
         if (pf_op_valid(dt[i], op[i]) != 0) {
@@ -166,7 +150,6 @@ PyObject *pf_apply(PyObject *self, PyObject *args)
     result = Py_None;
     Py_INCREF(result);
 done:
-    free(copy);
     PyBuffer_Release(&target);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&lengths);
