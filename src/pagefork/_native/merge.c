@@ -135,7 +135,7 @@ PyObject *pf_apply(PyObject *self, PyObject *args)
             size_t l = (size_t)len[i];
             uint8_t *d = dst + off[i];
             switch (op[i]) {
-            case PF_OVERWRITE: memcpy(d, src + at, l); break;
+            case PF_OVERWRITE: memmove(d, src + at, l); break; /* data may alias the target */
             case PF_XOR:
                 for (size_t j = 0; j < l; j++)
                     d[j] ^= src[at + j];
@@ -239,7 +239,7 @@ PyObject *pf_copy_pages(PyObject *self, PyObject *args)
             while (q * ps < limit && flags[q])
                 q++;
             size_t a = p * ps, b = q * ps < limit ? q * ps : limit;
-            memcpy((uint8_t *)target.buf + a, (const uint8_t *)source.buf + a, b - a);
+            memmove((uint8_t *)target.buf + a, (const uint8_t *)source.buf + a, b - a); /* may alias */
             copied += b - a;
             p = q;
         }
