@@ -865,3 +865,45 @@ def test_a_child_forked_while_a_thread_holds_the_lock_can_use_the_snapshot():
         print(os.waitstatus_to_exitcode(status))
     """)
     assert result.returncode == 0 and result.stdout.split() == ["0"], result.stderr[-2000:]
+
+
+class _Interrupting:
+    """Stands in for the native module: a KeyboardInterrupt arrives as the
+    check before growing returns, or as the writing call returns."""
+
+    def __init__(self, native, after: bool) -> None:
+        self.native, self.after = native, after
+
+    def __getattr__(self, name):
+        return getattr(self.native, name)
+
+    def apply(self, *args):
+        self.native.apply(*args)
+        check_only = len(args) > 6 and args[6]
+        if check_only != self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-growing", "after-writing"])
+def test_interrupted_apply_is_all_or_nothing(monkeypatch, after):
+    """Ctrl-C around the write leaves the snapshot as before (size included)
+    or fully applied and tracked; queued diffs never apply twice or vanish."""
+    import pagefork.snapshot as module
+
+    sums = [Diff(0, np.int64(5).tobytes(), DataType.INT64, MergeOp.SUM), Diff(20, b"grow")]
+    with Snapshot(np.int64(1).tobytes() + bytes(8), max_size=64) as snap:
+        snap.queue(sums)
+        monkeypatch.setattr(module, "_native", _Interrupting(module._native, after))
+        with pytest.raises(KeyboardInterrupt):
+            snap.write_queued()
+        monkeypatch.undo()
+        if after:
+            assert snap.size == 24 and snap.read(0, 8) == np.int64(6).tobytes()
+            assert snap.queued == 0
+            assert [(d.offset, len(d.data)) for d in snap.tracked_changes()] == [(0, 8), (20, 4)]
+        else:
+            assert snap.size == 16 and snap.read() == np.int64(1).tobytes() + bytes(8)
+            assert snap.queued == 2 and snap.tracked_changes() == []
+        assert snap.write_queued() == (0 if after else 2)
+        assert snap.read(0, 8) == np.int64(6).tobytes()  # applied exactly once
+        assert snap.read(8) == bytes(12) + b"grow" and snap.size == 24

@@ -506,11 +506,13 @@ class Snapshot:
             raise OutOfBoundsError(f"the snapshot would grow to {size} bytes; its max_size is "
                                    f"{self._max_size}")
         if size > self._size:
-            if self._attached and os.fstat(self._memory._fd).st_size < round_to_pages(size):
-                raise OutOfBoundsError(f"an attached snapshot cannot grow to {size} bytes: its "
-                                       "file is smaller, and only the snapshot that made it "
-                                       "grows it")
-            self._memory.resize(round_to_pages(size))
+            pages = round_to_pages(size)
+            if pages > self._memory.size:  # (an undone apply may have left it larger)
+                if self._attached and os.fstat(self._memory._fd).st_size < pages:
+                    raise OutOfBoundsError(f"an attached snapshot cannot grow to {size} bytes: "
+                                           "its file is smaller, and only the snapshot that "
+                                           "made it grows it")
+                self._memory.resize(pages)
             self._size = size
 
     def write(self, data: Any, offset: int = 0) -> None:
@@ -720,22 +722,37 @@ class Snapshot:
         if end > self._max_size:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
+        size, writing = self._size, False
+        changed = ops != MergeOp.IGNORE
+        record = (offsets[changed], lengths[changed])
         try:
-            if end > self._size:  # check everything before growing
+            if end > size:  # check everything before growing
                 with memoryview(self._memory) as whole:
-                    _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data, True, end)
+                    _native.apply(whole[:size], offsets, lengths, dtypes, ops, data, True, end)
                 self._grow(end)
+            # Recorded first: an interrupt right after the write must not lose
+            # it from tracked_changes (reporting an unwritten range is harmless).
+            self._changes.append(record)
+            writing = True
             # Checks everything again, then writes (all or nothing).
             with memoryview(self._memory) as whole:
                 _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data)
-        except ArithmeticError as exc:
-            raise MergeError(str(exc)) from None
-        except IndexError as exc:
-            raise OutOfBoundsError(str(exc)) from None
-        except ValueError as exc:  # unknown codes, partial values, data length
-            raise MergeError(f"malformed diff batch: {exc}") from None
-        changed = ops != MergeOp.IGNORE
-        self._changes.append((offsets[changed], lengths[changed]))
+        except BaseException as exc:
+            refused = isinstance(exc, (ArithmeticError, IndexError, ValueError))
+            if refused or not writing:
+                # Nothing was written (the kernel checks before it writes, and
+                # an interrupt before the write call stops it): undo the growth.
+                # Pages past the old size stay mapped and still read as zero.
+                self._size = size
+                if self._changes and self._changes[-1] is record:
+                    self._changes.pop()
+            if isinstance(exc, ArithmeticError):
+                raise MergeError(str(exc)) from None
+            if isinstance(exc, IndexError):
+                raise OutOfBoundsError(str(exc)) from None
+            if isinstance(exc, ValueError):  # unknown codes, partial values, data length
+                raise MergeError(f"malformed diff batch: {exc}") from None
+            raise
 
     def queue(self, diffs: Batchable) -> None:
         """Queues ``diffs`` for :meth:`write_queued` (thread-safe)."""
@@ -751,12 +768,19 @@ class Snapshot:
 
     def write_queued(self) -> int:
         """Applies every queued diff, in queue order, all or nothing; returns
-        how many were written."""
+        how many were written. Refused (or interrupted before anything was
+        written), the diffs stay queued; once written, they never apply twice."""
         with self._lock:
             self._check_open()
-            batch = DiffBatch.concat(self._queue)
-            self._apply(batch)
-            self._queue.clear()
+            pending, self._queue = self._queue, []
+            recorded = len(self._changes)
+            try:
+                batch = DiffBatch.concat(pending)
+                self._apply(batch)
+            except BaseException:
+                if len(self._changes) == recorded:  # _apply records only what it writes
+                    self._queue[:0] = pending
+                raise
             return len(batch)
 
     def tracked_changes(self) -> DiffBatch:
