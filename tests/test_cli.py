@@ -64,7 +64,8 @@ def test_bad_argument_values_print_usage_not_a_traceback():
     for args in (("bench", "--sizes", "lots"), ("bench", "--batch-sizes", "0"),
                  ("bench", "--sizes", "-4KiB"), ("demo", "--threads", "0"),
                  ("demo", "--workers", "-1"), ("demo", "--threads", "many"), ("nonsense",),
-                 ("doctor", "--bogus")):
+                 ("doctor", "--bogus"), ("bench", "--json", "/nonexistent/folder/out.json"),
+                 ("bench", "--plot", "/")):
         result = run(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert "usage: pagefork" in result.stderr and "Traceback" not in result.stderr, args

@@ -254,6 +254,14 @@ def _size_argument(text: str) -> int:
     return size
 
 
+def _output_file(text: str) -> str:
+    """A file to write at the end of a long run: its folder must exist now."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no such folder, or a folder")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -276,8 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.set_defaults(run=_doctor)
     bench = sub.add_parser("bench", help="measure modes, diffs and batches side by side")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats (under 2 minutes)")
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    bench.add_argument("--plot", metavar="PNG", help="also draw the results into a PNG file")
+    bench.add_argument("--json", metavar="FILE", type=_output_file,
+                       help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="PNG", type=_output_file,
+                       help="also draw the results into a PNG file")
     bench.add_argument("--modes", nargs="+", choices=MODES, help="tracking modes to measure")
     bench.add_argument("--sizes", nargs="+", type=_size_argument,
                        help="region sizes for tracking, e.g. 4MiB 1GiB")
