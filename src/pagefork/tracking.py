@@ -73,7 +73,7 @@ def _write_test(mode: str, backing: str = "anonymous") -> str:
     those are reported, else what went wrong."""
     with Region(4 * _native.PAGE_SIZE, backing=backing) as region:  # type: ignore[arg-type]
         view = memoryview(region)
-        tracking = _native.Tracking(_MODE_IDS[mode], region.address, 4, 4, False)
+        tracking = _native.Tracking(_MODE_IDS[mode], region, 4)
         try:
             tracking.start()
             _ = bytes(view[: _native.PAGE_SIZE])  # a read must not count
@@ -228,6 +228,12 @@ def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:
     return Tracker(mode)
 
 
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() would never be released here.
+    for tracker in list(_live_trackers):
+        tracker._lock = threading.Lock()
+
+
 class Tracker:
     """Tracks which pages of one or more regions are written.
 
@@ -252,13 +258,23 @@ class Tracker:
         self.mode = mode
         self._regions: dict[int, tuple[weakref.ref[Region], _native.Tracking]] = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        _live_trackers.add(self)
 
     def __repr__(self) -> str:
         return f"<Tracker mode={self.mode!r} regions={len(self._regions)}>"
 
     # ---- region bookkeeping ------------------------------------------------
 
+    def _check_owner(self) -> None:
+        if self._pid != os.getpid():
+            raise PageforkError(
+                f"this {self.mode!r} tracker was inherited through fork() from process "
+                f"{self._pid}; it cannot be used in a child (it would act on the parent's "
+                "memory): create a new tracker in the child")
+
     def _tracking(self, region: Region, create: bool) -> _native.Tracking:
+        self._check_owner()
         if not isinstance(region, Region):
             raise TypeError(f"expected a pagefork.Region, got {type(region).__name__}")
         if region.closed:
@@ -274,9 +290,7 @@ class Tracker:
                     raise PageforkError("the region is already tracked by another Tracker")
             self._check_memory(region)
             tracking = _native.Tracking(
-                _MODE_IDS[self.mode], region.address, region.n_pages,
-                region.max_size // _native.PAGE_SIZE, region.shared,
-            )
+                _MODE_IDS[self.mode], region, region.max_size // _native.PAGE_SIZE)
             key = id(region)
 
             def forget(_: object, key: int = key) -> None:
@@ -384,6 +398,7 @@ class Tracker:
         memory meanwhile; with writers running use
         ``dirty_pages(region, reset=True)``.
         """
+        self._check_owner()
         for ref, tracking in list(self._regions.values()):
             region = ref()
             if region is None or region.closed:
@@ -394,7 +409,9 @@ class Tracker:
                 raise self._error(exc, "reset", region) from exc
 
     def close(self) -> None:
-        """Stops tracking every region."""
+        """Stops tracking every region. Safe in any state, from any thread, and
+        in a forked child (where it only forgets: the parent's tracking is
+        untouched)."""
         with self._lock:
             entries = list(self._regions.values())
             self._regions.clear()
@@ -409,3 +426,7 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_live_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -142,15 +142,58 @@ pf_thread_slot *pf_range_thread_slot(pf_range *r, pid_t tid, int create);
 void pf_range_begin_exclusive(pf_range *r);
 void pf_range_end_exclusive(pf_range *r);
 
+/* ---- regions and their trackings (mapping.c, tracking.c) ----------------
+ * A Mapping owns its memory; each Tracking of it only borrows the address.
+ * Before the memory is unmapped (close, dealloc) or replaced (MAP_FIXED of a
+ * file over it), the Mapping tells every Tracking linked to it, so no tracked
+ * range ever outlives or silently loses its memory. Both sides hold only
+ * borrowed pointers; the GIL serialises them. */
+struct PfTracking;
+
+typedef struct PfMapping {
+    PyObject_HEAD
+    uintptr_t address;
+    size_t size;
+    size_t max_size; /* bytes reserved */
+    int shared;
+    int fd; /* memfd backing the region, or -1 */
+    int mapped;
+    int closed;
+    Py_ssize_t exports;
+    struct PfTracking *trackings; /* linked through PfTracking.next */
+} PfMapping;
+
+typedef struct PfTracking {
+    PyObject_HEAD
+    struct pf_range *range;
+    const struct pf_mode_ops *ops; /* NULL for mode "none" */
+    int attached;                  /* published, and the kernel state is set up */
+    pid_t owner;                   /* the process that created it; a forked child is not */
+    PfMapping *mapping;            /* borrowed; NULL once the region is gone */
+    struct PfTracking *next;       /* next Tracking of the same Mapping */
+    PyObject *weakrefs;
+} PfTracking;
+
+/* tracking.c, called by mapping.c with the GIL: the memory is about to go
+ * away (stop for good, unlink), or a file was just mapped over it (re-arm
+ * what was armed). region_remapped returns -1 with an exception set. */
+void pf_tracking_region_gone(PfTracking *t);
+int pf_tracking_region_remapped(PfTracking *t);
+/* tracking.c: collects kernel state that a remap would discard. */
+int pf_tracking_before_remap(PfTracking *t);
+
 /* ---- mechanisms ----------------------------------------------------------
  * Each returns 0 on success or -1 with a Python exception set. Ranges are in
  * pages relative to r->start. */
-typedef struct {
+typedef struct pf_mode_ops {
     int (*attach)(pf_range *r);                           /* before first arm */
     int (*arm)(pf_range *r, size_t first, size_t count);  /* start recording */
     int (*disarm)(pf_range *r, size_t first, size_t count);
     int (*collect)(pf_range *r);                          /* kernel state -> flags */
     int (*detach)(pf_range *r, size_t first, size_t count); /* stop for good */
+    /* The kernel state lives in a descriptor a forked child shares with its
+     * parent (userfaultfd): a child must never touch it. */
+    int shared_across_fork;
 } pf_mode_ops;
 
 extern const pf_mode_ops pf_segfault_ops;

@@ -13,13 +13,7 @@
 #include <errno.h>
 #include <string.h>
 
-typedef struct {
-    PyObject_HEAD
-    pf_range *range;
-    const pf_mode_ops *ops; /* NULL for mode "none" */
-    int attached;
-    PyObject *weakrefs;
-} PfTracking;
+#include <unistd.h>
 
 static const pf_mode_ops *ops_for(int mode)
 {
@@ -38,30 +32,86 @@ static int thread_local_capable(int mode)
     return mode == PF_MODE_NONE || mode == PF_MODE_SEGFAULT || mode == PF_MODE_UFFD;
 }
 
+static void link_mapping(PfTracking *self, PfMapping *m)
+{
+    self->mapping = m;
+    self->next = m->trackings;
+    m->trackings = self;
+}
+
+static void unlink_mapping(PfTracking *self)
+{
+    PfMapping *m = self->mapping;
+    if (m == NULL)
+        return;
+    for (PfTracking **p = &m->trackings; *p != NULL; p = &(*p)->next)
+        if (*p == self) {
+            *p = self->next;
+            break;
+        }
+    self->mapping = NULL;
+    self->next = NULL;
+}
+
 static int tracking_init(PfTracking *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mode", "address", "n_pages", "max_pages", "shared", NULL};
-    int mode, shared = 0;
-    unsigned long long address;
-    Py_ssize_t n_pages, max_pages;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKnn|p", kwlist, &mode, &address, &n_pages,
-                                     &max_pages, &shared))
+    static char *kwlist[] = {"mode", "region", "max_pages", NULL};
+    int mode;
+    PyObject *region;
+    Py_ssize_t max_pages;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!n", kwlist, &mode, &PfMappingType, &region,
+                                     &max_pages))
         return -1;
-    if (mode < 0 || mode >= PF_N_MODES || n_pages < 0 || max_pages < n_pages ||
-        address % pf_page_size != 0) {
-        PyErr_SetString(PyExc_ValueError, "Tracking: bad mode, address or page counts");
+    PfMapping *m = (PfMapping *)region;
+    if (m->closed || !m->mapped) {
+        PyErr_SetString(PyExc_ValueError, "Tracking: the region is closed");
+        return -1;
+    }
+    size_t n_pages = m->size / pf_page_size;
+    if (mode < 0 || mode >= PF_N_MODES || max_pages < (Py_ssize_t)n_pages ||
+        (size_t)max_pages * pf_page_size > m->max_size) {
+        PyErr_SetString(PyExc_ValueError, "Tracking: bad mode or page counts");
         return -1;
     }
     if (self->range != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Tracking already initialised");
         return -1;
     }
-    self->range = pf_range_new(mode, (uintptr_t)address, (size_t)n_pages, (size_t)max_pages, shared);
+    self->range = pf_range_new(mode, m->address, n_pages, (size_t)max_pages, m->shared);
     if (self->range == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     self->ops = ops_for(mode);
+    self->owner = getpid();
+    link_mapping(self, m);
+    return 0;
+}
+
+/* A Tracking copied into a forked child acts on nothing of its own: its
+ * userfaultfd is the parent's. */
+static int inherited(PfTracking *self)
+{
+    return self->owner != getpid();
+}
+
+/* Every operation but close: the region must exist and be this process's. */
+static int check_usable(PfTracking *self)
+{
+    if (self->range == NULL) {
+        PyErr_SetString(PyExc_ValueError, "Tracking is not initialised");
+        return -1;
+    }
+    if (inherited(self)) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "this tracking was inherited through fork() from process %d; a child cannot "
+                     "use it (it would act on the parent's memory)", (int)self->owner);
+        return -1;
+    }
+    if (self->mapping == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the region is closed");
+        return -1;
+    }
     return 0;
 }
 
@@ -86,16 +136,21 @@ static int attach(PfTracking *self)
     return 0;
 }
 
-/* Drops protection and kernel registrations once nothing is tracked. */
+/* Drops protection and kernel registrations once nothing is tracked. In a
+ * forked child, state shared with the parent (userfaultfd) is left alone; the
+ * child's own (its page protections, its copy of the registry) is cleaned. */
 static int detach_if_idle(PfTracking *self)
 {
     pf_range *r = self->range;
     if (!self->attached || any_active(r))
         return 0;
     size_t n = atomic_load(&r->n_pages);
-    int rc = self->ops->disarm(r, 0, n);
-    if (self->ops->detach(r, 0, n) != 0)
-        rc = -1;
+    int rc = 0;
+    if (!inherited(self) || !self->ops->shared_across_fork) {
+        rc = self->ops->disarm(r, 0, n);
+        if (self->ops->detach(r, 0, n) != 0)
+            rc = -1;
+    }
     pf_registry_unpublish(r);
     self->attached = 0;
     return rc;
@@ -111,6 +166,8 @@ static int collect(PfTracking *self)
 static PyObject *tracking_start(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     if (attach(self) != 0)
         return NULL;
@@ -130,6 +187,8 @@ static PyObject *tracking_start(PfTracking *self, PyObject *unused)
 static PyObject *tracking_stop(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     if (!atomic_load(&r->global_active))
         Py_RETURN_NONE;
@@ -143,6 +202,8 @@ static PyObject *tracking_stop(PfTracking *self, PyObject *unused)
 static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     if (!thread_local_capable(r->mode)) {
         PyErr_SetString(PyExc_NotImplementedError, "this mode has no thread-local scope");
@@ -166,6 +227,8 @@ static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
 static PyObject *tracking_stop_thread(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     pf_thread_slot *slot = pf_range_thread_slot(r, pf_current_tid(), 0);
     if (slot == NULL || !atomic_exchange(&slot->active, 0))
@@ -236,6 +299,10 @@ static PyObject *tracking_dirty(PfTracking *self, PyObject *args, PyObject *kwds
     int scope, reset = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*i|p", kwlist, &out, &scope, &reset))
         return NULL;
+    if (check_usable(self) != 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
     pf_range *r = self->range;
     size_t n = atomic_load(&r->n_pages);
     if ((size_t)out.len != n || scope < 0 || scope > 2) {
@@ -269,6 +336,8 @@ static PyObject *tracking_dirty(PfTracking *self, PyObject *args, PyObject *kwds
 static PyObject *tracking_reset(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     int armed = self->attached && any_active(r) && self->ops != NULL;
     /* Consume the kernel's state first (uffd-async re-protects as it reads). */
@@ -296,6 +365,8 @@ static PyObject *tracking_resize(PfTracking *self, PyObject *args)
     Py_ssize_t new_n;
     if (!PyArg_ParseTuple(args, "n", &new_n))
         return NULL;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     if (new_n < 0 || (size_t)new_n > r->max_pages) {
         PyErr_SetString(PyExc_ValueError, "resize: beyond the tracked maximum");
@@ -320,19 +391,50 @@ static PyObject *tracking_resize(PfTracking *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *tracking_close(PfTracking *self, PyObject *unused)
+/* Stops everything and drops kernel state; safe in any state and in a forked
+ * child (where it only forgets). Returns -1 with an exception set on error. */
+static int close_tracking(PfTracking *self)
 {
-    (void)unused;
     pf_range *r = self->range;
     if (r == NULL)
-        Py_RETURN_NONE;
+        return 0;
     atomic_store(&r->global_active, 0);
     for (int i = 0; i < PF_MAX_THREADS; i++)
         atomic_store(&r->threads[i].active, 0);
     atomic_store(&r->threads_active, 0);
-    if (detach_if_idle(self) != 0)
+    return detach_if_idle(self);
+}
+
+static PyObject *tracking_close(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    if (close_tracking(self) != 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+void pf_tracking_region_gone(PfTracking *self)
+{
+    if (close_tracking(self) != 0)
+        PyErr_Clear(); /* the memory is going away: nothing is left to protect */
+    unlink_mapping(self);
+}
+
+int pf_tracking_before_remap(PfTracking *self)
+{
+    if (inherited(self) || self->ops == NULL || !self->attached ||
+        !atomic_load(&self->range->global_active))
+        return 0;
+    return collect(self);
+}
+
+int pf_tracking_region_remapped(PfTracking *self)
+{
+    pf_range *r = self->range;
+    if (inherited(self) || self->ops == NULL || !self->attached || !any_active(r) ||
+        r->mode == PF_MODE_COW) /* cow: mapping the file again is its re-arm */
+        return 0;
+    return self->ops->arm(r, 0, atomic_load(&r->n_pages));
 }
 
 static void tracking_dealloc(PfTracking *self)
@@ -340,14 +442,19 @@ static void tracking_dealloc(PfTracking *self)
     if (self->weakrefs != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
     if (self->range != NULL) {
-        PyObject *ok = tracking_close(self, NULL);
-        if (ok == NULL)
-            PyErr_WriteUnraisable((PyObject *)self);
-        Py_XDECREF(ok);
+        /* Never report through self (that would revive it mid-dealloc) and
+         * never disturb an exception being propagated. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (close_tracking(self) != 0)
+            PyErr_WriteUnraisable(NULL);
+        PyErr_Restore(type, value, tb);
+        unlink_mapping(self);
         if (!self->attached)
             pf_range_free(self->range);
         /* else: still published after a failed detach; leaking beats a
          * handler reading freed memory */
+        self->range = NULL;
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -355,20 +462,21 @@ static void tracking_dealloc(PfTracking *self)
 static PyObject *tracking_get_active(PfTracking *self, void *closure)
 {
     (void)closure;
-    return PyBool_FromLong(atomic_load(&self->range->global_active));
+    return PyBool_FromLong(self->range != NULL && atomic_load(&self->range->global_active));
 }
 
 static PyObject *tracking_get_thread_active(PfTracking *self, void *closure)
 {
     (void)closure;
-    pf_thread_slot *slot = pf_range_thread_slot(self->range, pf_current_tid(), 0);
+    pf_thread_slot *slot =
+        self->range == NULL ? NULL : pf_range_thread_slot(self->range, pf_current_tid(), 0);
     return PyBool_FromLong(slot != NULL && atomic_load(&slot->active));
 }
 
 static PyObject *tracking_get_n_pages(PfTracking *self, void *closure)
 {
     (void)closure;
-    return PyLong_FromSize_t(atomic_load(&self->range->n_pages));
+    return PyLong_FromSize_t(self->range == NULL ? 0 : atomic_load(&self->range->n_pages));
 }
 
 static PyMethodDef tracking_methods[] = {

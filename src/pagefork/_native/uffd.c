@@ -236,4 +236,5 @@ const pf_mode_ops pf_uffd_ops = {
     .disarm = uffd_disarm,
     .collect = uffd_collect,
     .detach = uffd_detach,
+    .shared_across_fork = 1,
 };

@@ -89,4 +89,5 @@ const pf_mode_ops pf_uffd_async_ops = {
     .disarm = async_disarm,
     .collect = async_collect,
     .detach = async_detach,
+    .shared_across_fork = 1,
 };

@@ -1,0 +1,234 @@
+"""Lifetimes: freeing Regions, Trackers and Snapshots in any order, at any time
+(GC, interpreter exit, other threads), and fork(). Exit cases run in a
+subprocess and check the exit status and a clean stderr."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import pagefork
+from pagefork import PAGE_SIZE, PageforkError, Region
+
+from conftest import require
+from test_tracking import as_set, write_pages
+
+LIFETIME_MODES = ["segfault", "uffd", "uffd-async", "cow"]
+
+PRELUDE = """
+import gc, os, sys, threading
+import numpy as np
+import pagefork
+from pagefork import PAGE_SIZE, Region, Snapshot
+MODE = {mode!r}
+
+def new_region(pages=8):
+    if MODE != "cow":
+        return Region(pages * PAGE_SIZE)
+    snap = Snapshot(size=pages * PAGE_SIZE)
+    region = Region(pages * PAGE_SIZE)
+    snap.map_to(region)
+    return region
+"""
+
+
+def run_clean(mode: str, body: str) -> str:
+    """Runs body after PRELUDE in a fresh interpreter; asserts exit status 0
+    and nothing on stderr; returns stdout."""
+    code = PRELUDE.format(mode=mode) + textwrap.dedent(body)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return result.stdout
+
+
+@pytest.fixture(params=LIFETIME_MODES)
+def lmode(request: pytest.FixtureRequest) -> str:
+    require(request.param)
+    return request.param
+
+
+def test_module_level_tracker_left_started(lmode):
+    run_clean(lmode, """
+        r = new_region()
+        t = pagefork.tracker(MODE)
+        t.start(r)
+        r.array()[5] = 1
+        r2 = new_region()
+        t2 = pagefork.tracker(MODE)
+        t2.start(r2)
+        view = r2.array()  # a view alive at exit too
+    """)
+
+
+def test_tracker_freed_while_tracking(lmode):
+    out = run_clean(lmode, """
+        r = new_region()
+        t = pagefork.tracker(MODE)
+        t.start(r)
+        del t; gc.collect()
+        r.array()[::PAGE_SIZE] = 3  # memory is plain writable memory again
+        t = pagefork.tracker(MODE)
+        if MODE == "cow":
+            Snapshot(size=r.size).map_to(r)
+        t.start(r)  # and can be tracked again
+        r.array()[PAGE_SIZE] = 4
+        print(np.flatnonzero(t.dirty_pages(r)).tolist())
+    """)
+    assert out.strip() == "[1]"
+
+
+def test_region_freed_while_tracked(lmode):
+    out = run_clean(lmode, """
+        t = pagefork.tracker(MODE)
+        r = new_region()
+        t.start(r)
+        address = r.address
+        del r; gc.collect()
+        others = [new_region() for _ in range(4)]  # likely reuse the address
+        for o in others:
+            o.array()[:] = 1  # never protected by the dead region's tracking
+        t.close()
+        for o in others:
+            o.array()[:] = 2
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_region_closed_while_tracked_then_tracker_closed(lmode):
+    out = run_clean(lmode, """
+        t = pagefork.tracker(MODE)
+        r = new_region()
+        t.start(r)
+        view = r.array()
+        r.close()
+        view[:] = 9  # a view outlives close: the memory must be writable, untracked
+        try:
+            t.dirty_pages(r)
+        except pagefork.PageforkError as exc:
+            print("refused:", "closed" in str(exc))
+        t.close()
+        t.close()
+        print(int(view.sum()) == 9 * view.size)
+    """)
+    assert out.split() == ["refused:", "True", "True"]
+
+
+def test_region_and_tracker_in_a_garbage_cycle(lmode):
+    """GC frees a cycle holding both: weakref callbacks may not run, so the
+    native core must stop the tracking before the memory goes."""
+    out = run_clean(lmode, """
+        gc.disable()
+        for i in range(50):
+            t = pagefork.tracker(MODE)
+            r = new_region()
+            t.start(r)
+            r.array()[0] = 1
+            holder = {"t": t, "r": r}
+            holder["self"] = holder
+            t.cycle = holder
+            del t, r, holder
+            if i % 10 == 9:
+                gc.collect()
+        gc.collect()
+        fresh = [Region(8 * PAGE_SIZE) for _ in range(8)]
+        for f in fresh:
+            f.array()[:] = 7
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_closing_from_another_thread(lmode):
+    out = run_clean(lmode, """
+        for i in range(20):
+            t = pagefork.tracker(MODE)
+            r = new_region()
+            t.start(r)
+            view = r.array()
+            target = (t.close, r.close)[i % 2]
+            th = threading.Thread(target=target)
+            th.start()
+            view[::PAGE_SIZE] = i  # writes race the close in the other thread
+            th.join()
+            view[:] = 1
+            t.close(); r.close()
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_snapshot_closed_before_tracked_mapping(lmode):
+    out = run_clean(lmode, """
+        snap = Snapshot(size=8 * PAGE_SIZE)
+        snap.write(b"x" * PAGE_SIZE)
+        r = Region(8 * PAGE_SIZE)
+        snap.map_to(r)
+        t = pagefork.tracker(MODE)
+        t.start(r)
+        snap.close()
+        r.array()[3 * PAGE_SIZE] = 1
+        print(np.flatnonzero(t.dirty_pages(r)).tolist(), bytes(r.array()[:2]))
+        del snap
+        gc.collect()
+    """)
+    assert out.strip() == "[3] b'xx'"
+
+
+@pytest.mark.parametrize("tracking", ["segfault", "uffd", "uffd-async", "cow"])
+def test_app_left_open_at_exit(tracking):
+    require(tracking)
+    out = run_clean(tracking, """
+        app = pagefork.App(16 * PAGE_SIZE, backend="threads", tracking=MODE)
+        a = app.alloc("x", (100,), np.float64)
+        a[:] = 1
+        def work(mem, i, n):
+            mem["x"][i] += i
+        app.parallel(work, 4)
+        print(app["x"][:4].tolist())
+    """)
+    assert out.strip() == "[1.0, 2.0, 3.0, 4.0]"
+
+
+def test_dealloc_keeps_a_pending_exception():
+    require("segfault")
+    r = Region(4 * PAGE_SIZE)
+    t = pagefork.tracker("segfault")
+    t.start(r)
+    with pytest.raises(KeyError):
+        try:
+            raise KeyError("x")
+        finally:
+            del t
+            gc.collect()
+    write_pages(r, {1})
+    r.close()
+
+
+def test_uninitialised_native_tracking_is_harmless():
+    from pagefork import _native
+    t = _native.Tracking.__new__(_native.Tracking)
+    assert t.active is False and t.n_pages == 0
+    with pytest.raises(ValueError):
+        t.start()
+    t.close()
+    del t
+
+
+def test_native_tracking_needs_a_region():
+    from pagefork import _native
+    with pytest.raises(TypeError):
+        _native.Tracking(_native.MODE_SEGFAULT, 0x10000, 4)  # type: ignore[arg-type]
+    r = Region(PAGE_SIZE)
+    r.close()
+    with pytest.raises(ValueError, match="closed"):
+        _native.Tracking(_native.MODE_SEGFAULT, r, 1)
