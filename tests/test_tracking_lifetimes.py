@@ -29,6 +29,15 @@ import pagefork
 from pagefork import PAGE_SIZE, Region, Snapshot
 MODE = {mode!r}
 
+def fd_links():
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink("/proc/self/fd/" + fd))
+        except FileNotFoundError:  # the directory's own descriptor
+            pass
+    return links
+
 def new_region(pages=8):
     if MODE != "cow":
         return Region(pages * PAGE_SIZE)
@@ -232,3 +241,77 @@ def test_native_tracking_needs_a_region():
     r.close()
     with pytest.raises(ValueError, match="closed"):
         _native.Tracking(_native.MODE_SEGFAULT, r, 1)
+
+
+# ---- fork ---------------------------------------------------------------------------
+
+FORK_CHILD_ACTIONS = {
+    "exit": "pass",
+    "stop-close": """
+        try:
+            t.stop(r)
+        except pagefork.PageforkError as exc:
+            assert "fork" in str(exc), exc
+        else:
+            raise SystemExit("stop in the child did not raise")
+        t.close()
+    """,
+    "close-region": "r.close(); t.close()",
+    "gc": "del t; gc.collect(); r.close(); gc.collect()",
+    "use": """
+        for call in (lambda: t.dirty_pages(r), lambda: t.dirty_pages(r, reset=True),
+                     lambda: t.start(r), t.reset, lambda: t.start_thread(r)):
+            try:
+                call()
+            except pagefork.PageforkError as exc:
+                assert "fork" in str(exc) or "thread-local" in str(exc), exc
+            else:
+                raise SystemExit("an inherited tracker worked in the child")
+        # a new tracker in the child tracks the child's own memory exactly
+        own = new_region()
+        t2 = pagefork.tracker(MODE)
+        t2.start(own)
+        own.array()[2 * PAGE_SIZE] = 1
+        assert np.flatnonzero(t2.dirty_pages(own)).tolist() == [2]
+    """,
+}
+
+
+@pytest.mark.parametrize("action", list(FORK_CHILD_ACTIONS))
+def test_fork_child_never_touches_the_parents_tracking(lmode, action):
+    child = textwrap.dedent(FORK_CHILD_ACTIONS[action])
+    out = run_clean(lmode, f"""
+        r = new_region(16)
+        t = pagefork.tracker(MODE)
+        t.start(r)
+        a = r.array()
+        a[1 * PAGE_SIZE] = 1
+        pid = os.fork()
+        if pid == 0:
+            try:
+                a[2 * PAGE_SIZE] = 2  # the child's own copy
+                assert "anon_inode:[userfaultfd]" not in fd_links(), "the parent's userfaultfd leaked"
+                exec({child!r})
+                a[3 * PAGE_SIZE] = 3
+            except BaseException as exc:
+                import traceback; traceback.print_exc()
+                os._exit(3)
+            sys.stdout.flush()
+            sys.exit(0)  # a normal exit: finalizers run in the child
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        a[5 * PAGE_SIZE] = 5
+        print(np.flatnonzero(t.dirty_pages(r, "global")).tolist())
+        if MODE != "cow":
+            print(np.flatnonzero(t.dirty_pages(r, "global", reset=True)).tolist())
+            a[7 * PAGE_SIZE] = 7
+            print(np.flatnonzero(t.dirty_pages(r, "global", reset=True)).tolist())
+        t.stop(r)
+        t.start(r) if MODE != "cow" else None
+        print(int(a[2 * PAGE_SIZE]), int(a[3 * PAGE_SIZE]))
+    """)
+    lines = out.strip().splitlines()
+    assert lines[0] == "[1, 5]"
+    if lmode != "cow":
+        assert lines[1:3] == ["[1, 5]", "[7]"]
+    assert lines[-1] == "0 0"

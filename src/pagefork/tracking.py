@@ -350,12 +350,14 @@ class Tracker:
 
     def start_thread(self, region: Region) -> None:
         """Starts tracking the calling thread's writes to ``region``."""
+        self._check_owner()
         if self.mode not in _THREAD_LOCAL:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         self._call(region, "start_thread", create=True)
 
     def stop_thread(self, region: Region) -> None:
         """Stops tracking the calling thread's writes; its flags stay readable."""
+        self._check_owner()
         if self.mode not in _THREAD_LOCAL:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         self._call(region, "stop_thread")
@@ -376,6 +378,7 @@ class Tracker:
         (whose clearing is a separate, process-wide step) cannot, and raise
         :class:`UnsupportedModeError`.
         """
+        self._check_owner()
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of 'global', 'thread', 'both', not {scope!r}")
         if scope == "thread" and self.mode not in _THREAD_LOCAL:

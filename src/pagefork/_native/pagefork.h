@@ -220,6 +220,9 @@ int pf_uffd_register(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_unregister(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_protect(int fd, pf_range *r, size_t first, size_t count, int protect);
 PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
+/* pthread_atfork child handlers: close the inherited (parent's) descriptors. */
+void pf_uffd_forget_after_fork(void);
+void pf_uffd_async_forget_after_fork(void);
 
 /* module-level switches for tests */
 extern int pf_pagemap_scan_disabled;

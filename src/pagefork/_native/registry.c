@@ -24,7 +24,11 @@ static _Atomic int registry_top; /* slots at or above this index are empty */
  * first access, which a signal handler must never do. */
 static __thread pid_t cached_tid __attribute__((tls_model("initial-exec")));
 
-static void forget_tid_in_child(void) { cached_tid = 0; }
+static void forget_tid_in_child(void)
+{
+    cached_tid = 0;
+    pf_uffd_forget_after_fork();
+}
 static void register_atfork(void) { pthread_atfork(NULL, NULL, forget_tid_in_child); }
 
 pid_t pf_current_tid(void)

@@ -154,6 +154,17 @@ static void *fault_thread(void *arg)
     }
 }
 
+/* In a forked child the descriptors are the parent's userfaultfd: every
+ * ioctl on them would act on the parent's memory. Drop the child's copies
+ * (the parent keeps its own); the child opens its own when it tracks. */
+void pf_uffd_forget_after_fork(void)
+{
+    if (sync_fd >= 0)
+        close(sync_fd);
+    sync_fd = -1;
+    pf_uffd_async_forget_after_fork();
+}
+
 static int sync_descriptor(void)
 {
     if (sync_fd >= 0 && sync_pid == getpid())

@@ -14,6 +14,13 @@
 static int async_fd = -1;
 static pid_t async_pid;
 
+void pf_uffd_async_forget_after_fork(void)
+{
+    if (async_fd >= 0)
+        close(async_fd);
+    async_fd = -1;
+}
+
 static int async_descriptor(void)
 {
     if (async_fd >= 0 && async_pid == getpid())
