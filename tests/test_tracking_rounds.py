@@ -120,3 +120,56 @@ def test_no_write_lost_with_concurrent_writers(mode_name, shared):
           f"{lost} lost")
     assert lost == 0
     assert np.array_equal(shadow, mem)
+
+
+# ---- Snapshot.map_to over tracked memory ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode_name", ["segfault", "uffd", "uffd-async", "cow"])
+@pytest.mark.parametrize("backing", ["anonymous", "memfd"])
+def test_map_to_keeps_tracking_armed(mode_name, backing):
+    require(mode_name)
+    snap = pagefork.Snapshot(bytes(range(256)) * (16 * PAGE_SIZE // 256))
+    region = Region(16 * PAGE_SIZE, backing=backing)
+    tracker = pagefork.tracker(mode_name)
+    try:
+        if mode_name == "cow":
+            snap.map_to(region)
+        tracker.start(region)
+        write_pages(region, {1})
+        snap.map_to(region)  # same address; protections of the old mapping are gone
+        assert bytes(region.array()[PAGE_SIZE:PAGE_SIZE + 4]) == bytes(range(4))
+        write_pages(region, {4, 9}, 5)
+        assert as_set(tracker.dirty_pages(region, "global")) == {1, 4, 9}
+        if mode_name != "cow":
+            assert as_set(tracker.dirty_pages(region, "global", reset=True)) == {1, 4, 9}
+            snap.map_to(region)
+            write_pages(region, {6})
+            assert as_set(tracker.dirty_pages(region, "global", reset=True)) == {6}
+            snap.map_to(region)  # nothing written after this remap
+            assert as_set(tracker.dirty_pages(region, "global", reset=True)) == set()
+        tracker.stop(region)
+        write_pages(region, {12})  # stopped, and map_to must not re-arm a stopped tracker
+        snap.map_to(region)
+        write_pages(region, {13})
+        if mode_name == "cow":
+            assert as_set(tracker.dirty_pages(region, "global")) == {1, 4, 9}
+        else:
+            assert as_set(tracker.dirty_pages(region, "global")) == set()
+    finally:
+        tracker.close()
+        region.close()
+        snap.close()
+
+
+@pytest.mark.parametrize("mode_name", ["segfault", "uffd"])
+def test_map_to_keeps_thread_tracking_armed(mode_name):
+    require(mode_name)
+    snap = pagefork.Snapshot(size=8 * PAGE_SIZE)
+    with Region(8 * PAGE_SIZE) as region, pagefork.tracker(mode_name) as tracker:
+        tracker.start_thread(region)
+        snap.map_to(region)
+        write_pages(region, {3})
+        assert as_set(tracker.dirty_pages(region, "thread")) == {3}
+        tracker.stop_thread(region)
+    snap.close()
