@@ -203,7 +203,12 @@ extern const pf_mode_ops pf_softpte_ops;
 extern const pf_mode_ops pf_cow_ops;
 
 /* pagemap.c */
-enum pf_pagemap_kind { PF_PAGEMAP_COW, PF_PAGEMAP_SOFT_DIRTY };
+enum pf_pagemap_kind {
+    PF_PAGEMAP_COW,         /* a private copy: present or swapped, not the file's page */
+    PF_PAGEMAP_SOFT_DIRTY,  /* soft-dirty bit set */
+    PF_PAGEMAP_UNPROTECTED, /* no userfaultfd write-protection (PAGE_IS_WRITTEN) */
+    PF_PAGEMAP_ZAPPED,      /* unprotected and unpopulated: dropped by madvise */
+};
 /* Marks in `out` (one byte per page) the pages of [start, start + n pages)
  * that match `kind`. Uses PAGEMAP_SCAN when the kernel has it, else
  * /proc/self/pagemap. Returns the number of pages found, or -1 with errno. */
@@ -219,6 +224,8 @@ int pf_uffd_open(int features, int *got_features, int *user_mode_only);
 int pf_uffd_register(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_unregister(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_protect(int fd, pf_range *r, size_t first, size_t count, int protect);
+/* madvise(MADV_UNMERGEABLE): KSM merges drop userfaultfd write-protection. */
+void pf_keep_out_of_ksm(pf_range *r, size_t first, size_t count);
 PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
 /* pthread_atfork child handlers: close the inherited (parent's) descriptors. */
 void pf_uffd_forget_after_fork(void);

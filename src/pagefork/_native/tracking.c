@@ -282,7 +282,11 @@ static int read_and_rearm(PfTracking *self, int scope, uint8_t *dst, size_t n)
         return 0;
     }
     pf_range_begin_exclusive(r);
-    int rc = armed ? self->ops->arm(r, 0, n) : 0;
+    /* collect before re-protecting: it reads what only the kernel knows
+     * (pages that lost their protection without a fault). */
+    int rc = armed ? collect(self) : 0;
+    if (rc == 0 && armed)
+        rc = self->ops->arm(r, 0, n);
     if (rc == 0)
         take_flags(r, scope, dst, n, 1);
     pf_range_end_exclusive(r);
@@ -321,7 +325,7 @@ static PyObject *tracking_dirty(PfTracking *self, PyObject *args, PyObject *kwds
         memset(dst, 1, n);
     else if (reset)
         rc = read_and_rearm(self, scope, dst, n);
-    else if (atomic_load(&r->global_active) && collect(self) != 0)
+    else if (any_active(r) && collect(self) != 0)
         rc = -1;
     else
         take_flags(r, scope, dst, n, 0);
@@ -422,8 +426,7 @@ void pf_tracking_region_gone(PfTracking *self)
 
 int pf_tracking_before_remap(PfTracking *self)
 {
-    if (inherited(self) || self->ops == NULL || !self->attached ||
-        !atomic_load(&self->range->global_active))
+    if (inherited(self) || self->ops == NULL || !self->attached || !any_active(self->range))
         return 0;
     return collect(self);
 }

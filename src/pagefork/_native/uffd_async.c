@@ -59,6 +59,7 @@ static int async_arm(pf_range *r, size_t first, size_t count)
         return -1;
     if (pf_uffd_register(fd, r, first, count) != 0)
         return -1;
+    pf_keep_out_of_ksm(r, first, count);
     return pf_uffd_protect(fd, r, first, count, 1);
 }
 
