@@ -12,17 +12,21 @@ import functools
 import os
 import platform
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from . import _native
+from . import _native, _signals
 from ._errors import PageforkError, UnsupportedModeError, native_error
 from .memory import Region
 
-__all__ = ["MODES", "AUTO_CANDIDATES", "Support", "Tracker", "probe", "tracker", "write_costs"]
+__all__ = [
+    "MODES", "AUTO_CANDIDATES", "Support", "Tracker", "TrackerStats", "TrackingFallbackWarning",
+    "probe", "tracker", "write_costs",
+]
 
 MODES: tuple[str, ...] = ("none", "softpte", "segfault", "uffd", "uffd-async", "cow")
 
@@ -49,6 +53,23 @@ _NO_ATOMIC_RESET = {
     "softpte": "is impossible: /proc/self/clear_refs clears soft-dirty bits process-wide in a "
                "separate step, so writes between the read and the clear would be lost",
 }
+
+
+class TrackingFallbackWarning(RuntimeWarning):
+    """Tracking fell back to reporting a whole region dirty (see :meth:`Tracker.stats`)."""
+
+
+@dataclass(frozen=True)
+class TrackerStats:
+    """What a tracker had to do for one region.
+
+    ``fallbacks``: times segfault mode could not re-enable writing to one
+    page (``mprotect`` failed with ``ENOMEM``: each protected page splits the
+    mapping, and the process reached ``vm.max_map_count``) and un-protected
+    the whole region instead, reporting every page of it dirty.
+    """
+
+    fallbacks: int
 
 
 @dataclass(frozen=True)
@@ -228,6 +249,14 @@ def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:
     return Tracker(mode)
 
 
+def _max_map_count() -> str:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def _after_fork_in_child() -> None:
     # A lock held by another thread at fork() would never be released here.
     for tracker in list(_live_trackers):
@@ -259,7 +288,10 @@ class Tracker:
         self._regions: dict[int, tuple[weakref.ref[Region], _native.Tracking]] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._fallbacks_seen: dict[int, int] = {}
         _live_trackers.add(self)
+        if mode == "segfault":
+            _signals.install()
 
     def __repr__(self) -> str:
         return f"<Tracker mode={self.mode!r} regions={len(self._regions)}>"
@@ -391,7 +423,24 @@ class Tracker:
             tracking.dirty(out, _SCOPES[scope], bool(reset))
         except OSError as exc:
             raise self._error(exc, "dirty_pages", region) from exc
+        self._warn_fallbacks(tracking)
         return out.view(np.bool_)
+
+    def stats(self, region: Region) -> TrackerStats:
+        """What tracking ``region`` has needed so far (see :class:`TrackerStats`)."""
+        return TrackerStats(fallbacks=self._tracking(region, create=False).fallbacks)
+
+    def _warn_fallbacks(self, tracking: _native.Tracking) -> None:
+        count = tracking.fallbacks
+        if count > self._fallbacks_seen.get(id(tracking), 0):
+            self._fallbacks_seen[id(tracking)] = count
+            limit = _max_map_count()
+            warnings.warn(
+                "segfault tracking could not re-enable writes to one page (mprotect: ENOMEM, "
+                f"the process reached vm.max_map_count={limit}), so it un-protected the whole "
+                "region and reports all of it dirty; raise vm.max_map_count or use uffd-async "
+                "(Tracker.stats counts these fallbacks)",
+                TrackingFallbackWarning, stacklevel=3)
 
     def reset(self) -> None:
         """Clears every flag of every region and re-arms tracking where it is on.

@@ -49,6 +49,8 @@ static PyMethodDef native_methods[] = {
     {"delta_apply", pf_delta_apply, METH_VARARGS, "delta_apply(old, body, new_len, xor) -> new"},
     {"_scribble", pf_scribble, METH_VARARGS,
      "_scribble(address, n_pages, slot, first_seq, count, seed) -> seed: native-speed test writes."},
+    {"_segfault_reassert", pf_segfault_reassert, METH_NOARGS,
+     "Put the segfault-mode SIGSEGV handler back on top after Python code replaced it."},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},
     {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,

@@ -121,6 +121,7 @@ typedef struct pf_range {
     _Atomic int threads_active;
     _Atomic int inflight; /* fault handlers currently using this range */
     _Atomic int collecting; /* a read-and-re-arm is running: handlers wait */
+    _Atomic unsigned fallbacks; /* segfault: whole range un-protected (vm.max_map_count) */
     uint8_t *global;
     pf_thread_slot threads[PF_MAX_THREADS];
 } pf_range;
@@ -303,5 +304,6 @@ uint32_t pf_crc32c_update(uint32_t crc, const uint8_t *data, size_t len);
 PyObject *pf_delta_encode(PyObject *self, PyObject *args);
 PyObject *pf_delta_apply(PyObject *self, PyObject *args);
 PyObject *pf_scribble(PyObject *self, PyObject *args);
+PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused);
 
 #endif

@@ -482,6 +482,12 @@ static PyObject *tracking_get_n_pages(PfTracking *self, void *closure)
     return PyLong_FromSize_t(self->range == NULL ? 0 : atomic_load(&self->range->n_pages));
 }
 
+static PyObject *tracking_get_fallbacks(PfTracking *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLong(self->range == NULL ? 0 : atomic_load(&self->range->fallbacks));
+}
+
 static PyMethodDef tracking_methods[] = {
     {"start", (PyCFunction)tracking_start, METH_NOARGS, "Start tracking the whole process."},
     {"stop", (PyCFunction)tracking_stop, METH_NOARGS, "Stop whole-process tracking."},
@@ -499,6 +505,9 @@ static PyGetSetDef tracking_getset[] = {
     {"active", (getter)tracking_get_active, NULL, "Global tracking is on.", NULL},
     {"thread_active", (getter)tracking_get_thread_active, NULL, "The calling thread is tracked.", NULL},
     {"n_pages", (getter)tracking_get_n_pages, NULL, "Pages tracked.", NULL},
+    {"fallbacks", (getter)tracking_get_fallbacks, NULL,
+     "Times segfault mode un-protected the whole range (mprotect failed: vm.max_map_count).",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
