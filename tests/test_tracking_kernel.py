@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -20,6 +23,7 @@ from test_tracking import as_set, write_pages
 
 libc = ctypes.CDLL(None, use_errno=True)
 MADV_MERGEABLE, MADV_UNMERGEABLE = 12, 13
+PROT_NONE, PROT_READ = 0, 1
 MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT = 4, 8, 20, 21
 UFFD_MODES = ["uffd", "uffd-async"]
 
@@ -179,3 +183,119 @@ def test_ksm_merging_tracked_memory_loses_no_write(mode_name):
             t.close()
             region.close()
             snap.close()
+
+
+def test_uffd_thread_scope_misses_a_discarded_page_written_before_the_read():
+    """Documented limit: the write populates the page without a fault, so no
+    thread can be named; the process scope reports it."""
+    require("uffd")
+    with Region(8 * PAGE_SIZE) as region, pagefork.tracker("uffd") as t:
+        region.array()[:] = 1
+        t.start(region)
+        t.start_thread(region)
+        madvise(region, 2, 1, MADV_DONTNEED)
+        write_pages(region, {2})
+        assert 2 in as_set(t.dirty_pages(region, "global"))
+        assert 2 not in as_set(t.dirty_pages(region, "thread"))
+        t.stop_thread(region)
+
+
+# ---- what no mode can see ---------------------------------------------------------------
+
+SEEING_MODES = ["segfault", "uffd", "uffd-async"]
+
+
+def vma_perms(address: int) -> str:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return perms
+    raise AssertionError("no VMA at that address")
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+@pytest.mark.parametrize("backing", ["anonymous", "memfd"])
+def test_another_process_writing_shared_memory_is_not_seen(mode_name, backing):
+    require(mode_name)
+    with Region(8 * PAGE_SIZE, shared=True, backing=backing) as region, \
+            pagefork.tracker(mode_name) as t:
+        t.start(region)
+        pid = os.fork()
+        if pid == 0:  # a forked child writes the shared pages
+            region.array()[4 * PAGE_SIZE] = 9
+            os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        if backing == "memfd":  # an unrelated process maps the memfd and writes it
+            path = f"/proc/{os.getpid()}/fd/{region._fd}"
+            code = ("import mmap, os; fd = os.open(%r, os.O_RDWR); "
+                    "m = mmap.mmap(fd, %d); m[%d] = 7; m.close()") % (path, 8 * PAGE_SIZE,
+                                                                     6 * PAGE_SIZE)
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+        a = region.array()
+        assert a[4 * PAGE_SIZE] == 9 and a[6 * PAGE_SIZE] == (7 if backing == "memfd" else 0)
+        assert as_set(t.dirty_pages(region, "global")) == set()
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES + ["cow"])
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_writes_through_the_file_are_not_seen(mode_name, shared):
+    require(mode_name)
+    if mode_name == "cow" and shared:
+        pytest.skip("cow tracks private mappings only")
+    with Region(8 * PAGE_SIZE, shared=shared, backing="memfd") as region, \
+            pagefork.tracker(mode_name) as t:
+        t.start(region)
+        os.pwrite(region._fd, b"file", 2 * PAGE_SIZE)
+        assert bytes(region.array()[2 * PAGE_SIZE:2 * PAGE_SIZE + 4]) == b"file"
+        assert as_set(t.dirty_pages(region, "global")) == set()
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES + ["cow"])
+def test_writes_through_proc_self_mem(mode_name):
+    require(mode_name)
+    backing = "memfd" if mode_name == "cow" else "anonymous"
+    with Region(8 * PAGE_SIZE, backing=backing) as region, pagefork.tracker(mode_name) as t:
+        t.start(region)
+        fd = os.open("/proc/self/mem", os.O_RDWR)
+        try:
+            if mode_name == "uffd":
+                with pytest.raises(OSError) as info:
+                    os.pwrite(fd, b"m", region.address + 3 * PAGE_SIZE)
+                assert info.value.errno == errno.EIO
+            else:
+                os.pwrite(fd, b"m", region.address + 3 * PAGE_SIZE)
+        finally:
+            os.close(fd)
+        written = mode_name != "uffd"
+        assert region.array()[3 * PAGE_SIZE] == (ord("m") if written else 0)
+        seen = as_set(t.dirty_pages(region, "global"))
+        assert seen == (set() if mode_name in ("segfault", "uffd") else {3})
+
+
+def test_segfault_mode_undoes_your_own_mprotect():
+    require("segfault")
+    with Region(8 * PAGE_SIZE) as region, pagefork.tracker("segfault") as t:
+        t.start(region)
+        assert libc.mprotect(ctypes.c_void_p(region.address + 5 * PAGE_SIZE), PAGE_SIZE,
+                             PROT_READ) == 0
+        write_pages(region, {5})  # succeeds instead of crashing, and is reported
+        assert as_set(t.dirty_pages(region, "global")) == {5}
+        assert libc.mprotect(ctypes.c_void_p(region.address + 6 * PAGE_SIZE), PAGE_SIZE,
+                             PROT_NONE) == 0
+        t.stop(region)
+        assert vma_perms(region.address + 6 * PAGE_SIZE).startswith("rw")
+
+
+@pytest.mark.parametrize("mode_name", UFFD_MODES)
+def test_uffd_modes_keep_your_own_mprotect(mode_name):
+    require(mode_name)
+    with Region(8 * PAGE_SIZE) as region, pagefork.tracker(mode_name) as t:
+        t.start(region)
+        assert libc.mprotect(ctypes.c_void_p(region.address + 5 * PAGE_SIZE), PAGE_SIZE,
+                             PROT_READ) == 0
+        t.dirty_pages(region, "global", reset=True)
+        t.stop(region)
+        assert vma_perms(region.address + 5 * PAGE_SIZE).startswith("r-")
+        assert vma_perms(region.address + 4 * PAGE_SIZE).startswith("rw")
