@@ -299,3 +299,38 @@ def test_uffd_modes_keep_your_own_mprotect(mode_name):
         t.stop(region)
         assert vma_perms(region.address + 5 * PAGE_SIZE).startswith("r-")
         assert vma_perms(region.address + 4 * PAGE_SIZE).startswith("rw")
+
+
+# ---- pagefork doctor ------------------------------------------------------------------
+
+
+def test_setting_warnings(tmp_path):
+    from pagefork.tracking import MAX_MAP_COUNT_ADVISED, setting_warnings
+
+    ksm, maps = tmp_path / "run", tmp_path / "max_map_count"
+    ksm.write_text("0\n")
+    maps.write_text(f"{MAX_MAP_COUNT_ADVISED}\n")
+    assert setting_warnings(str(ksm), str(maps)) == []
+    ksm.write_text("1\n")
+    maps.write_text("65530\n")
+    found = setting_warnings(str(ksm), str(maps))
+    assert len(found) == 2
+    assert found[0].startswith("KSM is running")
+    assert "vm.max_map_count=65530" in found[1] and "32765 scattered" in found[1]
+    assert setting_warnings(str(tmp_path / "missing"), str(tmp_path / "missing")) == []
+
+
+def test_doctor_prints_the_warnings():
+    from pagefork.tracking import setting_warnings
+
+    result = subprocess.run([sys.executable, "-m", "pagefork.cli", "doctor"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for warning in setting_warnings():
+        assert " ".join(warning.split())[:60] in text
+    if os.geteuid() == 0 and os.path.exists(KSM + "run"):
+        with ksm_running():
+            result = subprocess.run([sys.executable, "-m", "pagefork.cli", "doctor", "--json"],
+                                    capture_output=True, text=True, timeout=300)
+        assert "KSM is running" in result.stdout

@@ -25,7 +25,7 @@ from .memory import Region
 
 __all__ = [
     "MODES", "AUTO_CANDIDATES", "Support", "Tracker", "TrackerStats", "TrackingFallbackWarning",
-    "probe", "tracker", "write_costs",
+    "probe", "tracker", "write_costs", "setting_warnings",
 ]
 
 MODES: tuple[str, ...] = ("none", "softpte", "segfault", "uffd", "uffd-async", "cow")
@@ -247,6 +247,41 @@ def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:
     if thread_local and not support.thread_local:
         raise UnsupportedModeError(mode, "it has no thread-local scope")
     return Tracker(mode)
+
+
+#: Below this vm.max_map_count, doctor warns that segfault mode falls back early.
+MAX_MAP_COUNT_ADVISED = 262144
+
+
+def setting_warnings(ksm_run: str = "/sys/kernel/mm/ksm/run",
+                     max_map_count: str = "/proc/sys/vm/max_map_count") -> list[str]:
+    """Settings of this machine that break or degrade tracking, explained
+    (``pagefork doctor`` prints them). The paths are parameters for tests."""
+    found = []
+    if _read_setting(ksm_run) == "1":
+        found.append(
+            f"KSM is running ({ksm_run}=1): merging pages drops userfaultfd write-protection. "
+            "pagefork advises tracked memory MADV_UNMERGEABLE and reports pages merged anyway "
+            "as written (uffd, uffd-async, cow), so nothing is lost, but memory made mergeable "
+            "while tracked shows extra dirty pages; stop KSM (echo 0 > "
+            f"{ksm_run}) for exact sets")
+    limit = _read_setting(max_map_count)
+    if limit.isdigit() and int(limit) < MAX_MAP_COUNT_ADVISED:
+        pages = int(limit) // 2
+        found.append(
+            f"vm.max_map_count={limit}: segfault mode splits the mapping at every written "
+            f"page, so after about {pages} scattered written pages per process it un-protects "
+            "whole regions and reports them dirty (TrackingFallbackWarning); raise it "
+            f"(sysctl vm.max_map_count={MAX_MAP_COUNT_ADVISED * 4}) or use uffd-async")
+    return found
+
+
+def _read_setting(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _max_map_count() -> str:
