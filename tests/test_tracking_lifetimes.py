@@ -315,3 +315,91 @@ def test_fork_child_never_touches_the_parents_tracking(lmode, action):
     if lmode != "cow":
         assert lines[1:3] == ["[1, 5]", "[7]"]
     assert lines[-1] == "0 0"
+
+
+# ---- native limits -----------------------------------------------------------------------
+
+
+def test_many_regions_and_the_limit_named():
+    require("segfault")
+    from pagefork import _native
+    limit = _native.MAX_TRACKED_REGIONS
+    assert limit >= 4096
+    regions = [Region(PAGE_SIZE) for _ in range(limit + 1)]
+    t = pagefork.tracker("segfault")
+    try:
+        for r in regions[:limit]:
+            t.start(r)
+        with pytest.raises(PageforkError, match=f"at most {limit} regions") as info:
+            t.start(regions[limit])
+        assert "No space left" not in str(info.value)
+        write_pages(regions[limit - 1], {0})
+        assert as_set(t.dirty_pages(regions[limit - 1])) == {0}
+        t.stop(regions[0])  # room again
+        t.start(regions[limit])
+        write_pages(regions[limit], {0})
+        assert as_set(t.dirty_pages(regions[limit])) == {0}
+    finally:
+        t.close()
+        for r in regions:
+            r.close()
+
+
+@pytest.mark.parametrize("mode_name", ["segfault", "uffd"])
+def test_threads_that_exit_without_stop_thread_free_their_slots(mode_name):
+    require(mode_name)
+    from pagefork import _native
+    with Region(4 * PAGE_SIZE) as region, pagefork.tracker(mode_name) as t:
+        t.start(region)  # keeps the region armed throughout
+
+        def tracked_writer(page: int) -> None:
+            t.start_thread(region)
+            write_pages(region, {page})
+            assert as_set(t.dirty_pages(region, "thread")) == {page}
+            # exits without stop_thread
+
+        for i in range(_native.MAX_THREADS_PER_REGION + 200):  # more threads than slots
+            th = threading.Thread(target=tracked_writer, args=(i % 4,))
+            th.start()
+            th.join()
+        # a new thread never sees a finished thread's flags
+        seen = []
+        th = threading.Thread(target=lambda: seen.append(as_set(t.dirty_pages(region, "thread"))))
+        th.start()
+        th.join()
+        assert seen == [set()]
+        assert as_set(t.dirty_pages(region, "global")) == {0, 1, 2, 3}
+
+
+def test_thread_slot_limit_is_named():
+    require("segfault")
+    from pagefork import _native
+    limit = _native.MAX_THREADS_PER_REGION
+    with Region(PAGE_SIZE) as region, pagefork.tracker("segfault") as t:
+        release = threading.Event()
+        started = threading.Semaphore(0)
+        errors: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                t.start_thread(region)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            started.release()
+            release.wait()
+
+        threads = [threading.Thread(target=hold) for _ in range(limit + 1)]
+        try:
+            for th in threads:
+                th.start()
+            for _ in threads:
+                started.acquire()
+        finally:
+            release.set()
+            for th in threads:
+                th.join()
+        assert len(errors) == 1
+        assert isinstance(errors[0], PageforkError)
+        assert f"at most {limit} threads" in str(errors[0])
+        t.start_thread(region)  # the exited threads' slots are free again
+        t.stop_thread(region)

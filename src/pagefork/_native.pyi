@@ -28,6 +28,9 @@ class Mapping:
     def _map_file(self, fd: int, length: int, shared: bool) -> None: ...
     def _close(self) -> None: ...
 
+MAX_TRACKED_REGIONS: int
+MAX_THREADS_PER_REGION: int
+
 class Tracking:
     active: bool
     thread_active: bool

@@ -81,6 +81,8 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddObject(m, "Tracking", (PyObject *)&PfTrackingType) < 0 ||
         PyModule_AddStringConstant(m, "VERSION", PAGEFORK_NATIVE_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", (long)pf_page_size) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_TRACKED_REGIONS", PF_MAX_RANGES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_THREADS_PER_REGION", PF_MAX_THREADS) < 0 ||
         PyModule_AddIntConstant(m, "MODE_NONE", PF_MODE_NONE) < 0 ||
         PyModule_AddIntConstant(m, "MODE_SOFTPTE", PF_MODE_SOFTPTE) < 0 ||
         PyModule_AddIntConstant(m, "MODE_SEGFAULT", PF_MODE_SEGFAULT) < 0 ||

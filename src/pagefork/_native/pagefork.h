@@ -102,7 +102,10 @@ enum pf_mode {
     PF_N_MODES
 };
 
-#define PF_MAX_RANGES 256
+/* Regions tracked at once per process (the fault handlers scan the published
+ * ones linearly, up to the highest slot in use) and threads tracking one
+ * region at once (a thread's slot is freed when it stops or exits). */
+#define PF_MAX_RANGES 4096
 #define PF_MAX_THREADS 1024
 
 typedef struct {
@@ -123,6 +126,7 @@ typedef struct pf_range {
     _Atomic int collecting; /* a read-and-re-arm is running: handlers wait */
     _Atomic unsigned fallbacks; /* segfault: whole range un-protected (vm.max_map_count) */
     uint8_t *global;
+    struct pf_range *prev_all, *next_all; /* every live range, for exiting threads */
     pf_thread_slot threads[PF_MAX_THREADS];
 } pf_range;
 
@@ -138,6 +142,10 @@ void pf_registry_foreach(int mode, pf_range *skip, void (*fn)(pf_range *));
 void pf_range_mark(pf_range *r, uintptr_t addr, pid_t tid); /* async-signal-safe */
 pid_t pf_current_tid(void);                                 /* async-signal-safe */
 pf_thread_slot *pf_range_thread_slot(pf_range *r, pid_t tid, int create);
+/* The calling thread tracks something: when it exits, its slots in every
+ * range are released, so a thread that never calls stop_thread neither keeps
+ * a slot nor hands its flags to a later thread with the same id. */
+void pf_thread_tracking_started(void);
 /* Keeps fault handlers out of r between begin and end (GIL held): a handler
  * already inside finishes first, new ones wait until end. */
 void pf_range_begin_exclusive(pf_range *r);

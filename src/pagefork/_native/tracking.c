@@ -90,6 +90,20 @@ static int tracking_init(PfTracking *self, PyObject *args, PyObject *kwds)
 
 /* A Tracking copied into a forked child acts on nothing of its own: its
  * userfaultfd is the parent's. */
+/* OSError(ENOSPC, message): pagefork maps it to a PageforkError that says
+ * which limit was reached (never "No space left on device"). */
+static PyObject *limit_error(const char *format, int limit)
+{
+    char message[256];
+    snprintf(message, sizeof message, format, limit);
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", ENOSPC, message);
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_OSError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
 static int inherited(PfTracking *self)
 {
     return self->owner != getpid();
@@ -125,7 +139,8 @@ static int attach(PfTracking *self)
     if (self->attached || self->ops == NULL)
         return 0;
     if (pf_registry_publish(self->range) != 0) {
-        pf_oserror("pagefork: too many tracked regions");
+        limit_error("too many tracked regions: at most %d regions can be tracked at once in "
+                    "one process (stop or close some)", PF_MAX_RANGES);
         return -1;
     }
     if (self->ops->attach(self->range) != 0) {
@@ -210,8 +225,13 @@ static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
         return NULL;
     }
     pf_thread_slot *slot = pf_range_thread_slot(r, pf_current_tid(), 1);
+    if (slot == NULL && errno == ENOMEM)
+        return PyErr_NoMemory();
     if (slot == NULL)
-        return pf_oserror("pagefork: no free thread-tracking slot");
+        return limit_error("too many threads track this region: at most %d threads can track "
+                           "one region at once (stop_thread, or let finished threads exit)",
+                           PF_MAX_THREADS);
+    pf_thread_tracking_started();
     if (attach(self) != 0)
         return NULL;
     memset(slot->flags, 0, r->max_pages);
