@@ -403,3 +403,14 @@ def test_thread_slot_limit_is_named():
         assert f"at most {limit} threads" in str(errors[0])
         t.start_thread(region)  # the exited threads' slots are free again
         t.stop_thread(region)
+
+
+def test_native_dirty_refuses_an_output_buffer_inside_the_region():
+    require("segfault")
+    from pagefork import _native
+    with Region(8 * PAGE_SIZE) as region:
+        tracking = _native.Tracking(_native.MODE_SEGFAULT, region, 8)
+        tracking.start()
+        with pytest.raises(ValueError, match="tracked region"):
+            tracking.dirty(memoryview(region)[PAGE_SIZE:PAGE_SIZE + 8], 0, True)
+        tracking.close()

@@ -334,6 +334,14 @@ static PyObject *tracking_dirty(PfTracking *self, PyObject *args, PyObject *kwds
         PyErr_SetString(PyExc_ValueError, "dirty: buffer must hold n_pages bytes; scope 0..2");
         return NULL;
     }
+    uintptr_t out_start = (uintptr_t)out.buf, region_end = r->start + r->max_pages * pf_page_size;
+    if (out_start < region_end && out_start + n > r->start) {
+        /* Writing flags into the tracked memory itself would fault while
+         * handlers are held out: this thread would wait for itself. */
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "dirty: the output buffer lies in the tracked region");
+        return NULL;
+    }
     if (reset && (r->mode == PF_MODE_COW || r->mode == PF_MODE_SOFTPTE)) {
         PyBuffer_Release(&out);
         PyErr_SetString(PyExc_NotImplementedError, "this mode cannot read and re-arm in one step");
