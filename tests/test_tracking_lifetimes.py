@@ -414,3 +414,42 @@ def test_native_dirty_refuses_an_output_buffer_inside_the_region():
         with pytest.raises(ValueError, match="tracked region"):
             tracking.dirty(memoryview(region)[PAGE_SIZE:PAGE_SIZE + 8], 0, True)
         tracking.close()
+
+
+@pytest.mark.parametrize("mode_name", ["segfault", "uffd", "uffd-async"])
+def test_fork_while_writers_fault(mode_name):
+    """Forks while writer threads fault on tracked memory (handlers, the uffd
+    fault thread and reset=True reads in flight): every child can close the
+    tracker and the region and exit; the parent's rounds stay exact."""
+    require(mode_name)
+    out = run_clean(mode_name, """
+        import warnings
+        from pagefork import _native
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        r = Region(64 * PAGE_SIZE)
+        t = pagefork.tracker(MODE)
+        t.start(r)
+        stop = threading.Event()
+        def writer(slot):
+            seed = slot + 1
+            while not stop.is_set():
+                seed = _native._scribble(r.address, 64, slot, 1, 20000, seed)
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        bad = 0
+        for i in range(40):
+            t.dirty_pages(r, "global", reset=True)
+            pid = os.fork()
+            if pid == 0:
+                t.close(); r.close()
+                os._exit(0)
+            bad += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+        stop.set()
+        for th in threads:
+            th.join()
+        t.dirty_pages(r, "global", reset=True)
+        r.array()[7 * PAGE_SIZE] = 1
+        print(bad, np.flatnonzero(t.dirty_pages(r, "global")).tolist())
+    """)
+    assert out.strip() == "0 [7]"

@@ -34,8 +34,15 @@ static __thread pid_t cached_tid __attribute__((tls_model("initial-exec")));
 static void lock_all(void) { pthread_mutex_lock(&all_lock); }
 static void unlock_all(void) { pthread_mutex_unlock(&all_lock); }
 
+/* The child has only the forking thread: handlers, fault threads and
+ * read-and-re-arms that were running in other threads at fork() will never
+ * finish here, so their counts must not make the child wait for them. */
 static void forget_tid_in_child(void)
 {
+    for (pf_range *r = all_ranges; r != NULL; r = r->next_all) {
+        atomic_store(&r->inflight, 0);
+        atomic_store(&r->collecting, 0);
+    }
     pthread_mutex_unlock(&all_lock); /* held across fork by lock_all */
     cached_tid = 0;
     pf_uffd_forget_after_fork();
