@@ -453,3 +453,35 @@ def test_fork_while_writers_fault(mode_name):
         print(bad, np.flatnonzero(t.dirty_pages(r, "global")).tolist())
     """)
     assert out.strip() == "0 [7]"
+
+
+def test_start_read_stop_close_while_writers_write(lmode):
+    """Native writers keep writing while the tracker starts, reads, stops and
+    closes in a loop: no write may crash (a fault whose tracking ended
+    between the fault and the handler is re-executed)."""
+    if lmode == "cow":
+        pytest.skip("cow is re-armed by map_to; covered by the map_to tests")
+    out = run_clean(lmode, """
+        from pagefork import _native
+        r = Region(64 * PAGE_SIZE)
+        stop = threading.Event()
+        def writer(slot):
+            seed = slot + 1
+            while not stop.is_set():
+                seed = _native._scribble(r.address, 64, slot, 1, 5000, seed)
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for i in range(200):
+            t = pagefork.tracker(MODE)
+            t.start(r)
+            t.dirty_pages(r, "global", reset=True)
+            if i % 3 == 0:
+                t.stop(r)
+            t.close()
+        stop.set()
+        for th in threads:
+            th.join()
+        print("ok")
+    """)
+    assert out.strip() == "ok"

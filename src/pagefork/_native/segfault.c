@@ -44,6 +44,9 @@ static int is_write_fault(void *context)
  * allocation on first access. */
 static __thread uintptr_t last_chained __attribute__((tls_model("initial-exec")));
 static __thread int chained_before __attribute__((tls_model("initial-exec")));
+/* The last unowned write fault this thread re-executed once. */
+static __thread uintptr_t retried_addr __attribute__((tls_model("initial-exec")));
+static __thread int retried __attribute__((tls_model("initial-exec")));
 
 static void take_default_action(int signo)
 {
@@ -128,11 +131,21 @@ static void on_segv(int signo, siginfo_t *info, void *context)
             pf_registry_release(r);
             if (fixed) {
                 chained_before = 0;
+                retried = 0;
                 errno = saved_errno;
                 return;
             }
+        } else if (!retried || addr != retried_addr) {
+            /* Tracking of this page may have ended (made writable, then
+             * unpublished) between the fault and this lookup: re-execute the
+             * write once. A real access error faults again right here. */
+            retried = 1;
+            retried_addr = addr;
+            errno = saved_errno;
+            return;
         }
     }
+    retried = 0;
     errno = saved_errno;
     chain(signo, info, context);
 }
