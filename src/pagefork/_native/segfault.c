@@ -6,7 +6,9 @@
  * calls mprotect. Faults it does not own go to the handler that was installed
  * before it, so faulthandler and real crashes behave as without pagefork.
  * Kernel writes (read(2) into a protected page) fail with EFAULT: the kernel
- * does not raise SIGSEGV for them.
+ * does not raise SIGSEGV for them. When un-protecting one page fails (the
+ * mapping split past vm.max_map_count) the handler un-protects the whole
+ * range and marks it all, rather than letting the write fault forever.
  */
 #define _GNU_SOURCE
 #include "pagefork.h"
