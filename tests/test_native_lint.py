@@ -43,11 +43,12 @@ def test_every_read_only_protection_has_an_unprotect_path():
 def test_signal_handler_stays_async_signal_safe():
     text = (NATIVE / "segfault.c").read_text()
     handler = dict(functions(text))
-    for name in ("on_segv", "chain", "is_write_fault"):
+    for name in ("on_segv", "chain", "is_write_fault", "mark_all", "take_default_action"):
         body = handler[name]
         for forbidden in ("malloc", "calloc", "free(", "Py", "printf", "pthread_mutex", "fopen"):
             assert forbidden not in body, f"{name} uses {forbidden}"
     registry = dict(functions((NATIVE / "registry.c").read_text()))
-    for name in ("pf_registry_acquire", "pf_registry_release", "pf_range_mark", "pf_current_tid"):
+    for name in ("pf_registry_acquire", "pf_registry_release", "pf_range_mark", "pf_current_tid",
+                 "pf_range_begin_exclusive", "pf_range_end_exclusive"):
         for forbidden in ("malloc", "calloc", "free(", "Py", "pthread_mutex"):
             assert forbidden not in registry[name], f"{name} uses {forbidden}"

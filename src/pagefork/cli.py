@@ -37,7 +37,7 @@ def _uffd_features() -> dict[str, Any]:
 def doctor_report() -> dict[str, Any]:
     """What ``pagefork doctor`` shows, as data (the ``--json`` schema)."""
     from . import PAGE_SIZE, __version__, _native, probe
-    from .tracking import auto_mode, write_costs
+    from .tracking import auto_mode, setting_warnings, write_costs
 
     support = probe()
     costs = write_costs()
@@ -61,7 +61,10 @@ def doctor_report() -> dict[str, Any]:
             "pagemap_scan": bool(_native.pagemap_scan_available()),
             "userfaultfd": _uffd_features(),
             "euid": os.geteuid(),
+            "ksm_run": _read("/sys/kernel/mm/ksm/run"),
+            "vm.max_map_count": _read("/proc/sys/vm/max_map_count"),
         },
+        "warnings": setting_warnings(),
     }
 
 
@@ -90,6 +93,8 @@ def _doctor(args: argparse.Namespace) -> int:
         "userfaultfd": uffd["error"] or ("user-mode only, " if uffd["user_mode_only"] else "")
         + "features " + ", ".join(uffd["features"]),
         "effective uid": report["settings"]["euid"],
+        "KSM (/sys/kernel/mm/ksm/run)": report["settings"]["ksm_run"],
+        "vm.max_map_count": report["settings"]["vm.max_map_count"],
     }
     title = (f"pagefork {report['pagefork']} on Linux {report['kernel']} ({report['machine']}), "
              f"page size {report['page_size']}")
@@ -112,6 +117,8 @@ def _doctor(args: argparse.Namespace) -> int:
                       f"[bold]{report['auto_thread_local']}[/bold])")
         for key, value in settings.items():
             console.print(f"  {key:<28} {escape(str(value))}", soft_wrap=True)
+        for warning in report["warnings"]:
+            console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}")
         return 0
     print(title)
     print(f"  {'mode':<11} {'works':<6} {'thread':<7} {'write ns':>9}  why not")
@@ -120,6 +127,8 @@ def _doctor(args: argparse.Namespace) -> int:
     print(f"auto picks {report['auto']!r} (with a thread scope: {report['auto_thread_local']!r})")
     for key, value in settings.items():
         print(f"  {key:<28} {value}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
     return 0
 
 

@@ -142,10 +142,8 @@ class Region(_native.Mapping):
         keep the memory mapped until they are gone."""
         if self.closed:
             return
-        for tracking in list(self._trackings):
-            tracking.close()
+        self._close()  # stops every tracking of it first (the native core owns that order)
         self._trackings.clear()
-        self._close()
 
     def _check_open(self) -> None:
         if self.closed:

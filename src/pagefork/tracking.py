@@ -12,17 +12,21 @@ import functools
 import os
 import platform
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from . import _native
+from . import _native, _signals
 from ._errors import PageforkError, UnsupportedModeError, native_error
 from .memory import Region
 
-__all__ = ["MODES", "AUTO_CANDIDATES", "Support", "Tracker", "probe", "tracker", "write_costs"]
+__all__ = [
+    "MODES", "AUTO_CANDIDATES", "Support", "Tracker", "TrackerStats", "TrackingFallbackWarning",
+    "probe", "tracker", "write_costs", "setting_warnings",
+]
 
 MODES: tuple[str, ...] = ("none", "softpte", "segfault", "uffd", "uffd-async", "cow")
 
@@ -43,6 +47,29 @@ _MODE_IDS = {
     "cow": _native.MODE_COW,
 }
 _THREAD_LOCAL = {"none", "segfault", "uffd"}
+# Modes that cannot read and re-arm as one step, and why.
+_NO_ATOMIC_RESET = {
+    "cow": "is impossible: cow is re-armed only by mapping the snapshot again (Snapshot.map_to)",
+    "softpte": "is impossible: /proc/self/clear_refs clears soft-dirty bits process-wide in a "
+               "separate step, so writes between the read and the clear would be lost",
+}
+
+
+class TrackingFallbackWarning(RuntimeWarning):
+    """Tracking fell back to reporting a whole region dirty (see :meth:`Tracker.stats`)."""
+
+
+@dataclass(frozen=True)
+class TrackerStats:
+    """What a tracker had to do for one region.
+
+    ``fallbacks``: times segfault mode could not re-enable writing to one
+    page (``mprotect`` failed with ``ENOMEM``: each protected page splits the
+    mapping, and the process reached ``vm.max_map_count``) and un-protected
+    the whole region instead, reporting every page of it dirty.
+    """
+
+    fallbacks: int
 
 
 @dataclass(frozen=True)
@@ -67,7 +94,7 @@ def _write_test(mode: str, backing: str = "anonymous") -> str:
     those are reported, else what went wrong."""
     with Region(4 * _native.PAGE_SIZE, backing=backing) as region:  # type: ignore[arg-type]
         view = memoryview(region)
-        tracking = _native.Tracking(_MODE_IDS[mode], region.address, 4, 4, False)
+        tracking = _native.Tracking(_MODE_IDS[mode], region, 4)
         try:
             tracking.start()
             _ = bytes(view[: _native.PAGE_SIZE])  # a read must not count
@@ -225,6 +252,55 @@ def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:
     return Tracker(mode)
 
 
+#: Below this vm.max_map_count, doctor warns that segfault mode falls back early.
+MAX_MAP_COUNT_ADVISED = 262144
+
+
+def setting_warnings(ksm_run: str = "/sys/kernel/mm/ksm/run",
+                     max_map_count: str = "/proc/sys/vm/max_map_count") -> list[str]:
+    """Settings of this machine that break or degrade tracking, explained
+    (``pagefork doctor`` prints them). The paths are parameters for tests."""
+    found = []
+    if _read_setting(ksm_run) == "1":
+        found.append(
+            f"KSM is running ({ksm_run}=1): merging pages drops userfaultfd write-protection. "
+            "pagefork advises tracked memory MADV_UNMERGEABLE and reports pages merged anyway "
+            "as written (uffd, uffd-async, cow), so nothing is lost, but memory made mergeable "
+            "while tracked shows extra dirty pages; stop KSM (echo 0 > "
+            f"{ksm_run}) for exact sets")
+    limit = _read_setting(max_map_count)
+    if limit.isdigit() and int(limit) < MAX_MAP_COUNT_ADVISED:
+        pages = int(limit) // 2
+        found.append(
+            f"vm.max_map_count={limit}: segfault mode splits the mapping at every written "
+            f"page, so after about {pages} scattered written pages per process it un-protects "
+            "whole regions and reports them dirty (TrackingFallbackWarning); raise it "
+            f"(sysctl vm.max_map_count={MAX_MAP_COUNT_ADVISED * 4}) or use uffd-async")
+    return found
+
+
+def _read_setting(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _max_map_count() -> str:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() would never be released here.
+    for tracker in list(_live_trackers):
+        tracker._lock = threading.Lock()
+
+
 class Tracker:
     """Tracks which pages of one or more regions are written.
 
@@ -249,13 +325,26 @@ class Tracker:
         self.mode = mode
         self._regions: dict[int, tuple[weakref.ref[Region], _native.Tracking]] = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._fallbacks_seen: dict[int, int] = {}
+        _live_trackers.add(self)
+        if mode == "segfault":
+            _signals.install()
 
     def __repr__(self) -> str:
         return f"<Tracker mode={self.mode!r} regions={len(self._regions)}>"
 
     # ---- region bookkeeping ------------------------------------------------
 
+    def _check_owner(self) -> None:
+        if self._pid != os.getpid():
+            raise PageforkError(
+                f"this {self.mode!r} tracker was inherited through fork() from process "
+                f"{self._pid}; it cannot be used in a child (it would act on the parent's "
+                "memory): create a new tracker in the child")
+
     def _tracking(self, region: Region, create: bool) -> _native.Tracking:
+        self._check_owner()
         if not isinstance(region, Region):
             raise TypeError(f"expected a pagefork.Region, got {type(region).__name__}")
         if region.closed:
@@ -271,9 +360,7 @@ class Tracker:
                     raise PageforkError("the region is already tracked by another Tracker")
             self._check_memory(region)
             tracking = _native.Tracking(
-                _MODE_IDS[self.mode], region.address, region.n_pages,
-                region.max_size // _native.PAGE_SIZE, region.shared,
-            )
+                _MODE_IDS[self.mode], region, region.max_size // _native.PAGE_SIZE)
             key = id(region)
 
             def forget(_: object, key: int = key) -> None:
@@ -333,37 +420,75 @@ class Tracker:
 
     def start_thread(self, region: Region) -> None:
         """Starts tracking the calling thread's writes to ``region``."""
+        self._check_owner()
         if self.mode not in _THREAD_LOCAL:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         self._call(region, "start_thread", create=True)
 
     def stop_thread(self, region: Region) -> None:
         """Stops tracking the calling thread's writes; its flags stay readable."""
+        self._check_owner()
         if self.mode not in _THREAD_LOCAL:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         self._call(region, "stop_thread")
 
-    def dirty_pages(self, region: Region, scope: Scope = "both") -> np.ndarray:
-        """One bool per page of ``region``: written since tracking started.
+    def dirty_pages(self, region: Region, scope: Scope = "both", *, reset: bool = False) -> np.ndarray:
+        """One bool per page of ``region``: written since tracking started
+        (or since the last ``reset=True`` read of that scope).
 
         ``scope`` is ``"global"`` (every thread, since :meth:`start`),
         ``"thread"`` (the calling thread, since :meth:`start_thread`) or
         ``"both"`` (their union).
+
+        ``reset=True`` clears the flags it read and re-arms tracking in the
+        same step: with writers running, every write is reported by this read
+        or the next one, never lost. It is the way to read in rounds while
+        other threads write. ``cow`` (re-armed only by
+        :meth:`Snapshot.map_to <pagefork.Snapshot.map_to>`) and ``softpte``
+        (whose clearing is a separate, process-wide step) cannot, and raise
+        :class:`UnsupportedModeError`.
         """
+        self._check_owner()
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of 'global', 'thread', 'both', not {scope!r}")
         if scope == "thread" and self.mode not in _THREAD_LOCAL:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
+        if reset and self.mode in _NO_ATOMIC_RESET:
+            raise UnsupportedModeError(self.mode, "dirty_pages(reset=True) " + _NO_ATOMIC_RESET[self.mode])
         tracking = self._tracking(region, create=False)
         out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
         try:
-            tracking.dirty(out, _SCOPES[scope])
+            tracking.dirty(out, _SCOPES[scope], bool(reset))
         except OSError as exc:
             raise self._error(exc, "dirty_pages", region) from exc
+        self._warn_fallbacks(tracking)
         return out.view(np.bool_)
 
+    def stats(self, region: Region) -> TrackerStats:
+        """What tracking ``region`` has needed so far (see :class:`TrackerStats`)."""
+        return TrackerStats(fallbacks=self._tracking(region, create=False).fallbacks)
+
+    def _warn_fallbacks(self, tracking: _native.Tracking) -> None:
+        count = tracking.fallbacks
+        if count > self._fallbacks_seen.get(id(tracking), 0):
+            self._fallbacks_seen[id(tracking)] = count
+            limit = _max_map_count()
+            warnings.warn(
+                "segfault tracking could not re-enable writes to one page (mprotect: ENOMEM, "
+                f"the process reached vm.max_map_count={limit}), so it un-protected the whole "
+                "region and reports all of it dirty; raise vm.max_map_count or use uffd-async "
+                "(Tracker.stats counts these fallbacks)",
+                TrackingFallbackWarning, stacklevel=3)
+
     def reset(self) -> None:
-        """Clears every flag of every region and re-arms tracking where it is on."""
+        """Clears every flag of every region and re-arms tracking where it is on.
+
+        Writes made between an earlier :meth:`dirty_pages` and this call are
+        forgotten, so it is safe only when no other thread writes tracked
+        memory meanwhile; with writers running use
+        ``dirty_pages(region, reset=True)``.
+        """
+        self._check_owner()
         for ref, tracking in list(self._regions.values()):
             region = ref()
             if region is None or region.closed:
@@ -374,7 +499,9 @@ class Tracker:
                 raise self._error(exc, "reset", region) from exc
 
     def close(self) -> None:
-        """Stops tracking every region."""
+        """Stops tracking every region. Safe in any state, from any thread, and
+        in a forked child (where it only forgets: the parent's tracking is
+        untouched)."""
         with self._lock:
             entries = list(self._regions.values())
             self._regions.clear()
@@ -389,3 +516,7 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_live_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_after_fork_in_child)

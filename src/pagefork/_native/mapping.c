@@ -18,18 +18,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-typedef struct {
-    PyObject_HEAD
-    uintptr_t address;
-    size_t size;
-    size_t max_size; /* bytes reserved */
-    int shared;
-    int fd; /* memfd backing the region, or -1 */
-    int mapped;
-    int closed;
-    Py_ssize_t exports;
-    size_t file_end; /* [0, file_end) may have a file (a snapshot) mapped over it */
-} PfMapping;
+/* Stops every tracking of m for good, before its memory goes away. */
+static void stop_trackings(PfMapping *m)
+{
+    while (m->trackings != NULL)
+        pf_tracking_region_gone(m->trackings); /* unlinks it */
+}
 
 static int map_fixed_file(PfMapping *m, size_t from, size_t to, int fd, int shared)
 {
@@ -110,6 +104,7 @@ static int grow(PfMapping *m, size_t from, size_t to)
 
 static void release_memory(PfMapping *m)
 {
+    stop_trackings(m);
     if (m->mapped) {
         munmap((void *)m->address, m->max_size);
         m->mapped = 0;
@@ -216,8 +211,28 @@ static PyObject *mapping_map_file(PfMapping *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "_map_file: whole pages within the region's size");
         return NULL;
     }
-    if (length > 0 && map_fixed_file(self, 0, (size_t)length, fd, shared) != 0)
+    if (length == 0)
+        Py_RETURN_NONE;
+    /* A new mapping has none of the old one's protection or userfaultfd
+     * registration: collect what only the kernel knows first, re-arm after. */
+    for (PfTracking *t = self->trackings; t != NULL; t = t->next)
+        if (pf_tracking_before_remap(t) != 0)
+            return NULL;
+    PyObject *type = NULL, *value = NULL, *tb = NULL; /* the first error */
+    if (map_fixed_file(self, 0, (size_t)length, fd, shared) != 0)
+        PyErr_Fetch(&type, &value, &tb);
+    for (PfTracking *t = self->trackings; t != NULL; t = t->next) {
+        if (pf_tracking_region_remapped(t) == 0)
+            continue;
+        if (type == NULL)
+            PyErr_Fetch(&type, &value, &tb);
+        else
+            PyErr_Clear();
+    }
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
         return NULL;
+    }
     if ((size_t)length > self->file_end)
         self->file_end = (size_t)length;
     Py_RETURN_NONE;
@@ -229,6 +244,7 @@ static PyObject *mapping_close(PfMapping *self, PyObject *unused)
     if (self->closed)
         Py_RETURN_NONE;
     self->closed = 1;
+    stop_trackings(self); /* views may keep the memory: leave it writable */
     if (self->exports == 0)
         release_memory(self);
     Py_RETURN_NONE;

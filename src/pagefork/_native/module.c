@@ -51,6 +51,10 @@ static PyMethodDef native_methods[] = {
     {"delta_apply", pf_delta_apply, METH_VARARGS, "delta_apply(old, body, new_len, xor) -> new"},
     {"delta_check", pf_delta_check, METH_VARARGS,
      "delta_check(state, chunk, old_len, new_len, final): checks a body piece by piece"},
+    {"_scribble", pf_scribble, METH_VARARGS,
+     "_scribble(address, n_pages, slot, first_seq, count, seed) -> seed: native-speed test writes."},
+    {"_segfault_reassert", pf_segfault_reassert, METH_NOARGS,
+     "Put the segfault-mode SIGSEGV handler back on top after Python code replaced it."},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},
     {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,
@@ -82,6 +86,8 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddStringConstant(m, "VERSION", PAGEFORK_NATIVE_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", (long)pf_page_size) < 0 ||
         PyModule_AddIntConstant(m, "DELTA_CHECK_STATE", PF_DELTA_CHECK_STATE) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_TRACKED_REGIONS", PF_MAX_RANGES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_THREADS_PER_REGION", PF_MAX_THREADS) < 0 ||
         PyModule_AddIntConstant(m, "MODE_NONE", PF_MODE_NONE) < 0 ||
         PyModule_AddIntConstant(m, "MODE_SOFTPTE", PF_MODE_SOFTPTE) < 0 ||
         PyModule_AddIntConstant(m, "MODE_SEGFAULT", PF_MODE_SEGFAULT) < 0 ||

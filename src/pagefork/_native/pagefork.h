@@ -102,7 +102,10 @@ enum pf_mode {
     PF_N_MODES
 };
 
-#define PF_MAX_RANGES 256
+/* Regions tracked at once per process (the fault handlers scan the published
+ * ones linearly, up to the highest slot in use) and threads tracking one
+ * region at once (a thread's slot is freed when it stops or exits). */
+#define PF_MAX_RANGES 4096
 #define PF_MAX_THREADS 1024
 
 typedef struct {
@@ -120,7 +123,10 @@ typedef struct pf_range {
     _Atomic int global_active;
     _Atomic int threads_active;
     _Atomic int inflight; /* fault handlers currently using this range */
+    _Atomic int collecting; /* a read-and-re-arm is running: handlers wait */
+    _Atomic unsigned fallbacks; /* segfault: whole range un-protected (vm.max_map_count) */
     uint8_t *global;
+    struct pf_range *prev_all, *next_all; /* every live range, for exiting threads */
     pf_thread_slot threads[PF_MAX_THREADS];
 } pf_range;
 
@@ -128,6 +134,7 @@ pf_range *pf_range_new(int mode, uintptr_t start, size_t n_pages, size_t max_pag
 void pf_range_free(pf_range *r);
 int pf_registry_publish(pf_range *r);     /* 0, or -1 with errno=ENOSPC */
 void pf_registry_unpublish(pf_range *r);  /* waits for handlers still inside */
+/* Pins the range holding addr; waits while a read-and-re-arm of it runs. */
 pf_range *pf_registry_acquire(uintptr_t addr, int mode); /* async-signal-safe */
 void pf_registry_release(pf_range *r);                   /* async-signal-safe */
 /* Calls fn on every published range of `mode` except `skip` (GIL held). */
@@ -135,16 +142,68 @@ void pf_registry_foreach(int mode, pf_range *skip, void (*fn)(pf_range *));
 void pf_range_mark(pf_range *r, uintptr_t addr, pid_t tid); /* async-signal-safe */
 pid_t pf_current_tid(void);                                 /* async-signal-safe */
 pf_thread_slot *pf_range_thread_slot(pf_range *r, pid_t tid, int create);
+/* The calling thread tracks something: when it exits, its slots in every
+ * range are released, so a thread that never calls stop_thread neither keeps
+ * a slot nor hands its flags to a later thread with the same id. */
+void pf_thread_tracking_started(void);
+/* Keeps fault handlers out of r between begin and end (GIL held): a handler
+ * already inside finishes first, new ones wait until end. */
+void pf_range_begin_exclusive(pf_range *r);
+void pf_range_end_exclusive(pf_range *r);
+
+/* ---- regions and their trackings (mapping.c, tracking.c) ----------------
+ * A Mapping owns its memory; each Tracking of it only borrows the address.
+ * Before the memory is unmapped (close, dealloc) or replaced (MAP_FIXED of a
+ * file over it), the Mapping tells every Tracking linked to it, so no tracked
+ * range ever outlives or silently loses its memory. Both sides hold only
+ * borrowed pointers; the GIL serialises them. */
+struct PfTracking;
+
+typedef struct PfMapping {
+    PyObject_HEAD
+    uintptr_t address;
+    size_t size;
+    size_t max_size; /* bytes reserved */
+    int shared;
+    int fd; /* memfd backing the region, or -1 */
+    int mapped;
+    int closed;
+    Py_ssize_t exports;
+    size_t file_end; /* [0, file_end) may have a file (a snapshot) mapped over it */
+    struct PfTracking *trackings; /* linked through PfTracking.next */
+} PfMapping;
+
+typedef struct PfTracking {
+    PyObject_HEAD
+    struct pf_range *range;
+    const struct pf_mode_ops *ops; /* NULL for mode "none" */
+    int attached;                  /* published, and the kernel state is set up */
+    pid_t owner;                   /* the process that created it; a forked child is not */
+    PfMapping *mapping;            /* borrowed; NULL once the region is gone */
+    struct PfTracking *next;       /* next Tracking of the same Mapping */
+    PyObject *weakrefs;
+} PfTracking;
+
+/* tracking.c, called by mapping.c with the GIL: the memory is about to go
+ * away (stop for good, unlink), or a file was just mapped over it (re-arm
+ * what was armed). region_remapped returns -1 with an exception set. */
+void pf_tracking_region_gone(PfTracking *t);
+int pf_tracking_region_remapped(PfTracking *t);
+/* tracking.c: collects kernel state that a remap would discard. */
+int pf_tracking_before_remap(PfTracking *t);
 
 /* ---- mechanisms ----------------------------------------------------------
  * Each returns 0 on success or -1 with a Python exception set. Ranges are in
  * pages relative to r->start. */
-typedef struct {
+typedef struct pf_mode_ops {
     int (*attach)(pf_range *r);                           /* before first arm */
     int (*arm)(pf_range *r, size_t first, size_t count);  /* start recording */
     int (*disarm)(pf_range *r, size_t first, size_t count);
     int (*collect)(pf_range *r);                          /* kernel state -> flags */
     int (*detach)(pf_range *r, size_t first, size_t count); /* stop for good */
+    /* The kernel state lives in a descriptor a forked child shares with its
+     * parent (userfaultfd): a child must never touch it. */
+    int shared_across_fork;
 } pf_mode_ops;
 
 extern const pf_mode_ops pf_segfault_ops;
@@ -154,7 +213,12 @@ extern const pf_mode_ops pf_softpte_ops;
 extern const pf_mode_ops pf_cow_ops;
 
 /* pagemap.c */
-enum pf_pagemap_kind { PF_PAGEMAP_COW, PF_PAGEMAP_SOFT_DIRTY };
+enum pf_pagemap_kind {
+    PF_PAGEMAP_COW,         /* a private copy: present or swapped, not the file's page */
+    PF_PAGEMAP_SOFT_DIRTY,  /* soft-dirty bit set */
+    PF_PAGEMAP_UNPROTECTED, /* no userfaultfd write-protection (PAGE_IS_WRITTEN) */
+    PF_PAGEMAP_ZAPPED,      /* unprotected and unpopulated: dropped by madvise */
+};
 /* Marks in `out` (one byte per page) the pages of [start, start + n pages)
  * that match `kind`. Uses PAGEMAP_SCAN when the kernel has it, else
  * /proc/self/pagemap. Returns the number of pages found, or -1 with errno. */
@@ -170,7 +234,12 @@ int pf_uffd_open(int features, int *got_features, int *user_mode_only);
 int pf_uffd_register(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_unregister(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_protect(int fd, pf_range *r, size_t first, size_t count, int protect);
+/* madvise(MADV_UNMERGEABLE): KSM merges drop userfaultfd write-protection. */
+void pf_keep_out_of_ksm(pf_range *r, size_t first, size_t count);
 PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
+/* pthread_atfork child handlers: close the inherited (parent's) descriptors. */
+void pf_uffd_forget_after_fork(void);
+void pf_uffd_async_forget_after_fork(void);
 
 /* module-level switches for tests */
 extern int pf_pagemap_scan_disabled;
@@ -246,5 +315,7 @@ PyObject *pf_delta_encode(PyObject *self, PyObject *args);
 PyObject *pf_delta_apply(PyObject *self, PyObject *args);
 PyObject *pf_delta_check(PyObject *self, PyObject *args);
 #define PF_DELTA_CHECK_STATE 40 /* bytes of delta_check's state */
+PyObject *pf_scribble(PyObject *self, PyObject *args);
+PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused);
 
 #endif

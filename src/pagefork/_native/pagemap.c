@@ -12,6 +12,7 @@
 #define PM_ENTRY_PRESENT (1ULL << 63)
 #define PM_ENTRY_SWAPPED (1ULL << 62)
 #define PM_ENTRY_FILE (1ULL << 61)
+#define PM_ENTRY_UFFD_WP (1ULL << 57)
 #define PM_ENTRY_SOFT_DIRTY (1ULL << 55)
 
 static int pagemap_fd = -1;
@@ -115,8 +116,21 @@ static ssize_t read_entries(uintptr_t start, size_t n_pages, int kind, uint8_t *
         for (size_t i = 0; i < count; i++) {
             uint64_t e = entries[i];
             int mapped = (e & (PM_ENTRY_PRESENT | PM_ENTRY_SWAPPED)) != 0;
-            int match = kind == PF_PAGEMAP_COW ? mapped && !(e & PM_ENTRY_FILE)
-                                               : mapped && (e & PM_ENTRY_SOFT_DIRTY);
+            int match = 0;
+            switch (kind) {
+            case PF_PAGEMAP_COW: /* KSM's zero page is not the file's either */
+                match = mapped && !(e & PM_ENTRY_FILE);
+                break;
+            case PF_PAGEMAP_SOFT_DIRTY:
+                match = mapped && (e & PM_ENTRY_SOFT_DIRTY);
+                break;
+            case PF_PAGEMAP_UNPROTECTED:
+                match = !(e & PM_ENTRY_UFFD_WP);
+                break;
+            case PF_PAGEMAP_ZAPPED:
+                match = !mapped && !(e & PM_ENTRY_UFFD_WP);
+                break;
+            }
             if (match) {
                 out[done + i] = 1;
                 found++;
@@ -135,16 +149,32 @@ ssize_t pf_pagemap_find(uintptr_t start, size_t n_pages, int kind, uint8_t *out)
         return read_entries(start, n_pages, kind, out);
     struct pm_scan_arg arg;
     memset(&arg, 0, sizeof arg);
-    arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-    if (kind == PF_PAGEMAP_COW) {
-        /* Written = the kernel copied it: mapped, and neither the file's page
-         * nor the shared zero page. */
-        arg.category_inverted = PAGE_IS_FILE | PAGE_IS_PFNZERO;
-        arg.category_mask = PAGE_IS_FILE | PAGE_IS_PFNZERO;
+    switch (kind) {
+    case PF_PAGEMAP_COW:
+        /* Written = the kernel copied it: mapped and not the file's page. A
+         * copy KSM merged into the shared zero page (all zeroes, not the
+         * file's page either) shows as PFNZERO without PAGE_IS_FILE, so it
+         * counts: reads of a private memfd mapping map the file's pages,
+         * never the zero page. */
+        arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+        arg.category_inverted = PAGE_IS_FILE;
+        arg.category_mask = PAGE_IS_FILE;
         arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-    } else {
+        break;
+    case PF_PAGEMAP_SOFT_DIRTY:
+        arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
         arg.category_mask = PAGE_IS_SOFT_DIRTY;
         arg.return_mask = PAGE_IS_SOFT_DIRTY;
+        break;
+    case PF_PAGEMAP_UNPROTECTED:
+        arg.category_mask = PAGE_IS_WRITTEN;
+        arg.return_mask = PAGE_IS_WRITTEN;
+        break;
+    case PF_PAGEMAP_ZAPPED:
+        arg.category_inverted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+        arg.category_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+        arg.return_mask = PAGE_IS_WRITTEN;
+        break;
     }
     return pf_pagemap_scan(start, start + n_pages * pf_page_size, &arg, out);
 }

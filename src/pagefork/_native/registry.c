@@ -20,12 +20,65 @@
 static pf_range *_Atomic registry[PF_MAX_RANGES];
 static _Atomic int registry_top; /* slots at or above this index are empty */
 
+/* Every live range (published or not), for threads releasing their slots at
+ * exit; they run without the GIL, so a mutex guards the list against
+ * pf_range_free. Never taken in a signal handler. */
+static pf_range *all_ranges;
+static pthread_mutex_t all_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_key_t exit_key;
+
 /* Initial-exec TLS: the default model of a dlopen'ed module may allocate on
  * first access, which a signal handler must never do. */
 static __thread pid_t cached_tid __attribute__((tls_model("initial-exec")));
 
-static void forget_tid_in_child(void) { cached_tid = 0; }
-static void register_atfork(void) { pthread_atfork(NULL, NULL, forget_tid_in_child); }
+static void lock_all(void) { pthread_mutex_lock(&all_lock); }
+static void unlock_all(void) { pthread_mutex_unlock(&all_lock); }
+
+/* The child has only the forking thread: handlers, fault threads and
+ * read-and-re-arms that were running in other threads at fork() will never
+ * finish here, so their counts must not make the child wait for them. */
+static void forget_tid_in_child(void)
+{
+    for (pf_range *r = all_ranges; r != NULL; r = r->next_all) {
+        atomic_store(&r->inflight, 0);
+        atomic_store(&r->collecting, 0);
+    }
+    pthread_mutex_unlock(&all_lock); /* held across fork by lock_all */
+    cached_tid = 0;
+    pf_uffd_forget_after_fork();
+}
+
+/* pthread key destructor: the thread is exiting. Runs without the GIL. */
+static void release_thread_slots(void *unused)
+{
+    (void)unused;
+    pid_t tid = pf_current_tid();
+    pthread_mutex_lock(&all_lock);
+    for (pf_range *r = all_ranges; r != NULL; r = r->next_all)
+        for (int i = 0; i < PF_MAX_THREADS; i++) {
+            pf_thread_slot *s = &r->threads[i];
+            if (atomic_load(&s->tid) != tid)
+                continue;
+            if (atomic_exchange(&s->active, 0))
+                atomic_fetch_sub(&r->threads_active, 1);
+            atomic_store(&s->tid, 0);
+        }
+    pthread_mutex_unlock(&all_lock);
+}
+
+static void init_once(void)
+{
+    pthread_atfork(lock_all, unlock_all, forget_tid_in_child);
+    pthread_key_create(&exit_key, release_thread_slots);
+}
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+void pf_thread_tracking_started(void)
+{
+    pthread_once(&once, init_once);
+    pthread_setspecific(exit_key, (void *)1); /* non-NULL: the destructor runs */
+}
 
 pid_t pf_current_tid(void)
 {
@@ -36,8 +89,7 @@ pid_t pf_current_tid(void)
 
 pf_range *pf_range_new(int mode, uintptr_t start, size_t n_pages, size_t max_pages, int shared)
 {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, register_atfork);
+    pthread_once(&once, init_once);
 
     pf_range *r = calloc(1, sizeof *r);
     if (r == NULL)
@@ -52,6 +104,12 @@ pf_range *pf_range_new(int mode, uintptr_t start, size_t n_pages, size_t max_pag
     r->max_pages = max_pages;
     r->mode = mode;
     r->shared = shared;
+    pthread_mutex_lock(&all_lock);
+    r->next_all = all_ranges;
+    if (all_ranges != NULL)
+        all_ranges->prev_all = r;
+    all_ranges = r;
+    pthread_mutex_unlock(&all_lock);
     return r;
 }
 
@@ -59,6 +117,14 @@ void pf_range_free(pf_range *r)
 {
     if (r == NULL)
         return;
+    pthread_mutex_lock(&all_lock);
+    if (r->prev_all != NULL)
+        r->prev_all->next_all = r->next_all;
+    else
+        all_ranges = r->next_all;
+    if (r->next_all != NULL)
+        r->next_all->prev_all = r->prev_all;
+    pthread_mutex_unlock(&all_lock);
     for (int i = 0; i < PF_MAX_THREADS; i++)
         free(r->threads[i].flags);
     free(r->global);
@@ -87,6 +153,12 @@ void pf_registry_unpublish(pf_range *r)
         if (atomic_compare_exchange_strong(&registry[i], &expected, NULL))
             break;
     }
+    /* Lower the top past empty slots so handlers scan only what is in use.
+     * Publishing and unpublishing both hold the GIL: no publish races this. */
+    int top = atomic_load(&registry_top);
+    while (top > 0 && atomic_load(&registry[top - 1]) == NULL)
+        top--;
+    atomic_store(&registry_top, top);
     while (atomic_load(&r->inflight) > 0)
         sched_yield();
 }
@@ -101,12 +173,36 @@ pf_range *pf_registry_acquire(uintptr_t addr, int mode)
         size_t n = atomic_load_explicit(&r->n_pages, memory_order_relaxed);
         if (addr >= r->start + n * pf_page_size)
             continue;
-        atomic_fetch_add(&r->inflight, 1);
-        if (atomic_load(&registry[i]) == r)
-            return r;
-        atomic_fetch_sub(&r->inflight, 1); /* unpublished meanwhile */
+        for (;;) {
+            atomic_fetch_add(&r->inflight, 1);
+            if (atomic_load(&registry[i]) != r) {
+                atomic_fetch_sub(&r->inflight, 1); /* unpublished meanwhile */
+                break;
+            }
+            if (!atomic_load(&r->collecting))
+                return r;
+            /* A read-and-re-arm is between re-protecting and taking the
+             * flags: un-protecting now could leave a page writable whose
+             * mark that read already took. Wait it out (it never waits on
+             * anything a faulting thread holds). */
+            atomic_fetch_sub(&r->inflight, 1);
+            while (atomic_load(&r->collecting))
+                sched_yield();
+        }
     }
     return NULL;
+}
+
+void pf_range_begin_exclusive(pf_range *r)
+{
+    atomic_store(&r->collecting, 1);
+    while (atomic_load(&r->inflight) > 0)
+        sched_yield();
+}
+
+void pf_range_end_exclusive(pf_range *r)
+{
+    atomic_store(&r->collecting, 0);
 }
 
 void pf_registry_release(pf_range *r)

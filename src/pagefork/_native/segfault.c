@@ -6,7 +6,9 @@
  * calls mprotect. Faults it does not own go to the handler that was installed
  * before it, so faulthandler and real crashes behave as without pagefork.
  * Kernel writes (read(2) into a protected page) fail with EFAULT: the kernel
- * does not raise SIGSEGV for them.
+ * does not raise SIGSEGV for them. When un-protecting one page fails (the
+ * mapping split past vm.max_map_count) the handler un-protects the whole
+ * range and marks it all, rather than letting the write fault forever.
  */
 #define _GNU_SOURCE
 #include "pagefork.h"
@@ -21,6 +23,9 @@
  * under a handler running on another thread. */
 static struct sigaction previous[2];
 static _Atomic int previous_index;
+static int installed_once; /* ensure_handler ran at least once (GIL held) */
+
+static int protect(pf_range *r, size_t first, size_t count, int prot);
 
 static int is_write_fault(void *context)
 {
@@ -35,9 +40,39 @@ static int is_write_fault(void *context)
 #endif
 }
 
+/* The last fault this thread passed on, to notice a previous handler that
+ * returns without fixing anything (a disabled faulthandler, a Python-level
+ * handler): the fault would re-execute forever. Initial-exec TLS: no
+ * allocation on first access. */
+static __thread uintptr_t last_chained __attribute__((tls_model("initial-exec")));
+static __thread int chained_before __attribute__((tls_model("initial-exec")));
+/* The last unowned write fault this thread re-executed once. */
+static __thread uintptr_t retried_addr __attribute__((tls_model("initial-exec")));
+static __thread int retried __attribute__((tls_model("initial-exec")));
+
+static void take_default_action(int signo)
+{
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigaction(signo, &dfl, NULL);
+}
+
 static void chain(int signo, siginfo_t *info, void *context)
 {
+    uintptr_t addr = (uintptr_t)info->si_addr;
     const struct sigaction *prev = &previous[atomic_load(&previous_index)];
+    if (!(prev->sa_flags & SA_SIGINFO) && info->si_code > 0 && chained_before &&
+        addr == last_chained) {
+        /* Passed to a plain handler before and it came back: that handler
+         * (the signal module's C handler, a disabled faulthandler) cannot fix a
+         * fault. Die as the fault would by default instead of spinning.
+         * SA_SIGINFO handlers may fix faults (another tracker): trusted. */
+        take_default_action(signo);
+        return;
+    }
+    chained_before = info->si_code > 0;
+    last_chained = addr;
     if (prev->sa_flags & SA_SIGINFO) {
         prev->sa_sigaction(signo, info, context);
     } else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN) {
@@ -45,10 +80,7 @@ static void chain(int signo, siginfo_t *info, void *context)
     } else {
         /* Default action: let the re-executed fault (or the re-raised
          * signal, when it was sent) terminate the process as usual. */
-        struct sigaction dfl;
-        memset(&dfl, 0, sizeof dfl);
-        dfl.sa_handler = SIG_DFL;
-        sigaction(signo, &dfl, NULL);
+        take_default_action(signo);
         if (info->si_code <= 0)
             raise(signo);
         return;
@@ -57,11 +89,24 @@ static void chain(int signo, siginfo_t *info, void *context)
      * after putting us back as its own "previous") would bounce between the
      * two forever: let the pending signal take the default action. */
     sigset_t pending;
-    if (sigpending(&pending) == 0 && sigismember(&pending, signo)) {
-        struct sigaction dfl;
-        memset(&dfl, 0, sizeof dfl);
-        dfl.sa_handler = SIG_DFL;
-        sigaction(signo, &dfl, NULL);
+    if (sigpending(&pending) == 0 && sigismember(&pending, signo))
+        take_default_action(signo);
+}
+
+/* Marks every page for the process and each tracked thread. */
+static void mark_all(pf_range *r, size_t n)
+{
+    if (atomic_load_explicit(&r->global_active, memory_order_relaxed))
+        for (size_t i = 0; i < n; i++)
+            __atomic_store_n(&r->global[i], 1, __ATOMIC_RELAXED);
+    if (atomic_load_explicit(&r->threads_active, memory_order_relaxed) == 0)
+        return;
+    for (int t = 0; t < PF_MAX_THREADS; t++) {
+        pf_thread_slot *s = &r->threads[t];
+        if (atomic_load_explicit(&s->tid, memory_order_acquire) != 0 &&
+            atomic_load_explicit(&s->active, memory_order_relaxed))
+            for (size_t i = 0; i < n; i++)
+                __atomic_store_n(&s->flags[i], 1, __ATOMIC_RELAXED);
     }
 }
 
@@ -73,19 +118,48 @@ static void on_segv(int signo, siginfo_t *info, void *context)
         pf_range *r = pf_registry_acquire(addr, PF_MODE_SEGFAULT);
         if (r != NULL) {
             pf_range_mark(r, addr, 0);
-            mprotect((void *)(addr & ~(uintptr_t)(pf_page_size - 1)), pf_page_size,
-                     PROT_READ | PROT_WRITE);
+            void *page = (void *)(addr & ~(uintptr_t)(pf_page_size - 1));
+            int fixed = mprotect(page, pf_page_size, PROT_READ | PROT_WRITE) == 0;
+            if (!fixed) {
+                /* ENOMEM: splitting the mapping once more would pass
+                 * vm.max_map_count. Un-protecting the whole range merges its
+                 * pieces instead; every page counts as written from now on. */
+                size_t n = atomic_load(&r->n_pages);
+                mark_all(r, n);
+                fixed = mprotect((void *)r->start, n * pf_page_size, PROT_READ | PROT_WRITE) == 0;
+                if (fixed)
+                    atomic_fetch_add(&r->fallbacks, 1);
+            }
             pf_registry_release(r);
+            if (fixed) {
+                chained_before = 0;
+                retried = 0;
+                errno = saved_errno;
+                return;
+            }
+        } else if (!retried || addr != retried_addr) {
+            /* Tracking of this page may have ended (made writable, then
+             * unpublished) between the fault and this lookup: re-execute the
+             * write once. A real access error faults again right here. */
+            retried = 1;
+            retried_addr = addr;
             errno = saved_errno;
             return;
         }
     }
+    retried = 0;
     errno = saved_errno;
     chain(signo, info, context);
 }
 
+static int is_ours(const struct sigaction *sa)
+{
+    return (sa->sa_flags & SA_SIGINFO) && sa->sa_sigaction == on_segv;
+}
+
 /* Installs the handler unless it is already the current one (something like
- * faulthandler.enable() may have replaced it since the last start). */
+ * faulthandler.enable() may have replaced it since the last start); the
+ * replaced one becomes the handler faults we do not own go to. */
 static int ensure_handler(void)
 {
     struct sigaction current;
@@ -93,7 +167,7 @@ static int ensure_handler(void)
         pf_oserror("sigaction");
         return -1;
     }
-    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_segv)
+    if (is_ours(&current))
         return 0;
     int next = 1 - atomic_load(&previous_index);
     previous[next] = current;
@@ -108,7 +182,21 @@ static int ensure_handler(void)
         pf_oserror("sigaction");
         return -1;
     }
+    installed_once = 1;
     return 0;
+}
+
+/* _native._segfault_reassert(): puts the handler back on top after Python
+ * code replaced it (faulthandler.enable(), signal.signal(SIGSEGV, ...)),
+ * keeping the replacement as the handler of faults we do not own. No-op
+ * until segfault mode has been used. */
+PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    if (installed_once && ensure_handler() != 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static int protect(pf_range *r, size_t first, size_t count, int prot)
@@ -140,10 +228,32 @@ static int segfault_disarm(pf_range *r, size_t first, size_t count)
     return protect(r, first, count, PROT_READ | PROT_WRITE);
 }
 
+/* The handler marks pages as they are written; all there is to check is that
+ * it still runs. A SIGSEGV handler installed behind Python's back (a C
+ * sigaction) sees every tracked write first: writes may have gone unrecorded,
+ * so tracking of this range ends here, loudly. */
 static int segfault_collect(pf_range *r)
 {
-    (void)r;
-    return 0; /* the handler marks pages as they are written */
+    struct sigaction current;
+    if (sigaction(SIGSEGV, NULL, &current) != 0) {
+        pf_oserror("sigaction");
+        return -1;
+    }
+    if (is_ours(&current))
+        return 0;
+    protect(r, 0, atomic_load(&r->n_pages), PROT_READ | PROT_WRITE);
+    PyErr_Clear();
+    PyObject *exc = PyObject_CallFunction(
+        PyExc_OSError, "is", ENOTRECOVERABLE,
+        "another SIGSEGV handler was installed after tracking started (not through "
+        "faulthandler or signal.signal, which pagefork follows): writes since then may be "
+        "unrecorded, so tracking of this region stopped and its memory is writable again; "
+        "start it again to re-install pagefork's handler on top");
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_OSError, exc);
+        Py_DECREF(exc);
+    }
+    return -1;
 }
 
 static int segfault_detach(pf_range *r, size_t first, size_t count)

@@ -13,13 +13,7 @@
 #include <errno.h>
 #include <string.h>
 
-typedef struct {
-    PyObject_HEAD
-    pf_range *range;
-    const pf_mode_ops *ops; /* NULL for mode "none" */
-    int attached;
-    PyObject *weakrefs;
-} PfTracking;
+#include <unistd.h>
 
 static const pf_mode_ops *ops_for(int mode)
 {
@@ -38,30 +32,100 @@ static int thread_local_capable(int mode)
     return mode == PF_MODE_NONE || mode == PF_MODE_SEGFAULT || mode == PF_MODE_UFFD;
 }
 
+static void link_mapping(PfTracking *self, PfMapping *m)
+{
+    self->mapping = m;
+    self->next = m->trackings;
+    m->trackings = self;
+}
+
+static void unlink_mapping(PfTracking *self)
+{
+    PfMapping *m = self->mapping;
+    if (m == NULL)
+        return;
+    for (PfTracking **p = &m->trackings; *p != NULL; p = &(*p)->next)
+        if (*p == self) {
+            *p = self->next;
+            break;
+        }
+    self->mapping = NULL;
+    self->next = NULL;
+}
+
 static int tracking_init(PfTracking *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mode", "address", "n_pages", "max_pages", "shared", NULL};
-    int mode, shared = 0;
-    unsigned long long address;
-    Py_ssize_t n_pages, max_pages;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKnn|p", kwlist, &mode, &address, &n_pages,
-                                     &max_pages, &shared))
+    static char *kwlist[] = {"mode", "region", "max_pages", NULL};
+    int mode;
+    PyObject *region;
+    Py_ssize_t max_pages;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!n", kwlist, &mode, &PfMappingType, &region,
+                                     &max_pages))
         return -1;
-    if (mode < 0 || mode >= PF_N_MODES || n_pages < 0 || max_pages < n_pages ||
-        address % pf_page_size != 0) {
-        PyErr_SetString(PyExc_ValueError, "Tracking: bad mode, address or page counts");
+    PfMapping *m = (PfMapping *)region;
+    if (m->closed || !m->mapped) {
+        PyErr_SetString(PyExc_ValueError, "Tracking: the region is closed");
+        return -1;
+    }
+    size_t n_pages = m->size / pf_page_size;
+    if (mode < 0 || mode >= PF_N_MODES || max_pages < (Py_ssize_t)n_pages ||
+        (size_t)max_pages * pf_page_size > m->max_size) {
+        PyErr_SetString(PyExc_ValueError, "Tracking: bad mode or page counts");
         return -1;
     }
     if (self->range != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Tracking already initialised");
         return -1;
     }
-    self->range = pf_range_new(mode, (uintptr_t)address, (size_t)n_pages, (size_t)max_pages, shared);
+    self->range = pf_range_new(mode, m->address, n_pages, (size_t)max_pages, m->shared);
     if (self->range == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     self->ops = ops_for(mode);
+    self->owner = getpid();
+    link_mapping(self, m);
+    return 0;
+}
+
+/* A Tracking copied into a forked child acts on nothing of its own: its
+ * userfaultfd is the parent's. */
+/* OSError(ENOSPC, message): pagefork maps it to a PageforkError that says
+ * which limit was reached (never "No space left on device"). */
+static PyObject *limit_error(const char *format, int limit)
+{
+    char message[256];
+    snprintf(message, sizeof message, format, limit);
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", ENOSPC, message);
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_OSError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static int inherited(PfTracking *self)
+{
+    return self->owner != getpid();
+}
+
+/* Every operation but close: the region must exist and be this process's. */
+static int check_usable(PfTracking *self)
+{
+    if (self->range == NULL) {
+        PyErr_SetString(PyExc_ValueError, "Tracking is not initialised");
+        return -1;
+    }
+    if (inherited(self)) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "this tracking was inherited through fork() from process %d; a child cannot "
+                     "use it (it would act on the parent's memory)", (int)self->owner);
+        return -1;
+    }
+    if (self->mapping == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the region is closed");
+        return -1;
+    }
     return 0;
 }
 
@@ -75,7 +139,8 @@ static int attach(PfTracking *self)
     if (self->attached || self->ops == NULL)
         return 0;
     if (pf_registry_publish(self->range) != 0) {
-        pf_oserror("pagefork: too many tracked regions");
+        limit_error("too many tracked regions: at most %d regions can be tracked at once in "
+                    "one process (stop or close some)", PF_MAX_RANGES);
         return -1;
     }
     if (self->ops->attach(self->range) != 0) {
@@ -86,16 +151,21 @@ static int attach(PfTracking *self)
     return 0;
 }
 
-/* Drops protection and kernel registrations once nothing is tracked. */
+/* Drops protection and kernel registrations once nothing is tracked. In a
+ * forked child, state shared with the parent (userfaultfd) is left alone; the
+ * child's own (its page protections, its copy of the registry) is cleaned. */
 static int detach_if_idle(PfTracking *self)
 {
     pf_range *r = self->range;
     if (!self->attached || any_active(r))
         return 0;
     size_t n = atomic_load(&r->n_pages);
-    int rc = self->ops->disarm(r, 0, n);
-    if (self->ops->detach(r, 0, n) != 0)
-        rc = -1;
+    int rc = 0;
+    if (!inherited(self) || !self->ops->shared_across_fork) {
+        rc = self->ops->disarm(r, 0, n);
+        if (self->ops->detach(r, 0, n) != 0)
+            rc = -1;
+    }
     pf_registry_unpublish(r);
     self->attached = 0;
     return rc;
@@ -111,6 +181,8 @@ static int collect(PfTracking *self)
 static PyObject *tracking_start(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     if (attach(self) != 0)
         return NULL;
@@ -130,6 +202,8 @@ static PyObject *tracking_start(PfTracking *self, PyObject *unused)
 static PyObject *tracking_stop(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     if (!atomic_load(&r->global_active))
         Py_RETURN_NONE;
@@ -143,14 +217,21 @@ static PyObject *tracking_stop(PfTracking *self, PyObject *unused)
 static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     if (!thread_local_capable(r->mode)) {
         PyErr_SetString(PyExc_NotImplementedError, "this mode has no thread-local scope");
         return NULL;
     }
     pf_thread_slot *slot = pf_range_thread_slot(r, pf_current_tid(), 1);
+    if (slot == NULL && errno == ENOMEM)
+        return PyErr_NoMemory();
     if (slot == NULL)
-        return pf_oserror("pagefork: no free thread-tracking slot");
+        return limit_error("too many threads track this region: at most %d threads can track "
+                           "one region at once (stop_thread, or let finished threads exit)",
+                           PF_MAX_THREADS);
+    pf_thread_tracking_started();
     if (attach(self) != 0)
         return NULL;
     memset(slot->flags, 0, r->max_pages);
@@ -166,6 +247,8 @@ static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
 static PyObject *tracking_stop_thread(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
     pf_thread_slot *slot = pf_range_thread_slot(r, pf_current_tid(), 0);
     if (slot == NULL || !atomic_exchange(&slot->active, 0))
@@ -176,31 +259,10 @@ static PyObject *tracking_stop_thread(PfTracking *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* dirty(out, scope): fills the writable buffer `out` (n_pages bytes) with 0/1
- * flags. scope: 0 global, 1 calling thread, 2 both. */
-static PyObject *tracking_dirty(PfTracking *self, PyObject *args)
+/* Copies the flags of `scope` (0 global, 1 calling thread, 2 both) into dst
+ * and, with `clear`, zeroes the flags it read. */
+static void take_flags(pf_range *r, int scope, uint8_t *dst, size_t n, int clear)
 {
-    Py_buffer out;
-    int scope;
-    if (!PyArg_ParseTuple(args, "w*i", &out, &scope))
-        return NULL;
-    pf_range *r = self->range;
-    size_t n = atomic_load(&r->n_pages);
-    if ((size_t)out.len != n || scope < 0 || scope > 2) {
-        PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "dirty: buffer must hold n_pages bytes; scope 0..2");
-        return NULL;
-    }
-    uint8_t *dst = out.buf;
-    if (self->ops == NULL) {
-        memset(dst, 1, n);
-        PyBuffer_Release(&out);
-        Py_RETURN_NONE;
-    }
-    if (atomic_load(&r->global_active) && collect(self) != 0) {
-        PyBuffer_Release(&out);
-        return NULL;
-    }
     pf_thread_slot *slot = scope == 0 ? NULL : pf_range_thread_slot(r, pf_current_tid(), 0);
     if (scope == 1) {
         if (slot != NULL)
@@ -213,26 +275,118 @@ static PyObject *tracking_dirty(PfTracking *self, PyObject *args)
             for (size_t i = 0; i < n; i++)
                 dst[i] |= slot->flags[i];
     }
+    if (!clear)
+        return;
+    if (scope != 1)
+        memset(r->global, 0, r->max_pages);
+    if (slot != NULL)
+        memset(slot->flags, 0, r->max_pages);
+}
+
+/* Re-arms protection and takes the flags as one step with respect to the
+ * fault handlers. Protecting first and keeping handlers out until the flags
+ * are taken means every write lands in this read or the next: a handler that
+ * un-protected a page before the re-protect has finished (its mark is read
+ * now); one that comes after marks for the next read. Without the exclusion a
+ * handler straddling the re-protect would leave its page writable with its
+ * mark already taken, and later writes to that page would never be seen. */
+static int read_and_rearm(PfTracking *self, int scope, uint8_t *dst, size_t n)
+{
+    pf_range *r = self->range;
+    int armed = self->attached && any_active(r);
+    if (r->mode == PF_MODE_UFFD_ASYNC) {
+        /* One PAGEMAP_SCAN reads PAGE_IS_WRITTEN and re-protects atomically. */
+        if (armed && collect(self) != 0)
+            return -1;
+        take_flags(r, scope, dst, n, 1);
+        return 0;
+    }
+    pf_range_begin_exclusive(r);
+    /* collect before re-protecting: it reads what only the kernel knows
+     * (pages that lost their protection without a fault). */
+    int rc = armed ? collect(self) : 0;
+    if (rc == 0 && armed)
+        rc = self->ops->arm(r, 0, n);
+    if (rc == 0)
+        take_flags(r, scope, dst, n, 1);
+    pf_range_end_exclusive(r);
+    return rc;
+}
+
+/* dirty(out, scope, reset=False): fills the writable buffer `out` (n_pages
+ * bytes) with 0/1 flags. scope: 0 global, 1 calling thread, 2 both. reset
+ * clears the flags read and re-arms in the same step. */
+static PyObject *tracking_dirty(PfTracking *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"out", "scope", "reset", NULL};
+    Py_buffer out;
+    int scope, reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*i|p", kwlist, &out, &scope, &reset))
+        return NULL;
+    if (check_usable(self) != 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    pf_range *r = self->range;
+    size_t n = atomic_load(&r->n_pages);
+    if ((size_t)out.len != n || scope < 0 || scope > 2) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "dirty: buffer must hold n_pages bytes; scope 0..2");
+        return NULL;
+    }
+    uintptr_t out_start = (uintptr_t)out.buf, region_end = r->start + r->max_pages * pf_page_size;
+    if (out_start < region_end && out_start + n > r->start) {
+        /* Writing flags into the tracked memory itself would fault while
+         * handlers are held out: this thread would wait for itself. */
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "dirty: the output buffer lies in the tracked region");
+        return NULL;
+    }
+    if (reset && (r->mode == PF_MODE_COW || r->mode == PF_MODE_SOFTPTE)) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_NotImplementedError, "this mode cannot read and re-arm in one step");
+        return NULL;
+    }
+    uint8_t *dst = out.buf;
+    int rc = 0;
+    if (self->ops == NULL)
+        memset(dst, 1, n);
+    else if (reset)
+        rc = read_and_rearm(self, scope, dst, n);
+    else if (any_active(r) && collect(self) != 0)
+        rc = -1;
+    else
+        take_flags(r, scope, dst, n, 0);
     PyBuffer_Release(&out);
+    if (rc != 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
+/* Clears every flag and re-arms. Writes between an earlier dirty() and this
+ * call are forgotten: dirty(reset=True) is the race-free form. */
 static PyObject *tracking_reset(PfTracking *self, PyObject *unused)
 {
     (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
     pf_range *r = self->range;
-    if (self->attached && any_active(r) && self->ops != NULL) {
-        /* Consume the kernel's state first (uffd-async re-protects as it
-         * reads), then re-arm what handlers un-protected. */
-        if (collect(self) != 0)
-            return NULL;
+    int armed = self->attached && any_active(r) && self->ops != NULL;
+    /* Consume the kernel's state first (uffd-async re-protects as it reads). */
+    if (armed && collect(self) != 0)
+        return NULL;
+    pf_range_begin_exclusive(r);
+    int rc = 0;
+    if (armed && r->mode != PF_MODE_COW)
+        rc = self->ops->arm(r, 0, atomic_load(&r->n_pages));
+    if (rc == 0) {
+        memset(r->global, 0, r->max_pages);
+        for (int i = 0; i < PF_MAX_THREADS; i++)
+            if (r->threads[i].flags != NULL)
+                memset(r->threads[i].flags, 0, r->max_pages);
     }
-    memset(r->global, 0, r->max_pages);
-    for (int i = 0; i < PF_MAX_THREADS; i++)
-        if (r->threads[i].flags != NULL)
-            memset(r->threads[i].flags, 0, r->max_pages);
-    if (self->attached && any_active(r) && self->ops != NULL && r->mode != PF_MODE_COW &&
-        self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0)
+    pf_range_end_exclusive(r);
+    if (rc != 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -242,6 +396,8 @@ static PyObject *tracking_resize(PfTracking *self, PyObject *args)
 {
     Py_ssize_t new_n;
     if (!PyArg_ParseTuple(args, "n", &new_n))
+        return NULL;
+    if (check_usable(self) != 0)
         return NULL;
     pf_range *r = self->range;
     if (new_n < 0 || (size_t)new_n > r->max_pages) {
@@ -267,19 +423,49 @@ static PyObject *tracking_resize(PfTracking *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *tracking_close(PfTracking *self, PyObject *unused)
+/* Stops everything and drops kernel state; safe in any state and in a forked
+ * child (where it only forgets). Returns -1 with an exception set on error. */
+static int close_tracking(PfTracking *self)
 {
-    (void)unused;
     pf_range *r = self->range;
     if (r == NULL)
-        Py_RETURN_NONE;
+        return 0;
     atomic_store(&r->global_active, 0);
     for (int i = 0; i < PF_MAX_THREADS; i++)
         atomic_store(&r->threads[i].active, 0);
     atomic_store(&r->threads_active, 0);
-    if (detach_if_idle(self) != 0)
+    return detach_if_idle(self);
+}
+
+static PyObject *tracking_close(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    if (close_tracking(self) != 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+void pf_tracking_region_gone(PfTracking *self)
+{
+    if (close_tracking(self) != 0)
+        PyErr_Clear(); /* the memory is going away: nothing is left to protect */
+    unlink_mapping(self);
+}
+
+int pf_tracking_before_remap(PfTracking *self)
+{
+    if (inherited(self) || self->ops == NULL || !self->attached || !any_active(self->range))
+        return 0;
+    return collect(self);
+}
+
+int pf_tracking_region_remapped(PfTracking *self)
+{
+    pf_range *r = self->range;
+    if (inherited(self) || self->ops == NULL || !self->attached || !any_active(r) ||
+        r->mode == PF_MODE_COW) /* cow: mapping the file again is its re-arm */
+        return 0;
+    return self->ops->arm(r, 0, atomic_load(&r->n_pages));
 }
 
 static void tracking_dealloc(PfTracking *self)
@@ -287,14 +473,19 @@ static void tracking_dealloc(PfTracking *self)
     if (self->weakrefs != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
     if (self->range != NULL) {
-        PyObject *ok = tracking_close(self, NULL);
-        if (ok == NULL)
-            PyErr_WriteUnraisable((PyObject *)self);
-        Py_XDECREF(ok);
+        /* Never report through self (that would revive it mid-dealloc) and
+         * never disturb an exception being propagated. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (close_tracking(self) != 0)
+            PyErr_WriteUnraisable(NULL);
+        PyErr_Restore(type, value, tb);
+        unlink_mapping(self);
         if (!self->attached)
             pf_range_free(self->range);
         /* else: still published after a failed detach; leaking beats a
          * handler reading freed memory */
+        self->range = NULL;
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -302,20 +493,27 @@ static void tracking_dealloc(PfTracking *self)
 static PyObject *tracking_get_active(PfTracking *self, void *closure)
 {
     (void)closure;
-    return PyBool_FromLong(atomic_load(&self->range->global_active));
+    return PyBool_FromLong(self->range != NULL && atomic_load(&self->range->global_active));
 }
 
 static PyObject *tracking_get_thread_active(PfTracking *self, void *closure)
 {
     (void)closure;
-    pf_thread_slot *slot = pf_range_thread_slot(self->range, pf_current_tid(), 0);
+    pf_thread_slot *slot =
+        self->range == NULL ? NULL : pf_range_thread_slot(self->range, pf_current_tid(), 0);
     return PyBool_FromLong(slot != NULL && atomic_load(&slot->active));
 }
 
 static PyObject *tracking_get_n_pages(PfTracking *self, void *closure)
 {
     (void)closure;
-    return PyLong_FromSize_t(atomic_load(&self->range->n_pages));
+    return PyLong_FromSize_t(self->range == NULL ? 0 : atomic_load(&self->range->n_pages));
+}
+
+static PyObject *tracking_get_fallbacks(PfTracking *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLong(self->range == NULL ? 0 : atomic_load(&self->range->fallbacks));
 }
 
 static PyMethodDef tracking_methods[] = {
@@ -323,7 +521,8 @@ static PyMethodDef tracking_methods[] = {
     {"stop", (PyCFunction)tracking_stop, METH_NOARGS, "Stop whole-process tracking."},
     {"start_thread", (PyCFunction)tracking_start_thread, METH_NOARGS, "Track the calling thread."},
     {"stop_thread", (PyCFunction)tracking_stop_thread, METH_NOARGS, "Stop tracking the calling thread."},
-    {"dirty", (PyCFunction)tracking_dirty, METH_VARARGS, "dirty(out, scope): write flags into out."},
+    {"dirty", (PyCFunction)(void (*)(void))tracking_dirty, METH_VARARGS | METH_KEYWORDS,
+     "dirty(out, scope, reset=False): write flags into out; reset re-arms in the same step."},
     {"reset", (PyCFunction)tracking_reset, METH_NOARGS, "Clear all flags and re-arm."},
     {"resize", (PyCFunction)tracking_resize, METH_VARARGS, "resize(n_pages)"},
     {"close", (PyCFunction)tracking_close, METH_NOARGS, "Stop everything and drop kernel state."},
@@ -334,6 +533,9 @@ static PyGetSetDef tracking_getset[] = {
     {"active", (getter)tracking_get_active, NULL, "Global tracking is on.", NULL},
     {"thread_active", (getter)tracking_get_thread_active, NULL, "The calling thread is tracked.", NULL},
     {"n_pages", (getter)tracking_get_n_pages, NULL, "Pages tracked.", NULL},
+    {"fallbacks", (getter)tracking_get_fallbacks, NULL,
+     "Times segfault mode un-protected the whole range (mprotect failed: vm.max_map_count).",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

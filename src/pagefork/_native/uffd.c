@@ -14,6 +14,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -154,6 +155,17 @@ static void *fault_thread(void *arg)
     }
 }
 
+/* In a forked child the descriptors are the parent's userfaultfd: every
+ * ioctl on them would act on the parent's memory. Drop the child's copies
+ * (the parent keeps its own); the child opens its own when it tracks. */
+void pf_uffd_forget_after_fork(void)
+{
+    if (sync_fd >= 0)
+        close(sync_fd);
+    sync_fd = -1;
+    pf_uffd_async_forget_after_fork();
+}
+
 static int sync_descriptor(void)
 {
     if (sync_fd >= 0 && sync_pid == getpid())
@@ -199,6 +211,14 @@ static int uffd_attach(pf_range *r)
     return pf_uffd_register(fd, r, 0, atomic_load(&r->n_pages));
 }
 
+/* KSM merging a page replaces its PTE without the write-protect bit: keep
+ * tracked memory out of KSM (a no-op unless it was made mergeable). */
+void pf_keep_out_of_ksm(pf_range *r, size_t first, size_t count)
+{
+    if (count > 0)
+        madvise((void *)(r->start + first * pf_page_size), count * pf_page_size, MADV_UNMERGEABLE);
+}
+
 static int uffd_arm(pf_range *r, size_t first, size_t count)
 {
     int fd = sync_descriptor();
@@ -206,6 +226,7 @@ static int uffd_arm(pf_range *r, size_t first, size_t count)
         return -1;
     if (pf_uffd_register(fd, r, first, count) != 0)
         return -1;
+    pf_keep_out_of_ksm(r, first, count);
     if (!(sync_features & UFFD_FEATURE_WP_UNPOPULATED) && !r->shared && count > 0) {
         /* Without WP_UNPOPULATED a never-touched page has no PTE to protect:
          * map the zero page everywhere first (Linux 5.14+). */
@@ -219,9 +240,43 @@ static int uffd_disarm(pf_range *r, size_t first, size_t count)
     return pf_uffd_protect(sync_fd, r, first, count, 0);
 }
 
+/* Pages can lose their protection without a fault: MADV_DONTNEED (or
+ * MADV_FREE then reclaim) on anonymous memory drops the PTE and its
+ * write-protect bit together, so the next write populates the page
+ * unprotected and unseen. Such pages read as unprotected in the pagemap:
+ * for the process scope every unprotected page is a written (or zeroed) one,
+ * since the fault handler marks each page it un-protects. A thread cannot be
+ * told apart: pages still unpopulated are added to every tracked thread
+ * (they changed: they read as zeroes now); pages written meanwhile only to
+ * the process scope (documented). */
 static int uffd_collect(pf_range *r)
 {
-    (void)r;
+    size_t n = atomic_load(&r->n_pages);
+    if (atomic_load(&r->global_active) &&
+        pf_pagemap_find(r->start, n, PF_PAGEMAP_UNPROTECTED, r->global) < 0) {
+        pf_oserror("read(/proc/self/pagemap)");
+        return -1;
+    }
+    if (atomic_load(&r->threads_active) == 0 || n == 0)
+        return 0;
+    uint8_t *zapped = calloc(n, 1);
+    if (zapped == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    ssize_t found = pf_pagemap_find(r->start, n, PF_PAGEMAP_ZAPPED, zapped);
+    if (found < 0) {
+        free(zapped);
+        pf_oserror("read(/proc/self/pagemap)");
+        return -1;
+    }
+    for (int i = 0; found > 0 && i < PF_MAX_THREADS; i++) {
+        pf_thread_slot *s = &r->threads[i];
+        if (atomic_load(&s->tid) != 0 && atomic_load(&s->active))
+            for (size_t p = 0; p < n; p++)
+                s->flags[p] |= zapped[p];
+    }
+    free(zapped);
     return 0;
 }
 
@@ -236,4 +291,5 @@ const pf_mode_ops pf_uffd_ops = {
     .disarm = uffd_disarm,
     .collect = uffd_collect,
     .detach = uffd_detach,
+    .shared_across_fork = 1,
 };

@@ -14,6 +14,13 @@
 static int async_fd = -1;
 static pid_t async_pid;
 
+void pf_uffd_async_forget_after_fork(void)
+{
+    if (async_fd >= 0)
+        close(async_fd);
+    async_fd = -1;
+}
+
 static int async_descriptor(void)
 {
     if (async_fd >= 0 && async_pid == getpid())
@@ -52,6 +59,7 @@ static int async_arm(pf_range *r, size_t first, size_t count)
         return -1;
     if (pf_uffd_register(fd, r, first, count) != 0)
         return -1;
+    pf_keep_out_of_ksm(r, first, count);
     return pf_uffd_protect(fd, r, first, count, 1);
 }
 
@@ -89,4 +97,5 @@ const pf_mode_ops pf_uffd_async_ops = {
     .disarm = async_disarm,
     .collect = async_collect,
     .detach = async_detach,
+    .shared_across_fork = 1,
 };
