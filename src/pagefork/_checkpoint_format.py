@@ -1,0 +1,309 @@
+"""The checkpoint format: data objects and manifests.
+
+A data object holds either a whole memory image (a base) or the pages that
+changed (an increment, a wire-encoded DiffBatch of page runs). Layout
+(little-endian)::
+
+    magic "PFCK" | version u8 | kind u8 | flags u16 | memory_size u64 | body_len u64
+    body (body_len bytes, or a zstd frame of them when flags has ZSTD)
+
+The manifest of each version (JSON, written last) lists every object its
+restore needs, base first, each with its size and CRC32C, so damage is
+found before anything is decoded. The manifest carries its own CRC32C.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+
+from . import _native, wire
+from ._errors import CorruptDataError
+from ._sizes import PAGE_SIZE
+from .snapshot import DiffBatch, MergeOp
+
+MAGIC = b"PFCK"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQQ")
+KIND_IMAGE, KIND_PAGES = 0, 1
+FLAG_ZSTD = 1
+FORMAT = "pagefork-checkpoint"
+CHUNK = 4 << 20  # streaming granularity: big enough for fast I/O, small enough for the cache
+
+_MANIFEST = re.compile(r"^v(\d{10})\.json$")
+
+
+def manifest_name(version: int) -> str:
+    return f"v{version:010d}.json"
+
+
+def manifest_version(name: str) -> int | None:
+    m = _MANIFEST.match(name)
+    return int(m.group(1)) if m else None
+
+
+# ---- data objects ----------------------------------------------------------------
+
+def _worth_compressing(body: memoryview, level: int) -> bool:
+    """Compresses a few samples spread over ``body``: incompressible data
+    (floats that changed) is stored raw, so it costs one copy, not zstd."""
+    import zstandard
+
+    n = body.nbytes
+    if n < 4096:
+        return False
+    sample_len = min(64 << 10, n)
+    starts = np.linspace(0, n - sample_len, num=min(8, max(1, n // sample_len))).astype(np.int64)
+    sample = b"".join(body[int(s): int(s) + sample_len] for s in starts)
+    packed = zstandard.ZstdCompressor(level=level).compress(sample)
+    return len(packed) < 0.8 * len(sample)
+
+
+def encode_object(kind: int, memory_size: int, body: memoryview, level: int | None) -> list[Any]:
+    """A data object as chunks to write (a raw body is not copied)."""
+    flags, body_len = 0, body.nbytes
+    if level is not None and _worth_compressing(body, level):
+        import zstandard
+
+        body = memoryview(zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body))
+        flags = FLAG_ZSTD
+    return [HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body_len), body]
+
+
+def pages_body(source: memoryview, size: int, pages: np.ndarray) -> memoryview:
+    """A wire message holding the pages flagged in ``pages`` of ``source``
+    (the first ``size`` bytes), as OVERWRITE runs of consecutive pages."""
+    index = np.flatnonzero(pages)
+    if index.size == 0:
+        return memoryview(wire.encode(DiffBatch()))
+    full = size // PAGE_SIZE
+    arr = np.frombuffer(source, np.uint8, count=size)
+    whole = index[index < full]
+    data = arr[: full * PAGE_SIZE].reshape(full, PAGE_SIZE)[whole].reshape(-1)
+    if index[-1] >= full:  # a last partial page
+        data = np.concatenate([data, arr[full * PAGE_SIZE:]])
+    run_start = np.concatenate(([True], index[1:] != index[:-1] + 1))
+    firsts = index[run_start]
+    lasts = index[np.concatenate((np.flatnonzero(run_start)[1:] - 1, [index.size - 1]))]
+    offsets = firsts.astype(np.int64) * PAGE_SIZE
+    ends = np.minimum((lasts.astype(np.int64) + 1) * PAGE_SIZE, size)
+    n = len(offsets)
+    batch = DiffBatch.from_columns(offsets, ends - offsets, np.zeros(n, np.uint8),
+                                   np.full(n, int(MergeOp.OVERWRITE), np.uint8), data.data)
+    return memoryview(wire.encode(batch))
+
+
+class _Reader:
+    """Reads an object in chunks, keeping its CRC32C and length."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.crc = 0
+        self.length = 0
+
+    def readinto(self, view: memoryview) -> int:
+        got = 0
+        while got < view.nbytes:
+            n = self.f.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            got += n
+        self.crc = _native.crc32c(view[:got], self.crc)
+        self.length += got
+        return got
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.crc = _native.crc32c(data, self.crc)
+        self.length += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+@dataclass
+class ObjectRef:
+    """One data object of a manifest."""
+
+    name: str
+    version: int       # the version that wrote it
+    kind: str          # "base" or "increment"
+    size: int          # bytes stored
+    crc32c: int
+    pages: int         # pages it carries
+
+
+def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None) -> tuple[int, DiffBatch | None]:
+    """Checks and decodes one object. A base is written into ``into`` (its
+    first memory_size bytes); an increment returns its DiffBatch. Returns
+    (memory_size, batch). Raises CorruptDataError (with a bare reason)."""
+    import zstandard
+
+    r = _Reader(f)
+    header = r.read(HEADER.size)
+    if len(header) < HEADER.size:
+        raise CorruptDataError(f"truncated: {len(header)} bytes, shorter than its header")
+    magic, version, kind, flags, memory_size, body_len = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise CorruptDataError(f"not a pagefork checkpoint object (magic {magic!r})")
+    if version != VERSION:
+        raise CorruptDataError(f"unsupported object format version {version} (this build reads {VERSION})")
+    if flags & ~FLAG_ZSTD or kind not in (KIND_IMAGE, KIND_PAGES):
+        raise CorruptDataError(f"unknown object kind {kind} or flags {flags:#x}")
+    if kind != (KIND_IMAGE if ref.kind == "base" else KIND_PAGES):
+        raise CorruptDataError(f"holds a {'base' if kind == KIND_IMAGE else 'increment'}, the "
+                               f"manifest says {ref.kind}")
+    if kind == KIND_IMAGE and body_len != memory_size:
+        raise CorruptDataError(f"its image holds {body_len} bytes for a memory of {memory_size}")
+    if body_len > 64 + 18 * (memory_size // PAGE_SIZE + 1) + memory_size:
+        raise CorruptDataError(f"its body of {body_len} bytes is impossible for its memory size")
+    batch = None
+    try:
+        if kind == KIND_IMAGE:
+            if into is None or into.nbytes < memory_size:
+                raise CorruptDataError(f"its image of {memory_size} bytes does not fit the memory")
+            target = into[:memory_size]
+            if flags & FLAG_ZSTD:
+                # Checksum first (the manifest's), then decompress: never
+                # decode unchecked bytes.
+                packed = bytearray(ref.size - HEADER.size)
+                r.readinto(memoryview(packed))
+                _check(r, ref)
+                reader = zstandard.ZstdDecompressor().stream_reader(packed)
+                got = _fill(reader, target)
+                if got != memory_size or reader.read(1):
+                    raise CorruptDataError("its compressed image has the wrong size")
+                return memory_size, None
+            for at in range(0, memory_size, CHUNK):
+                if r.readinto(target[at: at + CHUNK]) != min(CHUNK, memory_size - at):
+                    raise CorruptDataError("truncated image")
+            r.drain()
+            _check(r, ref)
+            return memory_size, None
+        body = bytearray(ref.size - HEADER.size) if ref.size >= HEADER.size else bytearray()
+        r.readinto(memoryview(body))
+        r.drain()
+        _check(r, ref)
+        raw: Any = body
+        if flags & FLAG_ZSTD:
+            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
+        if len(raw) != body_len:
+            raise CorruptDataError(f"its body is {len(raw)} bytes, its header says {body_len}")
+        batch = wire.decode(raw)
+    except zstandard.ZstdError as exc:
+        raise CorruptDataError(f"its compressed body is damaged: {exc}") from None
+    if len(batch) and (int((batch.offsets + batch.lengths).max()) > memory_size
+                       or (batch.ops != int(MergeOp.OVERWRITE)).any()):
+        raise CorruptDataError("holds pages outside its memory size")
+    return memory_size, batch
+
+
+def _fill(reader: Any, target: memoryview) -> int:
+    got = 0
+    while got < target.nbytes:
+        n = reader.readinto(target[got: got + CHUNK])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _check(r: _Reader, ref: ObjectRef) -> None:
+    if r.length != ref.size:
+        raise CorruptDataError(f"{r.length} bytes long, the manifest says {ref.size}")
+    if r.crc != ref.crc32c:
+        raise CorruptDataError(f"checksum mismatch (crc32c {r.crc:#010x}, the manifest says "
+                               f"{ref.crc32c:#010x})")
+
+
+def crc_of(chunks: list[Any]) -> tuple[int, int]:
+    """(CRC32C, length) of chunks written one after another."""
+    crc, n = 0, 0
+    for c in chunks:
+        view = memoryview(c).cast("B")
+        for at in range(0, view.nbytes, CHUNK):  # chunked: stays in cache, GIL released per call
+            crc = _native.crc32c(view[at: at + CHUNK], crc)
+        n += view.nbytes
+    return crc, n
+
+
+# ---- manifests -------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    """One committed version: what restores it and what it holds."""
+
+    version: int
+    parent: int | None      # the version this one's increment is relative to
+    created: float          # unix time
+    size: int               # memory bytes
+    max_size: int
+    page_size: int
+    pages: int              # pages this version wrote
+    bytes_written: int      # bytes of this version's own object
+    objects: list[ObjectRef] = field(default_factory=list)  # base first
+    app: dict[str, Any] | None = None  # App layout and version counter
+
+    @property
+    def is_base(self) -> bool:
+        return len(self.objects) == 1
+
+    @property
+    def chain_length(self) -> int:
+        """Increments on top of the base."""
+        return len(self.objects) - 1
+
+    @property
+    def increment_bytes(self) -> int:
+        return sum(o.size for o in self.objects[1:])
+
+    def encode(self) -> bytes:
+        body = asdict(self)
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        crc = _native.crc32c(text.encode())
+        return json.dumps({"format": FORMAT, "format_version": VERSION, "crc32c": crc,
+                           "manifest": body}, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        try:
+            outer = json.loads(data)
+            if outer.get("format") != FORMAT:
+                raise CorruptDataError("not a pagefork checkpoint manifest")
+            if outer.get("format_version") != VERSION:
+                raise CorruptDataError(f"unsupported manifest format version "
+                                       f"{outer.get('format_version')} (this build reads {VERSION})")
+            body = outer["manifest"]
+            text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+            if _native.crc32c(text.encode()) != outer["crc32c"]:
+                raise CorruptDataError("manifest checksum mismatch")
+            objects = [ObjectRef(**o) for o in body.pop("objects")]
+            manifest = cls(objects=objects, **body)
+        except CorruptDataError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptDataError(f"unreadable manifest: {exc}") from None
+        if not manifest.objects or manifest.objects[0].kind != "base" or any(
+                o.kind != "increment" for o in manifest.objects[1:]):
+            raise CorruptDataError("manifest's object chain does not start with one base")
+        if manifest.page_size != PAGE_SIZE:
+            raise CorruptDataError(f"written with {manifest.page_size}-byte pages, this host has "
+                                   f"{PAGE_SIZE}")
+        return manifest
+
+
+def iter_refs(manifests: list[Manifest]) -> Iterator[tuple[Manifest, ObjectRef]]:
+    """Every object of ``manifests`` once, with the first manifest naming it."""
+    seen: set[str] = set()
+    for m in manifests:
+        for ref in m.objects:
+            if ref.name not in seen:
+                seen.add(ref.name)
+                yield m, ref
