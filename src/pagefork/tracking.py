@@ -43,6 +43,12 @@ _MODE_IDS = {
     "cow": _native.MODE_COW,
 }
 _THREAD_LOCAL = {"none", "segfault", "uffd"}
+# Modes that cannot read and re-arm as one step, and why.
+_NO_ATOMIC_RESET = {
+    "cow": "is impossible: cow is re-armed only by mapping the snapshot again (Snapshot.map_to)",
+    "softpte": "is impossible: /proc/self/clear_refs clears soft-dirty bits process-wide in a "
+               "separate step, so writes between the read and the clear would be lost",
+}
 
 
 @dataclass(frozen=True)
@@ -340,27 +346,44 @@ class Tracker:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         self._call(region, "stop_thread")
 
-    def dirty_pages(self, region: Region, scope: Scope = "both") -> np.ndarray:
-        """One bool per page of ``region``: written since tracking started.
+    def dirty_pages(self, region: Region, scope: Scope = "both", *, reset: bool = False) -> np.ndarray:
+        """One bool per page of ``region``: written since tracking started
+        (or since the last ``reset=True`` read of that scope).
 
         ``scope`` is ``"global"`` (every thread, since :meth:`start`),
         ``"thread"`` (the calling thread, since :meth:`start_thread`) or
         ``"both"`` (their union).
+
+        ``reset=True`` clears the flags it read and re-arms tracking in the
+        same step: with writers running, every write is reported by this read
+        or the next one, never lost. It is the way to read in rounds while
+        other threads write. ``cow`` (re-armed only by
+        :meth:`Snapshot.map_to <pagefork.Snapshot.map_to>`) and ``softpte``
+        (whose clearing is a separate, process-wide step) cannot, and raise
+        :class:`UnsupportedModeError`.
         """
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of 'global', 'thread', 'both', not {scope!r}")
         if scope == "thread" and self.mode not in _THREAD_LOCAL:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
+        if reset and self.mode in _NO_ATOMIC_RESET:
+            raise UnsupportedModeError(self.mode, "dirty_pages(reset=True) " + _NO_ATOMIC_RESET[self.mode])
         tracking = self._tracking(region, create=False)
         out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
         try:
-            tracking.dirty(out, _SCOPES[scope])
+            tracking.dirty(out, _SCOPES[scope], bool(reset))
         except OSError as exc:
             raise self._error(exc, "dirty_pages", region) from exc
         return out.view(np.bool_)
 
     def reset(self) -> None:
-        """Clears every flag of every region and re-arms tracking where it is on."""
+        """Clears every flag of every region and re-arms tracking where it is on.
+
+        Writes made between an earlier :meth:`dirty_pages` and this call are
+        forgotten, so it is safe only when no other thread writes tracked
+        memory meanwhile; with writers running use
+        ``dirty_pages(region, reset=True)``.
+        """
         for ref, tracking in list(self._regions.values()):
             region = ref()
             if region is None or region.closed:

@@ -47,6 +47,8 @@ static PyMethodDef native_methods[] = {
     {"crc32c", pf_crc32c, METH_VARARGS, "crc32c(data, crc=0) -> int"},
     {"delta_encode", pf_delta_encode, METH_VARARGS, "delta_encode(old, new, page_size, xor) -> body"},
     {"delta_apply", pf_delta_apply, METH_VARARGS, "delta_apply(old, body, new_len, xor) -> new"},
+    {"_scribble", pf_scribble, METH_VARARGS,
+     "_scribble(address, n_pages, slot, first_seq, count, seed) -> seed: native-speed test writes."},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},
     {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,

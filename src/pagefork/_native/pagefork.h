@@ -120,6 +120,7 @@ typedef struct pf_range {
     _Atomic int global_active;
     _Atomic int threads_active;
     _Atomic int inflight; /* fault handlers currently using this range */
+    _Atomic int collecting; /* a read-and-re-arm is running: handlers wait */
     uint8_t *global;
     pf_thread_slot threads[PF_MAX_THREADS];
 } pf_range;
@@ -128,6 +129,7 @@ pf_range *pf_range_new(int mode, uintptr_t start, size_t n_pages, size_t max_pag
 void pf_range_free(pf_range *r);
 int pf_registry_publish(pf_range *r);     /* 0, or -1 with errno=ENOSPC */
 void pf_registry_unpublish(pf_range *r);  /* waits for handlers still inside */
+/* Pins the range holding addr; waits while a read-and-re-arm of it runs. */
 pf_range *pf_registry_acquire(uintptr_t addr, int mode); /* async-signal-safe */
 void pf_registry_release(pf_range *r);                   /* async-signal-safe */
 /* Calls fn on every published range of `mode` except `skip` (GIL held). */
@@ -135,6 +137,10 @@ void pf_registry_foreach(int mode, pf_range *skip, void (*fn)(pf_range *));
 void pf_range_mark(pf_range *r, uintptr_t addr, pid_t tid); /* async-signal-safe */
 pid_t pf_current_tid(void);                                 /* async-signal-safe */
 pf_thread_slot *pf_range_thread_slot(pf_range *r, pid_t tid, int create);
+/* Keeps fault handlers out of r between begin and end (GIL held): a handler
+ * already inside finishes first, new ones wait until end. */
+void pf_range_begin_exclusive(pf_range *r);
+void pf_range_end_exclusive(pf_range *r);
 
 /* ---- mechanisms ----------------------------------------------------------
  * Each returns 0 on success or -1 with a Python exception set. Ranges are in
@@ -243,5 +249,6 @@ PyObject *pf_crc32c(PyObject *self, PyObject *args);
 uint32_t pf_crc32c_update(uint32_t crc, const uint8_t *data, size_t len);
 PyObject *pf_delta_encode(PyObject *self, PyObject *args);
 PyObject *pf_delta_apply(PyObject *self, PyObject *args);
+PyObject *pf_scribble(PyObject *self, PyObject *args);
 
 #endif

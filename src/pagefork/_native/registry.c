@@ -101,12 +101,36 @@ pf_range *pf_registry_acquire(uintptr_t addr, int mode)
         size_t n = atomic_load_explicit(&r->n_pages, memory_order_relaxed);
         if (addr >= r->start + n * pf_page_size)
             continue;
-        atomic_fetch_add(&r->inflight, 1);
-        if (atomic_load(&registry[i]) == r)
-            return r;
-        atomic_fetch_sub(&r->inflight, 1); /* unpublished meanwhile */
+        for (;;) {
+            atomic_fetch_add(&r->inflight, 1);
+            if (atomic_load(&registry[i]) != r) {
+                atomic_fetch_sub(&r->inflight, 1); /* unpublished meanwhile */
+                break;
+            }
+            if (!atomic_load(&r->collecting))
+                return r;
+            /* A read-and-re-arm is between re-protecting and taking the
+             * flags: un-protecting now could leave a page writable whose
+             * mark that read already took. Wait it out (it never waits on
+             * anything a faulting thread holds). */
+            atomic_fetch_sub(&r->inflight, 1);
+            while (atomic_load(&r->collecting))
+                sched_yield();
+        }
     }
     return NULL;
+}
+
+void pf_range_begin_exclusive(pf_range *r)
+{
+    atomic_store(&r->collecting, 1);
+    while (atomic_load(&r->inflight) > 0)
+        sched_yield();
+}
+
+void pf_range_end_exclusive(pf_range *r)
+{
+    atomic_store(&r->collecting, 0);
 }
 
 void pf_registry_release(pf_range *r)

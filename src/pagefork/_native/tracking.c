@@ -176,31 +176,10 @@ static PyObject *tracking_stop_thread(PfTracking *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* dirty(out, scope): fills the writable buffer `out` (n_pages bytes) with 0/1
- * flags. scope: 0 global, 1 calling thread, 2 both. */
-static PyObject *tracking_dirty(PfTracking *self, PyObject *args)
+/* Copies the flags of `scope` (0 global, 1 calling thread, 2 both) into dst
+ * and, with `clear`, zeroes the flags it read. */
+static void take_flags(pf_range *r, int scope, uint8_t *dst, size_t n, int clear)
 {
-    Py_buffer out;
-    int scope;
-    if (!PyArg_ParseTuple(args, "w*i", &out, &scope))
-        return NULL;
-    pf_range *r = self->range;
-    size_t n = atomic_load(&r->n_pages);
-    if ((size_t)out.len != n || scope < 0 || scope > 2) {
-        PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "dirty: buffer must hold n_pages bytes; scope 0..2");
-        return NULL;
-    }
-    uint8_t *dst = out.buf;
-    if (self->ops == NULL) {
-        memset(dst, 1, n);
-        PyBuffer_Release(&out);
-        Py_RETURN_NONE;
-    }
-    if (atomic_load(&r->global_active) && collect(self) != 0) {
-        PyBuffer_Release(&out);
-        return NULL;
-    }
     pf_thread_slot *slot = scope == 0 ? NULL : pf_range_thread_slot(r, pf_current_tid(), 0);
     if (scope == 1) {
         if (slot != NULL)
@@ -213,26 +192,100 @@ static PyObject *tracking_dirty(PfTracking *self, PyObject *args)
             for (size_t i = 0; i < n; i++)
                 dst[i] |= slot->flags[i];
     }
+    if (!clear)
+        return;
+    if (scope != 1)
+        memset(r->global, 0, r->max_pages);
+    if (slot != NULL)
+        memset(slot->flags, 0, r->max_pages);
+}
+
+/* Re-arms protection and takes the flags as one step with respect to the
+ * fault handlers. Protecting first and keeping handlers out until the flags
+ * are taken means every write lands in this read or the next: a handler that
+ * un-protected a page before the re-protect has finished (its mark is read
+ * now); one that comes after marks for the next read. Without the exclusion a
+ * handler straddling the re-protect would leave its page writable with its
+ * mark already taken, and later writes to that page would never be seen. */
+static int read_and_rearm(PfTracking *self, int scope, uint8_t *dst, size_t n)
+{
+    pf_range *r = self->range;
+    int armed = self->attached && any_active(r);
+    if (r->mode == PF_MODE_UFFD_ASYNC) {
+        /* One PAGEMAP_SCAN reads PAGE_IS_WRITTEN and re-protects atomically. */
+        if (armed && collect(self) != 0)
+            return -1;
+        take_flags(r, scope, dst, n, 1);
+        return 0;
+    }
+    pf_range_begin_exclusive(r);
+    int rc = armed ? self->ops->arm(r, 0, n) : 0;
+    if (rc == 0)
+        take_flags(r, scope, dst, n, 1);
+    pf_range_end_exclusive(r);
+    return rc;
+}
+
+/* dirty(out, scope, reset=False): fills the writable buffer `out` (n_pages
+ * bytes) with 0/1 flags. scope: 0 global, 1 calling thread, 2 both. reset
+ * clears the flags read and re-arms in the same step. */
+static PyObject *tracking_dirty(PfTracking *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"out", "scope", "reset", NULL};
+    Py_buffer out;
+    int scope, reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*i|p", kwlist, &out, &scope, &reset))
+        return NULL;
+    pf_range *r = self->range;
+    size_t n = atomic_load(&r->n_pages);
+    if ((size_t)out.len != n || scope < 0 || scope > 2) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "dirty: buffer must hold n_pages bytes; scope 0..2");
+        return NULL;
+    }
+    if (reset && (r->mode == PF_MODE_COW || r->mode == PF_MODE_SOFTPTE)) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_NotImplementedError, "this mode cannot read and re-arm in one step");
+        return NULL;
+    }
+    uint8_t *dst = out.buf;
+    int rc = 0;
+    if (self->ops == NULL)
+        memset(dst, 1, n);
+    else if (reset)
+        rc = read_and_rearm(self, scope, dst, n);
+    else if (atomic_load(&r->global_active) && collect(self) != 0)
+        rc = -1;
+    else
+        take_flags(r, scope, dst, n, 0);
     PyBuffer_Release(&out);
+    if (rc != 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
+/* Clears every flag and re-arms. Writes between an earlier dirty() and this
+ * call are forgotten: dirty(reset=True) is the race-free form. */
 static PyObject *tracking_reset(PfTracking *self, PyObject *unused)
 {
     (void)unused;
     pf_range *r = self->range;
-    if (self->attached && any_active(r) && self->ops != NULL) {
-        /* Consume the kernel's state first (uffd-async re-protects as it
-         * reads), then re-arm what handlers un-protected. */
-        if (collect(self) != 0)
-            return NULL;
+    int armed = self->attached && any_active(r) && self->ops != NULL;
+    /* Consume the kernel's state first (uffd-async re-protects as it reads). */
+    if (armed && collect(self) != 0)
+        return NULL;
+    pf_range_begin_exclusive(r);
+    int rc = 0;
+    if (armed && r->mode != PF_MODE_COW)
+        rc = self->ops->arm(r, 0, atomic_load(&r->n_pages));
+    if (rc == 0) {
+        memset(r->global, 0, r->max_pages);
+        for (int i = 0; i < PF_MAX_THREADS; i++)
+            if (r->threads[i].flags != NULL)
+                memset(r->threads[i].flags, 0, r->max_pages);
     }
-    memset(r->global, 0, r->max_pages);
-    for (int i = 0; i < PF_MAX_THREADS; i++)
-        if (r->threads[i].flags != NULL)
-            memset(r->threads[i].flags, 0, r->max_pages);
-    if (self->attached && any_active(r) && self->ops != NULL && r->mode != PF_MODE_COW &&
-        self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0)
+    pf_range_end_exclusive(r);
+    if (rc != 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -323,7 +376,8 @@ static PyMethodDef tracking_methods[] = {
     {"stop", (PyCFunction)tracking_stop, METH_NOARGS, "Stop whole-process tracking."},
     {"start_thread", (PyCFunction)tracking_start_thread, METH_NOARGS, "Track the calling thread."},
     {"stop_thread", (PyCFunction)tracking_stop_thread, METH_NOARGS, "Stop tracking the calling thread."},
-    {"dirty", (PyCFunction)tracking_dirty, METH_VARARGS, "dirty(out, scope): write flags into out."},
+    {"dirty", (PyCFunction)(void (*)(void))tracking_dirty, METH_VARARGS | METH_KEYWORDS,
+     "dirty(out, scope, reset=False): write flags into out; reset re-arms in the same step."},
     {"reset", (PyCFunction)tracking_reset, METH_NOARGS, "Clear all flags and re-arm."},
     {"resize", (PyCFunction)tracking_resize, METH_VARARGS, "resize(n_pages)"},
     {"close", (PyCFunction)tracking_close, METH_NOARGS, "Stop everything and drop kernel state."},
