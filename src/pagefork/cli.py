@@ -1,4 +1,4 @@
-"""The ``pagefork`` command: ``doctor``, ``bench`` and ``demo``."""
+"""The ``pagefork`` command: ``doctor``, ``bench``, ``demo`` and ``checkpoint``."""
 
 from __future__ import annotations
 
@@ -241,6 +241,74 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(backend=args.backend, workers=args.workers, threads=args.threads) else 1
 
 
+def _checkpoint_ls(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from .checkpoint import versions
+
+    try:
+        found = versions(args.target)
+    except Exception as exc:  # a damaged manifest, an unreachable store: say which, exit 1
+        print(f"pagefork checkpoint ls: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([dataclasses.asdict(v) for v in found], indent=1))
+        return 0
+    if not found:
+        print(f"no checkpoint in {args.target}")
+        return 0
+    header = ("version", "parent", "written (UTC)", "kind", "memory", "pages", "bytes",
+              "chain", "restore reads")
+    rows = [(str(v.version), "-" if v.parent is None else str(v.parent),
+             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created)),
+             "base" if v.base else "increment", _human(v.size), str(v.pages), _human(v.bytes_written),
+             str(v.chain_length), _human(v.restore_bytes)) for v in found]
+    console = _console()
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title=f"checkpoints in {args.target} ({found[-1].kind})")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i in (2, 3) else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return 0
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _checkpoint_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import verify
+
+    checked = 0
+    try:
+        for version, name, problem in verify(args.target):
+            if problem is not None:
+                print(f"version {version}: {name} is bad: {problem}", file=sys.stderr)
+                return 1
+            checked += 1
+    except Exception as exc:  # an unreachable store
+        print(f"pagefork checkpoint verify: {exc}", file=sys.stderr)
+        return 1
+    if checked == 0:
+        print(f"no checkpoint in {args.target}", file=sys.stderr)
+        return 1
+    print(f"{checked} objects in {args.target} are intact")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import MODES
 
@@ -263,6 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=None)
     demo.add_argument("--threads", type=int, default=8)
     demo.set_defaults(run=_demo)
+    checkpoint = sub.add_parser("checkpoint", help="list or verify the checkpoints in a folder or URL")
+    checkpoint_sub = checkpoint.add_subparsers(dest="action", required=True)
+    ls = checkpoint_sub.add_parser("ls", help="versions, times, sizes and chain lengths")
+    ls.add_argument("target", help="a folder or an fsspec URL (memory://, s3://...)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(run=_checkpoint_ls)
+    check = checkpoint_sub.add_parser("verify", help="check every object; exit 1 naming the first bad one")
+    check.add_argument("target", help="a folder or an fsspec URL")
+    check.set_defaults(run=_checkpoint_verify)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     return int(run(args))
