@@ -115,15 +115,20 @@ class FsspecStore:
     Objects are written with one request each; object stores make an
     object visible only once it is complete."""
 
-    def __init__(self, url: str, **storage_options: Any) -> None:
+    def __init__(self, fs: Any, root: str, description: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.description = description
+
+    @classmethod
+    def from_url(cls, url: str) -> FsspecStore:
         try:
             import fsspec
         except ImportError:
             raise ImportError(f"checkpoint target {url!r} needs fsspec: pip install "
                               "'pagefork[checkpoint]' (and s3fs for s3://)") from None
-        self.fs, path = fsspec.core.url_to_fs(url, **storage_options)
-        self.root = path.rstrip("/")
-        self.description = url
+        fs, path = fsspec.core.url_to_fs(url)
+        return cls(fs, path, url)
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -163,9 +168,15 @@ class FsspecStore:
 
 
 def open_store(target: Any) -> LocalStore | FsspecStore:
-    """A store for ``target``: a path, a ``file://`` URL, or any other fsspec URL."""
+    """A store for ``target``: a path, a ``file://`` URL, any other fsspec
+    URL, or an fsspec mapper (``fs.get_mapper(path)``, for a filesystem
+    with its own options, e.g. an S3 endpoint)."""
     if isinstance(target, (LocalStore, FsspecStore)):
         return target
+    if hasattr(target, "fs") and isinstance(getattr(target, "root", None), str):
+        protocol = target.fs.protocol
+        protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        return FsspecStore(target.fs, target.root, f"{protocol}://{target.root}")
     if isinstance(target, os.PathLike):
         return LocalStore(target)
     if not isinstance(target, str) or not target:
@@ -174,5 +185,5 @@ def open_store(target: Any) -> LocalStore | FsspecStore:
         # Local disks get the rename-and-fsync commit, not fsspec's plain writes.
         return LocalStore(target[len("file://"):])
     if "://" in target:
-        return FsspecStore(target)
+        return FsspecStore.from_url(target)
     return LocalStore(target)

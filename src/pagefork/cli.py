@@ -259,10 +259,10 @@ def _checkpoint_ls(args: argparse.Namespace) -> int:
         print(f"no checkpoint in {args.target}")
         return 0
     header = ("version", "parent", "written (UTC)", "kind", "memory", "pages", "bytes",
-              "chain", "restore reads")
+              "chain", "restore")
     rows = [(str(v.version), "-" if v.parent is None else str(v.parent),
-             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created)),
-             "base" if v.base else "increment", _human(v.size), str(v.pages), _human(v.bytes_written),
+             time.strftime("%m-%d %H:%M:%S", time.gmtime(v.created)),
+             "base" if v.base else "incr", _human(v.size), str(v.pages), _human(v.bytes_written),
              str(v.chain_length), _human(v.restore_bytes)) for v in found]
     console = _console()
     if console is not None:
