@@ -573,93 +573,133 @@ def test_writes_before_save_returns_are_in_that_version_or_the_next(tmp_path, mo
 
 # ---- SIGKILL at random instants ---------------------------------------------------------
 
-_REGION_CHILD = """
-import hashlib, sys, numpy as np, pagefork
-from pagefork import PAGE_SIZE, checkpoint as ck
-target, seed, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-n = 48
-region = pagefork.Region(n * PAGE_SIZE)
-versions = ck.versions(target)
-if versions:
-    ck.load(target, into=region)
-t = pagefork.tracker(mode)
-t.start(region)
-data = np.frombuffer(region, np.uint8)
-rng = np.random.default_rng(seed)
-print("ready", flush=True)
-while True:
-    for p in rng.choice(n, 3, replace=False):
-        data[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
-    print("pending", hashlib.sha256(region).hexdigest(), flush=True)
-    info = ck.save(region, target, tracker=t, keep=3, base_every=4, compress=int(rng.integers(0, 2)) or None)
-    print("saved", info.version, flush=True)
-"""
+# Each trial is a process forked from one single-threaded "zygote" that has
+# imported numpy and pagefork already, so a trial costs milliseconds. Its
+# output lines are single write(2)s: a kill never leaves half a line.
+_ZYGOTE = """
+import hashlib, os, sys
+import numpy as np
+import pagefork
+from pagefork import PAGE_SIZE, App, checkpoint as ck
 
-_APP_CHILD = """
-import hashlib, sys, numpy as np, pagefork
-from pagefork import App, checkpoint as ck
-target, seed = sys.argv[1], int(sys.argv[2])
-if ck.versions(target):
-    app = App.restore(target, backend="threads")
-else:
-    app = App("192KiB", backend="threads")
-    app.alloc("a", 8000, np.float64, merge="sum")
-    app.alloc("b", 8000, np.int64)
-rng = np.random.default_rng(seed)
-print("ready", flush=True)
+
+def say(*words):
+    os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
+
+def region_trial(target, seed, mode):
+    n = 48
+    region = pagefork.Region(n * PAGE_SIZE)
+    if ck.versions(target):
+        ck.load(target, into=region)
+    t = pagefork.tracker(mode)
+    t.start(region)
+    data = np.frombuffer(region, np.uint8)
+    rng = np.random.default_rng(int(seed))
+    say("ready", os.getpid())
+    while True:
+        for p in rng.choice(n, 3, replace=False):
+            data[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+        say("pending", hashlib.sha256(region).hexdigest())
+        info = ck.save(region, target, tracker=t, keep=3, base_every=4,
+                       compress=int(rng.integers(0, 2)) or None)
+        say("saved", info.version)
+
+
 def work(mem, i, n, idx):
     mem["a"][idx] += 1.5
     mem["b"][idx[::-1]] = i
-while True:
-    app["b"][rng.integers(0, 8000, 4)] = rng.integers(0, 1000, 4)
-    app.parallel(work, 2, args=(rng.integers(0, 8000, 50),))
-    print("pending", hashlib.sha256(app.memory).hexdigest(), app._executor.version, flush=True)
-    info = app.checkpoint(target, keep=3, base_every=4)
-    print("saved", info.version, flush=True)
+
+
+def app_trial(target, seed):
+    if ck.versions(target):
+        app = App.restore(target, backend="threads")
+    else:
+        app = App("192KiB", backend="threads")
+        app.alloc("a", 8000, np.float64, merge="sum")
+        app.alloc("b", 8000, np.int64)
+    rng = np.random.default_rng(int(seed))
+    say("ready", os.getpid())
+    while True:
+        app["b"][rng.integers(0, 8000, 4)] = rng.integers(0, 1000, 4)
+        app.parallel(work, 2, args=(rng.integers(0, 8000, 50),))
+        say("pending", hashlib.sha256(app.memory).hexdigest(), app._executor.version)
+        info = app.checkpoint(target, keep=3, base_every=4)
+        say("saved", info.version)
+
+
+say("zygote")
+for line in sys.stdin:
+    command, *rest = line.split()
+    if command == "reap":
+        say("reaped", rest[0], os.waitpid(int(rest[0]), 0)[1])
+    elif os.fork() == 0:
+        try:
+            globals()[command](*rest)
+        finally:
+            os._exit(1)
 """
 
 
-def _kill_trials(tmp_path, script, args, trials, check):
-    """Starts ``script``, kills it with SIGKILL a random moment after it is
-    ready, checks the target against what the child said it saved, and
-    starts it again on the same target. Returns how many kills landed
-    inside a save."""
-    path = tmp_path / "child.py"
-    path.write_text(textwrap.dedent(script))
+def _kill_trials(tmp_path, command, args, trials, check):
+    """Runs ``command`` in a forked process, kills it with SIGKILL a random
+    moment after it is ready, checks the target against what it said it
+    saved, and runs it again on the same target. Returns how many kills
+    landed inside a save."""
+    (tmp_path / "zygote.py").write_text(_ZYGOTE)
     target = tmp_path / "ckpt"
+    with open(tmp_path / "stderr", "w") as errors:
+        zygote = subprocess.Popen([sys.executable, str(tmp_path / "zygote.py")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=errors, text=True,
+                                  env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert zygote.stdin is not None and zygote.stdout is not None
+
+    def send(line: str) -> None:
+        zygote.stdin.write(line + "\n")
+        zygote.stdin.flush()
+
+    def receive() -> str:
+        line = zygote.stdout.readline()
+        assert line, (tmp_path / "stderr").read_text()
+        return line
+
     rng = random.Random(1234)
     interrupted = 0
     newest: tuple[int, list[str]] | None = None  # (version, state) committed so far
-    for trial in range(trials):
-        proc = subprocess.Popen([sys.executable, str(path), str(target), str(trial), *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line == "ready\n", (line, proc.communicate())
-        # Kill it wherever it is: writing objects, fsyncing, renaming, pruning.
-        threading.Event().wait(rng.uniform(0, 0.08))
-        os.kill(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, err
-        state, in_flight = None, None
-        for entry in out.splitlines():
-            word, *fields = entry.split()
-            if word == "pending":
-                state = in_flight = fields
-            elif word == "saved":
-                newest, in_flight = (int(fields[0]), state), None  # type: ignore[assignment]
-        interrupted += in_flight is not None
-        versions = [v.version for v in ck.versions(target)]
-        if not versions:
-            assert newest is None
-            continue
-        got_version = max(versions)
-        if in_flight is not None and got_version == (newest[0] if newest else 0) + 1:
-            newest = (got_version, in_flight)  # killed after its commit, before it said so
-        assert newest is not None and got_version == newest[0], (versions, newest)
-        assert check(target) == newest[1]  # exactly the last completed version
-        problems = [p for _, _, p in ck.verify(target) if p is not None]
-        assert not problems
+    try:
+        assert receive() == "zygote\n"
+        for trial in range(trials):
+            send(" ".join([command, str(target), str(trial), *args]))
+            word, pid = receive().split()
+            assert word == "ready"
+            # Kill it wherever it is: writing objects, fsyncing, renaming, pruning.
+            threading.Event().wait(rng.uniform(0, 0.05))
+            os.kill(int(pid), signal.SIGKILL)
+            send(f"reap {pid}")
+            state, in_flight = None, None
+            while True:
+                word, *fields = receive().split()
+                if word == "reaped":
+                    assert int(fields[1]) == signal.SIGKILL, (tmp_path / "stderr").read_text()
+                    break
+                if word == "pending":
+                    state = in_flight = fields
+                elif word == "saved":
+                    newest, in_flight = (int(fields[0]), state), None  # type: ignore[assignment]
+            interrupted += in_flight is not None
+            versions = [v.version for v in ck.versions(target)]
+            if not versions:
+                assert newest is None
+                continue
+            got_version = max(versions)
+            if in_flight is not None and got_version == (newest[0] if newest else 0) + 1:
+                newest = (got_version, in_flight)  # killed after its commit, before it said so
+            assert newest is not None and got_version == newest[0], (versions, newest)
+            assert check(target) == newest[1]  # exactly the last completed version
+            assert not [p for _, _, p in ck.verify(target) if p is not None]
+    finally:
+        zygote.stdin.close()
+        zygote.wait()
     return interrupted
 
 
@@ -674,8 +714,8 @@ def test_sigkill_while_saving_a_region(tmp_path):
         with ck.load(target) as back:
             return [_digest(back)]
 
-    interrupted = _kill_trials(tmp_path, _REGION_CHILD, [reset_modes()[0]], 100, check)
-    assert interrupted >= 25  # most kills landed inside a save
+    interrupted = _kill_trials(tmp_path, "region_trial", [reset_modes()[0]], 200, check)
+    assert interrupted >= 40  # most kills landed inside a save
     leftovers = [p.name for p in (tmp_path / "ckpt").iterdir() if ".tmp-" in p.name]
     assert len(leftovers) <= 2  # temporaries of killed writers go with the next save
 
@@ -685,8 +725,8 @@ def test_sigkill_while_checkpointing_an_app(tmp_path):
         with App.restore(target, backend="threads") as back:
             return [_digest(back.memory), str(back._executor.version)]
 
-    interrupted = _kill_trials(tmp_path, _APP_CHILD, [], 60, check)
-    assert interrupted >= 10
+    interrupted = _kill_trials(tmp_path, "app_trial", [], 150, check)
+    assert interrupted >= 25
 
 
 # ---- the example ------------------------------------------------------------------------
