@@ -15,6 +15,7 @@ found before anything is decoded. The manifest carries its own CRC32C.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
@@ -140,10 +141,13 @@ class ObjectRef:
     pages: int         # pages it carries
 
 
-def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None) -> tuple[int, DiffBatch | None]:
+def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
+                fd: int | None = None) -> tuple[int, DiffBatch | None]:
     """Checks and decodes one object. A base is written into ``into`` (its
-    first memory_size bytes); an increment returns its DiffBatch. Returns
-    (memory_size, batch). Raises CorruptDataError (with a bare reason)."""
+    first memory_size bytes), or with ``pwrite`` into the file ``fd`` (a
+    snapshot's memfd: no page faults, unlike writing through a fresh
+    mapping); an increment returns its DiffBatch. Returns (memory_size,
+    batch). Raises CorruptDataError with a bare reason."""
     import zstandard
 
     r = _Reader(f)
@@ -164,30 +168,13 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None) -> tuple[i
         raise CorruptDataError(f"its image holds {body_len} bytes for a memory of {memory_size}")
     if body_len > 64 + 18 * (memory_size // PAGE_SIZE + 1) + memory_size:
         raise CorruptDataError(f"its body of {body_len} bytes is impossible for its memory size")
-    batch = None
     try:
         if kind == KIND_IMAGE:
             if into is None or into.nbytes < memory_size:
                 raise CorruptDataError(f"its image of {memory_size} bytes does not fit the memory")
-            target = into[:memory_size]
-            if flags & FLAG_ZSTD:
-                # Checksum first (the manifest's), then decompress: never
-                # decode unchecked bytes.
-                packed = bytearray(ref.size - HEADER.size)
-                r.readinto(memoryview(packed))
-                _check(r, ref)
-                reader = zstandard.ZstdDecompressor().stream_reader(packed)
-                got = _fill(reader, target)
-                if got != memory_size or reader.read(1):
-                    raise CorruptDataError("its compressed image has the wrong size")
-                return memory_size, None
-            for at in range(0, memory_size, CHUNK):
-                if r.readinto(target[at: at + CHUNK]) != min(CHUNK, memory_size - at):
-                    raise CorruptDataError("truncated image")
-            r.drain()
-            _check(r, ref)
+            _read_image(r, ref, flags, into[:memory_size], fd)
             return memory_size, None
-        body = bytearray(ref.size - HEADER.size) if ref.size >= HEADER.size else bytearray()
+        body = bytearray(max(ref.size - HEADER.size, 0))
         r.readinto(memoryview(body))
         r.drain()
         _check(r, ref)
@@ -203,6 +190,39 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None) -> tuple[i
                        or (batch.ops != int(MergeOp.OVERWRITE)).any()):
         raise CorruptDataError("holds pages outside its memory size")
     return memory_size, batch
+
+
+def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: int | None) -> None:
+    """Streams an image into ``target`` (or ``fd``) chunk by chunk. The
+    bytes land before the checksum is known: a damaged image fails after
+    writing, and the caller discards the memory."""
+    import zstandard
+
+    size = target.nbytes
+    source: Any = r
+    if flags & FLAG_ZSTD:
+        # Checksum the compressed bytes first: never decode unchecked input.
+        packed = bytearray(max(ref.size - HEADER.size, 0))
+        r.readinto(memoryview(packed))
+        r.drain()
+        _check(r, ref)
+        source = zstandard.ZstdDecompressor().stream_reader(packed)
+    buffer = memoryview(bytearray(min(CHUNK, max(size, 1)))) if fd is not None else None
+    for at in range(0, size, CHUNK):
+        want = min(CHUNK, size - at)
+        chunk = buffer[:want] if buffer is not None else target[at: at + want]
+        if _fill(source, chunk) != want:
+            raise CorruptDataError("its image is truncated")
+        if fd is not None:
+            done = 0
+            while done < want:
+                done += os.pwrite(fd, chunk[done:], at + done)
+    if flags & FLAG_ZSTD:
+        if source.read(1):
+            raise CorruptDataError("its compressed image is longer than its memory")
+    else:
+        r.drain()
+        _check(r, ref)
 
 
 def _fill(reader: Any, target: memoryview) -> int:

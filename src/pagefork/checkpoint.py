@@ -139,15 +139,18 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: bool) -> None:
+def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: bool,
+                  fd: int | None = None) -> None:
     """Writes the image of ``manifest`` into ``memory``, which is at least
-    ``manifest.size`` bytes (``zeroed``: it holds only zeros)."""
+    ``manifest.size`` bytes (``zeroed``: it holds only zeros; ``fd``: the
+    file ``memory`` maps, written directly for the base)."""
     view = memoryview(memory).cast("B")
     try:
         for ref in manifest.objects:
             try:
                 with store.open(ref.name) as f:
-                    size, batch = read_object(f, ref, view[: manifest.size] if ref.kind == "base" else None)
+                    size, batch = read_object(f, ref, view[: manifest.size] if ref.kind == "base" else None,
+                                              fd)
             except FileNotFoundError:
                 raise _missing(store, manifest.version, ref) from None
             except CorruptDataError as exc:
@@ -398,8 +401,8 @@ def restore_app(cls: type[App], target: Target, *, version: int | None = None,
     try:
         executor = app._executor
         with executor.lock:
-            scratch = executor.writable_snapshot()
-            _restore_into(store, manifest, scratch, zeroed=True)
+            _restore_into(store, manifest, executor.writable_snapshot(), zeroed=True,
+                          fd=executor.snapshot.fd)
             executor.restored(int(manifest.app["version"]))
         app._restore_layout(manifest.app)
         app._last_checkpoint = (store.description, v)
