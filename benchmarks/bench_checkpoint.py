@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     size = parse_sizes([args.size or ("256MiB" if args.quick else "1GiB")])[0]
     small = parse_sizes([args.small_size or ("16MiB" if args.quick else "64MiB")])[0]
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (5 if args.quick else 7)
     costs = checkpoint_costs(size, small, rounds=rounds, folder=args.dir, progress=progress_to_stderr)
     print("Incremental checkpoints (App, threads backend, incompressible data)")
     print(format_checkpoint_report(costs))

@@ -120,11 +120,10 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
             small.checkpoint(small_target, base_every=increments)
             save_file = os.path.join(work, "whole.npy")
             ckpt, ckpt_bytes, saves, saves_fsync, same_big, same_small = [], [], [], [], [], []
+            # A base and 10 increments of 1% each, np.save interleaved.
             for r in range(increments):
                 if progress:
-                    progress(f"round {r + 1}: checkpoints of {changed} and {changed_small} changed "
-                             f"pages, np.save of {size >> 20} MiB")
-                # 1% of the large memory
+                    progress(f"increment {r + 1}: {changed} changed pages; np.save of {size >> 20} MiB")
                 _change(big, rng.choice(size // PAGE_SIZE, changed, replace=False), rng)
                 info = big.checkpoint(big_target, base_every=increments)
                 ckpt.append(info.seconds)
@@ -137,18 +136,17 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
                         os.fsync(f.fileno())
                     saves_fsync.append(time.perf_counter() - t0)
                     os.unlink(save_file)
-                    # 1% of the small memory, and as many pages in the large one
-                    pages = rng.choice(small_size // PAGE_SIZE, changed_small, replace=False)
-                    _change(small, pages, rng)
-                    same_small.append(small.checkpoint(small_target, base_every=1 << 30).seconds)
-                    _change(big, pages * (size // small_size), rng)
-                    same_big.append(big.checkpoint(os.path.join(work, "big-same"),
-                                                   base_every=1 << 30).seconds)
-                    if r == 0:  # the first to that target was its base
-                        same_big.pop()
-                        same_small.pop()
-            chain = max(v.chain_length for v in pagefork.checkpoint.versions(big_target)
-                        if v.version <= increments + 1)
+            # The same number of changed pages in the small and the large App.
+            for r in range(rounds):
+                if progress:
+                    progress(f"round {r + 1}: {changed_small} changed pages in {small_size >> 20} MiB "
+                             f"and in {size >> 20} MiB")
+                pages = rng.choice(small_size // PAGE_SIZE, changed_small, replace=False)
+                _change(small, pages, rng)
+                same_small.append(small.checkpoint(small_target, base_every=1 << 30).seconds)
+                _change(big, pages * (size // small_size), rng)
+                same_big.append(big.checkpoint(big_target, base_every=1 << 30).seconds)
+            chain = pagefork.checkpoint.versions(big_target)[increments].chain_length
             np.save(save_file, big["data"])
             with open(save_file, "rb+") as f:
                 os.fsync(f.fileno())
