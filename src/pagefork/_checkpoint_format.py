@@ -65,15 +65,54 @@ def _worth_compressing(body: memoryview, level: int) -> bool:
     return len(packed) < 0.8 * len(sample)
 
 
-def encode_object(kind: int, memory_size: int, body: memoryview, level: int | None) -> list[Any]:
-    """A data object as chunks to write (a raw body is not copied)."""
-    flags, body_len = 0, body.nbytes
-    if level is not None and _worth_compressing(body, level):
-        import zstandard
+class ObjectWriter:
+    """A data object as it is written: :meth:`chunks` yields its bytes (each
+    chunk must be consumed before the next is asked for) and leaves
+    :attr:`crc` and :attr:`length` behind. With ``live=True`` the body is
+    memory other threads may be writing: each piece is copied once before
+    it is checksummed or compressed, so what is stored is what was checked
+    (zstd reading a buffer that changes under it may emit a frame that
+    decodes to bytes that were never there)."""
 
-        body = memoryview(zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body))
-        flags = FLAG_ZSTD
-    return [HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body_len), body]
+    def __init__(self, kind: int, memory_size: int, body: memoryview, level: int | None, *,
+                 live: bool = False) -> None:
+        self.body = body
+        self.live = live
+        self.level = level if level is not None and _worth_compressing(body, level) else None
+        flags = FLAG_ZSTD if self.level is not None else 0
+        self.header = HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body.nbytes)
+        self.crc = 0
+        self.length = 0
+
+    def _out(self, data: Any) -> Any:
+        self.crc = _native.crc32c(data, self.crc)
+        self.length += len(memoryview(data))
+        return data
+
+    def chunks(self) -> Iterator[Any]:
+        self.crc, self.length = 0, 0
+        yield self._out(self.header)
+        n = self.body.nbytes
+        compressor = None
+        if self.level is not None:
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True) \
+                .compressobj(size=n)
+        scratch = memoryview(bytearray(min(CHUNK, n))) if self.live and n else None
+        for at in range(0, n, CHUNK):
+            piece = self.body[at: at + CHUNK]
+            if scratch is not None:
+                scratch[: piece.nbytes] = piece
+                piece = scratch[: piece.nbytes]
+            if compressor is not None:
+                packed = compressor.compress(piece)
+                if packed:
+                    yield self._out(packed)
+            else:
+                yield self._out(piece)
+        if compressor is not None:
+            yield self._out(compressor.flush())
 
 
 def pages_body(source: memoryview, size: int, pages: np.ndarray) -> memoryview:
@@ -293,17 +332,6 @@ def _check(r: _Reader, ref: ObjectRef) -> None:
                                f"{ref.crc32c:#010x})")
 
 
-def crc_of(chunks: list[Any]) -> tuple[int, int]:
-    """(CRC32C, length) of chunks written one after another."""
-    crc, n = 0, 0
-    for c in chunks:
-        view = memoryview(c).cast("B")
-        for at in range(0, view.nbytes, CHUNK):  # chunked: stays in cache, GIL released per call
-            crc = _native.crc32c(view[at: at + CHUNK], crc)
-        n += view.nbytes
-    return crc, n
-
-
 # ---- manifests -------------------------------------------------------------------
 
 @dataclass
@@ -360,6 +388,7 @@ class Manifest:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptDataError(f"unreadable manifest: {exc}") from None
+        _validate(manifest)
         if not manifest.objects or manifest.objects[0].kind != "base" or any(
                 o.kind != "increment" for o in manifest.objects[1:]):
             raise CorruptDataError("manifest's object chain does not start with one base")
@@ -367,6 +396,34 @@ class Manifest:
             raise CorruptDataError(f"written with {manifest.page_size}-byte pages, this host has "
                                    f"{PAGE_SIZE}")
         return manifest
+
+
+_OBJECT = re.compile(r"^v\d{10}-[0-9a-f]{8}\.(base|incr)$")
+
+
+def _validate(m: Manifest) -> None:
+    """Types and ranges of every field: a manifest names files to open and
+    sizes to allocate, so nothing in it is taken on trust."""
+    def count(value: Any, what: str) -> None:
+        if type(value) is not int or not 0 <= value < 1 << 62:
+            raise CorruptDataError(f"manifest field {what} is not a valid count: {value!r}")
+
+    for what in ("version", "size", "max_size", "page_size", "pages", "bytes_written"):
+        count(getattr(m, what), what)
+    if m.parent is not None:
+        count(m.parent, "parent")
+    if m.size > m.max_size:
+        raise CorruptDataError(f"manifest size {m.size} exceeds its max_size {m.max_size}")
+    if not isinstance(m.created, (int, float)) or (m.app is not None and not isinstance(m.app, dict)):
+        raise CorruptDataError("manifest has a malformed time or App layout")
+    for ref in m.objects:
+        if not isinstance(ref.name, str) or not _OBJECT.match(ref.name) or ref.kind not in (
+                "base", "increment"):
+            raise CorruptDataError(f"manifest names an impossible object {ref.name!r}")
+        for what in ("version", "size", "crc32c", "pages"):
+            count(getattr(ref, what), f"{ref.name}.{what}")
+        if ref.version > m.version:
+            raise CorruptDataError(f"manifest of version {m.version} needs {ref.name} of a later version")
 
 
 def iter_refs(manifests: list[Manifest]) -> Iterator[tuple[Manifest, ObjectRef]]:

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from . import _native
-from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, crc_of,
-                                 encode_object, iter_refs, manifest_name, manifest_version,
-                                 pages_body, read_object)
+from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, ObjectWriter,
+                                 iter_refs, manifest_name, manifest_version, pages_body,
+                                 read_object)
 from ._checkpoint_store import open_store
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE
@@ -179,10 +179,11 @@ def _missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
 def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
             pages: np.ndarray | None, parent: Manifest | None, app: dict[str, Any] | None,
             base_every: int, base_fraction: float, keep: int | None,
-            compress: int | None, t0: float) -> tuple[CheckpointInfo, Manifest]:
+            compress: int | None, t0: float, live: bool) -> tuple[CheckpointInfo, Manifest]:
     """Writes one version: a base when ``pages`` is None, there is no
     parent, or the parent's chain is long or large enough; else an
-    increment of ``pages`` on top of ``parent``."""
+    increment of ``pages`` on top of ``parent``. ``live``: other threads
+    may be writing ``source``."""
     if base_every < 0:
         raise ValueError(f"base_every must be >= 0, got {base_every}")
     if not 0 <= base_fraction:
@@ -196,16 +197,15 @@ def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
                or parent.increment_bytes > base_fraction * size)
     if as_base:
         n_pages = -(-size // PAGE_SIZE)
-        chunks = encode_object(KIND_IMAGE, size, source[:size], compress)
+        writer = ObjectWriter(KIND_IMAGE, size, source[:size], compress, live=live)
     else:
         assert pages is not None
         n_pages = int(np.count_nonzero(pages))
-        chunks = encode_object(KIND_PAGES, size, pages_body(source, size, pages), compress)
-    crc, length = crc_of(chunks)
-    token = os.urandom(4).hex()
-    name = f"v{version:010d}-{token}.{'base' if as_base else 'incr'}"
-    ref = ObjectRef(name, version, "base" if as_base else "increment", length, crc, n_pages)
-    store.put(name, chunks)
+        writer = ObjectWriter(KIND_PAGES, size, pages_body(source, size, pages), compress)
+    name = f"v{version:010d}-{os.urandom(4).hex()}.{'base' if as_base else 'incr'}"
+    store.put(name, writer.chunks())
+    length = writer.length
+    ref = ObjectRef(name, version, "base" if as_base else "increment", length, writer.crc, n_pages)
     objects = [ref] if as_base else [*parent.objects, ref]  # type: ignore[union-attr]
     manifest = Manifest(version, None if parent is None else parent.version, time.time(), size,
                         max_size, PAGE_SIZE, n_pages, length, objects, app)
@@ -267,6 +267,14 @@ def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> No
 # region -> {(store description, tracker id): version it last saved with that tracker}
 _last_saved: weakref.WeakKeyDictionary[Region, dict[tuple[str, int], int]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_target_locks: dict[str, threading.Lock] = {}
+
+
+def _target_lock(store: Any) -> threading.Lock:
+    """One writer at a time per target in this process (two would pick the
+    same version number). Other processes must not write the same target."""
+    with _lock:
+        return _target_locks.setdefault(store.description, threading.Lock())
 
 
 def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep: int | None = None,
@@ -290,6 +298,12 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
     if tracker is not None and not isinstance(tracker, Tracker):
         raise TypeError(f"tracker must be a pagefork Tracker, not {type(tracker).__name__}")
     store = open_store(target)
+    with _target_lock(store):
+        return _save(region, store, tracker, keep, base_every, base_fraction, compress, t0)
+
+
+def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None, base_every: int,
+          base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
     key = (store.description, id(tracker))
     with _lock:
         last = _last_saved.get(region, {}).get(key) if tracker is not None else None
@@ -311,7 +325,13 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
         info, _ = _commit(store, source=view, size=region.size, max_size=region.max_size,
                           pages=pages if parent is not None else None, parent=parent, app=None,
                           base_every=base_every, base_fraction=base_fraction, keep=keep,
-                          compress=compress, t0=t0)
+                          compress=compress, t0=t0, live=True)
+    except BaseException:
+        # The tracker's flags were read and cleared: the next save must not
+        # build on what this one may not have written. It writes a base.
+        with _lock:
+            _last_saved.get(region, {}).pop(key, None)
+        raise
     finally:
         view.release()
     if tracker is not None:
@@ -358,7 +378,7 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
     t0 = time.perf_counter()
     store = open_store(target)
     executor = app._executor
-    with executor.lock:
+    with _target_lock(store), executor.lock:
         # Every change to main memory since the last checkpoint: the pages
         # batches merged into the snapshot, the pages the main program
         # wrote (carried into the snapshot here), and growth.
@@ -377,7 +397,8 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
         info, manifest = _commit(store, source=snapshot.view(), size=snapshot.size,
                                  max_size=snapshot.max_size, pages=pages if parent is not None else None,
                                  parent=parent, app=meta, base_every=base_every,
-                                 base_fraction=base_fraction, keep=keep, compress=compress, t0=t0)
+                                 base_fraction=base_fraction, keep=keep, compress=compress, t0=t0,
+                                 live=False)
         executor.mark_saved()
         app._last_checkpoint = (store.description, info.version)
     return info
