@@ -282,6 +282,102 @@ def test_every_version_restores_what_it_saw(tmp_path_factory, steps):
             assert bytes(back.memory) == expected
 
 
+@given(flags=st.lists(st.booleans(), min_size=1, max_size=40), tail=st.integers(0, PAGE_SIZE - 1),
+       seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_increment_body_holds_exactly_the_flagged_pages(flags, tail, seed):
+    from pagefork._checkpoint_format import pages_body
+
+    size = len(flags) * PAGE_SIZE - tail  # a last partial page too
+    source = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    batch = pagefork.wire.decode(bytes(pages_body(memoryview(source), size, np.array(flags))))
+    rebuilt = np.zeros(size, np.uint8)
+    for d in batch:
+        assert d.offset % PAGE_SIZE == 0 and d.op == pagefork.MergeOp.OVERWRITE
+        rebuilt[d.offset:d.offset + len(d.data)] = np.frombuffer(d.data, np.uint8)
+    expected = np.where(np.repeat(np.array(flags), PAGE_SIZE)[:size], source, 0)
+    assert np.array_equal(rebuilt, expected)
+    runs = np.diff(np.concatenate(([0], np.array(flags, np.int8), [0])))
+    assert len(batch) == int((runs == 1).sum())  # maximal runs of consecutive pages
+
+
+def test_a_crafted_manifest_cannot_name_files_outside_the_target(tmp_path):
+    from pagefork._checkpoint_format import Manifest, ObjectRef
+
+    (tmp_path / "secret").write_bytes(b"PFCK" + bytes(100))
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    for name, size in [("../secret", 104), ("v0000000001-0000abcd.base", -5),
+                       ("v0000000001-0000abcd.base", "12")]:
+        m = Manifest(1, None, 0.0, PAGE_SIZE, PAGE_SIZE, PAGE_SIZE, 1, 104,
+                     [ObjectRef(name, 1, "base", size, 0, 1)])  # type: ignore[arg-type]
+        (target / "v0000000001.json").write_bytes(m.encode())
+        with pytest.raises(CorruptDataError, match="v0000000001.json"):
+            ck.load(target)
+    m = Manifest(1, None, 0.0, 2 * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE, 1, 104,
+                 [ObjectRef("v0000000001-0000abcd.base", 1, "base", 104, 0, 1)])
+    (target / "v0000000001.json").write_bytes(m.encode())
+    with pytest.raises(CorruptDataError, match="max_size"):
+        ck.load(target)
+
+
+def test_failed_save_makes_the_next_one_a_base(tmp_path, monkeypatch):
+    """The tracker's flags were consumed by the failed save: building the
+    next increment on the version before would lose those pages."""
+    from pagefork import _checkpoint_store
+
+    modes = reset_modes()
+    with Region(8 * PAGE_SIZE) as region, pagefork.tracker(modes[0]) as t:
+        t.start(region)
+        ck.save(region, tmp_path, tracker=t)
+        fill(region, [2], 1)
+        real_put = _checkpoint_store.LocalStore.put
+
+        def failing_put(self, name, chunks):
+            if name.endswith(".json"):
+                raise OSError(28, "No space left on device")
+            return real_put(self, name, chunks)
+        monkeypatch.setattr(_checkpoint_store.LocalStore, "put", failing_put)
+        with pytest.raises(OSError):
+            ck.save(region, tmp_path, tracker=t)
+        monkeypatch.setattr(_checkpoint_store.LocalStore, "put", real_put)
+        info = ck.save(region, tmp_path, tracker=t)
+        assert info.base and info.version == 2
+        expected = bytes(region)
+        t.stop(region)
+    with ck.load(tmp_path) as back:
+        assert bytes(back) == expected
+    assert len(list(tmp_path.glob("*.base"))) == 2
+    assert not list(tmp_path.glob("*.incr"))  # the failed save left an orphan; the next removed it
+
+
+def test_threads_saving_to_one_target_take_turns(tmp_path):
+    regions = [Region(4 * PAGE_SIZE) for _ in range(4)]
+    for i, r in enumerate(regions):
+        fill(r, range(4), i)
+    errors = []
+
+    def run(r):
+        try:
+            for _ in range(5):
+                ck.save(r, tmp_path)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(r,)) for r in regions]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert [v.version for v in ck.versions(tmp_path)] == list(range(1, 21))
+    contents = {bytes(r) for r in regions}
+    for v in range(1, 21):
+        with ck.load(tmp_path, version=v) as back:
+            assert bytes(back) in contents
+    for r in regions:
+        r.close()
+
+
 # ---- targets --------------------------------------------------------------------------
 
 def _round_trip(target, n_pages=24):
@@ -521,8 +617,11 @@ def test_unchanged_app_writes_an_empty_increment_and_compressible_data_shrinks(t
 
 # ---- live writers ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [m for m in ("uffd-async", "uffd", "segfault")])
-def test_writes_before_save_returns_are_in_that_version_or_the_next(tmp_path, mode):
+@pytest.mark.parametrize("base_every, compress", [(100, 1), (2, None), (2, 1)],
+                         ids=["increments", "raw-bases", "zstd-bases"])
+@pytest.mark.parametrize("mode", ["uffd-async", "uffd", "segfault"])
+def test_writes_before_save_returns_are_in_that_version_or_the_next(tmp_path, mode, base_every,
+                                                                     compress):
     support = pagefork.probe()[mode]
     if not support.available:
         pytest.skip(f"{mode} unavailable: {support.reason}")
@@ -551,13 +650,13 @@ def test_writes_before_save_returns_are_in_that_version_or_the_next(tmp_path, mo
     floors = []
     try:
         for _ in range(25):
-            ck.save(region, tmp_path, tracker=t, keep=30, base_every=100)
+            ck.save(region, tmp_path, tracker=t, keep=30, base_every=base_every, compress=compress)
             floors.append(done.copy())  # every write below these finished before save returned
     finally:
         stop.set()
         for th in threads:
             th.join()
-    final = ck.save(region, tmp_path, tracker=t, keep=30, base_every=100)
+    final = ck.save(region, tmp_path, tracker=t, keep=30, base_every=base_every, compress=compress)
     floors.append(done.copy())
     expected = bytes(region)
     t.stop(region)

@@ -276,15 +276,16 @@ class Executor:
         return n
 
     def _note_merged(self, batch: DiffBatch) -> None:
-        """Flags the pages a merged batch changed (IGNORE diffs change nothing)."""
+        """Flags the pages a merged batch changed (IGNORE diffs change
+        nothing); costs what the diffs span, not the memory size."""
         keep = (batch.ops != MergeOp.IGNORE) & (batch.lengths > 0)
         if not keep.any():
             return
         first = batch.offsets[keep] // PAGE_SIZE
-        last = (batch.offsets[keep] + batch.lengths[keep] - 1) // PAGE_SIZE
-        n = self._unsaved.size
-        depth = np.cumsum(np.bincount(first, minlength=n + 1) - np.bincount(last + 1, minlength=n + 1))
-        self._unsaved |= depth[:n] > 0
+        counts = (batch.offsets[keep] + batch.lengths[keep] - 1) // PAGE_SIZE - first + 1
+        starts = np.cumsum(counts) - counts
+        pages = np.repeat(first - starts, counts) + np.arange(int(counts.sum()))
+        self._unsaved[pages] = True
 
     def unsaved_pages(self) -> np.ndarray:
         """Flags (one per page of the snapshot) of the pages changed since
