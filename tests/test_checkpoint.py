@@ -290,7 +290,9 @@ def test_increment_body_holds_exactly_the_flagged_pages(flags, tail, seed):
 
     size = len(flags) * PAGE_SIZE - tail  # a last partial page too
     source = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
-    batch = pagefork.wire.decode(bytes(pages_body(memoryview(source), size, np.array(flags))))
+    message = b"".join(pages_body(memoryview(source), size, np.array(flags)))
+    batch = pagefork.wire.decode(message)
+    assert pagefork.wire.encode(batch) == message  # exactly the wire format
     rebuilt = np.zeros(size, np.uint8)
     for d in batch:
         assert d.offset % PAGE_SIZE == 0 and d.op == pagefork.MergeOp.OVERWRITE

@@ -74,13 +74,14 @@ class ObjectWriter:
     (zstd reading a buffer that changes under it may emit a frame that
     decodes to bytes that were never there)."""
 
-    def __init__(self, kind: int, memory_size: int, body: memoryview, level: int | None, *,
-                 live: bool = False) -> None:
-        self.body = body
+    def __init__(self, kind: int, memory_size: int, body: memoryview | list[memoryview],
+                 level: int | None, *, live: bool = False) -> None:
+        self.pieces = body if isinstance(body, list) else [body]
         self.live = live
-        self.level = level if level is not None and _worth_compressing(body, level) else None
+        self.level = level if level is not None and _worth_compressing(self.pieces[-1], level) else None
         flags = FLAG_ZSTD if self.level is not None else 0
-        self.header = HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body.nbytes)
+        body_len = sum(p.nbytes for p in self.pieces)
+        self.header = HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body_len)
         self.crc = 0
         self.length = 0
 
@@ -92,50 +93,61 @@ class ObjectWriter:
     def chunks(self) -> Iterator[Any]:
         self.crc, self.length = 0, 0
         yield self._out(self.header)
-        n = self.body.nbytes
         compressor = None
         if self.level is not None:
             import zstandard
 
             compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True) \
-                .compressobj(size=n)
-        scratch = memoryview(bytearray(min(CHUNK, n))) if self.live and n else None
-        for at in range(0, n, CHUNK):
-            piece = self.body[at: at + CHUNK]
-            if scratch is not None:
-                scratch[: piece.nbytes] = piece
-                piece = scratch[: piece.nbytes]
-            if compressor is not None:
-                packed = compressor.compress(piece)
-                if packed:
-                    yield self._out(packed)
-            else:
-                yield self._out(piece)
+                .compressobj(size=sum(p.nbytes for p in self.pieces))
+        scratch = memoryview(bytearray(CHUNK)) if self.live else None
+        for body in self.pieces:
+            for at in range(0, body.nbytes, CHUNK):
+                piece = body[at: at + CHUNK]
+                if scratch is not None:
+                    scratch[: piece.nbytes] = piece
+                    piece = scratch[: piece.nbytes]
+                if compressor is not None:
+                    packed = compressor.compress(piece)
+                    if packed:
+                        yield self._out(packed)
+                else:
+                    yield self._out(piece)
         if compressor is not None:
             yield self._out(compressor.flush())
 
 
-def pages_body(source: memoryview, size: int, pages: np.ndarray) -> memoryview:
-    """A wire message holding the pages flagged in ``pages`` of ``source``
-    (the first ``size`` bytes), as OVERWRITE runs of consecutive pages."""
+_WIRE_HEADER = struct.Struct("<4sHHQQ")  # wire.py's header; tests hold the two equal
+
+
+def pages_body(source: memoryview, size: int, pages: np.ndarray) -> list[memoryview]:
+    """The pages flagged in ``pages`` of ``source`` (its first ``size``
+    bytes) as a wire message of OVERWRITE runs of consecutive pages, in
+    pieces: byte for byte what ``wire.encode`` makes, without joining the
+    pieces (at 1% of 1 GiB, each join is 10 MiB more to copy)."""
     index = np.flatnonzero(pages)
-    if index.size == 0:
-        return memoryview(wire.encode(DiffBatch()))
     full = size // PAGE_SIZE
     arr = np.frombuffer(source, np.uint8, count=size)
     whole = index[index < full]
     data = arr[: full * PAGE_SIZE].reshape(full, PAGE_SIZE)[whole].reshape(-1)
-    if index[-1] >= full:  # a last partial page
+    if index.size and index[-1] >= full:  # a last partial page
         data = np.concatenate([data, arr[full * PAGE_SIZE:]])
-    run_start = np.concatenate(([True], index[1:] != index[:-1] + 1))
+    run_start = np.concatenate(([True], index[1:] != index[:-1] + 1)) if index.size else \
+        np.zeros(0, np.bool_)
     firsts = index[run_start]
-    lasts = index[np.concatenate((np.flatnonzero(run_start)[1:] - 1, [index.size - 1]))]
-    offsets = firsts.astype(np.int64) * PAGE_SIZE
-    ends = np.minimum((lasts.astype(np.int64) + 1) * PAGE_SIZE, size)
+    lasts = index[np.concatenate((np.flatnonzero(run_start)[1:] - 1, [index.size - 1]))] \
+        if index.size else index
+    offsets = firsts.astype("<i8") * PAGE_SIZE
+    lengths = np.minimum((lasts.astype("<i8") + 1) * PAGE_SIZE, size) - offsets
     n = len(offsets)
-    batch = DiffBatch.from_columns(offsets, ends - offsets, np.zeros(n, np.uint8),
-                                   np.full(n, int(MergeOp.OVERWRITE), np.uint8), data.data)
-    return memoryview(wire.encode(batch))
+    pieces = [memoryview(_WIRE_HEADER.pack(wire.MAGIC, wire.VERSION, 0, n, data.nbytes)),
+              offsets.astype("<i8").data.cast("B"), lengths.astype("<i8").data.cast("B"),
+              memoryview(bytes(n)), memoryview(bytes([int(MergeOp.OVERWRITE)]) * n),
+              np.ascontiguousarray(data).data.cast("B")]
+    crc = 0
+    for piece in pieces:
+        crc = _native.crc32c(piece, crc)
+    pieces.append(memoryview(struct.pack("<I", crc)))
+    return pieces
 
 
 class _Reader:
