@@ -264,8 +264,10 @@ def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> No
 
 # ---- bare regions -----------------------------------------------------------------------
 
-# region -> {(store description, tracker id): version it last saved with that tracker}
-_last_saved: weakref.WeakKeyDictionary[Region, dict[tuple[str, int], int]] = weakref.WeakKeyDictionary()
+# region -> {(store description, tracker id): (version it last saved with that tracker,
+# the region's shrink count then)}
+_last_saved: weakref.WeakKeyDictionary[Region, dict[tuple[str, int], tuple[int, int]]] = \
+    weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _target_locks: dict[str, threading.Lock] = {}
 
@@ -306,14 +308,15 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
           base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
     key = (store.description, id(tracker))
     with _lock:
-        last = _last_saved.get(region, {}).get(key) if tracker is not None else None
+        last, shrinks = _last_saved.get(region, {}).get(key, (None, 0)) if tracker is not None \
+            else (None, 0)
     parent = None
     if last is not None and max(_manifests(store), default=0) == last:
         try:
             parent = _read_manifest(store, last)
         except CorruptDataError:
             parent = None  # start a new chain
-        if parent is not None and parent.size != region.size:
+        if parent is not None and (parent.size != region.size or region._shrinks != shrinks):
             parent = None  # resized: a new base (pages cut off and regrown are not tracked)
     # Read-and-re-arm before copying: a write after this point is flagged
     # for the next save, and a page written before it is copied below.
@@ -336,7 +339,7 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         view.release()
     if tracker is not None:
         with _lock:
-            _last_saved.setdefault(region, {})[key] = info.version
+            _last_saved.setdefault(region, {})[key] = (info.version, region._shrinks)
     return info
 
 
