@@ -157,6 +157,7 @@ def _bench(args: argparse.Namespace) -> int:
     from . import probe
     from .bench import parse_sizes
     from .bench.diffs import diff_costs, format_diff_table
+    from .bench.checkpoint import checkpoint_costs, format_checkpoint_report
     from .bench.executor import batch_costs, format_batch_table
     from .bench.tracking import DEFAULT_SIZES, QUICK_SIZES, format_table, tracking_costs
 
@@ -171,11 +172,18 @@ def _bench(args: argparse.Namespace) -> int:
     batch_sizes = parse_sizes(args.batch_sizes or (("16MiB", "128MiB") if args.quick
                                                    else ("16MiB", "64MiB", "256MiB", "1GiB")))
     diff_size = min(max(sizes), (16 if args.quick else 64) << 20)
-    progress = _Progress(len(sizes) * len(modes) + 2 + len(batch_sizes))
+    checkpoint_sizes = sorted(parse_sizes(args.checkpoint_sizes or (
+        ("256MiB", "16MiB") if args.quick else ("1GiB", "64MiB"))), reverse=True)
+    if len(checkpoint_sizes) != 2 or checkpoint_sizes[1] < 4096 * 100:
+        print("--checkpoint-sizes takes two sizes of at least 400KiB (large, small)", file=sys.stderr)
+        return 2
+    progress = _Progress(len(sizes) * len(modes) + 2 + len(batch_sizes) + 1)
     try:
         tracking = tracking_costs(modes, sizes, repeat=1 if args.quick else 3, progress=progress.step)
         diffs = diff_costs(diff_size, repeat=3 if args.quick else 7, progress=progress.step)
         batches = batch_costs(batch_sizes, batches=5 if args.quick else 20, progress=progress.step)
+        progress.step("checkpoints beside np.save / np.load")
+        checkpoints = checkpoint_costs(*checkpoint_sizes, rounds=3 if args.quick else 5)
     finally:
         progress.close()
     print("Dirty tracking: first write to a page, read + re-arm, start + stop "
@@ -185,13 +193,16 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_diff_table(diffs))
     print("\nExecutor batches (processes backend, 2 workers, 4 threads x 16 dirty pages)")
     print(format_batch_table(batches))
+    print("\nIncremental checkpoints of an App (threads backend) beside np.save / np.load")
+    print(format_checkpoint_report(checkpoints))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": {"kernel": platform.release(), "machine": platform.machine(),
                                    "cpus": os.cpu_count()},
                        "tracking": [r.as_dict() for r in tracking],
                        "diff": [r.as_dict() for r in diffs],
-                       "batches": [r.as_dict() for r in batches]}, f, indent=2)
+                       "batches": [r.as_dict() for r in batches],
+                       "checkpoint": checkpoints.as_dict()}, f, indent=2)
     if args.plot:
         _plot(args.plot, tracking, batches)
         print(f"\nplot written to {args.plot}")
@@ -325,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--modes", nargs="+", choices=MODES, help="tracking modes to measure")
     bench.add_argument("--sizes", nargs="+", help="region sizes for tracking, e.g. 4MiB 1GiB")
     bench.add_argument("--batch-sizes", nargs="+", help="memory sizes for executor batches")
+    bench.add_argument("--checkpoint-sizes", nargs=2, metavar=("LARGE", "SMALL"),
+                       help="App sizes for the checkpoint benchmark (default 1GiB 64MiB)")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="an example application end to end")
     demo.add_argument("--backend", default="processes", choices=("threads", "processes"))
