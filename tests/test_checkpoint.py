@@ -132,13 +132,63 @@ def test_restored_app_continues_the_chain(tmp_path):
         assert bytes(again.memory) == expected
 
 
-def test_app_restore_on_processes_backend(tmp_path):
-    with App("128KiB", backend="threads") as app:
+def test_app_checkpoint_and_restore_on_processes_backend(tmp_path):
+    def _add_one(mem, i, n):  # a closure: pickled by value for the worker processes
+        v = mem["v"]
+        v += 1.0
+        mem["w"][i * PAGE_SIZE] = i + 1
+
+    with App("128KiB", backend="processes", workers=2) as app:
         app.alloc("v", 100, np.float64, merge="sum")[:] = 2.0
+        app.alloc("w", 2 * PAGE_SIZE, np.uint8)
         app.checkpoint(tmp_path)
+        app.parallel(_add_one, 2)
+        assert app.checkpoint(tmp_path).pages == 3  # v's page and one page of w per thread
+        expected = bytes(app.memory)
     with App.restore(tmp_path, backend="processes", workers=2) as back:
-        back.parallel(lambda mem, i, n: mem["v"].__iadd__(1.0), 2)
-        assert (back["v"] == 4.0).all()
+        assert bytes(back.memory) == expected
+        back.parallel(_add_one, 2)
+        assert (back["v"] == 6.0).all()
+
+
+def test_checkpoint_while_another_thread_runs_batches(tmp_path):
+    with App("256KiB", backend="threads") as app:
+        counter = app.alloc("c", 1, np.int64, merge="sum")
+        stop = threading.Event()
+
+        def batches():
+            while not stop.is_set():
+                app.parallel(lambda mem, i, n: mem["c"].__iadd__(1), 2)
+        th = threading.Thread(target=batches)
+        th.start()
+        try:
+            infos = [app.checkpoint(tmp_path) for _ in range(10)]
+        finally:
+            stop.set()
+            th.join()
+        final = app.checkpoint(tmp_path)
+        expected = int(counter[0])
+    values = []
+    for info in infos + [final]:
+        with App.restore(tmp_path, version=info.version, backend="threads") as back:
+            values.append(int(back["c"][0]))
+    assert values == sorted(values) and values[-1] == expected
+    assert all(v % 2 == 0 for v in values)  # whole batches only, never half of one
+
+
+def test_fork_child_can_save_while_the_parent_holds_the_lock(tmp_path):
+    with Region(PAGE_SIZE) as r:
+        with ck._target_lock(ck.open_store(tmp_path)):
+            pid = os.fork()
+            if pid == 0:  # the child: the lock held by the parent must not block it
+                try:
+                    ck.save(r, tmp_path)
+                    os._exit(0)
+                except BaseException:
+                    os._exit(1)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert [v.version for v in ck.versions(tmp_path)] == [1]
 
 
 def test_restore_rejects_a_region_checkpoint_and_size_arguments(tmp_path):

@@ -162,7 +162,8 @@ class App:
                             "dtype": a.dtype, "merge": a.merge.name.lower()}
                            for a in self._layout.values()]}
 
-    def _restore_layout(self, meta: dict[str, Any]) -> None:
+    def _restore_layout(self, meta: dict[str, Any]) -> int:
+        """Adopts a checkpoint's layout; returns its version counter."""
         try:
             layout = {}
             for a in meta["arrays"]:
@@ -171,10 +172,13 @@ class App:
                 if alloc.offset < 0 or alloc.offset + alloc.nbytes > self.memory.size:
                     raise ValueError(f"array {alloc.name!r} lies outside the memory")
                 layout[alloc.name] = alloc
-            top = int(meta["top"])
+            top, counter = int(meta["top"]), int(meta["version"])
+            if not 0 <= top <= self.memory.size or counter < 0:
+                raise ValueError(f"top {top} or version {counter} out of range")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptDataError(f"the checkpoint's array layout is unreadable: {exc}") from None
         self._layout, self._top = layout, top
+        return counter
 
     def _check_open(self) -> None:
         if self._executor.closed:

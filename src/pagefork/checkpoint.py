@@ -272,6 +272,16 @@ _lock = threading.Lock()
 _target_locks: dict[str, threading.Lock] = {}
 
 
+def _after_fork_in_child() -> None:
+    """A lock another thread held at fork() would never be released in the child."""
+    global _lock, _target_locks
+    _lock = threading.Lock()
+    _target_locks = {}
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _target_lock(store: Any) -> threading.Lock:
     """One writer at a time per target in this process (two would pick the
     same version number). Other processes must not write the same target."""
@@ -423,12 +433,12 @@ def restore_app(cls: type[App], target: Target, *, version: int | None = None,
             raise TypeError(f"App.restore takes {key} from the checkpoint, not as an argument")
     app = cls(manifest.size, max_size=max(manifest.max_size, manifest.size), **app_kwargs)
     try:
+        counter = app._restore_layout(manifest.app)  # checked before any byte is read
         executor = app._executor
         with executor.lock:
             _restore_into(store, manifest, executor.writable_snapshot(), zeroed=True,
                           fd=executor.snapshot.fd)
-            executor.restored(int(manifest.app["version"]))
-        app._restore_layout(manifest.app)
+            executor.restored(counter)
         app._last_checkpoint = (store.description, v)
     except BaseException:
         app.close()

@@ -183,7 +183,8 @@ def _bench(args: argparse.Namespace) -> int:
         diffs = diff_costs(diff_size, repeat=3 if args.quick else 7, progress=progress.step)
         batches = batch_costs(batch_sizes, batches=5 if args.quick else 20, progress=progress.step)
         progress.step("checkpoints beside np.save / np.load")
-        checkpoints = checkpoint_costs(*checkpoint_sizes, rounds=3 if args.quick else 5)
+        checkpoints = checkpoint_costs(checkpoint_sizes[0], checkpoint_sizes[1],
+                                       rounds=3 if args.quick else 5)
     finally:
         progress.close()
     print("Dirty tracking: first write to a page, read + re-arm, start + stop "
