@@ -285,6 +285,71 @@ def test_region_shrunk_and_regrown_gets_a_new_base(tmp_path):
         assert bytes(back) == expected
 
 
+def test_a_new_tracker_starts_a_new_chain(tmp_path):
+    modes = reset_modes()
+    with Region(4 * PAGE_SIZE) as region:
+        t = pagefork.tracker(modes[0])
+        t.start(region)
+        ck.save(region, tmp_path, tracker=t)
+        t.stop(region)
+        t.close()
+        del t
+        fill(region, [1], 3)  # no tracker sees this write
+        t2 = pagefork.tracker(modes[0])  # may land at the freed tracker's id
+        t2.start(region)
+        assert ck.save(region, tmp_path, tracker=t2).base
+        expected = bytes(region)
+        t2.stop(region)
+        t2.close()
+    with ck.load(tmp_path) as back:
+        assert bytes(back) == expected
+
+
+def _leak_round(path):
+    with Region(4 * PAGE_SIZE) as region, pagefork.tracker(reset_modes()[0]) as t:
+        t.start(region)
+        region.array(np.uint8)[::PAGE_SIZE] += 1
+        ck.save(region, path, tracker=t, keep=2)
+        ck.save(region, path, tracker=t, keep=2)
+        t.stop(region)
+        with ck.load(path) as back:
+            ck.load(path, into=back)
+    list(ck.verify(path))
+    ck.versions(path)
+    with App("64KiB", backend="threads", workers=1) as app:
+        app.alloc("x", 10, np.int64)[:] += 1
+        app.checkpoint(path / "app", keep=2)
+    with App.restore(path / "app", backend="threads", workers=1) as back:
+        back.checkpoint(path / "app", keep=2)
+    for bad in ("missing", "version"):
+        try:
+            ck.load(path / bad) if bad == "missing" else ck.load(path, version=10**6)
+        except (FileNotFoundError, ValueError):
+            pass
+
+
+def test_no_growth(tmp_path):
+    import gc
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    for _ in range(20):
+        _leak_round(tmp_path)
+    gc.collect()
+    before_fds, before_rss, before_locks = fds(), rss_kib(), len(ck._target_locks)
+    for _ in range(200):
+        _leak_round(tmp_path)
+    gc.collect()
+    assert fds() == before_fds
+    assert rss_kib() - before_rss < 8192, "RSS grew by more than 8 MiB over 200 rounds"
+    assert len(ck._target_locks) <= before_locks and len(ck._last_saved) == 0
+
+
 def test_bad_arguments(tmp_path):
     with Region(PAGE_SIZE) as r:
         with pytest.raises(TypeError):

@@ -264,29 +264,49 @@ def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> No
 
 # ---- bare regions -----------------------------------------------------------------------
 
-# region -> {(store description, tracker id): (version it last saved with that tracker,
-# the region's shrink count then)}
-_last_saved: weakref.WeakKeyDictionary[Region, dict[tuple[str, int], tuple[int, int]]] = \
-    weakref.WeakKeyDictionary()
+# region -> {(store description, tracker id): (the tracker, version it last saved
+# with that tracker, the region's shrink count then)}
+_last_saved: weakref.WeakKeyDictionary[
+    Region, dict[tuple[str, int], tuple[weakref.ref[Tracker], int, int]]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-_target_locks: dict[str, threading.Lock] = {}
+
+
+class _TargetLock:
+    """One writer at a time per target in this process (two would pick the
+    same version number); forgotten when no save holds it. Other processes
+    must not write the same target."""
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+_target_locks: weakref.WeakValueDictionary[str, _TargetLock] = weakref.WeakValueDictionary()
 
 
 def _after_fork_in_child() -> None:
     """A lock another thread held at fork() would never be released in the child."""
     global _lock, _target_locks
     _lock = threading.Lock()
-    _target_locks = {}
+    _target_locks = weakref.WeakValueDictionary()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _target_lock(store: Any) -> threading.Lock:
-    """One writer at a time per target in this process (two would pick the
-    same version number). Other processes must not write the same target."""
+def _target_lock(store: Any) -> _TargetLock:
     with _lock:
-        return _target_locks.setdefault(store.description, threading.Lock())
+        found = _target_locks.get(store.description)
+        if found is None:
+            found = _target_locks[store.description] = _TargetLock()
+        return found
 
 
 def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep: int | None = None,
@@ -317,9 +337,11 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
 def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None, base_every: int,
           base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
     key = (store.description, id(tracker))
+    last, shrinks = None, 0
     with _lock:
-        last, shrinks = _last_saved.get(region, {}).get(key, (None, 0)) if tracker is not None \
-            else (None, 0)
+        entry = _last_saved.get(region, {}).get(key) if tracker is not None else None
+        if entry is not None and entry[0]() is tracker:  # not a new tracker at a reused id
+            last, shrinks = entry[1], entry[2]
     parent = None
     if last is not None and max(_manifests(store), default=0) == last:
         try:
@@ -349,7 +371,8 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         view.release()
     if tracker is not None:
         with _lock:
-            _last_saved.setdefault(region, {})[key] = (info.version, region._shrinks)
+            _last_saved.setdefault(region, {})[key] = (weakref.ref(tracker), info.version,
+                                                        region._shrinks)
     return info
 
 
