@@ -155,8 +155,9 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
                         os.fsync(f.fileno())
                     saves_fsync.append(time.perf_counter() - t0)
                     os.unlink(save_file)
-            # The same number of changed pages in the small and the large App.
-            for r in range(rounds):
+            # The same number of changed pages in the small and the large App
+            # (cheap, and timings of a few ms are noisy: more rounds).
+            for r in range(max(rounds, 15)):
                 if progress:
                     progress(f"round {r + 1}: {changed_small} changed pages in {small_size >> 20} MiB "
                              f"and in {size >> 20} MiB")
