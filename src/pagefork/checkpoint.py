@@ -495,7 +495,7 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
         except CorruptDataError as exc:
             yield v, manifest_name(v), str(exc)
     for m, ref in iter_refs(manifests):
-        scratch = Region(max(m.max_size, PAGE_SIZE)) if ref.kind == "base" else None
+        scratch = Region(max(m.size, PAGE_SIZE)) if ref.kind == "base" else None  # bases never exceed it
         try:
             with store.open(ref.name) as f:
                 read_object(f, ref, memoryview(scratch) if scratch is not None else None)

@@ -294,7 +294,9 @@ class Executor:
         return self._unsaved[: round_to_pages(self.snapshot.size) // PAGE_SIZE].copy()
 
     def mark_saved(self) -> None:
-        self._unsaved[:] = False
+        # Only the pages the snapshot has: the rest of the array (sized for
+        # max_size, which may be a huge reservation) is never touched.
+        self._unsaved[: round_to_pages(self.snapshot.size) // PAGE_SIZE] = False
 
     def writable_snapshot(self) -> Region:
         """The snapshot's own memory, for a restore to fill before
