@@ -511,6 +511,60 @@ def test_threads_saving_to_one_target_take_turns(tmp_path):
         r.close()
 
 
+def test_sigint_at_random_points_of_checkpoints(tmp_path):
+    """KeyboardInterrupt anywhere in checkpoint (objects, fsync, rename,
+    prune): every committed version stays exact, and the App's next
+    checkpoint and restore are exact too."""
+    rng = random.Random(7)
+    seen: dict[int, bytes] = {}
+    with App("256KiB", backend="threads") as app:
+        data = app.alloc("d", 200_000, np.uint8)
+        interrupted = 0
+        for i in range(150):
+            data[rng.randrange(data.size)] = rng.randrange(256)
+            timer = threading.Timer(rng.uniform(0, 0.004), signal.raise_signal, (signal.SIGINT,))
+            try:
+                timer.start()
+                info = app.checkpoint(tmp_path, keep=4, base_every=3)
+                seen[info.version] = bytes(app.memory)
+                timer.join()  # the signal may still land here, after the commit
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                timer.cancel()
+                timer.join()
+        info = app.checkpoint(tmp_path, keep=4, base_every=3)
+        seen[info.version] = expected = bytes(app.memory)
+    assert interrupted >= 10
+    assert not [p for _, _, p in ck.verify(tmp_path) if p is not None]
+    for v in ck.versions(tmp_path):
+        with App.restore(tmp_path, version=v.version, backend="threads") as back:
+            if v.version in seen:
+                assert bytes(back.memory) == seen[v.version]
+    with App.restore(tmp_path, backend="threads") as back:
+        assert bytes(back.memory) == expected
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_crafted_app_layout_is_corrupt_data(tmp_path):
+    from pagefork._checkpoint_format import Manifest
+
+    with App("64KiB", backend="threads") as app:
+        app.alloc("x", 10, np.int64)
+        app.checkpoint(tmp_path)
+    path = tmp_path / "v0000000001.json"
+    good = Manifest.decode(path.read_bytes())
+    for bad in ({"offset": 1 << 40}, {"dtype": "not a dtype"}, {"merge": "median"}, {"shape": "x"}):
+        m = Manifest.decode(path.read_bytes())
+        m.app["arrays"][0].update(bad)  # type: ignore[index]
+        path.write_bytes(m.encode())
+        with pytest.raises(CorruptDataError, match="layout"):
+            App.restore(tmp_path, backend="threads")
+        path.write_bytes(good.encode())
+    with App.restore(tmp_path, backend="threads") as back:
+        assert "x" in back
+
+
 # ---- targets --------------------------------------------------------------------------
 
 def _round_trip(target, n_pages=24):
