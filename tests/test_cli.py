@@ -42,10 +42,12 @@ def test_doctor_table_and_demo():
 def test_bench_smoke(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     result = run("bench", "--quick", "--sizes", "64KiB", "--batch-sizes", "1MiB", "--json", str(out),
-                 "--plot", str(png))
+                 "--plot", str(png), "--checkpoint-sizes", "4MiB", "1MiB")
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert set(report) == {"machine", "tracking", "diff", "batches"}
+    assert set(report) == {"machine", "tracking", "diff", "batches", "checkpoint"}
+    assert report["checkpoint"]["size"] == 4 << 20 and report["checkpoint"]["restore_chain"] == 10
+    assert report["checkpoint"]["checkpoint_bytes"] < (4 << 20) // 10
     rows = report["tracking"]
     assert {r["mode"] for r in rows} == {m for m, s in pagefork.probe().items() if s.available}
     assert all(r["pages"] == 16 and r["write_ns"] > 0 and r["raw_write_ns"] > 0 for r in rows)
@@ -53,6 +55,7 @@ def test_bench_smoke(tmp_path):
     assert report["batches"][0]["size"] == 1 << 20 and report["batches"][0]["dirty_pages"] == 64
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Dirty tracking" in result.stdout and "Executor batches" in result.stdout
+    assert "Incremental checkpoints" in result.stdout
 
 
 def test_bad_arguments_exit_2():

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ._errors import OutOfBoundsError, PageforkError
+from . import checkpoint as _checkpoint
+from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, parse_size, round_to_pages
 from .backends import make_backend
 from .executor import Allocation, BatchStats, Executor
@@ -49,6 +50,7 @@ class App:
                                   tracking=tracking, detect_conflicts=detect_conflicts)
         self._layout: dict[str, Allocation] = {}
         self._top = 0
+        self._last_checkpoint: tuple[str, int] | None = None  # (target, version) written or restored
 
     # ---- memory ----------------------------------------------------------------
 
@@ -129,6 +131,54 @@ class App:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         return self._executor.run(fn, int(n), tuple(args), dict(self._layout))
+
+    # ---- checkpoints ---------------------------------------------------------------
+
+    def checkpoint(self, target: Any, *, keep: int | None = None,
+                   base_every: int = _checkpoint.DEFAULT_BASE_EVERY,
+                   base_fraction: float = _checkpoint.DEFAULT_BASE_FRACTION,
+                   compress: int | None = _checkpoint.DEFAULT_COMPRESS) -> _checkpoint.CheckpointInfo:
+        """Writes main memory's pages changed since this App's last
+        checkpoint (a whole base the first time, every ``base_every``
+        increments, or once the increments pass ``base_fraction`` of the
+        memory), and the array layout, to ``target`` (a folder or an fsspec
+        URL); ``keep`` prunes all but the newest versions. Call it between
+        batches. Returns the version, pages, bytes written and seconds."""
+        self._check_open()
+        return _checkpoint.save_app(self, target, keep=keep, base_every=base_every,
+                                    base_fraction=base_fraction, compress=compress)
+
+    @classmethod
+    def restore(cls, target: Any, *, version: int | None = None, **app_kwargs: Any) -> App:
+        """A new App with the arrays, merge rules, bytes and version counter
+        of checkpoint ``version`` (default: the newest) of ``target``;
+        ``app_kwargs`` (backend, workers, ...) go to the constructor. The
+        next ``checkpoint`` to the same target is an increment on it."""
+        return _checkpoint.restore_app(cls, target, version=version, **app_kwargs)
+
+    def _checkpoint_layout(self) -> dict[str, Any]:
+        return {"version": self._executor.version, "top": self._top,
+                "arrays": [{"name": a.name, "offset": a.offset, "shape": list(a.shape),
+                            "dtype": a.dtype, "merge": a.merge.name.lower()}
+                           for a in self._layout.values()]}
+
+    def _restore_layout(self, meta: dict[str, Any]) -> int:
+        """Adopts a checkpoint's layout; returns its version counter."""
+        try:
+            layout = {}
+            for a in meta["arrays"]:
+                alloc = Allocation(str(a["name"]), int(a["offset"]), tuple(int(s) for s in a["shape"]),
+                                   np.dtype(a["dtype"]).str, MergeOp.of(a["merge"]))
+                if alloc.offset < 0 or alloc.offset + alloc.nbytes > self.memory.size:
+                    raise ValueError(f"array {alloc.name!r} lies outside the memory")
+                layout[alloc.name] = alloc
+            top, counter = int(meta["top"]), int(meta["version"])
+            if not 0 <= top <= self.memory.size or counter < 0:
+                raise ValueError(f"top {top} or version {counter} out of range")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptDataError(f"the checkpoint's array layout is unreadable: {exc}") from None
+        self._layout, self._top = layout, top
+        return counter
 
     def _check_open(self) -> None:
         if self._executor.closed:

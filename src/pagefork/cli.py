@@ -1,4 +1,4 @@
-"""The ``pagefork`` command: ``doctor``, ``bench`` and ``demo``."""
+"""The ``pagefork`` command: ``doctor``, ``bench``, ``demo`` and ``checkpoint``."""
 
 from __future__ import annotations
 
@@ -166,6 +166,7 @@ def _bench(args: argparse.Namespace) -> int:
     from . import probe
     from .bench import parse_sizes
     from .bench.diffs import diff_costs, format_diff_table
+    from .bench.checkpoint import checkpoint_costs, format_checkpoint_report
     from .bench.executor import batch_costs, format_batch_table
     from .bench.tracking import DEFAULT_SIZES, QUICK_SIZES, format_table, tracking_costs
 
@@ -180,11 +181,19 @@ def _bench(args: argparse.Namespace) -> int:
     batch_sizes = parse_sizes(args.batch_sizes or (("16MiB", "128MiB") if args.quick
                                                    else ("16MiB", "64MiB", "256MiB", "1GiB")))
     diff_size = min(max(sizes), (16 if args.quick else 64) << 20)
-    progress = _Progress(len(sizes) * len(modes) + 2 + len(batch_sizes))
+    checkpoint_sizes = sorted(parse_sizes(args.checkpoint_sizes or (
+        ("256MiB", "16MiB") if args.quick else ("1GiB", "64MiB"))), reverse=True)
+    if len(checkpoint_sizes) != 2 or checkpoint_sizes[1] < 4096 * 100:
+        print("--checkpoint-sizes takes two sizes of at least 400KiB (large, small)", file=sys.stderr)
+        return 2
+    progress = _Progress(len(sizes) * len(modes) + 2 + len(batch_sizes) + 1)
     try:
         tracking = tracking_costs(modes, sizes, repeat=1 if args.quick else 3, progress=progress.step)
         diffs = diff_costs(diff_size, repeat=3 if args.quick else 7, progress=progress.step)
         batches = batch_costs(batch_sizes, batches=5 if args.quick else 20, progress=progress.step)
+        progress.step("checkpoints beside np.save / np.load")
+        checkpoints = checkpoint_costs(checkpoint_sizes[0], checkpoint_sizes[1],
+                                       rounds=3 if args.quick else 5)
     finally:
         progress.close()
     print("Dirty tracking: first write to a page, read + re-arm, start + stop "
@@ -194,13 +203,16 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_diff_table(diffs))
     print("\nExecutor batches (processes backend, 2 workers, 4 threads x 16 dirty pages)")
     print(format_batch_table(batches))
+    print("\nIncremental checkpoints of an App (threads backend) beside np.save / np.load")
+    print(format_checkpoint_report(checkpoints))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": {"kernel": platform.release(), "machine": platform.machine(),
                                    "cpus": os.cpu_count()},
                        "tracking": [r.as_dict() for r in tracking],
                        "diff": [r.as_dict() for r in diffs],
-                       "batches": [r.as_dict() for r in batches]}, f, indent=2)
+                       "batches": [r.as_dict() for r in batches],
+                       "checkpoint": checkpoints.as_dict()}, f, indent=2)
     if args.plot:
         _plot(args.plot, tracking, batches)
         print(f"\nplot written to {args.plot}")
@@ -281,6 +293,74 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _checkpoint_ls(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from .checkpoint import versions
+
+    try:
+        found = versions(args.target)
+    except Exception as exc:  # a damaged manifest, an unreachable store: say which, exit 1
+        print(f"pagefork checkpoint ls: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([dataclasses.asdict(v) for v in found], indent=1))
+        return 0
+    if not found:
+        print(f"no checkpoint in {args.target}")
+        return 0
+    header = ("version", "parent", "written (UTC)", "kind", "memory", "pages", "bytes",
+              "chain", "restore")
+    rows = [(str(v.version), "-" if v.parent is None else str(v.parent),
+             time.strftime("%m-%d %H:%M:%S", time.gmtime(v.created)),
+             "base" if v.base else "incr", _human(v.size), str(v.pages), _human(v.bytes_written),
+             str(v.chain_length), _human(v.restore_bytes)) for v in found]
+    console = _console()
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title=f"checkpoints in {args.target} ({found[-1].kind})")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i in (2, 3) else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return 0
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _checkpoint_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import verify
+
+    checked = 0
+    try:
+        for version, name, problem in verify(args.target):
+            if problem is not None:
+                print(f"version {version}: {name} is bad: {problem}", file=sys.stderr)
+                return 1
+            checked += 1
+    except Exception as exc:  # an unreachable store
+        print(f"pagefork checkpoint verify: {exc}", file=sys.stderr)
+        return 1
+    if checked == 0:
+        print(f"no checkpoint in {args.target}", file=sys.stderr)
+        return 1
+    print(f"{checked} objects in {args.target} are intact")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; bad arguments print a usage line and exit 2."""
     from . import MODES
@@ -302,12 +382,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="region sizes for tracking, e.g. 4MiB 1GiB")
     bench.add_argument("--batch-sizes", nargs="+", type=_size_argument,
                        help="memory sizes for executor batches")
+    bench.add_argument("--checkpoint-sizes", nargs=2, metavar=("LARGE", "SMALL"), type=_size_argument,
+                       help="App sizes for the checkpoint benchmark (default 1GiB 64MiB)")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="an example application end to end")
     demo.add_argument("--backend", default="processes", choices=("threads", "processes"))
     demo.add_argument("--workers", type=_positive_int, default=None)
     demo.add_argument("--threads", type=_positive_int, default=8)
     demo.set_defaults(run=_demo)
+    checkpoint = sub.add_parser("checkpoint", help="list or verify the checkpoints in a folder or URL")
+    checkpoint_sub = checkpoint.add_subparsers(dest="action", required=True)
+    ls = checkpoint_sub.add_parser("ls", help="versions, times, sizes and chain lengths")
+    ls.add_argument("target", help="a folder or an fsspec URL (memory://, s3://...)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(run=_checkpoint_ls)
+    check = checkpoint_sub.add_parser("verify", help="check every object; exit 1 naming the first bad one")
+    check.add_argument("target", help="a folder or an fsspec URL")
+    check.set_defaults(run=_checkpoint_verify)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     return int(run(args))

@@ -12,6 +12,7 @@ main memory is mapped from the merged snapshot again.
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
-from ._sizes import round_to_pages
+from ._sizes import PAGE_SIZE, round_to_pages
 from .memory import Region
 from .snapshot import DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
@@ -251,6 +252,10 @@ class Executor:
         self._placements: dict[tuple[int, int], list[int]] = {}
         self.last_batch = BatchStats()
         self.closed = False
+        # Pages of the snapshot changed since the last checkpoint (mark_saved):
+        # carried main-program writes and merged batches.
+        self._unsaved = np.zeros(round_to_pages(max_size) // PAGE_SIZE, np.bool_)
+        self.lock = threading.RLock()  # batches, checkpoints and restores serialize
 
     # ---- main memory ---------------------------------------------------------
 
@@ -265,9 +270,46 @@ class Executor:
         n = int(np.count_nonzero(dirty))
         if n:
             self.snapshot.write_pages(self.memory, dirty)
+            self._unsaved[: dirty.size] |= dirty
             self.version += 1
         self._remap_main()  # drops the private copies and re-arms tracking
         return n
+
+    def _note_merged(self, batch: DiffBatch) -> None:
+        """Flags the pages a merged batch changed (IGNORE diffs change
+        nothing); costs what the diffs span, not the memory size."""
+        keep = (batch.ops != MergeOp.IGNORE) & (batch.lengths > 0)
+        if not keep.any():
+            return
+        first = batch.offsets[keep] // PAGE_SIZE
+        counts = (batch.offsets[keep] + batch.lengths[keep] - 1) // PAGE_SIZE - first + 1
+        starts = np.cumsum(counts) - counts
+        pages = np.repeat(first - starts, counts) + np.arange(int(counts.sum()))
+        self._unsaved[pages] = True
+
+    def unsaved_pages(self) -> np.ndarray:
+        """Flags (one per page of the snapshot) of the pages changed since
+        :meth:`mark_saved`; call :meth:`carry_main_writes` first to include
+        the main program's latest writes."""
+        return self._unsaved[: round_to_pages(self.snapshot.size) // PAGE_SIZE].copy()
+
+    def mark_saved(self) -> None:
+        # Only the pages the snapshot has: the rest of the array (sized for
+        # max_size, which may be a huge reservation) is never touched.
+        self._unsaved[: round_to_pages(self.snapshot.size) // PAGE_SIZE] = False
+
+    def writable_snapshot(self) -> Region:
+        """The snapshot's own memory, for a restore to fill before
+        :meth:`restored` (nothing may run in between)."""
+        return self.snapshot._memory
+
+    def restored(self, version: int) -> None:
+        """Main memory follows a snapshot a restore filled: remapped, version
+        counter set, nothing unsaved."""
+        self.snapshot.clear_tracked_changes()
+        self._remap_main()
+        self.version = version
+        self.mark_saved()
 
     def resize(self, size: int) -> None:
         """Grows main memory and the snapshot in place (contents kept)."""
@@ -292,6 +334,10 @@ class Executor:
         return placement, False
 
     def run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> list[Any]:
+        with self.lock:
+            return self._run(fn, n, args, layout)
+
+    def _run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> list[Any]:
         if self.closed:
             raise PageforkError("the executor is closed")
         if n < 1:
@@ -325,11 +371,13 @@ class Executor:
         stats.diffs = sum(len(b) for b in batches)
         stats.diff_bytes = sum(b.nbytes for b in batches)
         stats.dirty_pages = sum(o.dirty_pages for o in outcomes)
+        merged = DiffBatch.concat(batches)
         try:
-            self.snapshot.apply(DiffBatch.concat(batches))  # checked first: all or nothing
+            self.snapshot.apply(merged)  # checked first: all or nothing
         except MergeError:
             self.last_batch = stats
             raise
+        self._note_merged(merged)
         if stats.diffs:
             self.version += 1
         t3 = time.perf_counter()

@@ -57,6 +57,9 @@ class Region(_native.Mapping):
         self._trackings: weakref.WeakSet[Any] = weakref.WeakSet()
         # Set by Snapshot.map_to: the memory is a private mapping of a snapshot.
         self._snapshot_mapped = False
+        # Counts shrinks: pages cut and regrown read as zero without any
+        # tracker reporting them, so an incremental checkpoint must start over.
+        self._shrinks = 0
         reserve = max(max_bytes, PAGE_SIZE)
         if reserve > _LARGEST:
             raise OutOfBoundsError(f"cannot reserve {reserve} bytes (max_size) for a region: "
@@ -105,6 +108,8 @@ class Region(_native.Mapping):
             self._resize(nbytes)
         except OSError as exc:
             raise native_error(exc, f"cannot resize the region to {nbytes} bytes") from exc
+        if nbytes < old:
+            self._shrinks += 1
         if nbytes > old:
             for tracking in list(self._trackings):
                 tracking.resize(nbytes // PAGE_SIZE)

@@ -1,0 +1,448 @@
+"""The checkpoint format: data objects and manifests.
+
+A data object holds either a whole memory image (a base) or the pages that
+changed (an increment, a wire-encoded DiffBatch of page runs). Layout
+(little-endian)::
+
+    magic "PFCK" | version u8 | kind u8 | flags u16 | memory_size u64 | body_len u64
+    body (body_len bytes, or a zstd frame of them when flags has ZSTD)
+
+The manifest of each version (JSON, written last) lists every object its
+restore needs, base first, each with its size and CRC32C, so damage is
+found before anything is decoded. The manifest carries its own CRC32C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+
+from . import _native, wire
+from ._errors import CorruptDataError
+from ._sizes import PAGE_SIZE
+from .snapshot import DiffBatch, MergeOp
+
+MAGIC = b"PFCK"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQQ")
+KIND_IMAGE, KIND_PAGES = 0, 1
+FLAG_ZSTD = 1
+FORMAT = "pagefork-checkpoint"
+CHUNK = 4 << 20  # streaming granularity: big enough for fast I/O, small enough for the cache
+
+_MANIFEST = re.compile(r"^v(\d{10})\.json$")
+
+
+def manifest_name(version: int) -> str:
+    return f"v{version:010d}.json"
+
+
+def manifest_version(name: str) -> int | None:
+    m = _MANIFEST.match(name)
+    return int(m.group(1)) if m else None
+
+
+# ---- data objects ----------------------------------------------------------------
+
+def _worth_compressing(body: memoryview, level: int) -> bool:
+    """Compresses a few samples spread over ``body``: incompressible data
+    (floats that changed) is stored raw, so it costs one copy, not zstd."""
+    import zstandard
+
+    n = body.nbytes
+    if n < 4096:
+        return False
+    sample_len = min(64 << 10, n)
+    starts = np.linspace(0, n - sample_len, num=min(8, max(1, n // sample_len))).astype(np.int64)
+    sample = b"".join(body[int(s): int(s) + sample_len] for s in starts)
+    packed = zstandard.ZstdCompressor(level=level).compress(sample)
+    return len(packed) < 0.8 * len(sample)
+
+
+class ObjectWriter:
+    """A data object as it is written: :meth:`chunks` yields its bytes (each
+    chunk must be consumed before the next is asked for) and leaves
+    :attr:`crc` and :attr:`length` behind. With ``live=True`` the body is
+    memory other threads may be writing: each piece is copied once before
+    it is checksummed or compressed, so what is stored is what was checked
+    (zstd reading a buffer that changes under it may emit a frame that
+    decodes to bytes that were never there)."""
+
+    def __init__(self, kind: int, memory_size: int, body: memoryview | list[memoryview],
+                 level: int | None, *, live: bool = False) -> None:
+        self.pieces = body if isinstance(body, list) else [body]
+        self.live = live
+        self.level = level if level is not None and _worth_compressing(self.pieces[-1], level) else None
+        flags = FLAG_ZSTD if self.level is not None else 0
+        body_len = sum(p.nbytes for p in self.pieces)
+        self.header = HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body_len)
+        self.crc = 0
+        self.length = 0
+
+    def _out(self, data: Any) -> Any:
+        self.crc = _native.crc32c(data, self.crc)
+        self.length += len(memoryview(data))
+        return data
+
+    def chunks(self) -> Iterator[Any]:
+        self.crc, self.length = 0, 0
+        yield self._out(self.header)
+        compressor = None
+        if self.level is not None:
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True) \
+                .compressobj(size=sum(p.nbytes for p in self.pieces))
+        scratch = memoryview(bytearray(CHUNK)) if self.live else None
+        for body in self.pieces:
+            for at in range(0, body.nbytes, CHUNK):
+                piece = body[at: at + CHUNK]
+                if scratch is not None:
+                    scratch[: piece.nbytes] = piece
+                    piece = scratch[: piece.nbytes]
+                if compressor is not None:
+                    packed = compressor.compress(piece)
+                    if packed:
+                        yield self._out(packed)
+                else:
+                    yield self._out(piece)
+        if compressor is not None:
+            yield self._out(compressor.flush())
+
+
+_WIRE_HEADER = struct.Struct("<4sHHQQ")  # wire.py's header; tests hold the two equal
+
+
+def pages_body(source: memoryview, size: int, pages: np.ndarray) -> list[memoryview]:
+    """The pages flagged in ``pages`` of ``source`` (its first ``size``
+    bytes) as a wire message of OVERWRITE runs of consecutive pages, in
+    pieces: byte for byte what ``wire.encode`` makes, without joining the
+    pieces (at 1% of 1 GiB, each join is 10 MiB more to copy)."""
+    index = np.flatnonzero(pages)
+    full = size // PAGE_SIZE
+    arr = np.frombuffer(source, np.uint8, count=size)
+    whole = index[index < full]
+    data = arr[: full * PAGE_SIZE].reshape(full, PAGE_SIZE)[whole].reshape(-1)
+    if index.size and index[-1] >= full:  # a last partial page
+        data = np.concatenate([data, arr[full * PAGE_SIZE:]])
+    run_start = np.concatenate(([True], index[1:] != index[:-1] + 1)) if index.size else \
+        np.zeros(0, np.bool_)
+    firsts = index[run_start]
+    lasts = index[np.concatenate((np.flatnonzero(run_start)[1:] - 1, [index.size - 1]))] \
+        if index.size else index
+    offsets = firsts.astype("<i8") * PAGE_SIZE
+    lengths = np.minimum((lasts.astype("<i8") + 1) * PAGE_SIZE, size) - offsets
+    n = len(offsets)
+    pieces = [memoryview(_WIRE_HEADER.pack(wire.MAGIC, wire.VERSION, 0, n, data.nbytes)),
+              offsets.astype("<i8").data.cast("B"), lengths.astype("<i8").data.cast("B"),
+              memoryview(bytes(n)), memoryview(bytes([int(MergeOp.OVERWRITE)]) * n),
+              np.ascontiguousarray(data).data.cast("B")]
+    crc = 0
+    for piece in pieces:
+        crc = _native.crc32c(piece, crc)
+    pieces.append(memoryview(struct.pack("<I", crc)))
+    return pieces
+
+
+class _Reader:
+    """Reads an object in chunks, keeping its CRC32C and length."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.crc = 0
+        self.length = 0
+
+    def readinto(self, view: memoryview) -> int:
+        got = 0
+        while got < view.nbytes:
+            n = self.f.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            got += n
+        self.crc = _native.crc32c(view[:got], self.crc)
+        self.length += got
+        return got
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.crc = _native.crc32c(data, self.crc)
+        self.length += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+@dataclass
+class ObjectRef:
+    """One data object of a manifest."""
+
+    name: str
+    version: int       # the version that wrote it
+    kind: str          # "base" or "increment"
+    size: int          # bytes stored
+    crc32c: int
+    pages: int         # pages it carries
+
+
+def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
+                fd: int | None = None) -> tuple[int, DiffBatch | None]:
+    """Checks and decodes one object. A base is written into ``into`` (its
+    first memory_size bytes), or with ``pwrite`` into the file ``fd`` (a
+    snapshot's memfd: no page faults, unlike writing through a fresh
+    mapping); an increment returns its DiffBatch. Returns (memory_size,
+    batch). Raises CorruptDataError with a bare reason."""
+    import zstandard
+
+    r = _Reader(f)
+    header = r.read(HEADER.size)
+    if len(header) < HEADER.size:
+        raise CorruptDataError(f"truncated: {len(header)} bytes, shorter than its header")
+    magic, version, kind, flags, memory_size, body_len = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise CorruptDataError(f"not a pagefork checkpoint object (magic {magic!r})")
+    if version != VERSION:
+        raise CorruptDataError(f"unsupported object format version {version} (this build reads {VERSION})")
+    if flags & ~FLAG_ZSTD or kind not in (KIND_IMAGE, KIND_PAGES):
+        raise CorruptDataError(f"unknown object kind {kind} or flags {flags:#x}")
+    if kind != (KIND_IMAGE if ref.kind == "base" else KIND_PAGES):
+        raise CorruptDataError(f"holds a {'base' if kind == KIND_IMAGE else 'increment'}, the "
+                               f"manifest says {ref.kind}")
+    if kind == KIND_IMAGE and body_len != memory_size:
+        raise CorruptDataError(f"its image holds {body_len} bytes for a memory of {memory_size}")
+    if body_len > 64 + 18 * (memory_size // PAGE_SIZE + 1) + memory_size:
+        raise CorruptDataError(f"its body of {body_len} bytes is impossible for its memory size")
+    try:
+        if kind == KIND_IMAGE:
+            if into is None or into.nbytes < memory_size:
+                raise CorruptDataError(f"its image of {memory_size} bytes does not fit the memory")
+            _read_image(r, ref, flags, into[:memory_size], fd)
+            return memory_size, None
+        body = bytearray(max(ref.size - HEADER.size, 0))
+        r.readinto(memoryview(body))
+        r.drain()
+        _check(r, ref)
+        raw: Any = body
+        if flags & FLAG_ZSTD:
+            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
+        if len(raw) != body_len:
+            raise CorruptDataError(f"its body is {len(raw)} bytes, its header says {body_len}")
+        batch = wire.decode(raw)
+    except zstandard.ZstdError as exc:
+        raise CorruptDataError(f"its compressed body is damaged: {exc}") from None
+    if len(batch) and (int((batch.offsets + batch.lengths).max()) > memory_size
+                       or (batch.ops != int(MergeOp.OVERWRITE)).any()):
+        raise CorruptDataError("holds pages outside its memory size")
+    return memory_size, batch
+
+
+def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: int | None) -> None:
+    """Streams an image into ``target`` (or ``fd``) chunk by chunk. The
+    bytes land before the checksum is known: a damaged image fails after
+    writing, and the caller discards the memory."""
+    import zstandard
+
+    size = target.nbytes
+    source: Any = r
+    if flags & FLAG_ZSTD:
+        # Checksum the compressed bytes first: never decode unchecked input.
+        packed = bytearray(max(ref.size - HEADER.size, 0))
+        r.readinto(memoryview(packed))
+        r.drain()
+        _check(r, ref)
+        source = zstandard.ZstdDecompressor().stream_reader(packed)
+    elif fd is not None and _copy_file(r, ref, fd, size):
+        return
+    buffer = memoryview(bytearray(min(CHUNK, max(size, 1)))) if fd is not None else None
+    for at in range(0, size, CHUNK):
+        want = min(CHUNK, size - at)
+        chunk = buffer[:want] if buffer is not None else target[at: at + want]
+        if _fill(source, chunk) != want:
+            raise CorruptDataError("its image is truncated")
+        if fd is not None:
+            done = 0
+            while done < want:
+                done += os.pwrite(fd, chunk[done:], at + done)
+    if flags & FLAG_ZSTD:
+        if source.read(1):
+            raise CorruptDataError("its compressed image is longer than its memory")
+    else:
+        r.drain()
+        _check(r, ref)
+
+
+def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
+    """Copies a raw image from a local file into ``fd`` inside the kernel
+    (sendfile: no pass through user memory), checksumming a read-only
+    mapping of the file on a second thread meanwhile. False if the object
+    is not a local file (then the caller streams it)."""
+    import mmap
+    import threading
+
+    try:
+        src = r.f.fileno()
+        stat = os.fstat(src)
+        at = r.f.tell()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not (stat.st_mode & 0o170000 == 0o100000) or stat.st_size != ref.size or at != HEADER.size:
+        return False
+    if size == 0:
+        r.drain()
+        _check(r, ref)
+        return True
+    crc: list[int] = []
+
+    def checksum() -> None:
+        with mmap.mmap(src, ref.size, prot=mmap.PROT_READ) as m, memoryview(m) as view:
+            c = r.crc
+            for start in range(at, ref.size, CHUNK):
+                c = _native.crc32c(view[start: start + CHUNK], c)
+            crc.append(c)
+
+    worker = threading.Thread(target=checksum, name="pagefork-checkpoint-crc")
+    worker.start()
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)  # sendfile writes at fd's own position
+        done = 0
+        while done < size:
+            n = os.sendfile(fd, src, at + done, size - done)
+            if n == 0:
+                break
+            done += n
+    finally:
+        worker.join()
+    if done != size:
+        raise CorruptDataError("its image is truncated")
+    r.length, r.crc = ref.size, crc[0] if crc else -1
+    _check(r, ref)
+    return True
+
+
+def _fill(reader: Any, target: memoryview) -> int:
+    got = 0
+    while got < target.nbytes:
+        n = reader.readinto(target[got: got + CHUNK])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _check(r: _Reader, ref: ObjectRef) -> None:
+    if r.length != ref.size:
+        raise CorruptDataError(f"{r.length} bytes long, the manifest says {ref.size}")
+    if r.crc != ref.crc32c:
+        raise CorruptDataError(f"checksum mismatch (crc32c {r.crc:#010x}, the manifest says "
+                               f"{ref.crc32c:#010x})")
+
+
+# ---- manifests -------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    """One committed version: what restores it and what it holds."""
+
+    version: int
+    parent: int | None      # the version this one's increment is relative to
+    created: float          # unix time
+    size: int               # memory bytes
+    max_size: int
+    page_size: int
+    pages: int              # pages this version wrote
+    bytes_written: int      # bytes of this version's own object
+    objects: list[ObjectRef] = field(default_factory=list)  # base first
+    app: dict[str, Any] | None = None  # App layout and version counter
+
+    @property
+    def is_base(self) -> bool:
+        return len(self.objects) == 1
+
+    @property
+    def chain_length(self) -> int:
+        """Increments on top of the base."""
+        return len(self.objects) - 1
+
+    @property
+    def increment_bytes(self) -> int:
+        return sum(o.size for o in self.objects[1:])
+
+    def encode(self) -> bytes:
+        body = asdict(self)
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        crc = _native.crc32c(text.encode())
+        return json.dumps({"format": FORMAT, "format_version": VERSION, "crc32c": crc,
+                           "manifest": body}, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        try:
+            outer = json.loads(data)
+            if outer.get("format") != FORMAT:
+                raise CorruptDataError("not a pagefork checkpoint manifest")
+            if outer.get("format_version") != VERSION:
+                raise CorruptDataError(f"unsupported manifest format version "
+                                       f"{outer.get('format_version')} (this build reads {VERSION})")
+            body = outer["manifest"]
+            text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+            if _native.crc32c(text.encode()) != outer["crc32c"]:
+                raise CorruptDataError("manifest checksum mismatch")
+            objects = [ObjectRef(**o) for o in body.pop("objects")]
+            manifest = cls(objects=objects, **body)
+        except CorruptDataError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptDataError(f"unreadable manifest: {exc}") from None
+        _validate(manifest)
+        if not manifest.objects or manifest.objects[0].kind != "base" or any(
+                o.kind != "increment" for o in manifest.objects[1:]):
+            raise CorruptDataError("manifest's object chain does not start with one base")
+        if manifest.page_size != PAGE_SIZE:
+            raise CorruptDataError(f"written with {manifest.page_size}-byte pages, this host has "
+                                   f"{PAGE_SIZE}")
+        return manifest
+
+
+_OBJECT = re.compile(r"^v\d{10}-[0-9a-f]{8}\.(base|incr)$")
+
+
+def _validate(m: Manifest) -> None:
+    """Types and ranges of every field: a manifest names files to open and
+    sizes to allocate, so nothing in it is taken on trust."""
+    def count(value: Any, what: str) -> None:
+        if type(value) is not int or not 0 <= value < 1 << 62:
+            raise CorruptDataError(f"manifest field {what} is not a valid count: {value!r}")
+
+    for what in ("version", "size", "max_size", "page_size", "pages", "bytes_written"):
+        count(getattr(m, what), what)
+    if m.parent is not None:
+        count(m.parent, "parent")
+    if m.size > m.max_size:
+        raise CorruptDataError(f"manifest size {m.size} exceeds its max_size {m.max_size}")
+    if not isinstance(m.created, (int, float)) or (m.app is not None and not isinstance(m.app, dict)):
+        raise CorruptDataError("manifest has a malformed time or App layout")
+    for ref in m.objects:
+        if not isinstance(ref.name, str) or not _OBJECT.match(ref.name) or ref.kind not in (
+                "base", "increment"):
+            raise CorruptDataError(f"manifest names an impossible object {ref.name!r}")
+        for what in ("version", "size", "crc32c", "pages"):
+            count(getattr(ref, what), f"{ref.name}.{what}")
+        if ref.version > m.version:
+            raise CorruptDataError(f"manifest of version {m.version} needs {ref.name} of a later version")
+
+
+def iter_refs(manifests: list[Manifest]) -> Iterator[tuple[Manifest, ObjectRef]]:
+    """Every object of ``manifests`` once, with the first manifest naming it."""
+    seen: set[str] = set()
+    for m in manifests:
+        for ref in m.objects:
+            if ref.name not in seen:
+                seen.add(ref.name)
+                yield m, ref

@@ -1,0 +1,189 @@
+"""Where checkpoints live: a local folder, or any fsspec filesystem.
+
+A store holds flat named objects. ``put`` makes an object appear whole or
+not at all: on a local disk by writing a temporary file, fsyncing it,
+renaming it into place and fsyncing the folder; on an object store by the
+store's own single-request (or multipart) commit. Checkpoints write their
+data objects first and the manifest last, so a version exists only once
+every byte it needs is durable.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import secrets
+from typing import Any, BinaryIO, Iterable, Protocol
+
+__all__ = ["Store", "LocalStore", "FsspecStore", "open_store"]
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+class Store(Protocol):
+    """Flat named objects with atomic ``put``."""
+
+    description: str
+
+    def put(self, name: str, chunks: Iterable[Any]) -> None: ...
+
+    def open(self, name: str) -> BinaryIO: ...
+
+    def names(self) -> list[str]: ...
+
+    def delete(self, name: str) -> None: ...
+
+
+class LocalStore:
+    """A folder on a local filesystem (created on first write)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.description = self.path
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def put(self, name: str, chunks: Iterable[Any]) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        temp = os.path.join(self.path, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            with open(temp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, os.path.join(self.path, name))
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+        self._fsync_dir()  # the rename itself must survive a crash
+
+    def open(self, name: str) -> BinaryIO:
+        return open(os.path.join(self.path, name), "rb")
+
+    def names(self) -> list[str]:
+        try:
+            return [n for n in os.listdir(self.path) if not n.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.path, name))
+        except FileNotFoundError:
+            pass
+
+    def remove_stale_temporaries(self) -> None:
+        """Deletes temporary files left by writers that no longer run (a
+        kill between create and rename)."""
+        try:
+            entries = os.listdir(self.path)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            m = _TEMP.match(entry)
+            if m and not _alive(int(m["pid"])):
+                try:
+                    os.unlink(os.path.join(self.path, entry))
+                except OSError:
+                    pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FsspecStore:
+    """A folder in an fsspec filesystem (``memory://``, ``s3://``, ...).
+    Objects are written with one request each; object stores make an
+    object visible only once it is complete."""
+
+    def __init__(self, fs: Any, root: str, description: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.description = description
+
+    @classmethod
+    def from_url(cls, url: str) -> FsspecStore:
+        try:
+            import fsspec
+        except ImportError:
+            raise ImportError(f"checkpoint target {url!r} needs fsspec: pip install "
+                              "'pagefork[checkpoint]' (and s3fs for s3://)") from None
+        fs, path = fsspec.core.url_to_fs(url)
+        return cls(fs, path, url)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def put(self, name: str, chunks: Iterable[Any]) -> None:
+        self.fs.pipe_file(self._path(name), b"".join(bytes(c) if not isinstance(c, bytes) else c
+                                                     for c in chunks))
+
+    def open(self, name: str) -> BinaryIO:
+        path = self._path(name)
+        try:
+            return io.BytesIO(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if not self.fs.exists(path):
+                raise FileNotFoundError(path) from exc
+            raise
+
+    def names(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.root, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        except TypeError:  # filesystems without refresh=
+            entries = self.fs.ls(self.root, detail=False)
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def remove_stale_temporaries(self) -> None:
+        """Object stores leave no partial objects behind."""
+
+
+def open_store(target: Any) -> LocalStore | FsspecStore:
+    """A store for ``target``: a path, a ``file://`` URL, any other fsspec
+    URL, or an fsspec mapper (``fs.get_mapper(path)``, for a filesystem
+    with its own options, e.g. an S3 endpoint)."""
+    if isinstance(target, (LocalStore, FsspecStore)):
+        return target
+    if hasattr(target, "fs") and isinstance(getattr(target, "root", None), str):
+        protocol = target.fs.protocol
+        protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        return FsspecStore(target.fs, target.root, f"{protocol}://{target.root}")
+    if isinstance(target, os.PathLike):
+        return LocalStore(target)
+    if not isinstance(target, str) or not target:
+        raise TypeError(f"a checkpoint target is a folder path or an fsspec URL, not {target!r}")
+    if target.startswith("file://"):
+        # Local disks get the rename-and-fsync commit, not fsspec's plain writes.
+        return LocalStore(target[len("file://"):])
+    if "://" in target:
+        return FsspecStore.from_url(target)
+    return LocalStore(target)
