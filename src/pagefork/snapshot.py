@@ -597,12 +597,9 @@ class Snapshot:
             np.maximum.at(run_ends, run_id, ends)
             keep = run_ends > run_starts
             run_starts, run_ends = run_starts[keep], run_ends[keep]
-            view = np.frombuffer(memoryview(self._memory), np.uint8, count=self._size)
             lengths = run_ends - run_starts
-            index = np.repeat(run_starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) \
-                + np.arange(int(lengths.sum()))
-            data = view[index].tobytes()
-            del view
+            with memoryview(self._memory) as whole:  # one copy of the runs, no per-byte index
+                data = _native.gather(whole[: self._size], run_starts, lengths)
             n = len(run_starts)
             return DiffBatch.from_columns(run_starts, lengths, np.zeros(n, np.uint8),
                                           np.zeros(n, np.uint8), data)

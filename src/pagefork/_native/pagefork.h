@@ -243,5 +243,8 @@ PyObject *pf_crc32c(PyObject *self, PyObject *args);
 uint32_t pf_crc32c_update(uint32_t crc, const uint8_t *data, size_t len);
 PyObject *pf_delta_encode(PyObject *self, PyObject *args);
 PyObject *pf_delta_apply(PyObject *self, PyObject *args);
+PyObject *pf_compact_encode(PyObject *self, PyObject *args);
+PyObject *pf_compact_decode(PyObject *self, PyObject *args);
+PyObject *pf_gather(PyObject *self, PyObject *args);
 
 #endif
