@@ -92,6 +92,9 @@ class ThreadOutcome:
     dirty_pages: int = 0
     error: str | None = None  # formatted traceback, or why the worker died
     bytes_shipped: int = 0
+    # Diffs its worker combined from several threads of the batch (regions
+    # whose merge is order-free, see backends/combine.py); merged once.
+    combined: DiffBatch | None = None
 
 
 class Backend(Protocol):
@@ -322,11 +325,12 @@ class Executor:
                 self.last_batch = stats
                 raise ConflictError("; ".join(conflicts))
         batches = [o.diffs for o in outcomes if o.diffs is not None]
+        batches += [o.combined for o in outcomes if o.combined is not None]
         stats.diffs = sum(len(b) for b in batches)
         stats.diff_bytes = sum(b.nbytes for b in batches)
         stats.dirty_pages = sum(o.dirty_pages for o in outcomes)
         try:
-            self.snapshot.apply(DiffBatch.concat(batches))  # checked first: all or nothing
+            self.snapshot.apply_batches(batches)  # checked first: all or nothing
         except MergeError:
             self.last_batch = stats
             raise

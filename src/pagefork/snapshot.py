@@ -530,13 +530,23 @@ class Snapshot:
         self._check_open()
         self._apply(_as_batch(diffs))
 
-    def _apply(self, batch: DiffBatch) -> None:
-        if len(batch) == 0:
+    def apply_batches(self, batches: Sequence[DiffBatch]) -> None:
+        """``apply(DiffBatch.concat(batches))`` without copying the batches
+        into one: all are checked against the snapshot as it is before any
+        is written (all or nothing), then applied in order."""
+        self._check_open()
+        self._apply(*[b for b in batches if len(b)])
+
+    def _apply(self, *batches: DiffBatch) -> None:
+        if not batches or not any(len(b) for b in batches):
             return
-        ends = batch.offsets + batch.lengths
-        if (batch.offsets < 0).any() or (batch.lengths < 0).any():
-            raise OutOfBoundsError("a diff has a negative offset or length")
-        end = int(ends.max())
+        end = 0
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            if (batch.offsets < 0).any() or (batch.lengths < 0).any():
+                raise OutOfBoundsError("a diff has a negative offset or length")
+            end = max(end, int((batch.offsets + batch.lengths).max()))
         with self._lock:
             if end > self._max_size:
                 raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
@@ -544,16 +554,19 @@ class Snapshot:
             try:
                 # Check everything before growing or writing anything.
                 with memoryview(self._memory) as whole:
-                    _native.apply(whole[: self._size], *batch.columns(), True, max(end, self._size))
+                    for batch in batches:
+                        _native.apply(whole[: self._size], *batch.columns(), True, max(end, self._size))
                 self._grow(end)
                 with memoryview(self._memory) as whole:
-                    _native.apply(whole[: self._size], *batch.columns())
+                    for batch in batches:
+                        _native.apply(whole[: self._size], *batch.columns())
             except ArithmeticError as exc:
                 raise MergeError(str(exc)) from None
             except IndexError as exc:
                 raise OutOfBoundsError(str(exc)) from None
-            changed = batch.ops != MergeOp.IGNORE
-            self._changes.append((batch.offsets[changed], batch.lengths[changed]))
+            for batch in batches:
+                changed = batch.ops != MergeOp.IGNORE
+                self._changes.append((batch.offsets[changed], batch.lengths[changed]))
 
     def queue(self, diffs: Batchable) -> None:
         """Queues ``diffs`` for :meth:`write_queued` (thread-safe)."""

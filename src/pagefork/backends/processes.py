@@ -5,7 +5,8 @@ spawn semantics: never a fork of this possibly multi-threaded process, and
 never a re-import of the caller's ``__main__``), each talking over its own
 Unix socket. Each receives the snapshot's memfd once (SCM_RIGHTS)
 and maps it privately per thread, so memory is never copied to a worker;
-functions travel with cloudpickle; results and wire-encoded diffs come back.
+functions travel with cloudpickle; results and compact-encoded diffs come back
+(reductions combined per worker first, see combine.py).
 A worker that dies is replaced and its threads fail with WorkerError.
 """
 
@@ -23,12 +24,16 @@ from typing import Any, Sequence
 
 import cloudpickle
 
-from .. import wire
-from ..executor import BatchSpec, ThreadOutcome, Workspace
-from ..snapshot import Snapshot
+from .._errors import CorruptDataError
+from ..executor import BatchSpec, ThreadOutcome
+from ..snapshot import DiffBatch, Snapshot
+from . import combine
 from .threads import group_by_slot
 
 __all__ = ["ProcessesBackend"]
+
+
+_END = -1  # in a slot's pending set: the worker's "end" message is still due
 
 
 def _send(conn: connection.Connection, message: Any) -> int:
@@ -41,7 +46,7 @@ def _worker_main(conn: connection.Connection) -> None:
     """A worker process: attach snapshots, run threads, send back diffs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     snapshot: Snapshot | None = None
-    space = Workspace()
+    space = combine.CombiningWorkspace()
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -68,18 +73,35 @@ def _worker_main(conn: connection.Connection) -> None:
             error = "".join(traceback.format_exc())
             for i in indexes:
                 _send(conn, ("done", seq, i, None, None, 0, f"cannot load the thread function:\n{error}"))
+            _send(conn, ("end", seq, None, None))
             continue
         spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
-        for i in indexes:
-            (outcome,) = space.run(spec, [i])
-            result = diffs = None
+
+        def report(outcome: ThreadOutcome) -> None:
+            result = header = None
+            data: Any = b""
             if outcome.error is None:
                 try:
                     result = cloudpickle.dumps(outcome.result)
-                    diffs = wire.encode(outcome.diffs) if outcome.diffs is not None else None
+                    header, data = combine.pack(outcome.diffs)
                 except BaseException:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-            _send(conn, ("done", seq, i, result, diffs, outcome.dirty_pages, outcome.error))
+            _send(conn, ("done", seq, outcome.index, result, header, outcome.dirty_pages, outcome.error))
+            if header is not None:
+                conn.send_bytes(data)  # the diff data as is: no pickling, no copy here
+
+        combined: DiffBatch | None = None
+        failure: str | None = None
+        try:
+            combined = space.run_combining(spec, indexes, report)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # combining failed (e.g. no memory): the batch fails
+            failure = "cannot combine the threads' diffs:\n" + traceback.format_exc()
+        end_header, end_data = combine.pack(combined)
+        _send(conn, ("end", seq, end_header, failure))
+        if end_header is not None:
+            conn.send_bytes(end_data)
 
 
 class _Worker:
@@ -156,6 +178,8 @@ class ProcessesBackend:
         args_bytes = cloudpickle.dumps(spec.args)
         outcomes: dict[int, ThreadOutcome] = {}
         pending: dict[int, set[int]] = {}
+        first: dict[int, int] = {}  # slot -> its first thread, which carries the combined diffs
+        combined: dict[int, DiffBatch] = {}
         shipped = 0
         for slot, indexes in group_by_slot(placement).items():
             w = self._worker(slot)
@@ -164,7 +188,8 @@ class ProcessesBackend:
                 shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n, fn_bytes,
                                           args_bytes, spec.layout, spec.merge_regions, spec.tracking,
                                           indexes))
-                pending[slot] = set(indexes)
+                pending[slot] = set(indexes) | {_END}
+                first[slot] = indexes[0]
             except (OSError, ValueError) as exc:
                 for i in indexes:
                     outcomes[i] = ThreadOutcome(i, error=f"cannot reach worker {slot}: {exc}")
@@ -180,9 +205,12 @@ class ProcessesBackend:
                 assert w is not None
                 try:
                     data = w.conn.recv_bytes()
+                    message = pickle.loads(data)
+                    header = message[4] if message[0] == "done" else message[2]
+                    payload = w.conn.recv_bytes() if header is not None else b""
                 except (EOFError, OSError):  # the worker died: its socket closed
                     code = w.exit_code()
-                    for i in sorted(pending.pop(slot)):
+                    for i in sorted(pending.pop(slot) - {_END}) or [first[slot]]:
                         outcomes[i] = ThreadOutcome(
                             i, error=f"worker process {slot} (pid {w.process.pid}) died while "
                                      f"running thread {i} (exit code {code})")
@@ -190,18 +218,38 @@ class ProcessesBackend:
                     w.conn.close()
                     self.replaced += 1
                     continue
-                shipped += len(data)
-                _, reply_seq, i, result, diffs, dirty, error = pickle.loads(data)
-                if reply_seq != seq:
+                shipped += len(data) + len(payload)
+                if message[1] != seq:
                     continue  # a late reply to a batch that was interrupted
-                outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
-                if error is None:
-                    outcome.result = cloudpickle.loads(result)
-                    outcome.diffs = wire.decode(diffs) if diffs is not None else None
-                outcomes[i] = outcome
+                if message[0] == "end":
+                    error = message[3]
+                    try:
+                        batch = combine.unpack(header, payload)
+                    except CorruptDataError as exc:
+                        error = f"worker {slot} sent malformed combined diffs: {exc}"
+                    if error is not None:
+                        i = first[slot]
+                        outcomes[i] = ThreadOutcome(i, error=error)
+                    elif batch is not None:
+                        combined[slot] = batch
+                    i = _END
+                else:
+                    _, _, i, result, header, dirty, error = message
+                    outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
+                    if error is None:
+                        try:
+                            outcome.diffs = combine.unpack(header, payload)
+                        except CorruptDataError as exc:
+                            outcome.error = f"worker {slot} sent malformed diffs: {exc}"
+                        else:
+                            outcome.result = cloudpickle.loads(result)
+                    if i not in outcomes:  # an "end" error may have claimed it
+                        outcomes[i] = outcome
                 pending[slot].discard(i)
                 if not pending[slot]:
                     del pending[slot]
+        for slot, batch in combined.items():
+            outcomes[first[slot]].combined = batch
         result = [outcomes[i] for i in sorted(outcomes)]
         if result:
             result[0].bytes_shipped = shipped

@@ -133,7 +133,7 @@ def dense_sum(elements: int = 16 << 20, tasks: int = 8, workers: int = 2, repeat
             parallel = Parallel(n_jobs=workers, backend="loky")
             parallel.__enter__()
         except ImportError:
-            delayed = None  # type: ignore[assignment]
+            delayed = None
         if dask:
             try:
                 from distributed import Client, LocalCluster
