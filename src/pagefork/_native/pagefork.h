@@ -246,5 +246,7 @@ PyObject *pf_delta_apply(PyObject *self, PyObject *args);
 PyObject *pf_compact_encode(PyObject *self, PyObject *args);
 PyObject *pf_compact_decode(PyObject *self, PyObject *args);
 PyObject *pf_gather(PyObject *self, PyObject *args);
+PyObject *pf_private_pages(PyObject *self, PyObject *args);
+PyObject *pf_keep_changed(PyObject *self, PyObject *args);
 
 #endif

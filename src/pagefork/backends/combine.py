@@ -28,7 +28,8 @@ import numpy as np
 from .. import _native, compact
 from .._sizes import round_to_pages
 from ..executor import BatchSpec, ThreadMemory, ThreadOutcome, Workspace
-from ..memory import Region
+from ..memory import PAGE_SIZE, Region
+from ..tracking import Tracker
 from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
 
 __all__ = ["combinable", "split_regions", "CombiningWorkspace", "pack", "unpack"]
@@ -78,13 +79,32 @@ class _Partial:
     touched: np.ndarray
 
 
+def _same(a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
+    """Whether two (snapshot, address, size) keys name the same mapping (the
+    snapshot by identity: a new one may reuse an old one's id and fd)."""
+    return a[0] is b[0] and a[1:] == b[1:]
+
+
 class CombiningWorkspace(Workspace):
-    """A worker's :class:`Workspace` that combines, across the threads of a
-    batch it runs, the diffs of combinable regions (see the module)."""
+    """A worker's :class:`Workspace` that, across the threads of a batch it
+    runs, combines the diffs of combinable regions (see the module), and
+    keeps its thread memory mapped between threads.
+
+    Keeping the memory: a ``cow`` thread memory is normally mapped afresh
+    for every thread, so each page a thread writes costs a copy-on-write
+    fault (several microseconds here). Instead, the pages that are private
+    copies are put back to the snapshot's bytes (a page copy, a fraction of
+    the fault), and the next thread's changed pages are the ones it made
+    private plus the ones put back whose bytes now differ. When the private
+    pages grow much beyond what threads change, the memory is mapped afresh.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._partial_region: Region | None = None
+        self._kept: tuple[Any, int, int] | None = None  # (snapshot, address, size) kept mapped
+        self._partial_kept: tuple[Any, int, int] | None = None
+        self._recent = 0  # pages the last threads changed
 
     def _partial(self, spec: BatchSpec) -> _Partial:
         size = round_to_pages(spec.snapshot.size)
@@ -96,8 +116,50 @@ class CombiningWorkspace(Workspace):
             r = self._partial_region = Region(size, max_size=max_size)
         elif r.size != size:
             r.resize(size)
-        spec.snapshot.map_to(r)  # starts equal to the snapshot, copy-on-write
+        key = (spec.snapshot, r.address, r.size)
+        if self._partial_kept is not None and _same(self._partial_kept, key):
+            private = np.empty(r.n_pages, np.uint8)  # put back to the snapshot's bytes
+            _native.private_pages(r, private)
+            _native.copy_pages(r, spec.snapshot._memory, private, PAGE_SIZE)
+        else:
+            spec.snapshot.map_to(r)  # equal to the snapshot, copy-on-write
+            self._partial_kept = key
         return _Partial(r, np.zeros(r.n_pages, np.bool_))
+
+    def _run_one(self, spec: BatchSpec, i: int, region: Region, tracker_: Tracker
+                 ) -> tuple[Any, np.ndarray]:
+        """Runs thread ``i`` on ``region`` from the snapshot's bytes; returns
+        its result and the pages it changed."""
+        whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
+        key = (spec.snapshot, region.address, region.size)
+        before = None
+        if spec.tracking == "cow" and self._kept is not None and _same(self._kept, key):
+            before = np.empty(region.n_pages, np.uint8)
+            kept = _native.private_pages(region, before)
+            if kept > 4 * self._recent + 256:
+                before = None  # too many to put back: map afresh
+            else:
+                _native.copy_pages(region, whole, before, PAGE_SIZE)
+        if before is None:
+            self._kept = None
+            spec.snapshot.map_to(region)
+            tracker_.start(region)
+            try:
+                result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
+            finally:
+                tracker_.stop(region)
+            dirty = tracker_.dirty_pages(region, "global")
+            if spec.tracking == "cow":
+                self._kept = key
+        else:
+            result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
+            after = np.empty(region.n_pages, np.uint8)
+            _native.private_pages(region, after)
+            new = after.view(np.bool_) & ~before.view(np.bool_)
+            _native.keep_changed(region, whole, before)  # of the pages put back, the changed ones
+            dirty = new | before.view(np.bool_)
+        self._recent = int(np.count_nonzero(dirty))
+        return result, dirty
 
     def run_combining(self, spec: BatchSpec, indexes: Sequence[int],
                       report: Callable[[ThreadOutcome], None]) -> DiffBatch | None:
@@ -106,38 +168,37 @@ class CombiningWorkspace(Workspace):
         Returns one batch holding the combined diffs of the combinable
         regions, or None when nothing was combined."""
         own, shared = split_regions(spec.merge_regions)
-        if not shared or len(indexes) < 2:
-            for i in indexes:
-                report(self.run(spec, [i])[0])
-            return None
+        combining = bool(shared) and len(indexes) > 1
+        if not combining:
+            own = spec.merge_regions
         region, tracker_ = self.prepare(spec)
-        partial = self._partial(spec)
+        partial = self._partial(spec) if combining else None
         for i in indexes:
             outcome: ThreadOutcome
             try:
-                spec.snapshot.map_to(region)
-                tracker_.start(region)
-                try:
-                    result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
-                finally:
-                    tracker_.stop(region)
-                dirty = tracker_.dirty_pages(region, "global")
+                result, dirty = self._run_one(spec, i, region, tracker_)
                 diffs = spec.snapshot.diff(region, dirty, regions=own)
-                folded = spec.snapshot.diff(region, dirty, regions=shared)
-                if len(folded):
-                    with memoryview(partial.region) as target:
-                        _native.apply(target, *folded.columns())
-                    partial.touched |= dirty[: partial.touched.size]
+                if partial is not None:
+                    folded = spec.snapshot.diff(region, dirty, regions=shared)
+                    if len(folded):
+                        with memoryview(partial.region) as target:
+                            _native.apply(target, *folded.columns())
+                        partial.touched |= dirty[: partial.touched.size]
                 outcome = ThreadOutcome(i, result, diffs, int(np.count_nonzero(dirty)))
             except BaseException as exc:  # the thread's own error, with its traceback
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    self._kept = None
                     raise
+                self._kept = None  # whatever it left behind, the next thread maps afresh
                 outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))
             report(outcome)
+        if partial is None:
+            return None
         return spec.snapshot.diff(partial.region, partial.touched, regions=shared)
 
     def close(self) -> None:
         super().close()
+        self._kept = self._partial_kept = None
         if self._partial_region is not None:
             self._partial_region.close()
             self._partial_region = None

@@ -327,7 +327,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if mode == "tracked":
     out = snap.tracked_changes()
-    ok = len(out) == 1 and out.offsets[0] == 0 and out.lengths[0] == size
+    ok = bool(len(out) == 1 and out.offsets[0] == 0 and out.lengths[0] == size)
 else:
     out = bytes(snap.view())
     ok = len(out) == size
