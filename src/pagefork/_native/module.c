@@ -55,6 +55,9 @@ static PyMethodDef native_methods[] = {
      "private_pages(memory, out) -> count of pages that are the process's own copies"},
     {"keep_changed", pf_keep_changed, METH_VARARGS,
      "keep_changed(memory, original, flags) -> count: unflags pages equal to the original"},
+    {"fold", pf_fold, METH_VARARGS,
+     "fold(acc, memory, original, dirty, page_size, starts, ends, dtypes, ops): merge a thread's "
+     "order-free reductions into acc"},
     {"gather", pf_gather, METH_VARARGS, "gather(source, starts, lengths) -> the runs as bytes"},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},

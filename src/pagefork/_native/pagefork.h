@@ -248,5 +248,6 @@ PyObject *pf_compact_decode(PyObject *self, PyObject *args);
 PyObject *pf_gather(PyObject *self, PyObject *args);
 PyObject *pf_private_pages(PyObject *self, PyObject *args);
 PyObject *pf_keep_changed(PyObject *self, PyObject *args);
+PyObject *pf_fold(PyObject *self, PyObject *args);
 
 #endif

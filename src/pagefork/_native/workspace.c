@@ -70,3 +70,176 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
     PyBuffer_Release(&flags);
     return PyLong_FromSize_t(kept);
 }
+
+/* ---- fold: a thread's changes merged straight into a worker's partial ----
+ *
+ * For the order-free reductions (integer SUM, SUBTRACT, MIN, MAX; XOR of
+ * anything) a worker keeps `acc`, a copy of the snapshot into which every
+ * thread's changes are merged, and ships one diff of it. Folding does what
+ * diff-then-apply would do, in one pass and with no diff in between:
+ * SUM and SUBTRACT add u - o (wrapping), MIN/MAX take u, XOR xors u ^ o.
+ * Unchanged elements need no test: they add 0, xor 0, and min/max with the
+ * original change nothing (acc starts as the original and only moves away
+ * from it in the op's direction).
+ */
+
+#define FOLD_ADD(NAME, U)                                                          \
+    static void NAME(uint8_t *acc, const uint8_t *mem, const uint8_t *orig, size_t n) \
+    {                                                                              \
+        for (size_t i = 0; i < n; i++) {                                           \
+            U a, u, o;                                                             \
+            memcpy(&a, acc + i * sizeof(U), sizeof(U));                            \
+            memcpy(&u, mem + i * sizeof(U), sizeof(U));                            \
+            memcpy(&o, orig + i * sizeof(U), sizeof(U));                           \
+            a = (U)(a + (U)(u - o));                                               \
+            memcpy(acc + i * sizeof(U), &a, sizeof(U));                            \
+        }                                                                          \
+    }
+FOLD_ADD(fold_add8, uint8_t)
+FOLD_ADD(fold_add16, uint16_t)
+FOLD_ADD(fold_add32, uint32_t)
+FOLD_ADD(fold_add64, uint64_t)
+
+#define FOLD_MINMAX(NAME, T)                                                       \
+    static void NAME(uint8_t *acc, const uint8_t *mem, size_t n, int max)          \
+    {                                                                              \
+        for (size_t i = 0; i < n; i++) {                                           \
+            T a, u;                                                                \
+            memcpy(&a, acc + i * sizeof(T), sizeof(T));                            \
+            memcpy(&u, mem + i * sizeof(T), sizeof(T));                            \
+            if (max ? u > a : u < a)                                               \
+                memcpy(acc + i * sizeof(T), &u, sizeof(T));                        \
+        }                                                                          \
+    }
+FOLD_MINMAX(fold_mm_i8, int8_t)
+FOLD_MINMAX(fold_mm_i16, int16_t)
+FOLD_MINMAX(fold_mm_i32, int32_t)
+FOLD_MINMAX(fold_mm_i64, int64_t)
+FOLD_MINMAX(fold_mm_u8, uint8_t)
+FOLD_MINMAX(fold_mm_u16, uint16_t)
+FOLD_MINMAX(fold_mm_u32, uint32_t)
+FOLD_MINMAX(fold_mm_u64, uint64_t)
+
+static void fold_xor(uint8_t *acc, const uint8_t *mem, const uint8_t *orig, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        acc[i] ^= (uint8_t)(mem[i] ^ orig[i]);
+}
+
+static int fold_supported(int dtype, int op)
+{
+    if (op == PF_XOR)
+        return dtype >= 0 && dtype < PF_N_DTYPES;
+    if (op != PF_SUM && op != PF_SUBTRACT && op != PF_MIN && op != PF_MAX)
+        return 0;
+    if (dtype == PF_BOOL)
+        return op == PF_MIN || op == PF_MAX;
+    return dtype >= PF_INT8 && dtype <= PF_UINT64;
+}
+
+static void fold_range(uint8_t *acc, const uint8_t *mem, const uint8_t *orig, size_t a, size_t b,
+                       int dtype, int op)
+{
+    size_t k = (size_t)pf_itemsize[dtype], n = (b - a) / k;
+    uint8_t *x = acc + a;
+    const uint8_t *u = mem + a, *o = orig + a;
+    if (op == PF_XOR) {
+        fold_xor(x, u, o, b - a);
+        return;
+    }
+    if (op == PF_SUM || op == PF_SUBTRACT) {
+        switch (k) {
+        case 1: fold_add8(x, u, o, n); break;
+        case 2: fold_add16(x, u, o, n); break;
+        case 4: fold_add32(x, u, o, n); break;
+        default: fold_add64(x, u, o, n); break;
+        }
+        return;
+    }
+    int max = op == PF_MAX;
+    switch (dtype) {
+    case PF_INT8: fold_mm_i8(x, u, n, max); break;
+    case PF_INT16: fold_mm_i16(x, u, n, max); break;
+    case PF_INT32: fold_mm_i32(x, u, n, max); break;
+    case PF_INT64: fold_mm_i64(x, u, n, max); break;
+    case PF_UINT16: fold_mm_u16(x, u, n, max); break;
+    case PF_UINT32: fold_mm_u32(x, u, n, max); break;
+    case PF_UINT64: fold_mm_u64(x, u, n, max); break;
+    default: fold_mm_u8(x, u, n, max); break; /* BOOL, UINT8 */
+    }
+}
+
+/* fold(acc, memory, original, dirty, page_size, starts, ends, dtypes, ops)
+ * starts/ends: int64 regions, sorted, disjoint, within all three buffers, each
+ * a whole number of elements; dirty: one 0/1 byte per page covering them. */
+PyObject *pf_fold(PyObject *self, PyObject *args)
+{
+    Py_buffer acc, mem, orig, dirty, starts, ends, dtypes, ops;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*ny*y*y*y*", &acc, &mem, &orig, &dirty, &page_size, &starts,
+                          &ends, &dtypes, &ops))
+        return NULL;
+    PyObject *result = NULL;
+    size_t n_regions = (size_t)dtypes.len;
+    const int64_t *s = starts.buf, *e = ends.buf;
+    const uint8_t *dt = dtypes.buf, *op = ops.buf, *flags = dirty.buf;
+    size_t limit = (size_t)mem.len;
+    if ((size_t)orig.len < limit)
+        limit = (size_t)orig.len;
+    if ((size_t)acc.len < limit)
+        limit = (size_t)acc.len;
+    size_t ps = (size_t)page_size;
+    if (page_size <= 0 || starts.len != (Py_ssize_t)(n_regions * 8) || ends.len != starts.len ||
+        ops.len != dtypes.len) {
+        PyErr_SetString(PyExc_ValueError, "fold: malformed region columns");
+        goto done;
+    }
+    for (size_t r = 0; r < n_regions; r++) {
+        if (s[r] < 0 || e[r] < s[r] || (size_t)e[r] > limit ||
+            (size_t)(e[r] + (int64_t)ps - 1) / ps > (size_t)dirty.len || (r > 0 && s[r] < e[r - 1]) ||
+            !fold_supported(dt[r], op[r]) || (e[r] - s[r]) % pf_itemsize[dt[r]] != 0) {
+            PyErr_Format(PyExc_ValueError, "fold: region %zu is out of order, out of bounds, not "
+                         "whole elements or not an order-free reduction", r);
+            goto done;
+        }
+    }
+    uint8_t *a = acc.buf;
+    const uint8_t *m = mem.buf, *o = orig.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t r = 0; r < n_regions; r++) {
+        if (e[r] == s[r])
+            continue;
+        size_t start = (size_t)s[r], end = (size_t)e[r], k = (size_t)pf_itemsize[dt[r]];
+        size_t p = start / ps, last = (end - 1) / ps + 1;
+        while (p < last) {
+            const uint8_t *hit = memchr(flags + p, 1, last - p);
+            if (hit == NULL)
+                break;
+            size_t p0 = (size_t)(hit - flags), p1 = p0 + 1;
+            while (p1 < last && flags[p1])
+                p1++;
+            /* Whole elements overlapping the dirty pages [p0, p1). */
+            size_t lo = p0 * ps > start ? p0 * ps : start;
+            size_t hi = p1 * ps < end ? p1 * ps : end;
+            lo = start + (lo - start) / k * k;
+            hi = start + (hi - start + k - 1) / k * k;
+            if (hi > end)
+                hi = end;
+            fold_range(a, m, o, lo, hi, dt[r], op[r]);
+            p = p1;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&acc);
+    PyBuffer_Release(&mem);
+    PyBuffer_Release(&orig);
+    PyBuffer_Release(&dirty);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&ends);
+    PyBuffer_Release(&dtypes);
+    PyBuffer_Release(&ops);
+    return result;
+}

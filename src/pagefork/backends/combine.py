@@ -161,6 +161,16 @@ class CombiningWorkspace(Workspace):
         self._recent = int(np.count_nonzero(dirty))
         return result, dirty
 
+    @staticmethod
+    def _fold(spec: BatchSpec, partial: _Partial, region: Region, dirty: np.ndarray,
+              shared: list[MergeRegion]) -> None:
+        """Merges the thread's changes to the combinable regions into the partial."""
+        snapshot = spec.snapshot
+        columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
+        flags = np.ascontiguousarray(dirty, np.bool_).view(np.uint8)
+        _native.fold(partial.region, region, snapshot.view(), flags, PAGE_SIZE, *columns)
+        partial.touched |= dirty[: partial.touched.size]
+
     def run_combining(self, spec: BatchSpec, indexes: Sequence[int],
                       report: Callable[[ThreadOutcome], None]) -> DiffBatch | None:
         """Runs ``indexes`` one after the other, calling ``report`` with each
@@ -179,11 +189,7 @@ class CombiningWorkspace(Workspace):
                 result, dirty = self._run_one(spec, i, region, tracker_)
                 diffs = spec.snapshot.diff(region, dirty, regions=own)
                 if partial is not None:
-                    folded = spec.snapshot.diff(region, dirty, regions=shared)
-                    if len(folded):
-                        with memoryview(partial.region) as target:
-                            _native.apply(target, *folded.columns())
-                        partial.touched |= dirty[: partial.touched.size]
+                    self._fold(spec, partial, region, dirty, shared)
                 outcome = ThreadOutcome(i, result, diffs, int(np.count_nonzero(dirty)))
             except BaseException as exc:  # the thread's own error, with its traceback
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
