@@ -27,7 +27,7 @@ import cloudpickle
 from .._errors import CorruptDataError
 from ..executor import BatchSpec, ThreadOutcome
 from ..snapshot import DiffBatch, Snapshot
-from . import combine
+from . import combine, replies
 from .threads import group_by_slot
 
 __all__ = ["ProcessesBackend"]
@@ -42,11 +42,27 @@ def _send(conn: connection.Connection, message: Any) -> int:
     return len(data)
 
 
+def _ship(conn: connection.Connection, writer: replies.ReplyWriter | None, message: tuple,
+          batch: DiffBatch | None) -> None:
+    """Sends ``message`` + (compact header, where the data is) of ``batch``:
+    None (no batch), "frame" (the next frame on the socket) or (offset,
+    length) in the reply buffer."""
+    header, data = combine.pack(batch)
+    where: Any = None
+    if header is not None:
+        nbytes = memoryview(data).nbytes
+        where = writer.put(data) if writer is not None and nbytes >= replies.INLINE_LIMIT else "frame"
+    _send(conn, message + (header, where))
+    if where == "frame":
+        conn.send_bytes(data)  # the diff data as is: no pickling, no copy here
+
+
 def _worker_main(conn: connection.Connection) -> None:
     """A worker process: attach snapshots, run threads, send back diffs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     snapshot: Snapshot | None = None
     space = combine.CombiningWorkspace()
+    writer: replies.ReplyWriter | None = None
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -63,6 +79,11 @@ def _worker_main(conn: connection.Connection) -> None:
             snapshot = Snapshot.attach(fd, size, max_size)
             os.close(fd)
             continue
+        if kind == "replies":
+            if writer is not None:
+                writer.close()
+            writer = replies.ReplyWriter(reduction.recv_handle(conn))
+            continue
         _, seq, version, size, n, fn_bytes, args_bytes, layout, regions, mode, indexes = message
         assert snapshot is not None, "a batch arrived before its snapshot"
         try:
@@ -72,23 +93,23 @@ def _worker_main(conn: connection.Connection) -> None:
         except BaseException:
             error = "".join(traceback.format_exc())
             for i in indexes:
-                _send(conn, ("done", seq, i, None, None, 0, f"cannot load the thread function:\n{error}"))
-            _send(conn, ("end", seq, None, None))
+                _ship(conn, writer, ("done", seq, i, None, 0, f"cannot load the thread function:\n{error}"),
+                      None)
+            _ship(conn, writer, ("end", seq, None), None)
             continue
+        if writer is not None:
+            writer.start_batch()
         spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
 
         def report(outcome: ThreadOutcome) -> None:
-            result = header = None
-            data: Any = b""
+            result = None
             if outcome.error is None:
                 try:
                     result = cloudpickle.dumps(outcome.result)
-                    header, data = combine.pack(outcome.diffs)
                 except BaseException:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-            _send(conn, ("done", seq, outcome.index, result, header, outcome.dirty_pages, outcome.error))
-            if header is not None:
-                conn.send_bytes(data)  # the diff data as is: no pickling, no copy here
+            _ship(conn, writer, ("done", seq, outcome.index, result, outcome.dirty_pages, outcome.error),
+                  outcome.diffs if outcome.error is None else None)
 
         combined: DiffBatch | None = None
         failure: str | None = None
@@ -98,10 +119,7 @@ def _worker_main(conn: connection.Connection) -> None:
             raise
         except BaseException:  # combining failed (e.g. no memory): the batch fails
             failure = "cannot combine the threads' diffs:\n" + traceback.format_exc()
-        end_header, end_data = combine.pack(combined)
-        _send(conn, ("end", seq, end_header, failure))
-        if end_header is not None:
-            conn.send_bytes(end_data)
+        _ship(conn, writer, ("end", seq, failure), combined)
 
 
 class _Worker:
@@ -114,6 +132,32 @@ class _Worker:
         self.conn = connection.Connection(ours.detach())
         self.slot = slot
         self.snapshot_key: tuple[int, int] | None = None
+        self.replies: replies.ReplyReader | None = None
+
+    def ensure_replies(self) -> int:
+        """Passes this worker its reply buffer, once."""
+        if self.replies is not None:
+            return 0
+        reader = replies.ReplyReader(replies.create())
+        try:
+            sent = _send(self.conn, ("replies",))
+            reduction.send_handle(self.conn, reader.fd, self.process.pid)
+        except BaseException:
+            reader.close()
+            raise
+        self.replies = reader
+        return sent
+
+    def payload(self, where: Any) -> Any:
+        """The diff data a reply points to (see _ship)."""
+        if where is None:
+            return b""
+        if where == "frame":
+            return self.conn.recv_bytes()
+        if self.replies is None:
+            raise ValueError("a reply points into a buffer this worker was never given")
+        offset, length = where
+        return self.replies.get(int(offset), int(length))
 
     def ensure_snapshot(self, snapshot: Snapshot) -> int:
         """Sends the snapshot's memfd unless this worker already has it."""
@@ -145,6 +189,12 @@ class _Worker:
             self.process.kill()
             self.process.wait()
         self.conn.close()
+        self.drop_replies()
+
+    def drop_replies(self) -> None:
+        if self.replies is not None:
+            self.replies.close()
+            self.replies = None
 
 
 class ProcessesBackend:
@@ -167,6 +217,7 @@ class ProcessesBackend:
         if w is None or not w.alive():
             if w is not None:
                 w.conn.close()
+                w.drop_replies()
                 self.replaced += 1
             w = self._workers[slot] = _Worker(slot)
         return w
@@ -185,6 +236,7 @@ class ProcessesBackend:
             w = self._worker(slot)
             try:
                 shipped += w.ensure_snapshot(spec.snapshot)
+                shipped += w.ensure_replies()
                 shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n, fn_bytes,
                                           args_bytes, spec.layout, spec.merge_regions, spec.tracking,
                                           indexes))
@@ -206,9 +258,9 @@ class ProcessesBackend:
                 try:
                     data = w.conn.recv_bytes()
                     message = pickle.loads(data)
-                    header = message[4] if message[0] == "done" else message[2]
-                    payload = w.conn.recv_bytes() if header is not None else b""
-                except (EOFError, OSError):  # the worker died: its socket closed
+                    header, where = message[-2:]
+                    payload = w.payload(where)
+                except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
                     code = w.exit_code()
                     for i in sorted(pending.pop(slot) - {_END}) or [first[slot]]:
                         outcomes[i] = ThreadOutcome(
@@ -216,13 +268,14 @@ class ProcessesBackend:
                                      f"running thread {i} (exit code {code})")
                     self._workers[slot] = None
                     w.conn.close()
+                    w.drop_replies()
                     self.replaced += 1
                     continue
-                shipped += len(data) + len(payload)
+                shipped += len(data) + memoryview(payload).nbytes
                 if message[1] != seq:
                     continue  # a late reply to a batch that was interrupted
                 if message[0] == "end":
-                    error = message[3]
+                    error = message[2]
                     try:
                         batch = combine.unpack(header, payload)
                     except CorruptDataError as exc:
@@ -234,7 +287,7 @@ class ProcessesBackend:
                         combined[slot] = batch
                     i = _END
                 else:
-                    _, _, i, result, header, dirty, error = message
+                    _, _, i, result, dirty, error, _, _ = message
                     outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
                     if error is None:
                         try:
