@@ -43,18 +43,22 @@ def _send(conn: connection.Connection, message: Any) -> int:
 
 
 def _ship(conn: connection.Connection, writer: replies.ReplyWriter | None, message: tuple,
-          batch: DiffBatch | None) -> None:
-    """Sends ``message`` + (compact header, where the data is) of ``batch``:
-    None (no batch), "frame" (the next frame on the socket) or (offset,
-    length) in the reply buffer."""
-    header, data = combine.pack(batch)
+          packed: tuple[Any, Any] = (None, b"")) -> None:
+    """Sends ``message`` + (compact header, where the data is) of a packed
+    batch, in one frame (so an interrupted parent never reads half a reply):
+    where is None (no batch), ("inline", bytes) or (offset, length) in the
+    reply buffer."""
+    header, data = packed
     where: Any = None
     if header is not None:
-        nbytes = memoryview(data).nbytes
-        where = writer.put(data) if writer is not None and nbytes >= replies.INLINE_LIMIT else "frame"
+        if writer is not None and memoryview(data).nbytes >= replies.INLINE_LIMIT:
+            try:
+                where = writer.put(data)
+            except OSError:  # no room for the buffer: send it inline
+                where = None
+        if where is None:
+            where = ("inline", bytes(data))
     _send(conn, message + (header, where))
-    if where == "frame":
-        conn.send_bytes(data)  # the diff data as is: no pickling, no copy here
 
 
 def _worker_main(conn: connection.Connection) -> None:
@@ -93,9 +97,8 @@ def _worker_main(conn: connection.Connection) -> None:
         except BaseException:
             error = "".join(traceback.format_exc())
             for i in indexes:
-                _ship(conn, writer, ("done", seq, i, None, 0, f"cannot load the thread function:\n{error}"),
-                      None)
-            _ship(conn, writer, ("end", seq, None), None)
+                _ship(conn, writer, ("done", seq, i, None, 0, f"cannot load the thread function:\n{error}"))
+            _ship(conn, writer, ("end", seq, None))
             continue
         if writer is not None:
             writer.start_batch()
@@ -103,23 +106,25 @@ def _worker_main(conn: connection.Connection) -> None:
 
         def report(outcome: ThreadOutcome) -> None:
             result = None
+            packed: tuple[Any, Any] = (None, b"")
             if outcome.error is None:
                 try:
                     result = cloudpickle.dumps(outcome.result)
+                    packed = combine.pack(outcome.diffs)
                 except BaseException:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
             _ship(conn, writer, ("done", seq, outcome.index, result, outcome.dirty_pages, outcome.error),
-                  outcome.diffs if outcome.error is None else None)
+                  packed)
 
-        combined: DiffBatch | None = None
+        packed: tuple[Any, Any] = (None, b"")
         failure: str | None = None
         try:
-            combined = space.run_combining(spec, indexes, report)
+            packed = combine.pack(space.run_combining(spec, indexes, report))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException:  # combining failed (e.g. no memory): the batch fails
             failure = "cannot combine the threads' diffs:\n" + traceback.format_exc()
-        _ship(conn, writer, ("end", seq, failure), combined)
+        _ship(conn, writer, ("end", seq, failure), packed)
 
 
 class _Worker:
@@ -149,11 +154,12 @@ class _Worker:
         return sent
 
     def payload(self, where: Any) -> Any:
-        """The diff data a reply points to (see _ship)."""
+        """The diff data a reply points to (see _ship); ValueError if it
+        points outside the reply buffer."""
         if where is None:
             return b""
-        if where == "frame":
-            return self.conn.recv_bytes()
+        if where[0] == "inline":
+            return where[1]
         if self.replies is None:
             raise ValueError("a reply points into a buffer this worker was never given")
         offset, length = where
@@ -271,7 +277,9 @@ class ProcessesBackend:
                     w.drop_replies()
                     self.replaced += 1
                     continue
-                shipped += len(data) + memoryview(payload).nbytes
+                shipped += len(data)  # with inline payloads
+                if where is not None and where[0] != "inline":
+                    shipped += memoryview(payload).nbytes  # through the reply buffer
                 if message[1] != seq:
                     continue  # a late reply to a batch that was interrupted
                 if message[0] == "end":

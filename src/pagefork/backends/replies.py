@@ -68,6 +68,8 @@ class ReplyWriter:
             grown = max(end, 2 * size, 1 << 20)
             grown = -(-grown // mmap.PAGESIZE) * mmap.PAGESIZE
             os.ftruncate(self._fd, grown)
+            # Allocated now: a full tmpfs is an OSError here, not a SIGBUS on the copy.
+            os.posix_fallocate(self._fd, size, grown - size)
             if self._map is not None:
                 self._map.close()
             self._map = mmap.mmap(self._fd, grown, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
