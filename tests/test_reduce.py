@@ -254,3 +254,19 @@ def test_reply_buffer_round_trip_growth_and_seals():
     assert writer.put(b"again")[0] == 0  # a new batch reuses the buffer
     writer.close()
     reader.close()
+
+
+def test_reduce_benchmark_smoke():
+    """The benchmark's workloads at toy sizes: every system's answer is right."""
+    from pagefork.bench.reduce import (ReduceResults, bytes_per_value, dense_sum, format_results,
+                                       scattered_sum, tracked_changes_cost)
+
+    dense = dense_sum(1 << 14, repeat=1)
+    scattered, rounds = scattered_sum(1 << 16, repeat=1, task_seconds=0.001)
+    shipped = bytes_per_value(1 << 16)
+    tracked = tracked_changes_cost(1 << 20)
+    assert all(t.correct and len(t.seconds) == 1 for t in dense + scattered)
+    assert {t.name for t in dense} >= {"pagefork processes", "serial numpy", "shared memory + lock"}
+    assert shipped["correct"] and all(row["correct"] for row in tracked)
+    text = format_results(ReduceResults(dense, 1 << 14, scattered, rounds, shipped, tracked, 1 << 20))
+    assert "WRONG" not in text and "pagefork speed-up over serial numpy" in text

@@ -125,7 +125,8 @@ def dense_sum(elements: int = 16 << 20, tasks: int = 8, workers: int = 2, repeat
 
     app = App(elements * 8 + PAGE_SIZE, backend="processes", workers=workers)
     shm = shared_memory.SharedMemory(create=True, size=elements * 8)
-    parallel = client = cluster = pool = None
+    parallel = client = cluster = pool = dask_app = None
+    dask_acc: Any = None
     try:
         acc = app.alloc("acc", elements, np.int64, merge="sum")
         try:
@@ -140,6 +141,8 @@ def dense_sum(elements: int = 16 << 20, tasks: int = 8, workers: int = 2, repeat
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None)
                 client = Client(cluster)
+                dask_app = App(elements * 8 + PAGE_SIZE, backend="dask", client=client)
+                dask_acc = dask_app.alloc("acc", elements, np.int64, merge="sum")
             except ImportError:
                 pass
         shared = np.ndarray(elements, np.int64, buffer=shm.buf)
@@ -181,8 +184,16 @@ def dense_sum(elements: int = 16 << 20, tasks: int = 8, workers: int = 2, repeat
                     record("joblib, a partial per worker", t, all_equal(np.asarray(total)))
                 del total
 
+            if dask_app is not None:
+                dask_acc[:] = 0
+                dask_app.parallel(_noop, 1)
+                t0 = time.perf_counter()
+                dask_app.parallel(_dense_task, tasks)
+                t = time.perf_counter() - t0
+                if r:
+                    record("pagefork on Dask", t, all_equal(dask_acc))
+
             if client is not None:
-                import dask.array as da  # noqa: F401
                 gc.collect()
                 t0 = time.perf_counter()
                 futures = [client.submit(_dask_partial, elements, i, pure=False) for i in range(tasks)]
@@ -201,6 +212,9 @@ def dense_sum(elements: int = 16 << 20, tasks: int = 8, workers: int = 2, repeat
         if pool is not None:
             pool.terminate()
             pool.join()
+        if dask_app is not None:
+            dask_acc = None
+            dask_app.close()
         if client is not None:
             client.close()
         if cluster is not None:
