@@ -198,8 +198,17 @@ def test_fold_equals_diff_then_apply(dtype, op):
         flip = rng.integers(0, size, 200)
         mem[flip] = rng.integers(0, 256, 200, dtype=np.uint8) & (1 if dtype == "?" else 255)
         cols = snap._region_columns(size, [region])
-        _native.fold(acc_fold, mem, orig, dirty, PAGE_SIZE, *cols)
-        acc_apply.apply(snap.diff(mem, dirty.astype(bool), regions=[region]))
+        diffs = snap.diff(mem, dirty.astype(bool), regions=[region])
+        acc_apply.apply(diffs)
+        expected_mem = mem.copy()  # changed elements put back, on dirty pages only
+        for d in diffs:
+            expected_mem[d.offset: d.offset + len(d.data)] = orig[d.offset: d.offset + len(d.data)]
+        changed = np.zeros(3, np.uint8)
+        _native.fold(acc_fold, mem, orig, dirty, changed, PAGE_SIZE, *cols)
+        assert mem.tobytes() == expected_mem.tobytes()
+        pages = {p for d in diffs for p in range(d.offset // PAGE_SIZE,
+                                                 (d.offset + len(d.data) - 1) // PAGE_SIZE + 1)}
+        assert set(np.flatnonzero(changed)) == pages
     assert acc_fold.tobytes() == acc_apply.read()
 
 
@@ -209,12 +218,17 @@ def test_fold_rejects_what_it_cannot_do():
     for region in (MergeRegion(0, 8, DataType.FLOAT64, MergeOp.SUM), MergeRegion(0, 8),
                    MergeRegion(0, 8, DataType.INT64, MergeOp.PRODUCT)):
         with pytest.raises(ValueError):
-            _native.fold(buf, buf, buf, b"\x01", PAGE_SIZE, *snap._region_columns(PAGE_SIZE, [region]))
+            _native.fold(buf, buf, buf, b"\x01", bytearray(1), PAGE_SIZE,
+                         *snap._region_columns(PAGE_SIZE, [region]))
     cols = snap._region_columns(PAGE_SIZE, [MergeRegion(0, 8, DataType.INT64, MergeOp.SUM)])
     with pytest.raises(ValueError):
-        _native.fold(bytearray(4), buf, buf, b"\x01", PAGE_SIZE, *cols)  # acc too short
+        _native.fold(bytearray(4), buf, buf, b"\x01", bytearray(1), PAGE_SIZE, *cols)  # acc too short
     with pytest.raises(ValueError):
-        _native.fold(buf, buf, buf, b"", PAGE_SIZE, *cols)  # no flags
+        _native.fold(buf, buf, buf, b"", bytearray(0), PAGE_SIZE, *cols)  # no flags
+    with pytest.raises(ValueError):
+        _native.fold(buf, buf, buf, b"\x01", bytearray(0), PAGE_SIZE, *cols)  # no room to flag
+    with pytest.raises(TypeError):
+        _native.fold(buf, bytes(PAGE_SIZE), buf, b"\x01", bytearray(1), PAGE_SIZE, *cols)  # read-only
 
 
 def test_private_pages_and_keep_changed():

@@ -56,8 +56,8 @@ static PyMethodDef native_methods[] = {
     {"keep_changed", pf_keep_changed, METH_VARARGS,
      "keep_changed(memory, original, flags) -> count: unflags pages equal to the original"},
     {"fold", pf_fold, METH_VARARGS,
-     "fold(acc, memory, original, dirty, page_size, starts, ends, dtypes, ops): merge a thread's "
-     "order-free reductions into acc"},
+     "fold(acc, memory, original, dirty, changed, page_size, starts, ends, dtypes, ops): merge a "
+     "thread's order-free reductions into acc, putting them back to the original in memory"},
     {"gather", pf_gather, METH_VARARGS, "gather(source, starts, lengths) -> the runs as bytes"},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},

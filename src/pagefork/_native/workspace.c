@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "pagefork.h"
+#include "compare.h"
 
 #include <string.h>
 
@@ -78,52 +79,74 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
  * thread's changes are merged, and ships one diff of it. Folding does what
  * diff-then-apply would do, in one pass and with no diff in between:
  * SUM and SUBTRACT add u - o (wrapping), MIN/MAX take u, XOR xors u ^ o.
- * Unchanged elements need no test: they add 0, xor 0, and min/max with the
- * original change nothing (acc starts as the original and only moves away
- * from it in the op's direction).
+ * Each changed element is also put back to the original in the thread's
+ * memory (so the next thread on this worker starts from the snapshot
+ * without copying those pages again), and the pages holding changes are
+ * flagged in `changed`.
  */
 
-#define FOLD_ADD(NAME, U)                                                          \
-    static void NAME(uint8_t *acc, const uint8_t *mem, const uint8_t *orig, size_t n) \
+#define MARK(at, k)                                                                \
+    do {                                                                           \
+        changed[(at) / ps] = 1;                                                    \
+        changed[((at) + (k) - 1) / ps] = 1;                                        \
+    } while (0)
+
+/* Equal stretches are skipped with pf_find_diff (vector speed); from the
+ * element holding a difference on, elements are folded while they differ. */
+#define FOLD_TYPED(NAME, T, U, KIND)                                               \
+    static void NAME(uint8_t *acc, uint8_t *mem, const uint8_t *orig, size_t base, \
+                     size_t n, uint8_t *changed, size_t ps, int op)                 \
     {                                                                              \
-        for (size_t i = 0; i < n; i++) {                                           \
-            U a, u, o;                                                             \
-            memcpy(&a, acc + i * sizeof(U), sizeof(U));                            \
-            memcpy(&u, mem + i * sizeof(U), sizeof(U));                            \
-            memcpy(&o, orig + i * sizeof(U), sizeof(U));                           \
-            a = (U)(a + (U)(u - o));                                               \
-            memcpy(acc + i * sizeof(U), &a, sizeof(U));                            \
+        const size_t k = sizeof(T);                                                \
+        size_t end = base + n * k, at = base;                                      \
+        while (at < end) {                                                         \
+            size_t d = pf_find_diff(mem, orig, at, end);                           \
+            if (d >= end)                                                          \
+                break;                                                             \
+            at = base + (d - base) / k * k;                                        \
+            for (; at < end; at += k) {                                            \
+                T u, o, a;                                                         \
+                memcpy(&u, mem + at, k);                                           \
+                memcpy(&o, orig + at, k);                                          \
+                if (u == o)                                                        \
+                    break;                                                         \
+                memcpy(&a, acc + at, k);                                           \
+                if (KIND == 0)                                                     \
+                    a = (T)((U)a + (U)((U)u - (U)o));                              \
+                else if (op == PF_MAX ? u > a : u < a)                             \
+                    a = u;                                                         \
+                memcpy(acc + at, &a, k);                                           \
+                memcpy(mem + at, &o, k);                                           \
+                MARK(at, k);                                                       \
+            }                                                                      \
         }                                                                          \
     }
-FOLD_ADD(fold_add8, uint8_t)
-FOLD_ADD(fold_add16, uint16_t)
-FOLD_ADD(fold_add32, uint32_t)
-FOLD_ADD(fold_add64, uint64_t)
+FOLD_TYPED(fold_add8, uint8_t, uint8_t, 0)
+FOLD_TYPED(fold_add16, uint16_t, uint16_t, 0)
+FOLD_TYPED(fold_add32, uint32_t, uint32_t, 0)
+FOLD_TYPED(fold_add64, uint64_t, uint64_t, 0)
+FOLD_TYPED(fold_mm_i8, int8_t, uint8_t, 1)
+FOLD_TYPED(fold_mm_i16, int16_t, uint16_t, 1)
+FOLD_TYPED(fold_mm_i32, int32_t, uint32_t, 1)
+FOLD_TYPED(fold_mm_i64, int64_t, uint64_t, 1)
+FOLD_TYPED(fold_mm_u8, uint8_t, uint8_t, 1)
+FOLD_TYPED(fold_mm_u16, uint16_t, uint16_t, 1)
+FOLD_TYPED(fold_mm_u32, uint32_t, uint32_t, 1)
+FOLD_TYPED(fold_mm_u64, uint64_t, uint64_t, 1)
 
-#define FOLD_MINMAX(NAME, T)                                                       \
-    static void NAME(uint8_t *acc, const uint8_t *mem, size_t n, int max)          \
-    {                                                                              \
-        for (size_t i = 0; i < n; i++) {                                           \
-            T a, u;                                                                \
-            memcpy(&a, acc + i * sizeof(T), sizeof(T));                            \
-            memcpy(&u, mem + i * sizeof(T), sizeof(T));                            \
-            if (max ? u > a : u < a)                                               \
-                memcpy(acc + i * sizeof(T), &u, sizeof(T));                        \
-        }                                                                          \
-    }
-FOLD_MINMAX(fold_mm_i8, int8_t)
-FOLD_MINMAX(fold_mm_i16, int16_t)
-FOLD_MINMAX(fold_mm_i32, int32_t)
-FOLD_MINMAX(fold_mm_i64, int64_t)
-FOLD_MINMAX(fold_mm_u8, uint8_t)
-FOLD_MINMAX(fold_mm_u16, uint16_t)
-FOLD_MINMAX(fold_mm_u32, uint32_t)
-FOLD_MINMAX(fold_mm_u64, uint64_t)
-
-static void fold_xor(uint8_t *acc, const uint8_t *mem, const uint8_t *orig, size_t n)
+static void fold_xor(uint8_t *acc, uint8_t *mem, const uint8_t *orig, size_t a, size_t b,
+                     uint8_t *changed, size_t ps)
 {
-    for (size_t i = 0; i < n; i++)
-        acc[i] ^= (uint8_t)(mem[i] ^ orig[i]);
+    size_t i = a;
+    while ((i = pf_find_diff(mem, orig, i, b)) < b) {
+        size_t j = pf_find_same(mem, orig, i, b);
+        for (size_t p = i / ps; p <= (j - 1) / ps; p++)
+            changed[p] = 1;
+        for (; i < j; i++) {
+            acc[i] ^= (uint8_t)(mem[i] ^ orig[i]);
+            mem[i] = orig[i];
+        }
+    }
 }
 
 static int fold_supported(int dtype, int op)
@@ -137,47 +160,45 @@ static int fold_supported(int dtype, int op)
     return dtype >= PF_INT8 && dtype <= PF_UINT64;
 }
 
-static void fold_range(uint8_t *acc, const uint8_t *mem, const uint8_t *orig, size_t a, size_t b,
-                       int dtype, int op)
+static void fold_range(uint8_t *acc, uint8_t *mem, const uint8_t *orig, size_t a, size_t b,
+                       int dtype, int op, uint8_t *changed, size_t ps)
 {
     size_t k = (size_t)pf_itemsize[dtype], n = (b - a) / k;
-    uint8_t *x = acc + a;
-    const uint8_t *u = mem + a, *o = orig + a;
     if (op == PF_XOR) {
-        fold_xor(x, u, o, b - a);
+        fold_xor(acc, mem, orig, a, b, changed, ps);
         return;
     }
     if (op == PF_SUM || op == PF_SUBTRACT) {
         switch (k) {
-        case 1: fold_add8(x, u, o, n); break;
-        case 2: fold_add16(x, u, o, n); break;
-        case 4: fold_add32(x, u, o, n); break;
-        default: fold_add64(x, u, o, n); break;
+        case 1: fold_add8(acc, mem, orig, a, n, changed, ps, op); break;
+        case 2: fold_add16(acc, mem, orig, a, n, changed, ps, op); break;
+        case 4: fold_add32(acc, mem, orig, a, n, changed, ps, op); break;
+        default: fold_add64(acc, mem, orig, a, n, changed, ps, op); break;
         }
         return;
     }
-    int max = op == PF_MAX;
     switch (dtype) {
-    case PF_INT8: fold_mm_i8(x, u, n, max); break;
-    case PF_INT16: fold_mm_i16(x, u, n, max); break;
-    case PF_INT32: fold_mm_i32(x, u, n, max); break;
-    case PF_INT64: fold_mm_i64(x, u, n, max); break;
-    case PF_UINT16: fold_mm_u16(x, u, n, max); break;
-    case PF_UINT32: fold_mm_u32(x, u, n, max); break;
-    case PF_UINT64: fold_mm_u64(x, u, n, max); break;
-    default: fold_mm_u8(x, u, n, max); break; /* BOOL, UINT8 */
+    case PF_INT8: fold_mm_i8(acc, mem, orig, a, n, changed, ps, op); break;
+    case PF_INT16: fold_mm_i16(acc, mem, orig, a, n, changed, ps, op); break;
+    case PF_INT32: fold_mm_i32(acc, mem, orig, a, n, changed, ps, op); break;
+    case PF_INT64: fold_mm_i64(acc, mem, orig, a, n, changed, ps, op); break;
+    case PF_UINT16: fold_mm_u16(acc, mem, orig, a, n, changed, ps, op); break;
+    case PF_UINT32: fold_mm_u32(acc, mem, orig, a, n, changed, ps, op); break;
+    case PF_UINT64: fold_mm_u64(acc, mem, orig, a, n, changed, ps, op); break;
+    default: fold_mm_u8(acc, mem, orig, a, n, changed, ps, op); break; /* BOOL, UINT8 */
     }
 }
 
-/* fold(acc, memory, original, dirty, page_size, starts, ends, dtypes, ops)
+/* fold(acc, memory, original, dirty, changed, page_size, starts, ends, dtypes, ops)
  * starts/ends: int64 regions, sorted, disjoint, within all three buffers, each
- * a whole number of elements; dirty: one 0/1 byte per page covering them. */
+ * a whole number of elements; dirty: one 0/1 byte per page covering them;
+ * changed: as long as dirty, pages with changes get 1 (others untouched). */
 PyObject *pf_fold(PyObject *self, PyObject *args)
 {
-    Py_buffer acc, mem, orig, dirty, starts, ends, dtypes, ops;
+    Py_buffer acc, mem, orig, dirty, changed, starts, ends, dtypes, ops;
     Py_ssize_t page_size;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*ny*y*y*y*", &acc, &mem, &orig, &dirty, &page_size, &starts,
-                          &ends, &dtypes, &ops))
+    if (!PyArg_ParseTuple(args, "w*w*y*y*w*ny*y*y*y*", &acc, &mem, &orig, &dirty, &changed,
+                          &page_size, &starts, &ends, &dtypes, &ops))
         return NULL;
     PyObject *result = NULL;
     size_t n_regions = (size_t)dtypes.len;
@@ -190,8 +211,8 @@ PyObject *pf_fold(PyObject *self, PyObject *args)
         limit = (size_t)acc.len;
     size_t ps = (size_t)page_size;
     if (page_size <= 0 || starts.len != (Py_ssize_t)(n_regions * 8) || ends.len != starts.len ||
-        ops.len != dtypes.len) {
-        PyErr_SetString(PyExc_ValueError, "fold: malformed region columns");
+        ops.len != dtypes.len || changed.len < dirty.len) {
+        PyErr_SetString(PyExc_ValueError, "fold: malformed region columns or flags");
         goto done;
     }
     for (size_t r = 0; r < n_regions; r++) {
@@ -203,8 +224,8 @@ PyObject *pf_fold(PyObject *self, PyObject *args)
             goto done;
         }
     }
-    uint8_t *a = acc.buf;
-    const uint8_t *m = mem.buf, *o = orig.buf;
+    uint8_t *a = acc.buf, *m = mem.buf, *c = changed.buf;
+    const uint8_t *o = orig.buf;
     Py_BEGIN_ALLOW_THREADS
     for (size_t r = 0; r < n_regions; r++) {
         if (e[r] == s[r])
@@ -225,7 +246,7 @@ PyObject *pf_fold(PyObject *self, PyObject *args)
             hi = start + (hi - start + k - 1) / k * k;
             if (hi > end)
                 hi = end;
-            fold_range(a, m, o, lo, hi, dt[r], op[r]);
+            fold_range(a, m, o, lo, hi, dt[r], op[r], c, ps);
             p = p1;
         }
     }
@@ -237,6 +258,7 @@ done:
     PyBuffer_Release(&mem);
     PyBuffer_Release(&orig);
     PyBuffer_Release(&dirty);
+    PyBuffer_Release(&changed);
     PyBuffer_Release(&starts);
     PyBuffer_Release(&ends);
     PyBuffer_Release(&dtypes);

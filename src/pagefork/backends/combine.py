@@ -79,6 +79,24 @@ class _Partial:
     touched: np.ndarray
 
 
+def _covered_pages(n_pages: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Pages lying wholly inside one of the byte ranges [starts, ends)."""
+    covered = np.zeros(n_pages, np.bool_)
+    for a, b in zip((starts + PAGE_SIZE - 1) // PAGE_SIZE, ends // PAGE_SIZE):  # per region
+        covered[int(a): int(b)] = True
+    return covered
+
+
+def _pages_of(batch: DiffBatch, n_pages: int) -> np.ndarray:
+    """Pages the diffs of ``batch`` touch."""
+    out = np.zeros(n_pages + 1, np.int64)
+    if len(batch):
+        np.add.at(out, np.minimum(batch.offsets // PAGE_SIZE, n_pages), 1)
+        last = (batch.offsets + np.maximum(batch.lengths, 1) - 1) // PAGE_SIZE + 1
+        np.add.at(out, np.minimum(last, n_pages), -1)
+    return np.cumsum(out[:n_pages]) > 0
+
+
 def _same(a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
     """Whether two (snapshot, address, size) keys name the same mapping (the
     snapshot by identity: a new one may reuse an old one's id and fd)."""
@@ -126,10 +144,15 @@ class CombiningWorkspace(Workspace):
             self._partial_kept = key
         return _Partial(r, np.zeros(r.n_pages, np.bool_))
 
-    def _run_one(self, spec: BatchSpec, i: int, region: Region, tracker_: Tracker
-                 ) -> tuple[Any, np.ndarray]:
-        """Runs thread ``i`` on ``region`` from the snapshot's bytes; returns
-        its result and the pages it changed."""
+    def _run_one(self, spec: BatchSpec, i: int, region: Region, tracker_: Tracker,
+                 clean: np.ndarray | None, exact: bool) -> tuple[Any, np.ndarray, np.ndarray | None]:
+        """Runs thread ``i`` on ``region`` from the snapshot's bytes. ``clean``:
+        pages known to hold the snapshot's bytes already (not copied back).
+        Returns its result, the pages to compare, and, when the memory was
+        kept, the pages it newly made private (None when freshly mapped: then
+        the pages to compare are exactly those it wrote). With ``exact``, the
+        pages to compare are narrowed to the ones it wrote or changed; else
+        every private page is compared."""
         whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
         key = (spec.snapshot, region.address, region.size)
         before = None
@@ -139,7 +162,8 @@ class CombiningWorkspace(Workspace):
             if kept > 4 * self._recent + 256:
                 before = None  # too many to put back: map afresh
             else:
-                _native.copy_pages(region, whole, before, PAGE_SIZE)
+                stale = before if clean is None else (before.view(np.bool_) & ~clean).view(np.uint8)
+                _native.copy_pages(region, whole, stale, PAGE_SIZE)
         if before is None:
             self._kept = None
             spec.snapshot.map_to(region)
@@ -151,25 +175,15 @@ class CombiningWorkspace(Workspace):
             dirty = tracker_.dirty_pages(region, "global")
             if spec.tracking == "cow":
                 self._kept = key
-        else:
-            result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
-            after = np.empty(region.n_pages, np.uint8)
-            _native.private_pages(region, after)
-            new = after.view(np.bool_) & ~before.view(np.bool_)
-            _native.keep_changed(region, whole, before)  # of the pages put back, the changed ones
-            dirty = new | before.view(np.bool_)
-        self._recent = int(np.count_nonzero(dirty))
-        return result, dirty
-
-    @staticmethod
-    def _fold(spec: BatchSpec, partial: _Partial, region: Region, dirty: np.ndarray,
-              shared: list[MergeRegion]) -> None:
-        """Merges the thread's changes to the combinable regions into the partial."""
-        snapshot = spec.snapshot
-        columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
-        flags = np.ascontiguousarray(dirty, np.bool_).view(np.uint8)
-        _native.fold(partial.region, region, snapshot.view(), flags, PAGE_SIZE, *columns)
-        partial.touched |= dirty[: partial.touched.size]
+            return result, dirty, None
+        result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
+        after = np.empty(region.n_pages, np.uint8)
+        _native.private_pages(region, after)
+        new = after.view(np.bool_) & ~before.view(np.bool_)
+        if not exact:
+            return result, after.view(np.bool_) | before.view(np.bool_), new
+        _native.keep_changed(region, whole, before)  # of the pages put back, the changed ones
+        return result, new | before.view(np.bool_), new
 
     def run_combining(self, spec: BatchSpec, indexes: Sequence[int],
                       report: Callable[[ThreadOutcome], None]) -> DiffBatch | None:
@@ -182,25 +196,36 @@ class CombiningWorkspace(Workspace):
         if not combining:
             own = spec.merge_regions
         region, tracker_ = self.prepare(spec)
+        snapshot = spec.snapshot
         partial = self._partial(spec) if combining else None
+        columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
+        covered = _covered_pages(region.n_pages, *columns[:2])
+        clean: np.ndarray | None = None  # the first thread puts back every private page
         for i in indexes:
             outcome: ThreadOutcome
             try:
-                result, dirty = self._run_one(spec, i, region, tracker_)
-                diffs = spec.snapshot.diff(region, dirty, regions=own)
+                result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining)
+                diffs = snapshot.diff(region, dirty, regions=own)
+                written = dirty
                 if partial is not None:
-                    self._fold(spec, partial, region, dirty, shared)
-                outcome = ThreadOutcome(i, result, diffs, int(np.count_nonzero(dirty)))
+                    changed = np.zeros(region.n_pages, np.uint8)
+                    _native.fold(partial.region, region, snapshot.view(), dirty.view(np.uint8), changed,
+                                 PAGE_SIZE, *columns)
+                    partial.touched |= changed.view(np.bool_)
+                    clean = covered  # fold put every changed element there back
+                    if new is not None:  # compared more than written: count what changed
+                        written = new | changed.view(np.bool_) | _pages_of(diffs, region.n_pages)
+                self._recent = int(np.count_nonzero(written))
+                outcome = ThreadOutcome(i, result, diffs, self._recent)
             except BaseException as exc:  # the thread's own error, with its traceback
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    self._kept = None
-                    raise
                 self._kept = None  # whatever it left behind, the next thread maps afresh
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
                 outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))
             report(outcome)
         if partial is None:
             return None
-        return spec.snapshot.diff(partial.region, partial.touched, regions=shared)
+        return snapshot.diff(partial.region, partial.touched, regions=shared)
 
     def close(self) -> None:
         super().close()
