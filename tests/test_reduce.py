@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pagefork
 from pagefork import App, PAGE_SIZE, Region, Snapshot, WorkerError, _native
 from pagefork.backends import replies
 from pagefork.backends.combine import combinable, split_regions
@@ -284,3 +285,68 @@ def test_reduce_benchmark_smoke():
     assert shipped["correct"] and all(row["correct"] for row in tracked)
     text = format_results(ReduceResults(dense, 1 << 14, scattered, rounds, shipped, tracked, 1 << 20))
     assert "WRONG" not in text and "pagefork speed-up over serial numpy" in text
+
+
+@pytest.mark.parametrize("mode", ["segfault", "uffd-async", "none"])
+def test_combining_with_other_tracking_modes(mode):
+    """Without cow the memory is mapped afresh per thread; combining still holds."""
+    if not pagefork.probe()[mode].available:
+        pytest.skip(pagefork.probe()[mode].reason)
+    with App("256KiB", backend="processes", workers=2, tracking=mode) as app:
+        a = app.alloc("a", 5000, np.int64, merge="sum")
+        m = app.alloc("m", 3000, np.int32, merge="min")
+        m[:] = 100
+
+        def work(mem, i, n):
+            mem["a"][i::3] += i + 1
+            mem["m"][i * 10: i * 10 + 10] = -i
+
+        for _ in range(2):
+            app.parallel(work, 5)
+        expected = np.zeros(5000, np.int64)
+        for i in range(5):
+            expected[i::3] += 2 * (i + 1)
+        assert np.array_equal(a, expected)
+        assert list(m[:50]) == [0] * 10 + [-1] * 10 + [-2] * 10 + [-3] * 10 + [-4] * 10
+        assert (m[50:] == 100).all()
+
+
+def test_memory_that_is_not_whole_pages():
+    """A snapshot whose last page is partly past its end: the kept memory's
+    tail is put back too, so no thread sees another's tail writes."""
+    with App(3 * PAGE_SIZE + 1000, backend="processes", workers=1) as app:
+        a = app.alloc("a", (3 * PAGE_SIZE + 1000) // 8, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            before = int(mem["a"][-1])
+            mem["a"][-1] += 1
+            mem["a"][i] += 1
+            return before
+
+        assert app.parallel(work, 4) == [0, 0, 0, 0]  # one worker: the memory is kept
+        assert int(a[-1]) == 4 and list(a[:5]) == [1, 1, 1, 1, 0]
+        assert app.parallel(work, 4) == [4, 4, 4, 4]
+        assert int(a[-1]) == 8
+
+
+def test_overwrite_beside_sums_keeps_thread_order_and_conflicts():
+    """OVERWRITE arrays still ship per thread: the last thread's write wins,
+    and conflicting writes are detected, even when sums are combined."""
+    with App("1MiB", backend="processes", workers=2, detect_conflicts=True) as app:
+        s = app.alloc("s", 1000, np.int64, merge="sum")
+        o = app.alloc("o", 1000, np.uint8)
+
+        def ordered(mem, i, n):
+            mem["s"][:] += 1
+            mem["o"][i] = i + 1
+
+        app.parallel(ordered, 6)
+        assert (s == 6).all() and list(o[:7]) == [1, 2, 3, 4, 5, 6, 0]
+
+        def clash(mem, i, n):
+            mem["s"][:] += 1
+            mem["o"][500] = i + 10
+
+        with pytest.raises(pagefork.ConflictError):
+            app.parallel(clash, 4)
+        assert (s == 6).all() and o[500] == 0
