@@ -91,8 +91,13 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
         changed[((at) + (k) - 1) / ps] = 1;                                        \
     } while (0)
 
-/* Equal stretches are skipped with pf_find_diff (vector speed); from the
- * element holding a difference on, elements are folded while they differ. */
+/* Equal stretches are skipped with pf_find_diff (vector speed); the 64
+ * bytes of elements from a difference on (not past the element crossing
+ * the next page boundary) are folded without a test per element: an
+ * unchanged one adds 0, or is no smaller / larger than acc, which only
+ * ever moves away from the original in the op's direction. Dense runs
+ * vectorize; scattered ones touch one cache line each. Only pages that
+ * hold changed elements are written in the thread's memory and flagged. */
 #define FOLD_TYPED(NAME, T, U, KIND)                                               \
     static void NAME(uint8_t *acc, uint8_t *mem, const uint8_t *orig, size_t base, \
                      size_t n, uint8_t *changed, size_t ps, int op)                 \
@@ -104,21 +109,36 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
             if (d >= end)                                                          \
                 break;                                                             \
             at = base + (d - base) / k * k;                                        \
-            for (; at < end; at += k) {                                            \
+            size_t pb = (at / ps + 1) * ps; /* the next page boundary */           \
+            size_t lim = at + 64 / k * k;                                          \
+            size_t cross = base + (pb - base + k - 1) / k * k;                     \
+            if (lim > cross)                                                       \
+                lim = cross;                                                       \
+            if (lim > end)                                                         \
+                lim = end;                                                         \
+            int straddles = lim > pb && lim - k > at &&                            \
+                            memcmp(mem + lim - k, orig + lim - k, k) != 0;         \
+            for (size_t x = at; x < lim; x += k) {                                 \
                 T u, o, a;                                                         \
-                memcpy(&u, mem + at, k);                                           \
-                memcpy(&o, orig + at, k);                                          \
-                if (u == o)                                                        \
-                    break;                                                         \
-                memcpy(&a, acc + at, k);                                           \
+                memcpy(&u, mem + x, k);                                            \
+                memcpy(&o, orig + x, k);                                           \
+                memcpy(&a, acc + x, k);                                            \
                 if (KIND == 0)                                                     \
                     a = (T)((U)a + (U)((U)u - (U)o));                              \
-                else if (op == PF_MAX ? u > a : u < a)                             \
-                    a = u;                                                         \
-                memcpy(acc + at, &a, k);                                           \
-                memcpy(mem + at, &o, k);                                           \
-                MARK(at, k);                                                       \
+                else                                                               \
+                    a = (op == PF_MAX ? u > a : u < a) ? u : a;                    \
+                memcpy(acc + x, &a, k);                                            \
             }                                                                      \
+            MARK(at, k);                                                           \
+            if (at + k > pb) /* the first element itself crosses the boundary */   \
+                memcpy(mem + at, orig + at, k);                                    \
+            else                                                                   \
+                memcpy(mem + at, orig + at, (lim < pb ? lim : pb) - at);          \
+            if (straddles) {                                                       \
+                memcpy(mem + pb, orig + pb, lim - pb);                             \
+                changed[pb / ps] = 1;                                              \
+            }                                                                      \
+            at = lim;                                                              \
         }                                                                          \
     }
 FOLD_TYPED(fold_add8, uint8_t, uint8_t, 0)
