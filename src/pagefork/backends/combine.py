@@ -123,6 +123,7 @@ class CombiningWorkspace(Workspace):
         self._kept: tuple[Any, int, int] | None = None  # (snapshot, address, size) kept mapped
         self._partial_kept: tuple[Any, int, int] | None = None
         self._recent = 0  # pages the last threads changed
+        self._private: np.ndarray | None = None  # private pages the last thread left
 
     def _partial(self, spec: BatchSpec) -> _Partial:
         size = round_to_pages(spec.snapshot.size)
@@ -157,8 +158,12 @@ class CombiningWorkspace(Workspace):
         key = (spec.snapshot, region.address, region.size)
         before = None
         if spec.tracking == "cow" and self._kept is not None and _same(self._kept, key):
-            before = np.empty(region.n_pages, np.uint8)
-            kept = _native.private_pages(region, before)
+            if clean is not None and self._private is not None:
+                before = self._private  # as the last thread of this batch left it
+                kept = int(np.count_nonzero(before))
+            else:
+                before = np.empty(region.n_pages, np.uint8)
+                kept = _native.private_pages(region, before)
             if kept > 4 * self._recent + 256:
                 before = None  # too many to put back: map afresh
             else:
@@ -175,10 +180,12 @@ class CombiningWorkspace(Workspace):
             dirty = tracker_.dirty_pages(region, "global")
             if spec.tracking == "cow":
                 self._kept = key
+                self._private = dirty.view(np.uint8).copy()  # cow: written = private
             return result, dirty, None
         result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
         after = np.empty(region.n_pages, np.uint8)
         _native.private_pages(region, after)
+        self._private = after
         new = after.view(np.bool_) & ~before.view(np.bool_)
         if not exact:
             return result, after.view(np.bool_) | before.view(np.bool_), new
@@ -218,7 +225,7 @@ class CombiningWorkspace(Workspace):
                 self._recent = int(np.count_nonzero(written))
                 outcome = ThreadOutcome(i, result, diffs, self._recent)
             except BaseException as exc:  # the thread's own error, with its traceback
-                self._kept = None  # whatever it left behind, the next thread maps afresh
+                self._kept = self._private = None  # the next thread maps afresh
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))
@@ -229,7 +236,7 @@ class CombiningWorkspace(Workspace):
 
     def close(self) -> None:
         super().close()
-        self._kept = self._partial_kept = None
+        self._kept = self._partial_kept = self._private = None
         if self._partial_region is not None:
             self._partial_region.close()
             self._partial_region = None
