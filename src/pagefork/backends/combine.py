@@ -112,9 +112,14 @@ class CombiningWorkspace(Workspace):
     for every thread, so each page a thread writes costs a copy-on-write
     fault (several microseconds here). Instead, the pages that are private
     copies are put back to the snapshot's bytes (a page copy, a fraction of
-    the fault), and the next thread's changed pages are the ones it made
-    private plus the ones put back whose bytes now differ. When the private
-    pages grow much beyond what threads change, the memory is mapped afresh.
+    the fault; in combinable regions folding already put each changed
+    element back), and the next thread's pages to compare are its new
+    private pages plus the ones put back (narrowed to those whose bytes
+    differ when no fold follows, so XOR diffs and the page counts stay
+    exact). The first thread of a batch puts back every private page, as
+    the snapshot may have changed since. When the private pages grow much
+    beyond what threads change, the memory is mapped afresh; other tracking
+    modes always map afresh.
     """
 
     def __init__(self) -> None:
