@@ -52,8 +52,10 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
     uint8_t *f = flags.buf;
     Py_BEGIN_ALLOW_THREADS
     for (size_t p = 0; p < n_pages; p++) {
-        if (!f[p])
-            continue;
+        const uint8_t *hit = memchr(f + p, 1, n_pages - p); /* skip unflagged pages fast */
+        if (hit == NULL)
+            break;
+        p = (size_t)(hit - f);
         size_t a = p * ps;
         if (a < limit) {
             size_t b = a + ps < limit ? a + ps : limit;

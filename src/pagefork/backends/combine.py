@@ -32,7 +32,7 @@ from ..memory import PAGE_SIZE, Region
 from ..tracking import Tracker
 from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
 
-__all__ = ["combinable", "split_regions", "CombiningWorkspace", "pack", "unpack"]
+__all__ = ["combinable", "combines", "split_regions", "CombiningWorkspace", "pack", "unpack"]
 
 _INTEGERS = {DataType.BOOL, DataType.INT8, DataType.INT16, DataType.INT32, DataType.INT64,
              DataType.UINT8, DataType.UINT16, DataType.UINT32, DataType.UINT64}
@@ -46,6 +46,12 @@ def combinable(region: MergeRegion) -> bool:
     if region.op in (MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.MIN, MergeOp.MAX):
         return region.dtype in _INTEGERS
     return False
+
+
+def combines(regions: Sequence[MergeRegion], threads: int) -> bool:
+    """Whether a worker running ``threads`` threads of a batch with these
+    merge regions combines anything (it then sends one combined batch)."""
+    return threads > 1 and any(combinable(r) for r in regions)
 
 
 def split_regions(regions: Sequence[MergeRegion]) -> tuple[list[MergeRegion], list[MergeRegion]]:
@@ -97,6 +103,13 @@ def _pages_of(batch: DiffBatch, n_pages: int) -> np.ndarray:
     return np.cumsum(out[:n_pages]) > 0
 
 
+# Keeping thread memory saves a copy-on-write fault per written page but
+# costs two page-map scans per thread; below this many pages written by the
+# last thread, mapping afresh is cheaper (and keeps sparse batches flat in
+# the memory size).
+_KEEP_MIN_PAGES = 256
+
+
 def _same(a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
     """Whether two (snapshot, address, size) keys name the same mapping (the
     snapshot by identity: a new one may reuse an old one's id and fd)."""
@@ -118,8 +131,9 @@ class CombiningWorkspace(Workspace):
     differ when no fold follows, so XOR diffs and the page counts stay
     exact). The first thread of a batch puts back every private page, as
     the snapshot may have changed since. When the private pages grow much
-    beyond what threads change, the memory is mapped afresh; other tracking
-    modes always map afresh.
+    beyond what threads change, or the last thread wrote few pages (then the
+    faults cost less than the scans), the memory is mapped afresh; other
+    tracking modes always map afresh.
     """
 
     def __init__(self) -> None:
@@ -162,7 +176,8 @@ class CombiningWorkspace(Workspace):
         whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
         key = (spec.snapshot, region.address, region.size)
         before = None
-        if spec.tracking == "cow" and self._kept is not None and _same(self._kept, key):
+        if (spec.tracking == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
+                and _same(self._kept, key)):
             if clean is not None and self._private is not None:
                 before = self._private  # as the last thread of this batch left it
                 kept = int(np.count_nonzero(before))
@@ -185,7 +200,9 @@ class CombiningWorkspace(Workspace):
             dirty = tracker_.dirty_pages(region, "global")
             if spec.tracking == "cow":
                 self._kept = key
-                self._private = dirty.view(np.uint8).copy()  # cow: written = private
+                # cow: written = private. Only worth keeping for many pages.
+                many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
+                self._private = dirty.view(np.uint8).copy() if many else None
             return result, dirty, None
         result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
         after = np.empty(region.n_pages, np.uint8)
@@ -203,15 +220,13 @@ class CombiningWorkspace(Workspace):
         outcome as it finishes (its diffs cover the non-combinable regions).
         Returns one batch holding the combined diffs of the combinable
         regions, or None when nothing was combined."""
-        own, shared = split_regions(spec.merge_regions)
-        combining = bool(shared) and len(indexes) > 1
-        if not combining:
-            own = spec.merge_regions
+        combining = combines(spec.merge_regions, len(indexes))
+        own, shared = split_regions(spec.merge_regions) if combining else (spec.merge_regions, [])
         region, tracker_ = self.prepare(spec)
         snapshot = spec.snapshot
         partial = self._partial(spec) if combining else None
         columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
-        covered = _covered_pages(region.n_pages, *columns[:2])
+        covered = _covered_pages(region.n_pages, *columns[:2]) if combining else None
         clean: np.ndarray | None = None  # the first thread puts back every private page
         for i in indexes:
             outcome: ThreadOutcome

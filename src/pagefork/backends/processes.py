@@ -33,7 +33,7 @@ from .threads import group_by_slot
 __all__ = ["ProcessesBackend"]
 
 
-_END = -1  # in a slot's pending set: the worker's "end" message is still due
+_END = -1  # in a slot's pending set: the worker's "end" message (combined diffs) is still due
 
 
 def _send(conn: connection.Connection, message: Any) -> int:
@@ -98,13 +98,17 @@ def _worker_main(conn: connection.Connection) -> None:
             error = "".join(traceback.format_exc())
             for i in indexes:
                 _ship(conn, writer, ("done", seq, i, None, 0, f"cannot load the thread function:\n{error}"))
-            _ship(conn, writer, ("end", seq, None))
+            if combine.combines(regions, len(indexes)):
+                _ship(conn, writer, ("end", seq, None))
             continue
         if writer is not None:
             writer.start_batch()
         spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
 
+        reported: set[int] = set()
+
         def report(outcome: ThreadOutcome) -> None:
+            reported.add(outcome.index)
             result = None
             packed: tuple[Any, Any] = (None, b"")
             if outcome.error is None:
@@ -123,8 +127,13 @@ def _worker_main(conn: connection.Connection) -> None:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException:  # combining failed (e.g. no memory): the batch fails
-            failure = "cannot combine the threads' diffs:\n" + traceback.format_exc()
-        _ship(conn, writer, ("end", seq, failure), packed)
+            failure = "the worker could not run or combine the threads:\n" + traceback.format_exc()
+        if failure is not None:  # every thread still owed a reply gets the failure
+            for i in indexes:
+                if i not in reported:
+                    _ship(conn, writer, ("done", seq, i, None, 0, failure))
+        if combine.combines(regions, len(indexes)):  # the parent waits for it exactly then
+            _ship(conn, writer, ("end", seq, failure), packed)
 
 
 class _Worker:
@@ -246,7 +255,8 @@ class ProcessesBackend:
                 shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n, fn_bytes,
                                           args_bytes, spec.layout, spec.merge_regions, spec.tracking,
                                           indexes))
-                pending[slot] = set(indexes) | {_END}
+                pending[slot] = set(indexes) | ({_END} if combine.combines(spec.merge_regions, len(indexes))
+                                                 else set())
                 first[slot] = indexes[0]
             except (OSError, ValueError) as exc:
                 for i in indexes:
