@@ -24,6 +24,19 @@ import reference
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
 
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_memory_always():
+    """Workers keep thread memory however few pages a thread wrote, so the
+    small arrays here exercise putting pages back (workers read it at start)."""
+    old = os.environ.get("PAGEFORK_KEEP_MIN_PAGES")
+    os.environ["PAGEFORK_KEEP_MIN_PAGES"] = "0"
+    yield
+    if old is None:
+        del os.environ["PAGEFORK_KEEP_MIN_PAGES"]
+    else:
+        os.environ["PAGEFORK_KEEP_MIN_PAGES"] = old
+
 # name, dtype, elements, merge: combinable ones and ones that must stay per thread.
 ARRAYS = [
     ("isum", "i8", 700, "sum"), ("isub", "i4", 900, "subtract"), ("umin", "u1", 5000, "min"),
@@ -70,7 +83,7 @@ class _Views:
 
 
 @pytest.fixture(scope="module")
-def reduce_app():
+def reduce_app(keep_memory_always):
     total = sum(np.dtype(d).itemsize * c for _, d, c, _ in ARRAYS) + 16 * len(ARRAYS)
     with App(total + 3 * PAGE_SIZE, backend="processes", workers=2) as app:
         for name, dtype, count, merge in ARRAYS:

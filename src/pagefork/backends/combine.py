@@ -19,6 +19,7 @@ raw data, so a dense run costs its bytes and a scattered int64 about 9.5.
 
 from __future__ import annotations
 
+import os
 import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -103,11 +104,19 @@ def _pages_of(batch: DiffBatch, n_pages: int) -> np.ndarray:
     return np.cumsum(out[:n_pages]) > 0
 
 
-# Keeping thread memory saves a copy-on-write fault per written page but
-# costs two page-map scans per thread; below this many pages written by the
-# last thread, mapping afresh is cheaper (and keeps sparse batches flat in
-# the memory size).
-_KEEP_MIN_PAGES = 256
+def _keep_min_pages(default: int = 256) -> int:
+    """Keeping thread memory saves a copy-on-write fault per written page but
+    costs two page-map scans per thread; below this many pages written by the
+    last thread, mapping afresh is cheaper (and keeps sparse batches flat in
+    the memory size). ``PAGEFORK_KEEP_MIN_PAGES`` overrides it (tests use 0
+    to exercise the kept memory on small arrays)."""
+    try:
+        return max(0, int(os.environ.get("PAGEFORK_KEEP_MIN_PAGES", default)))
+    except ValueError:
+        return default
+
+
+_KEEP_MIN_PAGES = _keep_min_pages()
 
 
 def _same(a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
