@@ -363,3 +363,27 @@ def test_overwrite_beside_sums_keeps_thread_order_and_conflicts():
         with pytest.raises(pagefork.ConflictError):
             app.parallel(clash, 4)
         assert (s == 6).all() and o[500] == 0
+
+
+def test_apply_batches_is_apply_of_the_concatenation():
+    from pagefork import Diff, DiffBatch, MergeError, OutOfBoundsError
+
+    first = DiffBatch([Diff(0, b"ab"), Diff(8, np.int64(5).tobytes(), DataType.INT64, MergeOp.SUM)])
+    second = DiffBatch([Diff(1, b"Z"), Diff(8, np.int64(2).tobytes(), DataType.INT64, MergeOp.PRODUCT)])
+    a, b = Snapshot(np.arange(64, dtype=np.uint8).tobytes(), max_size=128), Snapshot(
+        np.arange(64, dtype=np.uint8).tobytes(), max_size=128)
+    a.apply_batches([first, DiffBatch(), second])
+    b.apply(DiffBatch.concat([first, second]))
+    assert a.read() == b.read()
+    before = a.read()
+    with pytest.raises(OutOfBoundsError):  # the second batch is bad: nothing of the first lands
+        a.apply_batches([DiffBatch([Diff(0, b"x")]), DiffBatch([Diff(200, b"y")])])
+    zero = Snapshot(size=16)
+    with pytest.raises(MergeError):
+        zero.apply_batches([DiffBatch([Diff(0, b"\x01")]),
+                            DiffBatch([Diff(8, np.int64(2).tobytes(), DataType.INT64, MergeOp.PRODUCT)])])
+    assert a.read() == before and zero.read() == bytes(16)
+    grow = Snapshot(size=8, max_size=32)
+    grow.apply_batches([DiffBatch([Diff(10, b"q")]), DiffBatch([Diff(20, b"r")])])
+    assert grow.size == 21 and grow.read(10, 1) == b"q"
+    assert [(d.offset, d.data) for d in grow.tracked_changes()] == [(10, b"q"), (20, b"r")]
