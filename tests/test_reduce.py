@@ -387,3 +387,23 @@ def test_apply_batches_is_apply_of_the_concatenation():
     grow.apply_batches([DiffBatch([Diff(10, b"q")]), DiffBatch([Diff(20, b"r")])])
     assert grow.size == 21 and grow.read(10, 1) == b"q"
     assert [(d.offset, d.data) for d in grow.tracked_changes()] == [(10, b"q"), (20, b"r")]
+
+
+def test_reply_buffer_gives_back_pages_beyond_recent_batches():
+    fd = replies.create()
+    writer = replies.ReplyWriter(os.dup(fd))
+    reader = replies.ReplyReader(fd)
+    big = os.urandom(80 << 20)
+    writer.start_batch()
+    writer.put(big)
+    for _ in range(8):  # small batches since (the need halves each time): pages given back
+        writer.start_batch()
+        small = writer.put(b"tiny")
+    assert bytes(reader.get(*small)) == b"tiny"
+    blocks = os.fstat(fd).st_blocks * 512
+    assert blocks < 64 << 20, blocks
+    writer.start_batch()
+    again = writer.put(big)  # the given-back pages are allocated again before the copy
+    assert bytes(reader.get(*again)) == big
+    writer.close()
+    reader.close()

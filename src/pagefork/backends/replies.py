@@ -46,6 +46,7 @@ class ReplyWriter:
         self._map: mmap.mmap | None = None
         self._at = 0
         self._high = 0  # bytes the last batches used
+        self._holes_from: int | None = None  # pages past this were given back
 
     def start_batch(self) -> None:
         """Payloads of a new batch start from the beginning again. A buffer
@@ -55,6 +56,7 @@ class ReplyWriter:
         if self._map is not None and size > 4 * self._high + (64 << 20):
             keep = -(-max(self._high, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
             self._map.madvise(mmap.MADV_REMOVE, keep, size - keep)
+            self._holes_from = keep
         self._at = 0
 
     def put(self, data: Any) -> tuple[int, int]:
@@ -74,6 +76,8 @@ class ReplyWriter:
                 self._map.close()
             self._map = mmap.mmap(self._fd, grown, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         assert self._map is not None
+        if self._holes_from is not None and end > self._holes_from:
+            os.posix_fallocate(self._fd, at, n)  # refill given-back pages: ENOSPC, not SIGBUS
         self._map[at:end] = view
         self._at = -(-end // _ALIGN) * _ALIGN
         return at, n
