@@ -407,3 +407,27 @@ def test_reply_buffer_gives_back_pages_beyond_recent_batches():
     assert bytes(reader.get(*again)) == big
     writer.close()
     reader.close()
+
+
+def test_a_worker_whose_combining_fails_answers_and_recovers():
+    """A hostile thread closes its worker's partial: the batch fails with
+    WorkerError (no hang, nothing merged) and the next batch is exact."""
+    with App("1MiB", backend="processes", workers=1) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+
+        def sabotage(mem, i, n):
+            import gc
+
+            from pagefork.backends.combine import CombiningWorkspace
+
+            mem["a"][:] += 1
+            if i == 1:
+                for o in gc.get_objects():
+                    if isinstance(o, CombiningWorkspace) and o._partial_region is not None:
+                        o._partial_region.close()
+
+        with pytest.raises(WorkerError):
+            app.parallel(sabotage, 3)
+        assert (a == 0).all()
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 3)
+        assert (a == 3).all()

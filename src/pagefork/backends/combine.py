@@ -157,9 +157,10 @@ class CombiningWorkspace(Workspace):
         size = round_to_pages(spec.snapshot.size)
         max_size = max(round_to_pages(spec.snapshot.max_size), size)
         r = self._partial_region
-        if r is None or r.max_size < max_size:
+        if r is None or r.closed or r.max_size < max_size:
             if r is not None:
                 r.close()
+            self._partial_kept = None
             r = self._partial_region = Region(size, max_size=max_size)
         elif r.size != size:
             r.resize(size)

@@ -108,7 +108,6 @@ def _worker_main(conn: connection.Connection) -> None:
         reported: set[int] = set()
 
         def report(outcome: ThreadOutcome) -> None:
-            reported.add(outcome.index)
             result = None
             packed: tuple[Any, Any] = (None, b"")
             if outcome.error is None:
@@ -119,6 +118,7 @@ def _worker_main(conn: connection.Connection) -> None:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
             _ship(conn, writer, ("done", seq, outcome.index, result, outcome.dirty_pages, outcome.error),
                   packed)
+            reported.add(outcome.index)  # only once its reply is sent
 
         packed: tuple[Any, Any] = (None, b"")
         failure: str | None = None
