@@ -28,7 +28,7 @@ from ._errors import (  # noqa: E402
 from .memory import PAGE_SIZE, Region  # noqa: E402
 from .snapshot import DataType, Diff, DiffBatch, MergeOp, MergeRegion, Snapshot  # noqa: E402
 from .tracking import MODES, Support, Tracker, probe, tracker  # noqa: E402
-from . import delta, wire  # noqa: E402
+from . import compact, delta, wire  # noqa: E402
 from . import checkpoint  # noqa: E402
 from .app import App  # noqa: E402
 
@@ -49,6 +49,7 @@ __all__ = [
     "wire",
     "delta",
     "checkpoint",
+    "compact",
     "App",
     "PageforkError",
     "UnsupportedModeError",

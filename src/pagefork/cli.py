@@ -170,6 +170,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.executor import batch_costs, format_batch_table
     from .bench.tracking import DEFAULT_SIZES, QUICK_SIZES, format_table, tracking_costs
 
+    if args.reduce:
+        return _bench_reduce(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -216,6 +218,18 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(args.plot, tracking, batches)
         print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def _bench_reduce(args: argparse.Namespace) -> int:
+    from .bench import progress_to_stderr
+    from .bench.reduce import format_results, run_all
+
+    res = run_all(quick=args.quick, progress=progress_to_stderr)
+    print(format_results(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res.as_dict(), f, indent=2)
     return 0
 
 
@@ -384,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="memory sizes for executor batches")
     bench.add_argument("--checkpoint-sizes", nargs=2, metavar=("LARGE", "SMALL"), type=_size_argument,
                        help="App sizes for the checkpoint benchmark (default 1GiB 64MiB)")
+    bench.add_argument("--reduce", action="store_true",
+                       help="reductions beside serial numpy, shared memory + lock and joblib instead "
+                            "(as benchmarks/bench_reduce.py)")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="an example application end to end")
     demo.add_argument("--backend", default="processes", choices=("threads", "processes"))

@@ -93,6 +93,9 @@ class ThreadOutcome:
     dirty_pages: int = 0
     error: str | None = None  # formatted traceback, or why the worker died
     bytes_shipped: int = 0
+    # Diffs its worker combined from several threads of the batch (regions
+    # whose merge is order-free, see backends/combine.py); merged once.
+    combined: DiffBatch | None = None
 
 
 class Backend(Protocol):
@@ -368,16 +371,17 @@ class Executor:
                 self.last_batch = stats
                 raise ConflictError("; ".join(conflicts))
         batches = [o.diffs for o in outcomes if o.diffs is not None]
+        batches += [o.combined for o in outcomes if o.combined is not None]
         stats.diffs = sum(len(b) for b in batches)
         stats.diff_bytes = sum(b.nbytes for b in batches)
         stats.dirty_pages = sum(o.dirty_pages for o in outcomes)
-        merged = DiffBatch.concat(batches)
         try:
-            self.snapshot.apply(merged)  # checked first: all or nothing
+            self.snapshot.apply_batches(batches)  # checked first: all or nothing
         except MergeError:
             self.last_batch = stats
             raise
-        self._note_merged(merged)
+        for batch in batches:
+            self._note_merged(batch)
         if stats.diffs:
             self.version += 1
         t3 = time.perf_counter()

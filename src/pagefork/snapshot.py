@@ -705,47 +705,65 @@ class Snapshot:
             self._check_open()
             self._apply(batch)
 
-    def _apply(self, batch: DiffBatch) -> None:
-        """Applies ``batch`` (the caller holds the lock)."""
-        if len(batch) == 0 and batch.nbytes == 0:
-            return
+    def apply_batches(self, batches: Sequence[DiffBatch]) -> None:
+        """``apply(DiffBatch.concat(batches))`` without copying the batches'
+        data into one: every batch is checked against the snapshot as it is
+        before any is written, then they are applied in order. A refused
+        batch changes nothing; an interrupt between two batches' writes
+        keeps (and tracks) the ones already written."""
+        with self._lock:
+            self._check_open()
+            self._apply(*batches)
+
+    def _apply(self, *batches: DiffBatch) -> None:
+        """Applies ``batches`` in order (the caller holds the lock)."""
         # Private copies of the small index columns: what is checked is applied.
         # The native check (bounds, codes, whole values, data length) runs on
         # these copies before anything grows or changes.
-        offsets, lengths = np.array(batch.offsets, np.int64), np.array(batch.lengths, np.int64)
-        dtypes, ops = np.array(batch.dtypes, np.uint8), np.array(batch.ops, np.uint8)
-        data = batch.data
-        if len(offsets) != len(lengths) or len(offsets) == 0:
-            raise MergeError(f"malformed diff batch: {len(offsets)} offsets, {len(lengths)} "
-                             f"lengths, {len(memoryview(data))} bytes of data")
-        end = int((offsets + lengths).max())  # arrays wrap silently; the kernel catches it
+        columns = []
+        for batch in batches:
+            if len(batch) == 0 and batch.nbytes == 0:
+                continue
+            offsets, lengths = np.array(batch.offsets, np.int64), np.array(batch.lengths, np.int64)
+            dtypes, ops = np.array(batch.dtypes, np.uint8), np.array(batch.ops, np.uint8)
+            if len(offsets) != len(lengths) or len(offsets) == 0:
+                raise MergeError(f"malformed diff batch: {len(offsets)} offsets, {len(lengths)} "
+                                 f"lengths, {len(memoryview(batch.data))} bytes of data")
+            columns.append((offsets, lengths, dtypes, ops, batch.data))
+        if not columns:
+            return
+        # Arrays wrap silently; the kernel catches what wrapped.
+        end = max(int((c[0] + c[1]).max()) for c in columns)
         if end > self._max_size:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
-        size, writing = self._size, False
-        changed = ops != MergeOp.IGNORE
-        record = (offsets[changed], lengths[changed])
+        size, written, writing = self._size, 0, False
+        records = [(c[0][c[3] != MergeOp.IGNORE], c[1][c[3] != MergeOp.IGNORE]) for c in columns]
+        n_changes = len(self._changes)
         try:
-            if end > size:  # check everything before growing
+            if end > size or len(columns) > 1:  # check everything before growing or writing
                 with memoryview(self._memory) as whole:
-                    _native.apply(whole[:size], offsets, lengths, dtypes, ops, data, True, end)
-                self._grow(end)
-            # Recorded first: an interrupt right after the write must not lose
+                    for c in columns:
+                        _native.apply(whole[:size], *c, True, max(end, size))
+                if end > size:
+                    self._grow(end)
+            # Recorded first: an interrupt right after a write must not lose
             # it from tracked_changes (reporting an unwritten range is harmless).
-            self._changes.append(record)
+            self._changes.extend(records)
             writing = True
-            # Checks everything again, then writes (all or nothing).
+            # Each call checks its batch again, then writes it (all or nothing).
             with memoryview(self._memory) as whole:
-                _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data)
+                for c in columns:
+                    _native.apply(whole[: self._size], *c)
+                    written += 1
         except BaseException as exc:
             refused = isinstance(exc, (ArithmeticError, IndexError, ValueError))
-            if refused or not writing:
+            if not writing or (refused and written == 0):
                 # Nothing was written (the kernel checks before it writes, and
                 # an interrupt before the write call stops it): undo the growth.
                 # Pages past the old size stay mapped and still read as zero.
                 self._size = size
-                if self._changes and self._changes[-1] is record:
-                    self._changes.pop()
+                del self._changes[n_changes:]
             if isinstance(exc, ArithmeticError):
                 raise MergeError(str(exc)) from None
             if isinstance(exc, IndexError):
@@ -803,12 +821,9 @@ class Snapshot:
             np.maximum.at(run_ends, run_id, ends)
             keep = run_ends > run_starts
             run_starts, run_ends = run_starts[keep], run_ends[keep]
-            view = np.frombuffer(memoryview(self._memory), np.uint8, count=self._size)
             lengths = run_ends - run_starts
-            index = np.repeat(run_starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) \
-                + np.arange(int(lengths.sum()))
-            data = view[index].tobytes()
-            del view
+            with memoryview(self._memory) as whole:  # one copy of the runs, no per-byte index
+                data = _native.gather(whole[: self._size], run_starts, lengths)
             n = len(run_starts)
             return DiffBatch.from_columns(run_starts, lengths, np.zeros(n, np.uint8),
                                           np.zeros(n, np.uint8), data)

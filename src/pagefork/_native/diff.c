@@ -101,13 +101,19 @@ static int xor_range(pf_batch *out, const uint8_t *mem, const uint8_t *orig, siz
         const size_t k = sizeof(T);                                                           \
         size_t e = e0;                                                                        \
         while (e < e1) {                                                                      \
-            while (e < e1 && memcmp(mem + base + e * k, orig + base + e * k, k) == 0)         \
-                e++;                                                                          \
-            if (e == e1)                                                                      \
+            /* Equal stretches at vector speed; then elements compared as words. */           \
+            size_t d = pf_find_diff(mem, orig, base + e * k, base + e1 * k);                  \
+            if (d >= base + e1 * k)                                                           \
                 break;                                                                        \
+            e = (d - base) / k;                                                               \
             size_t r0 = e;                                                                    \
-            while (e < e1 && memcmp(mem + base + e * k, orig + base + e * k, k) != 0)         \
-                e++;                                                                          \
+            for (; e < e1; e++) {                                                             \
+                U x, y;                                                                       \
+                memcpy(&x, mem + base + e * k, k);                                            \
+                memcpy(&y, orig + base + e * k, k);                                           \
+                if (x == y)                                                                   \
+                    break;                                                                    \
+            }                                                                                 \
             uint8_t *dst = pf_batch_add(out, (int64_t)(base + r0 * k), (e - r0) * k, dtype, op); \
             if (dst == NULL)                                                                  \
                 return -1;                                                                    \

@@ -317,5 +317,11 @@ PyObject *pf_delta_check(PyObject *self, PyObject *args);
 #define PF_DELTA_CHECK_STATE 40 /* bytes of delta_check's state */
 PyObject *pf_scribble(PyObject *self, PyObject *args);
 PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused);
+PyObject *pf_compact_encode(PyObject *self, PyObject *args);
+PyObject *pf_compact_decode(PyObject *self, PyObject *args);
+PyObject *pf_gather(PyObject *self, PyObject *args);
+PyObject *pf_private_pages(PyObject *self, PyObject *args);
+PyObject *pf_keep_changed(PyObject *self, PyObject *args);
+PyObject *pf_fold(PyObject *self, PyObject *args);
 
 #endif

@@ -5,8 +5,8 @@ Each keeps a cache of snapshots keyed by (app, version), as an attribute
 of the Worker object (never in ``Worker.data``). A worker that does not
 hold the batch's version receives either the whole snapshot (first batch,
 or a worker that lost its cache) or a zstd-compressed delta: the ranges the
-snapshot changed since the version it holds, wire-encoded. Payloads travel
-as futures, not task arguments. Results come back as compressed wire-encoded
+snapshot changed since the version it holds, compact-encoded (pagefork.compact). Payloads travel
+as futures, not task arguments. Results come back as compressed compact-encoded
 DiffBatches and merge on the client like every other backend's.
 
 Install with ``pip install pagefork[dask]``.
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import cloudpickle
 import zstandard
 
-from .. import wire
+from .. import compact
 from .._errors import PageforkError
 from ..executor import BatchSpec, ThreadOutcome, Workspace, thread_tracking_mode
 from ..snapshot import DiffBatch, Snapshot
@@ -63,7 +63,7 @@ class _CacheEntry:
                 if base != self.version:
                     raise SnapshotMissing(f"holds version {self.version}, delta is from {base}")
                 self.snapshot._grow(size)
-                self.snapshot.apply(wire.decode(changes))
+                self.snapshot.apply(compact.decode(changes))
             else:
                 raise SnapshotMissing(f"holds version {self.version}, needs {version}")
             self.version = version
@@ -125,7 +125,7 @@ def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, pa
         return ("error", index, outcome.error)
     try:
         result = cloudpickle.dumps(outcome.result)
-        diffs = zstandard.ZstdCompressor(level=1).compress(wire.encode(outcome.diffs or DiffBatch()))
+        diffs = zstandard.ZstdCompressor(level=1).compress(compact.encode(outcome.diffs or DiffBatch()))
     except BaseException:
         return ("error", index, "cannot send the result back:\n" + traceback.format_exc())
     from distributed import get_worker
@@ -194,7 +194,7 @@ class DaskBackend:
         compress = zstandard.ZstdCompressor(level=1).compress
         if kind == "delta":
             batch = DiffBatch.concat(self._changes[v] for v in self._recorded if v > (held or 0))
-            return compress(cloudpickle.dumps((held, wire.encode(batch))))
+            return compress(cloudpickle.dumps((held, compact.encode(batch))))
         return compress(spec.snapshot.read())
 
     # -- running --
@@ -274,7 +274,7 @@ class DaskBackend:
                 shipped += len(result) + len(diffs)
                 outcomes[i] = ThreadOutcome(
                     i, cloudpickle.loads(result),
-                    wire.decode(zstandard.ZstdDecompressor().decompress(diffs)), dirty)
+                    compact.decode(zstandard.ZstdDecompressor().decompress(diffs)), dirty)
                 self._known[worker] = spec.version
         result = [outcomes[i] for i in sorted(outcomes)]
         result[0].bytes_shipped = shipped

@@ -5,7 +5,8 @@ spawn semantics: never a fork of this possibly multi-threaded process, and
 never a re-import of the caller's ``__main__``), each talking over its own
 Unix socket. Each receives the snapshot's memfd once (SCM_RIGHTS)
 and maps it privately per thread, so memory is never copied to a worker;
-functions travel with cloudpickle; results and wire-encoded diffs come back.
+functions travel with cloudpickle; results and compact-encoded diffs come back
+(reductions combined per worker first, see combine.py).
 A worker that dies is replaced and its threads fail with WorkerError.
 """
 
@@ -23,12 +24,16 @@ from typing import Any, Sequence
 
 import cloudpickle
 
-from .. import wire
-from ..executor import BatchSpec, ThreadOutcome, Workspace
-from ..snapshot import Snapshot
+from .._errors import CorruptDataError
+from ..executor import BatchSpec, ThreadOutcome
+from ..snapshot import DiffBatch, Snapshot
+from . import combine, replies
 from .threads import group_by_slot
 
 __all__ = ["ProcessesBackend"]
+
+
+_END = -1  # in a slot's pending set: the worker's "end" message (combined diffs) is still due
 
 
 def _send(conn: connection.Connection, message: Any) -> int:
@@ -37,11 +42,31 @@ def _send(conn: connection.Connection, message: Any) -> int:
     return len(data)
 
 
+def _ship(conn: connection.Connection, writer: replies.ReplyWriter | None, message: tuple,
+          packed: tuple[Any, Any] = (None, b"")) -> None:
+    """Sends ``message`` + (compact header, where the data is) of a packed
+    batch, in one frame (so an interrupted parent never reads half a reply):
+    where is None (no batch), ("inline", bytes) or (offset, length) in the
+    reply buffer."""
+    header, data = packed
+    where: Any = None
+    if header is not None:
+        if writer is not None and memoryview(data).nbytes >= replies.INLINE_LIMIT:
+            try:
+                where = writer.put(data)
+            except OSError:  # no room for the buffer: send it inline
+                where = None
+        if where is None:
+            where = ("inline", bytes(data))
+    _send(conn, message + (header, where))
+
+
 def _worker_main(conn: connection.Connection) -> None:
     """A worker process: attach snapshots, run threads, send back diffs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     snapshot: Snapshot | None = None
-    space = Workspace()
+    space = combine.CombiningWorkspace()
+    writer: replies.ReplyWriter | None = None
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -58,6 +83,11 @@ def _worker_main(conn: connection.Connection) -> None:
             snapshot = Snapshot.attach(fd, size, max_size)
             os.close(fd)
             continue
+        if kind == "replies":
+            if writer is not None:
+                writer.close()
+            writer = replies.ReplyWriter(reduction.recv_handle(conn))
+            continue
         _, seq, version, size, n, fn_bytes, args_bytes, layout, regions, mode, indexes = message
         assert snapshot is not None, "a batch arrived before its snapshot"
         try:
@@ -67,19 +97,43 @@ def _worker_main(conn: connection.Connection) -> None:
         except BaseException:
             error = "".join(traceback.format_exc())
             for i in indexes:
-                _send(conn, ("done", seq, i, None, None, 0, f"cannot load the thread function:\n{error}"))
+                _ship(conn, writer, ("done", seq, i, None, 0, f"cannot load the thread function:\n{error}"))
+            if combine.combines(regions, len(indexes)):
+                _ship(conn, writer, ("end", seq, None))
             continue
+        if writer is not None:
+            writer.start_batch()
         spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
-        for i in indexes:
-            (outcome,) = space.run(spec, [i])
-            result = diffs = None
+
+        reported: set[int] = set()
+
+        def report(outcome: ThreadOutcome) -> None:
+            result = None
+            packed: tuple[Any, Any] = (None, b"")
             if outcome.error is None:
                 try:
                     result = cloudpickle.dumps(outcome.result)
-                    diffs = wire.encode(outcome.diffs) if outcome.diffs is not None else None
+                    packed = combine.pack(outcome.diffs)
                 except BaseException:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-            _send(conn, ("done", seq, i, result, diffs, outcome.dirty_pages, outcome.error))
+            _ship(conn, writer, ("done", seq, outcome.index, result, outcome.dirty_pages, outcome.error),
+                  packed)
+            reported.add(outcome.index)  # only once its reply is sent
+
+        packed: tuple[Any, Any] = (None, b"")
+        failure: str | None = None
+        try:
+            packed = combine.pack(space.run_combining(spec, indexes, report))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # combining failed (e.g. no memory): the batch fails
+            failure = "the worker could not run or combine the threads:\n" + traceback.format_exc()
+        if failure is not None:  # every thread still owed a reply gets the failure
+            for i in indexes:
+                if i not in reported:
+                    _ship(conn, writer, ("done", seq, i, None, 0, failure))
+        if combine.combines(regions, len(indexes)):  # the parent waits for it exactly then
+            _ship(conn, writer, ("end", seq, failure), packed)
 
 
 class _Worker:
@@ -92,6 +146,33 @@ class _Worker:
         self.conn = connection.Connection(ours.detach())
         self.slot = slot
         self.snapshot_key: tuple[int, int] | None = None
+        self.replies: replies.ReplyReader | None = None
+
+    def ensure_replies(self) -> int:
+        """Passes this worker its reply buffer, once."""
+        if self.replies is not None:
+            return 0
+        reader = replies.ReplyReader(replies.create())
+        try:
+            sent = _send(self.conn, ("replies",))
+            reduction.send_handle(self.conn, reader.fd, self.process.pid)
+        except BaseException:
+            reader.close()
+            raise
+        self.replies = reader
+        return sent
+
+    def payload(self, where: Any) -> Any:
+        """The diff data a reply points to (see _ship); ValueError if it
+        points outside the reply buffer."""
+        if where is None:
+            return b""
+        if where[0] == "inline":
+            return where[1]
+        if self.replies is None:
+            raise ValueError("a reply points into a buffer this worker was never given")
+        offset, length = where
+        return self.replies.get(int(offset), int(length))
 
     def ensure_snapshot(self, snapshot: Snapshot) -> int:
         """Sends the snapshot's memfd unless this worker already has it."""
@@ -123,6 +204,12 @@ class _Worker:
             self.process.kill()
             self.process.wait()
         self.conn.close()
+        self.drop_replies()
+
+    def drop_replies(self) -> None:
+        if self.replies is not None:
+            self.replies.close()
+            self.replies = None
 
 
 class ProcessesBackend:
@@ -145,6 +232,7 @@ class ProcessesBackend:
         if w is None or not w.alive():
             if w is not None:
                 w.conn.close()
+                w.drop_replies()
                 self.replaced += 1
             w = self._workers[slot] = _Worker(slot)
         return w
@@ -156,15 +244,20 @@ class ProcessesBackend:
         args_bytes = cloudpickle.dumps(spec.args)
         outcomes: dict[int, ThreadOutcome] = {}
         pending: dict[int, set[int]] = {}
+        first: dict[int, int] = {}  # slot -> its first thread, which carries the combined diffs
+        combined: dict[int, DiffBatch] = {}
         shipped = 0
         for slot, indexes in group_by_slot(placement).items():
             w = self._worker(slot)
             try:
                 shipped += w.ensure_snapshot(spec.snapshot)
+                shipped += w.ensure_replies()
                 shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n, fn_bytes,
                                           args_bytes, spec.layout, spec.merge_regions, spec.tracking,
                                           indexes))
-                pending[slot] = set(indexes)
+                pending[slot] = set(indexes) | ({_END} if combine.combines(spec.merge_regions, len(indexes))
+                                                 else set())
+                first[slot] = indexes[0]
             except (OSError, ValueError) as exc:
                 for i in indexes:
                     outcomes[i] = ThreadOutcome(i, error=f"cannot reach worker {slot}: {exc}")
@@ -180,28 +273,54 @@ class ProcessesBackend:
                 assert w is not None
                 try:
                     data = w.conn.recv_bytes()
-                except (EOFError, OSError):  # the worker died: its socket closed
+                    message = pickle.loads(data)
+                    header, where = message[-2:]
+                    payload = w.payload(where)
+                except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
                     code = w.exit_code()
-                    for i in sorted(pending.pop(slot)):
+                    for i in sorted(pending.pop(slot) - {_END}) or [first[slot]]:
                         outcomes[i] = ThreadOutcome(
                             i, error=f"worker process {slot} (pid {w.process.pid}) died while "
                                      f"running thread {i} (exit code {code})")
                     self._workers[slot] = None
                     w.conn.close()
+                    w.drop_replies()
                     self.replaced += 1
                     continue
-                shipped += len(data)
-                _, reply_seq, i, result, diffs, dirty, error = pickle.loads(data)
-                if reply_seq != seq:
+                shipped += len(data)  # with inline payloads
+                if where is not None and where[0] != "inline":
+                    shipped += memoryview(payload).nbytes  # through the reply buffer
+                if message[1] != seq:
                     continue  # a late reply to a batch that was interrupted
-                outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
-                if error is None:
-                    outcome.result = cloudpickle.loads(result)
-                    outcome.diffs = wire.decode(diffs) if diffs is not None else None
-                outcomes[i] = outcome
+                if message[0] == "end":
+                    error = message[2]
+                    try:
+                        batch = combine.unpack(header, payload)
+                    except CorruptDataError as exc:
+                        error = f"worker {slot} sent malformed combined diffs: {exc}"
+                    if error is not None:
+                        i = first[slot]
+                        outcomes[i] = ThreadOutcome(i, error=error)
+                    elif batch is not None:
+                        combined[slot] = batch
+                    i = _END
+                else:
+                    _, _, i, result, dirty, error, _, _ = message
+                    outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
+                    if error is None:
+                        try:
+                            outcome.diffs = combine.unpack(header, payload)
+                        except CorruptDataError as exc:
+                            outcome.error = f"worker {slot} sent malformed diffs: {exc}"
+                        else:
+                            outcome.result = cloudpickle.loads(result)
+                    if i not in outcomes:  # an "end" error may have claimed it
+                        outcomes[i] = outcome
                 pending[slot].discard(i)
                 if not pending[slot]:
                     del pending[slot]
+        for slot, batch in combined.items():
+            outcomes[first[slot]].combined = batch
         result = [outcomes[i] for i in sorted(outcomes)]
         if result:
             result[0].bytes_shipped = shipped

@@ -1,0 +1,272 @@
+"""Running several threads of one batch on one worker, combining what they
+can before anything is shipped.
+
+A worker that runs several threads of a batch merges their changes to
+*combinable* arrays into one private copy of the snapshot, and ships a
+single diff of that copy instead of one per thread. Combinable means that
+merging in any grouping and any order gives the same bytes as merging
+thread by thread: wrapping integer SUM and SUBTRACT, integer (and bool) MIN
+and MAX, and XOR of any type. Float arithmetic rounds differently when
+regrouped, integer PRODUCT cannot be divided back out of a wrapped product,
+and OVERWRITE's thread order and conflict detection need each thread's own
+runs: those regions still ship per thread. Regions never overlap, so the
+per-thread and the combined diffs touch disjoint bytes and may merge in any
+order.
+
+Diffs travel as a small header (:mod:`pagefork.compact` tokens) and the
+raw data, so a dense run costs its bytes and a scattered int64 about 9.5.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .. import _native, compact
+from .._sizes import round_to_pages
+from ..executor import BatchSpec, ThreadMemory, ThreadOutcome, Workspace
+from ..memory import PAGE_SIZE, Region
+from ..tracking import Tracker
+from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
+
+__all__ = ["combinable", "combines", "split_regions", "CombiningWorkspace", "pack", "unpack"]
+
+_INTEGERS = {DataType.BOOL, DataType.INT8, DataType.INT16, DataType.INT32, DataType.INT64,
+             DataType.UINT8, DataType.UINT16, DataType.UINT32, DataType.UINT64}
+
+
+def combinable(region: MergeRegion) -> bool:
+    """Whether threads' diffs to ``region`` can be merged in any grouping and
+    order with identical bytes (see the module docstring)."""
+    if region.op is MergeOp.XOR:
+        return True
+    if region.op in (MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.MIN, MergeOp.MAX):
+        return region.dtype in _INTEGERS
+    return False
+
+
+def combines(regions: Sequence[MergeRegion], threads: int) -> bool:
+    """Whether a worker running ``threads`` threads of a batch with these
+    merge regions combines anything (it then sends one combined batch)."""
+    return threads > 1 and any(combinable(r) for r in regions)
+
+
+def split_regions(regions: Sequence[MergeRegion]) -> tuple[list[MergeRegion], list[MergeRegion]]:
+    """(per-thread regions with the combinable ones IGNOREd, combinable regions)."""
+    own = [replace(r, op=MergeOp.IGNORE) if combinable(r) else r for r in regions]
+    return own, [r for r in regions if combinable(r)]
+
+
+def pack(batch: DiffBatch | None) -> tuple[tuple[int, bytes] | None, Any]:
+    """(header, data) of a batch for shipping: the compact tokens with the
+    count, and the data buffer itself (sent as is, never copied here)."""
+    if batch is None:
+        return None, b""
+    return (len(batch), compact.encode_columns(batch)), batch.data
+
+
+def unpack(header: tuple[int, bytes] | None, data: Any) -> DiffBatch | None:
+    """The batch :func:`pack` described (``CorruptDataError`` if malformed)."""
+    if header is None:
+        return None
+    count, tokens = header
+    return compact.decode_columns(tokens, count, data)
+
+
+@dataclass
+class _Partial:
+    """A worker's private copy of the snapshot with the combinable changes
+    of the batch's threads merged in, and which pages they touched."""
+
+    region: Region
+    touched: np.ndarray
+
+
+def _covered_pages(n_pages: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Pages lying wholly inside one of the byte ranges [starts, ends)."""
+    covered = np.zeros(n_pages, np.bool_)
+    for a, b in zip((starts + PAGE_SIZE - 1) // PAGE_SIZE, ends // PAGE_SIZE):  # per region
+        covered[int(a): int(b)] = True
+    return covered
+
+
+def _pages_of(batch: DiffBatch, n_pages: int) -> np.ndarray:
+    """Pages the diffs of ``batch`` touch."""
+    out = np.zeros(n_pages + 1, np.int64)
+    if len(batch):
+        np.add.at(out, np.minimum(batch.offsets // PAGE_SIZE, n_pages), 1)
+        last = (batch.offsets + np.maximum(batch.lengths, 1) - 1) // PAGE_SIZE + 1
+        np.add.at(out, np.minimum(last, n_pages), -1)
+    return np.cumsum(out[:n_pages]) > 0
+
+
+def _keep_min_pages(default: int = 256) -> int:
+    """Keeping thread memory saves a copy-on-write fault per written page but
+    costs two page-map scans per thread; below this many pages written by the
+    last thread, mapping afresh is cheaper (and keeps sparse batches flat in
+    the memory size). ``PAGEFORK_KEEP_MIN_PAGES`` overrides it (tests use 0
+    to exercise the kept memory on small arrays)."""
+    try:
+        return max(0, int(os.environ.get("PAGEFORK_KEEP_MIN_PAGES", default)))
+    except ValueError:
+        return default
+
+
+_KEEP_MIN_PAGES = _keep_min_pages()
+
+
+def _same(a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
+    """Whether two (snapshot, address, size) keys name the same mapping (the
+    snapshot by identity: a new one may reuse an old one's id and fd)."""
+    return a[0] is b[0] and a[1:] == b[1:]
+
+
+class CombiningWorkspace(Workspace):
+    """A worker's :class:`Workspace` that, across the threads of a batch it
+    runs, combines the diffs of combinable regions (see the module), and
+    keeps its thread memory mapped between threads.
+
+    Keeping the memory: a ``cow`` thread memory is normally mapped afresh
+    for every thread, so each page a thread writes costs a copy-on-write
+    fault (several microseconds here). Instead, the pages that are private
+    copies are put back to the snapshot's bytes (a page copy, a fraction of
+    the fault; in combinable regions folding already put each changed
+    element back), and the next thread's pages to compare are its new
+    private pages plus the ones put back (narrowed to those whose bytes
+    differ when no fold follows, so XOR diffs and the page counts stay
+    exact). The first thread of a batch puts back every private page, as
+    the snapshot may have changed since. When the private pages grow much
+    beyond what threads change, or the last thread wrote few pages (then the
+    faults cost less than the scans), the memory is mapped afresh; other
+    tracking modes always map afresh.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._partial_region: Region | None = None
+        self._kept: tuple[Any, int, int] | None = None  # (snapshot, address, size) kept mapped
+        self._partial_kept: tuple[Any, int, int] | None = None
+        self._recent = 0  # pages the last threads changed
+        self._private: np.ndarray | None = None  # private pages the last thread left
+
+    def _partial(self, spec: BatchSpec) -> _Partial:
+        size = round_to_pages(spec.snapshot.size)
+        max_size = max(round_to_pages(spec.snapshot.max_size), size)
+        r = self._partial_region
+        if r is None or r.closed or r.max_size < max_size:
+            if r is not None:
+                r.close()
+            self._partial_kept = None
+            r = self._partial_region = Region(size, max_size=max_size)
+        elif r.size != size:
+            r.resize(size)
+        key = (spec.snapshot, r.address, r.size)
+        if self._partial_kept is not None and _same(self._partial_kept, key):
+            private = np.empty(r.n_pages, np.uint8)  # put back to the snapshot's bytes
+            _native.private_pages(r, private)
+            _native.copy_pages(r, spec.snapshot._memory, private, PAGE_SIZE)
+        else:
+            spec.snapshot.map_to(r)  # equal to the snapshot, copy-on-write
+            self._partial_kept = key
+        return _Partial(r, np.zeros(r.n_pages, np.bool_))
+
+    def _run_one(self, spec: BatchSpec, i: int, region: Region, tracker_: Tracker,
+                 clean: np.ndarray | None, exact: bool) -> tuple[Any, np.ndarray, np.ndarray | None]:
+        """Runs thread ``i`` on ``region`` from the snapshot's bytes. ``clean``:
+        pages known to hold the snapshot's bytes already (not copied back).
+        Returns its result, the pages to compare, and, when the memory was
+        kept, the pages it newly made private (None when freshly mapped: then
+        the pages to compare are exactly those it wrote). With ``exact``, the
+        pages to compare are narrowed to the ones it wrote or changed; else
+        every private page is compared."""
+        whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
+        key = (spec.snapshot, region.address, region.size)
+        before = None
+        if (spec.tracking == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
+                and _same(self._kept, key)):
+            if clean is not None and self._private is not None:
+                before = self._private  # as the last thread of this batch left it
+                kept = int(np.count_nonzero(before))
+            else:
+                before = np.empty(region.n_pages, np.uint8)
+                kept = _native.private_pages(region, before)
+            if kept > 4 * self._recent + 256:
+                before = None  # too many to put back: map afresh
+            else:
+                stale = before if clean is None else (before.view(np.bool_) & ~clean).view(np.uint8)
+                _native.copy_pages(region, whole, stale, PAGE_SIZE)
+        if before is None:
+            self._kept = None
+            spec.snapshot.map_to(region)
+            tracker_.start(region)
+            try:
+                result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
+            finally:
+                tracker_.stop(region)
+            dirty = tracker_.dirty_pages(region, "global")
+            if spec.tracking == "cow":
+                self._kept = key
+                # cow: written = private. Only worth keeping for many pages.
+                many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
+                self._private = dirty.view(np.uint8).copy() if many else None
+            return result, dirty, None
+        result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
+        after = np.empty(region.n_pages, np.uint8)
+        _native.private_pages(region, after)
+        self._private = after
+        new = after.view(np.bool_) & ~before.view(np.bool_)
+        if not exact:
+            return result, after.view(np.bool_) | before.view(np.bool_), new
+        _native.keep_changed(region, whole, before)  # of the pages put back, the changed ones
+        return result, new | before.view(np.bool_), new
+
+    def run_combining(self, spec: BatchSpec, indexes: Sequence[int],
+                      report: Callable[[ThreadOutcome], None]) -> DiffBatch | None:
+        """Runs ``indexes`` one after the other, calling ``report`` with each
+        outcome as it finishes (its diffs cover the non-combinable regions).
+        Returns one batch holding the combined diffs of the combinable
+        regions, or None when nothing was combined."""
+        combining = combines(spec.merge_regions, len(indexes))
+        own, shared = split_regions(spec.merge_regions) if combining else (spec.merge_regions, [])
+        region, tracker_ = self.prepare(spec)
+        snapshot = spec.snapshot
+        partial = self._partial(spec) if combining else None
+        columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
+        covered = _covered_pages(region.n_pages, *columns[:2]) if combining else None
+        clean: np.ndarray | None = None  # the first thread puts back every private page
+        for i in indexes:
+            outcome: ThreadOutcome
+            try:
+                result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining)
+                diffs = snapshot.diff(region, dirty, regions=own)
+                written = dirty
+                if partial is not None:
+                    changed = np.zeros(region.n_pages, np.uint8)
+                    _native.fold(partial.region, region, snapshot.view(), dirty.view(np.uint8), changed,
+                                 PAGE_SIZE, *columns)
+                    partial.touched |= changed.view(np.bool_)
+                    clean = covered  # fold put every changed element there back
+                    if new is not None:  # compared more than written: count what changed
+                        written = new | changed.view(np.bool_) | _pages_of(diffs, region.n_pages)
+                self._recent = int(np.count_nonzero(written))
+                outcome = ThreadOutcome(i, result, diffs, self._recent)
+            except BaseException as exc:  # the thread's own error, with its traceback
+                self._kept = self._private = None  # the next thread maps afresh
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))
+            report(outcome)
+        if partial is None:
+            return None
+        return snapshot.diff(partial.region, partial.touched, regions=shared)
+
+    def close(self) -> None:
+        super().close()
+        self._kept = self._partial_kept = self._private = None
+        if self._partial_region is not None:
+            self._partial_region.close()
+            self._partial_region = None

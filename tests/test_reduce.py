@@ -1,0 +1,433 @@
+"""The processes backend's reduction path: workers combining order-free
+reductions, thread memory kept between threads, compact replies through a
+shared buffer. Every batch is checked byte for byte against the reference
+model (each thread diffed against the snapshot, merged in thread order)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import cloudpickle
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pagefork
+from pagefork import App, PAGE_SIZE, Region, Snapshot, WorkerError, _native
+from pagefork.backends import replies
+from pagefork.backends.combine import combinable, split_regions
+from pagefork.snapshot import DataType, MergeOp, MergeRegion
+
+import reference
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_memory_always():
+    """Workers keep thread memory however few pages a thread wrote, so the
+    small arrays here exercise putting pages back (workers read it at start)."""
+    old = os.environ.get("PAGEFORK_KEEP_MIN_PAGES")
+    os.environ["PAGEFORK_KEEP_MIN_PAGES"] = "0"
+    yield
+    if old is None:
+        del os.environ["PAGEFORK_KEEP_MIN_PAGES"]
+    else:
+        os.environ["PAGEFORK_KEEP_MIN_PAGES"] = old
+
+# name, dtype, elements, merge: combinable ones and ones that must stay per thread.
+ARRAYS = [
+    ("isum", "i8", 700, "sum"), ("isub", "i4", 900, "subtract"), ("umin", "u1", 5000, "min"),
+    ("imax", "i2", 1500, "max"), ("bmax", "?", 3000, "max"), ("fxor", "f8", 300, "xor"),
+    ("fsum", "f8", 600, "sum"), ("iprod", "i8", 300, "product"), ("fmin", "f4", 900, "min"),
+    ("raw", "u1", 3000, "overwrite"),
+]
+
+
+def _write(mem, i, n, seed):
+    """Thread i: random values at random places of every array, and reads
+    of everything (returned), so isolation is checked too."""
+    rng = np.random.default_rng([seed, i])
+    seen = {}
+    for name, dtype, count, merge in ARRAYS:
+        a = mem[name]
+        seen[name] = a.tobytes()
+        k = int(rng.integers(0, 4))
+        if k == 0:
+            continue
+        if k == 3:
+            idx = np.arange(count)  # the whole array
+        else:
+            idx = np.unique(rng.integers(0, count, int(rng.integers(1, 40))))
+        if merge == "product":
+            a[idx] = a[idx] * rng.choice([-3, -2, -1, 2, 3], idx.size)  # whole multiples only
+        elif dtype == "?":
+            a[idx] = rng.integers(0, 2, idx.size).astype(bool)
+        elif dtype.startswith("f"):
+            a[idx] = rng.normal(0, 100, idx.size).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            a[idx] = rng.integers(info.min, info.max, idx.size, dtype=dtype, endpoint=True)
+    return seen
+
+
+class _Views:
+    def __init__(self, buf: bytearray, layout):
+        self._buf, self._layout = buf, layout
+
+    def __getitem__(self, name):
+        a = self._layout[name]
+        return np.frombuffer(self._buf, a.dtype, int(np.prod(a.shape)), a.offset).reshape(a.shape)
+
+
+@pytest.fixture(scope="module")
+def reduce_app(keep_memory_always):
+    total = sum(np.dtype(d).itemsize * c for _, d, c, _ in ARRAYS) + 16 * len(ARRAYS)
+    with App(total + 3 * PAGE_SIZE, backend="processes", workers=2) as app:
+        for name, dtype, count, merge in ARRAYS:
+            app.alloc(name, count, dtype, merge=merge)
+        app["iprod"][:] = 1
+        yield app
+
+
+def _expected(app, before: bytes, n: int, seed: int) -> bytes:
+    regions = app._executor.merge_regions(app._layout)
+    dirty = np.ones(len(before) // PAGE_SIZE, bool)
+    out = before
+    for i in range(n):
+        mem = bytearray(before)
+        _write(_Views(mem, app._layout), i, n, seed)
+        out = reference.apply(out, reference.diff(before, bytes(mem), dirty, regions))
+    return out
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1), main=st.booleans())
+def test_batches_merge_exactly_like_the_reference(reduce_app, n, seed, main):
+    app = reduce_app
+    app["iprod"][:] = 1  # keeps products small (wrapped ones are not whole multiples)
+    if main:  # main-program writes between batches: the kept memory must follow them
+        rng = np.random.default_rng(seed)
+        app["isum"][rng.integers(0, 700, 5)] = rng.integers(-5, 5, 5)
+        app["raw"][rng.integers(0, 3000, 50)] = 9
+    app.parallel(lambda mem, i, n: None, 1)  # carries the main writes into the snapshot
+    before = app._executor.snapshot.read()
+    seen = app.parallel(_write, n, args=(seed,))
+    assert app._executor.snapshot.read() == _expected(app, before, n, seed)
+    assert bytes(app.memory)[: len(before)] == app._executor.snapshot.read()
+    for s in seen:  # every thread saw the snapshot, not a neighbour's writes
+        for name, *_ in ARRAYS:
+            a = app._layout[name]
+            assert s[name] == before[a.offset: a.offset + a.nbytes], name
+
+
+def test_a_failing_thread_among_combined_ones_changes_nothing():
+    with App("1MiB", backend="processes", workers=2) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+        a[:] = 5
+        app.parallel(lambda mem, i, n: None, 1)
+
+        def work(mem, i, n):
+            mem["a"][:] += i
+            if i == 3:
+                raise RuntimeError("boom")
+
+        with pytest.raises(WorkerError, match="boom"):
+            app.parallel(work, 6)
+        assert (a == 5).all()
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(i), 6)
+        assert (a == 5 + 15).all()
+
+
+def test_growth_between_batches_remaps_the_kept_memory():
+    with App("64KiB", max_size="1MiB", backend="processes", workers=2) as app:
+        a = app.alloc("a", 4000, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 4)
+        b = app.alloc("b", 60_000, np.int32, merge="max")  # grows memory and snapshot
+        b[:] = -1
+
+        def work(mem, i, n):
+            mem["a"][i::n] += 10
+            mem["b"][i * 1000: i * 1000 + 5] = i
+
+        app.parallel(work, 4)
+        assert (a == 4 + 10).all()
+        assert list(b[3000:3005]) == [3] * 5 and (b[5:1000] == -1).all()
+
+
+def test_scattered_updates_ship_under_10_bytes_per_value():
+    elements = 1 << 20
+    rng = np.random.default_rng(4)
+    idx = np.stack([np.sort(rng.permutation(elements)[: elements // 100]) for _ in range(4)])
+    with App(elements * 8 + idx.nbytes + 2 * PAGE_SIZE, backend="processes", workers=2) as app:
+        app.alloc("idx", idx.shape, np.int64)[:] = idx
+        acc = app.alloc("acc", elements, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n: None, 4)
+
+        def work(mem, i, n):
+            j = mem["idx"][i]
+            mem["acc"][j] += j + 1
+
+        app.parallel(work, 4)
+        expected = np.zeros(elements, np.int64)
+        for i in range(4):
+            expected[idx[i]] += idx[i] + 1
+        assert np.array_equal(acc, expected)
+        assert app.last_batch.bytes_shipped / idx.size <= 10
+
+
+def test_combinable_regions():
+    assert combinable(MergeRegion(0, 8, DataType.INT64, MergeOp.SUM))
+    assert combinable(MergeRegion(0, 8, DataType.UINT8, MergeOp.SUBTRACT))
+    assert combinable(MergeRegion(0, 8, DataType.BOOL, MergeOp.MAX))
+    assert combinable(MergeRegion(0, 8, DataType.FLOAT64, MergeOp.XOR))
+    assert not combinable(MergeRegion(0, 8, DataType.FLOAT64, MergeOp.SUM))  # rounding
+    assert not combinable(MergeRegion(0, 8, DataType.FLOAT32, MergeOp.MIN))  # -0.0, NaN order
+    assert not combinable(MergeRegion(0, 8, DataType.INT64, MergeOp.PRODUCT))
+    assert not combinable(MergeRegion(0, 8))
+    own, shared = split_regions([MergeRegion(0, 8, DataType.INT64, MergeOp.SUM), MergeRegion(8, 8)])
+    assert [r.op for r in own] == [MergeOp.IGNORE, MergeOp.OVERWRITE]
+    assert shared == [MergeRegion(0, 8, DataType.INT64, MergeOp.SUM)]
+
+
+@pytest.mark.parametrize("dtype, op", [(d, o) for d in ("i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
+                                       for o in (MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.MIN, MergeOp.MAX)]
+                         + [("?", MergeOp.MIN), ("?", MergeOp.MAX), ("f8", MergeOp.XOR), ("u1", MergeOp.XOR)])
+def test_fold_equals_diff_then_apply(dtype, op):
+    rng = np.random.default_rng(1)
+    size = 3 * PAGE_SIZE
+    orig = rng.integers(0, 256, size, dtype=np.uint8)
+    if dtype == "?":
+        orig = (orig & 1).astype(np.uint8)
+    start, end = 100, 100 + (size - 300) // np.dtype(dtype).itemsize * np.dtype(dtype).itemsize
+    region = MergeRegion(start, end - start, dtype, op)
+    snap = Snapshot(orig.tobytes())
+    acc_fold = orig.copy()
+    acc_apply = Snapshot(orig.tobytes())
+    dirty = np.array([1, 0, 1], np.uint8)
+    for t in range(3):
+        mem = orig.copy()
+        flip = rng.integers(0, size, 200)
+        mem[flip] = rng.integers(0, 256, 200, dtype=np.uint8) & (1 if dtype == "?" else 255)
+        cols = snap._region_columns(size, [region])
+        diffs = snap.diff(mem, dirty.astype(bool), regions=[region])
+        acc_apply.apply(diffs)
+        expected_mem = mem.copy()  # changed elements put back, on dirty pages only
+        for d in diffs:
+            expected_mem[d.offset: d.offset + len(d.data)] = orig[d.offset: d.offset + len(d.data)]
+        changed = np.zeros(3, np.uint8)
+        _native.fold(acc_fold, mem, orig, dirty, changed, PAGE_SIZE, *cols)
+        assert mem.tobytes() == expected_mem.tobytes()
+        pages = {p for d in diffs for p in range(d.offset // PAGE_SIZE,
+                                                 (d.offset + len(d.data) - 1) // PAGE_SIZE + 1)}
+        assert set(np.flatnonzero(changed)) == pages
+    assert acc_fold.tobytes() == acc_apply.read()
+
+
+def test_fold_rejects_what_it_cannot_do():
+    buf = bytearray(PAGE_SIZE)
+    snap = Snapshot(size=PAGE_SIZE)
+    for region in (MergeRegion(0, 8, DataType.FLOAT64, MergeOp.SUM), MergeRegion(0, 8),
+                   MergeRegion(0, 8, DataType.INT64, MergeOp.PRODUCT)):
+        with pytest.raises(ValueError):
+            _native.fold(buf, buf, buf, b"\x01", bytearray(1), PAGE_SIZE,
+                         *snap._region_columns(PAGE_SIZE, [region]))
+    cols = snap._region_columns(PAGE_SIZE, [MergeRegion(0, 8, DataType.INT64, MergeOp.SUM)])
+    with pytest.raises(ValueError):
+        _native.fold(bytearray(4), buf, buf, b"\x01", bytearray(1), PAGE_SIZE, *cols)  # acc too short
+    with pytest.raises(ValueError):
+        _native.fold(buf, buf, buf, b"", bytearray(0), PAGE_SIZE, *cols)  # no flags
+    with pytest.raises(ValueError):
+        _native.fold(buf, buf, buf, b"\x01", bytearray(0), PAGE_SIZE, *cols)  # no room to flag
+    with pytest.raises(TypeError):
+        _native.fold(buf, bytes(PAGE_SIZE), buf, b"\x01", bytearray(1), PAGE_SIZE, *cols)  # read-only
+
+
+def test_private_pages_and_keep_changed():
+    snap = Snapshot(size=8 * PAGE_SIZE)
+    snap.write(b"x" * PAGE_SIZE, 2 * PAGE_SIZE)
+    with Region(8 * PAGE_SIZE) as r:
+        snap.map_to(r)
+        flags = np.zeros(8, np.uint8)
+        assert _native.private_pages(r, flags) == 0
+        view = memoryview(r)
+        view[3 * PAGE_SIZE] = 1
+        view[5 * PAGE_SIZE] = 0  # same byte as the snapshot: private, unchanged
+        _ = view[6 * PAGE_SIZE]  # a read copies nothing
+        assert _native.private_pages(r, flags) == 2 and list(np.flatnonzero(flags)) == [3, 5]
+        assert _native.keep_changed(r, snap.view(), flags) == 1 and list(np.flatnonzero(flags)) == [3]
+        del view
+    with pytest.raises(ValueError):
+        _native.private_pages(memoryview(bytearray(PAGE_SIZE * 2))[1:], np.zeros(2, np.uint8))
+
+
+def test_reply_buffer_round_trip_growth_and_seals():
+    fd = replies.create()
+    writer = replies.ReplyWriter(os.dup(fd))
+    reader = replies.ReplyReader(fd)
+    writer.start_batch()
+    a = writer.put(b"hello")
+    big = os.urandom(3 << 20)
+    b = writer.put(big)  # grows the file
+    assert bytes(reader.get(*a)) == b"hello" and bytes(reader.get(*b)) == big
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 0)  # sealed against shrinking: the reader can never SIGBUS
+    with pytest.raises(ValueError):
+        reader.get(os.fstat(fd).st_size, 1)
+    with pytest.raises(ValueError):
+        reader.get(-1, 1)
+    writer.start_batch()
+    assert writer.put(b"again")[0] == 0  # a new batch reuses the buffer
+    writer.close()
+    reader.close()
+
+
+def test_reduce_benchmark_smoke():
+    """The benchmark's workloads at toy sizes: every system's answer is right."""
+    from pagefork.bench.reduce import (ReduceResults, bytes_per_value, dense_sum, format_results,
+                                       scattered_sum, tracked_changes_cost)
+
+    dense = dense_sum(1 << 14, repeat=1)
+    scattered, rounds = scattered_sum(1 << 16, repeat=1, task_seconds=0.001)
+    shipped = bytes_per_value(1 << 16)
+    tracked = tracked_changes_cost(1 << 20)
+    assert all(t.correct and len(t.seconds) == 1 for t in dense + scattered)
+    assert {t.name for t in dense} >= {"pagefork processes", "serial numpy", "shared memory + lock"}
+    assert shipped["correct"] and all(row["correct"] for row in tracked)
+    text = format_results(ReduceResults(dense, 1 << 14, scattered, rounds, shipped, tracked, 1 << 20))
+    assert "WRONG" not in text and "pagefork speed-up over serial numpy" in text
+
+
+@pytest.mark.parametrize("mode", ["segfault", "uffd-async", "none"])
+def test_combining_with_other_tracking_modes(mode):
+    """Without cow the memory is mapped afresh per thread; combining still holds."""
+    if not pagefork.probe()[mode].available:
+        pytest.skip(pagefork.probe()[mode].reason)
+    with App("256KiB", backend="processes", workers=2, tracking=mode) as app:
+        a = app.alloc("a", 5000, np.int64, merge="sum")
+        m = app.alloc("m", 3000, np.int32, merge="min")
+        m[:] = 100
+
+        def work(mem, i, n):
+            mem["a"][i::3] += i + 1
+            mem["m"][i * 10: i * 10 + 10] = -i
+
+        for _ in range(2):
+            app.parallel(work, 5)
+        expected = np.zeros(5000, np.int64)
+        for i in range(5):
+            expected[i::3] += 2 * (i + 1)
+        assert np.array_equal(a, expected)
+        assert list(m[:50]) == [0] * 10 + [-1] * 10 + [-2] * 10 + [-3] * 10 + [-4] * 10
+        assert (m[50:] == 100).all()
+
+
+def test_memory_that_is_not_whole_pages():
+    """A snapshot whose last page is partly past its end: the kept memory's
+    tail is put back too, so no thread sees another's tail writes."""
+    with App(3 * PAGE_SIZE + 1000, backend="processes", workers=1) as app:
+        a = app.alloc("a", (3 * PAGE_SIZE + 1000) // 8, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            before = int(mem["a"][-1])
+            mem["a"][-1] += 1
+            mem["a"][i] += 1
+            return before
+
+        assert app.parallel(work, 4) == [0, 0, 0, 0]  # one worker: the memory is kept
+        assert int(a[-1]) == 4 and list(a[:5]) == [1, 1, 1, 1, 0]
+        assert app.parallel(work, 4) == [4, 4, 4, 4]
+        assert int(a[-1]) == 8
+
+
+def test_overwrite_beside_sums_keeps_thread_order_and_conflicts():
+    """OVERWRITE arrays still ship per thread: the last thread's write wins,
+    and conflicting writes are detected, even when sums are combined."""
+    with App("1MiB", backend="processes", workers=2, detect_conflicts=True) as app:
+        s = app.alloc("s", 1000, np.int64, merge="sum")
+        o = app.alloc("o", 1000, np.uint8)
+
+        def ordered(mem, i, n):
+            mem["s"][:] += 1
+            mem["o"][i] = i + 1
+
+        app.parallel(ordered, 6)
+        assert (s == 6).all() and list(o[:7]) == [1, 2, 3, 4, 5, 6, 0]
+
+        def clash(mem, i, n):
+            mem["s"][:] += 1
+            mem["o"][500] = i + 10
+
+        with pytest.raises(pagefork.ConflictError):
+            app.parallel(clash, 4)
+        assert (s == 6).all() and o[500] == 0
+
+
+def test_apply_batches_is_apply_of_the_concatenation():
+    from pagefork import Diff, DiffBatch, MergeError, OutOfBoundsError
+
+    first = DiffBatch([Diff(0, b"ab"), Diff(8, np.int64(5).tobytes(), DataType.INT64, MergeOp.SUM)])
+    second = DiffBatch([Diff(1, b"Z"), Diff(8, np.int64(2).tobytes(), DataType.INT64, MergeOp.PRODUCT)])
+    a, b = Snapshot(np.arange(64, dtype=np.uint8).tobytes(), max_size=128), Snapshot(
+        np.arange(64, dtype=np.uint8).tobytes(), max_size=128)
+    a.apply_batches([first, DiffBatch(), second])
+    b.apply(DiffBatch.concat([first, second]))
+    assert a.read() == b.read()
+    before = a.read()
+    with pytest.raises(OutOfBoundsError):  # the second batch is bad: nothing of the first lands
+        a.apply_batches([DiffBatch([Diff(0, b"x")]), DiffBatch([Diff(200, b"y")])])
+    zero = Snapshot(size=16)
+    with pytest.raises(MergeError):
+        zero.apply_batches([DiffBatch([Diff(0, b"\x01")]),
+                            DiffBatch([Diff(8, np.int64(2).tobytes(), DataType.INT64, MergeOp.PRODUCT)])])
+    assert a.read() == before and zero.read() == bytes(16)
+    grow = Snapshot(size=8, max_size=32)
+    grow.apply_batches([DiffBatch([Diff(10, b"q")]), DiffBatch([Diff(20, b"r")])])
+    assert grow.size == 21 and grow.read(10, 1) == b"q"
+    assert [(d.offset, d.data) for d in grow.tracked_changes()] == [(10, b"q"), (20, b"r")]
+
+
+def test_reply_buffer_gives_back_pages_beyond_recent_batches():
+    fd = replies.create()
+    writer = replies.ReplyWriter(os.dup(fd))
+    reader = replies.ReplyReader(fd)
+    big = os.urandom(80 << 20)
+    writer.start_batch()
+    writer.put(big)
+    for _ in range(8):  # small batches since (the need halves each time): pages given back
+        writer.start_batch()
+        small = writer.put(b"tiny")
+    assert bytes(reader.get(*small)) == b"tiny"
+    blocks = os.fstat(fd).st_blocks * 512
+    assert blocks < 64 << 20, blocks
+    writer.start_batch()
+    again = writer.put(big)  # the given-back pages are allocated again before the copy
+    assert bytes(reader.get(*again)) == big
+    writer.close()
+    reader.close()
+
+
+def test_a_worker_whose_combining_fails_answers_and_recovers():
+    """A hostile thread closes its worker's partial: the batch fails with
+    WorkerError (no hang, nothing merged) and the next batch is exact."""
+    with App("1MiB", backend="processes", workers=1) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+
+        def sabotage(mem, i, n):
+            import gc
+
+            from pagefork.backends.combine import CombiningWorkspace
+
+            mem["a"][:] += 1
+            if i == 1:
+                for o in gc.get_objects():
+                    if isinstance(o, CombiningWorkspace) and o._partial_region is not None:
+                        o._partial_region.close()
+
+        with pytest.raises(WorkerError):
+            app.parallel(sabotage, 3)
+        assert (a == 0).all()
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 3)
+        assert (a == 3).all()
