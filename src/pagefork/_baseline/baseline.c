@@ -86,17 +86,37 @@ static PyObject *bl_segfault(PyObject *self, PyObject *args)
 
 /* ---- userfaultfd ---------------------------------------------------------------- */
 
+/* Like the tracker: when vm.unprivileged_userfaultfd=0 refuses a process
+ * without CAP_SYS_PTRACE, fall back to user-mode-only (Linux 5.11+), where
+ * only faults raised by user-space writes reach the handler. */
 static int open_uffd(int features)
 {
     int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0 && errno == EPERM)
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
     if (fd < 0)
         return -1;
     struct uffdio_api api = {.api = UFFD_API, .features = (__u64)features};
     if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        int err = errno;
         close(fd);
+        errno = err;
         return -1;
     }
     return fd;
+}
+
+/* Sets OSError from errno (or from `err` when non-zero) after closing `fd`s >= 0. */
+static PyObject *fail_closing(int err, int fd1, int fd2)
+{
+    if (err == 0)
+        err = errno;
+    if (fd1 >= 0)
+        close(fd1);
+    if (fd2 >= 0)
+        close(fd2);
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
 }
 
 static int wp(int fd, uintptr_t start, size_t len, int on)
@@ -134,9 +154,14 @@ static PyObject *bl_uffd(PyObject *self, PyObject *args)
         return NULL;
     int fd = open_uffd(UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
     if (fd < 0 || register_wp(fd, start, n * page) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return fail_closing(0, fd, -1);
     pthread_t thread;
-    pthread_create(&thread, NULL, raw_fault_thread, (void *)(intptr_t)fd);
+    int err = pthread_create(&thread, NULL, raw_fault_thread, (void *)(intptr_t)fd);
+    if (err != 0) {
+        struct uffdio_range range = {start, n * page};
+        ioctl(fd, UFFDIO_UNREGISTER, &range);
+        return fail_closing(err, fd, -1);
+    }
     int64_t t0 = now_ns();
     wp(fd, start, n * page, 1);
     int64_t arm = now_ns() - t0;
@@ -186,9 +211,11 @@ static PyObject *bl_uffd_async(PyObject *self, PyObject *args)
         return NULL;
     int fd = open_uffd(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED |
                        UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    if (fd < 0)
+        return fail_closing(0, -1, -1);
     int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0 || pagemap < 0 || register_wp(fd, start, n * page) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (pagemap < 0 || register_wp(fd, start, n * page) != 0)
+        return fail_closing(0, fd, pagemap);
     int64_t t0 = now_ns();
     wp(fd, start, n * page, 1);
     int64_t arm = now_ns() - t0;
@@ -243,7 +270,7 @@ static PyObject *bl_softpte(PyObject *self, PyObject *args)
     int64_t t0 = now_ns();
     int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
     if (fd < 0 || write(fd, "4", 1) != 1)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return fail_closing(0, fd, -1);
     close(fd);
     int64_t arm = now_ns() - t0;
     int64_t touch = touch_pages(start, n, 6);
