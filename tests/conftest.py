@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import gc
 import os
 
 import pytest
@@ -9,6 +12,53 @@ from hypothesis import settings
 
 import pagefork
 from pagefork import PAGE_SIZE, Region
+
+
+
+def _asan_loaded() -> bool:
+    try:
+        ctypes.CDLL(None).__asan_init
+    except AttributeError:
+        return False
+    return True
+
+
+#: True under AddressSanitizer (`make test-sanitize`). Its quarantine holds on
+#: to freed memory, so RSS growth says nothing about leaks there; tests that
+#: measure RSS skip that check, and LeakSanitizer checks instead (below).
+SANITIZED = _asan_loaded()
+
+
+def _leak_check() -> None:
+    """LeakSanitizer, run from atexit, before the interpreter finalizes: every
+    Python object is still reachable from the heap then. Not at process exit
+    (CPython leaves memory behind on purpose), and not from inside pytest:
+    objects referenced only by running Python frames sit in CPython's
+    mmap-ed frame stack, which LeakSanitizer does not scan. Exits the process
+    with a report if anything leaked (a no-op unless detect_leaks=1)."""
+    gc.collect()
+    ctypes.CDLL(None).__lsan_do_leak_check()
+
+
+if SANITIZED:
+    atexit.register(_leak_check)  # registered first, so it runs after later handlers
+
+#: Test files (by name prefix) that drive the native core: every test in them
+#: is marked ``native``, and ``make test-sanitize`` (run by .ci/run) runs the
+#: ``native`` tests against an ASan+UBSan build. Mark a test elsewhere with
+#: ``@pytest.mark.native`` to include it too.
+NATIVE_TEST_FILES = (
+    "test_memory", "test_tracking", "test_snapshot", "test_wire", "test_delta", "test_leaks",
+    "test_lifetime", "test_exit", "test_fork", "test_signal", "test_interrupt", "test_native",
+    "test_older_kernels", "test_unprivileged",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name.startswith(NATIVE_TEST_FILES):
+            item.add_marker(pytest.mark.native)
+
 
 settings.register_profile("slow", max_examples=2000, deadline=None)
 settings.register_profile("default", max_examples=100, deadline=None)
