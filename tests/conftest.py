@@ -6,6 +6,7 @@ import atexit
 import ctypes
 import gc
 import os
+import signal
 
 import pytest
 from hypothesis import settings
@@ -13,6 +14,12 @@ from hypothesis import settings
 import pagefork
 from pagefork import PAGE_SIZE, Region
 
+
+# A runner that starts the suite as a background job (SIGINT ignored, as
+# non-interactive shells do) would turn the Ctrl-C tests' interrupt_main()
+# into a no-op: tests run with Python's own SIGINT handler wherever started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _asan_loaded() -> bool:
