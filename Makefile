@@ -1,14 +1,17 @@
 # The two commands of the quick start: `make demo` and `make test`.
 # Each creates .venv, installs pagefork with its native extension, and runs.
+# `make test-sanitize` runs the native tests against an ASan+UBSan build;
+# `.ci/run` runs `make test` (as root and as an unprivileged user) and that.
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py src/pagefork/_version.py $(wildcard src/pagefork/_native/*.[ch] src/pagefork/_baseline/*.c)
 EXTRAS ?= test
+PYTEST_ARGS ?=
 
-.PHONY: demo test bench doctor clean
+.PHONY: demo test test-sanitize bench doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +25,50 @@ $(STAMP): $(BIN)/python $(SOURCES)
 demo: $(STAMP)
 	$(BIN)/pagefork demo
 
+# pytest fails on no tests collected (exit 5) like on any other error.
 test: $(STAMP)
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ---- sanitizers ---------------------------------------------------------------
+# A second venv holds a regular (not editable) install built with
+# PAGEFORK_SANITIZE=1 in build/sanitize, so the normal build is never touched.
+# Python itself is not instrumented: libasan is preloaded, and
+# PYTHONMALLOC=malloc routes Python objects through ASan's allocator too.
+# ASan leaves SIGSEGV alone (the segfault mode owns it and chains to earlier
+# handlers). LeakSanitizer runs from the tests' atexit hook (tests/conftest.py),
+# before the interpreter finalizes, not at process exit, where CPython leaves
+# memory behind on purpose. Every report goes to $(SAN_LOGS), from subprocesses
+# too (their exit status may be expected to fail), and any report fails the run.
+SAN_VENV ?= .venv-sanitize
+SAN_BIN := $(SAN_VENV)/bin
+SAN_STAMP := $(SAN_VENV)/.installed
+SAN_LOGS ?= $(CURDIR)/build/sanitize/logs
+SAN_TESTS ?= -m native tests
+CC ?= cc
+SAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=handle_segv=0:allow_user_segv_handler=1:detect_leaks=1:leak_check_at_exit=0:halt_on_error=1:log_path=$(SAN_LOGS)/asan \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(SAN_LOGS)/ubsan
+
+$(SAN_BIN)/python:
+	$(PYTHON) -m venv $(SAN_VENV)
+	$(SAN_BIN)/python -m pip install --quiet --upgrade pip
+
+$(SAN_STAMP): $(SAN_BIN)/python $(SOURCES)
+	rm -rf build/sanitize
+	PAGEFORK_SANITIZE=1 $(SAN_BIN)/python -m pip install --quiet ".[$(EXTRAS)]"
+	env $(SAN_ENV) $(SAN_BIN)/python -c "import pagefork._native, pagefork._baseline"
+	touch $(SAN_STAMP)
+
+test-sanitize: $(SAN_STAMP)
+	rm -rf $(SAN_LOGS) && mkdir -p $(SAN_LOGS)
+	env $(SAN_ENV) $(SAN_BIN)/python -m pytest -p no:cacheprovider $(SAN_TESTS) $(PYTEST_ARGS); \
+	status=$$?; \
+	if [ -n "$$(ls -A $(SAN_LOGS))" ]; then \
+		cat $(SAN_LOGS)/*; echo "sanitizer reports above (from $(SAN_LOGS))" >&2; exit 1; \
+	fi; \
+	exit $$status
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
@@ -34,4 +78,4 @@ doctor: $(STAMP)
 	$(BIN)/pagefork doctor
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/pagefork/*.so benchmarks/_build
+	rm -rf $(VENV) $(SAN_VENV) build src/*.egg-info src/pagefork/*.so benchmarks/_build

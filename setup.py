@@ -11,12 +11,17 @@ VERSION = {}
 exec(Path("src/pagefork/_version.py").read_text(), VERSION)
 
 # PAGEFORK_SANITIZE=1 builds with ASan/UBSan for debugging signal and
-# userfaultfd code (run Python with LD_PRELOAD=$(gcc -print-file-name=libasan.so)).
+# userfaultfd code (run Python with LD_PRELOAD=$(gcc -print-file-name=libasan.so);
+# `make test-sanitize` does it all). Its objects go to build/sanitize, so
+# setuptools never takes an unsanitized object for an up-to-date one.
 extra_compile = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 extra_link: list[str] = []
+options = {}
 if os.environ.get("PAGEFORK_SANITIZE"):
-    extra_compile += ["-fsanitize=address,undefined", "-O0", "-g", "-fno-omit-frame-pointer"]
+    extra_compile += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-O0",
+                      "-g", "-fno-omit-frame-pointer"]
     extra_link += ["-fsanitize=address,undefined"]
+    options = {"build": {"build_base": "build/sanitize"}}
 
 setup(
     ext_modules=[
@@ -34,6 +39,8 @@ setup(
             sources=["src/pagefork/_baseline/baseline.c"],
             depends=[str(NATIVE / "pagefork.h")],
             extra_compile_args=extra_compile,
+            extra_link_args=extra_link,
         ),
-    ]
+    ],
+    options=options,
 )

@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import gc
 import os
+import signal
 
 import pytest
 from hypothesis import settings
 
 import pagefork
 from pagefork import PAGE_SIZE, Region
+
+
+# A runner that starts the suite as a background job (SIGINT ignored, as
+# non-interactive shells do) would turn the Ctrl-C tests' interrupt_main()
+# into a no-op: tests run with Python's own SIGINT handler wherever started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _asan_loaded() -> bool:
+    try:
+        ctypes.CDLL(None).__asan_init
+    except AttributeError:
+        return False
+    return True
+
+
+#: True under AddressSanitizer (`make test-sanitize`). Its quarantine holds on
+#: to freed memory, so RSS growth says nothing about leaks there; tests that
+#: measure RSS skip that check, and LeakSanitizer checks instead (below).
+SANITIZED = _asan_loaded()
+
+
+def _leak_check() -> None:
+    """LeakSanitizer, run from atexit, before the interpreter finalizes: every
+    Python object is still reachable from the heap then. Not at process exit
+    (CPython leaves memory behind on purpose), and not from inside pytest:
+    objects referenced only by running Python frames sit in CPython's
+    mmap-ed frame stack, which LeakSanitizer does not scan. Exits the process
+    with a report if anything leaked (a no-op unless detect_leaks=1)."""
+    gc.collect()
+    ctypes.CDLL(None).__lsan_do_leak_check()
+
+
+if SANITIZED:
+    atexit.register(_leak_check)  # registered first, so it runs after later handlers
+
+#: Test files (by name prefix) that do not drive the native core beyond what
+#: the others do: Dask (mostly distributed's Python, slow under ASan), the
+#: example scripts (the executor paths test_app covers), text lints. Every
+#: other test, in files present and future, is marked ``native``, and ``make
+#: test-sanitize`` (run by .ci/run) runs the ``native`` tests against an
+#: ASan+UBSan build. ``@pytest.mark.native`` adds a test from these files.
+NOT_NATIVE_TEST_FILES = ("test_dask", "test_examples", "test_native_lint")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.path.name.startswith(NOT_NATIVE_TEST_FILES):
+            item.add_marker(pytest.mark.native)
+
 
 settings.register_profile("slow", max_examples=2000, deadline=None)
 settings.register_profile("default", max_examples=100, deadline=None)

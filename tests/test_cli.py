@@ -20,8 +20,11 @@ def test_doctor_json_schema():
     report = json.loads(result.stdout)
     assert set(report["modes"]) == set(pagefork.MODES)
     for mode, entry in report["modes"].items():
-        assert entry["available"] == pagefork.probe()[mode].available
+        support = pagefork.probe()[mode]
+        assert entry["available"] == support.available
         assert isinstance(entry["reason"], str)
+        assert entry["kernel_writes"] is support.kernel_writes
+        assert entry["kernel_writes_reason"] == support.kernel_writes_reason
     assert report["auto"] in pagefork.MODES
     assert "vm.unprivileged_userfaultfd" in report["settings"]
 
@@ -33,6 +36,8 @@ def test_doctor_table_and_demo():
         assert mode in result.stdout
         if not support.available:
             assert support.reason.split(":")[0] in result.stdout.replace("\n", " ")
+        elif not support.kernel_writes:
+            assert f"{mode}: kernel writes into tracked memory fail" in " ".join(result.stdout.split())
     result = run("demo", "--threads", "3")
     assert result.returncode == 0, result.stderr
     assert "check against a serial computation: PASSED" in result.stdout

@@ -49,6 +49,7 @@ def doctor_report() -> dict[str, Any]:
         "page_size": PAGE_SIZE,
         "modes": {
             m: {"available": s.available, "reason": s.reason, "thread_local": s.thread_local,
+                "kernel_writes": s.kernel_writes, "kernel_writes_reason": s.kernel_writes_reason,
                 "write_ns_per_page": round(costs[m], 1) if m in costs else None}
             for m, s in support.items()
         },
@@ -82,8 +83,12 @@ def _doctor(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     rows = [(mode, "yes" if m["available"] else "no", "yes" if m["thread_local"] else "no",
+             ("yes" if m["kernel_writes"] else "no") if m["available"] else "-",
              f"{m['write_ns_per_page']:.0f}" if m["write_ns_per_page"] is not None else "-",
              m["reason"] or "") for mode, m in report["modes"].items()]
+    # Kernel writes (read(2) into tracked memory) that fail in an available mode.
+    efault = {mode: m["kernel_writes_reason"] for mode, m in report["modes"].items()
+              if m["available"] and not m["kernel_writes"]}
     uffd = report["settings"]["userfaultfd"]
     settings = {
         "vm.unprivileged_userfaultfd": report["settings"]["vm.unprivileged_userfaultfd"],
@@ -105,14 +110,16 @@ def _doctor(args: argparse.Namespace) -> int:
 
         console.print(escape(title))
         table = Table()
-        for column in ("mode", "works", "thread scope", "first write ns/page"):
+        for column in ("mode", "works", "thread scope", "kernel writes", "first write ns/page"):
             table.add_column(column, justify="right" if "ns" in column else "left")
-        for mode, works, thread, cost, _ in rows:
-            table.add_row(mode, works, thread, cost, style=None if works == "yes" else "dim")
+        for mode, works, thread, kernel, cost, _ in rows:
+            table.add_row(mode, works, thread, kernel, cost, style=None if works == "yes" else "dim")
         console.print(table)
-        for mode, works, _, _, why in rows:
+        for mode, works, _, _, _, why in rows:
             if works != "yes":
                 console.print(f"[bold]{mode}[/bold] is unavailable: {escape(why)}")
+        for mode, why in efault.items():
+            console.print(f"[bold]{mode}[/bold]: kernel writes into tracked memory fail: {escape(why)}")
         console.print(f"auto picks [bold]{report['auto']}[/bold] (with a thread scope: "
                       f"[bold]{report['auto_thread_local']}[/bold])")
         for key, value in settings.items():
@@ -121,9 +128,11 @@ def _doctor(args: argparse.Namespace) -> int:
             console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}")
         return 0
     print(title)
-    print(f"  {'mode':<11} {'works':<6} {'thread':<7} {'write ns':>9}  why not")
-    for mode, works, thread, cost, why in rows:
-        print(f"  {mode:<11} {works:<6} {thread:<7} {cost:>9}  {why}")
+    print(f"  {'mode':<11} {'works':<6} {'thread':<7} {'kernel writes':<14} {'write ns':>9}  why not")
+    for mode, works, thread, kernel, cost, why in rows:
+        print(f"  {mode:<11} {works:<6} {thread:<7} {kernel:<14} {cost:>9}  {why}")
+    for mode, why in efault.items():
+        print(f"{mode}: kernel writes into tracked memory fail: {why}")
     print(f"auto picks {report['auto']!r} (with a thread scope: {report['auto_thread_local']!r})")
     for key, value in settings.items():
         print(f"  {key:<28} {value}")

@@ -74,12 +74,21 @@ class TrackerStats:
 
 @dataclass(frozen=True)
 class Support:
-    """Whether a tracking mode works here; ``reason`` says exactly why not."""
+    """Whether a tracking mode works here; ``reason`` says exactly why not.
+
+    ``kernel_writes`` says whether the kernel can write into tracked memory
+    for this process (``read(2)``/``readv`` into a tracked page succeeds and
+    the page is reported); ``kernel_writes_reason`` says why not (under
+    ``segfault``, and under ``uffd`` when userfaultfd is user-mode-only, they
+    fail with ``EFAULT``).
+    """
 
     mode: str
     available: bool
     reason: str
     thread_local: bool
+    kernel_writes: bool = False
+    kernel_writes_reason: str = "not probed"
 
 
 def _kernel() -> str:
@@ -111,6 +120,50 @@ def _write_test(mode: str, backing: str = "anonymous") -> str:
         if list(out) != [0, 1, 0, 1]:
             return f"a write test reported pages {list(out)} instead of [0, 1, 0, 1]"
     return ""
+
+
+def _kernel_write_test(mode: str) -> str:
+    """Lets the kernel write into tracked scratch memory (``readv`` from a
+    pipe into page 2 of 4) and returns "" if that works and page 2 is
+    reported as the write test expects, else why not."""
+    backing = "memfd" if mode == "cow" else "anonymous"
+    with Region(4 * _native.PAGE_SIZE, backing=backing) as region:  # type: ignore[arg-type]
+        view = memoryview(region)
+        tracking = _native.Tracking(_MODE_IDS[mode], region.address, 4, 4, False)
+        r, w = os.pipe()
+        try:
+            tracking.start()
+            os.write(w, b"\x5a" * 64)
+            try:
+                os.readv(r, [view[2 * _native.PAGE_SIZE: 2 * _native.PAGE_SIZE + 64]])
+            except OSError as exc:
+                return _kernel_write_failure(mode, exc)
+            out = bytearray(4)
+            tracking.dirty(out, 0)
+            tracking.stop()
+        finally:
+            os.close(r)
+            os.close(w)
+            tracking.close()
+            view.release()
+        expected = [1, 1, 1, 1] if mode == "none" else [0, 0, 1, 0]  # "none": every page dirty
+        if list(out) != expected:
+            return f"a kernel write (readv) into page 2 was reported as pages {list(out)}"
+    return ""
+
+
+def _kernel_write_failure(mode: str, exc: OSError) -> str:
+    what = f"read(2)/readv into a tracked page fails with {errno.errorcode.get(exc.errno or 0, exc)}"
+    if exc.errno != errno.EFAULT:
+        return what
+    if mode == "segfault":
+        return what + ": the kernel does not raise SIGSEGV for its own accesses to protected pages"
+    if mode == "uffd" and _native.uffd_probe()[2]:
+        return what + (
+            ": userfaultfd is user-mode-only for this process (vm.unprivileged_userfaultfd=0 "
+            "and no CAP_SYS_PTRACE), so faults the kernel raises are not handled"
+        )
+    return what
 
 
 def _uffd_reason(needed: dict[int, str]) -> tuple[str, int]:
@@ -184,7 +237,14 @@ def _probe_all() -> dict[str, Support]:
             reason = _PROBES[mode]()
         except Exception as exc:  # a probe must explain, never crash the caller
             reason = f"probe failed: {exc}"
-        result[mode] = Support(mode, not reason, reason, mode in _THREAD_LOCAL)
+        if reason:
+            writes = "the mode is unavailable"
+        else:
+            try:
+                writes = _kernel_write_test(mode)
+            except Exception as exc:
+                writes = f"probe failed: {exc}"
+        result[mode] = Support(mode, not reason, reason, mode in _THREAD_LOCAL, not writes, writes)
     return result
 
 
@@ -315,8 +375,9 @@ class Tracker:
     Thread-local scope records each thread's first write to a page after the
     page was armed; when several threads write the same page, the ones after
     the first are not seen (the page is already writable).
-    Under ``segfault``, kernel writes into tracked memory (``read(2)`` into a
-    protected page) fail with ``EFAULT``.
+    Under ``segfault``, and ``uffd`` when userfaultfd is user-mode-only,
+    kernel writes into tracked memory (``read(2)`` into a protected page) fail
+    with ``EFAULT``: ``probe()[mode].kernel_writes`` says which here.
     """
 
     def __init__(self, mode: str) -> None:

@@ -16,6 +16,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -86,17 +87,37 @@ static PyObject *bl_segfault(PyObject *self, PyObject *args)
 
 /* ---- userfaultfd ---------------------------------------------------------------- */
 
+/* Like the tracker: when vm.unprivileged_userfaultfd=0 refuses a process
+ * without CAP_SYS_PTRACE, fall back to user-mode-only (Linux 5.11+), where
+ * only faults raised by user-space writes reach the handler. */
 static int open_uffd(int features)
 {
     int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0 && errno == EPERM)
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
     if (fd < 0)
         return -1;
     struct uffdio_api api = {.api = UFFD_API, .features = (__u64)features};
     if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        int err = errno;
         close(fd);
+        errno = err;
         return -1;
     }
     return fd;
+}
+
+/* Sets OSError from errno (or from `err` when non-zero) after closing `fd`s >= 0. */
+static PyObject *fail_closing(int err, int fd1, int fd2)
+{
+    if (err == 0)
+        err = errno;
+    if (fd1 >= 0)
+        close(fd1);
+    if (fd2 >= 0)
+        close(fd2);
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
 }
 
 static int wp(int fd, uintptr_t start, size_t len, int on)
@@ -111,18 +132,30 @@ static int register_wp(int fd, uintptr_t start, size_t len)
     return ioctl(fd, UFFDIO_REGISTER, &r);
 }
 
+/* The fault thread's descriptors: the userfaultfd, and an eventfd that asks
+ * it to return (pthread_cancel would unwind past instrumented frames and
+ * leave ASan's stack poison behind). */
+struct raw_fds {
+    int uffd, stop;
+};
+
 static void *raw_fault_thread(void *arg)
 {
-    int fd = (int)(intptr_t)arg;
+    const struct raw_fds *fds = arg;
     struct uffd_msg msg;
     for (;;) {
-        struct pollfd p = {fd, POLLIN, 0};
-        if (poll(&p, 1, -1) < 0 || (p.revents & (POLLERR | POLLHUP)))
+        struct pollfd p[2] = {{fds->uffd, POLLIN, 0}, {fds->stop, POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
             return NULL;
-        if (read(fd, &msg, sizeof msg) != sizeof msg)
+        }
+        if (p[1].revents || (p[0].revents & (POLLERR | POLLHUP)))
+            return NULL;
+        if (read(fds->uffd, &msg, sizeof msg) != sizeof msg)
             continue;
         if (msg.event == UFFD_EVENT_PAGEFAULT)
-            wp(fd, msg.arg.pagefault.address & ~(uint64_t)(page - 1), page, 0);
+            wp(fds->uffd, msg.arg.pagefault.address & ~(uint64_t)(page - 1), page, 0);
     }
 }
 
@@ -132,26 +165,36 @@ static PyObject *bl_uffd(PyObject *self, PyObject *args)
     Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "Kn", &start, &n))
         return NULL;
-    int fd = open_uffd(UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
-    if (fd < 0 || register_wp(fd, start, n * page) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    struct raw_fds fds = {open_uffd(UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM), -1};
+    if (fds.uffd < 0)
+        return fail_closing(0, -1, -1);
+    fds.stop = eventfd(0, EFD_CLOEXEC);
+    if (fds.stop < 0 || register_wp(fds.uffd, start, n * page) != 0)
+        return fail_closing(0, fds.uffd, fds.stop);
+    struct uffdio_range range = {start, n * page};
     pthread_t thread;
-    pthread_create(&thread, NULL, raw_fault_thread, (void *)(intptr_t)fd);
+    int err = pthread_create(&thread, NULL, raw_fault_thread, &fds);
+    if (err != 0) {
+        ioctl(fds.uffd, UFFDIO_UNREGISTER, &range);
+        return fail_closing(err, fds.uffd, fds.stop);
+    }
     int64_t t0 = now_ns();
-    wp(fd, start, n * page, 1);
+    wp(fds.uffd, start, n * page, 1);
     int64_t arm = now_ns() - t0;
     int64_t touch = touch_pages(start, n, 3);
     t0 = now_ns();
-    wp(fd, start, n * page, 1);
+    wp(fds.uffd, start, n * page, 1);
     int64_t rearm = now_ns() - t0;
     t0 = now_ns();
-    wp(fd, start, n * page, 0);
+    wp(fds.uffd, start, n * page, 0);
     int64_t disarm = now_ns() - t0;
-    struct uffdio_range range = {start, n * page};
-    ioctl(fd, UFFDIO_UNREGISTER, &range);
-    pthread_cancel(thread);
+    ioctl(fds.uffd, UFFDIO_UNREGISTER, &range);
+    uint64_t one = 1;
+    if (write(fds.stop, &one, sizeof one) != sizeof one)
+        pthread_cancel(thread); /* cannot happen for an eventfd at 0; never hang in join */
     pthread_join(thread, NULL);
-    close(fd);
+    close(fds.stop);
+    close(fds.uffd);
     return Py_BuildValue("(LLLL)", arm, touch, rearm, disarm);
 }
 
@@ -186,9 +229,11 @@ static PyObject *bl_uffd_async(PyObject *self, PyObject *args)
         return NULL;
     int fd = open_uffd(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED |
                        UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    if (fd < 0)
+        return fail_closing(0, -1, -1);
     int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0 || pagemap < 0 || register_wp(fd, start, n * page) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (pagemap < 0 || register_wp(fd, start, n * page) != 0)
+        return fail_closing(0, fd, pagemap);
     int64_t t0 = now_ns();
     wp(fd, start, n * page, 1);
     int64_t arm = now_ns() - t0;
@@ -243,7 +288,7 @@ static PyObject *bl_softpte(PyObject *self, PyObject *args)
     int64_t t0 = now_ns();
     int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
     if (fd < 0 || write(fd, "4", 1) != 1)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return fail_closing(0, fd, -1);
     close(fd);
     int64_t arm = now_ns() - t0;
     int64_t touch = touch_pages(start, n, 6);
