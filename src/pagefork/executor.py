@@ -12,21 +12,88 @@ main memory is mapped from the merged snapshot again.
 
 from __future__ import annotations
 
+import _thread
+import ast
+import math
+import queue
+import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+import cloudpickle
 import numpy as np
 
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
 from ._sizes import round_to_pages
 from .memory import Region
-from .snapshot import DiffBatch, MergeOp, MergeRegion, Snapshot
+from .snapshot import DataType, DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
 
-__all__ = ["Allocation", "BatchSpec", "BatchStats", "Executor", "ThreadMemory", "ThreadOutcome",
-           "Backend", "Workspace", "run_thread", "thread_tracking_mode"]
+__all__ = ["Allocation", "BatchSpec", "BatchStats", "Cancelled", "Cancel", "Executor", "ThreadMemory",
+           "ThreadOutcome", "Backend", "Workspace", "run_thread", "thread_tracking_mode", "dtype_of",
+           "dtype_text", "MAX_THREADS_PER_BATCH", "DEFAULT_CLOSE_TIMEOUT"]
+
+#: The most threads one batch may have (each costs a placement entry, an
+#: outcome and a diff batch in the client).
+MAX_THREADS_PER_BATCH = 1 << 20
+
+#: Seconds ``App.close`` waits for running thread functions by default.
+DEFAULT_CLOSE_TIMEOUT = 10.0
+
+# How often a thread that waits for workers looks at its Cancel (seconds).
+POLL = 0.05
+
+
+def dtype_text(dt: np.dtype) -> str:
+    """A dtype as text that :func:`dtype_of` turns back into it: ``dt.str``
+    for plain dtypes, the ``.npy`` descr for structured ones."""
+    if dt.fields is None:
+        return dt.str
+    return repr(np.lib.format.dtype_to_descr(dt))
+
+
+def dtype_of(text: str) -> np.dtype:
+    """The dtype :func:`dtype_text` wrote."""
+    if text.startswith("["):
+        return np.lib.format.descr_to_dtype(ast.literal_eval(text))
+    return np.dtype(text)
+
+
+class Cancelled(Exception):
+    """A backend's answer to a cancelled batch (the caller was interrupted)."""
+
+
+class Cancel:
+    """Set when the caller of a batch was interrupted (or the App closes):
+    backends stop waiting, abandon the batch's workers and raise Cancelled."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+# The batch a thread function of this Python thread belongs to (threads
+# backend): calling app.parallel on the same App from inside it would wait
+# for itself.
+_inside = threading.local()
+
+
+def inside_batch_of(snapshot: Snapshot) -> bool:
+    """Whether the calling Python thread is running a thread function of a
+    batch on ``snapshot``."""
+    return getattr(_inside, "snapshot", None) is snapshot
 
 
 @dataclass(frozen=True)
@@ -40,11 +107,15 @@ class Allocation:
     merge: MergeOp
 
     @property
+    def np_dtype(self) -> np.dtype:
+        return dtype_of(self.dtype)
+
+    @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * self.np_dtype.itemsize
 
     def view(self, region: Region) -> np.ndarray:
-        return region.array(self.dtype, self.shape, self.offset)
+        return region.array(self.np_dtype, self.shape, self.offset)
 
 
 class ThreadMemory:
@@ -101,9 +172,15 @@ class Backend(Protocol):
     name: str
     slots: int
 
-    def run(self, spec: BatchSpec, placement: Sequence[int]) -> list[ThreadOutcome]: ...
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+        """Every thread's outcome; raises Cancelled soon after ``cancel`` is
+        set, leaving no worker that could still touch a later batch."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self, timeout: float) -> int:
+        """Stops the workers, waiting at most ``timeout`` seconds for running
+        thread functions; returns how many were still running (abandoned)."""
+        ...
 
 
 @dataclass
@@ -137,22 +214,41 @@ def thread_tracking_mode(requested: str | None = None) -> str:
     return tracker("auto").mode
 
 
-def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker) -> ThreadOutcome:
+def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *,
+               copy_result: bool = False) -> ThreadOutcome:
     """Runs thread ``index`` of a batch on ``region`` (any backend, any
-    process): map the snapshot, track, call, diff."""
+    process): map the snapshot, track, call, diff. Whatever the function
+    raises (``SystemExit`` and ``KeyboardInterrupt`` included) is reported as
+    the thread's error. ``copy_result``: return an independent copy of the
+    result (pickled and unpickled, as other backends ship it), since views of
+    ``region`` change when the workspace runs its next thread."""
     try:
         spec.snapshot.map_to(region)
         tracker_.start(region)
+    except BaseException as exc:  # not the thread's fault: say what the workspace lacks
+        return ThreadOutcome(index, error="cannot prepare thread memory: "
+                                          + "".join(traceback.format_exception_only(exc)).strip())
+    try:
+        previous = getattr(_inside, "snapshot", None)
+        _inside.snapshot = spec.snapshot
         try:
             result = spec.fn(ThreadMemory(region, spec.layout), index, spec.n, *spec.args)
         finally:
-            tracker_.stop(region)
+            _inside.snapshot = previous
+            if not region.closed:
+                tracker_.stop(region)
+        if region.closed:
+            raise PageforkError("the thread function closed its memory (mem.region.close())")
         dirty = tracker_.dirty_pages(region, "global")
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
+        if copy_result:
+            try:
+                result = cloudpickle.loads(cloudpickle.dumps(result))
+            except BaseException as exc:
+                raise PageforkError(f"cannot copy the result ({type(result).__name__}) out of thread "
+                                    f"memory: {exc!r}") from exc
         return ThreadOutcome(index, result, diffs, int(np.count_nonzero(dirty)))
-    except BaseException as exc:  # the thread's own error, reported with its traceback
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+    except BaseException as exc:  # the thread's own error, SystemExit included
         return ThreadOutcome(index, error="".join(traceback.format_exception(exc)))
 
 
@@ -198,7 +294,8 @@ def find_conflicts(outcomes: Sequence[ThreadOutcome], limit: int = 10) -> list[s
 
 class Workspace:
     """A worker's thread memory and tracker, reused across batches and resized
-    to follow the snapshot (threads and worker processes each hold one)."""
+    to follow the snapshot (threads and worker processes each hold one).
+    A thread function may have closed or resized the memory: it is rebuilt."""
 
     def __init__(self) -> None:
         self.region: Region | None = None
@@ -207,20 +304,35 @@ class Workspace:
     def prepare(self, spec: BatchSpec) -> tuple[Region, Tracker]:
         size = round_to_pages(spec.snapshot.size)
         max_size = max(round_to_pages(spec.snapshot.max_size), size)
-        if self.region is None or self.region.max_size < max_size:
+        if self.region is not None and (self.region.closed or self.region.max_size < max_size):
             self.close()
+        if self.region is not None and self.region.size != size:
+            try:
+                self.region.resize(size)
+            except (BufferError, PageforkError, OSError):  # views of a shrunk region live on
+                self.close()
+        if self.region is None:
             self.region = Region(size, max_size=max_size)
-        elif self.region.size != size:
-            self.region.resize(size)
         if self.tracker is None or self.tracker.mode != spec.tracking:
             if self.tracker is not None:
                 self.tracker.close()
             self.tracker = tracker(spec.tracking)
         return self.region, self.tracker
 
-    def run(self, spec: BatchSpec, indexes: Sequence[int]) -> list[ThreadOutcome]:
-        region, t = self.prepare(spec)
-        return [run_thread(spec, i, region, t) for i in indexes]
+    def run(self, spec: BatchSpec, indexes: Sequence[int], *, copy_result: bool = False,
+            cancel: Cancel | None = None) -> list[ThreadOutcome]:
+        """Runs ``indexes`` one after the other; stops early once ``cancel`` is set."""
+        try:
+            region, t = self.prepare(spec)
+        except Exception as exc:
+            error = "cannot prepare thread memory: " + "".join(traceback.format_exception_only(exc)).strip()
+            return [ThreadOutcome(i, error=error) for i in indexes]
+        outcomes = []
+        for i in indexes:
+            if cancel is not None and cancel.is_set():
+                break
+            outcomes.append(run_thread(spec, i, region, t, copy_result=copy_result))
+        return outcomes
 
     def close(self) -> None:
         if self.tracker is not None:
@@ -230,27 +342,96 @@ class Workspace:
         self.region = self.tracker = None
 
 
+class _Request:
+    """One call of ``run``: what to run, and how it ended."""
+
+    def __init__(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> None:
+        self.fn, self.n, self.args, self.layout = fn, n, args, layout
+        self.cancel = Cancel()
+        self.lock = threading.Lock()  # orders cancelling against committing
+        self.committing = False
+        self.done = threading.Event()
+        self.result: list[Any] | None = None
+        self.error: BaseException | None = None
+
+    def interrupt(self) -> bool:
+        """Cancels the batch unless its merge already began; True if cancelled."""
+        with self.lock:
+            if not self.committing:
+                self.cancel.set()
+            return not self.committing
+
+    def begin_commit(self) -> bool:
+        """From here on the batch merges whatever happens; False if it was
+        cancelled first."""
+        with self.lock:
+            if self.cancel.is_set():
+                return False
+            self.committing = True
+            return True
+
+
+def _manage(executor_ref: weakref.ref[Executor], requests: queue.SimpleQueue) -> None:
+    """The batch thread: runs queued batches one at a time. Python raises
+    KeyboardInterrupt only in the main thread, so nothing here is ever cut
+    off half-way; a caller that is interrupted cancels its request instead."""
+    while True:
+        request = requests.get()
+        if request is None:
+            return
+        executor = executor_ref()
+        if executor is None:
+            return
+        try:
+            executor._serve(request)
+        finally:
+            request.done.set()
+            del executor, request
+
+
 class Executor:
-    """Owns main memory, the main snapshot and a backend; runs batches."""
+    """Owns main memory, the main snapshot and a backend; runs batches.
+
+    Batches run one at a time on the executor's batch thread; ``run`` may be
+    called from any Python thread and waits for its turn. An interrupted
+    caller cancels its batch: nothing merges, and the backend abandons the
+    workers that were running it (processes are replaced, thread memory is
+    never reused while its thread function still runs).
+    """
 
     def __init__(self, size: int, max_size: int, backend: Backend, *, tracking: str | None = None,
                  detect_conflicts: bool = False) -> None:
+        self.closed = False
         self.backend = backend
         self.detect_conflicts = detect_conflicts
-        self.snapshot = Snapshot(size=size, max_size=max_size)
-        self.memory = Region(size, max_size=max_size)
-        self.version = 0
-        self.thread_mode = thread_tracking_mode(tracking)
-        # Main memory: a private mapping of the snapshot, so cow tracks the
-        # main program's writes for free; other modes where cow cannot work
-        # or where the caller asked for one.
-        self._main_mode = self.thread_mode if tracking not in (None, "auto") else (
-            "cow" if probe()["cow"].available else tracker("auto").mode)
-        self._main_tracker = tracker(self._main_mode)
-        self._remap_main()
+        try:
+            self.snapshot = Snapshot(size=size, max_size=max_size)
+            self.memory = Region(size, max_size=max_size)
+            self.version = 0
+            self.thread_mode = thread_tracking_mode(tracking)
+            # Main memory: a private mapping of the snapshot, so cow tracks the
+            # main program's writes for free; other modes where cow cannot work
+            # or where the caller asked for one.
+            self._main_mode = self.thread_mode if tracking not in (None, "auto") else (
+                "cow" if probe()["cow"].available else tracker("auto").mode)
+            self._main_tracker = tracker(self._main_mode)
+            self._remap_main()
+        except BaseException:  # Ctrl-C included: release what exists
+            self._release(0.0)
+            raise
         self._placements: dict[tuple[int, int], list[int]] = {}
         self.last_batch = BatchStats()
-        self.closed = False
+        # Held for a whole batch and for anything else that changes main
+        # memory or the snapshot (alloc, resize, close).
+        self.lock = threading.Lock()
+        self._current: _Request | None = None
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # A plain thread, started without threading.Thread.start (which waits
+        # and so can be interrupted after the thread exists).
+        _thread.start_new_thread(_manage, (weakref.ref(self), self._requests))
+        weakref.finalize(self, self._requests.put, None)
+        # An App dropped without close() still stops its workers.
+        self._backend_finalizer = weakref.finalize(self, backend.close, 1.0)
 
     # ---- main memory ---------------------------------------------------------
 
@@ -258,10 +439,13 @@ class Executor:
         self.snapshot.map_to(self.memory)
         self._main_tracker.start(self.memory)
 
+    def _main_dirty(self) -> np.ndarray:
+        return self._main_tracker.dirty_pages(self.memory, "global")
+
     def carry_main_writes(self) -> int:
         """Carries the main program's writes since the last batch into the
         snapshot: the pages it wrote, copied whole. Returns their count."""
-        dirty = self._main_tracker.dirty_pages(self.memory, "global")
+        dirty = self._main_dirty()
         n = int(np.count_nonzero(dirty))
         if n:
             self.snapshot.write_pages(self.memory, dirty)
@@ -270,7 +454,8 @@ class Executor:
         return n
 
     def resize(self, size: int) -> None:
-        """Grows main memory and the snapshot in place (contents kept)."""
+        """Grows main memory and the snapshot in place (contents kept).
+        Call with ``lock`` held."""
         self.carry_main_writes()
         self.snapshot._grow(size)
         self.memory.resize(size)
@@ -288,26 +473,91 @@ class Executor:
             return cached, True
         slots = max(1, self.backend.slots)
         placement = [i % slots for i in range(n)]
+        if len(self._placements) > 64:  # batch sizes seen long ago
+            self._placements.pop(next(iter(self._placements)))
         self._placements[key] = placement
         return placement, False
 
+    def check_not_nested(self) -> None:
+        """Refuses calls from a thread function of this executor's own batch."""
+        if inside_batch_of(self.snapshot):
+            raise PageforkError("a thread function cannot call app.parallel, alloc or close on its "
+                                "own App (the batch it belongs to is still running)")
+
     def run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> list[Any]:
+        """Runs a batch on the batch thread and waits for it. Interrupted
+        (KeyboardInterrupt or any exception while waiting), it cancels the
+        batch: main memory and the snapshot stay as before, unless the merge
+        had already begun, in which case the batch completes."""
         if self.closed:
-            raise PageforkError("the executor is closed")
+            raise PageforkError("the App is closed")
         if n < 1:
             raise ValueError(f"a batch needs at least one thread, got n={n}")
+        if n > MAX_THREADS_PER_BATCH:
+            raise ValueError(f"a batch has at most {MAX_THREADS_PER_BATCH} threads, got n={n}")
+        self.check_not_nested()
+        request = _Request(fn, n, args, layout)
+        try:
+            self._requests.put(request)
+            # Woken now and then: a SIGINT that another thread received (or
+            # _thread.interrupt_main) only raises once this thread runs bytecode.
+            while not request.done.wait(POLL):
+                pass
+        except BaseException:
+            request.interrupt()
+            self._settle(request)
+            raise
+        if request.error is not None:
+            error, request.error = request.error, None
+            raise error
+        assert request.result is not None
+        return request.result
+
+    @staticmethod
+    def _settle(request: _Request) -> None:
+        """Waits for a cancelled batch to stop touching shared state (backends
+        react within a fraction of a second). A second interrupt stops the
+        wait; the batch thread still finishes it before the next batch."""
+        try:
+            while not request.done.wait(POLL):
+                pass
+        except BaseException:
+            pass
+
+    def _serve(self, request: _Request) -> None:
+        """Runs one request on the batch thread."""
+        if request.cancel.is_set():
+            return
+        with self.lock:
+            if self.closed:
+                request.error = PageforkError("the App is closed")
+                return
+            self._current = request
+            try:
+                request.result = self._batch(request)
+            except Cancelled:
+                request.error = KeyboardInterrupt("the batch was interrupted")
+            except BaseException as exc:
+                request.error = exc
+            finally:
+                self._current = None
+
+    def _batch(self, request: _Request) -> list[Any]:
+        n = request.n
         stats = BatchStats(threads=n)
         t0 = time.perf_counter()
         stats.main_dirty_pages = self.carry_main_writes()
-        regions = self.merge_regions(layout)
+        regions = self.merge_regions(request.layout)
         t1 = time.perf_counter()
         placement, stats.placement_cached = self.placement(n)
-        spec = BatchSpec(fn, n, tuple(args), self.snapshot, layout, regions, self.thread_mode,
-                         self.version)
-        outcomes = sorted(self.backend.run(spec, placement), key=lambda o: o.index)
+        spec = BatchSpec(request.fn, n, request.args, self.snapshot, request.layout, regions,
+                         self.thread_mode, self.version)
+        outcomes = sorted(self.backend.run(spec, placement, request.cancel), key=lambda o: o.index)
         t2 = time.perf_counter()
         stats.bytes_shipped = sum(o.bytes_shipped for o in outcomes)
         failed = [o for o in outcomes if o.error is not None]
+        if len(outcomes) != n and not failed:
+            raise PageforkError(f"the {self.backend.name} backend reported {len(outcomes)} of {n} threads")
         if failed:
             first = failed[0]
             err = WorkerError(f"thread {first.index} of {n} failed:\n{first.error}")
@@ -325,8 +575,16 @@ class Executor:
         stats.diffs = sum(len(b) for b in batches)
         stats.diff_bytes = sum(b.nbytes for b in batches)
         stats.dirty_pages = sum(o.dirty_pages for o in outcomes)
+        merged = DiffBatch.concat(batches)
+        if not request.begin_commit():
+            raise Cancelled()
+        # Main memory written while the batch ran (other Python threads, or
+        # thread functions writing the App's arrays directly): carried first,
+        # as if written just before the batch, then the threads' changes.
+        if self._main_dirty().any():
+            stats.main_dirty_pages += self.carry_main_writes()
         try:
-            self.snapshot.apply(DiffBatch.concat(batches))  # checked first: all or nothing
+            self.snapshot.apply(merged)  # checked first: all or nothing
         except MergeError:
             self.last_batch = stats
             raise
@@ -340,19 +598,67 @@ class Executor:
         return [o.result for o in outcomes]
 
     def merge_regions(self, layout: dict[str, Allocation]) -> list[MergeRegion]:
-        """The batch's merge regions: one per array by its rule, gaps OVERWRITE."""
+        """The batch's merge regions: one per array by its rule, gaps OVERWRITE.
+        Byte-wise rules merge any dtype as bytes; typed rules use its DataType."""
         self.snapshot.clear_merge_regions()
         for a in sorted(layout.values(), key=lambda a: a.offset):
             if a.nbytes:
-                self.snapshot.add_merge_region(a.offset, a.nbytes, a.dtype, a.merge)
+                typed = a.merge not in (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)
+                self.snapshot.add_merge_region(a.offset, a.nbytes, a.np_dtype if typed else DataType.RAW,
+                                               a.merge)
         self.snapshot.fill_gaps(MergeOp.OVERWRITE)
         return self.snapshot.merge_regions
 
-    def close(self) -> None:
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Stops the backend and releases memory. Waits up to ``timeout``
+        seconds for a running batch, then cancels it; raises TimeoutError if
+        thread functions (threads backend) were still running after that."""
         if self.closed:
             return
-        self.closed = True
-        self.backend.close()
-        self._main_tracker.close()
-        self.memory.close()
-        self.snapshot.close()
+        deadline = time.monotonic() + max(0.0, timeout)
+        if not self.lock.acquire(timeout=max(0.0, timeout)):
+            current = self._current
+            if current is not None:
+                current.interrupt()
+            # a cancelled batch lets go quickly; a committing one finishes
+            self.lock.acquire()
+        try:
+            self.closed = True
+            abandoned = self._release(max(0.0, deadline - time.monotonic()))
+        finally:
+            self.lock.release()
+        self._requests.put(None)
+        if abandoned:
+            raise TimeoutError(
+                f"{abandoned} thread function(s) of the {self.backend.name} backend were still running "
+                f"{timeout:g} s after close() began; they were abandoned (Python threads cannot be "
+                "killed) and release their memory when they return")
+
+    def _release(self, timeout: float) -> int:
+        """Closes what exists; safe to call again after an interruption."""
+        abandoned = 0
+        finalizer = getattr(self, "_backend_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+        backend, self.backend = self.backend, _ClosedBackend(self.backend.name)
+        abandoned = backend.close(timeout) or 0
+        for name in ("_main_tracker", "memory", "snapshot"):  # those that exist (__init__ may have failed)
+            part = getattr(self, name, None)
+            if part is not None:
+                part.close()
+        return abandoned
+
+
+class _ClosedBackend:
+    """What a closed executor holds instead of its backend."""
+
+    slots = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+        raise PageforkError("the App is closed")
+
+    def close(self, timeout: float) -> int:
+        return 0
