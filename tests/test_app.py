@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -248,3 +252,359 @@ def test_an_interrupted_batch_leaves_no_stale_replies():
             app.parallel(slow, 2)
         assert app.parallel(lambda mem, i, n: (mem["a"].__iadd__(1), "fast")[1], 1) == ["fast"]
         assert a.tolist() == [1, 1, 1, 1]
+
+
+# ---- loading user code ----------------------------------------------------------------
+
+
+def write_module(folder, name: str) -> None:
+    (folder / f"{name}.py").write_text(
+        "import numpy as np\n"
+        "def work(mem, i, n, k):\n"
+        "    mem['a'][i] += k\n"
+        "    return (__name__, i * k)\n")
+
+
+def test_module_functions_load_the_way_multiprocessing_loads_them(app, tmp_path, monkeypatch):
+    """A module importable only through a sys.path entry added at run time."""
+    import importlib
+
+    name = f"pf_tasks_{app.backend}_{os.getpid()}"
+    write_module(tmp_path, name)
+    monkeypatch.syspath_prepend(str(tmp_path))  # after the workers started
+    module = importlib.import_module(name)
+    try:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        assert app.parallel(module.work, 4, args=(3,)) == [(name, 3 * i) for i in range(4)]
+        assert a.tolist() == [3, 3, 3, 3]
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_every_kind_of_callable(app):
+    import functools
+
+    app.alloc("a", 8, np.int64, merge="sum")
+
+    class Adder:
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def add(self, mem, i, n):
+            mem["a"][i] += self.k
+            return self.k
+
+        def __call__(self, mem, i, n):
+            return self.add(mem, i, n)
+
+    def outer(k):
+        def closure(mem, i, n):
+            mem["a"][i] += k
+            return k
+        return closure
+
+    def with_extra(extra, mem, i, n):
+        mem["a"][i] += extra
+        return extra
+
+    for fn, k in [(lambda mem, i, n: (mem["a"].__setitem__(i, mem["a"][i] + 1), 1)[1], 1),
+                  (outer(2), 2), (Adder(3).add, 3), (Adder(4), 4), (functools.partial(with_extra, 5), 5)]:
+        assert app.parallel(fn, 8) == [k] * 8
+    assert app["a"].tolist() == [15] * 8
+
+
+# ---- interrupts -----------------------------------------------------------------------
+
+STRESS = r"""
+import os, random, signal, sys, threading, time
+import numpy as np
+from pagefork import App
+
+backend, rounds = sys.argv[1], int(sys.argv[2])
+rng = random.Random(int(sys.argv[3]))
+N = 3
+with App("256KiB", max_size="8MiB", backend=backend, workers=2) as app:
+    total = app.alloc("total", N, np.int64, merge="sum")
+    stamp = app.alloc("stamp", N, np.int64)
+    app.parallel(lambda mem, i, n: None, N)
+
+    def work(mem, i, n, k, reply, pause):
+        if pause:
+            time.sleep(pause)  # interrupted threads go on running
+        mem["total"][i] += 1
+        mem["stamp"][i] = k + 1
+        return b"x" * reply  # a large reply is being read when the signal lands
+
+    interrupted = 0
+    for r in range(rounds):
+        k = int(total[0])
+        timer = threading.Timer(rng.uniform(0, 0.05), os.kill, (os.getpid(), signal.SIGINT))
+        try:
+            try:
+                timer.start()
+                app.parallel(work, N, args=(k, rng.choice([0, 1 << 20, 8 << 20]),
+                                            rng.choice([0, 0, 0.01, 0.05])))
+            finally:
+                timer.join()  # the signal lands inside this try
+        except KeyboardInterrupt:
+            interrupted += 1
+        # all or nothing, and never a stale thread's writes
+        done = int(total[0])
+        assert done in (k, k + 1), (k, total.tolist())
+        assert total.tolist() == [done] * N and stamp.tolist() == [done] * N, (total, stamp)
+        # the next batch runs and is exact
+        got = app.parallel(lambda mem, i, n: (int(mem["total"][i]), int(mem["stamp"][i])), N)
+        assert got == [(done, done)] * N, (got, done)
+print("ok", rounds, "interrupted", interrupted)
+"""
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_sigint_at_random_points_in_a_loop(backend):
+    """Real SIGINTs at random points of batches (large replies arriving,
+    threads still running); after each, the state is all-or-nothing and the
+    next batch is exact."""
+    done = run_script(STRESS, backend, 40, 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok 40")
+    assert int(done.stdout.split()[-1]) > 0  # some signals did interrupt batches
+
+
+def interrupt_main_soon(delay: float = 0.05) -> threading.Timer:
+    """A real SIGINT to the main thread after ``delay`` seconds."""
+    timer = threading.Timer(delay, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_an_interrupted_threads_batch_never_touches_a_later_one():
+    with App("64KiB", backend="threads", workers=2) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        b = app.alloc("b", 4, np.int64)
+        release, running = threading.Event(), threading.Barrier(3)
+        seen: list[int] = []
+
+        def stuck(mem, i, n):
+            running.wait()
+            release.wait()
+            mem["a"][:] += 100         # its scratch memory, never merged
+            mem["b"][i] = 99
+            seen.append(int(mem["a"][0]))
+            return mem["a"]
+
+        timer = None
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                threading.Timer(0, running.wait).start()
+                timer = interrupt_main_soon(0.2)
+                app.parallel(stuck, 2)
+        finally:
+            if timer:
+                timer.join()
+        assert app._executor.backend.running() == 2  # still running, on memory nobody else uses
+
+        def work(mem, i, n):
+            mem["a"][i] += 1
+            return int(mem["a"].sum()), int(mem["b"].sum())
+
+        try:
+            assert app.parallel(work, 2) == [(1, 0), (1, 0)]
+        finally:
+            release.set()
+        while app._executor.backend.running():
+            time.sleep(0.01)
+        assert len(seen) == 2  # they ran to the end, on their own memory
+        assert app.parallel(work, 2) == [(3, 0), (3, 0)]
+        assert a.tolist() == [2, 2, 0, 0] and b.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "SystemExit(0)", "KeyboardInterrupt", "GeneratorExit",
+                                 "BaseException"])
+def test_exits_and_base_exceptions_are_worker_errors(app, how):
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+    before_main, before_snapshot = bytes(app.memory), snapshot_bytes(app)
+
+    def work(mem, i, n, how):
+        mem["a"][:] += 1
+        if i == 1:
+            if how == "sys.exit":
+                sys.exit(3)
+            raise {"SystemExit(0)": SystemExit(0), "KeyboardInterrupt": KeyboardInterrupt(),
+                   "GeneratorExit": GeneratorExit(), "BaseException": BaseException("odd")}[how]
+
+    with pytest.raises(WorkerError) as info:
+        app.parallel(work, 3, args=(how,))
+    assert info.value.thread == 1 and info.value.failed == [1]
+    assert ("SystemExit" if how.startswith("s") or how.startswith("S") else how) in info.value.traceback
+    assert bytes(app.memory) == before_main and snapshot_bytes(app) == before_snapshot
+    app.parallel(work, 1, args=(how,))
+    assert a.tolist() == [3] * 4
+
+
+def test_close_has_a_default_timeout():
+    import inspect
+
+    assert inspect.signature(App.close).parameters["timeout"].default == 10.0
+
+
+def test_close_abandons_a_thread_function_that_never_returns():
+    release = threading.Event()
+    app = App("64KiB", backend="threads", workers=2)
+    app.alloc("a", 4, np.int64)
+    errors: list[BaseException] = []
+
+    def call():
+        try:
+            app.parallel(lambda mem, i, n: release.wait(), 2)
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    while app._executor.backend.running() < 2:
+        time.sleep(0.01)
+    with pytest.raises(TimeoutError, match=r"2 thread function\(s\) .* still running"):
+        app.close(timeout=0.2)
+    caller.join()
+    assert len(errors) == 1 and isinstance(errors[0], PageforkError) and "closed" in str(errors[0])
+    with pytest.raises(PageforkError, match="closed"):
+        app.parallel(lambda mem, i, n: None, 1)
+    app.close()  # twice is fine
+    release.set()
+
+
+def test_close_kills_worker_processes_that_never_return():
+    app = App("64KiB", backend="processes", workers=2)
+    app.parallel(lambda mem, i, n: None, 2)
+    pids = [w.process.pid for w in app._executor.backend._workers]
+    caller = threading.Thread(target=lambda: pytest.raises(PageforkError, app.parallel,
+                                                           lambda mem, i, n: time.sleep(1000), 2))
+    caller.start()
+    time.sleep(0.2)
+    app.close(timeout=0.5)
+    caller.join()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped: gone
+
+
+# ---- concurrency and aliasing -------------------------------------------------------------
+
+
+def test_several_python_threads_share_one_app(app):
+    total = app.alloc("total", 1, np.int64, merge="sum")
+    hits = app.alloc("hits", 8, np.int64, merge="sum")
+    errors: list[BaseException] = []
+
+    def caller(k):
+        try:
+            for _ in range(10):
+                got = app.parallel(lambda mem, i, n, k: (mem["total"].__iadd__(1), mem["hits"].__setitem__(
+                    k, mem["hits"][k] + 1), k)[2], 3, args=(k,))
+                assert got == [k] * 3
+        except BaseException as exc:
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert errors == []
+    assert total[0] == 4 * 10 * 3 and hits.tolist() == [30, 30, 30, 30, 0, 0, 0, 0]
+
+
+def test_results_are_independent_values(app):
+    app.alloc("a", 4, np.int64)
+
+    def work(mem, i, n):
+        mem["a"][:] = i
+        return mem["a"], {"nested": [mem["a"][:2], (mem["a"][1:],)]}
+
+    first = app.parallel(work, 3)
+    assert [r[0].tolist() for r in first] == [[0] * 4, [1] * 4, [2] * 4]
+    assert [r[1]["nested"][0].tolist() for r in first] == [[0, 0], [1, 1], [2, 2]]
+    app.parallel(work, 3)
+    app.parallel(lambda mem, i, n: mem["a"].__setitem__(slice(None), 7), 2)
+    assert [r[0].tolist() for r in first] == [[0] * 4, [1] * 4, [2] * 4]
+    assert [r[1]["nested"][1][0].tolist() for r in first] == [[0] * 3, [1] * 3, [2] * 3]
+    for r in first:
+        r[0][0] = 50  # writable and independent of the App
+    assert app["a"].tolist() == [7] * 4
+
+
+def test_main_writes_made_while_a_batch_runs_are_carried(app, tmp_path):
+    a = app.alloc("a", 2 * PAGE_SIZE // 8, np.int64)
+    total = app.alloc("total", 2, np.int64, merge="sum")
+    started, proceed = tmp_path / "started", tmp_path / "proceed"
+
+    def work(mem, i, n, started, proceed):
+        mem["total"][:] += 1
+        mem["a"][i] = 10 + i
+        if i == 0:
+            open(started, "w").close()
+            while not os.path.exists(proceed):
+                time.sleep(0.005)
+
+    def writer():
+        while not started.exists():
+            time.sleep(0.005)
+        a[2] = -1                   # a page the threads also write
+        a[PAGE_SIZE // 8 + 3] = 33  # a page no thread writes
+        total[1] = 100
+        proceed.touch()
+
+    background = threading.Thread(target=writer)
+    background.start()
+    app.parallel(work, 2, args=(str(started), str(proceed)))
+    background.join()
+    assert a[:3].tolist() == [10, 11, -1] and a[PAGE_SIZE // 8 + 3] == 33
+    assert total.tolist() == [2, 102]
+    assert app.parallel(lambda mem, i, n: (int(mem["a"][PAGE_SIZE // 8 + 3]), int(mem["total"][1])), 1) == [(33, 102)]
+
+
+def test_closures_over_main_memory(app):
+    a = app.alloc("a", 4, np.int64)
+
+    def write_through_closure(mem, i, n):
+        a[i] = 5
+
+    if app.backend == "threads":  # the same memory: carried like any main-program write
+        app.parallel(write_through_closure, 2)
+        assert a.tolist() == [5, 5, 0, 0]
+    else:  # a worker would write to a copy: refused, not dropped
+        with pytest.raises(PageforkError, match="view of the App's main memory"):
+            app.parallel(write_through_closure, 2)
+        with pytest.raises(PageforkError, match="view of the App's main memory"):
+            app.parallel(lambda mem, i, n, v: None, 2, args=(app["a"],))
+        assert app.parallel(lambda mem, i, n, v: int(v.sum()), 1, args=(np.array(a) + 1,)) == [4]
+
+
+def test_a_thread_function_closing_its_memory(app):
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    before = bytes(app.memory)
+
+    def close_it(mem, i, n):
+        mem["a"][:] += 1
+        if i == 1:
+            mem.region.close()
+
+    for _ in range(2):
+        with pytest.raises(WorkerError, match="closed its memory"):
+            app.parallel(close_it, 2)
+        assert bytes(app.memory) == before
+    for _ in range(3):  # every slot recovers
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 4)
+    assert a.tolist() == [12] * 4
+
+    def grow(mem, i, n):
+        mem.region.resize(mem.region.max_size)  # later batches need the snapshot's size
+
+    app.parallel(grow, 2)
+    app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 4)
+    assert a.tolist() == [16] * 4

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import _thread
 import ast
+import io
 import math
+import pickle
 import queue
 import threading
 import time
@@ -151,6 +153,31 @@ class BatchSpec:
     merge_regions: list[MergeRegion]
     tracking: str  # mode for thread memory
     version: int   # snapshot version: bumps whenever its bytes change
+    main_memory: tuple[int, int] = (0, 0)  # [start, end) addresses of main memory
+
+    def dumps(self, obj: Any) -> bytes:
+        """``obj`` pickled for a worker (cloudpickle), refusing views of main
+        memory: a worker would get a copy, and writes to it would be lost."""
+        buffer = io.BytesIO()
+        _WorkerPickler(buffer, self.main_memory).dump(obj)
+        return buffer.getvalue()
+
+
+class _WorkerPickler(cloudpickle.CloudPickler):
+    def __init__(self, file: io.BytesIO, main_memory: tuple[int, int]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._main = main_memory
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and obj.size:
+            address = obj.__array_interface__["data"][0]
+            if self._main[0] <= address < self._main[1]:
+                raise pickle.PicklingError(
+                    "the thread function or its arguments hold a view of the App's main memory "
+                    f"(an array of shape {obj.shape}); a worker would get a copy and writes to it "
+                    "would be lost. Use mem[name] inside the thread function, or pass a copy "
+                    "(numpy.array(view)) to send values")
+        return super().reducer_override(obj)
 
 
 @dataclass
@@ -350,14 +377,16 @@ class _Request:
         self.cancel = Cancel()
         self.lock = threading.Lock()  # orders cancelling against committing
         self.committing = False
+        self.why = ""
         self.done = threading.Event()
         self.result: list[Any] | None = None
         self.error: BaseException | None = None
 
-    def interrupt(self) -> bool:
+    def interrupt(self, why: str = "interrupted") -> bool:
         """Cancels the batch unless its merge already began; True if cancelled."""
         with self.lock:
-            if not self.committing:
+            if not self.committing and not self.cancel.is_set():
+                self.why = why
                 self.cancel.set()
             return not self.committing
 
@@ -536,7 +565,8 @@ class Executor:
             try:
                 request.result = self._batch(request)
             except Cancelled:
-                request.error = KeyboardInterrupt("the batch was interrupted")
+                request.error = (PageforkError("the App was closed while the batch ran; nothing merged")
+                                 if request.why == "closed" else KeyboardInterrupt())
             except BaseException as exc:
                 request.error = exc
             finally:
@@ -551,7 +581,8 @@ class Executor:
         t1 = time.perf_counter()
         placement, stats.placement_cached = self.placement(n)
         spec = BatchSpec(request.fn, n, request.args, self.snapshot, request.layout, regions,
-                         self.thread_mode, self.version)
+                         self.thread_mode, self.version,
+                         (self.memory.address, self.memory.address + self.memory.max_size))
         outcomes = sorted(self.backend.run(spec, placement, request.cancel), key=lambda o: o.index)
         t2 = time.perf_counter()
         stats.bytes_shipped = sum(o.bytes_shipped for o in outcomes)
@@ -619,7 +650,7 @@ class Executor:
         if not self.lock.acquire(timeout=max(0.0, timeout)):
             current = self._current
             if current is not None:
-                current.interrupt()
+                current.interrupt("closed")
             # a cancelled batch lets go quickly; a committing one finishes
             self.lock.acquire()
         try:

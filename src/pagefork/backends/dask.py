@@ -223,8 +223,8 @@ class DaskBackend:
 
         self._check_client()
         try:
-            body = cloudpickle.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
-                                      spec.tracking))
+            body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
+                               spec.tracking))
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to Dask workers "
                                 f"(they travel pickled): {exc!r}") from exc

@@ -126,7 +126,8 @@ class _Worker:
             with theirs:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "pagefork.backends.processes", str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env())
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env(),
+                    start_new_session=True)  # a terminal's Ctrl-C is the parent's to handle
         except BaseException:
             ours.close()
             raise
@@ -218,8 +219,8 @@ class ProcessesBackend:
         self._seq += 1
         seq = self._seq  # replies carry it: a reply is only ever read by its own batch
         try:
-            fn_bytes = cloudpickle.dumps(spec.fn)
-            args_bytes = cloudpickle.dumps(spec.args)
+            fn_bytes = spec.dumps(spec.fn)
+            args_bytes = spec.dumps(spec.args)
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to worker processes "
                                 f"(they travel pickled): {exc!r}") from exc
