@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _thread
 import ast
+import errno
 import io
 import math
 import pickle
@@ -28,6 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 import cloudpickle
 import numpy as np
 
+from . import _native
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
 from ._sizes import round_to_pages
 from .memory import Region
@@ -36,7 +38,7 @@ from .tracking import Tracker, probe, tracker
 
 __all__ = ["Allocation", "BatchSpec", "BatchStats", "Cancelled", "Cancel", "Executor", "ThreadMemory",
            "ThreadOutcome", "Backend", "Workspace", "run_thread", "thread_tracking_mode", "dtype_of",
-           "dtype_text", "MAX_THREADS_PER_BATCH", "DEFAULT_CLOSE_TIMEOUT"]
+           "dtype_text", "MAX_THREADS_PER_BATCH", "MAX_TRACKED_REGIONS", "DEFAULT_CLOSE_TIMEOUT"]
 
 #: The most threads one batch may have (each costs a placement entry, an
 #: outcome and a diff batch in the client).
@@ -241,6 +243,26 @@ def thread_tracking_mode(requested: str | None = None) -> str:
     return tracker("auto").mode
 
 
+#: Regions one process can track at once (the native registry's size, unless
+#: the native module says otherwise). Main memory is one; each thread
+#: function running on the threads backend holds one while it runs.
+MAX_TRACKED_REGIONS = int(getattr(_native, "MAX_TRACKED_REGIONS", 256))
+
+
+_PREPARATION = "cannot prepare thread memory: "
+
+
+def _preparation_error(exc: BaseException) -> str:
+    """Why thread memory could not be mapped and tracked."""
+    text = _PREPARATION +  "".join(traceback.format_exception_only(exc)).strip()
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        text += (f" (a process tracks at most {MAX_TRACKED_REGIONS} regions at once: main memory, plus "
+                 "one per thread function running at the same time on the threads backend; use fewer "
+                 "workers)")
+    return text
+
+
 def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *,
                copy_result: bool = False) -> ThreadOutcome:
     """Runs thread ``index`` of a batch on ``region`` (any backend, any
@@ -253,8 +275,7 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
         spec.snapshot.map_to(region)
         tracker_.start(region)
     except BaseException as exc:  # not the thread's fault: say what the workspace lacks
-        return ThreadOutcome(index, error="cannot prepare thread memory: "
-                                          + "".join(traceback.format_exception_only(exc)).strip())
+        return ThreadOutcome(index, error=_preparation_error(exc))
     try:
         previous = getattr(_inside, "snapshot", None)
         _inside.snapshot = spec.snapshot
@@ -352,8 +373,7 @@ class Workspace:
         try:
             region, t = self.prepare(spec)
         except Exception as exc:
-            error = "cannot prepare thread memory: " + "".join(traceback.format_exception_only(exc)).strip()
-            return [ThreadOutcome(i, error=error) for i in indexes]
+            return [ThreadOutcome(i, error=_preparation_error(exc)) for i in indexes]
         outcomes = []
         for i in indexes:
             if cancel is not None and cancel.is_set():
@@ -590,7 +610,8 @@ class Executor:
         if len(outcomes) != n and not failed:
             raise PageforkError(f"the {self.backend.name} backend reported {len(outcomes)} of {n} threads")
         if failed:
-            first = failed[0]
+            # A workspace that could not be prepared explains the others' failures
+            first = min(failed, key=lambda o: (not (o.error or "").startswith(_PREPARATION), o.index))
             err = WorkerError(f"thread {first.index} of {n} failed:\n{first.error}")
             err.thread = first.index  # type: ignore[attr-defined]
             err.traceback = first.error  # type: ignore[attr-defined]
