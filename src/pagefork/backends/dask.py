@@ -164,6 +164,7 @@ class DaskBackend:
             raise ValueError("backend='dask' needs client= (a distributed.Client or a scheduler address)")
         self._own_client = not isinstance(client, distributed.Client)
         self.client = distributed.Client(client) if self._own_client else client
+        self._check_client()
         addresses = sorted(self.client.scheduler_info()["workers"])
         if not addresses:
             raise PageforkError("the Dask cluster has no workers")
