@@ -122,7 +122,6 @@ class App:
         ``alloc`` leaves the App as it was.
         """
         self._check_open()
-        self._executor.check_not_nested()
         if not isinstance(name, str):
             raise TypeError(f"an array name is a str, not {type(name).__name__}")
         if not name or len(name) > _MAX_NAME or not name.isprintable():
@@ -130,26 +129,28 @@ class App:
         op = MergeOp.of(merge)
         dt, shape_t = _check_dtype_and_shape(dtype, shape, op)
         nbytes = math.prod(shape_t) * dt.itemsize
-        with self._executor.lock:
-            self._check_open()
-            if name in self._layout:
-                raise ValueError(f"an array named {name!r} already exists")
-            align = PAGE_SIZE if nbytes >= PAGE_SIZE else max(_ALIGN, dt.alignment)
-            offset = -(-self._top // align) * align
-            end = offset + nbytes
-            memory = self._executor.memory
-            assert memory is not None
-            if end > memory.max_size:
-                raise OutOfBoundsError(
-                    f"{name!r} needs {nbytes} bytes at offset {offset}; the App has "
-                    f"{memory.max_size - offset if offset < memory.max_size else 0} left "
-                    f"(max_size {memory.max_size})")
-            allocation = Allocation(name, offset, shape_t, dtype_text(dt), op)
-            if end > memory.size:
-                self._executor.resize(round_to_pages(end))
-            self._layout[name] = allocation
-            self._top = end
-            return allocation.view(memory)
+        # On the batch thread: never during a batch, never cut off half-way.
+        return self._executor.call(lambda _: self._place(name, nbytes, dt, shape_t, op), cancellable=False)
+
+    def _place(self, name: str, nbytes: int, dt: np.dtype, shape_t: tuple[int, ...], op: MergeOp) -> np.ndarray:
+        """Places a checked array in main memory (on the batch thread)."""
+        if name in self._layout:
+            raise ValueError(f"an array named {name!r} already exists")
+        align = PAGE_SIZE if nbytes >= PAGE_SIZE else max(_ALIGN, dt.alignment)
+        offset = -(-self._top // align) * align
+        end = offset + nbytes
+        memory = self._executor.memory
+        if end > memory.max_size:
+            raise OutOfBoundsError(
+                f"{name!r} needs {nbytes} bytes at offset {offset}; the App has "
+                f"{memory.max_size - offset if offset < memory.max_size else 0} left "
+                f"(max_size {memory.max_size})")
+        allocation = Allocation(name, offset, shape_t, dtype_text(dt), op)
+        if end > memory.size:
+            self._executor.resize(round_to_pages(end))
+        self._layout[name] = allocation
+        self._top = end
+        return allocation.view(memory)
 
     def __getitem__(self, name: str) -> np.ndarray:
         self._check_open()
@@ -197,7 +198,6 @@ class App:
         killed: if some still run after ``timeout`` seconds, the App closes
         anyway and ``TimeoutError`` says how many were abandoned. Closing
         twice is harmless."""
-        self._executor.check_not_nested()
         self._executor.close(timeout)
 
     def __enter__(self) -> App:

@@ -390,25 +390,28 @@ class Workspace:
 
 
 class _Request:
-    """One call of ``run``: what to run, and how it ended."""
+    """One piece of work for the batch thread (a batch, an alloc, a close),
+    and how it ended."""
 
-    def __init__(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> None:
-        self.fn, self.n, self.args, self.layout = fn, n, args, layout
+    def __init__(self, work: Callable[[_Request], Any], cancellable: bool = True) -> None:
+        self.work = work
+        self.cancellable = cancellable
         self.cancel = Cancel()
         self.lock = threading.Lock()  # orders cancelling against committing
         self.committing = False
         self.why = ""
         self.done = threading.Event()
-        self.result: list[Any] | None = None
+        self.result: Any = None
         self.error: BaseException | None = None
 
     def interrupt(self, why: str = "interrupted") -> bool:
-        """Cancels the batch unless its merge already began; True if cancelled."""
+        """Cancels the work unless it cannot be or its merge already began;
+        True if cancelled."""
         with self.lock:
-            if not self.committing and not self.cancel.is_set():
+            if self.cancellable and not self.committing and not self.cancel.is_set():
                 self.why = why
                 self.cancel.set()
-            return not self.committing
+            return self.cancel.is_set()
 
     def begin_commit(self) -> bool:
         """From here on the batch merges whatever happens; False if it was
@@ -470,9 +473,6 @@ class Executor:
             raise
         self._placements: dict[tuple[int, int], list[int]] = {}
         self.last_batch = BatchStats()
-        # Held for a whole batch and for anything else that changes main
-        # memory or the snapshot (alloc, resize, close).
-        self.lock = threading.Lock()
         self._current: _Request | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         # A plain thread, started without threading.Thread.start (which waits
@@ -504,7 +504,7 @@ class Executor:
 
     def resize(self, size: int) -> None:
         """Grows main memory and the snapshot in place (contents kept).
-        Call with ``lock`` held."""
+        Call on the batch thread (``call``)."""
         self.carry_main_writes()
         self.snapshot._grow(size)
         self.memory.resize(size)
@@ -544,8 +544,17 @@ class Executor:
             raise ValueError(f"a batch needs at least one thread, got n={n}")
         if n > MAX_THREADS_PER_BATCH:
             raise ValueError(f"a batch has at most {MAX_THREADS_PER_BATCH} threads, got n={n}")
+        return self.call(lambda request: self._batch(request, fn, n, args, layout))
+
+    def call(self, work: Callable[[_Request], Any], cancellable: bool = True) -> Any:
+        """Runs ``work(request)`` on the batch thread, after the batches
+        before it, and returns its result. Everything that changes main
+        memory or the snapshot goes through here, so it never races a batch
+        and is never cut off half-way by KeyboardInterrupt: an interrupted
+        caller cancels the work (if it is cancellable) and waits until it no
+        longer touches anything."""
         self.check_not_nested()
-        request = _Request(fn, n, args, layout)
+        request = _Request(work, cancellable)
         try:
             self._requests.put(request)
             # Woken now and then: a SIGINT that another thread received (or
@@ -559,14 +568,13 @@ class Executor:
         if request.error is not None:
             error, request.error = request.error, None
             raise error
-        assert request.result is not None
         return request.result
 
     @staticmethod
     def _settle(request: _Request) -> None:
-        """Waits for a cancelled batch to stop touching shared state (backends
+        """Waits for cancelled work to stop touching shared state (backends
         react within a fraction of a second). A second interrupt stops the
-        wait; the batch thread still finishes it before the next batch."""
+        wait; the batch thread still finishes the work before the next."""
         try:
             while not request.done.wait(POLL):
                 pass
@@ -576,31 +584,31 @@ class Executor:
     def _serve(self, request: _Request) -> None:
         """Runs one request on the batch thread."""
         if request.cancel.is_set():
+            request.error = KeyboardInterrupt()
             return
-        with self.lock:
-            if self.closed:
-                request.error = PageforkError("the App is closed")
-                return
-            self._current = request
-            try:
-                request.result = self._batch(request)
-            except Cancelled:
-                request.error = (PageforkError("the App was closed while the batch ran; nothing merged")
-                                 if request.why == "closed" else KeyboardInterrupt())
-            except BaseException as exc:
-                request.error = exc
-            finally:
-                self._current = None
+        if self.closed:
+            request.error = PageforkError("the App is closed")
+            return
+        self._current = request
+        try:
+            request.result = request.work(request)
+        except Cancelled:
+            request.error = (PageforkError("the App was closed while the batch ran; nothing merged")
+                             if request.why == "closed" else KeyboardInterrupt())
+        except BaseException as exc:
+            request.error = exc
+        finally:
+            self._current = None
 
-    def _batch(self, request: _Request) -> list[Any]:
-        n = request.n
+    def _batch(self, request: _Request, fn: Callable[..., Any], n: int, args: tuple,
+               layout: dict[str, Allocation]) -> list[Any]:
         stats = BatchStats(threads=n)
         t0 = time.perf_counter()
         stats.main_dirty_pages = self.carry_main_writes()
-        regions = self.merge_regions(request.layout)
+        regions = self.merge_regions(layout)
         t1 = time.perf_counter()
         placement, stats.placement_cached = self.placement(n)
-        spec = BatchSpec(request.fn, n, request.args, self.snapshot, request.layout, regions,
+        spec = BatchSpec(fn, n, args, self.snapshot, layout, regions,
                          self.thread_mode, self.version,
                          (self.memory.address, self.memory.address + self.memory.max_size))
         outcomes = sorted(self.backend.run(spec, placement, request.cancel), key=lambda o: o.index)
@@ -662,29 +670,35 @@ class Executor:
         return self.snapshot.merge_regions
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
-        """Stops the backend and releases memory. Waits up to ``timeout``
-        seconds for a running batch, then cancels it; raises TimeoutError if
-        thread functions (threads backend) were still running after that."""
+        """Stops the backend and releases memory, on the batch thread after
+        the batches queued before. A batch still running after ``timeout``
+        seconds is cancelled. Raises TimeoutError if thread functions
+        (threads backend) were still running after that. Interrupted, the
+        close goes on in the background; calling close again waits for it."""
         if self.closed:
             return
-        deadline = time.monotonic() + max(0.0, timeout)
-        if not self.lock.acquire(timeout=max(0.0, timeout)):
+        self.check_not_nested()
+        timeout = max(0.0, timeout)
+        deadline = time.monotonic() + timeout
+        request = _Request(lambda request: self._close_now(deadline), cancellable=False)
+        self._requests.put(request)
+        while not request.done.wait(POLL):
             current = self._current
-            if current is not None:
-                current.interrupt("closed")
-            # a cancelled batch lets go quickly; a committing one finishes
-            self.lock.acquire()
-        try:
-            self.closed = True
-            abandoned = self._release(max(0.0, deadline - time.monotonic()))
-        finally:
-            self.lock.release()
-        self._requests.put(None)
+            if time.monotonic() > deadline and current is not None and current is not request:
+                current.interrupt("closed")  # it lets go within a fraction of a second
+        if request.error is not None:
+            error, request.error = request.error, None
+            raise error
+        abandoned = request.result
         if abandoned:
             raise TimeoutError(
                 f"{abandoned} thread function(s) of the {self.backend.name} backend were still running "
                 f"{timeout:g} s after close() began; they were abandoned (Python threads cannot be "
                 "killed) and release their memory when they return")
+
+    def _close_now(self, deadline: float) -> int:
+        self.closed = True
+        return self._release(max(0.0, deadline - time.monotonic()))
 
     def _release(self, timeout: float) -> int:
         """Closes what exists; safe to call again after an interruption."""
