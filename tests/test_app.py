@@ -894,3 +894,33 @@ def test_sigint_during_construction_and_close(backend):
     done = run_script(LIFECYCLE, backend, 25)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "children 0"
+
+
+def test_ctrl_c_while_waiting_for_another_threads_batch(app, tmp_path):
+    """The interrupted caller leaves at once; its batch never runs."""
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    started, proceed = tmp_path / "started", tmp_path / "proceed"
+
+    def blocker(mem, i, n, started, proceed):
+        mem["a"][0] += 1
+        open(started, "w").close()
+        while not os.path.exists(proceed):
+            time.sleep(0.005)
+
+    other = threading.Thread(target=app.parallel, args=(blocker, 1), kwargs=dict(args=(str(started), str(proceed))))
+    other.start()
+    try:
+        while not started.exists():
+            time.sleep(0.005)
+        timer = interrupt_main_soon(0.1)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                app.parallel(lambda mem, i, n: mem["a"].__setitem__(1, 1), 2)  # queued behind it
+        finally:
+            timer.join()
+        assert other.is_alive()  # left while the other batch still ran
+    finally:
+        proceed.touch()
+        other.join()
+    assert app.parallel(lambda mem, i, n: int(mem["a"][1]), 1) == [0]
+    assert a.tolist() == [1, 0, 0, 0]

@@ -393,11 +393,14 @@ class _Request:
     """One piece of work for the batch thread (a batch, an alloc, a close),
     and how it ended."""
 
-    def __init__(self, work: Callable[[_Request], Any], cancellable: bool = True) -> None:
+    def __init__(self, work: Callable[[_Request], Any], cancellable: bool = True,
+                 skippable: bool = True) -> None:
         self.work = work
-        self.cancellable = cancellable
+        self.cancellable = cancellable  # may be stopped once started (batches)
+        self.skippable = skippable      # may be dropped before it starts (not close)
         self.cancel = Cancel()
-        self.lock = threading.Lock()  # orders cancelling against committing
+        self.lock = threading.Lock()  # orders cancelling against starting and committing
+        self.started = False
         self.committing = False
         self.why = ""
         self.done = threading.Event()
@@ -405,13 +408,24 @@ class _Request:
         self.error: BaseException | None = None
 
     def interrupt(self, why: str = "interrupted") -> bool:
-        """Cancels the work unless it cannot be or its merge already began;
-        True if cancelled."""
+        """Cancels the work if it has not started (and may be skipped), or
+        has started, may be stopped, and has not begun to merge. Returns
+        whether the caller must wait for it to let go (it started)."""
         with self.lock:
-            if self.cancellable and not self.committing and not self.cancel.is_set():
+            if self.cancel.is_set() or self.committing:
+                return self.started
+            if (self.skippable and not self.started) or (self.cancellable and self.started):
                 self.why = why
                 self.cancel.set()
-            return self.cancel.is_set()
+            return self.started
+
+    def start(self) -> bool:
+        """Called by the batch thread; False if the work was dropped first."""
+        with self.lock:
+            if self.cancel.is_set():
+                return False
+            self.started = True
+            return True
 
     def begin_commit(self) -> bool:
         """From here on the batch merges whatever happens; False if it was
@@ -562,8 +576,8 @@ class Executor:
             while not request.done.wait(POLL):
                 pass
         except BaseException:
-            request.interrupt()
-            self._settle(request)
+            if request.interrupt():  # started: wait until it no longer touches anything
+                self._settle(request)
             raise
         if request.error is not None:
             error, request.error = request.error, None
@@ -583,7 +597,7 @@ class Executor:
 
     def _serve(self, request: _Request) -> None:
         """Runs one request on the batch thread."""
-        if request.cancel.is_set():
+        if not request.start():
             request.error = KeyboardInterrupt()
             return
         if self.closed:
@@ -680,7 +694,7 @@ class Executor:
         self.check_not_nested()
         timeout = max(0.0, timeout)
         deadline = time.monotonic() + timeout
-        request = _Request(lambda request: self._close_now(deadline), cancellable=False)
+        request = _Request(lambda request: self._close_now(deadline), cancellable=False, skippable=False)
         self._requests.put(request)
         while not request.done.wait(POLL):
             current = self._current

@@ -145,6 +145,13 @@ def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, pa
     return ("ok", index, result, diffs, outcome.dirty_pages, get_worker().address)
 
 
+def _absolute(path: str) -> str:
+    try:
+        return os.path.abspath(path)
+    except OSError:  # the working directory was deleted
+        return path
+
+
 # ---- the client side ---------------------------------------------------------------
 
 
@@ -215,7 +222,7 @@ class DaskBackend:
     def _check_client(self) -> None:
         """A closed client never completes anything: say so at once."""
         status = getattr(self.client, "status", "running")
-        if status in ("closing", "closed", "newly-created") or status is None:
+        if status in ("closing", "closed") or status is None:
             raise PageforkError(f"the Dask client is {status or 'closed'}: the App cannot run batches "
                                 "(create the App with a running distributed.Client)")
 
@@ -230,7 +237,7 @@ class DaskBackend:
             raise PageforkError(f"cannot send the thread function or its arguments to Dask workers "
                                 f"(they travel pickled): {exc!r}") from exc
         # Relative entries ('' is the working directory) mean the client's folders.
-        paths = [os.path.abspath(p) for p in sys.path]
+        paths = [_absolute(p) for p in sys.path if isinstance(p, str)]
         program = pickle.dumps((paths, body), protocol=pickle.HIGHEST_PROTOCOL)
         self._record(spec)
         shipped = len(program) * self.slots

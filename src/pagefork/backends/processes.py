@@ -67,7 +67,8 @@ def _worker_main(conn: connection.Connection) -> None:
             _, path, cwd = message
             sys.path[:] = path
             try:
-                os.chdir(cwd)
+                if cwd is not None:
+                    os.chdir(cwd)
             except OSError:
                 pass
             continue
@@ -114,9 +115,13 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _preparation() -> tuple[list[str], str]:
+def _preparation() -> tuple[list[str], str | None]:
     """What a worker needs to import what the parent imports."""
-    return list(sys.path), os.getcwd()
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:  # the working directory was deleted
+        cwd = None
+    return list(sys.path), cwd
 
 
 class _Worker:
@@ -134,9 +139,9 @@ class _Worker:
         self.conn = connection.Connection(ours.detach())
         self.slot = slot
         self.snapshot_key: tuple[int, int] | None = None
-        self.prepared: tuple[list[str], str] | None = None
+        self.prepared: tuple[list[str], str | None] | None = None
 
-    def ensure_prepared(self, preparation: tuple[list[str], str]) -> int:
+    def ensure_prepared(self, preparation: tuple[list[str], str | None]) -> int:
         """Sends the parent's sys.path and cwd unless this worker has them."""
         if self.prepared == preparation:
             return 0
