@@ -244,13 +244,30 @@ def test_a_client_closed_mid_batch(tmp_path):
 
 
 STRESS = r'''
-import os, random, signal, sys, threading
+import os, random, signal, sys, threading, time
 import numpy as np
 import distributed
 from pagefork import App
 
 rng = random.Random(5)
+
+
+def burst(count):
+    for _ in range(count):  # Ctrl-C pressed once, or several times quickly
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.002)
+
+
+inside = False
+
+
+def on_sigint(signum, frame):
+    if inside:  # Python's own behaviour, but only inside the test's try
+        raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_sigint)
     with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=2,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client, \
             App("64KiB", backend="dask", client=client) as app:
@@ -259,16 +276,19 @@ if __name__ == "__main__":
         merged = 0
         for r in range(int(sys.argv[1])):
             k = int(total[0])
-            timer = threading.Timer(rng.uniform(0, rng.choice([0.01, 0.05, 0.2])), os.kill,
-                                    (os.getpid(), signal.SIGINT))
+            timer = threading.Timer(rng.uniform(0, rng.choice([0.01, 0.05, 0.2])), burst,
+                                    (rng.choice([1, 1, 3]),))
+            time.sleep(0.005)  # the last round's late signals are handled (and ignored) here
             try:
-                try:
-                    timer.start()
-                    app.parallel(lambda mem, i, n: mem["total"].__setitem__(i, mem["total"][i] + 1), 3)
-                finally:
-                    timer.join()
+                inside = True
+                timer.start()
+                app.parallel(lambda mem, i, n: mem["total"].__setitem__(i, mem["total"][i] + 1), 3)
+                timer.join()  # a signal after the batch lands here
             except KeyboardInterrupt:
-                pass
+                inside = False
+            inside = False
+            if timer.ident is not None:
+                timer.join()
             assert total.tolist() in ([k] * 3, [k + 1] * 3), (k, total)
             merged += int(total[0]) == k + 1
             assert app.parallel(lambda mem, i, n: int(mem["total"][i]), 3) == total.tolist()
