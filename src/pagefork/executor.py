@@ -263,6 +263,18 @@ def _preparation_error(exc: BaseException) -> str:
     return text
 
 
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _copied(value: Any) -> Any:
+    """An independent copy, the way another backend would ship it back."""
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # lambdas, local classes: what cloudpickle is for
+        data = cloudpickle.dumps(value)
+    return pickle.loads(data)
+
+
 def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *,
                copy_result: bool = False) -> ThreadOutcome:
     """Runs thread ``index`` of a batch on ``region`` (any backend, any
@@ -289,9 +301,9 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
             raise PageforkError("the thread function closed its memory (mem.region.close())")
         dirty = tracker_.dirty_pages(region, "global")
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
-        if copy_result:
+        if copy_result and type(result) not in _IMMUTABLE:
             try:
-                result = cloudpickle.loads(cloudpickle.dumps(result))
+                result = _copied(result)
             except BaseException as exc:
                 raise PageforkError(f"cannot copy the result ({type(result).__name__}) out of thread "
                                     f"memory: {exc!r}") from exc

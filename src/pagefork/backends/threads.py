@@ -1,19 +1,22 @@
 """The threads backend: Python threads in this process, each on its own
 private copy-on-write mapping of the snapshot.
 
-Each batch runs on fresh Python threads, one per slot used. A slot's
-workspace (thread memory and tracker) is reused by later batches only once
-the thread that used it has returned: when a batch is cancelled (its caller
-was interrupted), slots whose thread is still running get new workspaces,
-and the old ones are closed by their thread when it finally returns.
+Each slot has a Python thread and a workspace (thread memory and tracker),
+both reused by later batches only once the slot's thread function has
+returned: when a batch is cancelled (its caller was interrupted), slots
+whose thread function still runs are replaced by new slots (a new thread,
+new memory), and the old thread closes its workspace and ends when the
+function finally returns.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..executor import POLL, BatchSpec, Cancel, Cancelled, ThreadOutcome, Workspace
 
@@ -29,12 +32,33 @@ def group_by_slot(placement: Sequence[int]) -> dict[int, list[int]]:
 
 
 class _Slot:
-    """A workspace and whether a thread is using it."""
+    """A workspace, the thread that runs jobs on it, and whether a job runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.space = Workspace()
         self.busy = False
-        self.retired = False  # replaced while busy: its thread closes it
+        self.retired = False  # replaced while busy: its thread closes the workspace and ends
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:  # started on first use
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
+            if self.retired:
+                return
 
 
 class ThreadsBackend:
@@ -47,9 +71,9 @@ class ThreadsBackend:
         self.slots = workers if workers is not None else (os.cpu_count() or 1)
         if self.slots < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        self._slots = [_Slot() for _ in range(self.slots)]
+        self._slots = [_Slot(f"pagefork-{i}") for i in range(self.slots)]
         self._lock = threading.Condition()
-        self._running: set[threading.Thread] = set()  # threads of this and cancelled batches
+        self._running: set[_Slot] = set()  # slots running jobs, of this and cancelled batches
 
     def _work(self, slot: _Slot, spec: BatchSpec, indexes: list[int], cancel: Cancel,
               out: dict[int, list[ThreadOutcome]], key: int) -> None:
@@ -62,7 +86,7 @@ class ThreadsBackend:
             slot.busy = False
             if slot.retired:
                 slot.space.close()
-            self._running.discard(threading.current_thread())
+            self._running.discard(slot)
             self._lock.notify_all()
 
     def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
@@ -73,13 +97,11 @@ class ThreadsBackend:
             for slot_index, indexes in groups.items():
                 slot = self._slots[slot_index]
                 assert not slot.busy, "a slot is reused while its thread runs"
-                thread = threading.Thread(target=self._work, args=(slot, spec, indexes, cancel, out, slot_index),
-                                          name=f"pagefork-{slot_index}", daemon=True)
                 with self._lock:
                     slot.busy = True
-                    self._running.add(thread)
+                    self._running.add(slot)
                 started.append((slot_index, slot))
-                thread.start()
+                slot.submit(functools.partial(self._work, slot, spec, indexes, cancel, out, slot_index))
             with self._lock:
                 while len(out) < len(started):
                     if cancel.is_set():
@@ -91,13 +113,13 @@ class ThreadsBackend:
         return [o for slot_index in groups for o in out.get(slot_index, [])]
 
     def _abandon(self, started: list[tuple[int, _Slot]]) -> None:
-        """Gives every slot still in use a new workspace; the old one is
-        closed by its thread when it returns."""
+        """Replaces every slot still in use by a new one; the old slot's
+        thread closes its workspace and ends when its function returns."""
         with self._lock:
             for slot_index, slot in started:
                 if slot.busy:
                     slot.retired = True
-                    self._slots[slot_index] = _Slot()
+                    self._slots[slot_index] = _Slot(slot.name)
 
     def running(self) -> int:
         """Thread functions still running (of cancelled batches, too)."""
@@ -110,9 +132,10 @@ class ThreadsBackend:
             while self._running and time.monotonic() < deadline:
                 self._lock.wait(min(POLL, max(0.0, deadline - time.monotonic())))
             abandoned = len(self._running)
-            for i, slot in enumerate(self._slots):
+            for slot in self._slots:
                 if slot.busy:
                     slot.retired = True
                 else:
                     slot.space.close()
+                slot.stop()
         return abandoned
