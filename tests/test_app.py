@@ -955,3 +955,34 @@ def test_ctrl_c_while_waiting_for_another_threads_batch(app, tmp_path):
         other.join()
     assert app.parallel(lambda mem, i, n: int(mem["a"][1]), 1) == [0]
     assert a.tolist() == [1, 0, 0, 0]
+
+
+FORK_SCRIPT = r"""
+import os, sys, numpy as np
+from pagefork import App, PageforkError
+app = App("64KiB", backend=sys.argv[1], workers=2)
+a = app.alloc("a", 4, np.int64, merge="sum")
+app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+pid = os.fork()
+if pid == 0:
+    try:
+        app.parallel(lambda mem, i, n: None, 1)
+        code = 3
+    except PageforkError as exc:
+        code = 0 if "fork()ed child" in str(exc) else 4
+    app.close()
+    sys.exit(code)  # a normal exit: atexit and finalizers run in the child too
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+assert a.tolist() == [4] * 4, a
+assert getattr(app._executor.backend, "replaced", 0) == 0  # the child stopped none of our workers
+app.close()
+print("ok")
+"""
+
+
+def test_a_forked_child_cannot_use_or_stop_the_parents_app(backend):
+    done = run_script(FORK_SCRIPT, backend, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "ok\n"

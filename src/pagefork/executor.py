@@ -17,6 +17,7 @@ import ast
 import errno
 import io
 import math
+import os
 import pickle
 import queue
 import threading
@@ -501,12 +502,15 @@ class Executor:
         self.last_batch = BatchStats()
         self._current: _Request | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # Workers, sockets and the batch thread belong to this process; a
+        # fork()ed child must not use them (or stop them when it exits).
+        self._pid = os.getpid()
+        weakref.finalize(self, self._requests.put, None)
+        # An App dropped without close() still stops its workers.
+        self._backend_finalizer = weakref.finalize(self, _close_backend, backend, self._pid)
         # A plain thread, started without threading.Thread.start (which waits
         # and so can be interrupted after the thread exists).
         _thread.start_new_thread(_manage, (weakref.ref(self), self._requests))
-        weakref.finalize(self, self._requests.put, None)
-        # An App dropped without close() still stops its workers.
-        self._backend_finalizer = weakref.finalize(self, backend.close, 1.0)
 
     # ---- main memory ---------------------------------------------------------
 
@@ -572,6 +576,13 @@ class Executor:
             raise ValueError(f"a batch has at most {MAX_THREADS_PER_BATCH} threads, got n={n}")
         return self.call(lambda request: self._batch(request, fn, n, args, layout))
 
+    def check_owner(self) -> None:
+        """Refuses use from a fork()ed child: the batch thread and the
+        workers belong to the parent."""
+        if os.getpid() != self._pid:
+            raise PageforkError(f"this App belongs to process {self._pid}; a fork()ed child cannot use "
+                                "it (create a new App in the child)")
+
     def call(self, work: Callable[[_Request], Any], cancellable: bool = True) -> Any:
         """Runs ``work(request)`` on the batch thread, after the batches
         before it, and returns its result. Everything that changes main
@@ -579,6 +590,7 @@ class Executor:
         and is never cut off half-way by KeyboardInterrupt: an interrupted
         caller cancels the work (if it is cancellable) and waits until it no
         longer touches anything."""
+        self.check_owner()
         self.check_not_nested()
         request = _Request(work, cancellable)
         try:
@@ -703,6 +715,10 @@ class Executor:
         close goes on in the background; calling close again waits for it."""
         if self.closed:
             return
+        if os.getpid() != self._pid:  # a fork()ed child: the parent's workers are not ours to stop
+            self.closed = True
+            self._backend_finalizer.detach()
+            return
         self.check_not_nested()
         timeout = max(0.0, timeout)
         deadline = time.monotonic() + timeout
@@ -739,6 +755,13 @@ class Executor:
             if part is not None:
                 part.close()
         return abandoned
+
+
+def _close_backend(backend: Backend, pid: int) -> None:
+    """Stops the workers of an App that was never closed (garbage-collected,
+    or open at interpreter exit), unless this is a fork()ed child."""
+    if os.getpid() == pid:
+        backend.close(1.0)
 
 
 class _ClosedBackend:
