@@ -50,10 +50,10 @@ def _check_dtype_and_shape(dtype: DTypeLike, shape: Any, op: MergeOp) -> tuple[n
     if len(shape_t) > 32:
         raise ValueError(f"numpy arrays have at most 32 dimensions, got {len(shape_t)}")
     if dt.hasobject:
-        raise TypeError(f"dtype {dt} holds Python objects, which cannot live in shared memory "
-                        "(use fixed-size values: numbers, bytes 'S', strings 'U', structured)")
+        raise ValueError(f"dtype {dt} holds Python objects, which cannot live in shared memory "
+                         "(use fixed-size values: numbers, bytes 'S', strings 'U', structured)")
     if dt.itemsize == 0:
-        raise TypeError(f"dtype {dt} has no size (give strings and bytes a length, e.g. 'U10')")
+        raise ValueError(f"dtype {dt} has no size (give strings and bytes a length, e.g. 'U10')")
     if op not in _BYTEWISE:
         try:
             MergeRegion(0, dt.itemsize, DataType.of(dt), op)
