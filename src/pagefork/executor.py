@@ -450,22 +450,25 @@ class _Request:
             return True
 
 
-def _manage(executor_ref: weakref.ref[Executor], requests: queue.SimpleQueue) -> None:
+def _manage(executor_ref: weakref.ref[Executor], requests: queue.SimpleQueue, alive: threading.Event) -> None:
     """The batch thread: runs queued batches one at a time. Python raises
     KeyboardInterrupt only in the main thread, so nothing here is ever cut
     off half-way; a caller that is interrupted cancels its request instead."""
-    while True:
-        request = requests.get()
-        if request is None:
-            return
-        executor = executor_ref()
-        if executor is None:
-            return
-        try:
-            executor._serve(request)
-        finally:
-            request.done.set()
-            del executor, request
+    try:
+        while True:
+            request = requests.get()
+            if request is None:
+                return
+            executor = executor_ref()
+            if executor is None:
+                return
+            try:
+                executor._serve(request)
+            finally:
+                request.done.set()
+                del executor, request
+    finally:
+        alive.clear()
 
 
 class Executor:
@@ -510,7 +513,9 @@ class Executor:
         self._backend_finalizer = weakref.finalize(self, _close_backend, backend, self._pid)
         # A plain thread, started without threading.Thread.start (which waits
         # and so can be interrupted after the thread exists).
-        _thread.start_new_thread(_manage, (weakref.ref(self), self._requests))
+        self._alive = threading.Event()
+        self._alive.set()
+        _thread.start_new_thread(_manage, (weakref.ref(self), self._requests, self._alive))
 
     # ---- main memory ---------------------------------------------------------
 
@@ -598,7 +603,8 @@ class Executor:
             # Woken now and then: a SIGINT that another thread received (or
             # _thread.interrupt_main) only raises once this thread runs bytecode.
             while not request.done.wait(POLL):
-                pass
+                if not self._alive.is_set():
+                    raise PageforkError("the App's batch thread has ended (interpreter shutdown?)")
         except BaseException:
             if request.interrupt():  # started: wait until it no longer touches anything
                 self._settle(request)
@@ -608,13 +614,12 @@ class Executor:
             raise error
         return request.result
 
-    @staticmethod
-    def _settle(request: _Request) -> None:
+    def _settle(self, request: _Request) -> None:
         """Waits for cancelled work to stop touching shared state (backends
         react within a fraction of a second). A second interrupt stops the
         wait; the batch thread still finishes the work before the next."""
         try:
-            while not request.done.wait(POLL):
+            while not request.done.wait(POLL) and self._alive.is_set():
                 pass
         except BaseException:
             pass
@@ -725,6 +730,9 @@ class Executor:
         request = _Request(lambda request: self._close_now(deadline), cancellable=False, skippable=False)
         self._requests.put(request)
         while not request.done.wait(POLL):
+            if not self._alive.is_set():
+                self.closed = True
+                return
             current = self._current
             if time.monotonic() > deadline and current is not None and current is not request:
                 current.interrupt("closed")  # it lets go within a fraction of a second
