@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -248,3 +252,737 @@ def test_an_interrupted_batch_leaves_no_stale_replies():
             app.parallel(slow, 2)
         assert app.parallel(lambda mem, i, n: (mem["a"].__iadd__(1), "fast")[1], 1) == ["fast"]
         assert a.tolist() == [1, 1, 1, 1]
+
+
+# ---- loading user code ----------------------------------------------------------------
+
+
+def write_module(folder, name: str) -> None:
+    (folder / f"{name}.py").write_text(
+        "import numpy as np\n"
+        "def work(mem, i, n, k):\n"
+        "    mem['a'][i] += k\n"
+        "    return (__name__, i * k)\n")
+
+
+def test_module_functions_load_the_way_multiprocessing_loads_them(app, tmp_path, monkeypatch):
+    """A module importable only through a sys.path entry added at run time."""
+    import importlib
+
+    name = f"pf_tasks_{app.backend}_{os.getpid()}"
+    write_module(tmp_path, name)
+    monkeypatch.syspath_prepend(str(tmp_path))  # after the workers started
+    module = importlib.import_module(name)
+    try:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        assert app.parallel(module.work, 4, args=(3,)) == [(name, 3 * i) for i in range(4)]
+        assert a.tolist() == [3, 3, 3, 3]
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_every_kind_of_callable(app):
+    import functools
+
+    app.alloc("a", 8, np.int64, merge="sum")
+
+    class Adder:
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def add(self, mem, i, n):
+            mem["a"][i] += self.k
+            return self.k
+
+        def __call__(self, mem, i, n):
+            return self.add(mem, i, n)
+
+    def outer(k):
+        def closure(mem, i, n):
+            mem["a"][i] += k
+            return k
+        return closure
+
+    def with_extra(extra, mem, i, n):
+        mem["a"][i] += extra
+        return extra
+
+    for fn, k in [(lambda mem, i, n: (mem["a"].__setitem__(i, mem["a"][i] + 1), 1)[1], 1),
+                  (outer(2), 2), (Adder(3).add, 3), (Adder(4), 4), (functools.partial(with_extra, 5), 5)]:
+        assert app.parallel(fn, 8) == [k] * 8
+    assert app["a"].tolist() == [15] * 8
+
+
+# ---- interrupts -----------------------------------------------------------------------
+
+STRESS = r"""
+import os, random, signal, sys, threading, time
+import numpy as np
+from pagefork import App
+
+backend, rounds = sys.argv[1], int(sys.argv[2])
+rng = random.Random(int(sys.argv[3]))
+
+
+def burst(count):
+    for _ in range(count):  # Ctrl-C pressed once, or several times quickly
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.002)
+
+
+inside = False
+
+
+def on_sigint(signum, frame):
+    # Python's own behaviour, but only inside the test's try: a signal that
+    # comes after the round ended must not end the script.
+    if inside:
+        raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGINT, on_sigint)
+N = 3
+with App("256KiB", max_size="8MiB", backend=backend, workers=2) as app:
+    total = app.alloc("total", N, np.int64, merge="sum")
+    stamp = app.alloc("stamp", N, np.int64)
+    app.parallel(lambda mem, i, n: None, N)
+
+    def work(mem, i, n, k, reply, pause):
+        if pause:
+            time.sleep(pause)  # interrupted threads go on running
+        mem["total"][i] += 1
+        mem["stamp"][i] = k + 1
+        return b"x" * reply  # a large reply is being read when the signal lands
+
+    merged = 0
+    for r in range(rounds):
+        k = int(total[0])
+        timer = threading.Timer(rng.uniform(0, rng.choice([0.01, 0.1, 0.3])), burst,
+                                (rng.choice([1, 1, 3]),))
+        time.sleep(0.005)  # the last round's late signals are handled (and ignored) here
+        try:
+            inside = True
+            timer.start()
+            app.parallel(work, N, args=(k, rng.choice([0, 1 << 20, 8 << 20]),
+                                        rng.choice([0, 0, 0.01, 0.05])))
+            timer.join()  # a signal after the batch lands here
+        except KeyboardInterrupt:
+            inside = False
+        inside = False
+        if timer.ident is not None:
+            timer.join()
+        # all or nothing, and never a stale thread's writes
+        done = int(total[0])
+        assert done in (k, k + 1), (k, total.tolist())
+        merged += done == k + 1
+        assert total.tolist() == [done] * N and stamp.tolist() == [done] * N, (total, stamp)
+        # the next batch runs and is exact
+        got = app.parallel(lambda mem, i, n: (int(mem["total"][i]), int(mem["stamp"][i])), N)
+        assert got == [(done, done)] * N, (got, done)
+print("ok", rounds, "merged", merged)
+"""
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_sigint_at_random_points_in_a_loop(backend):
+    """Real SIGINTs at random points of batches (large replies arriving,
+    threads still running); after each, the state is all-or-nothing and the
+    next batch is exact."""
+    done = run_script(STRESS, backend, 40, 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok 40")
+    merged = int(done.stdout.split()[-1])
+    assert 0 < merged < 40  # some signals cancelled batches, others came after them
+
+
+def interrupt_main_soon(delay: float = 0.05) -> threading.Timer:
+    """A real SIGINT to the main thread after ``delay`` seconds."""
+    timer = threading.Timer(delay, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_an_interrupted_threads_batch_never_touches_a_later_one():
+    with App("64KiB", backend="threads", workers=2) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        b = app.alloc("b", 4, np.int64)
+        release, running = threading.Event(), threading.Barrier(3)
+        seen: list[int] = []
+
+        def stuck(mem, i, n):
+            running.wait()
+            release.wait()
+            mem["a"][:] += 100         # its scratch memory, never merged
+            mem["b"][i] = 99
+            seen.append(int(mem["a"][0]))
+            return mem["a"]
+
+        timer = None
+        app.parallel(lambda mem, i, n: None, 2)
+        old_spaces = [slot.space for slot in app._executor.backend._slots]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                threading.Timer(0, running.wait).start()
+                timer = interrupt_main_soon(0.2)
+                app.parallel(stuck, 2)
+        finally:
+            if timer:
+                timer.join()
+        assert app._executor.backend.running() == 2  # still running, on memory nobody else uses
+
+        def work(mem, i, n):
+            mem["a"][i] += 1
+            return int(mem["a"].sum()), int(mem["b"].sum())
+
+        try:
+            assert app.parallel(work, 2) == [(1, 0), (1, 0)]
+        finally:
+            release.set()
+        while app._executor.backend.running():
+            time.sleep(0.01)
+        assert len(seen) == 2  # they ran to the end, on their own memory
+        assert [space.region for space in old_spaces] == [None, None]  # and released it
+        assert app.parallel(work, 2) == [(3, 0), (3, 0)]
+        assert a.tolist() == [2, 2, 0, 0] and b.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "SystemExit(0)", "KeyboardInterrupt", "GeneratorExit",
+                                 "BaseException"])
+def test_exits_and_base_exceptions_are_worker_errors(app, how):
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+    before_main, before_snapshot = bytes(app.memory), snapshot_bytes(app)
+
+    def work(mem, i, n, how):
+        mem["a"][:] += 1
+        if i == 1:
+            if how == "sys.exit":
+                sys.exit(3)
+            raise {"SystemExit(0)": SystemExit(0), "KeyboardInterrupt": KeyboardInterrupt(),
+                   "GeneratorExit": GeneratorExit(), "BaseException": BaseException("odd")}[how]
+
+    with pytest.raises(WorkerError) as info:
+        app.parallel(work, 3, args=(how,))
+    assert info.value.thread == 1 and info.value.failed == [1]
+    assert ("SystemExit" if how.startswith("s") or how.startswith("S") else how) in info.value.traceback
+    assert bytes(app.memory) == before_main and snapshot_bytes(app) == before_snapshot
+    app.parallel(work, 1, args=(how,))
+    assert a.tolist() == [3] * 4
+
+
+def test_close_has_a_default_timeout():
+    import inspect
+
+    assert inspect.signature(App.close).parameters["timeout"].default == 10.0
+
+
+def test_close_abandons_a_thread_function_that_never_returns():
+    release = threading.Event()
+    app = App("64KiB", backend="threads", workers=2)
+    app.alloc("a", 4, np.int64)
+    errors: list[BaseException] = []
+
+    def call():
+        try:
+            app.parallel(lambda mem, i, n: release.wait(), 2)
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    while app._executor.backend.running() < 2:
+        time.sleep(0.01)
+    with pytest.raises(TimeoutError, match=r"2 thread function\(s\) .* still running"):
+        app.close(timeout=0.2)
+    caller.join()
+    assert len(errors) == 1 and isinstance(errors[0], PageforkError) and "closed" in str(errors[0])
+    with pytest.raises(PageforkError, match="closed"):
+        app.parallel(lambda mem, i, n: None, 1)
+    app.close()  # twice is fine
+    release.set()
+
+
+def test_close_kills_worker_processes_that_never_return():
+    app = App("64KiB", backend="processes", workers=2)
+    app.parallel(lambda mem, i, n: None, 2)
+    pids = [w.process.pid for w in app._executor.backend._workers]
+    caller = threading.Thread(target=lambda: pytest.raises(PageforkError, app.parallel,
+                                                           lambda mem, i, n: time.sleep(1000), 2))
+    caller.start()
+    time.sleep(0.2)
+    app.close(timeout=0.5)
+    caller.join()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped: gone
+
+
+# ---- concurrency and aliasing -------------------------------------------------------------
+
+
+def test_several_python_threads_share_one_app(app):
+    total = app.alloc("total", 1, np.int64, merge="sum")
+    hits = app.alloc("hits", 8, np.int64, merge="sum")
+    errors: list[BaseException] = []
+
+    def caller(k):
+        try:
+            for _ in range(10):
+                got = app.parallel(lambda mem, i, n, k: (mem["total"].__iadd__(1), mem["hits"].__setitem__(
+                    k, mem["hits"][k] + 1), k)[2], 3, args=(k,))
+                assert got == [k] * 3
+        except BaseException as exc:
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert errors == []
+    assert total[0] == 4 * 10 * 3 and hits.tolist() == [30, 30, 30, 30, 0, 0, 0, 0]
+
+
+def test_results_are_independent_values(app):
+    app.alloc("a", 4, np.int64)
+
+    def work(mem, i, n):
+        mem["a"][:] = i
+        return mem["a"], {"nested": [mem["a"][:2], (mem["a"][1:],)]}
+
+    first = app.parallel(work, 3)
+    assert [r[0].tolist() for r in first] == [[0] * 4, [1] * 4, [2] * 4]
+    assert [r[1]["nested"][0].tolist() for r in first] == [[0, 0], [1, 1], [2, 2]]
+    app.parallel(work, 3)
+    app.parallel(lambda mem, i, n: mem["a"].__setitem__(slice(None), 7), 2)
+    assert [r[0].tolist() for r in first] == [[0] * 4, [1] * 4, [2] * 4]
+    assert [r[1]["nested"][1][0].tolist() for r in first] == [[0] * 3, [1] * 3, [2] * 3]
+    for r in first:
+        r[0][0] = 50  # writable and independent of the App
+    assert app["a"].tolist() == [7] * 4
+
+
+def test_main_writes_made_while_a_batch_runs_are_carried(app, tmp_path):
+    a = app.alloc("a", 2 * PAGE_SIZE // 8, np.int64)
+    total = app.alloc("total", 2, np.int64, merge="sum")
+    started, proceed = tmp_path / "started", tmp_path / "proceed"
+
+    def work(mem, i, n, started, proceed):
+        mem["total"][:] += 1
+        mem["a"][i] = 10 + i
+        if i == 0:
+            open(started, "w").close()
+            while not os.path.exists(proceed):
+                time.sleep(0.005)
+
+    def writer():
+        while not started.exists():
+            time.sleep(0.005)
+        a[2] = -1                   # a page the threads also write
+        a[PAGE_SIZE // 8 + 3] = 33  # a page no thread writes
+        total[1] = 100
+        proceed.touch()
+
+    background = threading.Thread(target=writer)
+    background.start()
+    app.parallel(work, 2, args=(str(started), str(proceed)))
+    background.join()
+    assert a[:3].tolist() == [10, 11, -1] and a[PAGE_SIZE // 8 + 3] == 33
+    assert total.tolist() == [2, 102]
+    assert app.parallel(lambda mem, i, n: (int(mem["a"][PAGE_SIZE // 8 + 3]), int(mem["total"][1])), 1) == [(33, 102)]
+
+
+def test_closures_over_main_memory(app):
+    a = app.alloc("a", 4, np.int64)
+
+    def write_through_closure(mem, i, n):
+        a[i] = 5
+
+    if app.backend == "threads":  # the same memory: carried like any main-program write
+        app.parallel(write_through_closure, 2)
+        assert a.tolist() == [5, 5, 0, 0]
+    else:  # a worker would write to a copy: refused, not dropped
+        with pytest.raises(PageforkError, match="view of the App's main memory"):
+            app.parallel(write_through_closure, 2)
+        with pytest.raises(PageforkError, match="view of the App's main memory"):
+            app.parallel(lambda mem, i, n, v: None, 2, args=(app["a"],))
+        assert app.parallel(lambda mem, i, n, v: int(v.sum()), 1, args=(np.array(a) + 1,)) == [4]
+
+
+def test_a_thread_function_closing_its_memory(app):
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    before = bytes(app.memory)
+
+    def close_it(mem, i, n):
+        mem["a"][:] += 1
+        if i == 1:
+            mem.region.close()
+
+    for _ in range(2):
+        with pytest.raises(WorkerError, match="closed its memory"):
+            app.parallel(close_it, 2)
+        assert bytes(app.memory) == before
+    for _ in range(3):  # every slot recovers
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 4)
+    assert a.tolist() == [12] * 4
+
+    def grow(mem, i, n):
+        mem.region.resize(mem.region.max_size)  # later batches need the snapshot's size
+
+    app.parallel(grow, 2)
+    app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 4)
+    assert a.tolist() == [16] * 4
+
+
+# ---- arrays and limits ------------------------------------------------------------------
+
+BYTEWISE_DTYPES = [np.complex128, ">f8", ">i4", "U10", "S5", np.dtype([("x", "<i4"), ("y", ">f8")]),
+                   "(2,3)f4", "datetime64[ns]", np.float16, np.longdouble, "V3"]
+
+
+def dtype_id(dtype) -> str:
+    dt = np.dtype(dtype)
+    return "structured" if dt.fields else "subarray" if dt.subdtype else dt.str
+
+
+@pytest.mark.parametrize("dtype", BYTEWISE_DTYPES, ids=dtype_id)
+def test_any_fixed_size_dtype_merges_as_bytes(app, dtype):
+    dt = np.dtype(dtype)
+    x = app.alloc("x", 6, dtype)
+    flip = app.alloc("flip", 6, dtype, merge="xor")
+    app.alloc("skip", 6, dtype, merge="ignore")
+    expected = np.zeros_like(x)
+    raw = np.random.default_rng(1).integers(0, 256, expected.nbytes, dtype=np.uint8)
+    expected.view(np.uint8).reshape(-1)[:] = raw
+    flip.view(np.uint8).reshape(-1)[:] = raw
+
+    def work(mem, i, n, expected):
+        mem["x"][2 * i: 2 * i + 2] = expected[2 * i: 2 * i + 2]
+        mem["flip"][2 * i: 2 * i + 2] = expected[2 * i: 2 * i + 2]  # xor: flipped to zero
+        mem["skip"][:] = expected
+        return mem["x"][2 * i: 2 * i + 2]
+
+    got = app.parallel(work, 3, args=(expected,))
+    assert x.tobytes() == expected.tobytes() and x.dtype == np.dtype(dt.subdtype[0] if dt.subdtype else dt)
+    assert flip.tobytes() == expected.tobytes()  # raw ^ raw ^ raw: written once per byte, xor of the change
+    assert not app["skip"].view(np.uint8).any()
+    assert b"".join(g.tobytes() for g in got) == expected.tobytes()
+    if dt.subdtype:
+        assert x.shape == (6, 2, 3)
+
+
+@pytest.mark.parametrize("dtype, merge", [(np.complex128, "sum"), (">f8", "max"), ("U10", "min"),
+                                          (np.dtype([("x", "<i4")]), "sum"), (np.bool_, "product"),
+                                          (np.float16, "sum"), ("S4", "max")],
+                         ids=lambda x: x if isinstance(x, str) else dtype_id(x))
+def test_typed_merges_only_where_defined(app, dtype, merge):
+    app.alloc("first", 3, np.int32)
+    state = (dict(app.arrays), app.memory.size, snapshot_bytes(app), app._top)
+    with pytest.raises(ValueError, match=f"merge='{merge}' cannot merge dtype"):
+        app.alloc("x", 4, dtype, merge=merge)
+    assert (dict(app.arrays), app.memory.size, snapshot_bytes(app), app._top) == state
+    app.alloc("x", 4, dtype)  # the name is free; byte-wise works
+    app.parallel(lambda mem, i, n: None, 2)
+
+
+def test_failed_allocs_leave_the_app_unchanged(app):
+    app.alloc("first", 3, np.int32)
+    state = (dict(app.arrays), app.memory.size, snapshot_bytes(app), app._top)
+    bad = [
+        (ValueError, dict(name="o", shape=4, dtype=object)),
+        (ValueError, dict(name="o", shape=4, dtype=np.dtype([("a", "i4"), ("b", "O")]))),
+        (ValueError, dict(name="u", shape=4, dtype="U")),
+        (TypeError, dict(name="t", shape=4, dtype="not a dtype")),
+        (OutOfBoundsError, dict(name="huge", shape=(2 ** 62, 2), dtype=np.int64)),
+        (OutOfBoundsError, dict(name="huge", shape=(2 ** 40,) * 4, dtype=np.uint8)),
+        (ValueError, dict(name="neg", shape=(4, -1))),
+        (TypeError, dict(name="float", shape=2.5)),
+        (TypeError, dict(name="float", shape=(2, 2.0))),
+        (TypeError, dict(name="bool", shape=True)),
+        (ValueError, dict(name="deep", shape=(1,) * 33)),
+        (ValueError, dict(name="", shape=1)),
+        (ValueError, dict(name="a\x00b", shape=1)),
+        (ValueError, dict(name="x" * 256, shape=1)),
+        (TypeError, dict(name=b"bytes", shape=1)),
+        (ValueError, dict(name="first", shape=1)),
+        (ValueError, dict(name="m", shape=1, merge="average")),
+    ]
+    for error, kwargs in bad:
+        with pytest.raises(error):
+            app.alloc(**kwargs)
+        assert (dict(app.arrays), app.memory.size, snapshot_bytes(app), app._top) == state, kwargs
+    x = app.alloc("o", 4, np.int64, merge="sum")  # the failed names are free
+    assert app.arrays["o"].offset == 64 and x.ctypes.data == app.memory.address + 64
+    app.alloc("empty", (0, 5), np.float64)
+    app.parallel(lambda mem, i, n: mem["o"].__iadd__(1), 2)
+    assert x.tolist() == [2] * 4 and app["empty"].shape == (0, 5)
+
+
+def test_batch_sizes(app):
+    for n in (0, -1, -2 ** 70):
+        with pytest.raises(ValueError, match="at least one thread"):
+            app.parallel(lambda mem, i, n: None, n)
+    with pytest.raises(ValueError, match="at most 1048576 threads"):
+        app.parallel(lambda mem, i, n: None, 2 ** 20 + 1)
+    with pytest.raises(ValueError, match="at most"):
+        app.parallel(lambda mem, i, n: None, 2 ** 70)
+    for n in (True, 2.0, "3", None):
+        with pytest.raises(TypeError):
+            app.parallel(lambda mem, i, n: None, n)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="args must be a tuple"):
+        app.parallel(lambda mem, i, n, x: None, 1, args=[1])  # type: ignore[arg-type]
+    assert app.parallel(lambda mem, i, n: i, np.int64(3)) == [0, 1, 2]
+    assert len(app.parallel(lambda mem, i, n: None, 300)) == 300
+
+
+def test_unpicklable_functions_arguments_and_results(app):
+    import _thread as thread_module
+
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    before = bytes(app.memory)
+    lock = thread_module.allocate_lock()
+
+    def uses_lock(mem, i, n):
+        mem["a"][:] += 1
+        with lock:
+            return i
+
+    def returns_lock(mem, i, n):
+        mem["a"][:] += 1
+        return thread_module.allocate_lock()
+
+    if app.backend == "threads":  # nothing travels, but results are copied out of thread memory
+        assert app.parallel(uses_lock, 2) == [0, 1]
+        assert app.parallel(lambda mem, i, n, lk: i, 2, args=(lock,)) == [0, 1]
+        before = bytes(app.memory)
+    else:
+        with pytest.raises(PageforkError, match="cannot send the thread function"):
+            app.parallel(uses_lock, 2)
+        with pytest.raises(PageforkError, match="cannot send the thread function"):
+            app.parallel(lambda mem, i, n, lk: i, 2, args=(lock,))
+        assert bytes(app.memory) == before
+    with pytest.raises(WorkerError, match="lock"):
+        app.parallel(returns_lock, 2)
+    assert bytes(app.memory) == before
+    app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+    assert a.tolist() == [(2 if app.backend == "threads" else 0) + 2] * 4
+
+
+def test_large_results(app):
+    got = app.parallel(lambda mem, i, n: np.full(4 << 20, i, np.uint8), 3)  # 12 MiB back
+    assert [int(g[-1]) for g in got] == [0, 1, 2] and all(g.size == 4 << 20 for g in got)
+
+
+def test_a_thread_function_that_forks(app):
+    a = app.alloc("a", 4, np.int64, merge="sum")
+
+    def work(mem, i, n):
+        mem["a"][i] += 1
+        pid = os.fork()
+        if pid == 0:  # the child writes its own copy and leaves at once
+            mem["a"][:] = 1000
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads alive
+        assert app.parallel(work, 2) == [7, 7]
+    assert a.tolist() == [1, 1, 0, 0]
+    assert app.parallel(lambda mem, i, n: int(mem["a"].sum()), 2) == [2, 2]
+
+
+def test_nested_batches_are_refused(app):
+    app.alloc("a", 4, np.int64, merge="sum")
+
+    def nested(mem, i, n):
+        return app.parallel(lambda mem, i, n: i, 2)
+
+    if app.backend == "threads":
+        with pytest.raises(WorkerError, match="cannot call app.parallel"):
+            app.parallel(nested, 2)
+        with pytest.raises(WorkerError, match="cannot call app.parallel, alloc or close"):
+            app.parallel(lambda mem, i, n: app.alloc("b", 1), 1)
+        with pytest.raises(WorkerError, match="cannot call app.parallel, alloc or close"):
+            app.parallel(lambda mem, i, n: app.close(), 1)
+    else:
+        with pytest.raises(PageforkError, match="an App cannot be pickled"):
+            app.parallel(nested, 2)
+    if app.backend == "threads":
+        with App("64KiB", backend="threads", workers=1) as other:  # another App is fine
+            assert app.parallel(lambda mem, i, n: other.parallel(lambda m, j, k: j, 2), 1) == [[0, 1]]
+    assert app.parallel(lambda mem, i, n: i, 2) == [0, 1]
+
+
+def test_an_app_after_close(backend):
+    app = App("64KiB", backend=backend, workers=1)
+    a = app.alloc("a", 4, np.int64)
+    app.close()
+    for call in (lambda: app.parallel(lambda mem, i, n: None, 1), lambda: app.alloc("b", 1),
+                 lambda: app["a"]):
+        with pytest.raises(PageforkError, match="closed"):
+            call()
+    assert "closed" in repr(app)
+    app.close()
+    del a
+
+
+def test_many_threads_backend_workers():
+    with App("64KiB", backend="threads", workers=300) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        for _ in range(3):  # no tracked region or thread slot leaks across batches
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 300)
+        assert a.tolist() == [900] * 4
+        arrived = threading.Condition()
+        count = [0]
+
+        def all_at_once(mem, i, n):
+            with arrived:  # wait for all 300 (or until no more arrive): tracked at the same time
+                count[0] += 1
+                arrived.notify_all()
+                while count[0] < 300:
+                    seen = count[0]
+                    if not arrived.wait(1.0) and count[0] == seen:
+                        break
+            mem["a"][:] += 1
+
+        try:
+            app.parallel(all_at_once, 300)
+            assert a.tolist() == [1200] * 4
+        except WorkerError as exc:  # a native limit: named, with the number
+            assert "tracks at most" in str(exc) and "regions at once" in str(exc)
+            assert a.tolist() == [900] * 4
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 300)
+
+
+GC_SCRIPT = r"""
+import sys, numpy as np
+from pagefork import App
+app = App("64KiB", backend=sys.argv[1], workers=2)
+app.alloc("a", 4, np.int64, merge="sum")
+app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 4)
+print(app["a"].tolist())
+if sys.argv[2] == "del":
+    del app
+    import gc; gc.collect()
+    print("collected")
+"""
+
+
+@pytest.mark.parametrize("how", ["del", "exit"])
+def test_an_app_never_closed(backend, how):
+    done = run_script(GC_SCRIPT, backend, how, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[0] == "[4, 4, 4, 4]" and done.stderr == ""
+
+
+LIFECYCLE = r"""
+import os, random, signal, sys, threading, time
+import numpy as np
+from pagefork import App
+
+rng = random.Random(3)
+backend = sys.argv[1]
+for r in range(int(sys.argv[2])):
+    app = None
+    timer = threading.Timer(rng.uniform(0, 0.2), os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        try:
+            timer.start()
+            app = App("64KiB", backend=backend, workers=2)
+            app.alloc("a", 4, np.int64, merge="sum")
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+            app.close()
+        finally:
+            timer.join()
+    except KeyboardInterrupt:
+        pass
+    if app is not None:
+        app.close()  # after an interrupted close, closing again finishes the job
+        assert "closed" in repr(app)
+# no worker process outlives its App
+time.sleep(0.5)
+children = []
+for pid in os.listdir("/proc"):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        continue
+    if pid.isdigit() and int(fields[1]) == os.getpid() and fields[0] != "Z":
+        children.append(pid)
+print("children", len(children))
+"""
+
+
+def test_sigint_during_construction_and_close(backend):
+    done = run_script(LIFECYCLE, backend, 25)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "children 0"
+
+
+def test_ctrl_c_while_waiting_for_another_threads_batch(app, tmp_path):
+    """The interrupted caller leaves at once; its batch never runs."""
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    started, proceed = tmp_path / "started", tmp_path / "proceed"
+
+    def blocker(mem, i, n, started, proceed):
+        mem["a"][0] += 1
+        open(started, "w").close()
+        while not os.path.exists(proceed):
+            time.sleep(0.005)
+
+    other = threading.Thread(target=app.parallel, args=(blocker, 1), kwargs=dict(args=(str(started), str(proceed))))
+    other.start()
+    try:
+        while not started.exists():
+            time.sleep(0.005)
+        timer = interrupt_main_soon(0.1)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                app.parallel(lambda mem, i, n: mem["a"].__setitem__(1, 1), 2)  # queued behind it
+        finally:
+            timer.join()
+        assert other.is_alive()  # left while the other batch still ran
+    finally:
+        proceed.touch()
+        other.join()
+    assert app.parallel(lambda mem, i, n: int(mem["a"][1]), 1) == [0]
+    assert a.tolist() == [1, 0, 0, 0]
+
+
+FORK_SCRIPT = r"""
+import os, sys, numpy as np
+from pagefork import App, PageforkError
+app = App("64KiB", backend=sys.argv[1], workers=2)
+a = app.alloc("a", 4, np.int64, merge="sum")
+app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+pid = os.fork()
+if pid == 0:
+    try:
+        app.parallel(lambda mem, i, n: None, 1)
+        code = 3
+    except PageforkError as exc:
+        code = 0 if "fork()ed child" in str(exc) else 4
+    app.close()
+    sys.exit(code)  # a normal exit: atexit and finalizers run in the child too
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+assert a.tolist() == [4] * 4, a
+assert getattr(app._executor.backend, "replaced", 0) == 0  # the child stopped none of our workers
+app.close()
+print("ok")
+"""
+
+
+def test_a_forked_child_cannot_use_or_stop_the_parents_app(backend):
+    done = run_script(FORK_SCRIPT, backend, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "ok\n"

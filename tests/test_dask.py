@@ -9,7 +9,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from pagefork import App, PAGE_SIZE, WorkerError  # noqa: E402
+from pagefork import App, PAGE_SIZE, PageforkError, WorkerError  # noqa: E402
 from pagefork.backends.dask import _drop_cache  # noqa: E402
 
 
@@ -130,3 +130,178 @@ def test_a_worker_killed_mid_batch(tmp_path):
         with pytest.raises(WorkerError):
             app.parallel(always, 2)
         assert bytes(app.memory) == before
+
+
+def test_module_functions_load_through_sys_path(client, tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    name = f"pf_dask_tasks_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(
+        "def work(mem, i, n, k):\n"
+        "    mem['a'][i] += k\n"
+        "    return (__name__, i * k)\n")
+    with App("64KiB", backend="dask", client=client) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        module = importlib.import_module(name)
+        try:
+            assert app.parallel(module.work, 4, args=(3,)) == [(name, 3 * i) for i in range(4)]
+            assert a.tolist() == [3, 3, 3, 3]
+        finally:
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "KeyboardInterrupt", "BaseException"])
+def test_exits_and_base_exceptions_are_worker_errors(client, how):
+    with App("64KiB", backend="dask", client=client) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        before = bytes(app.memory)
+
+        def work(mem, i, n, how):
+            import sys
+
+            mem["a"][:] += 1
+            if i == 1:
+                if how == "sys.exit":
+                    sys.exit(3)
+                raise {"KeyboardInterrupt": KeyboardInterrupt(), "BaseException": BaseException("odd")}[how]
+
+        with pytest.raises(WorkerError) as info:
+            app.parallel(work, 3, args=(how,))
+        assert info.value.thread == 1 and info.value.failed == [1]
+        assert ("SystemExit" if how == "sys.exit" else how) in info.value.traceback
+        assert bytes(app.memory) == before
+        app.parallel(work, 1, args=(how,))
+        assert a.tolist() == [3] * 4
+
+
+def test_unloadable_functions_and_unpicklable_arguments(client):
+    import _thread
+
+    with App("64KiB", backend="dask", client=client) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        lock = _thread.allocate_lock()
+        with pytest.raises(PageforkError, match="cannot send the thread function"):
+            app.parallel(lambda mem, i, n, lk: None, 2, args=(lock,))
+        with pytest.raises(PageforkError, match="view of the App's main memory"):
+            app.parallel(lambda mem, i, n: a.__setitem__(i, 1), 2)
+        with pytest.raises(WorkerError, match="lock"):
+            app.parallel(lambda mem, i, n: _thread.allocate_lock(), 2)
+        got = app.parallel(lambda mem, i, n: mem["a"].__iadd__(i) if False else mem["a"], 2)
+        got[0][0] = 5  # independent values
+        assert got[1].tolist() == [0] * 4 and a.tolist() == [0] * 4
+
+
+def test_a_closed_client_is_a_clear_error():
+    with distributed.LocalCluster(processes=False, n_workers=1, threads_per_worker=1,
+                                  dashboard_address=None) as cluster:
+        client = distributed.Client(cluster)
+        app = App("64KiB", backend="dask", client=client)
+        app.alloc("a", 4, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        before = bytes(app.memory)
+        client.close()
+        with pytest.raises(PageforkError, match="Dask client is closed"):
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        assert bytes(app.memory) == before
+        app.close()
+        with pytest.raises(PageforkError, match="Dask client is closed"):
+            App("64KiB", backend="dask", client=client)
+
+
+def test_a_client_closed_mid_batch(tmp_path):
+    import threading
+    import time
+
+    started = tmp_path / "started"
+    with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=2,
+                                  dashboard_address=None) as cluster:
+        client = distributed.Client(cluster)
+        with App("64KiB", backend="dask", client=client) as app:
+            a = app.alloc("a", 4, np.int64, merge="sum")
+            app.parallel(lambda mem, i, n: None, 2)
+
+            def slow(mem, i, n, path):
+                import time
+
+                open(path, "w").close()
+                mem["a"][:] += 1
+                time.sleep(30)
+
+            def closer():
+                while not started.exists():
+                    time.sleep(0.01)
+                client.close()
+
+            background = threading.Thread(target=closer)
+            background.start()
+            with pytest.raises(PageforkError, match="Dask client is closed"):
+                app.parallel(slow, 2, args=(str(started),))
+            background.join()
+            assert a.tolist() == [0] * 4
+
+
+STRESS = r'''
+import os, random, signal, sys, threading, time
+import numpy as np
+import distributed
+from pagefork import App
+
+rng = random.Random(5)
+
+
+def burst(count):
+    for _ in range(count):  # Ctrl-C pressed once, or several times quickly
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.002)
+
+
+inside = False
+
+
+def on_sigint(signum, frame):
+    if inside:  # Python's own behaviour, but only inside the test's try
+        raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_sigint)
+    with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=2,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client, \
+            App("64KiB", backend="dask", client=client) as app:
+        total = app.alloc("total", 3, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n: None, 3)
+        merged = 0
+        for r in range(int(sys.argv[1])):
+            k = int(total[0])
+            timer = threading.Timer(rng.uniform(0, rng.choice([0.01, 0.05, 0.2])), burst,
+                                    (rng.choice([1, 1, 3]),))
+            time.sleep(0.005)  # the last round's late signals are handled (and ignored) here
+            try:
+                inside = True
+                timer.start()
+                app.parallel(lambda mem, i, n: mem["total"].__setitem__(i, mem["total"][i] + 1), 3)
+                timer.join()  # a signal after the batch lands here
+            except KeyboardInterrupt:
+                inside = False
+            inside = False
+            if timer.ident is not None:
+                timer.join()
+            assert total.tolist() in ([k] * 3, [k + 1] * 3), (k, total)
+            merged += int(total[0]) == k + 1
+            assert app.parallel(lambda mem, i, n: int(mem["total"][i]), 3) == total.tolist()
+        print("ok merged", merged)
+'''
+
+
+def test_sigint_at_random_points_in_a_loop(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "stress.py"
+    script.write_text(STRESS)
+    done = subprocess.run([sys.executable, str(script), "25"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok merged")

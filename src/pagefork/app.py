@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import numpy as np
 
@@ -10,7 +12,7 @@ from . import checkpoint as _checkpoint
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, parse_size, round_to_pages
 from .backends import make_backend
-from .executor import Allocation, BatchStats, Executor
+from .executor import DEFAULT_CLOSE_TIMEOUT, Allocation, BatchStats, Executor, dtype_of, dtype_text
 from .memory import Region
 from .snapshot import DataType, MergeOp, MergeRegion
 
@@ -20,6 +22,46 @@ if TYPE_CHECKING:
 __all__ = ["App"]
 
 _ALIGN = 64  # a cache line; arrays of a page or more start on a page
+_MAX_NAME = 255  # characters in an array name
+_BYTEWISE = (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)
+
+
+def _check_dtype_and_shape(dtype: DTypeLike, shape: Any, op: MergeOp) -> tuple[np.dtype, tuple[int, ...]]:
+    """The dtype and shape of a new array, or a clear error for what cannot
+    live in main memory or merge by ``op``."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"not a numpy dtype: {dtype!r} ({exc})") from None
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape_t: tuple[int, ...] = (int(shape),)
+    else:
+        try:
+            dims = list(shape)
+        except TypeError:
+            raise TypeError(f"shape must be an int or a tuple of ints, not {type(shape).__name__}") from None
+        if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in dims):
+            raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+        shape_t = tuple(int(s) for s in dims)
+    if dt.subdtype is not None:  # '(2,3)f8': the sub-array's shape joins the array's
+        dt, sub = dt.subdtype
+        shape_t += sub
+    if any(s < 0 for s in shape_t):
+        raise ValueError(f"negative dimension in shape {shape_t}")
+    if len(shape_t) > 32:
+        raise ValueError(f"numpy arrays have at most 32 dimensions, got {len(shape_t)}")
+    if dt.hasobject:
+        raise ValueError(f"dtype {dt} holds Python objects, which cannot live in shared memory "
+                         "(use fixed-size values: numbers, bytes 'S', strings 'U', structured)")
+    if dt.itemsize == 0:
+        raise ValueError(f"dtype {dt} has no size (give strings and bytes a length, e.g. 'U10')")
+    if op not in _BYTEWISE:
+        try:
+            MergeRegion(0, dt.itemsize, DataType.of(dt), op)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"merge={op.name.lower()!r} cannot merge dtype {dt}: {exc}; any fixed-size "
+                             "dtype can merge with 'overwrite', 'xor' or 'ignore'") from None
+    return dt, shape_t
 
 
 class App:
@@ -71,35 +113,46 @@ class App:
 
     def alloc(self, name: str, shape: int | tuple[int, ...], dtype: DTypeLike = np.float64, *,
               merge: str | MergeOp = "overwrite") -> np.ndarray:
-        """A new zeroed array in main memory, merged by ``merge``
-        (overwrite, xor, sum, subtract, product, max, min, ignore)."""
+        """A new zeroed array in main memory, merged by ``merge``.
+
+        Any fixed-size dtype without Python objects may use the byte-wise
+        rules ``overwrite``, ``xor`` and ``ignore`` (structured, complex,
+        strings, other byte orders: merged as bytes). The typed rules ``sum``,
+        ``subtract``, ``product``, ``max`` and ``min`` need a native-endian
+        bool, int8..64, uint8..64, float32 or float64 (``sum``, ``subtract``
+        and ``product`` not bool). Everything is checked here; a failed
+        ``alloc`` leaves the App as it was.
+        """
         self._check_open()
-        if not isinstance(name, str) or not name:
-            raise ValueError("an array needs a non-empty string name")
+        if not isinstance(name, str):
+            raise TypeError(f"an array name is a str, not {type(name).__name__}")
+        if not name or len(name) > _MAX_NAME or not name.isprintable():
+            raise ValueError(f"an array name is 1 to {_MAX_NAME} printable characters, got {name!r}")
+        op = MergeOp.of(merge)
+        dt, shape_t = _check_dtype_and_shape(dtype, shape, op)
+        nbytes = math.prod(shape_t) * dt.itemsize
+        # On the batch thread: never during a batch, never cut off half-way.
+        return self._executor.call(lambda _: self._place(name, nbytes, dt, shape_t, op), cancellable=False)
+
+    def _place(self, name: str, nbytes: int, dt: np.dtype, shape_t: tuple[int, ...], op: MergeOp) -> np.ndarray:
+        """Places a checked array in main memory (on the batch thread)."""
         if name in self._layout:
             raise ValueError(f"an array named {name!r} already exists")
-        dt = np.dtype(dtype)
-        op = MergeOp.of(merge)
-        shape_t = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
-        if any(s < 0 for s in shape_t):
-            raise ValueError(f"negative dimension in shape {shape_t}")
-        if op not in (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE):
-            MergeRegion(0, dt.itemsize, DataType.of(dt), op)  # raises for unsupported pairs
-        nbytes = int(np.prod(shape_t, dtype=np.int64)) * dt.itemsize
-        align = PAGE_SIZE if nbytes >= PAGE_SIZE else max(_ALIGN, dt.itemsize)
+        align = PAGE_SIZE if nbytes >= PAGE_SIZE else max(_ALIGN, dt.alignment)
         offset = -(-self._top // align) * align
         end = offset + nbytes
         memory = self._executor.memory
+        if end > memory.max_size:
+            raise OutOfBoundsError(
+                f"{name!r} needs {nbytes} bytes at offset {offset}; the App has "
+                f"{memory.max_size - offset if offset < memory.max_size else 0} left "
+                f"(max_size {memory.max_size})")
+        allocation = Allocation(name, offset, shape_t, dtype_text(dt), op)
         if end > memory.size:
-            if end > memory.max_size:
-                raise OutOfBoundsError(
-                    f"{name!r} needs {nbytes} bytes at offset {offset}; the App has "
-                    f"{memory.max_size - offset if offset < memory.max_size else 0} left "
-                    f"(max_size {memory.max_size})")
             self._executor.resize(round_to_pages(end))
-        self._layout[name] = Allocation(name, offset, shape_t, dt.str, op)
+        self._layout[name] = allocation
         self._top = end
-        return self[name]
+        return allocation.view(memory)
 
     def __getitem__(self, name: str) -> np.ndarray:
         self._check_open()
@@ -130,7 +183,9 @@ class App:
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
-        return self._executor.run(fn, int(n), tuple(args), dict(self._layout))
+        if not isinstance(args, tuple):
+            raise TypeError(f"args must be a tuple, not {type(args).__name__}")
+        return self._executor.run(fn, int(n), args, dict(self._layout))
 
     # ---- checkpoints ---------------------------------------------------------------
 
@@ -168,14 +223,14 @@ class App:
             layout = {}
             for a in meta["arrays"]:
                 alloc = Allocation(str(a["name"]), int(a["offset"]), tuple(int(s) for s in a["shape"]),
-                                   np.dtype(a["dtype"]).str, MergeOp.of(a["merge"]))
+                                   dtype_text(dtype_of(str(a["dtype"]))), MergeOp.of(a["merge"]))
                 if alloc.offset < 0 or alloc.offset + alloc.nbytes > self.memory.size:
                     raise ValueError(f"array {alloc.name!r} lies outside the memory")
                 layout[alloc.name] = alloc
             top, counter = int(meta["top"]), int(meta["version"])
             if not 0 <= top <= self.memory.size or counter < 0:
                 raise ValueError(f"top {top} or version {counter} out of range")
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, SyntaxError, MemoryError, RecursionError) as exc:
             raise CorruptDataError(f"the checkpoint's array layout is unreadable: {exc}") from None
         self._layout, self._top = layout, top
         return counter
@@ -184,15 +239,31 @@ class App:
         if self._executor.closed:
             raise PageforkError("the App is closed")
 
-    def close(self) -> None:
-        """Stops the workers and tracking and deletes the main snapshot."""
-        self._executor.close()
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Stops the workers and tracking and deletes the main snapshot.
+
+        A batch still running (another Python thread's) gets ``timeout``
+        seconds, then is cancelled. Worker processes that do not stop in
+        time are killed. Thread functions of the threads backend cannot be
+        killed: if some still run after ``timeout`` seconds, the App closes
+        anyway and ``TimeoutError`` says how many were abandoned. Closing
+        twice is harmless."""
+        self._executor.close(timeout)
 
     def __enter__(self) -> App:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except TimeoutError as timeout:
+            if exc_type is None:
+                raise
+            warnings.warn(str(timeout), RuntimeWarning, stacklevel=2)  # keep the original error
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("an App cannot be pickled or sent to workers: a thread function gets its "
+                        "arrays as mem[name], not through the App")
 
     def __repr__(self) -> str:
         state = "closed" if self._executor.closed else f"{self.memory.size} bytes"

@@ -414,7 +414,8 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
     t0 = time.perf_counter()
     store = open_store(target)
     executor = app._executor
-    with _target_lock(store), executor.lock:
+
+    def save(_: Any) -> CheckpointInfo:
         # Every change to main memory since the last checkpoint: the pages
         # batches merged into the snapshot, the pages the main program
         # wrote (carried into the snapshot here), and growth.
@@ -437,6 +438,11 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
                                  live=False)
         executor.mark_saved()
         app._last_checkpoint = (store.description, info.version)
+        return info
+
+    # On the App's batch thread: never during a batch, never cut off half-way.
+    with _target_lock(store):
+        info = executor.call(save, cancellable=False)
     return info
 
 
@@ -458,10 +464,12 @@ def restore_app(cls: type[App], target: Target, *, version: int | None = None,
     try:
         counter = app._restore_layout(manifest.app)  # checked before any byte is read
         executor = app._executor
-        with executor.lock:
+        def fill(_: Any) -> None:
             _restore_into(store, manifest, executor.writable_snapshot(), zeroed=True,
                           fd=executor.snapshot.fd)
             executor.restored(counter)
+
+        executor.call(fill, cancellable=False)
         app._last_checkpoint = (store.description, v)
     except BaseException:
         app.close()

@@ -12,22 +12,93 @@ main memory is mapped from the merged snapshot again.
 
 from __future__ import annotations
 
+import _thread
+import ast
+import errno
+import io
+import math
+import os
+import pickle
+import queue
 import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+import cloudpickle
 import numpy as np
 
+from . import _native
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
 from ._sizes import PAGE_SIZE, round_to_pages
 from .memory import Region
-from .snapshot import DiffBatch, MergeOp, MergeRegion, Snapshot
+from .snapshot import DataType, DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
 
-__all__ = ["Allocation", "BatchSpec", "BatchStats", "Executor", "ThreadMemory", "ThreadOutcome",
-           "Backend", "Workspace", "run_thread", "thread_tracking_mode"]
+__all__ = ["Allocation", "BatchSpec", "BatchStats", "Cancelled", "Cancel", "Executor", "ThreadMemory",
+           "ThreadOutcome", "Backend", "Workspace", "run_thread", "thread_tracking_mode", "dtype_of",
+           "dtype_text", "MAX_THREADS_PER_BATCH", "MAX_TRACKED_REGIONS", "DEFAULT_CLOSE_TIMEOUT"]
+
+#: The most threads one batch may have (each costs a placement entry, an
+#: outcome and a diff batch in the client).
+MAX_THREADS_PER_BATCH = 1 << 20
+
+#: Seconds ``App.close`` waits for running thread functions by default.
+DEFAULT_CLOSE_TIMEOUT = 10.0
+
+# How often a thread that waits for workers looks at its Cancel (seconds).
+POLL = 0.05
+
+
+def dtype_text(dt: np.dtype) -> str:
+    """A dtype as text that :func:`dtype_of` turns back into it: ``dt.str``
+    for plain dtypes, the ``.npy`` descr for structured ones."""
+    if dt.fields is None:
+        return dt.str
+    return repr(np.lib.format.dtype_to_descr(dt))
+
+
+def dtype_of(text: str) -> np.dtype:
+    """The dtype :func:`dtype_text` wrote."""
+    if text.startswith("["):
+        return np.lib.format.descr_to_dtype(ast.literal_eval(text))
+    return np.dtype(text)
+
+
+class Cancelled(Exception):
+    """A backend's answer to a cancelled batch (the caller was interrupted)."""
+
+
+class Cancel:
+    """Set when the caller of a batch was interrupted (or the App closes):
+    backends stop waiting, abandon the batch's workers and raise Cancelled."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+# The batch a thread function of this Python thread belongs to (threads
+# backend): calling app.parallel on the same App from inside it would wait
+# for itself.
+_inside = threading.local()
+
+
+def inside_batch_of(snapshot: Snapshot) -> bool:
+    """Whether the calling Python thread is running a thread function of a
+    batch on ``snapshot``."""
+    return getattr(_inside, "snapshot", None) is snapshot
 
 
 @dataclass(frozen=True)
@@ -41,11 +112,15 @@ class Allocation:
     merge: MergeOp
 
     @property
+    def np_dtype(self) -> np.dtype:
+        return dtype_of(self.dtype)
+
+    @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * self.np_dtype.itemsize
 
     def view(self, region: Region) -> np.ndarray:
-        return region.array(self.dtype, self.shape, self.offset)
+        return region.array(self.np_dtype, self.shape, self.offset)
 
 
 class ThreadMemory:
@@ -81,6 +156,31 @@ class BatchSpec:
     merge_regions: list[MergeRegion]
     tracking: str  # mode for thread memory
     version: int   # snapshot version: bumps whenever its bytes change
+    main_memory: tuple[int, int] = (0, 0)  # [start, end) addresses of main memory
+
+    def dumps(self, obj: Any) -> bytes:
+        """``obj`` pickled for a worker (cloudpickle), refusing views of main
+        memory: a worker would get a copy, and writes to it would be lost."""
+        buffer = io.BytesIO()
+        _WorkerPickler(buffer, self.main_memory).dump(obj)
+        return buffer.getvalue()
+
+
+class _WorkerPickler(cloudpickle.CloudPickler):
+    def __init__(self, file: io.BytesIO, main_memory: tuple[int, int]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._main = main_memory
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and obj.size:
+            address = obj.__array_interface__["data"][0]
+            if self._main[0] <= address < self._main[1]:
+                raise pickle.PicklingError(
+                    "the thread function or its arguments hold a view of the App's main memory "
+                    f"(an array of shape {obj.shape}); a worker would get a copy and writes to it "
+                    "would be lost. Use mem[name] inside the thread function, or pass a copy "
+                    "(numpy.array(view)) to send values")
+        return super().reducer_override(obj)
 
 
 @dataclass
@@ -105,9 +205,15 @@ class Backend(Protocol):
     name: str
     slots: int
 
-    def run(self, spec: BatchSpec, placement: Sequence[int]) -> list[ThreadOutcome]: ...
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+        """Every thread's outcome; raises Cancelled soon after ``cancel`` is
+        set, leaving no worker that could still touch a later batch."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self, timeout: float) -> int:
+        """Stops the workers, waiting at most ``timeout`` seconds for running
+        thread functions; returns how many were still running (abandoned)."""
+        ...
 
 
 @dataclass
@@ -141,22 +247,72 @@ def thread_tracking_mode(requested: str | None = None) -> str:
     return tracker("auto").mode
 
 
-def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker) -> ThreadOutcome:
+#: Regions one process can track at once (the native registry's size, unless
+#: the native module says otherwise). Main memory is one; each thread
+#: function running on the threads backend holds one while it runs.
+MAX_TRACKED_REGIONS = int(getattr(_native, "MAX_TRACKED_REGIONS", 256))
+
+
+_PREPARATION = "cannot prepare thread memory: "
+
+
+def _preparation_error(exc: BaseException) -> str:
+    """Why thread memory could not be mapped and tracked."""
+    text = _PREPARATION +  "".join(traceback.format_exception_only(exc)).strip()
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        text += (f" (a process tracks at most {MAX_TRACKED_REGIONS} regions at once: main memory, plus "
+                 "one per thread function running at the same time on the threads backend; use fewer "
+                 "workers)")
+    return text
+
+
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _copied(value: Any) -> Any:
+    """An independent copy, the way another backend would ship it back."""
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # lambdas, local classes: what cloudpickle is for
+        data = cloudpickle.dumps(value)
+    return pickle.loads(data)
+
+
+def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *,
+               copy_result: bool = False) -> ThreadOutcome:
     """Runs thread ``index`` of a batch on ``region`` (any backend, any
-    process): map the snapshot, track, call, diff."""
+    process): map the snapshot, track, call, diff. Whatever the function
+    raises (``SystemExit`` and ``KeyboardInterrupt`` included) is reported as
+    the thread's error. ``copy_result``: return an independent copy of the
+    result (pickled and unpickled, as other backends ship it), since views of
+    ``region`` change when the workspace runs its next thread."""
     try:
         spec.snapshot.map_to(region)
         tracker_.start(region)
+    except BaseException as exc:  # not the thread's fault: say what the workspace lacks
+        return ThreadOutcome(index, error=_preparation_error(exc))
+    try:
+        previous = getattr(_inside, "snapshot", None)
+        _inside.snapshot = spec.snapshot
         try:
             result = spec.fn(ThreadMemory(region, spec.layout), index, spec.n, *spec.args)
         finally:
-            tracker_.stop(region)
+            _inside.snapshot = previous
+            if not region.closed:
+                tracker_.stop(region)
+        if region.closed:
+            raise PageforkError("the thread function closed its memory (mem.region.close())")
         dirty = tracker_.dirty_pages(region, "global")
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
+        if copy_result and type(result) not in _IMMUTABLE:
+            try:
+                result = _copied(result)
+            except BaseException as exc:
+                raise PageforkError(f"cannot copy the result ({type(result).__name__}) out of thread "
+                                    f"memory: {exc!r}") from exc
         return ThreadOutcome(index, result, diffs, int(np.count_nonzero(dirty)))
-    except BaseException as exc:  # the thread's own error, reported with its traceback
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+    except BaseException as exc:  # the thread's own error, SystemExit included
         return ThreadOutcome(index, error="".join(traceback.format_exception(exc)))
 
 
@@ -202,7 +358,8 @@ def find_conflicts(outcomes: Sequence[ThreadOutcome], limit: int = 10) -> list[s
 
 class Workspace:
     """A worker's thread memory and tracker, reused across batches and resized
-    to follow the snapshot (threads and worker processes each hold one)."""
+    to follow the snapshot (threads and worker processes each hold one).
+    A thread function may have closed or resized the memory: it is rebuilt."""
 
     def __init__(self) -> None:
         self.region: Region | None = None
@@ -211,20 +368,34 @@ class Workspace:
     def prepare(self, spec: BatchSpec) -> tuple[Region, Tracker]:
         size = round_to_pages(spec.snapshot.size)
         max_size = max(round_to_pages(spec.snapshot.max_size), size)
-        if self.region is None or self.region.max_size < max_size:
+        if self.region is not None and (self.region.closed or self.region.max_size < max_size):
             self.close()
+        if self.region is not None and self.region.size != size:
+            try:
+                self.region.resize(size)
+            except (BufferError, PageforkError, OSError):  # views of a shrunk region live on
+                self.close()
+        if self.region is None:
             self.region = Region(size, max_size=max_size)
-        elif self.region.size != size:
-            self.region.resize(size)
         if self.tracker is None or self.tracker.mode != spec.tracking:
             if self.tracker is not None:
                 self.tracker.close()
             self.tracker = tracker(spec.tracking)
         return self.region, self.tracker
 
-    def run(self, spec: BatchSpec, indexes: Sequence[int]) -> list[ThreadOutcome]:
-        region, t = self.prepare(spec)
-        return [run_thread(spec, i, region, t) for i in indexes]
+    def run(self, spec: BatchSpec, indexes: Sequence[int], *, copy_result: bool = False,
+            cancel: Cancel | None = None) -> list[ThreadOutcome]:
+        """Runs ``indexes`` one after the other; stops early once ``cancel`` is set."""
+        try:
+            region, t = self.prepare(spec)
+        except Exception as exc:
+            return [ThreadOutcome(i, error=_preparation_error(exc)) for i in indexes]
+        outcomes = []
+        for i in indexes:
+            if cancel is not None and cancel.is_set():
+                break
+            outcomes.append(run_thread(spec, i, region, t, copy_result=copy_result))
+        return outcomes
 
     def close(self) -> None:
         if self.tracker is not None:
@@ -234,31 +405,123 @@ class Workspace:
         self.region = self.tracker = None
 
 
+class _Request:
+    """One piece of work for the batch thread (a batch, an alloc, a close),
+    and how it ended."""
+
+    def __init__(self, work: Callable[[_Request], Any], cancellable: bool = True,
+                 skippable: bool = True) -> None:
+        self.work = work
+        self.cancellable = cancellable  # may be stopped once started (batches)
+        self.skippable = skippable      # may be dropped before it starts (not close)
+        self.cancel = Cancel()
+        self.lock = threading.Lock()  # orders cancelling against starting and committing
+        self.started = False
+        self.committing = False
+        self.why = ""
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def interrupt(self, why: str = "interrupted") -> bool:
+        """Cancels the work if it has not started (and may be skipped), or
+        has started, may be stopped, and has not begun to merge. Returns
+        whether the caller must wait for it to let go (it started)."""
+        with self.lock:
+            if self.cancel.is_set() or self.committing:
+                return self.started
+            if (self.skippable and not self.started) or (self.cancellable and self.started):
+                self.why = why
+                self.cancel.set()
+            return self.started
+
+    def start(self) -> bool:
+        """Called by the batch thread; False if the work was dropped first."""
+        with self.lock:
+            if self.cancel.is_set():
+                return False
+            self.started = True
+            return True
+
+    def begin_commit(self) -> bool:
+        """From here on the batch merges whatever happens; False if it was
+        cancelled first."""
+        with self.lock:
+            if self.cancel.is_set():
+                return False
+            self.committing = True
+            return True
+
+
+def _manage(executor_ref: weakref.ref[Executor], requests: queue.SimpleQueue, alive: threading.Event) -> None:
+    """The batch thread: runs queued batches one at a time. Python raises
+    KeyboardInterrupt only in the main thread, so nothing here is ever cut
+    off half-way; a caller that is interrupted cancels its request instead."""
+    try:
+        while True:
+            request = requests.get()
+            if request is None:
+                return
+            executor = executor_ref()
+            if executor is None:
+                return
+            try:
+                executor._serve(request)
+            finally:
+                request.done.set()
+                del executor, request
+    finally:
+        alive.clear()
+
+
 class Executor:
-    """Owns main memory, the main snapshot and a backend; runs batches."""
+    """Owns main memory, the main snapshot and a backend; runs batches.
+
+    Batches run one at a time on the executor's batch thread; ``run`` may be
+    called from any Python thread and waits for its turn. An interrupted
+    caller cancels its batch: nothing merges, and the backend abandons the
+    workers that were running it (processes are replaced, thread memory is
+    never reused while its thread function still runs).
+    """
 
     def __init__(self, size: int, max_size: int, backend: Backend, *, tracking: str | None = None,
                  detect_conflicts: bool = False) -> None:
+        self.closed = False
         self.backend = backend
         self.detect_conflicts = detect_conflicts
-        self.snapshot = Snapshot(size=size, max_size=max_size)
-        self.memory = Region(size, max_size=max_size)
-        self.version = 0
-        self.thread_mode = thread_tracking_mode(tracking)
-        # Main memory: a private mapping of the snapshot, so cow tracks the
-        # main program's writes for free; other modes where cow cannot work
-        # or where the caller asked for one.
-        self._main_mode = self.thread_mode if tracking not in (None, "auto") else (
-            "cow" if probe()["cow"].available else tracker("auto").mode)
-        self._main_tracker = tracker(self._main_mode)
-        self._remap_main()
+        try:
+            self.snapshot = Snapshot(size=size, max_size=max_size)
+            self.memory = Region(size, max_size=max_size)
+            self.version = 0
+            self.thread_mode = thread_tracking_mode(tracking)
+            # Main memory: a private mapping of the snapshot, so cow tracks the
+            # main program's writes for free; other modes where cow cannot work
+            # or where the caller asked for one.
+            self._main_mode = self.thread_mode if tracking not in (None, "auto") else (
+                "cow" if probe()["cow"].available else tracker("auto").mode)
+            self._main_tracker = tracker(self._main_mode)
+            self._remap_main()
+        except BaseException:  # Ctrl-C included: release what exists
+            self._release(0.0)
+            raise
         self._placements: dict[tuple[int, int], list[int]] = {}
         self.last_batch = BatchStats()
-        self.closed = False
         # Pages of the snapshot changed since the last checkpoint (mark_saved):
         # carried main-program writes and merged batches.
         self._unsaved = np.zeros(round_to_pages(max_size) // PAGE_SIZE, np.bool_)
-        self.lock = threading.RLock()  # batches, checkpoints and restores serialize
+        self._current: _Request | None = None
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # Workers, sockets and the batch thread belong to this process; a
+        # fork()ed child must not use them (or stop them when it exits).
+        self._pid = os.getpid()
+        weakref.finalize(self, self._requests.put, None)
+        # An App dropped without close() still stops its workers.
+        self._backend_finalizer = weakref.finalize(self, _close_backend, backend, self._pid)
+        # A plain thread, started without threading.Thread.start (which waits
+        # and so can be interrupted after the thread exists).
+        self._alive = threading.Event()
+        self._alive.set()
+        _thread.start_new_thread(_manage, (weakref.ref(self), self._requests, self._alive))
 
     # ---- main memory ---------------------------------------------------------
 
@@ -266,10 +529,13 @@ class Executor:
         self.snapshot.map_to(self.memory)
         self._main_tracker.start(self.memory)
 
+    def _main_dirty(self) -> np.ndarray:
+        return self._main_tracker.dirty_pages(self.memory, "global")
+
     def carry_main_writes(self) -> int:
         """Carries the main program's writes since the last batch into the
         snapshot: the pages it wrote, copied whole. Returns their count."""
-        dirty = self._main_tracker.dirty_pages(self.memory, "global")
+        dirty = self._main_dirty()
         n = int(np.count_nonzero(dirty))
         if n:
             self.snapshot.write_pages(self.memory, dirty)
@@ -315,7 +581,8 @@ class Executor:
         self.mark_saved()
 
     def resize(self, size: int) -> None:
-        """Grows main memory and the snapshot in place (contents kept)."""
+        """Grows main memory and the snapshot in place (contents kept).
+        Call on the batch thread (``call``)."""
         self.carry_main_writes()
         self.snapshot._grow(size)
         self.memory.resize(size)
@@ -333,32 +600,112 @@ class Executor:
             return cached, True
         slots = max(1, self.backend.slots)
         placement = [i % slots for i in range(n)]
+        if len(self._placements) > 64:  # batch sizes seen long ago
+            self._placements.pop(next(iter(self._placements)))
         self._placements[key] = placement
         return placement, False
 
-    def run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> list[Any]:
-        with self.lock:
-            return self._run(fn, n, args, layout)
+    def check_not_nested(self) -> None:
+        """Refuses calls from a thread function of this executor's own batch."""
+        if inside_batch_of(self.snapshot):
+            raise PageforkError("a thread function cannot call app.parallel, alloc or close on its "
+                                "own App (the batch it belongs to is still running)")
 
-    def _run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> list[Any]:
+    def run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> list[Any]:
+        """Runs a batch on the batch thread and waits for it. Interrupted
+        (KeyboardInterrupt or any exception while waiting), it cancels the
+        batch: main memory and the snapshot stay as before, unless the merge
+        had already begun, in which case the batch completes."""
         if self.closed:
-            raise PageforkError("the executor is closed")
+            raise PageforkError("the App is closed")
         if n < 1:
             raise ValueError(f"a batch needs at least one thread, got n={n}")
+        if n > MAX_THREADS_PER_BATCH:
+            raise ValueError(f"a batch has at most {MAX_THREADS_PER_BATCH} threads, got n={n}")
+        return self.call(lambda request: self._batch(request, fn, n, args, layout))
+
+    def check_owner(self) -> None:
+        """Refuses use from a fork()ed child: the batch thread and the
+        workers belong to the parent."""
+        if os.getpid() != self._pid:
+            raise PageforkError(f"this App belongs to process {self._pid}; a fork()ed child cannot use "
+                                "it (create a new App in the child)")
+
+    def call(self, work: Callable[[_Request], Any], cancellable: bool = True) -> Any:
+        """Runs ``work(request)`` on the batch thread, after the batches
+        before it, and returns its result. Everything that changes main
+        memory or the snapshot goes through here, so it never races a batch
+        and is never cut off half-way by KeyboardInterrupt: an interrupted
+        caller cancels the work (if it is cancellable) and waits until it no
+        longer touches anything."""
+        self.check_owner()
+        self.check_not_nested()
+        request = _Request(work, cancellable)
+        try:
+            self._requests.put(request)
+            # Woken now and then: a SIGINT that another thread received (or
+            # _thread.interrupt_main) only raises once this thread runs bytecode.
+            while not request.done.wait(POLL):
+                if not self._alive.is_set():
+                    raise PageforkError("the App's batch thread has ended (interpreter shutdown?)")
+        except BaseException:
+            if request.interrupt():  # started: wait until it no longer touches anything
+                self._settle(request)
+            raise
+        if request.error is not None:
+            error, request.error = request.error, None
+            raise error
+        return request.result
+
+    def _settle(self, request: _Request) -> None:
+        """Waits for cancelled work to stop touching shared state (backends
+        react within a fraction of a second). A second interrupt stops the
+        wait; the batch thread still finishes the work before the next."""
+        try:
+            while not request.done.wait(POLL) and self._alive.is_set():
+                pass
+        except BaseException:
+            pass
+
+    def _serve(self, request: _Request) -> None:
+        """Runs one request on the batch thread."""
+        if not request.start():
+            request.error = KeyboardInterrupt()
+            return
+        if self.closed:
+            request.error = PageforkError("the App is closed")
+            return
+        self._current = request
+        try:
+            request.result = request.work(request)
+        except Cancelled:
+            request.error = (PageforkError("the App was closed while the batch ran; nothing merged")
+                             if request.why == "closed" else KeyboardInterrupt())
+        except BaseException as exc:
+            request.error = exc
+        finally:
+            self._current = None
+
+    def _batch(self, request: _Request, fn: Callable[..., Any], n: int, args: tuple,
+               layout: dict[str, Allocation]) -> list[Any]:
         stats = BatchStats(threads=n)
         t0 = time.perf_counter()
         stats.main_dirty_pages = self.carry_main_writes()
         regions = self.merge_regions(layout)
         t1 = time.perf_counter()
         placement, stats.placement_cached = self.placement(n)
-        spec = BatchSpec(fn, n, tuple(args), self.snapshot, layout, regions, self.thread_mode,
-                         self.version)
-        outcomes = sorted(self.backend.run(spec, placement), key=lambda o: o.index)
+        spec = BatchSpec(fn, n, args, self.snapshot, layout, regions,
+                         self.thread_mode, self.version,
+                         (self.memory.address, self.memory.address + self.memory.max_size))
+        outcomes = sorted(self.backend.run(spec, placement, request.cancel), key=lambda o: o.index)
         t2 = time.perf_counter()
         stats.bytes_shipped = sum(o.bytes_shipped for o in outcomes)
         failed = [o for o in outcomes if o.error is not None]
+        if len(outcomes) != n and not failed:
+            raise PageforkError(f"the {self.backend.name} backend reported {len(outcomes)} of {n} threads")
         if failed:
-            first = failed[0]
+            # A workspace that could not be prepared explains the others' failures
+            first = min(failed, key=lambda o: (not (o.error or "").startswith(_PREPARATION), o.index))
             err = WorkerError(f"thread {first.index} of {n} failed:\n{first.error}")
             err.thread = first.index  # type: ignore[attr-defined]
             err.traceback = first.error  # type: ignore[attr-defined]
@@ -375,6 +722,13 @@ class Executor:
         stats.diffs = sum(len(b) for b in batches)
         stats.diff_bytes = sum(b.nbytes for b in batches)
         stats.dirty_pages = sum(o.dirty_pages for o in outcomes)
+        if not request.begin_commit():
+            raise Cancelled()
+        # Main memory written while the batch ran (other Python threads, or
+        # thread functions writing the App's arrays directly): carried first,
+        # as if written just before the batch, then the threads' changes.
+        if self._main_dirty().any():
+            stats.main_dirty_pages += self.carry_main_writes()
         try:
             self.snapshot.apply_batches(batches)  # checked first: all or nothing
         except MergeError:
@@ -392,19 +746,87 @@ class Executor:
         return [o.result for o in outcomes]
 
     def merge_regions(self, layout: dict[str, Allocation]) -> list[MergeRegion]:
-        """The batch's merge regions: one per array by its rule, gaps OVERWRITE."""
+        """The batch's merge regions: one per array by its rule, gaps OVERWRITE.
+        Byte-wise rules merge any dtype as bytes; typed rules use its DataType."""
         self.snapshot.clear_merge_regions()
         for a in sorted(layout.values(), key=lambda a: a.offset):
             if a.nbytes:
-                self.snapshot.add_merge_region(a.offset, a.nbytes, a.dtype, a.merge)
+                typed = a.merge not in (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)
+                self.snapshot.add_merge_region(a.offset, a.nbytes, a.np_dtype if typed else DataType.RAW,
+                                               a.merge)
         self.snapshot.fill_gaps(MergeOp.OVERWRITE)
         return self.snapshot.merge_regions
 
-    def close(self) -> None:
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Stops the backend and releases memory, on the batch thread after
+        the batches queued before. A batch still running after ``timeout``
+        seconds is cancelled. Raises TimeoutError if thread functions
+        (threads backend) were still running after that. Interrupted, the
+        close goes on in the background; calling close again waits for it."""
         if self.closed:
             return
+        if os.getpid() != self._pid:  # a fork()ed child: the parent's workers are not ours to stop
+            self.closed = True
+            self._backend_finalizer.detach()
+            return
+        self.check_not_nested()
+        timeout = max(0.0, timeout)
+        deadline = time.monotonic() + timeout
+        request = _Request(lambda request: self._close_now(deadline), cancellable=False, skippable=False)
+        self._requests.put(request)
+        while not request.done.wait(POLL):
+            if not self._alive.is_set():
+                self.closed = True
+                return
+            current = self._current
+            if time.monotonic() > deadline and current is not None and current is not request:
+                current.interrupt("closed")  # it lets go within a fraction of a second
+        if request.error is not None:
+            error, request.error = request.error, None
+            raise error
+        abandoned = request.result
+        if abandoned:
+            raise TimeoutError(
+                f"{abandoned} thread function(s) of the {self.backend.name} backend were still running "
+                f"{timeout:g} s after close() began; they were abandoned (Python threads cannot be "
+                "killed) and release their memory when they return")
+
+    def _close_now(self, deadline: float) -> int:
         self.closed = True
-        self.backend.close()
-        self._main_tracker.close()
-        self.memory.close()
-        self.snapshot.close()
+        return self._release(max(0.0, deadline - time.monotonic()))
+
+    def _release(self, timeout: float) -> int:
+        """Closes what exists; safe to call again after an interruption."""
+        abandoned = 0
+        finalizer = getattr(self, "_backend_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+        backend, self.backend = self.backend, _ClosedBackend(self.backend.name)
+        abandoned = backend.close(timeout) or 0
+        for name in ("_main_tracker", "memory", "snapshot"):  # those that exist (__init__ may have failed)
+            part = getattr(self, name, None)
+            if part is not None:
+                part.close()
+        return abandoned
+
+
+def _close_backend(backend: Backend, pid: int) -> None:
+    """Stops the workers of an App that was never closed (garbage-collected,
+    or open at interpreter exit), unless this is a fork()ed child."""
+    if os.getpid() == pid:
+        backend.close(1.0)
+
+
+class _ClosedBackend:
+    """What a closed executor holds instead of its backend."""
+
+    slots = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+        raise PageforkError("the App is closed")
+
+    def close(self, timeout: float) -> int:
+        return 0

@@ -129,7 +129,7 @@ def _kernel_write_test(mode: str) -> str:
     backing = "memfd" if mode == "cow" else "anonymous"
     with Region(4 * _native.PAGE_SIZE, backing=backing) as region:  # type: ignore[arg-type]
         view = memoryview(region)
-        tracking = _native.Tracking(_MODE_IDS[mode], region.address, 4, 4, False)
+        tracking = _native.Tracking(_MODE_IDS[mode], region, 4)
         r, w = os.pipe()
         try:
             tracking.start()

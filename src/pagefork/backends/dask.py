@@ -14,7 +14,11 @@ Install with ``pip install pagefork[dask]``.
 
 from __future__ import annotations
 
+import os
+import pickle
+import sys
 import threading
+import time
 import traceback
 import uuid
 from typing import Any, Sequence
@@ -24,7 +28,7 @@ import zstandard
 
 from .. import compact
 from .._errors import PageforkError
-from ..executor import BatchSpec, ThreadOutcome, Workspace, thread_tracking_mode
+from ..executor import POLL, BatchSpec, Cancel, ThreadOutcome, Workspace, thread_tracking_mode
 from ..snapshot import DiffBatch, Snapshot
 from ..tracking import probe
 
@@ -111,7 +115,15 @@ def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, pa
         entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:
         return ("missing", index, str(exc))
-    fn, args, n, layout, regions, mode = cloudpickle.loads(program)
+    try:
+        paths, body = pickle.loads(program)
+        for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it
+            if path not in sys.path:
+                sys.path.append(path)
+        fn, args, n, layout, regions, mode = cloudpickle.loads(body)
+    except BaseException:
+        return ("error", index, "cannot load the thread function on the Dask worker:\n"
+                + traceback.format_exc())
     if mode not in probe() or not probe()[mode].available:
         mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
     assert entry.snapshot is not None
@@ -133,6 +145,13 @@ def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, pa
     return ("ok", index, result, diffs, outcome.dirty_pages, get_worker().address)
 
 
+def _absolute(path: str) -> str:
+    try:
+        return os.path.abspath(path)
+    except OSError:  # the working directory was deleted
+        return path
+
+
 # ---- the client side ---------------------------------------------------------------
 
 
@@ -152,6 +171,7 @@ class DaskBackend:
             raise ValueError("backend='dask' needs client= (a distributed.Client or a scheduler address)")
         self._own_client = not isinstance(client, distributed.Client)
         self.client = distributed.Client(client) if self._own_client else client
+        self._check_client()
         addresses = sorted(self.client.scheduler_info()["workers"])
         if not addresses:
             raise PageforkError("the Dask cluster has no workers")
@@ -199,12 +219,27 @@ class DaskBackend:
 
     # -- running --
 
-    def run(self, spec: BatchSpec, placement: Sequence[int]) -> list[ThreadOutcome]:
+    def _check_client(self) -> None:
+        """A closed client never completes anything: say so at once."""
+        status = getattr(self.client, "status", "running")
+        if status in ("closing", "closed") or status is None:
+            raise PageforkError(f"the Dask client is {status or 'closed'}: the App cannot run batches "
+                                "(create the App with a running distributed.Client)")
+
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
         from distributed import as_completed
 
+        self._check_client()
+        try:
+            body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
+                               spec.tracking))
+        except Exception as exc:
+            raise PageforkError(f"cannot send the thread function or its arguments to Dask workers "
+                                f"(they travel pickled): {exc!r}") from exc
+        # Relative entries ('' is the working directory) mean the client's folders.
+        paths = [_absolute(p) for p in sys.path if isinstance(p, str)]
+        program = pickle.dumps((paths, body), protocol=pickle.HIGHEST_PROTOCOL)
         self._record(spec)
-        program = cloudpickle.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
-                                     spec.tracking))
         shipped = len(program) * self.slots
         payloads: dict[tuple[str, int | None], tuple[Any, int]] = {}  # key -> (future, bytes)
         futures = {"program": self._scatter(program)}
@@ -240,55 +275,88 @@ class DaskBackend:
         tasks: dict[str, tuple[int, str]] = {}
         attempts = {i: 1 for i in range(spec.n)}
         outcomes: dict[int, ThreadOutcome] = {}
-        pending = as_completed([submit(i, self.addresses[slot]) for i, slot in enumerate(placement)])
-        for future in pending:
-            i, address = tasks[str(future.key)]
-            try:
-                reply = future.result()
-            except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
-                self._known.pop(address, None)
-                if attempts[i] < _MAX_ATTEMPTS:
-                    attempts[i] += 1
+        submitted = [submit(i, self.addresses[slot]) for i, slot in enumerate(placement)]
+        pending = as_completed(submitted)
+        try:
+            for future in self._completed(pending, cancel):
+                i, address = tasks[str(future.key)]
+                try:
+                    reply = future.result()
+                except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
+                    self._check_client()
+                    self._known.pop(address, None)
+                    if attempts[i] < _MAX_ATTEMPTS:
+                        attempts[i] += 1
+                        try:
+                            rescatter()
+                            submitted.append(submit(i, self._other(address), full=True))
+                            pending.add(submitted[-1])
+                        except Exception as again:
+                            outcomes[i] = ThreadOutcome(i, error=f"thread {i} was lost with its Dask "
+                                                                 f"worker and could not be re-sent: {again!r}")
+                    else:
+                        outcomes[i] = ThreadOutcome(
+                            i, error=f"thread {i} was lost {attempts[i]} times with its Dask worker; "
+                                     f"last: {exc!r}")
+                    continue
+                if reply[0] == "missing":  # the worker lost its cache: send it everything
+                    self._known.pop(address, None)
+                    if attempts[i] <= _MAX_ATTEMPTS:
+                        attempts[i] += 1
+                        submitted.append(submit(i, address, full=True))
+                        pending.add(submitted[-1])
+                    else:
+                        outcomes[i] = ThreadOutcome(i, error=f"thread {i}: {reply[2]}")
+                elif reply[0] == "error":
+                    outcomes[i] = ThreadOutcome(i, error=reply[2])
+                else:
+                    _, _, result, diffs, dirty, worker = reply
+                    shipped += len(result) + len(diffs)
                     try:
-                        rescatter()
-                        pending.add(submit(i, self._other(address), full=True))
-                    except Exception as again:
-                        outcomes[i] = ThreadOutcome(i, error=f"thread {i} was lost with its Dask "
-                                                             f"worker and could not be re-sent: {again!r}")
-                else:
-                    outcomes[i] = ThreadOutcome(
-                        i, error=f"thread {i} was lost {attempts[i]} times with its Dask worker; "
-                                 f"last: {exc!r}")
-                continue
-            if reply[0] == "missing":  # the worker lost its cache: send it everything
-                self._known.pop(address, None)
-                if attempts[i] <= _MAX_ATTEMPTS:
-                    attempts[i] += 1
-                    pending.add(submit(i, address, full=True))
-                else:
-                    outcomes[i] = ThreadOutcome(i, error=f"thread {i}: {reply[2]}")
-            elif reply[0] == "error":
-                outcomes[i] = ThreadOutcome(i, error=reply[2])
-            else:
-                _, _, result, diffs, dirty, worker = reply
-                shipped += len(result) + len(diffs)
-                outcomes[i] = ThreadOutcome(
-                    i, cloudpickle.loads(result),
-                    compact.decode(zstandard.ZstdDecompressor().decompress(diffs)), dirty)
-                self._known[worker] = spec.version
+                        outcomes[i] = ThreadOutcome(
+                            i, cloudpickle.loads(result),
+                            compact.decode(zstandard.ZstdDecompressor().decompress(diffs)), dirty)
+                    except Exception:
+                        outcomes[i] = ThreadOutcome(i, error="cannot load the result on the client:\n"
+                                                             + traceback.format_exc())
+                    self._known[worker] = spec.version
+        except BaseException:  # cancelled, or the client went away: stop the batch's tasks
+            try:
+                if getattr(self.client, "status", None) == "running":
+                    self.client.cancel(submitted, force=True)
+            except Exception:
+                pass
+            raise
         result = [outcomes[i] for i in sorted(outcomes)]
         result[0].bytes_shipped = shipped
         return result
 
+    def _completed(self, pending: Any, cancel: Cancel) -> Any:
+        """The futures of ``pending`` as they complete; raises Cancelled once
+        ``cancel`` is set and PageforkError once the client is closed."""
+        condition = getattr(pending, "thread_condition", None)
+        while not pending.is_empty():
+            if not pending.has_ready():
+                cancel.check()
+                self._check_client()
+                if condition is not None:
+                    with condition:
+                        if not pending.has_ready():
+                            condition.wait(POLL)
+                else:
+                    time.sleep(POLL / 10)
+                continue
+            yield from pending.next_batch(block=False)
+
     def _scatter(self, blob: bytes) -> Any:
         """A future holding ``blob``. Right after a worker dies the scheduler
         may still pick it, so a failed scatter is retried for a few seconds."""
-        import time
-
         for attempt in range(20):
+            self._check_client()
             try:
                 return self.client.scatter(blob, hash=False)
             except Exception:
+                self._check_client()
                 if attempt == 19:
                     raise
                 time.sleep(0.25)
@@ -298,10 +366,12 @@ class DaskBackend:
         others = [a for a in alive if a != address] or alive
         return others[0] if others else address
 
-    def close(self) -> None:
-        try:
-            self.client.run(_drop_cache, self.app_id)
-        except Exception:
-            pass
+    def close(self, timeout: float = 10.0) -> int:
+        if getattr(self.client, "status", None) == "running":
+            try:
+                self.client.run(_drop_cache, self.app_id)
+            except Exception:
+                pass
         if self._own_client:
-            self.client.close()
+            self.client.close(timeout=max(timeout, 1.0))
+        return 0

@@ -8,6 +8,17 @@ and maps it privately per thread, so memory is never copied to a worker;
 functions travel with cloudpickle; results and compact-encoded diffs come back
 (reductions combined per worker first, see combine.py).
 A worker that dies is replaced and its threads fail with WorkerError.
+
+Like multiprocessing's spawn (``multiprocessing.spawn.get_preparation_data``),
+workers follow the parent's ``sys.path`` and working directory, sent before
+any batch that finds them changed, so functions of modules the parent can
+import load in the workers too; the caller's ``__main__`` is never re-run
+(cloudpickle sends its functions by value).
+
+Replies are read on the executor's batch thread, where KeyboardInterrupt
+never lands, so a message is never cut in half. A cancelled batch (its caller
+was interrupted) kills the workers still running it; they are replaced
+before the next batch, so no worker is ever in an unknown state.
 """
 
 from __future__ import annotations
@@ -18,14 +29,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from multiprocessing import connection, reduction
 from typing import Any, Sequence
 
 import cloudpickle
 
-from .._errors import CorruptDataError
-from ..executor import BatchSpec, ThreadOutcome
+from .._errors import CorruptDataError, PageforkError
+from ..executor import POLL, BatchSpec, Cancel, ThreadOutcome
 from ..snapshot import DiffBatch, Snapshot
 from . import combine, replies
 from .threads import group_by_slot
@@ -75,6 +87,15 @@ def _worker_main(conn: connection.Connection) -> None:
         kind = message[0]
         if kind == "stop":
             return
+        if kind == "prepare":  # the parent's sys.path and working directory
+            _, path, cwd = message
+            sys.path[:] = path
+            try:
+                if cwd is not None:
+                    os.chdir(cwd)
+            except OSError:
+                pass
+            continue
         if kind == "snapshot":
             _, size, max_size = message
             fd = reduction.recv_handle(conn)
@@ -136,17 +157,43 @@ def _worker_main(conn: connection.Connection) -> None:
             _ship(conn, writer, ("end", seq, failure), packed)
 
 
+def _worker_env() -> dict[str, str]:
+    """This environment, plus the folder pagefork itself was imported from
+    (so ``-m pagefork...`` works however the parent found it)."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    return env
+
+
+def _preparation() -> tuple[list[str], str | None]:
+    """What a worker needs to import what the parent imports."""
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:  # the working directory was deleted
+        cwd = None
+    return list(sys.path), cwd
+
+
 class _Worker:
     def __init__(self, slot: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with theirs:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pagefork.backends.processes", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        try:
+            with theirs:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "pagefork.backends.processes", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env(),
+                    start_new_session=True)  # a terminal's Ctrl-C is the parent's to handle
+        except BaseException:
+            ours.close()
+            raise
         self.conn = connection.Connection(ours.detach())
         self.slot = slot
         self.snapshot_key: tuple[int, int] | None = None
         self.replies: replies.ReplyReader | None = None
+        self.prepared: tuple[list[str], str | None] | None = None
 
     def ensure_replies(self) -> int:
         """Passes this worker its reply buffer, once."""
@@ -174,6 +221,14 @@ class _Worker:
         offset, length = where
         return self.replies.get(int(offset), int(length))
 
+    def ensure_prepared(self, preparation: tuple[list[str], str | None]) -> int:
+        """Sends the parent's sys.path and cwd unless this worker has them."""
+        if self.prepared == preparation:
+            return 0
+        sent = _send(self.conn, ("prepare", *preparation))
+        self.prepared = preparation
+        return sent
+
     def ensure_snapshot(self, snapshot: Snapshot) -> int:
         """Sends the snapshot's memfd unless this worker already has it."""
         key = (id(snapshot), snapshot.fd)
@@ -192,6 +247,15 @@ class _Worker:
             return self.process.wait(1)
         except subprocess.TimeoutExpired:
             return None
+
+    def kill(self) -> None:
+        """Ends the worker at once (its state is unknown)."""
+        try:
+            self.process.kill()
+        except OSError:
+            pass
+        self.process.wait()
+        self.conn.close()
 
     def close(self, timeout: float = 5.0) -> None:
         try:
@@ -223,8 +287,14 @@ class ProcessesBackend:
             raise ValueError(f"workers must be at least 1, got {workers}")
         # Started now: the interpreters import numpy and pagefork while the
         # caller sets up its arrays, so the first batch does not wait for them.
-        self._workers: list[_Worker | None] = [_Worker(slot) for slot in range(self.slots)]
-        self.replaced = 0  # workers restarted after dying
+        self._workers: list[_Worker | None] = [None] * self.slots
+        try:
+            for slot in range(self.slots):
+                self._workers[slot] = _Worker(slot)
+        except BaseException:  # Ctrl-C while starting: stop the ones started
+            self.close(0.0)
+            raise
+        self.replaced = 0  # workers restarted after dying or being abandoned
         self._seq = 0
 
     def _worker(self, slot: int) -> _Worker:
@@ -237,88 +307,101 @@ class ProcessesBackend:
             w = self._workers[slot] = _Worker(slot)
         return w
 
-    def run(self, spec: BatchSpec, placement: Sequence[int]) -> list[ThreadOutcome]:
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
         self._seq += 1
-        seq = self._seq  # replies carry it, so an interrupted batch's never count
-        fn_bytes = cloudpickle.dumps(spec.fn)
-        args_bytes = cloudpickle.dumps(spec.args)
+        seq = self._seq  # replies carry it: a reply is only ever read by its own batch
+        try:
+            fn_bytes = spec.dumps(spec.fn)
+            args_bytes = spec.dumps(spec.args)
+        except Exception as exc:
+            raise PageforkError(f"cannot send the thread function or its arguments to worker processes "
+                                f"(they travel pickled): {exc!r}") from exc
+        preparation = _preparation()
         outcomes: dict[int, ThreadOutcome] = {}
         pending: dict[int, set[int]] = {}
         first: dict[int, int] = {}  # slot -> its first thread, which carries the combined diffs
         combined: dict[int, DiffBatch] = {}
         shipped = 0
-        for slot, indexes in group_by_slot(placement).items():
-            w = self._worker(slot)
-            try:
-                shipped += w.ensure_snapshot(spec.snapshot)
-                shipped += w.ensure_replies()
-                shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n, fn_bytes,
-                                          args_bytes, spec.layout, spec.merge_regions, spec.tracking,
-                                          indexes))
-                pending[slot] = set(indexes) | ({_END} if combine.combines(spec.merge_regions, len(indexes))
-                                                 else set())
-                first[slot] = indexes[0]
-            except (OSError, ValueError) as exc:
-                for i in indexes:
-                    outcomes[i] = ThreadOutcome(i, error=f"cannot reach worker {slot}: {exc}")
-        while pending:
-            waits: dict[Any, int] = {}
-            for slot in pending:
-                worker = self._workers[slot]
-                assert worker is not None
-                waits[worker.conn] = slot
-            for ready in connection.wait(list(waits)):
-                slot = waits[ready]
-                w = self._workers[slot]  # type: ignore[assignment]
-                assert w is not None
+        try:
+            for slot, indexes in group_by_slot(placement).items():
+                cancel.check()
+                w = self._worker(slot)
                 try:
-                    data = w.conn.recv_bytes()
-                    message = pickle.loads(data)
-                    header, where = message[-2:]
-                    payload = w.payload(where)
-                except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
-                    code = w.exit_code()
-                    for i in sorted(pending.pop(slot) - {_END}) or [first[slot]]:
-                        outcomes[i] = ThreadOutcome(
-                            i, error=f"worker process {slot} (pid {w.process.pid}) died while "
-                                     f"running thread {i} (exit code {code})")
-                    self._workers[slot] = None
-                    w.conn.close()
-                    w.drop_replies()
-                    self.replaced += 1
-                    continue
-                shipped += len(data)  # with inline payloads
-                if where is not None and where[0] != "inline":
-                    shipped += memoryview(payload).nbytes  # through the reply buffer
-                if message[1] != seq:
-                    continue  # a late reply to a batch that was interrupted
-                if message[0] == "end":
-                    error = message[2]
+                    shipped += w.ensure_prepared(preparation)
+                    shipped += w.ensure_snapshot(spec.snapshot)
+                    shipped += w.ensure_replies()
+                    shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n,
+                                              fn_bytes, args_bytes, spec.layout, spec.merge_regions,
+                                              spec.tracking, indexes))
+                    pending[slot] = set(indexes) | (
+                        {_END} if combine.combines(spec.merge_regions, len(indexes)) else set())
+                    first[slot] = indexes[0]
+                except (OSError, ValueError) as exc:
+                    self._drop(slot)
+                    for i in indexes:
+                        outcomes[i] = ThreadOutcome(i, error=f"cannot reach worker {slot}: {exc}")
+            while pending:
+                cancel.check()
+                waits: dict[Any, int] = {}
+                for slot in pending:
+                    worker = self._workers[slot]
+                    assert worker is not None
+                    waits[worker.conn] = slot
+                for ready in connection.wait(list(waits), POLL):
+                    slot = waits[ready]
+                    w = self._workers[slot]  # type: ignore[assignment]
+                    assert w is not None
                     try:
-                        batch = combine.unpack(header, payload)
-                    except CorruptDataError as exc:
-                        error = f"worker {slot} sent malformed combined diffs: {exc}"
-                    if error is not None:
-                        i = first[slot]
-                        outcomes[i] = ThreadOutcome(i, error=error)
-                    elif batch is not None:
-                        combined[slot] = batch
-                    i = _END
-                else:
-                    _, _, i, result, dirty, error, _, _ = message
-                    outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
-                    if error is None:
+                        data = w.conn.recv_bytes()
+                        message = pickle.loads(data)
+                        header, where = message[-2:]
+                        payload = w.payload(where)
+                    except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
+                        code = w.exit_code()
+                        for i in sorted(pending.pop(slot) - {_END}) or [first[slot]]:
+                            outcomes[i] = ThreadOutcome(
+                                i, error=f"worker process {slot} (pid {w.process.pid}) died while "
+                                         f"running thread {i} (exit code {code})")
+                        self._drop(slot)
+                        continue
+                    shipped += len(data)  # with inline payloads
+                    if where is not None and where[0] != "inline":
+                        shipped += memoryview(payload).nbytes  # through the reply buffer
+                    if message[1] != seq:
+                        continue  # cannot happen: workers of cancelled batches are replaced
+                    if message[0] == "end":
+                        error = message[2]
                         try:
-                            outcome.diffs = combine.unpack(header, payload)
+                            batch = combine.unpack(header, payload)
                         except CorruptDataError as exc:
-                            outcome.error = f"worker {slot} sent malformed diffs: {exc}"
-                        else:
-                            outcome.result = cloudpickle.loads(result)
-                    if i not in outcomes:  # an "end" error may have claimed it
-                        outcomes[i] = outcome
-                pending[slot].discard(i)
-                if not pending[slot]:
-                    del pending[slot]
+                            error = f"worker {slot} sent malformed combined diffs: {exc}"
+                        if error is not None:
+                            i = first[slot]
+                            outcomes[i] = ThreadOutcome(i, error=error)
+                        elif batch is not None:
+                            combined[slot] = batch
+                        i = _END
+                    else:
+                        _, _, i, result, dirty, error, _, _ = message
+                        outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
+                        if error is None:
+                            try:
+                                outcome.diffs = combine.unpack(header, payload)
+                                outcome.result = cloudpickle.loads(result)
+                            except CorruptDataError as exc:
+                                outcome.error = f"worker {slot} sent malformed diffs: {exc}"
+                            except Exception:
+                                outcome.error = ("cannot load the result in the parent:\n"
+                                                 + traceback.format_exc())
+                        if i not in outcomes:  # an "end" error may have claimed it
+                            outcomes[i] = outcome
+                    pending[slot].discard(i)
+                    if not pending[slot]:
+                        del pending[slot]
+        except BaseException:  # cancelled (or broken): workers still busy are in an unknown state
+            for slot in pending:
+                self._drop(slot, kill=True)
+            raise
         for slot, batch in combined.items():
             outcomes[first[slot]].combined = batch
         result = [outcomes[i] for i in sorted(outcomes)]
@@ -326,11 +409,31 @@ class ProcessesBackend:
             result[0].bytes_shipped = shipped
         return result
 
-    def close(self) -> None:
-        for w in self._workers:
+    def _drop(self, slot: int, kill: bool = False) -> None:
+        """Forgets a worker that died or whose state is unknown; the next
+        batch starts a new one."""
+        w, self._workers[slot] = self._workers[slot], None
+        if w is not None:
+            if kill:
+                w.kill()
+            else:
+                w.conn.close()
+            w.drop_replies()
+            self.replaced += 1
+
+    def close(self, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        workers, self._workers = self._workers, [None] * self.slots
+        for w in workers:  # ask all first, so they stop in parallel
             if w is not None:
-                w.close()
-        self._workers = [None] * self.slots
+                try:
+                    _send(w.conn, ("stop",))
+                except (OSError, ValueError):
+                    pass
+        for w in workers:
+            if w is not None:
+                w.close(max(0.0, deadline - time.monotonic()))
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,15 +1,26 @@
 """The threads backend: Python threads in this process, each on its own
-private copy-on-write mapping of the snapshot."""
+private copy-on-write mapping of the snapshot.
+
+Each slot has a Python thread and a workspace (thread memory and tracker),
+both reused by later batches only once the slot's thread function has
+returned: when a batch is cancelled (its caller was interrupted), slots
+whose thread function still runs are replaced by new slots (a new thread,
+new memory), and the old thread closes its workspace and ends when the
+function finally returns.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+import queue
+import threading
+import time
+from typing import Callable, Sequence
 
-from ..executor import BatchSpec, ThreadOutcome, Workspace
+from ..executor import POLL, BatchSpec, Cancel, Cancelled, ThreadOutcome, Workspace
 
-__all__ = ["ThreadsBackend"]
+__all__ = ["ThreadsBackend", "group_by_slot"]
 
 
 def group_by_slot(placement: Sequence[int]) -> dict[int, list[int]]:
@@ -18,6 +29,36 @@ def group_by_slot(placement: Sequence[int]) -> dict[int, list[int]]:
     for i, slot in enumerate(placement):
         work.setdefault(slot, []).append(i)
     return work
+
+
+class _Slot:
+    """A workspace, the thread that runs jobs on it, and whether a job runs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.space = Workspace()
+        self.busy = False
+        self.retired = False  # replaced while busy: its thread closes the workspace and ends
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:  # started on first use
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
+            if self.retired:
+                return
 
 
 class ThreadsBackend:
@@ -30,15 +71,71 @@ class ThreadsBackend:
         self.slots = workers if workers is not None else (os.cpu_count() or 1)
         if self.slots < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        self._spaces = [Workspace() for _ in range(self.slots)]
-        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="pagefork")
+        self._slots = [_Slot(f"pagefork-{i}") for i in range(self.slots)]
+        self._lock = threading.Condition()
+        self._running: set[_Slot] = set()  # slots running jobs, of this and cancelled batches
 
-    def run(self, spec: BatchSpec, placement: Sequence[int]) -> list[ThreadOutcome]:
-        futures = [self._pool.submit(self._spaces[slot].run, spec, indexes)
-                   for slot, indexes in group_by_slot(placement).items()]
-        return [o for f in futures for o in f.result()]
+    def _work(self, slot: _Slot, spec: BatchSpec, indexes: list[int], cancel: Cancel,
+              out: dict[int, list[ThreadOutcome]], key: int) -> None:
+        try:
+            outcomes = slot.space.run(spec, indexes, copy_result=True, cancel=cancel)
+        except BaseException as exc:  # never: run reports per thread
+            outcomes = [ThreadOutcome(i, error=f"the worker thread failed: {exc!r}") for i in indexes]
+        with self._lock:
+            out[key] = outcomes
+            slot.busy = False
+            if slot.retired:
+                slot.space.close()
+            self._running.discard(slot)
+            self._lock.notify_all()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        for space in self._spaces:
-            space.close()
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+        out: dict[int, list[ThreadOutcome]] = {}
+        groups = group_by_slot(placement)
+        started: list[tuple[int, _Slot]] = []
+        try:
+            for slot_index, indexes in groups.items():
+                slot = self._slots[slot_index]
+                assert not slot.busy, "a slot is reused while its thread runs"
+                with self._lock:
+                    slot.busy = True
+                    self._running.add(slot)
+                started.append((slot_index, slot))
+                slot.submit(functools.partial(self._work, slot, spec, indexes, cancel, out, slot_index))
+            with self._lock:
+                while len(out) < len(started):
+                    if cancel.is_set():
+                        raise Cancelled()
+                    self._lock.wait(POLL)
+        except BaseException:
+            self._abandon(started)
+            raise
+        return [o for slot_index in groups for o in out.get(slot_index, [])]
+
+    def _abandon(self, started: list[tuple[int, _Slot]]) -> None:
+        """Replaces every slot still in use by a new one; the old slot's
+        thread closes its workspace and ends when its function returns."""
+        with self._lock:
+            for slot_index, slot in started:
+                if slot.busy:
+                    slot.retired = True
+                    self._slots[slot_index] = _Slot(slot.name)
+
+    def running(self) -> int:
+        """Thread functions still running (of cancelled batches, too)."""
+        with self._lock:
+            return len(self._running)
+
+    def close(self, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._running and time.monotonic() < deadline:
+                self._lock.wait(min(POLL, max(0.0, deadline - time.monotonic())))
+            abandoned = len(self._running)
+            for slot in self._slots:
+                if slot.busy:
+                    slot.retired = True
+                else:
+                    slot.space.close()
+                slot.stop()
+        return abandoned
