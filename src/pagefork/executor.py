@@ -38,7 +38,8 @@ from .snapshot import DataType, DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
 
 __all__ = ["Allocation", "BatchSpec", "BatchStats", "Cancelled", "Cancel", "Executor", "ThreadMemory",
-           "ThreadOutcome", "Backend", "Workspace", "run_thread", "thread_tracking_mode", "dtype_of",
+           "ThreadOutcome", "Backend", "Workspace", "run_thread", "call_thread_function",
+           "check_thread_memory", "thread_tracking_mode", "dtype_of",
            "dtype_text", "MAX_THREADS_PER_BATCH", "MAX_TRACKED_REGIONS", "DEFAULT_CLOSE_TIMEOUT"]
 
 #: The most threads one batch may have (each costs a placement entry, an
@@ -279,6 +280,24 @@ def _copied(value: Any) -> Any:
     return pickle.loads(data)
 
 
+def call_thread_function(spec: BatchSpec, index: int, region: Region) -> Any:
+    """Calls thread ``index``'s function on ``region``, marking this Python
+    thread as inside the batch (so it cannot call its own App)."""
+    previous = getattr(_inside, "snapshot", None)
+    _inside.snapshot = spec.snapshot
+    try:
+        return spec.fn(ThreadMemory(region, spec.layout), index, spec.n, *spec.args)
+    finally:
+        _inside.snapshot = previous
+
+
+def check_thread_memory(region: Region) -> None:
+    """Raises if the thread function closed its memory (the workspace
+    rebuilds it for the next thread)."""
+    if region.closed:
+        raise PageforkError("the thread function closed its memory (mem.region.close())")
+
+
 def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *,
                copy_result: bool = False) -> ThreadOutcome:
     """Runs thread ``index`` of a batch on ``region`` (any backend, any
@@ -293,16 +312,12 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
     except BaseException as exc:  # not the thread's fault: say what the workspace lacks
         return ThreadOutcome(index, error=_preparation_error(exc))
     try:
-        previous = getattr(_inside, "snapshot", None)
-        _inside.snapshot = spec.snapshot
         try:
-            result = spec.fn(ThreadMemory(region, spec.layout), index, spec.n, *spec.args)
+            result = call_thread_function(spec, index, region)
         finally:
-            _inside.snapshot = previous
             if not region.closed:
                 tracker_.stop(region)
-        if region.closed:
-            raise PageforkError("the thread function closed its memory (mem.region.close())")
+        check_thread_memory(region)
         dirty = tracker_.dirty_pages(region, "global")
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
         if copy_result and type(result) not in _IMMUTABLE:

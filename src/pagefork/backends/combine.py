@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import _native, compact
 from .._sizes import round_to_pages
-from ..executor import BatchSpec, ThreadMemory, ThreadOutcome, Workspace
+from ..executor import BatchSpec, ThreadOutcome, Workspace, call_thread_function, check_thread_memory
 from ..memory import PAGE_SIZE, Region
 from ..tracking import Tracker
 from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
@@ -204,9 +204,11 @@ class CombiningWorkspace(Workspace):
             spec.snapshot.map_to(region)
             tracker_.start(region)
             try:
-                result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
+                result = call_thread_function(spec, i, region)
             finally:
-                tracker_.stop(region)
+                if not region.closed:
+                    tracker_.stop(region)
+            check_thread_memory(region)
             dirty = tracker_.dirty_pages(region, "global")
             if spec.tracking == "cow":
                 self._kept = key
@@ -214,7 +216,8 @@ class CombiningWorkspace(Workspace):
                 many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
                 self._private = dirty.view(np.uint8).copy() if many else None
             return result, dirty, None
-        result = spec.fn(ThreadMemory(region, spec.layout), i, spec.n, *spec.args)
+        result = call_thread_function(spec, i, region)
+        check_thread_memory(region)
         after = np.empty(region.n_pages, np.uint8)
         _native.private_pages(region, after)
         self._private = after
@@ -241,6 +244,8 @@ class CombiningWorkspace(Workspace):
         for i in indexes:
             outcome: ThreadOutcome
             try:
+                if region.closed:  # an earlier thread function closed it: rebuild
+                    region, tracker_ = self.prepare(spec)
                 result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining)
                 diffs = snapshot.diff(region, dirty, regions=own)
                 written = dirty
@@ -254,10 +259,8 @@ class CombiningWorkspace(Workspace):
                         written = new | changed.view(np.bool_) | _pages_of(diffs, region.n_pages)
                 self._recent = int(np.count_nonzero(written))
                 outcome = ThreadOutcome(i, result, diffs, self._recent)
-            except BaseException as exc:  # the thread's own error, with its traceback
+            except BaseException as exc:  # the thread's own error (SystemExit included)
                 self._kept = self._private = None  # the next thread maps afresh
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
                 outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))
             report(outcome)
         if partial is None:
