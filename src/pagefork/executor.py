@@ -251,7 +251,7 @@ def thread_tracking_mode(requested: str | None = None) -> str:
 #: Regions one process can track at once (the native registry's size, unless
 #: the native module says otherwise). Main memory is one; each thread
 #: function running on the threads backend holds one while it runs.
-MAX_TRACKED_REGIONS = int(getattr(_native, "MAX_TRACKED_REGIONS", 256))
+MAX_TRACKED_REGIONS = int(_native.MAX_TRACKED_REGIONS)
 
 
 _PREPARATION = "cannot prepare thread memory: "
