@@ -376,6 +376,20 @@ def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:
     return array.astype(dtype)
 
 
+class _Queued:
+    """A queued batch and the flag the native write sets once it is written."""
+
+    __slots__ = ("batch", "done")
+
+    def __init__(self, batch: DiffBatch) -> None:
+        self.batch = batch
+        self.done = bytearray(1)
+
+    @property
+    def written(self) -> bool:
+        return bool(self.done[0])
+
+
 def _as_batch(diffs: Batchable) -> DiffBatch:
     return diffs if isinstance(diffs, DiffBatch) else DiffBatch(diffs)
 
@@ -410,7 +424,7 @@ class Snapshot:
         self._memory = Region(round_to_pages(nbytes), max_size=max(round_to_pages(max_bytes), PAGE_SIZE),
                               shared=True, backing="memfd", _fd=_fd)
         self._merge_regions: list[MergeRegion] = []
-        self._queue: list[DiffBatch] = []
+        self._queue: list[_Queued] = []
         # Ranges written through the snapshot: (offsets, lengths) array pairs.
         self._changes: list[tuple[np.ndarray, np.ndarray]] = []
         self._lock = threading.RLock()
@@ -523,9 +537,14 @@ class Snapshot:
             raise OutOfBoundsError(f"write at negative offset {offset}")
         with self._lock:
             self._check_open()
-            self._grow(offset + view.nbytes)
-            memoryview(self._memory)[offset:offset + view.nbytes] = view
-            self._changes.append((np.array([offset], np.int64), np.array([view.nbytes], np.int64)))
+            if offset + view.nbytes > self._max_size:
+                raise OutOfBoundsError(f"the snapshot would grow to {offset + view.nbytes} bytes; "
+                                       f"its max_size is {self._max_size}")
+            # One OVERWRITE diff: grown, written and recorded all or nothing,
+            # even when interrupted.
+            self._apply(DiffBatch._unchecked(np.array([offset], np.int64),
+                                             np.array([view.nbytes], np.int64),
+                                             np.zeros(1, np.uint8), np.zeros(1, np.uint8), view))
 
     def write_pages(self, memory: Any, dirty_pages: Any) -> int:
         """Copies the pages flagged in ``dirty_pages`` from ``memory`` (up to
@@ -541,12 +560,12 @@ class Snapshot:
 
     def _write_pages(self, mem: memoryview, flags: np.ndarray) -> int:
         with memoryview(self._memory) as whole:
-            copied = _native.copy_pages(whole[: self._size], mem, flags.view(np.uint8), PAGE_SIZE)
             pages = np.flatnonzero(flags[: -(-min(mem.nbytes, self._size) // PAGE_SIZE)])
-            if pages.size:
+            if pages.size:  # recorded first, so an interrupt cannot lose a copied page
                 starts = pages * PAGE_SIZE
                 lengths = np.minimum(starts + PAGE_SIZE, min(mem.nbytes, self._size)) - starts
                 self._changes.append((starts.astype(np.int64), lengths.astype(np.int64)))
+            copied = _native.copy_pages(whole[: self._size], mem, flags.view(np.uint8), PAGE_SIZE)
         return int(copied)
 
     def map_to(self, region: Region) -> None:
@@ -705,9 +724,13 @@ class Snapshot:
             self._check_open()
             self._apply(batch)
 
-    def _apply(self, batch: DiffBatch) -> None:
-        """Applies ``batch`` (the caller holds the lock)."""
+    def _apply(self, batch: DiffBatch, done: bytearray | None = None) -> None:
+        """Applies ``batch`` (the caller holds the lock). ``done[0]`` becomes 1
+        the moment the diffs are written, so a caller interrupted anywhere
+        (KeyboardInterrupt) knows whether they were."""
+        done = bytearray(1) if done is None else done
         if len(batch) == 0 and batch.nbytes == 0:
+            done[0] = 1
             return
         # Private copies of the small index columns: what is checked is applied.
         # The native check (bounds, codes, whole values, data length) runs on
@@ -722,7 +745,7 @@ class Snapshot:
         if end > self._max_size:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
-        size, writing = self._size, False
+        size = self._size
         changed = ops != MergeOp.IGNORE
         record = (offsets[changed], lengths[changed])
         try:
@@ -731,18 +754,17 @@ class Snapshot:
                     _native.apply(whole[:size], offsets, lengths, dtypes, ops, data, True, end)
                 self._grow(end)
             # Recorded first: an interrupt right after the write must not lose
-            # it from tracked_changes (reporting an unwritten range is harmless).
+            # it from tracked_changes.
             self._changes.append(record)
-            writing = True
-            # Checks everything again, then writes (all or nothing).
+            # Checks everything again, then writes (all or nothing) and sets done.
             with memoryview(self._memory) as whole:
-                _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data)
+                _native.apply(whole[: self._size], offsets, lengths, dtypes, ops, data, False, -1,
+                              done)
         except BaseException as exc:
-            refused = isinstance(exc, (ArithmeticError, IndexError, ValueError))
-            if refused or not writing:
-                # Nothing was written (the kernel checks before it writes, and
-                # an interrupt before the write call stops it): undo the growth.
-                # Pages past the old size stay mapped and still read as zero.
+            if not done[0]:
+                # Refused, or interrupted before the write: undo the growth
+                # and the record. Pages past the old size stay mapped and
+                # still read as zero.
                 self._size = size
                 if self._changes and self._changes[-1] is record:
                     self._changes.pop()
@@ -758,13 +780,13 @@ class Snapshot:
         """Queues ``diffs`` for :meth:`write_queued` (thread-safe)."""
         batch = _as_batch(diffs)
         with self._lock:
-            self._queue.append(batch)
+            self._queue.append(_Queued(batch))
 
     @property
     def queued(self) -> int:
         """Number of diffs queued."""
         with self._lock:
-            return sum(len(b) for b in self._queue)
+            return sum(len(q.batch) for q in self._queue if not q.written)
 
     def write_queued(self) -> int:
         """Applies every queued diff, in queue order, all or nothing; returns
@@ -772,15 +794,16 @@ class Snapshot:
         written), the diffs stay queued; once written, they never apply twice."""
         with self._lock:
             self._check_open()
-            pending, self._queue = self._queue, []
-            recorded = len(self._changes)
-            try:
-                batch = DiffBatch.concat(pending)
-                self._apply(batch)
-            except BaseException:
-                if len(self._changes) == recorded:  # _apply records only what it writes
-                    self._queue[:0] = pending
-                raise
+            # An entry leaves the queue only by the flag the native write
+            # sets, so an interrupt at any point cannot drop it unwritten
+            # or keep it written.
+            self._queue = [q for q in self._queue if not q.written]
+            pending, done = list(self._queue), bytearray(1)
+            for q in pending:
+                q.done = done
+            batch = DiffBatch.concat(q.batch for q in pending)
+            self._apply(batch, done)
+            self._queue = [q for q in self._queue if not q.written]
             return len(batch)
 
     def tracked_changes(self) -> DiffBatch:
