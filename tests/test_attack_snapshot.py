@@ -126,3 +126,49 @@ def test_write_keeps_its_errors():
         assert snap.size == 12
         snap.write(snap.view()[:4], 2)  # the data may alias the snapshot
         assert snap.read() == bytes(12)
+
+
+def test_from_columns_takes_the_bytes_of_any_buffer():
+    """Before: the data's length was counted in items (1 for one int64), so
+    indexing returned 8 bytes for a 1-byte diff, encode wrote a message
+    decode refused, and a correct 8-byte diff was refused."""
+    from pagefork import DiffBatch, wire
+
+    values = np.array([0x0102030405060708], np.int64)
+    batch = DiffBatch.from_columns([0], [8], [0], [0], values)
+    assert batch.nbytes == 8 and batch[0] == Diff(0, values.tobytes())
+    assert wire.decode(wire.encode(batch)) == batch
+    with pytest.raises(ValueError, match="do not add up"):
+        DiffBatch.from_columns([0], [1], [0], [0], values)
+    strided = np.arange(8, dtype=np.uint8)[::2]  # copied: the kernels need contiguous bytes
+    batch = DiffBatch.from_columns([0], [4], [0], [0], strided)
+    assert wire.decode(wire.encode(batch)) == [Diff(0, bytes([0, 2, 4, 6]))]
+    with Snapshot(size=8) as snap:
+        snap.apply(batch)
+        assert snap.read(0, 4) == bytes([0, 2, 4, 6])
+
+
+def test_any_truthy_page_flag_is_dirty():
+    """Before: a bool array holding bytes other than 0/1 (np.frombuffer of a
+    0/0xFF bitmap) read as clean, and a strided one was a ValueError."""
+    memory = bytearray(2 * PAGE_SIZE)
+    memory[3] = memory[PAGE_SIZE + 5] = 9
+    with Snapshot(size=2 * PAGE_SIZE) as snap:
+        for flags in (np.frombuffer(b"\xff\x02", np.bool_),
+                      np.ones(4, np.bool_)[::2], [1, 2], np.array([0.5, -1.0])):
+            assert [(d.offset, d.data) for d in snap.diff(memory, flags)] == \
+                [(3, b"\t"), (PAGE_SIZE + 5, b"\t")]
+        assert snap.write_pages(memory, np.frombuffer(b"\x00\x02", np.bool_)) == PAGE_SIZE
+        assert snap.read(PAGE_SIZE + 5, 1) == b"\t" and snap.read(3, 1) == b"\0"
+
+
+def test_size_strings_are_exact_and_never_overflow():
+    """Before: sizes went through float: "9007199254740993" lost its last
+    digit and 400 nines raised OverflowError."""
+    from pagefork import OutOfBoundsError
+    from pagefork._sizes import parse_size
+
+    assert parse_size("9007199254740993") == 9007199254740993
+    assert parse_size("1.5 GB") == 1_500_000_000 and parse_size("0.5KiB") == 512
+    with pytest.raises(OutOfBoundsError):
+        Snapshot(size="9" * 400)

@@ -251,14 +251,18 @@ class DiffBatch(Sequence[Diff]):
     @classmethod
     def from_columns(cls, offsets: Any, lengths: Any, dtypes: Any, ops: Any,
                      data: bytes | memoryview) -> DiffBatch:
-        """Builds a batch from its columns without copying them. Malformed
+        """Builds a batch from its columns without copying them (``data``
+        is taken as its bytes, whatever its item type; a non-contiguous
+        buffer is copied). Malformed
         columns (negative or overflowing ranges, unknown or invalid codes,
         typed diffs that are not whole values, lengths that do not add up to
         the data) raise ``ValueError`` naming the first bad diff."""
+        view = memoryview(data)  # bytes of any buffer, whatever its item type or strides
         batch = cls._unchecked(_int_column(offsets, np.int64, "offsets"),
                                _int_column(lengths, np.int64, "lengths"),
                                _int_column(dtypes, np.uint8, "dtypes"),
-                               _int_column(ops, np.uint8, "ops"), data)
+                               _int_column(ops, np.uint8, "ops"),
+                               view.cast("B") if view.c_contiguous else view.tobytes())
         why = _column_error(*batch.columns()[:4], batch.nbytes)
         if why is not None:
             raise ValueError(why)
@@ -307,7 +311,7 @@ class DiffBatch(Sequence[Diff]):
     @property
     def nbytes(self) -> int:
         """Bytes of diff data (the payload, not the columns)."""
-        return len(memoryview(self.data))
+        return memoryview(self.data).nbytes
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -388,6 +392,21 @@ class _Queued:
     @property
     def written(self) -> bool:
         return bool(self.done[0])
+
+
+def _page_flags(dirty_pages: Any, nbytes: int) -> np.ndarray:
+    """One contiguous 0/1 bool per page of ``nbytes`` of memory. The kernels
+    look for the byte 1, so any other truthy byte (a bool array made with
+    ``np.frombuffer``, a strided view) is normalized first: one cheap pass
+    over one flag per page."""
+    n_pages = -(-nbytes // PAGE_SIZE)
+    flags = np.asarray(dirty_pages)
+    if flags.shape != (n_pages,):
+        raise ValueError(f"dirty_pages must hold one flag per page of memory ({n_pages}), "
+                         f"got shape {flags.shape}")
+    if flags.dtype == np.bool_:
+        flags = flags.view(np.uint8)
+    return np.ascontiguousarray(flags != 0)
 
 
 def _as_batch(diffs: Batchable) -> DiffBatch:
@@ -551,9 +570,7 @@ class Snapshot:
         the snapshot's size) and returns the bytes copied. Cheaper than
         ``apply(diff(...))`` when whole pages are known to have changed."""
         mem = memoryview(memory).cast("B")
-        flags = np.ascontiguousarray(dirty_pages, dtype=np.bool_)
-        if flags.shape != (-(-mem.nbytes // PAGE_SIZE),):
-            raise ValueError(f"dirty_pages must hold one flag per page of memory, got {flags.shape}")
+        flags = _page_flags(dirty_pages, mem.nbytes)
         with self._lock:
             self._check_open()
             return self._write_pages(mem, flags)
@@ -680,13 +697,7 @@ class Snapshot:
         in a snapshot; it adds a diff only for nonzero bytes there, on a dirty
         page, so an unchanged mapping never diffs past the snapshot's size."""
         mem = memoryview(memory).cast("B")
-        n_pages = -(-mem.nbytes // PAGE_SIZE)
-        flags = np.asarray(dirty_pages)
-        if flags.dtype != np.bool_:
-            flags = flags.astype(np.bool_)
-        if flags.shape != (n_pages,):
-            raise ValueError(f"dirty_pages must hold one flag per page of memory ({n_pages}), "
-                             f"got shape {flags.shape}")
+        flags = _page_flags(dirty_pages, mem.nbytes)
         with self._lock:
             self._check_open()
             size = self._size

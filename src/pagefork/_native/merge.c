@@ -21,7 +21,8 @@
             switch (op) {                                                             \
             case PF_SUM: o = IS_FLOAT ? (T)(o + d) : (T)((U)o + (U)d); break;         \
             case PF_SUBTRACT: o = IS_FLOAT ? (T)(o - d) : (T)((U)o - (U)d); break;    \
-            case PF_PRODUCT: o = IS_FLOAT ? (T)(o * d) : (T)((U)o * (U)d); break;     \
+            /* in uint64_t: uint16_t * uint16_t would be a signed int overflow */     \
+            case PF_PRODUCT: o = IS_FLOAT ? (T)(o * d) : (T)((uint64_t)(U)o * (U)d); break; \
             case PF_MAX: o = (o >= d || IS_NAN(o)) ? o : d; break;                    \
             case PF_MIN: o = (o <= d || IS_NAN(o)) ? o : d; break;                    \
             default: break;                                                           \
