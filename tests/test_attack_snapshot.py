@@ -245,3 +245,46 @@ def _same_values(dtype: DataType, got: bytes, want: bytes) -> None:
                               b[~both_nan].view(f"u{a.itemsize}")), (a, b)
     else:
         assert got == want
+
+
+@pytest.mark.parametrize("tail", [b"garbage", "frame", b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd"],
+                         ids=["garbage", "second-frame", "skippable-frame"])
+def test_compressed_delta_with_bytes_after_its_frame_is_corrupt(tail):
+    """Before: zstd's one-shot decompress stopped at the first frame, so a
+    resealed delta with anything appended still applied."""
+    import zstandard
+
+    from pagefork import CorruptDataError, delta
+    from fuzzing import reseal
+
+    old, new = bytes(1000), bytes(500) + b"x" * 500
+    message = delta.encode(old, new, zstd_level=3)
+    assert delta.apply(message, old) == new
+    extra = zstandard.ZstdCompressor().compress(b"abc") if tail == "frame" else tail
+    with pytest.raises(CorruptDataError, match="after its frame"):
+        delta.apply(reseal(message[:-4] + extra), old)
+    with pytest.raises(CorruptDataError):
+        delta.apply(reseal(message[:-7]), old)  # a cut frame
+
+
+def test_attach_refuses_what_is_not_a_snapshot_file():
+    """Before: a pipe, socket or folder attached as an empty snapshot, and a
+    descriptor number past C int raised OverflowError."""
+    import os
+    import socket
+
+    read_end, write_end = os.pipe()
+    folder = os.open("/", os.O_RDONLY)
+    sock = socket.socket()
+    try:
+        for fd in (read_end, folder, sock.fileno()):
+            with pytest.raises(ValueError, match="not a snapshot's file"):
+                Snapshot.attach(fd, 0)
+        with pytest.raises(ValueError, match="not a file descriptor"):
+            Snapshot.attach(1 << 40, 0)
+        with Snapshot(b"abc") as owner, Snapshot.attach(owner.fd, 3) as attached:
+            assert attached.read() == b"abc"
+    finally:
+        for fd in (read_end, write_end, folder):
+            os.close(fd)
+        sock.close()

@@ -110,7 +110,14 @@ def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
                 raise CorruptDataError("compressed delta body has the wrong size")
             if body_len > _CHUNK:
                 _check_streamed(zstandard, body, body_len, old_len, new_len)
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
+            # One frame and nothing after it (decompress() would ignore the
+            # rest). The streaming decoder refuses output past the frame's
+            # declared size, already checked to be body_len.
+            stream = zstandard.ZstdDecompressor().decompressobj()
+            body = stream.decompress(body)
+            if not stream.eof or stream.unused_data:
+                raise CorruptDataError("compressed delta body is truncated or has bytes after "
+                                       "its frame")
         except zstandard.ZstdError as exc:
             raise CorruptDataError(f"compressed delta body is corrupted: {exc}") from None
     if len(body) != body_len:

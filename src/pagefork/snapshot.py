@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import os
+import stat
 import threading
 import weakref
 from dataclasses import dataclass
@@ -472,9 +473,14 @@ class Snapshot:
         if fd < 0:
             raise ValueError(f"attach needs an open file descriptor, got {fd}")
         try:
-            held = os.fstat(fd).st_size
+            info = os.fstat(fd)
+        except OverflowError:
+            raise ValueError(f"cannot attach fd {fd}: not a file descriptor") from None
         except OSError as exc:
             raise ValueError(f"cannot attach fd {fd}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):  # a pipe, socket or folder holds no snapshot
+            raise ValueError(f"cannot attach fd {fd}: not a snapshot's file (mode {info.st_mode:#o})")
+        held = info.st_size
         if held < round_to_pages(nbytes):
             raise OutOfBoundsError(f"cannot attach {nbytes} bytes: the file holds {held} bytes, "
                                    f"fewer than the {round_to_pages(nbytes)} bytes (whole pages) "
