@@ -288,3 +288,81 @@ def test_attach_refuses_what_is_not_a_snapshot_file():
         for fd in (read_end, write_end, folder):
             os.close(fd)
         sock.close()
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SIZE, _MAX = PAGE_SIZE + 100, 3 * PAGE_SIZE
+_ranges_st = st.tuples(st.integers(0, _MAX), st.integers(0, 300))
+
+
+@st.composite
+def _operations(draw):
+    ops = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["write", "apply", "pages", "clear", "ignore"]))
+        if kind in ("write", "apply", "ignore"):
+            diffs = []
+            for _ in range(draw(st.integers(1, 3) if kind != "write" else st.just(1))):
+                offset, n = draw(_ranges_st)
+                data = draw(st.binary(min_size=n, max_size=n))
+                diffs.append((offset, data, draw(st.sampled_from([MergeOp.OVERWRITE, MergeOp.XOR]))
+                              if kind == "apply" else
+                              MergeOp.IGNORE if kind == "ignore" else MergeOp.OVERWRITE))
+            ops.append((kind, diffs))
+        elif kind == "pages":
+            n = draw(st.integers(0, 3 * PAGE_SIZE))
+            seed = draw(st.integers(0, 2**32 - 1))
+            flags = draw(st.lists(st.booleans(), min_size=-(-n // PAGE_SIZE),
+                                  max_size=-(-n // PAGE_SIZE)))
+            ops.append((kind, (n, seed, flags)))
+        else:
+            ops.append((kind, None))
+    return ops
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=150)
+@given(_operations())
+def test_interleaved_writes_applies_and_page_copies_track_every_byte(operations):
+    """The snapshot's bytes and tracked_changes after any mix of write,
+    apply (OVERWRITE/XOR/IGNORE, growing or refused), write_pages and
+    clear_tracked_changes equal a byte model's: each tracked diff is a
+    maximal run of touched bytes holding their current values."""
+    from pagefork import OutOfBoundsError
+
+    model, touched = bytearray(_SIZE), np.zeros(_MAX, bool)
+    with Snapshot(size=_SIZE, max_size=_MAX) as snap:
+        for kind, arg in operations:
+            if kind == "clear":
+                snap.clear_tracked_changes()
+                touched[:] = False
+            elif kind == "pages":
+                n, seed, flags = arg
+                memory = np.random.default_rng(seed).integers(0, 256, n, np.uint8).tobytes()
+                snap.write_pages(memory, flags)
+                for p in np.flatnonzero(flags):
+                    lo, hi = p * PAGE_SIZE, min((p + 1) * PAGE_SIZE, n, len(model))
+                    model[lo:hi] = memory[lo:hi]
+                    touched[lo:hi] = hi > lo
+            else:
+                diffs = [Diff(o, d, DataType.RAW, op) for o, d, op in arg]
+                end = max(o + len(d) for o, d, _ in arg)
+                if end > _MAX:
+                    with pytest.raises(OutOfBoundsError):
+                        snap.write(arg[0][1], arg[0][0]) if kind == "write" else snap.apply(diffs)
+                    continue
+                snap.write(arg[0][1], arg[0][0]) if kind == "write" else snap.apply(diffs)
+                model.extend(bytes(max(0, end - len(model))))
+                for o, d, op in arg:
+                    if op is MergeOp.OVERWRITE:
+                        model[o:o + len(d)] = d
+                    elif op is MergeOp.XOR:
+                        model[o:o + len(d)] = bytes(a ^ b for a, b in zip(model[o:o + len(d)], d))
+                    if op is not MergeOp.IGNORE:
+                        touched[o:o + len(d)] = True
+            assert snap.read() == bytes(model)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], touched.view(np.int8), [0]))))
+        runs = list(zip(edges[::2], edges[1::2]))
+        assert [(d.offset, d.data) for d in snap.tracked_changes()] == \
+            [(int(a), bytes(model[a:b])) for a, b in runs]
