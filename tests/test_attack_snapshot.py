@@ -366,3 +366,111 @@ def test_interleaved_writes_applies_and_page_copies_track_every_byte(operations)
         runs = list(zip(edges[::2], edges[1::2]))
         assert [(d.offset, d.data) for d in snap.tracked_changes()] == \
             [(int(a), bytes(model[a:b])) for a, b in runs]
+
+
+def test_every_cut_and_bit_flip_of_small_messages_is_corrupt_data_or_applies():
+    """Exhaustive over small messages: every truncation, every bit flip
+    (with the CRC as it was, and resealed), every byte set to 0/0x7F/0x80/
+    0xFF and resealed. Decoding raises only CorruptDataError; what decodes
+    applies or raises only OutOfBoundsError/MergeError."""
+    from fuzzing import reseal
+
+    from pagefork import CorruptDataError, MergeError, OutOfBoundsError, delta, wire
+
+    old = bytes(range(200))
+    new = bytes(range(50)) + b"Q" * 30 + bytes(range(80, 200)) + b"tail"
+    messages = [(wire.encode([Diff(3, np.array([1, -2], np.int64).tobytes(), DataType.INT64,
+                                   MergeOp.SUM), Diff(40, b"xyz", op="xor"), Diff(0, b"")]), "wire")]
+    messages += [(delta.encode(old, new, **kw), "delta") for kw in
+                 ({}, {"page_size": 16}, {"xor": True}, {"zstd_level": 1},
+                  {"xor": True, "zstd_level": 3})]
+
+    def check(message: bytes, kind: str) -> None:
+        try:
+            decoded = wire.decode(message) if kind == "wire" else delta.apply(message, old)
+        except CorruptDataError:
+            return
+        if kind == "wire":
+            with Snapshot(size=64, max_size=128) as snap:
+                try:
+                    snap.apply(decoded)
+                except (OutOfBoundsError, MergeError):
+                    pass
+
+    for message, kind in messages:
+        body = message[:-4]
+        for cut in range(len(message)):
+            check(message[:cut], kind)
+            check(reseal(body[:cut]), kind)
+        for bit in range(len(message) * 8):
+            flipped = bytearray(message)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            check(bytes(flipped), kind)
+            if bit < len(body) * 8:
+                check(reseal(bytes(flipped[:len(body)])), kind)
+        for at in range(len(body)):
+            for value in (0, 0x7F, 0x80, 0xFF):
+                changed = bytearray(body)
+                changed[at] = value
+                check(reseal(bytes(changed)), kind)
+
+
+@st.composite
+def _growing_batches(draw):
+    diffs = []
+    for _ in range(draw(st.integers(1, 6))):
+        dtype, op = draw(st.sampled_from(
+            [(DataType.RAW, MergeOp.OVERWRITE), (DataType.RAW, MergeOp.XOR),
+             (DataType.RAW, MergeOp.IGNORE)] + _TYPED))
+        k = dtype.itemsize
+        n = draw(st.integers(0, 4)) * k
+        offset = draw(st.integers(0, 300))
+        values = draw(st.sampled_from(["random", "special"]))
+        if values == "special" and dtype is not DataType.RAW and n:
+            pool = np.array(_special_values(dtype), dtype.numpy)
+            data = pool[draw(st.lists(st.integers(0, len(pool) - 1), min_size=n // k,
+                                      max_size=n // k))].tobytes()
+        else:
+            data = draw(st.binary(min_size=n, max_size=n))
+        diffs.append(Diff(offset, data, dtype, op))
+    return diffs
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.binary(min_size=100, max_size=100), _growing_batches())
+def test_apply_of_overlapping_unsorted_growing_batches_matches_the_reference(target, diffs):
+    """Diffs at any offsets, unaligned, overlapping, out of order, reaching
+    into the growth area (or past max_size): applied like the reference, or
+    refused with nothing changed (size included)."""
+    import reference
+
+    from pagefork import MergeError, OutOfBoundsError
+
+    with Snapshot(target, max_size=256) as snap:
+        end = max(d.offset + len(d.data) for d in diffs)
+        if end > 256:
+            with pytest.raises(OutOfBoundsError):
+                snap.apply(diffs)
+            assert snap.read() == target and snap.size == 100
+            return
+        try:
+            want = reference.apply(target, diffs)
+        except MergeError:
+            with pytest.raises(MergeError):
+                snap.apply(diffs)
+            assert snap.read() == target and snap.size == 100
+            return
+        snap.apply(diffs)
+        got = snap.read()
+    assert len(got) == len(want)
+    spans = [(d.offset, d.offset + len(d.data), d.dtype) for d in diffs
+             if d.dtype in (DataType.FLOAT32, DataType.FLOAT64)]
+    a, b = bytearray(got), bytearray(want)
+    for lo, hi, dtype in spans:  # NaN payloads may differ between numpy and C
+        x = np.frombuffer(a, np.uint8)[lo:hi]
+        y = np.frombuffer(b, np.uint8)[lo:hi]
+        k = dtype.itemsize
+        for i in range(0, len(x) - len(x) % k, k):
+            if np.isnan(x[i:i + k].view(dtype.numpy))[0] and np.isnan(y[i:i + k].view(dtype.numpy))[0]:
+                a[lo + i:lo + i + k] = b[lo + i:lo + i + k]
+    assert bytes(a) == bytes(b)
