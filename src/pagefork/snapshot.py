@@ -395,6 +395,31 @@ class _Queued:
         return bool(self.done[0])
 
 
+# Bytes gathered per step by _gather: its index arrays stay a few MiB.
+_GATHER = 1 << 20
+
+
+def _gather(view: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> bytes:
+    """The bytes of ``view`` at the runs (starts, lengths), concatenated.
+    Runs are gathered a chunk at a time (one long run is one slice), so
+    memory stays about the output's size; one int64 index per byte of the
+    output would be eight times it."""
+    at = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    out = np.empty(int(at[-1]), np.uint8)
+    i, n = 0, len(starts)
+    while i < n:  # steps: about output / _GATHER, plus one per long run
+        j = max(i + 1, int(np.searchsorted(at, at[i] + _GATHER, "right")) - 1)
+        j = min(j, n)
+        if j == i + 1:
+            out[at[i]:at[j]] = view[starts[i]:starts[i] + lengths[i]]
+        else:
+            index = np.repeat(starts[i:j] - (at[i:j] - at[i]), lengths[i:j]) \
+                + np.arange(at[j] - at[i])
+            out[at[i]:at[j]] = view[index]
+        i = j
+    return out.tobytes()
+
+
 def _page_flags(dirty_pages: Any, nbytes: int) -> np.ndarray:
     """One contiguous 0/1 bool per page of ``nbytes`` of memory. The kernels
     look for the byte 1, so any other truthy byte (a bool array made with
@@ -833,6 +858,8 @@ class Snapshot:
                 return DiffBatch()
             offsets = np.concatenate([o for o, _ in self._changes])
             lengths = np.concatenate([n for _, n in self._changes])
+            if offsets.size == 0:  # only IGNORE diffs were applied
+                return DiffBatch()
             order = np.argsort(offsets, kind="stable")
             starts, ends = offsets[order], offsets[order] + lengths[order]
             reach = np.maximum.accumulate(ends)
@@ -845,9 +872,7 @@ class Snapshot:
             run_starts, run_ends = run_starts[keep], run_ends[keep]
             view = np.frombuffer(memoryview(self._memory), np.uint8, count=self._size)
             lengths = run_ends - run_starts
-            index = np.repeat(run_starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) \
-                + np.arange(int(lengths.sum()))
-            data = view[index].tobytes()
+            data = _gather(view, run_starts, lengths)
             del view
             n = len(run_starts)
             return DiffBatch.from_columns(run_starts, lengths, np.zeros(n, np.uint8),
