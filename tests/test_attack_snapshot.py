@@ -507,3 +507,57 @@ def test_tracked_changes_memory_stays_near_its_output_size():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 3 * 64, f"tracked_changes of 64 MiB peaked {out.stdout.strip()} MiB more"
+
+
+@st.composite
+def _mismatched_layouts(draw):
+    size = draw(st.integers(1, 3 * PAGE_SIZE))
+    mem_size = draw(st.sampled_from([0, 1, size - 1, size, size + 1, size + 7,
+                                     -(-size // PAGE_SIZE) * PAGE_SIZE,
+                                     -(-size // PAGE_SIZE) * PAGE_SIZE + 3, 4 * PAGE_SIZE]))
+    mem_size = max(0, mem_size)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    orig = rng.integers(0, 256, size, np.uint8)
+    mem = np.resize(orig, mem_size).copy() if size else np.zeros(mem_size, np.uint8)
+    mem[:min(size, mem_size)] = orig[:mem_size]
+    for _ in range(draw(st.integers(0, 30))):
+        if mem_size:
+            mem[int(rng.integers(0, mem_size))] = rng.integers(0, 256)
+    from pagefork import MergeRegion
+
+    regions, at = [], 0
+    for _ in range(draw(st.integers(0, 3))):
+        dtype, op = draw(st.sampled_from([(DataType.RAW, MergeOp.OVERWRITE),
+                                          (DataType.RAW, MergeOp.XOR),
+                                          (DataType.RAW, MergeOp.IGNORE)] +
+                                         [p for p in _TYPED if p[1] is not MergeOp.PRODUCT]))
+        offset = at + draw(st.integers(0, 2 * PAGE_SIZE))
+        to_end = draw(st.booleans())
+        length = 0 if to_end else draw(st.integers(1, 600)) * dtype.itemsize
+        regions.append(MergeRegion(offset, length, dtype, op))
+        if to_end:
+            break
+        at = offset + length
+    n_pages = -(-mem_size // PAGE_SIZE)
+    dirty = np.array(draw(st.lists(st.booleans(), min_size=n_pages, max_size=n_pages)), bool)
+    return orig.tobytes(), mem.tobytes(), dirty, regions
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200)
+@given(_mismatched_layouts())
+def test_diff_of_memory_smaller_or_larger_than_the_snapshot_matches_the_reference(layout):
+    """Memory shorter, longer, ending mid-value or mid-page, regions past
+    either end, typed regions running to the end: the reference's diff."""
+    import reference
+
+    orig, mem, dirty, regions = layout
+    expected = reference.diff(orig, mem, dirty, regions)
+    with Snapshot(orig, max_size=8 * PAGE_SIZE) as snap:
+        got = snap.diff(mem, dirty, regions=regions)
+        assert [(d.offset, d.dtype, d.op) for d in got] == \
+            [(d.offset, d.dtype, d.op) for d in expected]
+        for g, w in zip(got, expected):
+            if g.dtype in (DataType.FLOAT32, DataType.FLOAT64):
+                _same_values(g.dtype, g.data, w.data)
+            else:
+                assert g.data == w.data
