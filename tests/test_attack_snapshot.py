@@ -561,3 +561,65 @@ def test_diff_of_memory_smaller_or_larger_than_the_snapshot_matches_the_referenc
                 _same_values(g.dtype, g.data, w.data)
             else:
                 assert g.data == w.data
+
+
+_SIGNAL_LOOP = r"""
+import random, signal, sys
+import numpy as np
+from pagefork import DataType, Diff, MergeOp, Snapshot
+
+armed = False
+
+
+def interrupt(signum, frame):  # a real signal, raised as Ctrl-C while armed
+    if armed:
+        raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, interrupt)
+rng = random.Random(int(sys.argv[1]))
+base = np.int64(1).tobytes() + bytes(8)
+sums = [Diff(0, np.int64(5).tobytes(), DataType.INT64, MergeOp.SUM), Diff(20, b"grow")]
+applied = np.int64(6).tobytes() + bytes(12) + b"grow"
+interrupted = 0
+for _ in range(int(sys.argv[2])):
+    snap = Snapshot(base, max_size=64)
+    snap.queue(sums)
+    kind = rng.randrange(3)
+    try:
+        try:
+            armed = True
+            signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 3e-4))  # one shot
+            if kind == 0:
+                snap.write_queued()
+            elif kind == 1:
+                snap.apply(sums)
+            else:
+                snap.write(b"abcdefghijklmn", 10)
+        finally:
+            armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except KeyboardInterrupt:
+        interrupted += 1
+    state = (snap.size, snap.read(), [(d.offset, len(d.data)) for d in snap.tracked_changes()])
+    if kind == 2:
+        assert state in [(16, base, []), (24, base[:10] + b"abcdefghijklmn", [(10, 14)])], state
+    else:
+        assert state in [(16, base, []), (24, applied, [(0, 8), (20, 4)])], state
+        if kind == 0:
+            assert snap.queued == (0 if state[0] == 24 else 2)
+            snap.write_queued()
+            assert snap.read() == applied and snap.queued == 0
+    snap.close()
+print(interrupted)
+"""
+
+
+def test_real_signals_at_random_instants_leave_apply_write_and_queue_all_or_nothing():
+    """SIGALRM raised as KeyboardInterrupt at random instants of
+    write_queued/apply/write, in a fresh process (its exit status checked)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _SIGNAL_LOOP, "11", "1500"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
