@@ -623,3 +623,15 @@ def test_real_signals_at_random_instants_leave_apply_write_and_queue_all_or_noth
     out = subprocess.run([sys.executable, "-c", _SIGNAL_LOOP, "11", "1500"], capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("size", ["9" * 40, "1000TiB"])
+def test_bench_size_larger_than_the_machine_is_a_usage_error(size):
+    """Before: accepted by argparse, then a traceback (exit status 1) from
+    the region it could not reserve."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "pagefork.cli", "bench", "--sizes", size],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "larger than this machine's memory" in out.stderr
