@@ -635,3 +635,17 @@ def test_bench_size_larger_than_the_machine_is_a_usage_error(size):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "larger than this machine's memory" in out.stderr
+
+
+def test_diff_batches_pickle_whatever_made_them():
+    """Before: a batch from Snapshot.diff or wire.decode held a memoryview,
+    so pickling it (multiprocessing, a cache) raised TypeError."""
+    import pickle
+
+    from pagefork import DiffBatch, wire
+
+    with Snapshot(bytes(100)) as snap:
+        made = snap.diff(b"x" * 50 + bytes(50), [True])
+    for batch in (made, wire.decode(bytearray(wire.encode(made))), DiffBatch([Diff(3, b"ab")])):
+        copy = pickle.loads(pickle.dumps(batch))
+        assert copy == batch and isinstance(copy, DiffBatch)

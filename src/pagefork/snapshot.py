@@ -351,6 +351,13 @@ class DiffBatch(Sequence[Diff]):
     def __repr__(self) -> str:
         return f"<DiffBatch {len(self)} diffs, {self.nbytes} bytes>"
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Columns made by the native core or decoded from the wire are
+        # views (memoryview data): pickled as copies, checked when loaded.
+        return (DiffBatch.from_columns, (np.array(self.offsets), np.array(self.lengths),
+                                         np.array(self.dtypes), np.array(self.ops),
+                                         bytes(self.data)))
+
 
 Batchable = Union[DiffBatch, Iterable[Diff]]
 
