@@ -649,3 +649,11 @@ def test_diff_batches_pickle_whatever_made_them():
     for batch in (made, wire.decode(bytearray(wire.encode(made))), DiffBatch([Diff(3, b"ab")])):
         copy = pickle.loads(pickle.dumps(batch))
         assert copy == batch and isinstance(copy, DiffBatch)
+
+
+def test_tracked_changes_survive_a_record_past_the_size():
+    """What a second Ctrl-C inside apply's undo can leave behind (the size
+    restored, the record not yet dropped): tracked_changes still works."""
+    with Snapshot(b"abcdefgh", max_size=64) as snap:
+        snap._changes.append((np.array([4, 30], np.int64), np.array([20, 5], np.int64)))
+        assert snap.tracked_changes() == [Diff(4, b"efgh")]

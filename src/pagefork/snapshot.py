@@ -875,6 +875,9 @@ class Snapshot:
             run_starts = starts[new_run]
             run_ends = np.zeros(len(run_starts), np.int64)
             np.maximum.at(run_ends, run_id, ends)
+            # Clipped to the size: only a second interrupt inside apply's undo
+            # can leave a record past it, and it must not break this.
+            run_ends = np.minimum(run_ends, self._size)
             keep = run_ends > run_starts
             run_starts, run_ends = run_starts[keep], run_ends[keep]
             view = np.frombuffer(memoryview(self._memory), np.uint8, count=self._size)
