@@ -657,3 +657,26 @@ def test_tracked_changes_survive_a_record_past_the_size():
     with Snapshot(b"abcdefgh", max_size=64) as snap:
         snap._changes.append((np.array([4, 30], np.int64), np.array([20, 5], np.int64)))
         assert snap.tracked_changes() == [Diff(4, b"efgh")]
+
+
+def test_strided_buffers_are_taken_like_numpy_takes_them():
+    """Before: a strided numpy slice was refused (TypeError from memoryview,
+    or CorruptDataError for a perfectly good message) by Snapshot(),
+    write, diff, write_pages, wire.decode and delta."""
+    from pagefork import delta, wire
+
+    data = np.arange(64, dtype=np.uint8)
+    strided = data[::2]
+    with Snapshot(strided) as snap:
+        assert snap.read() == strided.tobytes()
+        snap.write(data[1::2][:4], 0)
+        assert snap.read(0, 4) == bytes([1, 3, 5, 7])
+        assert snap.diff(strided, [True]) == [Diff(0, bytes([0, 2, 4, 6]))]
+        assert snap.write_pages(strided, [True]) == 32 and snap.read() == strided.tobytes()
+    message = np.frombuffer(wire.encode([Diff(5, b"abc")]), np.uint8)
+    doubled = np.repeat(message, 2)[::2]
+    assert wire.decode(doubled) == [Diff(5, b"abc")]
+    old, new = np.zeros(200, np.uint8)[::2], np.arange(100, dtype=np.uint8)
+    encoded = np.repeat(np.frombuffer(delta.encode(old, new[::1]), np.uint8), 2)[::2]
+    assert delta.apply(encoded, old) == new.tobytes()
+    assert delta.apply(delta.encode(old, new[::-1]), old) == new[::-1].tobytes()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, over
 import numpy as np
 
 from . import _native
+from ._buffers import byte_view
 from ._errors import MergeError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, as_index, parse_size, round_to_pages
 from .memory import Region
@@ -258,12 +259,11 @@ class DiffBatch(Sequence[Diff]):
         columns (negative or overflowing ranges, unknown or invalid codes,
         typed diffs that are not whole values, lengths that do not add up to
         the data) raise ``ValueError`` naming the first bad diff."""
-        view = memoryview(data)  # bytes of any buffer, whatever its item type or strides
         batch = cls._unchecked(_int_column(offsets, np.int64, "offsets"),
                                _int_column(lengths, np.int64, "lengths"),
                                _int_column(dtypes, np.uint8, "dtypes"),
                                _int_column(ops, np.uint8, "ops"),
-                               view.cast("B") if view.c_contiguous else view.tobytes())
+                               byte_view(data))  # its bytes, whatever its item type
         why = _column_error(*batch.columns()[:4], batch.nbytes)
         if why is not None:
             raise ValueError(why)
@@ -463,7 +463,7 @@ class Snapshot:
 
     def __init__(self, data: Any = None, *, size: int | str | None = None,
                  max_size: int | str | None = None, _fd: int = -1) -> None:
-        view = memoryview(data).cast("B") if data is not None else None
+        view = byte_view(data) if data is not None else None
         if view is not None and size is not None and parse_size(size) != view.nbytes:
             raise ValueError(f"size={size} disagrees with the {view.nbytes} bytes of data")
         nbytes = view.nbytes if view is not None else parse_size(size or 0, "size")
@@ -589,7 +589,7 @@ class Snapshot:
     def write(self, data: Any, offset: int = 0) -> None:
         """Writes ``data`` at ``offset``, growing the snapshot up to ``max_size``."""
         offset = as_index(offset, "offset")
-        view = memoryview(data).cast("B")
+        view = byte_view(data)
         if offset < 0:
             raise OutOfBoundsError(f"write at negative offset {offset}")
         with self._lock:
@@ -607,7 +607,7 @@ class Snapshot:
         """Copies the pages flagged in ``dirty_pages`` from ``memory`` (up to
         the snapshot's size) and returns the bytes copied. Cheaper than
         ``apply(diff(...))`` when whole pages are known to have changed."""
-        mem = memoryview(memory).cast("B")
+        mem = byte_view(memory)
         flags = _page_flags(dirty_pages, mem.nbytes)
         with self._lock:
             self._check_open()
@@ -734,7 +734,7 @@ class Snapshot:
         mapped from a snapshot whose size is not whole pages) reads as zero
         in a snapshot; it adds a diff only for nonzero bytes there, on a dirty
         page, so an unchanged mapping never diffs past the snapshot's size."""
-        mem = memoryview(memory).cast("B")
+        mem = byte_view(memory)
         flags = _page_flags(dirty_pages, mem.nbytes)
         with self._lock:
             self._check_open()
