@@ -680,3 +680,56 @@ def test_strided_buffers_are_taken_like_numpy_takes_them():
     encoded = np.repeat(np.frombuffer(delta.encode(old, new[::1]), np.uint8), 2)[::2]
     assert delta.apply(encoded, old) == new.tobytes()
     assert delta.apply(delta.encode(old, new[::-1]), old) == new[::-1].tobytes()
+
+
+_FREED_WHILE_MAPPED = r"""
+import gc, sys, threading
+import numpy as np
+from pagefork import PAGE_SIZE, Diff, Region, Snapshot, wire
+
+snap = Snapshot(b"x" * 5000, max_size=4 * PAGE_SIZE)
+region = Region(2 * PAGE_SIZE, max_size=4 * PAGE_SIZE)
+view = region.array()
+snap.map_to(region)
+del snap
+gc.collect()
+assert bytes(view[4998:5002]) == b"xx\0\0"  # the mapping outlives the snapshot
+view[0] = 7
+del view
+region.resize(PAGE_SIZE)
+region.resize(3 * PAGE_SIZE)
+assert not np.frombuffer(region, np.uint8)[PAGE_SIZE:].any()
+# Left alive for interpreter exit: snapshots, mapped regions, views, queued
+# diffs, a reference cycle, and daemon threads still diffing and applying.
+snaps = [Snapshot(b"y" * 5000, max_size=4 * PAGE_SIZE) for _ in range(3)]
+regions = [Region(2 * PAGE_SIZE) for _ in range(3)]
+views = [r.array() for r in regions]
+cycle = [snaps, regions, views]
+cycle.append(cycle)
+for s, r in zip(snaps, regions):
+    s.map_to(r)
+    s.queue([Diff(0, b"abc")])
+
+
+def churn(s, r):
+    while True:
+        s.apply(s.diff(r, np.ones(2, bool)))
+        wire.decode(wire.encode(s.tracked_changes()))
+
+
+for s, r in zip(snaps, regions):
+    threading.Thread(target=churn, args=(s, r), daemon=True).start()
+if sys.argv[1] == "close":
+    for s in snaps:
+        s.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "leave"])
+def test_snapshot_freed_while_mapped_and_exit_with_everything_alive(how):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FREED_WHILE_MAPPED, how], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
