@@ -733,3 +733,58 @@ def test_snapshot_freed_while_mapped_and_exit_with_everything_alive(how):
     out = subprocess.run([sys.executable, "-c", _FREED_WHILE_MAPPED, how], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_queue_write_queued_apply_and_tracked_changes_from_many_threads():
+    """Every queued +1 lands exactly once, whoever writes the queue."""
+    import random
+    import threading
+
+    one = Diff(8, np.int64(1).tobytes(), DataType.INT64, MergeOp.SUM)
+    other = Diff(16, np.int64(1).tobytes(), DataType.INT64, MergeOp.SUM)
+    threads, rounds = 4, 400
+    written = [0] * threads
+    applied = [0] * threads
+    with Snapshot(np.zeros(4, np.int64).tobytes()) as snap:
+        def work(i: int) -> None:
+            rng = random.Random(i)
+            for _ in range(rounds):
+                snap.queue([one])
+                if rng.random() < 0.3:
+                    written[i] += snap.write_queued()
+                if rng.random() < 0.2:
+                    snap.apply([other])
+                    applied[i] += 1
+                if rng.random() < 0.1:
+                    snap.tracked_changes()
+                    snap.clear_tracked_changes()
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        rest = snap.write_queued()
+        values = np.frombuffer(snap.read(), np.int64)
+        assert values[1] == threads * rounds == sum(written) + rest
+        assert values[2] == sum(applied) and snap.queued == 0
+
+
+def test_map_to_regions_of_other_sizes_and_max_sizes():
+    from pagefork import OutOfBoundsError, Region
+
+    content = bytes(range(256)) * (3 * PAGE_SIZE // 256) + b"tail" * 25
+    with Snapshot(content, max_size=8 * PAGE_SIZE) as snap:
+        prefix = Region(PAGE_SIZE, max_size=6 * PAGE_SIZE)
+        snap.map_to(prefix)
+        assert bytes(memoryview(prefix)) == content[:PAGE_SIZE]
+        prefix.resize(3 * PAGE_SIZE)  # pages past the mapped prefix are new and zero
+        assert not np.frombuffer(prefix, np.uint8)[PAGE_SIZE:].any()
+        whole = Region(4 * PAGE_SIZE)  # the snapshot rounded up to pages
+        snap.map_to(whole)
+        assert bytes(memoryview(whole)) == content + bytes(4 * PAGE_SIZE - len(content))
+        with pytest.raises(OutOfBoundsError):
+            snap.map_to(Region(5 * PAGE_SIZE))
+        snap.write(b"more", len(content))  # grown: still maps, and diffs back to nothing
+        snap.map_to(whole)
+        assert snap.diff(whole, np.ones(4, bool)) == []
