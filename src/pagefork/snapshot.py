@@ -871,10 +871,11 @@ class Snapshot:
             starts, ends = offsets[order], offsets[order] + lengths[order]
             reach = np.maximum.accumulate(ends)
             new_run = np.concatenate(([True], starts[1:] > reach[:-1]))
-            run_id = np.cumsum(new_run) - 1
             run_starts = starts[new_run]
-            run_ends = np.zeros(len(run_starts), np.int64)
-            np.maximum.at(run_ends, run_id, ends)
+            # A run's end is the running maximum at its last range (ufunc.at,
+            # the obvious way, is slow on older numpy).
+            last = np.concatenate((np.flatnonzero(new_run)[1:] - 1, [len(starts) - 1]))
+            run_ends = reach[last]
             # Clipped to the size: only a second interrupt inside apply's undo
             # can leave a record past it, and it must not break this.
             run_ends = np.minimum(run_ends, self._size)
