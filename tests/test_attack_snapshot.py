@@ -788,3 +788,19 @@ def test_map_to_regions_of_other_sizes_and_max_sizes():
         snap.write(b"more", len(content))  # grown: still maps, and diffs back to nothing
         snap.map_to(whole)
         assert snap.diff(whole, np.ones(4, bool)) == []
+
+
+def test_diff_regions_override_is_checked_like_add_merge_region():
+    """Before: overlapping regions were a cryptic native ValueError, and a
+    tuple an AttributeError."""
+    from pagefork import MergeRegion
+
+    with Snapshot(bytes(100)) as snap:
+        for regions in ([MergeRegion(0, 50), MergeRegion(10, 20)],
+                        [MergeRegion(10, 0), MergeRegion(0, 0)]):
+            with pytest.raises(ValueError, match="overlaps"):
+                snap.diff(b"x" * 100, [True], regions=regions)
+        with pytest.raises(TypeError, match="MergeRegion"):
+            snap.diff(b"x" * 100, [True], regions=[(0, 10)])
+        got = snap.diff(b"x" * 100, [True], regions=[MergeRegion(50, 0), MergeRegion(0, 50)])
+        assert got == [Diff(0, b"x" * 50), Diff(50, b"x" * 50)]

@@ -427,6 +427,20 @@ def _gather(view: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> bytes:
     return out.tobytes()
 
 
+def _checked_regions(regions: Iterable[MergeRegion]) -> list[MergeRegion]:
+    """``regions`` sorted by offset; anything but disjoint MergeRegions is a
+    TypeError/ValueError naming the culprit."""
+    ordered = list(regions)
+    for r in ordered:
+        if not isinstance(r, MergeRegion):
+            raise TypeError(f"regions must be MergeRegion objects, not {type(r).__name__}")
+    ordered.sort(key=lambda r: r.offset)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.length == 0 or b.offset < a.offset + a.length:
+            raise ValueError(f"{b} overlaps {a}")
+    return ordered
+
+
 def _page_flags(dirty_pages: Any, nbytes: int) -> np.ndarray:
     """One contiguous 0/1 bool per page of ``nbytes`` of memory. The kernels
     look for the byte 1, so any other truthy byte (a bool array made with
@@ -740,8 +754,7 @@ class Snapshot:
             self._check_open()
             size = self._size
             columns = self._region_columns(min(mem.nbytes, size), self._merge_regions
-                                           if regions is None
-                                           else sorted(regions, key=lambda r: r.offset))
+                                           if regions is None else _checked_regions(regions))
             try:
                 with memoryview(self._memory) as whole:
                     batch = DiffBatch._from_native(_native.diff(
