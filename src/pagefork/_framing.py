@@ -7,6 +7,7 @@ import struct
 from typing import Any
 
 from . import _native
+from ._buffers import byte_view
 from ._errors import CorruptDataError
 
 _CRC = struct.Struct("<I")
@@ -22,7 +23,7 @@ def open_sealed(data: Any, header: struct.Struct, magic: bytes, version: int,
     """Checks the frame of ``data`` and returns (everything but the CRC, the
     header's fields). The header's first two fields are magic and version."""
     try:
-        view = memoryview(data).cast("B")
+        view = byte_view(data)
     except TypeError as exc:
         raise CorruptDataError(f"{what} must be bytes-like: {exc}") from None
     size = view.nbytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
+from fractions import Fraction
 
 from . import _native
 
@@ -28,7 +29,7 @@ def parse_size(value: int | str, what: str = "size") -> int:
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ValueError(f"{what}: cannot parse {value!r} (use e.g. 4096, '64KiB', '1GiB')")
-        return int(float(match.group(1)) * _UNITS[unit])
+        return int(Fraction(match.group(1)) * _UNITS[unit])  # exact: no float rounding or inf
     try:
         value = operator.index(value)  # any integer: int, numpy.int64, ...
     except TypeError:

@@ -295,6 +295,10 @@ def _size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:  # could never be mapped and filled: say so now, not in a traceback
+        raise argparse.ArgumentTypeError(f"size {text!r} is larger than this machine's memory "
+                                         f"({memory} bytes)")
     return size
 
 

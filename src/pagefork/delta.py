@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _native
+from ._buffers import byte_view
 from ._errors import CorruptDataError
 from ._framing import open_sealed, seal
 from ._sizes import as_index, parse_size
@@ -63,7 +64,7 @@ def encode(old: Any, new: Any, *, page_size: int | None = None, xor: bool = Fals
     page_size = None if page_size is None else as_index(page_size, "page_size")
     if page_size is not None and not 0 < page_size < 2**32:
         raise ValueError(f"page_size must be a positive 32-bit size, got {page_size}")
-    old_view, new_view = memoryview(old).cast("B"), memoryview(new).cast("B")
+    old_view, new_view = byte_view(old), byte_view(new)
     body = _native.delta_encode(old_view, new_view, page_size or 0, xor)
     body_len = len(body)
     flags = _XOR if xor else 0
@@ -83,7 +84,7 @@ def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
     prepared to receive, e.g. a snapshot's ``max_size``). Nothing is
     allocated or decompressed beyond these bounds."""
     try:
-        old_view = memoryview(old).cast("B")
+        old_view = byte_view(old)
     except TypeError as exc:
         raise CorruptDataError(f"old must be bytes-like: {exc}") from None
     view, fields = open_sealed(delta, _HEADER, MAGIC, VERSION, "delta")
@@ -110,7 +111,14 @@ def apply(delta: Any, old: Any, *, max_size: int | str | None = None) -> bytes:
                 raise CorruptDataError("compressed delta body has the wrong size")
             if body_len > _CHUNK:
                 _check_streamed(zstandard, body, body_len, old_len, new_len)
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
+            # One frame and nothing after it (decompress() would ignore the
+            # rest). The streaming decoder refuses output past the frame's
+            # declared size, already checked to be body_len.
+            stream = zstandard.ZstdDecompressor().decompressobj()
+            body = stream.decompress(body)
+            if not stream.eof or stream.unused_data:
+                raise CorruptDataError("compressed delta body is truncated or has bytes after "
+                                       "its frame")
         except zstandard.ZstdError as exc:
             raise CorruptDataError(f"compressed delta body is corrupted: {exc}") from None
     if len(body) != body_len:

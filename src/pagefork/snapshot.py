@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import os
+import stat
 import threading
 import weakref
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, over
 import numpy as np
 
 from . import _native
+from ._buffers import byte_view
 from ._errors import MergeError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, as_index, parse_size, round_to_pages
 from .memory import Region
@@ -251,14 +253,17 @@ class DiffBatch(Sequence[Diff]):
     @classmethod
     def from_columns(cls, offsets: Any, lengths: Any, dtypes: Any, ops: Any,
                      data: bytes | memoryview) -> DiffBatch:
-        """Builds a batch from its columns without copying them. Malformed
+        """Builds a batch from its columns without copying them (``data``
+        is taken as its bytes, whatever its item type; a non-contiguous
+        buffer is copied). Malformed
         columns (negative or overflowing ranges, unknown or invalid codes,
         typed diffs that are not whole values, lengths that do not add up to
         the data) raise ``ValueError`` naming the first bad diff."""
         batch = cls._unchecked(_int_column(offsets, np.int64, "offsets"),
                                _int_column(lengths, np.int64, "lengths"),
                                _int_column(dtypes, np.uint8, "dtypes"),
-                               _int_column(ops, np.uint8, "ops"), data)
+                               _int_column(ops, np.uint8, "ops"),
+                               byte_view(data))  # its bytes, whatever its item type
         why = _column_error(*batch.columns()[:4], batch.nbytes)
         if why is not None:
             raise ValueError(why)
@@ -307,7 +312,7 @@ class DiffBatch(Sequence[Diff]):
     @property
     def nbytes(self) -> int:
         """Bytes of diff data (the payload, not the columns)."""
-        return len(memoryview(self.data))
+        return memoryview(self.data).nbytes
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -346,6 +351,13 @@ class DiffBatch(Sequence[Diff]):
     def __repr__(self) -> str:
         return f"<DiffBatch {len(self)} diffs, {self.nbytes} bytes>"
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Columns made by the native core or decoded from the wire are
+        # views (memoryview data): pickled as copies, checked when loaded.
+        return (DiffBatch.from_columns, (np.array(self.offsets), np.array(self.lengths),
+                                         np.array(self.dtypes), np.array(self.ops),
+                                         bytes(self.data)))
+
 
 Batchable = Union[DiffBatch, Iterable[Diff]]
 
@@ -376,6 +388,49 @@ def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:
     return array.astype(dtype)
 
 
+class _Queued:
+    """A queued batch and the flag the native write sets once it is written."""
+
+    __slots__ = ("batch", "done")
+
+    def __init__(self, batch: DiffBatch) -> None:
+        self.batch = batch
+        self.done = bytearray(1)
+
+    @property
+    def written(self) -> bool:
+        return bool(self.done[0])
+
+
+def _checked_regions(regions: Iterable[MergeRegion]) -> list[MergeRegion]:
+    """``regions`` sorted by offset; anything but disjoint MergeRegions is a
+    TypeError/ValueError naming the culprit."""
+    ordered = list(regions)
+    for r in ordered:
+        if not isinstance(r, MergeRegion):
+            raise TypeError(f"regions must be MergeRegion objects, not {type(r).__name__}")
+    ordered.sort(key=lambda r: r.offset)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.length == 0 or b.offset < a.offset + a.length:
+            raise ValueError(f"{b} overlaps {a}")
+    return ordered
+
+
+def _page_flags(dirty_pages: Any, nbytes: int) -> np.ndarray:
+    """One contiguous 0/1 bool per page of ``nbytes`` of memory. The kernels
+    look for the byte 1, so any other truthy byte (a bool array made with
+    ``np.frombuffer``, a strided view) is normalized first: one cheap pass
+    over one flag per page."""
+    n_pages = -(-nbytes // PAGE_SIZE)
+    flags = np.asarray(dirty_pages)
+    if flags.shape != (n_pages,):
+        raise ValueError(f"dirty_pages must hold one flag per page of memory ({n_pages}), "
+                         f"got shape {flags.shape}")
+    if flags.dtype == np.bool_:
+        flags = flags.view(np.uint8)
+    return np.ascontiguousarray(flags != 0)
+
+
 def _as_batch(diffs: Batchable) -> DiffBatch:
     return diffs if isinstance(diffs, DiffBatch) else DiffBatch(diffs)
 
@@ -397,7 +452,7 @@ class Snapshot:
 
     def __init__(self, data: Any = None, *, size: int | str | None = None,
                  max_size: int | str | None = None, _fd: int = -1) -> None:
-        view = memoryview(data).cast("B") if data is not None else None
+        view = byte_view(data) if data is not None else None
         if view is not None and size is not None and parse_size(size) != view.nbytes:
             raise ValueError(f"size={size} disagrees with the {view.nbytes} bytes of data")
         nbytes = view.nbytes if view is not None else parse_size(size or 0, "size")
@@ -410,7 +465,7 @@ class Snapshot:
         self._memory = Region(round_to_pages(nbytes), max_size=max(round_to_pages(max_bytes), PAGE_SIZE),
                               shared=True, backing="memfd", _fd=_fd)
         self._merge_regions: list[MergeRegion] = []
-        self._queue: list[DiffBatch] = []
+        self._queue: list[_Queued] = []
         # Ranges written through the snapshot: (offsets, lengths) array pairs.
         self._changes: list[tuple[np.ndarray, np.ndarray]] = []
         self._lock = threading.RLock()
@@ -439,9 +494,14 @@ class Snapshot:
         if fd < 0:
             raise ValueError(f"attach needs an open file descriptor, got {fd}")
         try:
-            held = os.fstat(fd).st_size
+            info = os.fstat(fd)
+        except OverflowError:
+            raise ValueError(f"cannot attach fd {fd}: not a file descriptor") from None
         except OSError as exc:
             raise ValueError(f"cannot attach fd {fd}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):  # a pipe, socket or folder holds no snapshot
+            raise ValueError(f"cannot attach fd {fd}: not a snapshot's file (mode {info.st_mode:#o})")
+        held = info.st_size
         if held < round_to_pages(nbytes):
             raise OutOfBoundsError(f"cannot attach {nbytes} bytes: the file holds {held} bytes, "
                                    f"fewer than the {round_to_pages(nbytes)} bytes (whole pages) "
@@ -518,35 +578,38 @@ class Snapshot:
     def write(self, data: Any, offset: int = 0) -> None:
         """Writes ``data`` at ``offset``, growing the snapshot up to ``max_size``."""
         offset = as_index(offset, "offset")
-        view = memoryview(data).cast("B")
+        view = byte_view(data)
         if offset < 0:
             raise OutOfBoundsError(f"write at negative offset {offset}")
         with self._lock:
             self._check_open()
-            self._grow(offset + view.nbytes)
-            memoryview(self._memory)[offset:offset + view.nbytes] = view
-            self._changes.append((np.array([offset], np.int64), np.array([view.nbytes], np.int64)))
+            if offset + view.nbytes > self._max_size:
+                raise OutOfBoundsError(f"the snapshot would grow to {offset + view.nbytes} bytes; "
+                                       f"its max_size is {self._max_size}")
+            # One OVERWRITE diff: grown, written and recorded all or nothing,
+            # even when interrupted.
+            self._apply(DiffBatch._unchecked(np.array([offset], np.int64),
+                                             np.array([view.nbytes], np.int64),
+                                             np.zeros(1, np.uint8), np.zeros(1, np.uint8), view))
 
     def write_pages(self, memory: Any, dirty_pages: Any) -> int:
         """Copies the pages flagged in ``dirty_pages`` from ``memory`` (up to
         the snapshot's size) and returns the bytes copied. Cheaper than
         ``apply(diff(...))`` when whole pages are known to have changed."""
-        mem = memoryview(memory).cast("B")
-        flags = np.ascontiguousarray(dirty_pages, dtype=np.bool_)
-        if flags.shape != (-(-mem.nbytes // PAGE_SIZE),):
-            raise ValueError(f"dirty_pages must hold one flag per page of memory, got {flags.shape}")
+        mem = byte_view(memory)
+        flags = _page_flags(dirty_pages, mem.nbytes)
         with self._lock:
             self._check_open()
             return self._write_pages(mem, flags)
 
     def _write_pages(self, mem: memoryview, flags: np.ndarray) -> int:
         with memoryview(self._memory) as whole:
-            copied = _native.copy_pages(whole[: self._size], mem, flags.view(np.uint8), PAGE_SIZE)
             pages = np.flatnonzero(flags[: -(-min(mem.nbytes, self._size) // PAGE_SIZE)])
-            if pages.size:
+            if pages.size:  # recorded first, so an interrupt cannot lose a copied page
                 starts = pages * PAGE_SIZE
                 lengths = np.minimum(starts + PAGE_SIZE, min(mem.nbytes, self._size)) - starts
                 self._changes.append((starts.astype(np.int64), lengths.astype(np.int64)))
+            copied = _native.copy_pages(whole[: self._size], mem, flags.view(np.uint8), PAGE_SIZE)
         return int(copied)
 
     def map_to(self, region: Region) -> None:
@@ -660,20 +723,13 @@ class Snapshot:
         mapped from a snapshot whose size is not whole pages) reads as zero
         in a snapshot; it adds a diff only for nonzero bytes there, on a dirty
         page, so an unchanged mapping never diffs past the snapshot's size."""
-        mem = memoryview(memory).cast("B")
-        n_pages = -(-mem.nbytes // PAGE_SIZE)
-        flags = np.asarray(dirty_pages)
-        if flags.dtype != np.bool_:
-            flags = flags.astype(np.bool_)
-        if flags.shape != (n_pages,):
-            raise ValueError(f"dirty_pages must hold one flag per page of memory ({n_pages}), "
-                             f"got shape {flags.shape}")
+        mem = byte_view(memory)
+        flags = _page_flags(dirty_pages, mem.nbytes)
         with self._lock:
             self._check_open()
             size = self._size
             columns = self._region_columns(min(mem.nbytes, size), self._merge_regions
-                                           if regions is None
-                                           else sorted(regions, key=lambda r: r.offset))
+                                           if regions is None else _checked_regions(regions))
             try:
                 with memoryview(self._memory) as whole:
                     batch = DiffBatch._from_native(_native.diff(
@@ -715,8 +771,11 @@ class Snapshot:
             self._check_open()
             self._apply(*batches)
 
-    def _apply(self, *batches: DiffBatch) -> None:
-        """Applies ``batches`` in order (the caller holds the lock)."""
+    def _apply(self, *batches: DiffBatch, done: bytearray | None = None) -> None:
+        """Applies ``batches`` in order (the caller holds the lock). ``done[0]``
+        becomes 1 the moment the last of them is written, so a caller
+        interrupted anywhere (KeyboardInterrupt) knows whether they were."""
+        done = bytearray(1) if done is None else done
         # Private copies of the small index columns: what is checked is applied.
         # The native check (bounds, codes, whole values, data length) runs on
         # these copies before anything grows or changes.
@@ -731,15 +790,17 @@ class Snapshot:
                                  f"lengths, {len(memoryview(batch.data))} bytes of data")
             columns.append((offsets, lengths, dtypes, ops, batch.data))
         if not columns:
+            done[0] = 1
             return
         # Arrays wrap silently; the kernel catches what wrapped.
         end = max(int((c[0] + c[1]).max()) for c in columns)
         if end > self._max_size:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
-        size, written, writing = self._size, 0, False
+        size = self._size
         records = [(c[0][c[3] != MergeOp.IGNORE], c[1][c[3] != MergeOp.IGNORE]) for c in columns]
         n_changes = len(self._changes)
+        written = bytearray(len(columns))  # set by the kernel as each batch is written
         try:
             if end > size or len(columns) > 1:  # check everything before growing or writing
                 with memoryview(self._memory) as whole:
@@ -750,18 +811,17 @@ class Snapshot:
             # Recorded first: an interrupt right after a write must not lose
             # it from tracked_changes (reporting an unwritten range is harmless).
             self._changes.extend(records)
-            writing = True
-            # Each call checks its batch again, then writes it (all or nothing).
-            with memoryview(self._memory) as whole:
-                for c in columns:
-                    _native.apply(whole[: self._size], *c)
-                    written += 1
+            # Each call checks its batch again, then writes it (all or nothing)
+            # and sets its flag.
+            with memoryview(self._memory) as whole, memoryview(written) as flags:
+                for k, c in enumerate(columns):
+                    _native.apply(whole[: self._size], *c, False, -1, flags[k:k + 1])
+            done[0] = 1
         except BaseException as exc:
-            refused = isinstance(exc, (ArithmeticError, IndexError, ValueError))
-            if not writing or (refused and written == 0):
-                # Nothing was written (the kernel checks before it writes, and
-                # an interrupt before the write call stops it): undo the growth.
-                # Pages past the old size stay mapped and still read as zero.
+            if not any(written):
+                # Refused, or interrupted before any write: undo the growth
+                # and the records. Pages past the old size stay mapped and
+                # still read as zero.
                 self._size = size
                 del self._changes[n_changes:]
             if isinstance(exc, ArithmeticError):
@@ -776,13 +836,13 @@ class Snapshot:
         """Queues ``diffs`` for :meth:`write_queued` (thread-safe)."""
         batch = _as_batch(diffs)
         with self._lock:
-            self._queue.append(batch)
+            self._queue.append(_Queued(batch))
 
     @property
     def queued(self) -> int:
         """Number of diffs queued."""
         with self._lock:
-            return sum(len(b) for b in self._queue)
+            return sum(len(q.batch) for q in self._queue if not q.written)
 
     def write_queued(self) -> int:
         """Applies every queued diff, in queue order, all or nothing; returns
@@ -790,15 +850,16 @@ class Snapshot:
         written), the diffs stay queued; once written, they never apply twice."""
         with self._lock:
             self._check_open()
-            pending, self._queue = self._queue, []
-            recorded = len(self._changes)
-            try:
-                batch = DiffBatch.concat(pending)
-                self._apply(batch)
-            except BaseException:
-                if len(self._changes) == recorded:  # _apply records only what it writes
-                    self._queue[:0] = pending
-                raise
+            # An entry leaves the queue only by the flag the native write
+            # sets, so an interrupt at any point cannot drop it unwritten
+            # or keep it written.
+            self._queue = [q for q in self._queue if not q.written]
+            pending, done = list(self._queue), bytearray(1)
+            for q in pending:
+                q.done = done
+            batch = DiffBatch.concat(q.batch for q in pending)
+            self._apply(batch, done=done)
+            self._queue = [q for q in self._queue if not q.written]
             return len(batch)
 
     def tracked_changes(self) -> DiffBatch:
@@ -811,14 +872,20 @@ class Snapshot:
                 return DiffBatch()
             offsets = np.concatenate([o for o, _ in self._changes])
             lengths = np.concatenate([n for _, n in self._changes])
+            if offsets.size == 0:  # only IGNORE diffs were applied
+                return DiffBatch()
             order = np.argsort(offsets, kind="stable")
             starts, ends = offsets[order], offsets[order] + lengths[order]
             reach = np.maximum.accumulate(ends)
             new_run = np.concatenate(([True], starts[1:] > reach[:-1]))
-            run_id = np.cumsum(new_run) - 1
             run_starts = starts[new_run]
-            run_ends = np.zeros(len(run_starts), np.int64)
-            np.maximum.at(run_ends, run_id, ends)
+            # A run's end is the running maximum at its last range (ufunc.at,
+            # the obvious way, is slow on older numpy).
+            last = np.concatenate((np.flatnonzero(new_run)[1:] - 1, [len(starts) - 1]))
+            run_ends = reach[last]
+            # Clipped to the size: only a second interrupt inside apply's undo
+            # can leave a record past it, and it must not break this.
+            run_ends = np.minimum(run_ends, self._size)
             keep = run_ends > run_starts
             run_starts, run_ends = run_starts[keep], run_ends[keep]
             lengths = run_ends - run_starts

@@ -21,7 +21,8 @@
             switch (op) {                                                             \
             case PF_SUM: o = IS_FLOAT ? (T)(o + d) : (T)((U)o + (U)d); break;         \
             case PF_SUBTRACT: o = IS_FLOAT ? (T)(o - d) : (T)((U)o - (U)d); break;    \
-            case PF_PRODUCT: o = IS_FLOAT ? (T)(o * d) : (T)((U)o * (U)d); break;     \
+            /* in uint64_t: uint16_t * uint16_t would be a signed int overflow */     \
+            case PF_PRODUCT: o = IS_FLOAT ? (T)(o * d) : (T)((uint64_t)(U)o * (U)d); break; \
             case PF_MAX: o = (o >= d || IS_NAN(o)) ? o : d; break;                    \
             case PF_MIN: o = (o <= d || IS_NAN(o)) ? o : d; break;                    \
             default: break;                                                           \
@@ -64,22 +65,35 @@ static const typed_ops typed[PF_N_DTYPES] = {
     [PF_FLOAT32] = OPS(apply_f32), [PF_FLOAT64] = OPS(apply_f64),
 };
 
-/* apply(target, offsets, lengths, dtypes, ops, data, check_only=False, limit=-1)
+/* apply(target, offsets, lengths, dtypes, ops, data, check_only=False, limit=-1, done=None)
  * Raises IndexError (bounds), ValueError (malformed) or ArithmeticError
  * (PRODUCT over a zero) before writing anything. A check may allow bytes up
  * to `limit` past the target (memory about to grow, reading as zero).
+ * `done` (a writable byte) is set to 1 once the diffs are written: the
+ * caller's only reliable sign, when a KeyboardInterrupt surfaces around
+ * the call, of whether the write happened (nothing can interrupt it
+ * half-way: it runs without Python code).
  * The index columns are read twice (checked, then applied with the GIL
  * released): callers pass private copies nobody else can change
  * (Snapshot._apply copies them), so what is checked is what is applied. */
 PyObject *pf_apply(PyObject *self, PyObject *args)
 {
-    Py_buffer target, offsets, lengths, dtypes, ops, data;
+    Py_buffer target, offsets, lengths, dtypes, ops, data, done = {0};
     int check_only = 0;
     Py_ssize_t limit = -1;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*|pn", &target, &offsets, &lengths, &dtypes, &ops,
-                          &data, &check_only, &limit))
+    PyObject *done_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*|pnO", &target, &offsets, &lengths, &dtypes, &ops,
+                          &data, &check_only, &limit, &done_obj))
         return NULL;
     PyObject *result = NULL;
+    if (done_obj != Py_None) {
+        if (PyObject_GetBuffer(done_obj, &done, PyBUF_WRITABLE) != 0)
+            goto done;
+        if (done.len != 1) {
+            PyErr_SetString(PyExc_ValueError, "apply: done must be one writable byte");
+            goto done;
+        }
+    }
     size_t n = (size_t)dtypes.len;
     const int64_t *off = offsets.buf, *len = lengths.buf;
     const uint8_t *dt = dtypes.buf, *op = ops.buf, *src = data.buf;
@@ -146,10 +160,14 @@ PyObject *pf_apply(PyObject *self, PyObject *args)
             at += l;
         }
         Py_END_ALLOW_THREADS
+        if (done.buf != NULL)
+            *(uint8_t *)done.buf = 1;
     }
     result = Py_None;
     Py_INCREF(result);
 done:
+    if (done.obj != NULL)
+        PyBuffer_Release(&done);
     PyBuffer_Release(&target);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&lengths);
