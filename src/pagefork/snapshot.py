@@ -772,9 +772,10 @@ class Snapshot:
             self._apply(*batches)
 
     def _apply(self, *batches: DiffBatch, done: bytearray | None = None) -> None:
-        """Applies ``batches`` in order (the caller holds the lock). ``done[0]``
-        becomes 1 the moment the last of them is written, so a caller
-        interrupted anywhere (KeyboardInterrupt) knows whether they were."""
+        """Applies ``batches`` in order (the caller holds the lock). For one
+        batch, ``done[0]`` becomes 1 in the native call that writes it, so a
+        caller interrupted anywhere (KeyboardInterrupt) knows whether it was
+        written; for several, once all are."""
         done = bytearray(1) if done is None else done
         # Private copies of the small index columns: what is checked is applied.
         # The native check (bounds, codes, whole values, data length) runs on
@@ -812,7 +813,10 @@ class Snapshot:
             # it from tracked_changes (reporting an unwritten range is harmless).
             self._changes.extend(records)
             # Each call checks its batch again, then writes it (all or nothing)
-            # and sets its flag.
+            # and sets its flag; a single batch sets the caller's own flag, in
+            # the same native call as the write.
+            if len(columns) == 1:
+                written = done
             with memoryview(self._memory) as whole, memoryview(written) as flags:
                 for k, c in enumerate(columns):
                     _native.apply(whole[: self._size], *c, False, -1, flags[k:k + 1])
