@@ -366,8 +366,10 @@ class Tracker:
             def forget(_: object, key: int = key) -> None:
                 self._forget(key)
 
-            self._regions[key] = (weakref.ref(region, forget), tracking)
+            # Registered with the region first: an exception (KeyboardInterrupt)
+            # between the two leaves no entry whose region does not know it.
             region._trackings.add(tracking)
+            self._regions[key] = (weakref.ref(region, forget), tracking)
             return tracking
 
     def _forget(self, key: int) -> None:

@@ -189,6 +189,9 @@ typedef struct PfTracking {
  * what was armed). region_remapped returns -1 with an exception set. */
 void pf_tracking_region_gone(PfTracking *t);
 int pf_tracking_region_remapped(PfTracking *t);
+/* tracking.c: the region grew to n_pages (call after) or will shrink (call
+ * before); -1 with an exception set. */
+int pf_tracking_resize(PfTracking *t, size_t n_pages);
 /* tracking.c: collects kernel state that a remap would discard. */
 int pf_tracking_before_remap(PfTracking *t);
 

@@ -1,0 +1,94 @@
+"""Hostile review of the tracking layer: interleavings, lifetimes and kernel
+events the other tracking tests do not reach. Each test names the way a write
+could be lost, a page misreported, or the process taken down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import pagefork
+from pagefork import PAGE_SIZE, Region
+
+from conftest import KINDS, require
+from test_tracking import as_set
+
+SEEING_MODES = ["segfault", "uffd", "uffd-async"]
+KIND_IDS = list(KINDS)
+
+
+def run_script(body: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Runs body in a fresh interpreter (a crash or hang must not take pytest down)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---- resize --------------------------------------------------------------------------
+
+
+class _WritesRightAfterResize(Region):
+    """Writes one grown page the moment the memory has grown: what another
+    Python thread can do as soon as Region.resize's native call returns."""
+
+    def _resize(self, size: int) -> None:
+        old = self.size
+        super()._resize(size)
+        if size > old:
+            view = memoryview(self)
+            view[old + 1] = 9
+            view.release()
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+@pytest.mark.parametrize("kind", KIND_IDS)
+def test_grown_pages_are_armed_before_python_code_runs(mode_name, kind):
+    require(mode_name)
+    with _WritesRightAfterResize(4 * PAGE_SIZE, max_size=8 * PAGE_SIZE, **KINDS[kind]) as region, \
+            pagefork.tracker(mode_name) as t:
+        t.start(region)
+        region.resize(8 * PAGE_SIZE)
+        assert as_set(t.dirty_pages(region, "global", reset=True)) == {4}
+        region.resize(2 * PAGE_SIZE)
+        region.resize(6 * PAGE_SIZE)
+        assert as_set(t.dirty_pages(region, "global")) == {2}
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+def test_forked_child_resizes_a_region_the_parent_tracks(mode_name):
+    require(mode_name)
+    result = run_script(f"""
+        import os
+        import numpy as np
+        import pagefork
+        from pagefork import PAGE_SIZE, Region
+        r = Region(4 * PAGE_SIZE, max_size=8 * PAGE_SIZE)
+        t = pagefork.tracker({mode_name!r})
+        t.start(r)
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                r.resize(8 * PAGE_SIZE)
+                r.array()[7 * PAGE_SIZE] = 1
+                r.resize(2 * PAGE_SIZE)
+                r.array()[PAGE_SIZE] = 3
+            except BaseException as exc:
+                print("child:", type(exc).__name__, exc, flush=True)
+                status = 1
+            os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        r.array()[2 * PAGE_SIZE] = 1
+        assert np.flatnonzero(t.dirty_pages(r, "global")).tolist() == [2]
+        r.resize(8 * PAGE_SIZE)
+        r.array()[6 * PAGE_SIZE] = 1
+        assert np.flatnonzero(t.dirty_pages(r, "global")).tolist() == [2, 6]
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "ok\n"
