@@ -298,7 +298,7 @@ def _max_map_count() -> str:
 def _after_fork_in_child() -> None:
     # A lock held by another thread at fork() would never be released here.
     for tracker in list(_live_trackers):
-        tracker._lock = threading.Lock()
+        tracker._lock = threading.RLock()
 
 
 class Tracker:
@@ -324,7 +324,10 @@ class Tracker:
             raise ValueError(f"unknown tracking mode {mode!r}; valid: " + ", ".join(map(repr, MODES)))
         self.mode = mode
         self._regions: dict[int, tuple[weakref.ref[Region], _native.Tracking]] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: any allocation under it can run the garbage collector,
+        # whose weakref callbacks (_forget: a tracked region died) and
+        # finalizers may call back into this tracker on the same thread.
+        self._lock = threading.RLock()
         self._pid = os.getpid()
         self._fallbacks_seen: dict[int, int] = {}
         _live_trackers.add(self)
@@ -388,9 +391,9 @@ class Tracker:
             )
 
     def _call(self, region: Region, action: str, create: bool = False) -> None:
-        tracking = self._tracking(region, create)
         try:
-            getattr(tracking, action)()
+            with self._lock:  # close() in another thread must not orphan it midway
+                getattr(self._tracking(region, create), action)()
         except NotImplementedError:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope") from None
         except OSError as exc:
@@ -457,12 +460,19 @@ class Tracker:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         if reset and self.mode in _NO_ATOMIC_RESET:
             raise UnsupportedModeError(self.mode, "dirty_pages(reset=True) " + _NO_ATOMIC_RESET[self.mode])
-        tracking = self._tracking(region, create=False)
-        out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
-        try:
-            tracking.dirty(out, _SCOPES[scope], bool(reset))
-        except OSError as exc:
-            raise self._error(exc, "dirty_pages", region) from exc
+        with self._lock:
+            tracking = self._tracking(region, create=False)
+            while True:
+                out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
+                try:
+                    tracking.dirty(out, _SCOPES[scope], bool(reset))
+                    break
+                except OSError as exc:
+                    raise self._error(exc, "dirty_pages", region) from exc
+                except ValueError:
+                    if len(out) == tracking.n_pages:
+                        raise
+                    # another thread resized the region meanwhile: read again
         self._warn_fallbacks(tracking)
         return out.view(np.bool_)
 
@@ -491,27 +501,31 @@ class Tracker:
         ``dirty_pages(region, reset=True)``.
         """
         self._check_owner()
-        for ref, tracking in list(self._regions.values()):
-            region = ref()
-            if region is None or region.closed:
-                continue
-            try:
-                tracking.reset()
-            except OSError as exc:
-                raise self._error(exc, "reset", region) from exc
+        with self._lock:
+            for ref, tracking in list(self._regions.values()):
+                region = ref()
+                if region is None or region.closed:
+                    continue
+                try:
+                    tracking.reset()
+                except OSError as exc:
+                    raise self._error(exc, "reset", region) from exc
 
     def close(self) -> None:
         """Stops tracking every region. Safe in any state, from any thread, and
         in a forked child (where it only forgets: the parent's tracking is
         untouched)."""
+        # All under the lock: a start() of the same region in another thread
+        # must wait until the old tracking is closed, or closing it would
+        # un-protect (unregister) the memory under the new one.
         with self._lock:
             entries = list(self._regions.values())
             self._regions.clear()
-        for ref, tracking in entries:
-            tracking.close()
-            region = ref()
-            if region is not None:
-                region._trackings.discard(tracking)
+            for ref, tracking in entries:
+                tracking.close()
+                region = ref()
+                if region is not None:
+                    region._trackings.discard(tracking)
 
     def __enter__(self) -> Tracker:
         return self
