@@ -190,3 +190,39 @@ def test_threads_sharing_one_tracker_never_see_another_tracker(mode_name):
         assert as_set(tracker.dirty_pages(region, "global")) == {0, 3}
         region.close()
     tracker.close()
+
+
+# ---- discarding pages that are not private anonymous memory (docs/tracking.md) ----------
+
+MADV_DONTNEED, MADV_REMOVE = 4, 9
+
+
+def _madvise(region: Region, first: int, count: int, advice: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(region.address + first * PAGE_SIZE),
+                    ctypes.c_size_t(count * PAGE_SIZE), advice) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+@pytest.mark.parametrize("kind,advice", [("memfd-private", MADV_DONTNEED),
+                                         ("anon-shared", MADV_REMOVE),
+                                         ("memfd-shared", MADV_REMOVE)],
+                         ids=["private-memfd-dontneed", "shared-anon-remove",
+                              "shared-memfd-remove"])
+def test_discarding_file_backed_pages_is_not_seen(mode_name, kind, advice):
+    """Documented limit: the pages change (a private copy reverts to the
+    file's page; a punched hole reads as zeroes) through the file, without
+    any page-table event a mode could see; later writes are still seen."""
+    require(mode_name)
+    with Region(8 * PAGE_SIZE, **KINDS[kind]) as region, pagefork.tracker(mode_name) as t:
+        a = region.array()
+        a[::PAGE_SIZE] = 1
+        t.start(region)
+        _madvise(region, 0, 8, advice)
+        assert not a[::PAGE_SIZE].any()  # the data changed
+        assert as_set(t.dirty_pages(region, "global", reset=True)) == set()
+        a[3 * PAGE_SIZE] = 2
+        assert as_set(t.dirty_pages(region, "global")) == {3}
