@@ -226,3 +226,47 @@ def test_discarding_file_backed_pages_is_not_seen(mode_name, kind, advice):
         assert as_set(t.dirty_pages(region, "global", reset=True)) == set()
         a[3 * PAGE_SIZE] = 2
         assert as_set(t.dirty_pages(region, "global")) == {3}
+
+
+# ---- memory replaced behind pagefork's back ----------------------------------------------
+
+
+def _map_fixed_anonymous(address: int, length: int) -> None:
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    got = libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10, -1, 0)  # 0x10: MAP_FIXED
+    assert got == address, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+def test_memory_mapped_over_a_tracked_region(mode_name):
+    """A user's mmap(MAP_FIXED) over tracked pages drops their protection and
+    registration. uffd reports the replaced pages (they read as unprotected);
+    uffd-async cannot scan a range that is partly unregistered and reports
+    the whole region instead of failing for ever; segfault cannot tell
+    (documented): the first write there is lost until the next arm. Every
+    mode is armed again by the next reset=True read."""
+    require(mode_name)
+    with Region(8 * PAGE_SIZE) as region, pagefork.tracker(mode_name) as t:
+        t.start(region)
+        _map_fixed_anonymous(region.address + 2 * PAGE_SIZE, 2 * PAGE_SIZE)
+        a = region.array()
+        a[[2 * PAGE_SIZE, 6 * PAGE_SIZE]] = 1
+        dirty = as_set(t.dirty_pages(region, "global", reset=True))
+        if mode_name == "segfault":
+            assert dirty == {6}
+        elif mode_name == "uffd":
+            assert dirty == {2, 3, 6}
+        else:
+            assert dirty == set(range(8))
+        a[[2 * PAGE_SIZE, 6 * PAGE_SIZE]] = 2
+        assert as_set(t.dirty_pages(region, "global", reset=True)) == {2, 6}
+        a[3 * PAGE_SIZE] = 3
+        assert as_set(t.dirty_pages(region, "global")) == {3}
+        t.stop(region)
