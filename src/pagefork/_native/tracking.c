@@ -186,9 +186,16 @@ static PyObject *tracking_start(PfTracking *self, PyObject *unused)
     pf_range *r = self->range;
     if (attach(self) != 0)
         return NULL;
+    /* Handlers held out while the flags are cleared and the pages protected
+     * (the region may be tracked already: a restart, or thread scope): one
+     * straddling both would un-protect its page after the protect, with its
+     * mark cleared, and later writes there would go unseen. */
+    pf_range_begin_exclusive(r);
     memset(r->global, 0, atomic_load(&r->n_pages)); /* pages past n were cleared on shrink */
     atomic_store(&r->global_active, 1);
-    if (self->ops != NULL && self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0) {
+    int rc = self->ops != NULL ? self->ops->arm(r, 0, atomic_load(&r->n_pages)) : 0;
+    pf_range_end_exclusive(r);
+    if (rc != 0) {
         atomic_store(&r->global_active, 0);
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
@@ -234,12 +241,16 @@ static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
     pf_thread_tracking_started();
     if (attach(self) != 0)
         return NULL;
+    /* Handlers held out, as in start. */
+    pf_range_begin_exclusive(r);
     memset(slot->flags, 0, r->max_pages);
     if (!atomic_exchange(&slot->active, 1))
         atomic_fetch_add(&r->threads_active, 1);
     /* Pages other threads already wrote are writable again: re-protect all
      * so this thread's first write to each is seen. */
-    if (self->ops != NULL && self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0)
+    int rc = self->ops != NULL ? self->ops->arm(r, 0, atomic_load(&r->n_pages)) : 0;
+    pf_range_end_exclusive(r);
+    if (rc != 0)
         return NULL;
     Py_RETURN_NONE;
 }
