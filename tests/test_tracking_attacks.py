@@ -422,3 +422,42 @@ def test_exit_with_native_writers_still_writing(mode_name, faulthandler):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+# ---- fork ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+@pytest.mark.parametrize("how", ["close", "exit"])
+def test_child_without_the_tracked_memory_closes_silently(mode_name, how):
+    """MADV_DONTFORK: the child has no copy of the tracked region at all.
+    Closing (or freeing at exit) the inherited tracker there must stay
+    silent, and the parent's tracking exact."""
+    require(mode_name)
+    result = run_script(f"""
+        import ctypes, os, sys
+        import numpy as np
+        import pagefork
+        from pagefork import PAGE_SIZE, Region
+        libc = ctypes.CDLL(None, use_errno=True)
+        r = Region(8 * PAGE_SIZE)
+        t = pagefork.tracker({mode_name!r})
+        t.start(r)
+        assert libc.madvise(ctypes.c_void_p(r.address), ctypes.c_size_t(8 * PAGE_SIZE), 10) == 0
+        pid = os.fork()
+        if pid == 0:
+            if {how!r} == "close":
+                try:
+                    t.close()
+                except BaseException as exc:
+                    print("child:", type(exc).__name__, exc, flush=True)
+                    os._exit(1)
+            sys.exit(0)  # frees the tracker and the region at interpreter exit
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        r.array()[3 * PAGE_SIZE] = 1
+        assert np.flatnonzero(t.dirty_pages(r, "global")).tolist() == [3]
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "ok\n"
+    assert result.stderr == ""

@@ -165,6 +165,12 @@ static int detach_if_idle(PfTracking *self)
         rc = self->ops->disarm(r, 0, n);
         if (self->ops->detach(r, 0, n) != 0)
             rc = -1;
+        if (rc != 0 && inherited(self)) {
+            /* The child may not have the memory at all (MADV_DONTFORK):
+             * cleaning its copy is best effort, and closing stays silent. */
+            PyErr_Clear();
+            rc = 0;
+        }
     }
     pf_registry_unpublish(r);
     self->attached = 0;
