@@ -461,3 +461,67 @@ def test_child_without_the_tracked_memory_closes_silently(mode_name, how):
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == "ok\n"
     assert result.stderr == ""
+
+
+# ---- SIGSEGV handlers swapped while writers run (segfault mode) ---------------------------
+
+
+@pytest.mark.parametrize("swap", ["faulthandler", "signal"])
+def test_handler_swaps_while_writers_write_neither_kill_nor_lose(swap):
+    """faulthandler.enable()/disable() or signal.signal(SIGSEGV, ...) while
+    native threads write segfault-tracked memory: a write that faulted
+    between the new handler's install and pagefork's re-assert used to reach
+    faulthandler, which reported it as a fatal error and killed the process.
+    Rounds of reset=True reads with a shadow copy must still lose nothing."""
+    require("segfault")
+    result = run_script(f"""
+        import faulthandler, signal, threading
+        import numpy as np
+        import pagefork
+        from pagefork import PAGE_SIZE, Region, _native
+        PAGES = 128
+        region = Region(PAGES * PAGE_SIZE)
+        mem = region.array(np.uint64).reshape(PAGES, PAGE_SIZE // 8)
+        t = pagefork.tracker("segfault")
+        t.start(region)
+        stop = threading.Event()
+
+        def writer(slot):
+            seq, seed = 1, slot + 1
+            while not stop.is_set():
+                seed = _native._scribble(region.address, PAGES, slot, seq, 1 << 12, seed)
+                seq += 1 << 12
+
+        def swap(i):
+            if {swap!r} == "faulthandler":
+                faulthandler.enable() if i % 2 == 0 else faulthandler.disable()
+            else:
+                signal.signal(signal.SIGSEGV, signal.SIG_DFL if i % 2 else lambda *a: None)
+
+        shadow = mem.copy()
+        pending = np.zeros(PAGES, dtype=bool)
+        lost = 0
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+        for th in threads:
+            th.start()
+        for i in range(800):
+            swap(i)
+            dirty = t.dirty_pages(region, "global", reset=True)
+            lost += int(np.count_nonzero(pending & ~dirty))
+            shadow[dirty] = mem[dirty]
+            pending = (mem != shadow).any(axis=1)
+        stop.set()
+        for th in threads:
+            th.join()
+        dirty = t.dirty_pages(region, "global", reset=True)
+        lost += int(np.count_nonzero(pending & ~dirty))
+        shadow[dirty] = mem[dirty]
+        assert lost == 0 and np.array_equal(shadow, mem), lost
+        swap(1)
+        mem[7, 0] += 1  # single-threaded: exact again
+        assert np.flatnonzero(t.dirty_pages(region, "global")).tolist() == [7]
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Fatal Python error" not in result.stderr
+    assert result.stdout == "ok\n"

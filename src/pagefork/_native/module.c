@@ -55,6 +55,8 @@ static PyMethodDef native_methods[] = {
      "_scribble(address, n_pages, slot, first_seq, count, seed) -> seed: native-speed test writes."},
     {"_segfault_reassert", pf_segfault_reassert, METH_NOARGS,
      "Put the segfault-mode SIGSEGV handler back on top after Python code replaced it."},
+    {"_segfault_suspend", pf_segfault_suspend, METH_NOARGS,
+     "Before Python code replaces the SIGSEGV handler: make segfault-tracked memory writable."},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},
     {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,

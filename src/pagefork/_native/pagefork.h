@@ -125,6 +125,8 @@ typedef struct pf_range {
     _Atomic int inflight; /* fault handlers currently using this range */
     _Atomic int collecting; /* a read-and-re-arm is running: handlers wait */
     _Atomic unsigned fallbacks; /* segfault: whole range un-protected (vm.max_map_count) */
+    uint64_t *swap_hashes; /* segfault: page hashes while a SIGSEGV handler swap runs */
+    size_t swap_n;
     uint8_t *global;
     struct pf_range *prev_all, *next_all; /* every live range, for exiting threads */
     pf_thread_slot threads[PF_MAX_THREADS];
@@ -320,5 +322,6 @@ PyObject *pf_delta_check(PyObject *self, PyObject *args);
 #define PF_DELTA_CHECK_STATE 40 /* bytes of delta_check's state */
 PyObject *pf_scribble(PyObject *self, PyObject *args);
 PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused);
+PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused);
 
 #endif
