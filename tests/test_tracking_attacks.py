@@ -525,3 +525,27 @@ def test_handler_swaps_while_writers_write_neither_kill_nor_lose(swap):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Fatal Python error" not in result.stderr
     assert result.stdout == "ok\n"
+
+
+def test_handler_swap_with_a_tracked_page_the_user_made_inaccessible():
+    """The swap hashes every tracked page: one the user made PROT_NONE must
+    not crash it (segfault mode undoes user protections, as documented)."""
+    require("segfault")
+    result = run_script("""
+        import ctypes, faulthandler
+        import numpy as np
+        import pagefork
+        from pagefork import PAGE_SIZE, Region
+        libc = ctypes.CDLL(None, use_errno=True)
+        r = Region(8 * PAGE_SIZE)
+        t = pagefork.tracker("segfault")
+        t.start(r)
+        assert libc.mprotect(ctypes.c_void_p(r.address + 2 * PAGE_SIZE),
+                             ctypes.c_size_t(PAGE_SIZE), 0) == 0
+        faulthandler.enable()
+        r.array()[5 * PAGE_SIZE] = 1
+        assert np.flatnonzero(t.dirty_pages(r, "global")).tolist() == [5]
+        print("ok")
+    """, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "ok\n"

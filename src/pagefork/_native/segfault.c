@@ -227,7 +227,11 @@ static void suspend_range(pf_range *r)
     if (!is_tracking(r))
         return;
     size_t n = atomic_load(&r->n_pages);
-    pf_range_begin_exclusive(r); /* pages stay read-only while hashed */
+    pf_range_begin_exclusive(r);
+    /* Read-only while hashed; readable even where the user made a page
+     * PROT_NONE (segfault mode undoes user protections anyway). Pages
+     * already marked may be written meanwhile: they fault and wait. */
+    mprotect((void *)r->start, n * pf_page_size, PROT_READ);
     free(r->swap_hashes);
     r->swap_hashes = malloc((n ? n : 1) * sizeof(uint64_t));
     r->swap_n = n;
