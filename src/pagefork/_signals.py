@@ -6,7 +6,10 @@ never sees tracked writes: faulthandler reports each as a fatal error, a
 Python-level handler makes the write fault forever. Both are wrapped here so
 that pagefork's handler goes back on top right after, with the new handler
 as the one it passes every fault it does not own to (so faulthandler still
-reports real crashes). Handlers installed from C, behind Python's back, are
+reports real crashes). While the handlers are swapped, segfault-tracked
+memory is writable and every page of it counts as written: a write in that
+window would otherwise reach the new handler (faulthandler would report it as
+a fatal error). Handlers installed from C, behind Python's back, are
 noticed at the next ``dirty_pages``/``stop``, which then raises.
 """
 
@@ -29,10 +32,13 @@ def _follow(module: Any, name: str, concerns_sigsegv: Callable[..., bool]) -> No
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        concerned = concerns_sigsegv(*args, **kwargs)
+        if concerned:  # a tracked write must never reach the new handler
+            _native._segfault_suspend()
         try:
             return original(*args, **kwargs)
         finally:
-            if concerns_sigsegv(*args, **kwargs):
+            if concerned:
                 _native._segfault_reassert()
 
     setattr(wrapper, _WRAPPED, True)

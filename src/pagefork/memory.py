@@ -53,7 +53,7 @@ class Region(_native.Mapping):
         if backing not in ("anonymous", "memfd"):
             raise ValueError(f"backing must be 'anonymous' or 'memfd', not {backing!r}")
         self.backing: Backing = backing
-        # Trackers of this region, told about resizes and close.
+        # Trackings of this region (the native core resizes and stops them).
         self._trackings: weakref.WeakSet[Any] = weakref.WeakSet()
         # Set by Snapshot.map_to: the memory is a private mapping of a snapshot.
         self._snapshot_mapped = False
@@ -99,20 +99,14 @@ class Region(_native.Mapping):
                 f"cannot resize to {nbytes} bytes: max_size is {self._max_size} bytes"
             )
         old = self.size
-        if nbytes < old:
-            if self._exports:
-                raise BufferError("cannot shrink a region while views of it exist (memoryview/numpy)")
-            for tracking in list(self._trackings):
-                tracking.resize(nbytes // PAGE_SIZE)
+        if nbytes < old and self._exports:
+            raise BufferError("cannot shrink a region while views of it exist (memoryview/numpy)")
         try:
-            self._resize(nbytes)
+            self._resize(nbytes)  # resizes its trackings too, in the same native step
         except OSError as exc:
             raise native_error(exc, f"cannot resize the region to {nbytes} bytes") from exc
         if nbytes < old:
             self._shrinks += 1
-        if nbytes > old:
-            for tracking in list(self._trackings):
-                tracking.resize(nbytes // PAGE_SIZE)
 
     def array(self, dtype: DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None,
               offset: int = 0) -> np.ndarray:

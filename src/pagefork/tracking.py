@@ -358,7 +358,7 @@ def _max_map_count() -> str:
 def _after_fork_in_child() -> None:
     # A lock held by another thread at fork() would never be released here.
     for tracker in list(_live_trackers):
-        tracker._lock = threading.Lock()
+        tracker._lock = threading.RLock()
 
 
 class Tracker:
@@ -385,7 +385,10 @@ class Tracker:
             raise ValueError(f"unknown tracking mode {mode!r}; valid: " + ", ".join(map(repr, MODES)))
         self.mode = mode
         self._regions: dict[int, tuple[weakref.ref[Region], _native.Tracking]] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: any allocation under it can run the garbage collector,
+        # whose weakref callbacks (_forget: a tracked region died) and
+        # finalizers may call back into this tracker on the same thread.
+        self._lock = threading.RLock()
         self._pid = os.getpid()
         self._fallbacks_seen: dict[int, int] = {}
         _live_trackers.add(self)
@@ -427,8 +430,10 @@ class Tracker:
             def forget(_: object, key: int = key) -> None:
                 self._forget(key)
 
-            self._regions[key] = (weakref.ref(region, forget), tracking)
+            # Registered with the region first: an exception (KeyboardInterrupt)
+            # between the two leaves no entry whose region does not know it.
             region._trackings.add(tracking)
+            self._regions[key] = (weakref.ref(region, forget), tracking)
             return tracking
 
     def _forget(self, key: int) -> None:
@@ -447,9 +452,9 @@ class Tracker:
             )
 
     def _call(self, region: Region, action: str, create: bool = False) -> None:
-        tracking = self._tracking(region, create)
         try:
-            getattr(tracking, action)()
+            with self._lock:  # close() in another thread must not orphan it midway
+                getattr(self._tracking(region, create), action)()
         except NotImplementedError:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope") from None
         except OSError as exc:
@@ -516,12 +521,19 @@ class Tracker:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope")
         if reset and self.mode in _NO_ATOMIC_RESET:
             raise UnsupportedModeError(self.mode, "dirty_pages(reset=True) " + _NO_ATOMIC_RESET[self.mode])
-        tracking = self._tracking(region, create=False)
-        out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
-        try:
-            tracking.dirty(out, _SCOPES[scope], bool(reset))
-        except OSError as exc:
-            raise self._error(exc, "dirty_pages", region) from exc
+        with self._lock:
+            tracking = self._tracking(region, create=False)
+            while True:
+                out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
+                try:
+                    tracking.dirty(out, _SCOPES[scope], bool(reset))
+                    break
+                except OSError as exc:
+                    raise self._error(exc, "dirty_pages", region) from exc
+                except ValueError:
+                    if len(out) == tracking.n_pages:
+                        raise
+                    # another thread resized the region meanwhile: read again
         self._warn_fallbacks(tracking)
         return out.view(np.bool_)
 
@@ -550,27 +562,31 @@ class Tracker:
         ``dirty_pages(region, reset=True)``.
         """
         self._check_owner()
-        for ref, tracking in list(self._regions.values()):
-            region = ref()
-            if region is None or region.closed:
-                continue
-            try:
-                tracking.reset()
-            except OSError as exc:
-                raise self._error(exc, "reset", region) from exc
+        with self._lock:
+            for ref, tracking in list(self._regions.values()):
+                region = ref()
+                if region is None or region.closed:
+                    continue
+                try:
+                    tracking.reset()
+                except OSError as exc:
+                    raise self._error(exc, "reset", region) from exc
 
     def close(self) -> None:
         """Stops tracking every region. Safe in any state, from any thread, and
         in a forked child (where it only forgets: the parent's tracking is
         untouched)."""
+        # All under the lock: a start() of the same region in another thread
+        # must wait until the old tracking is closed, or closing it would
+        # un-protect (unregister) the memory under the new one.
         with self._lock:
             entries = list(self._regions.values())
             self._regions.clear()
-        for ref, tracking in entries:
-            tracking.close()
-            region = ref()
-            if region is not None:
-                region._trackings.discard(tracking)
+            for ref, tracking in entries:
+                tracking.close()
+                region = ref()
+                if region is not None:
+                    region._trackings.discard(tracking)
 
     def __enter__(self) -> Tracker:
         return self

@@ -188,10 +188,20 @@ static PyObject *mapping_resize(PfMapping *self, PyObject *args)
                             "cannot shrink a region while views of it exist (memoryview/numpy)");
             return NULL;
         }
+        for (PfTracking *t = self->trackings; t != NULL; t = t->next)
+            if (pf_tracking_resize(t, n / pf_page_size) != 0)
+                return NULL;
         if (unmap_tail(self, n, self->size) != 0)
             return NULL;
-    } else if (n > self->size && grow(self, self->size, n) != 0) {
-        return NULL;
+    } else if (n > self->size) {
+        if (grow(self, self->size, n) != 0)
+            return NULL;
+        /* Arm the new pages before any Python code (another thread) can
+         * see the new size and write them. */
+        self->size = n;
+        for (PfTracking *t = self->trackings; t != NULL; t = t->next)
+            if (pf_tracking_resize(t, n / pf_page_size) != 0)
+                return NULL;
     }
     self->size = n;
     Py_RETURN_NONE;

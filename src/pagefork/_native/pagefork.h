@@ -125,6 +125,8 @@ typedef struct pf_range {
     _Atomic int inflight; /* fault handlers currently using this range */
     _Atomic int collecting; /* a read-and-re-arm is running: handlers wait */
     _Atomic unsigned fallbacks; /* segfault: whole range un-protected (vm.max_map_count) */
+    uint64_t *swap_hashes; /* segfault: page hashes while a SIGSEGV handler swap runs */
+    size_t swap_n;
     uint8_t *global;
     struct pf_range *prev_all, *next_all; /* every live range, for exiting threads */
     pf_thread_slot threads[PF_MAX_THREADS];
@@ -189,6 +191,9 @@ typedef struct PfTracking {
  * what was armed). region_remapped returns -1 with an exception set. */
 void pf_tracking_region_gone(PfTracking *t);
 int pf_tracking_region_remapped(PfTracking *t);
+/* tracking.c: the region grew to n_pages (call after) or will shrink (call
+ * before); -1 with an exception set. */
+int pf_tracking_resize(PfTracking *t, size_t n_pages);
 /* tracking.c: collects kernel state that a remap would discard. */
 int pf_tracking_before_remap(PfTracking *t);
 
@@ -323,5 +328,6 @@ PyObject *pf_gather(PyObject *self, PyObject *args);
 PyObject *pf_private_pages(PyObject *self, PyObject *args);
 PyObject *pf_keep_changed(PyObject *self, PyObject *args);
 PyObject *pf_fold(PyObject *self, PyObject *args);
+PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused);
 
 #endif

@@ -127,6 +127,7 @@ void pf_range_free(pf_range *r)
     pthread_mutex_unlock(&all_lock);
     for (int i = 0; i < PF_MAX_THREADS; i++)
         free(r->threads[i].flags);
+    free(r->swap_hashes);
     free(r->global);
     free(r);
 }

@@ -186,16 +186,108 @@ static int ensure_handler(void)
     return 0;
 }
 
+static int is_tracking(pf_range *r)
+{
+    return atomic_load(&r->global_active) || atomic_load(&r->threads_active) > 0;
+}
+
+/* Between another handler's sigaction and the re-assert, tracked writes
+ * would reach that handler (faulthandler reports them as fatal and the
+ * process dies). While Python code swaps handlers, tracked ranges are
+ * therefore writable; a hash of each page taken before and compared after
+ * tells which pages changed meanwhile, and those count as written (by every
+ * tracked thread: the writer is unknown). Without memory for the hashes,
+ * every page counts as written. */
+static int suspended;
+
+static uint64_t page_hash(uintptr_t address)
+{
+    const uint64_t *w = (const uint64_t *)address;
+    uint64_t h = 0x9E3779B97F4A7C15ULL;
+    for (size_t i = 0; i < pf_page_size / 8; i++) {
+        h = (h ^ w[i]) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+    }
+    return h;
+}
+
+static void mark_page(pf_range *r, size_t page)
+{
+    if (atomic_load(&r->global_active))
+        __atomic_store_n(&r->global[page], 1, __ATOMIC_RELAXED);
+    for (int t = 0; atomic_load(&r->threads_active) > 0 && t < PF_MAX_THREADS; t++) {
+        pf_thread_slot *s = &r->threads[t];
+        if (atomic_load(&s->tid) != 0 && atomic_load(&s->active))
+            __atomic_store_n(&s->flags[page], 1, __ATOMIC_RELAXED);
+    }
+}
+
+static void suspend_range(pf_range *r)
+{
+    if (!is_tracking(r))
+        return;
+    size_t n = atomic_load(&r->n_pages);
+    pf_range_begin_exclusive(r);
+    /* Read-only while hashed; readable even where the user made a page
+     * PROT_NONE (segfault mode undoes user protections anyway). Pages
+     * already marked may be written meanwhile: they fault and wait. */
+    mprotect((void *)r->start, n * pf_page_size, PROT_READ);
+    free(r->swap_hashes);
+    r->swap_hashes = malloc((n ? n : 1) * sizeof(uint64_t));
+    r->swap_n = n;
+    if (r->swap_hashes == NULL)
+        mark_all(r, n);
+    else
+        for (size_t i = 0; i < n; i++)
+            r->swap_hashes[i] = page_hash(r->start + i * pf_page_size);
+    mprotect((void *)r->start, n * pf_page_size, PROT_READ | PROT_WRITE);
+    pf_range_end_exclusive(r);
+}
+
+static void resume_range(pf_range *r)
+{
+    if (is_tracking(r)) {
+        size_t n = atomic_load(&r->n_pages);
+        pf_range_begin_exclusive(r);
+        mprotect((void *)r->start, n * pf_page_size, PROT_READ);
+        /* read-only now, handlers held out: the contents are final */
+        for (size_t i = 0; r->swap_hashes != NULL && i < n; i++)
+            if (i >= r->swap_n || page_hash(r->start + i * pf_page_size) != r->swap_hashes[i])
+                mark_page(r, i);
+        pf_range_end_exclusive(r);
+    }
+    free(r->swap_hashes);
+    r->swap_hashes = NULL;
+}
+
+/* _native._segfault_suspend(): call before Python code replaces the SIGSEGV
+ * handler; _segfault_reassert() after it resumes tracking. */
+PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    if (installed_once && !suspended) {
+        pf_registry_foreach(PF_MODE_SEGFAULT, NULL, suspend_range);
+        suspended = 1;
+    }
+    Py_RETURN_NONE;
+}
+
 /* _native._segfault_reassert(): puts the handler back on top after Python
  * code replaced it (faulthandler.enable(), signal.signal(SIGSEGV, ...)),
- * keeping the replacement as the handler of faults we do not own. No-op
- * until segfault mode has been used. */
+ * keeping the replacement as the handler of faults we do not own, then
+ * protects what _segfault_suspend made writable. No-op until segfault mode
+ * has been used. */
 PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
     if (installed_once && ensure_handler() != 0)
         return NULL;
+    if (suspended) {
+        suspended = 0;
+        pf_registry_foreach(PF_MODE_SEGFAULT, NULL, resume_range);
+    }
     Py_RETURN_NONE;
 }
 

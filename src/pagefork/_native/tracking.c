@@ -165,6 +165,12 @@ static int detach_if_idle(PfTracking *self)
         rc = self->ops->disarm(r, 0, n);
         if (self->ops->detach(r, 0, n) != 0)
             rc = -1;
+        if (rc != 0 && inherited(self)) {
+            /* The child may not have the memory at all (MADV_DONTFORK):
+             * cleaning its copy is best effort, and closing stays silent. */
+            PyErr_Clear();
+            rc = 0;
+        }
     }
     pf_registry_unpublish(r);
     self->attached = 0;
@@ -186,9 +192,16 @@ static PyObject *tracking_start(PfTracking *self, PyObject *unused)
     pf_range *r = self->range;
     if (attach(self) != 0)
         return NULL;
+    /* Handlers held out while the flags are cleared and the pages protected
+     * (the region may be tracked already: a restart, or thread scope): one
+     * straddling both would un-protect its page after the protect, with its
+     * mark cleared, and later writes there would go unseen. */
+    pf_range_begin_exclusive(r);
     memset(r->global, 0, atomic_load(&r->n_pages)); /* pages past n were cleared on shrink */
     atomic_store(&r->global_active, 1);
-    if (self->ops != NULL && self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0) {
+    int rc = self->ops != NULL ? self->ops->arm(r, 0, atomic_load(&r->n_pages)) : 0;
+    pf_range_end_exclusive(r);
+    if (rc != 0) {
         atomic_store(&r->global_active, 0);
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
@@ -234,12 +247,16 @@ static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
     pf_thread_tracking_started();
     if (attach(self) != 0)
         return NULL;
+    /* Handlers held out, as in start. */
+    pf_range_begin_exclusive(r);
     memset(slot->flags, 0, r->max_pages);
     if (!atomic_exchange(&slot->active, 1))
         atomic_fetch_add(&r->threads_active, 1);
     /* Pages other threads already wrote are writable again: re-protect all
      * so this thread's first write to each is seen. */
-    if (self->ops != NULL && self->ops->arm(r, 0, atomic_load(&r->n_pages)) != 0)
+    int rc = self->ops != NULL ? self->ops->arm(r, 0, atomic_load(&r->n_pages)) : 0;
+    pf_range_end_exclusive(r);
+    if (rc != 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -391,36 +408,42 @@ static PyObject *tracking_reset(PfTracking *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* resize(n_pages): the region grew (after) or is about to shrink (before). */
-static PyObject *tracking_resize(PfTracking *self, PyObject *args)
+/* The region grew to n pages (called after the memory is accessible) or is
+ * about to shrink to n (called before it goes away), from Mapping._resize
+ * itself, so no Python code (another thread) can run in between and write a
+ * grown page before it is armed. In a forked child only the size is kept:
+ * the kernel state may be the parent's. */
+int pf_tracking_resize(PfTracking *self, size_t n)
 {
-    Py_ssize_t new_n;
-    if (!PyArg_ParseTuple(args, "n", &new_n))
-        return NULL;
-    if (check_usable(self) != 0)
-        return NULL;
     pf_range *r = self->range;
-    if (new_n < 0 || (size_t)new_n > r->max_pages) {
+    if (r == NULL)
+        return 0;
+    if (n > r->max_pages) {
         PyErr_SetString(PyExc_ValueError, "resize: beyond the tracked maximum");
-        return NULL;
+        return -1;
     }
-    size_t old = atomic_load(&r->n_pages), n = (size_t)new_n;
+    int live = self->attached && !inherited(self);
+    size_t old = atomic_load(&r->n_pages);
     if (n < old) {
-        if (self->attached && collect(self) != 0)
-            return NULL;
+        if (live && collect(self) != 0)
+            return -1;
+        /* Handlers already inside finish before the size drops: none can
+         * un-protect a page of the tail after it became reservation again. */
+        pf_range_begin_exclusive(r);
         atomic_store(&r->n_pages, n);
+        pf_range_end_exclusive(r);
         memset(r->global + n, 0, old - n);
         for (int i = 0; i < PF_MAX_THREADS; i++)
             if (r->threads[i].flags != NULL)
                 memset(r->threads[i].flags + n, 0, old - n);
-        if (self->attached && self->ops->detach(r, n, old - n) != 0)
-            return NULL;
+        if (live && self->ops->detach(r, n, old - n) != 0)
+            return -1;
     } else if (n > old) {
         atomic_store(&r->n_pages, n);
-        if (self->attached && any_active(r) && self->ops->arm(r, old, n - old) != 0)
-            return NULL;
+        if (live && any_active(r) && self->ops->arm(r, old, n - old) != 0)
+            return -1;
     }
-    Py_RETURN_NONE;
+    return 0;
 }
 
 /* Stops everything and drops kernel state; safe in any state and in a forked
@@ -524,7 +547,6 @@ static PyMethodDef tracking_methods[] = {
     {"dirty", (PyCFunction)(void (*)(void))tracking_dirty, METH_VARARGS | METH_KEYWORDS,
      "dirty(out, scope, reset=False): write flags into out; reset re-arms in the same step."},
     {"reset", (PyCFunction)tracking_reset, METH_NOARGS, "Clear all flags and re-arm."},
-    {"resize", (PyCFunction)tracking_resize, METH_VARARGS, "resize(n_pages)"},
     {"close", (PyCFunction)tracking_close, METH_NOARGS, "Stop everything and drop kernel state."},
     {NULL, NULL, 0, NULL},
 };

@@ -63,6 +63,13 @@ static int async_arm(pf_range *r, size_t first, size_t count)
     return pf_uffd_protect(fd, r, first, count, 1);
 }
 
+static int async_arm(pf_range *r, size_t first, size_t count);
+
+/* EPERM from PM_SCAN_CHECK_WPASYNC: part of the range is no longer
+ * registered, because something mapped new memory over it behind pagefork's
+ * back (mmap MAP_FIXED, mremap). What was written there is unknowable: every
+ * page counts as written, and the range is registered and protected again
+ * before the flags are read, so later writes are seen. */
 static int async_collect(pf_range *r)
 {
     size_t n = atomic_load(&r->n_pages);
@@ -71,11 +78,14 @@ static int async_collect(pf_range *r)
     arg.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
     arg.category_mask = PAGE_IS_WRITTEN;
     arg.return_mask = PAGE_IS_WRITTEN;
-    if (pf_pagemap_scan(r->start, r->start + n * pf_page_size, &arg, r->global) < 0) {
+    if (pf_pagemap_scan(r->start, r->start + n * pf_page_size, &arg, r->global) >= 0)
+        return 0;
+    if (errno != EPERM) {
         pf_oserror("ioctl(PAGEMAP_SCAN)");
         return -1;
     }
-    return 0;
+    memset(r->global, 1, n);
+    return async_arm(r, 0, n);
 }
 
 static int async_disarm(pf_range *r, size_t first, size_t count)
