@@ -431,3 +431,42 @@ def test_a_worker_whose_combining_fails_answers_and_recovers():
         assert (a == 0).all()
         app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 3)
         assert (a == 3).all()
+
+
+def _kept_now(mem, i, n):
+    """Whether this worker's thread memory was kept (not mapped afresh) for
+    the running thread, after adding to every page of ``a``."""
+    import gc
+
+    from pagefork.backends.combine import CombiningWorkspace
+
+    mem["a"][::512] += i + 1
+    return [o._kept is not None for o in gc.get_objects() if isinstance(o, CombiningWorkspace)]
+
+
+def test_one_small_batch_between_big_ones_keeps_the_thread_memory():
+    """A batch of one thread writing nothing (as a reset between big
+    batches) only halves the recent page count: the next big batch still
+    runs on the kept memory, and every batch stays exact."""
+    old = os.environ.get("PAGEFORK_KEEP_MIN_PAGES")
+    os.environ["PAGEFORK_KEEP_MIN_PAGES"] = "16"  # read by the workers as they start
+    try:
+        with App("1MiB", backend="processes", workers=1) as app:
+            a = app.alloc("a", 64 * 512, np.int64, merge="sum")  # 64 pages
+            app.parallel(_kept_now, 2)
+            app.parallel(lambda mem, i, n: None, 1)
+            kept = app.parallel(_kept_now, 2)
+            assert kept == [[True], [True]]
+            expected = np.zeros(64 * 512, np.int64)
+            expected[::512] = 6
+            assert np.array_equal(a, expected)
+            for _ in range(5):  # sparse batches decay the count: mapped afresh again
+                app.parallel(lambda mem, i, n: None, 1)
+            assert app.parallel(_kept_now, 1) == [[False]]
+            expected[::512] += 1
+            assert np.array_equal(a, expected)
+    finally:
+        if old is None:
+            del os.environ["PAGEFORK_KEEP_MIN_PAGES"]
+        else:
+            os.environ["PAGEFORK_KEEP_MIN_PAGES"] = old
