@@ -226,6 +226,57 @@ def test_fold_equals_diff_then_apply(dtype, op):
     assert acc_fold.tobytes() == acc_apply.read()
 
 
+_FOLDS = [(d, o) for d in ("i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
+          for o in (MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.MIN, MergeOp.MAX)] + [
+    ("?", MergeOp.MIN), ("?", MergeOp.MAX), ("f8", MergeOp.XOR), ("u1", MergeOp.XOR)]
+
+
+@settings(deadline=None, max_examples=60)
+@given(kind=st.sampled_from(_FOLDS), pages=st.integers(1, 6), head=st.integers(0, 64),
+       tail=st.integers(0, 64), changes=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1))
+def test_fold_equals_the_reference_at_any_density(kind, pages, head, tail, changes, seed):
+    """Many more changed spans than the fold finds ahead at once, runs that
+    cross pages and elements straddling page boundaries: the partial equals
+    the reference's merge of each thread's diff, the thread memory is put
+    back exactly where elements changed, and the changed pages are exact."""
+    dtype, op = kind
+    k = np.dtype(dtype).itemsize
+    rng = np.random.default_rng(seed)
+    size = pages * PAGE_SIZE
+    orig = rng.integers(0, 2 if dtype == "?" else 256, size, dtype=np.uint8)
+    start = head
+    end = start + max(0, (size - tail - start) // k * k)
+    region = MergeRegion(start, end - start, dtype, op)
+    snap = Snapshot(orig.tobytes())
+    cols = snap._region_columns(size, [region])
+    dirty = rng.integers(0, 2, pages).astype(np.uint8)
+    acc = orig.copy()
+    expected_acc = orig.tobytes()
+    for _ in range(2):
+        mem = orig.copy()
+        at = rng.integers(0, size, changes)
+        mem[at] = rng.integers(0, 2 if dtype == "?" else 256, changes, dtype=np.uint8)
+        if changes and rng.integers(0, 2):  # a dense run across pages too
+            a = int(rng.integers(0, size))
+            mem[a: a + int(rng.integers(1, 3 * PAGE_SIZE))] ^= 1
+        diffs = reference.diff(orig.tobytes(), mem.tobytes(), dirty.astype(bool), [region])
+        expected_acc = reference.apply(expected_acc, diffs)
+        expected_mem = mem.copy()
+        for d in diffs:
+            expected_mem[d.offset: d.offset + len(d.data)] = orig[d.offset: d.offset + len(d.data)]
+        changed = np.zeros(pages, np.uint8)
+        _native.fold(acc, mem, orig, dirty, changed, PAGE_SIZE, *cols)
+        assert mem.tobytes() == expected_mem.tobytes()
+        if op is MergeOp.XOR:  # the reference xors whole dirty runs: count changed bytes only
+            pages_hit = {(d.offset + int(j)) // PAGE_SIZE for d in diffs
+                         for j in np.flatnonzero(np.frombuffer(d.data, np.uint8))}
+        else:
+            pages_hit = {p for d in diffs for p in range(d.offset // PAGE_SIZE,
+                                                         (d.offset + len(d.data) - 1) // PAGE_SIZE + 1)}
+        assert set(np.flatnonzero(changed)) == pages_hit
+    assert acc.tobytes() == expected_acc
+
+
 def test_fold_rejects_what_it_cannot_do():
     buf = bytearray(PAGE_SIZE)
     snap = Snapshot(size=PAGE_SIZE)
