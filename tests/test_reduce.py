@@ -259,6 +259,8 @@ def test_fold_equals_the_reference_at_any_density(kind, pages, head, tail, chang
         if changes and rng.integers(0, 2):  # a dense run across pages too
             a = int(rng.integers(0, size))
             mem[a: a + int(rng.integers(1, 3 * PAGE_SIZE))] ^= 1
+        clean = np.repeat(dirty == 0, PAGE_SIZE)  # a page not written holds the original
+        mem[clean] = orig[clean]
         diffs = reference.diff(orig.tobytes(), mem.tobytes(), dirty.astype(bool), [region])
         expected_acc = reference.apply(expected_acc, diffs)
         expected_mem = mem.copy()
