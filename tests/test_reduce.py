@@ -523,3 +523,23 @@ def test_one_small_batch_between_big_ones_keeps_the_thread_memory():
             del os.environ["PAGEFORK_KEEP_MIN_PAGES"]
         else:
             os.environ["PAGEFORK_KEEP_MIN_PAGES"] = old
+
+
+@settings(deadline=None, max_examples=40)
+@given(diffs=st.lists(st.tuples(st.integers(0, 20 * PAGE_SIZE), st.integers(0, 3 * PAGE_SIZE),
+                                st.sampled_from([MergeOp.OVERWRITE, MergeOp.IGNORE, MergeOp.XOR])),
+                      max_size=30))
+def test_merged_batches_flag_exactly_the_pages_they_change(diffs):
+    """The pages a merged batch flags unsaved (for incremental checkpoints):
+    every page a non-IGNORE, non-empty diff spans, and no other."""
+    from pagefork.snapshot import Diff, DiffBatch
+
+    with App(24 * PAGE_SIZE, backend="threads", workers=1) as app:
+        executor = app._executor
+        executor.mark_saved()
+        executor._note_merged(DiffBatch([Diff(at, bytes(n), DataType.RAW, op) for at, n, op in diffs]))
+        expected = np.zeros(24, bool)
+        for at, n, op in diffs:
+            if n and op is not MergeOp.IGNORE:
+                expected[at // PAGE_SIZE: (at + n - 1) // PAGE_SIZE + 1] = True
+        assert np.array_equal(executor.unsaved_pages(), expected)
