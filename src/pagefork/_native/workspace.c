@@ -106,7 +106,9 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
  * with acc's lines prefetched as each is found, then folded, so the misses
  * overlap the scan instead of following one another. A span's search
  * starts where the previous one ends and reads nothing folding writes, so
- * finding ahead finds the same spans. */
+ * finding ahead finds the same spans. A span starting where the last
+ * ended (a dense run) goes on to the page's end: unchanged elements in it
+ * fold to nothing, as above, and their page is being written anyway. */
 #define FOLD_BATCH 16
 
 #define FOLD_TYPED(NAME, T, U, KIND)                                               \
@@ -114,7 +116,7 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
                      size_t n, uint8_t *changed, size_t ps, int op)                 \
     {                                                                              \
         const size_t k = sizeof(T);                                                \
-        size_t end = base + n * k, at = base;                                      \
+        size_t end = base + n * k, at = base, prev = end;                          \
         size_t s_at[FOLD_BATCH], s_lim[FOLD_BATCH], s_pb[FOLD_BATCH];              \
         uint8_t s_str[FOLD_BATCH];                                                 \
         for (;;) {                                                                 \
@@ -127,14 +129,19 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
                 }                                                                  \
                 at = base + (d - base) / k * k;                                    \
                 size_t pb = (at / ps + 1) * ps; /* the next page boundary */       \
-                size_t lim = at + 64 / k * k;                                      \
                 size_t cross = base + (pb - base + k - 1) / k * k;                 \
+                /* A span right after the last one: a dense run, folded to the     \
+                 * page's end at once (the hardware prefetches it). */            \
+                size_t lim = at == prev ? cross : at + 64 / k * k;                 \
                 if (lim > cross)                                                   \
                     lim = cross;                                                   \
                 if (lim > end)                                                     \
                     lim = end;                                                     \
-                __builtin_prefetch(acc + at, 1);                                   \
-                __builtin_prefetch(acc + lim - 1, 1);                              \
+                if (at != prev) {                                                  \
+                    __builtin_prefetch(acc + at, 1);                               \
+                    __builtin_prefetch(acc + lim - 1, 1);                          \
+                }                                                                  \
+                prev = lim;                                                        \
                 s_at[found] = at;                                                  \
                 s_lim[found] = lim;                                                \
                 s_pb[found] = pb;                                                  \
