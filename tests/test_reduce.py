@@ -226,6 +226,59 @@ def test_fold_equals_diff_then_apply(dtype, op):
     assert acc_fold.tobytes() == acc_apply.read()
 
 
+_FOLDS = [(d, o) for d in ("i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
+          for o in (MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.MIN, MergeOp.MAX)] + [
+    ("?", MergeOp.MIN), ("?", MergeOp.MAX), ("f8", MergeOp.XOR), ("u1", MergeOp.XOR)]
+
+
+@settings(deadline=None, max_examples=60)
+@given(kind=st.sampled_from(_FOLDS), pages=st.integers(1, 6), head=st.integers(0, 64),
+       tail=st.integers(0, 64), changes=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1))
+def test_fold_equals_the_reference_at_any_density(kind, pages, head, tail, changes, seed):
+    """Many more changed spans than the fold finds ahead at once, runs that
+    cross pages and elements straddling page boundaries: the partial equals
+    the reference's merge of each thread's diff, the thread memory is put
+    back exactly where elements changed, and the changed pages are exact."""
+    dtype, op = kind
+    k = np.dtype(dtype).itemsize
+    rng = np.random.default_rng(seed)
+    size = pages * PAGE_SIZE
+    orig = rng.integers(0, 2 if dtype == "?" else 256, size, dtype=np.uint8)
+    start = head
+    end = start + max(0, (size - tail - start) // k * k)
+    region = MergeRegion(start, end - start, dtype, op)
+    snap = Snapshot(orig.tobytes())
+    cols = snap._region_columns(size, [region])
+    dirty = rng.integers(0, 2, pages).astype(np.uint8)
+    acc = orig.copy()
+    expected_acc = orig.tobytes()
+    for _ in range(2):
+        mem = orig.copy()
+        at = rng.integers(0, size, changes)
+        mem[at] = rng.integers(0, 2 if dtype == "?" else 256, changes, dtype=np.uint8)
+        if changes and rng.integers(0, 2):  # a dense run across pages too
+            a = int(rng.integers(0, size))
+            mem[a: a + int(rng.integers(1, 3 * PAGE_SIZE))] ^= 1
+        clean = np.repeat(dirty == 0, PAGE_SIZE)  # a page not written holds the original
+        mem[clean] = orig[clean]
+        diffs = reference.diff(orig.tobytes(), mem.tobytes(), dirty.astype(bool), [region])
+        expected_acc = reference.apply(expected_acc, diffs)
+        expected_mem = mem.copy()
+        for d in diffs:
+            expected_mem[d.offset: d.offset + len(d.data)] = orig[d.offset: d.offset + len(d.data)]
+        changed = np.zeros(pages, np.uint8)
+        _native.fold(acc, mem, orig, dirty, changed, PAGE_SIZE, *cols)
+        assert mem.tobytes() == expected_mem.tobytes()
+        if op is MergeOp.XOR:  # the reference xors whole dirty runs: count changed bytes only
+            pages_hit = {(d.offset + int(j)) // PAGE_SIZE for d in diffs
+                         for j in np.flatnonzero(np.frombuffer(d.data, np.uint8))}
+        else:
+            pages_hit = {p for d in diffs for p in range(d.offset // PAGE_SIZE,
+                                                         (d.offset + len(d.data) - 1) // PAGE_SIZE + 1)}
+        assert set(np.flatnonzero(changed)) == pages_hit
+    assert acc.tobytes() == expected_acc
+
+
 def test_fold_rejects_what_it_cannot_do():
     buf = bytearray(PAGE_SIZE)
     snap = Snapshot(size=PAGE_SIZE)
@@ -431,3 +484,63 @@ def test_a_worker_whose_combining_fails_answers_and_recovers():
         assert (a == 0).all()
         app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 3)
         assert (a == 3).all()
+
+
+def _kept_now(mem, i, n):
+    """Whether this worker's thread memory was kept (not mapped afresh) for
+    the running thread, after adding to every page of ``a``."""
+    import gc
+
+    from pagefork.backends.combine import CombiningWorkspace
+
+    mem["a"][::512] += i + 1
+    return [o._kept is not None for o in gc.get_objects() if isinstance(o, CombiningWorkspace)]
+
+
+def test_one_small_batch_between_big_ones_keeps_the_thread_memory():
+    """A batch of one thread writing nothing (as a reset between big
+    batches) only halves the recent page count: the next big batch still
+    runs on the kept memory, and every batch stays exact."""
+    old = os.environ.get("PAGEFORK_KEEP_MIN_PAGES")
+    os.environ["PAGEFORK_KEEP_MIN_PAGES"] = "16"  # read by the workers as they start
+    try:
+        with App("1MiB", backend="processes", workers=1) as app:
+            a = app.alloc("a", 64 * 512, np.int64, merge="sum")  # 64 pages
+            app.parallel(_kept_now, 2)
+            app.parallel(lambda mem, i, n: None, 1)
+            keeps = app._executor.thread_mode == "cow"  # only cow thread memory is kept
+            kept = app.parallel(_kept_now, 2)
+            assert kept == [[keeps], [keeps]]
+            expected = np.zeros(64 * 512, np.int64)
+            expected[::512] = 6
+            assert np.array_equal(a, expected)
+            for _ in range(5):  # sparse batches decay the count: mapped afresh again
+                app.parallel(lambda mem, i, n: None, 1)
+            assert app.parallel(_kept_now, 1) == [[False]]
+            expected[::512] += 1
+            assert np.array_equal(a, expected)
+    finally:
+        if old is None:
+            del os.environ["PAGEFORK_KEEP_MIN_PAGES"]
+        else:
+            os.environ["PAGEFORK_KEEP_MIN_PAGES"] = old
+
+
+@settings(deadline=None, max_examples=40)
+@given(diffs=st.lists(st.tuples(st.integers(0, 20 * PAGE_SIZE), st.integers(0, 3 * PAGE_SIZE),
+                                st.sampled_from([MergeOp.OVERWRITE, MergeOp.IGNORE, MergeOp.XOR])),
+                      max_size=30))
+def test_merged_batches_flag_exactly_the_pages_they_change(diffs):
+    """The pages a merged batch flags unsaved (for incremental checkpoints):
+    every page a non-IGNORE, non-empty diff spans, and no other."""
+    from pagefork.snapshot import Diff, DiffBatch
+
+    with App(24 * PAGE_SIZE, backend="threads", workers=1) as app:
+        executor = app._executor
+        executor.mark_saved()
+        executor._note_merged(DiffBatch([Diff(at, bytes(n), DataType.RAW, op) for at, n, op in diffs]))
+        expected = np.zeros(24, bool)
+        for at, n, op in diffs:
+            if n and op is not MergeOp.IGNORE:
+                expected[at // PAGE_SIZE: (at + n - 1) // PAGE_SIZE + 1] = True
+        assert np.array_equal(executor.unsaved_pages(), expected)

@@ -565,11 +565,19 @@ class Executor:
         keep = (batch.ops != MergeOp.IGNORE) & (batch.lengths > 0)
         if not keep.any():
             return
-        first = batch.offsets[keep] // PAGE_SIZE
-        counts = (batch.offsets[keep] + batch.lengths[keep] - 1) // PAGE_SIZE - first + 1
-        starts = np.cumsum(counts) - counts
-        pages = np.repeat(first - starts, counts) + np.arange(int(counts.sum()))
-        self._unsaved[pages] = True
+        offsets = batch.offsets if keep.all() else batch.offsets[keep]
+        lengths = batch.lengths if keep.all() else batch.lengths[keep]
+        first = offsets // PAGE_SIZE
+        last = (offsets + lengths - 1) // PAGE_SIZE
+        self._unsaved[first] = True  # most diffs (scattered values) end on their first page
+        self._unsaved[last] = True
+        inner = last - first > 1  # the pages between a long diff's first and last
+        if inner.any():
+            first, last = first[inner] + 1, last[inner]
+            counts = last - first
+            starts = np.cumsum(counts) - counts
+            pages = np.repeat(first - starts, counts) + np.arange(int(counts.sum()))
+            self._unsaved[pages] = True
 
     def unsaved_pages(self) -> np.ndarray:
         """Flags (one per page of the snapshot) of the pages changed since

@@ -435,6 +435,16 @@ def _as_batch(diffs: Batchable) -> DiffBatch:
     return diffs if isinstance(diffs, DiffBatch) else DiffBatch(diffs)
 
 
+def _changed_ranges(offsets: np.ndarray, lengths: np.ndarray, ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, lengths) of the diffs that change something (not IGNORE),
+    for tracked_changes. The columns are private copies: kept as they are
+    when nothing is ignored (the common case, and no copy per diff)."""
+    keep = ops != MergeOp.IGNORE
+    if keep.all():
+        return offsets, lengths
+    return offsets[keep], lengths[keep]
+
+
 class Snapshot:
     """A memfd-backed copy of memory.
 
@@ -799,7 +809,7 @@ class Snapshot:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
                                    f"({self._max_size})")
         size = self._size
-        records = [(c[0][c[3] != MergeOp.IGNORE], c[1][c[3] != MergeOp.IGNORE]) for c in columns]
+        records = [_changed_ranges(c[0], c[1], c[3]) for c in columns]
         n_changes = len(self._changes)
         written = bytearray(len(columns))  # set by the kernel as each batch is written
         try:

@@ -99,48 +99,82 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args)
  * unchanged one adds 0, or is no smaller / larger than acc, which only
  * ever moves away from the original in the op's direction. Dense runs
  * vectorize; scattered ones touch one cache line each. Only pages that
- * hold changed elements are written in the thread's memory and flagged. */
+ * hold changed elements are written in the thread's memory and flagged.
+ *
+ * Scattered changes make acc's cache lines the cost (a miss each, acc is
+ * not otherwise read): the spans are found first, FOLD_BATCH at a time,
+ * with acc's lines prefetched as each is found, then folded, so the misses
+ * overlap the scan instead of following one another. A span's search
+ * starts where the previous one ends and reads nothing folding writes, so
+ * finding ahead finds the same spans. A span starting where the last
+ * ended (a dense run) goes on to the page's end: unchanged elements in it
+ * fold to nothing, as above, and their page is being written anyway. */
+#define FOLD_BATCH 16
+
 #define FOLD_TYPED(NAME, T, U, KIND)                                               \
     static void NAME(uint8_t *acc, uint8_t *mem, const uint8_t *orig, size_t base, \
                      size_t n, uint8_t *changed, size_t ps, int op)                 \
     {                                                                              \
         const size_t k = sizeof(T);                                                \
-        size_t end = base + n * k, at = base;                                      \
-        while (at < end) {                                                         \
-            size_t d = pf_find_diff(mem, orig, at, end);                           \
-            if (d >= end)                                                          \
+        size_t end = base + n * k, at = base, prev = end;                          \
+        size_t s_at[FOLD_BATCH], s_lim[FOLD_BATCH], s_pb[FOLD_BATCH];              \
+        uint8_t s_str[FOLD_BATCH];                                                 \
+        for (;;) {                                                                 \
+            size_t found = 0;                                                      \
+            while (found < FOLD_BATCH && at < end) {                               \
+                size_t d = pf_find_diff(mem, orig, at, end);                       \
+                if (d >= end) {                                                    \
+                    at = end;                                                      \
+                    break;                                                         \
+                }                                                                  \
+                at = base + (d - base) / k * k;                                    \
+                size_t pb = (at / ps + 1) * ps; /* the next page boundary */       \
+                size_t cross = base + (pb - base + k - 1) / k * k;                 \
+                /* A span right after the last one: a dense run, folded to the     \
+                 * page's end at once (the hardware prefetches it). */            \
+                size_t lim = at == prev ? cross : at + 64 / k * k;                 \
+                if (lim > cross)                                                   \
+                    lim = cross;                                                   \
+                if (lim > end)                                                     \
+                    lim = end;                                                     \
+                if (at != prev) {                                                  \
+                    __builtin_prefetch(acc + at, 1);                               \
+                    __builtin_prefetch(acc + lim - 1, 1);                          \
+                }                                                                  \
+                prev = lim;                                                        \
+                s_at[found] = at;                                                  \
+                s_lim[found] = lim;                                                \
+                s_pb[found] = pb;                                                  \
+                s_str[found] = lim > pb && lim - k > at &&                         \
+                               memcmp(mem + lim - k, orig + lim - k, k) != 0;      \
+                found++;                                                           \
+                at = lim;                                                          \
+            }                                                                      \
+            if (found == 0)                                                        \
                 break;                                                             \
-            at = base + (d - base) / k * k;                                        \
-            size_t pb = (at / ps + 1) * ps; /* the next page boundary */           \
-            size_t lim = at + 64 / k * k;                                          \
-            size_t cross = base + (pb - base + k - 1) / k * k;                     \
-            if (lim > cross)                                                       \
-                lim = cross;                                                       \
-            if (lim > end)                                                         \
-                lim = end;                                                         \
-            int straddles = lim > pb && lim - k > at &&                            \
-                            memcmp(mem + lim - k, orig + lim - k, k) != 0;         \
-            for (size_t x = at; x < lim; x += k) {                                 \
-                T u, o, a;                                                         \
-                memcpy(&u, mem + x, k);                                            \
-                memcpy(&o, orig + x, k);                                           \
-                memcpy(&a, acc + x, k);                                            \
-                if (KIND == 0)                                                     \
-                    a = (T)((U)a + (U)((U)u - (U)o));                              \
+            for (size_t f = 0; f < found; f++) {                                   \
+                size_t a0 = s_at[f], lim = s_lim[f], pb = s_pb[f];                 \
+                for (size_t x = a0; x < lim; x += k) {                             \
+                    T u, o, a;                                                     \
+                    memcpy(&u, mem + x, k);                                        \
+                    memcpy(&o, orig + x, k);                                       \
+                    memcpy(&a, acc + x, k);                                        \
+                    if (KIND == 0)                                                 \
+                        a = (T)((U)a + (U)((U)u - (U)o));                          \
+                    else                                                           \
+                        a = (op == PF_MAX ? u > a : u < a) ? u : a;                \
+                    memcpy(acc + x, &a, k);                                        \
+                }                                                                  \
+                MARK(a0, k);                                                       \
+                if (a0 + k > pb) /* the first element itself crosses the boundary */ \
+                    memcpy(mem + a0, orig + a0, k);                                \
                 else                                                               \
-                    a = (op == PF_MAX ? u > a : u < a) ? u : a;                    \
-                memcpy(acc + x, &a, k);                                            \
+                    memcpy(mem + a0, orig + a0, (lim < pb ? lim : pb) - a0);      \
+                if (s_str[f]) {                                                    \
+                    memcpy(mem + pb, orig + pb, lim - pb);                         \
+                    changed[pb / ps] = 1;                                          \
+                }                                                                  \
             }                                                                      \
-            MARK(at, k);                                                           \
-            if (at + k > pb) /* the first element itself crosses the boundary */   \
-                memcpy(mem + at, orig + at, k);                                    \
-            else                                                                   \
-                memcpy(mem + at, orig + at, (lim < pb ? lim : pb) - at);          \
-            if (straddles) {                                                       \
-                memcpy(mem + pb, orig + pb, lim - pb);                             \
-                changed[pb / ps] = 1;                                              \
-            }                                                                      \
-            at = lim;                                                              \
         }                                                                          \
     }
 FOLD_TYPED(fold_add8, uint8_t, uint8_t, 0)

@@ -106,8 +106,9 @@ def _pages_of(batch: DiffBatch, n_pages: int) -> np.ndarray:
 
 def _keep_min_pages(default: int = 256) -> int:
     """Keeping thread memory saves a copy-on-write fault per written page but
-    costs two page-map scans per thread; below this many pages written by the
-    last thread, mapping afresh is cheaper (and keeps sparse batches flat in
+    costs two page-map scans per thread; below this many pages written by
+    recent threads (the count halves with each thread that writes fewer),
+    mapping afresh is cheaper (and keeps sparse batches flat in
     the memory size). ``PAGEFORK_KEEP_MIN_PAGES`` overrides it (tests use 0
     to exercise the kept memory on small arrays)."""
     try:
@@ -140,8 +141,9 @@ class CombiningWorkspace(Workspace):
     differ when no fold follows, so XOR diffs and the page counts stay
     exact). The first thread of a batch puts back every private page, as
     the snapshot may have changed since. When the private pages grow much
-    beyond what threads change, or the last thread wrote few pages (then the
-    faults cost less than the scans), the memory is mapped afresh; other
+    beyond what threads change, or recent threads wrote few pages (then the
+    faults cost less than the scans; one small thread between big ones only
+    halves the count), the memory is mapped afresh; other
     tracking modes always map afresh.
     """
 
@@ -150,7 +152,7 @@ class CombiningWorkspace(Workspace):
         self._partial_region: Region | None = None
         self._kept: tuple[Any, int, int] | None = None  # (snapshot, address, size) kept mapped
         self._partial_kept: tuple[Any, int, int] | None = None
-        self._recent = 0  # pages the last threads changed
+        self._recent = 0  # pages recent threads changed (halving per thread that changed fewer)
         self._private: np.ndarray | None = None  # private pages the last thread left
 
     def _partial(self, spec: BatchSpec) -> _Partial:
@@ -257,8 +259,11 @@ class CombiningWorkspace(Workspace):
                     clean = covered  # fold put every changed element there back
                     if new is not None:  # compared more than written: count what changed
                         written = new | changed.view(np.bool_) | _pages_of(diffs, region.n_pages)
-                self._recent = int(np.count_nonzero(written))
-                outcome = ThreadOutcome(i, result, diffs, self._recent)
+                count = int(np.count_nonzero(written))
+                # One small thread (a batch of a single cheap task between big
+                # ones) must not throw away the kept memory: decay, not reset.
+                self._recent = max(count, self._recent // 2)
+                outcome = ThreadOutcome(i, result, diffs, count)
             except BaseException as exc:  # the thread's own error (SystemExit included)
                 self._kept = self._private = None  # the next thread maps afresh
                 outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))

@@ -252,24 +252,44 @@ def _scatter_indices(elements: int, tasks: int, density: float, seed: int = 7) -
 
 
 def _calibrate_rounds(count: int, target_s: float) -> int:
+    """Rounds worth ``target_s`` of CPU time (not wall time: on a loaded
+    machine that would shrink the work and inflate every overhead ratio)."""
     idx = np.arange(count, dtype=np.int64)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     _work(idx, 10)
-    per_round = (time.perf_counter() - t0) / 10
+    per_round = (time.process_time() - t0) / 10
     return max(1, int(target_s / max(per_round, 1e-9)))
+
+
+def _workers_cpu(app: App) -> float | None:
+    """CPU seconds the processes backend's workers used so far (from /proc),
+    or None where that cannot be read."""
+    total = 0.0
+    try:
+        for w in app._executor.backend._workers:  # type: ignore[attr-defined]
+            with open(f"/proc/{w.process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError, IndexError):
+        return None
+    return total
 
 
 def scattered_sum(elements: int = 4 << 20, tasks: int = 8, workers: int = 2, density: float = 0.01,
                   task_seconds: float = 0.037, repeat: int = 3,
                   progress: Progress | None = None) -> tuple[list[Timing], int]:
     """Seconds per compute-heavy scattered reduction (pagefork beside serial
-    numpy), and the arithmetic rounds per task used."""
+    numpy), and the arithmetic rounds per task used. Each Timing's note
+    gives CPU milliseconds per task (pagefork: its workers', and the
+    parent's per batch), which a loaded machine blurs far less than wall
+    time: their difference is pagefork's overhead per task."""
     idx = _scatter_indices(elements, tasks, density)
     rounds = _calibrate_rounds(idx.shape[1], task_seconds)
     expected = np.zeros(elements, np.int64)
     for i in range(tasks):
         expected[idx[i]] += _work(idx[i], rounds)
     results = {"pagefork processes": Timing("pagefork processes"), "serial numpy": Timing("serial numpy")}
+    cpu: dict[str, list[float]] = {"workers": [], "parent": [], "serial": []}
     with App(elements * 8 + idx.nbytes + 2 * PAGE_SIZE, backend="processes", workers=workers) as app:
         app.alloc("idx", idx.shape, np.int64)[:] = idx
         acc = app.alloc("acc", elements, np.int64, merge="sum")
@@ -278,21 +298,33 @@ def scattered_sum(elements: int = 4 << 20, tasks: int = 8, workers: int = 2, den
                 progress(f"scattered {density:.0%} sum, round {r} of {repeat}")
             acc[:] = 0
             app.parallel(_noop, 1)
+            w0, p0 = _workers_cpu(app), time.process_time()
             t0 = time.perf_counter()
             app.parallel(_scattered_task, tasks, args=(rounds,))
             t = time.perf_counter() - t0
+            w1, p1 = _workers_cpu(app), time.process_time()
             if r:
                 results["pagefork processes"].seconds.append(t)
                 results["pagefork processes"].correct &= bool(np.array_equal(acc, expected))
-            t0 = time.perf_counter()
+                if w0 is not None and w1 is not None:
+                    cpu["workers"].append((w1 - w0) / tasks)
+                cpu["parent"].append(p1 - p0)
+            t0, c0 = time.perf_counter(), time.process_time()
             serial = np.zeros(elements, np.int64)
             for i in range(tasks):
                 serial[idx[i]] += _work(idx[i], rounds)
-            t = time.perf_counter() - t0
+            t, c = time.perf_counter() - t0, time.process_time() - c0
             if r:
                 results["serial numpy"].seconds.append(t)
                 results["serial numpy"].correct &= bool(np.array_equal(serial, expected))
+                cpu["serial"].append(c / tasks)
         del acc
+    if cpu["workers"]:
+        results["pagefork processes"].note = (
+            f"CPU {statistics.median(cpu['workers']) * 1e3:.1f} ms per task in the workers, "
+            f"{statistics.median(cpu['parent']) * 1e3:.0f} ms per batch in the parent")
+    if cpu["serial"]:
+        results["serial numpy"].note = f"CPU {statistics.median(cpu['serial']) * 1e3:.1f} ms per task"
     return list(results.values()), rounds
 
 
@@ -430,7 +462,8 @@ def format_results(res: ReduceResults) -> str:
     lines.append(f"\nScattered: 8 tasks, 1% random unique indices of 4M int64 each, "
                  f"{res.scattered_rounds} rounds of arithmetic per task (median of {len(ours.seconds)})")
     for t in res.scattered:
-        lines.append(f"  {t.name:<32}{t.median * 1e3:>9.0f} ms  {'correct' if t.correct else 'WRONG'}")
+        lines.append(f"  {t.name:<32}{t.median * 1e3:>9.0f} ms  {'correct' if t.correct else 'WRONG'}"
+                     + (f"  ({t.note})" if t.note else ""))
     lines.append(f"  pagefork speed-up over serial numpy: {serial.median / ours.median:.2f}x")
     s = res.shipped
     lines.append(f"\nScattered updates, bytes shipped per changed int64: {s['bytes_per_value']:.1f} B "
