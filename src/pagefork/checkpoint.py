@@ -264,10 +264,12 @@ def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> No
 
 # ---- bare regions -----------------------------------------------------------------------
 
-# region -> {(store description, tracker id): (the tracker, version it last saved
-# with that tracker, the region's shrink count then)}
+# region -> {tracker id: (the tracker, the store it last saved to with that
+# tracker, the version it wrote, the region's shrink count then)}. One entry per
+# tracker, not per target: a save re-arms the tracker, so a save to another
+# target takes the pages the first target's next increment would need.
 _last_saved: weakref.WeakKeyDictionary[
-    Region, dict[tuple[str, int], tuple[weakref.ref[Tracker], int, int]]] = weakref.WeakKeyDictionary()
+    Region, dict[int, tuple[weakref.ref[Tracker], str, int, int]]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -336,12 +338,13 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
 
 def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None, base_every: int,
           base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
-    key = (store.description, id(tracker))
+    key = id(tracker)
     last, shrinks = None, 0
     with _lock:
         entry = _last_saved.get(region, {}).get(key) if tracker is not None else None
-        if entry is not None and entry[0]() is tracker:  # not a new tracker at a reused id
-            last, shrinks = entry[1], entry[2]
+        # Not a new tracker at a reused id; its last save went to this target.
+        if entry is not None and entry[0]() is tracker and entry[1] == store.description:
+            last, shrinks = entry[2], entry[3]
     parent = None
     if last is not None and max(_manifests(store), default=0) == last:
         try:
@@ -371,8 +374,8 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         view.release()
     if tracker is not None:
         with _lock:
-            _last_saved.setdefault(region, {})[key] = (weakref.ref(tracker), info.version,
-                                                        region._shrinks)
+            _last_saved.setdefault(region, {})[key] = (weakref.ref(tracker), store.description,
+                                                        info.version, region._shrinks)
     return info
 
 
