@@ -56,3 +56,100 @@ def test_one_tracker_saving_to_two_targets_alternately_keeps_both_chains_exact(t
     finally:
         t.stop(region)
         region.close()
+
+
+# ---- crafted manifests and objects ---------------------------------------------------
+
+def _three_versions(path: Path, compress: int | None = 1) -> Region:
+    """v1 base, v2 increment, v3 increment of a compressible region."""
+    region = Region(8 * PAGE_SIZE)
+    t = pagefork.tracker(reset_modes()[0])
+    t.start(region)
+    data = np.frombuffer(region, np.uint8)
+    ck.save(region, path, tracker=t, compress=compress)
+    data[3 * PAGE_SIZE: 5 * PAGE_SIZE] = 7
+    ck.save(region, path, tracker=t, compress=compress)
+    data[6 * PAGE_SIZE + 1] = 9
+    ck.save(region, path, tracker=t, compress=compress)
+    t.stop(region)
+    return region
+
+
+def _rewrite_manifest(path: Path, version: int, change) -> None:
+    name = path / f"v{version:010d}.json"
+    manifest = Manifest.decode(name.read_bytes())
+    change(manifest)
+    name.write_bytes(manifest.encode())  # a valid checksum: only the claims are false
+
+
+_BOMB = textwrap.dedent("""
+    import resource, sys
+    from pagefork import CorruptDataError
+    from pagefork import checkpoint as ck
+    target, version = sys.argv[1], int(sys.argv[2])
+    try:
+        ck.load(target, version=version)
+    except CorruptDataError as exc:
+        assert exc.version == version, exc
+        print("load", exc.object)
+    for v, name, why in ck.verify(target):
+        if why is not None:
+            print("verify", name)
+    print("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""")
+
+
+def _run_bomb(path: Path, version: int) -> list[str]:
+    # resource limit: a size taken on trust fails the run with MemoryError
+    # instead of swapping the machine.
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+    out = subprocess.run([sys.executable, "-c", limit + _BOMB, str(path), str(version)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert int(lines[-2].split()[1]) < 400, out.stdout  # MiB: nothing near the claimed sizes
+    return lines[:-2]
+
+
+@pytest.mark.parametrize("which", [-1, 0])
+@pytest.mark.parametrize("claim", [1 << 31, 1 << 40, (1 << 62) - 1])
+def test_a_manifest_claiming_a_huge_object_size_is_corrupt_data_not_a_memory_bomb(
+        tmp_path, which, claim):
+    # Increment (-1) and compressed base (0): nothing is allocated at the
+    # claimed size; the object is damage named by version and object.
+    _three_versions(tmp_path).close()
+
+    def change(m: Manifest) -> None:
+        m.objects[which].size = claim
+
+    _rewrite_manifest(tmp_path, 3, change)
+    name = Manifest.decode((tmp_path / "v0000000003.json").read_bytes()).objects[which].name
+    lines = _run_bomb(tmp_path, 3)
+    assert lines[0] == f"load {name}"
+    assert f"verify {name}" in lines[1:]
+
+
+def test_an_object_claiming_a_memory_larger_than_its_version_is_corrupt_data(tmp_path):
+    # An increment header claiming a 16 GiB memory (and a zstd frame to
+    # match) inside a version of 8 pages: refused before decompressing.
+    import zstandard
+
+    from pagefork import _native
+    from pagefork._checkpoint_format import HEADER, MAGIC, VERSION, KIND_PAGES, FLAG_ZSTD
+
+    _three_versions(tmp_path).close()
+    manifest = Manifest.decode((tmp_path / "v0000000003.json").read_bytes())
+    ref = manifest.objects[-1]
+    body_len = 1 << 34
+    cobj = zstandard.ZstdCompressor(level=1, write_content_size=True).compressobj(size=body_len)
+    frame = cobj.compress(bytes(1 << 20)) + b""  # a prefix: its header claims 16 GiB
+    blob = HEADER.pack(MAGIC, VERSION, KIND_PAGES, FLAG_ZSTD, body_len, body_len) + frame
+    (tmp_path / ref.name).write_bytes(blob)
+
+    def change(m: Manifest) -> None:
+        m.objects[-1].size = len(blob)
+        m.objects[-1].crc32c = _native.crc32c(blob)
+
+    _rewrite_manifest(tmp_path, 3, change)
+    lines = _run_bomb(tmp_path, 3)
+    assert lines[0] == f"load {ref.name}"

@@ -150,7 +150,7 @@ def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: boo
             try:
                 with store.open(ref.name) as f:
                     size, batch = read_object(f, ref, view[: manifest.size] if ref.kind == "base" else None,
-                                              fd)
+                                              manifest.size, fd)
             except FileNotFoundError:
                 raise _missing(store, manifest.version, ref) from None
             except CorruptDataError as exc:
@@ -509,7 +509,7 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
         scratch = Region(max(m.size, PAGE_SIZE)) if ref.kind == "base" else None  # bases never exceed it
         try:
             with store.open(ref.name) as f:
-                read_object(f, ref, memoryview(scratch) if scratch is not None else None)
+                read_object(f, ref, memoryview(scratch) if scratch is not None else None, m.size)
             yield m.version, ref.name, None
         except FileNotFoundError:
             yield m.version, ref.name, str(_missing(store, m.version, ref))
