@@ -153,3 +153,64 @@ def test_an_object_claiming_a_memory_larger_than_its_version_is_corrupt_data(tmp
     _rewrite_manifest(tmp_path, 3, change)
     lines = _run_bomb(tmp_path, 3)
     assert lines[0] == f"load {ref.name}"
+
+
+# ---- odd things in the target folder ----------------------------------------------------
+
+_ODD = textwrap.dedent("""
+    import json, sys
+    from pagefork import CorruptDataError
+    from pagefork import checkpoint as ck
+    target = sys.argv[1]
+    try:
+        ck.load(target).close()
+        print(json.dumps(["loaded"]))
+    except CorruptDataError as exc:
+        print(json.dumps([exc.version, exc.object]))
+    print(json.dumps([[v, n] for v, n, why in ck.verify(target) if why is not None]))
+""")
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory", "device"])
+@pytest.mark.parametrize("which", ["manifest", "object"])
+def test_a_non_file_in_the_target_is_corrupt_data_and_never_blocks(tmp_path, what, which):
+    # A FIFO would block open() forever; a directory raised IsADirectoryError;
+    # /dev/zero never ends. Each is damage named by version and object.
+    region = Region(4 * PAGE_SIZE)
+    np.frombuffer(region, np.uint8)[:] = 5
+    ck.save(region, tmp_path, compress=None)
+    ck.save(region, tmp_path, compress=None)
+    region.close()
+    name = "v0000000002.json" if which == "manifest" else \
+        next(p.name for p in tmp_path.iterdir() if p.name.startswith("v0000000002-"))
+    path = tmp_path / name
+    path.unlink()
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    out = subprocess.run([sys.executable, "-c", _ODD, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded, bad = (json.loads(line) for line in out.stdout.splitlines())
+    assert loaded == [2, name]
+    assert bad == [[2, name]]
+    for command in ("ls", "verify"):
+        run = subprocess.run([sys.executable, "-m", "pagefork.cli", "checkpoint", command,
+                              str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in run.stderr, run.stderr
+        if command == "verify" or which == "manifest":
+            assert run.returncode == 1 and name in run.stdout + run.stderr
+
+
+def test_a_deeply_nested_manifest_is_corrupt_data(tmp_path):
+    region = Region(PAGE_SIZE)
+    ck.save(region, tmp_path)
+    region.close()
+    (tmp_path / "v0000000002.json").write_bytes(b"[" * 100000 + b"]" * 100000)
+    with pytest.raises(CorruptDataError) as info:
+        ck.load(tmp_path)
+    assert (info.value.version, info.value.object) == (2, "v0000000002.json")
+    ck.load(tmp_path, version=1).close()

@@ -425,7 +425,7 @@ class Manifest:
             manifest = cls(objects=objects, **body)
         except CorruptDataError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CorruptDataError(f"unreadable manifest: {exc}") from None
         _validate(manifest)
         if not manifest.objects or manifest.objects[0].kind != "base" or any(

@@ -14,7 +14,10 @@ import io
 import os
 import re
 import secrets
+import stat
 from typing import Any, BinaryIO, Iterable, Protocol
+
+from ._errors import CorruptDataError
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store"]
 
@@ -68,7 +71,21 @@ class LocalStore:
         self._fsync_dir()  # the rename itself must survive a crash
 
     def open(self, name: str) -> BinaryIO:
-        return open(os.path.join(self.path, name), "rb")
+        """The object ``name`` for reading. Only a regular file is an object:
+        a FIFO would block the open (O_NONBLOCK) and a directory or device
+        is damage, raised as CorruptDataError with a bare reason."""
+        fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
+                    else "a device or socket"
+                raise CorruptDataError(f"it is {kind}, not a regular file")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def names(self) -> list[str]:
         try:

@@ -99,6 +99,8 @@ def _read_manifest(store: Any, version: int) -> Manifest:
     except FileNotFoundError:
         raise CorruptDataError(f"checkpoint version {version} in {store.description}: its manifest "
                                f"{name} is missing") from None
+    except CorruptDataError as exc:
+        raise _damage(store, version, name, str(exc)) from None
     try:
         manifest = Manifest.decode(data)
     except CorruptDataError as exc:
