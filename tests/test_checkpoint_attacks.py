@@ -214,3 +214,40 @@ def test_a_deeply_nested_manifest_is_corrupt_data(tmp_path):
         ck.load(tmp_path)
     assert (info.value.version, info.value.object) == (2, "v0000000002.json")
     ck.load(tmp_path, version=1).close()
+
+
+@pytest.mark.parametrize("mode", reset_modes())
+@pytest.mark.parametrize("how", ["stop-start", "reset", "stopped"])
+def test_a_tracker_interrupted_between_saves_starts_a_new_chain(tmp_path, mode, how):
+    # start() and reset() clear the flags and a stopped tracker sees nothing:
+    # an increment built on them would miss pages, so the save writes a base.
+    region = Region(8 * PAGE_SIZE)
+    data = np.frombuffer(region, np.uint8)
+    t = pagefork.tracker(mode)
+    t.start(region)
+    ck.save(region, tmp_path, tracker=t)
+    data[1 * PAGE_SIZE] = 1           # flagged, then lost by start/reset
+    if how == "stop-start":
+        t.stop(region)
+        data[2 * PAGE_SIZE] = 2       # never seen
+        t.start(region)
+    elif how == "reset":
+        t.reset()
+    else:
+        t.stop(region)
+        data[2 * PAGE_SIZE] = 2
+    data[3 * PAGE_SIZE] = 3
+    info = ck.save(region, tmp_path, tracker=t)
+    assert info.base
+    loaded = ck.load(tmp_path)
+    assert bytes(memoryview(loaded)) == bytes(memoryview(region))
+    loaded.close()
+    if how != "stopped":
+        data[4 * PAGE_SIZE] = 4       # an unbroken chain again: an exact increment
+        info = ck.save(region, tmp_path, tracker=t)
+        assert not info.base and info.pages == 1
+        loaded = ck.load(tmp_path)
+        assert bytes(memoryview(loaded)) == bytes(memoryview(region))
+        loaded.close()
+    t.close()
+    region.close()

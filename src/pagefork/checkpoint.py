@@ -267,11 +267,14 @@ def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> No
 # ---- bare regions -----------------------------------------------------------------------
 
 # region -> {tracker id: (the tracker, the store it last saved to with that
-# tracker, the version it wrote, the region's shrink count then)}. One entry per
-# tracker, not per target: a save re-arms the tracker, so a save to another
-# target takes the pages the first target's next increment would need.
+# tracker, the version it wrote, the region's shrink count and the tracker's
+# epoch then)}. One entry per tracker, not per target: a save re-arms the
+# tracker, so a save to another target takes the pages the first target's next
+# increment would need. A changed epoch (the tracker was stopped, restarted or
+# reset since) means writes may be missing from its flags.
 _last_saved: weakref.WeakKeyDictionary[
-    Region, dict[int, tuple[weakref.ref[Tracker], str, int, int]]] = weakref.WeakKeyDictionary()
+    Region, dict[int, tuple[weakref.ref[Tracker], str, int, int, int | None]]] = \
+    weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -342,10 +345,13 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
           base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
     key = id(tracker)
     last, shrinks = None, 0
+    epoch = tracker._epoch(region) if tracker is not None else None
     with _lock:
         entry = _last_saved.get(region, {}).get(key) if tracker is not None else None
-        # Not a new tracker at a reused id; its last save went to this target.
-        if entry is not None and entry[0]() is tracker and entry[1] == store.description:
+        # Not a new tracker at a reused id; its last save went to this target;
+        # it has tracked without a break since.
+        if entry is not None and entry[0]() is tracker and entry[1] == store.description \
+                and epoch is not None and entry[4] == epoch:
             last, shrinks = entry[2], entry[3]
     parent = None
     if last is not None and max(_manifests(store), default=0) == last:
@@ -377,7 +383,7 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
     if tracker is not None:
         with _lock:
             _last_saved.setdefault(region, {})[key] = (weakref.ref(tracker), store.description,
-                                                        info.version, region._shrinks)
+                                                        info.version, region._shrinks, epoch)
     return info
 
 
