@@ -251,3 +251,44 @@ def test_a_tracker_interrupted_between_saves_starts_a_new_chain(tmp_path, mode, 
         loaded.close()
     t.close()
     region.close()
+
+
+# ---- a target another writer refilled -------------------------------------------------
+
+def test_an_app_never_builds_on_a_version_another_writer_wrote_at_the_same_number(tmp_path):
+    import shutil
+
+    with App(16 * PAGE_SIZE, backend="threads") as first, \
+            App(16 * PAGE_SIZE, backend="threads") as second:
+        x = first.alloc("x", 16 * PAGE_SIZE, np.uint8)
+        second.alloc("x", 16 * PAGE_SIZE, np.uint8)[:] = 9
+        x[:] = 1
+        first.checkpoint(tmp_path)
+        shutil.rmtree(tmp_path)           # the target emptied ...
+        second.checkpoint(tmp_path)       # ... and refilled: a version 1 with other bytes
+        x[0] = 2
+        info = first.checkpoint(tmp_path)
+        assert info.base and info.version == 2
+        expected = bytes(first.memory)
+    with App.restore(tmp_path, backend="threads") as back:
+        assert bytes(back.memory) == expected
+
+
+@pytest.mark.parametrize("mode", reset_modes()[:1])
+def test_a_region_never_builds_on_a_version_another_writer_wrote_at_the_same_number(tmp_path, mode):
+    import shutil
+
+    region, other = Region(8 * PAGE_SIZE), Region(8 * PAGE_SIZE)
+    np.frombuffer(other, np.uint8)[:] = 9
+    t = pagefork.tracker(mode)
+    t.start(region)
+    ck.save(region, tmp_path, tracker=t)
+    shutil.rmtree(tmp_path)
+    ck.save(other, tmp_path)
+    np.frombuffer(region, np.uint8)[0] = 2
+    assert ck.save(region, tmp_path, tracker=t).base
+    loaded = ck.load(tmp_path)
+    assert bytes(memoryview(loaded)) == bytes(memoryview(region))
+    for r in (loaded, region, other):
+        r.close()
+    t.close()

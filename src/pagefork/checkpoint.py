@@ -178,6 +178,21 @@ def _missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
     return err
 
 
+def _own_version(store: Any, version: int, own_object: str) -> Manifest | None:
+    """The manifest of ``version`` if it is still the newest version of
+    ``store`` and still the one this process wrote or restored (its own
+    object is ``own_object``), else None: a new chain starts. A target
+    emptied and refilled by another writer can reach the same version
+    number with other bytes; an increment on it would restore wrong ones."""
+    if max(_manifests(store), default=0) != version:
+        return None
+    try:
+        manifest = _read_manifest(store, version)
+    except CorruptDataError:
+        return None
+    return manifest if manifest.objects[-1].name == own_object else None
+
+
 def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
             pages: np.ndarray | None, parent: Manifest | None, app: dict[str, Any] | None,
             base_every: int, base_fraction: float, keep: int | None,
@@ -267,13 +282,13 @@ def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> No
 # ---- bare regions -----------------------------------------------------------------------
 
 # region -> {tracker id: (the tracker, the store it last saved to with that
-# tracker, the version it wrote, the region's shrink count and the tracker's
-# epoch then)}. One entry per tracker, not per target: a save re-arms the
+# tracker, the version it wrote and that version's own object, the region's
+# shrink count and the tracker's epoch then)}. One entry per tracker, not per target: a save re-arms the
 # tracker, so a save to another target takes the pages the first target's next
 # increment would need. A changed epoch (the tracker was stopped, restarted or
 # reset since) means writes may be missing from its flags.
 _last_saved: weakref.WeakKeyDictionary[
-    Region, dict[int, tuple[weakref.ref[Tracker], str, int, int, int | None]]] = \
+    Region, dict[int, tuple[weakref.ref[Tracker], str, int, str, int, int | None]]] = \
     weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
@@ -344,21 +359,18 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
 def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None, base_every: int,
           base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
     key = id(tracker)
-    last, shrinks = None, 0
+    last, last_object, shrinks = None, "", 0
     epoch = tracker._epoch(region) if tracker is not None else None
     with _lock:
         entry = _last_saved.get(region, {}).get(key) if tracker is not None else None
         # Not a new tracker at a reused id; its last save went to this target;
         # it has tracked without a break since.
         if entry is not None and entry[0]() is tracker and entry[1] == store.description \
-                and epoch is not None and entry[4] == epoch:
-            last, shrinks = entry[2], entry[3]
+                and epoch is not None and entry[5] == epoch:
+            last, last_object, shrinks = entry[2], entry[3], entry[4]
     parent = None
-    if last is not None and max(_manifests(store), default=0) == last:
-        try:
-            parent = _read_manifest(store, last)
-        except CorruptDataError:
-            parent = None  # start a new chain
+    if last is not None:
+        parent = _own_version(store, last, last_object)
         if parent is not None and (parent.size != region.size or region._shrinks != shrinks):
             parent = None  # resized: a new base (pages cut off and regrown are not tracked)
     # Read-and-re-arm before copying: a write after this point is flagged
@@ -368,7 +380,7 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         pages = tracker.dirty_pages(region, "global", reset=True)
     view = memoryview(region).cast("B")
     try:
-        info, _ = _commit(store, source=view, size=region.size, max_size=region.max_size,
+        info, manifest = _commit(store, source=view, size=region.size, max_size=region.max_size,
                           pages=pages if parent is not None else None, parent=parent, app=None,
                           base_every=base_every, base_fraction=base_fraction, keep=keep,
                           compress=compress, t0=t0, live=True)
@@ -382,8 +394,9 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         view.release()
     if tracker is not None:
         with _lock:
-            _last_saved.setdefault(region, {})[key] = (weakref.ref(tracker), store.description,
-                                                        info.version, region._shrinks, epoch)
+            _last_saved.setdefault(region, {})[key] = (
+                weakref.ref(tracker), store.description, info.version,
+                manifest.objects[-1].name, region._shrinks, epoch)
     return info
 
 
@@ -434,12 +447,8 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
         pages = executor.unsaved_pages()
         last = app._last_checkpoint
         parent = None
-        if last is not None and last[0] == store.description \
-                and max(_manifests(store), default=0) == last[1]:
-            try:
-                parent = _read_manifest(store, last[1])
-            except CorruptDataError:
-                parent = None
+        if last is not None and last[0] == store.description:
+            parent = _own_version(store, last[1], last[2])
         meta = app._checkpoint_layout()
         snapshot = executor.snapshot
         info, manifest = _commit(store, source=snapshot.view(), size=snapshot.size,
@@ -448,7 +457,7 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
                                  base_fraction=base_fraction, keep=keep, compress=compress, t0=t0,
                                  live=False)
         executor.mark_saved()
-        app._last_checkpoint = (store.description, info.version)
+        app._last_checkpoint = (store.description, info.version, manifest.objects[-1].name)
         return info
 
     # On the App's batch thread: never during a batch, never cut off half-way.
@@ -481,7 +490,7 @@ def restore_app(cls: type[App], target: Target, *, version: int | None = None,
             executor.restored(counter)
 
         executor.call(fill, cancellable=False)
-        app._last_checkpoint = (store.description, v)
+        app._last_checkpoint = (store.description, v, manifest.objects[-1].name)
     except BaseException:
         app.close()
         raise
