@@ -292,3 +292,17 @@ def test_a_region_never_builds_on_a_version_another_writer_wrote_at_the_same_num
     for r in (loaded, region, other):
         r.close()
     t.close()
+
+
+def test_verify_reports_a_memory_size_no_restore_could_map_and_checks_the_rest(tmp_path):
+    _three_versions(tmp_path).close()
+
+    def change(m: Manifest) -> None:
+        m.size = m.max_size = 1 << 61
+
+    _rewrite_manifest(tmp_path, 1, change)
+    results = list(ck.verify(tmp_path))
+    bad = [(v, name) for v, name, why in results if why is not None]
+    assert len(bad) == 1 and bad[0][0] == 1 and bad[0][1].endswith(".base")
+    assert len(results) == 3 + 3  # every manifest and every object was looked at
+    ck.load(tmp_path, version=3).close()
