@@ -306,3 +306,20 @@ def test_verify_reports_a_memory_size_no_restore_could_map_and_checks_the_rest(t
     assert len(bad) == 1 and bad[0][0] == 1 and bad[0][1].endswith(".base")
     assert len(results) == 3 + 3  # every manifest and every object was looked at
     ck.load(tmp_path, version=3).close()
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("base_every", 2.5, TypeError), ("base_every", True, TypeError), ("base_every", -1, ValueError),
+    ("base_fraction", float("nan"), ValueError), ("base_fraction", "1", TypeError),
+    ("keep", 1.5, TypeError), ("keep", 0, ValueError),
+    ("compress", 23, ValueError), ("compress", -(1 << 20), ValueError), ("compress", True, TypeError),
+    ("compress", 2.0, TypeError)])
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, option, value, error):
+    region = Region(PAGE_SIZE)
+    with pytest.raises(error, match=option):
+        ck.save(region, tmp_path, **{option: value})
+    with App(PAGE_SIZE, backend="threads") as app:
+        with pytest.raises(error, match=option):
+            app.checkpoint(tmp_path, **{option: value})
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
+    region.close()

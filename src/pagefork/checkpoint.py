@@ -193,6 +193,30 @@ def _own_version(store: Any, version: int, own_object: str) -> Manifest | None:
     return manifest if manifest.objects[-1].name == own_object else None
 
 
+def _check_options(keep: Any, base_every: Any, base_fraction: Any, compress: Any) -> None:
+    """Refuses bad options before a save touches the tracker or the target."""
+    def whole(value: Any, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+
+    whole(base_every, "base_every")
+    if base_every < 0:
+        raise ValueError(f"base_every must be >= 0, got {base_every}")
+    if isinstance(base_fraction, bool) or not isinstance(base_fraction, (int, float, np.floating,
+                                                                         np.integer)):
+        raise TypeError(f"base_fraction must be a number, not {type(base_fraction).__name__}")
+    if not 0 <= base_fraction:  # NaN included
+        raise ValueError(f"base_fraction must be >= 0, got {base_fraction}")
+    if keep is not None:
+        whole(keep, "keep")
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+    if compress is not None:
+        whole(compress, "compress")
+        if not -(1 << 17) <= compress <= 22:
+            raise ValueError(f"compress is a zstd level from -131072 to 22 (or None), got {compress}")
+
+
 def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
             pages: np.ndarray | None, parent: Manifest | None, app: dict[str, Any] | None,
             base_every: int, base_fraction: float, keep: int | None,
@@ -201,12 +225,6 @@ def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
     parent, or the parent's chain is long or large enough; else an
     increment of ``pages`` on top of ``parent``. ``live``: other threads
     may be writing ``source``."""
-    if base_every < 0:
-        raise ValueError(f"base_every must be >= 0, got {base_every}")
-    if not 0 <= base_fraction:
-        raise ValueError(f"base_fraction must be >= 0, got {base_fraction}")
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
     store.remove_stale_temporaries()
     found = _manifests(store)
     version = max(found, default=0) + 1
@@ -345,6 +363,7 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
     incompressible data is stored raw either way).
     """
     t0 = time.perf_counter()
+    _check_options(keep, base_every, base_fraction, compress)
     if not isinstance(region, Region):
         raise TypeError(f"save checkpoints a pagefork Region, not {type(region).__name__}")
     if region.closed:
@@ -436,6 +455,7 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
     """``App.checkpoint``: the executor's main-memory pages changed since
     this App's last checkpoint to ``target``, with the layout."""
     t0 = time.perf_counter()
+    _check_options(keep, base_every, base_fraction, compress)
     store = open_store(target)
     executor = app._executor
 
