@@ -323,3 +323,30 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, option, va
             app.checkpoint(tmp_path, **{option: value})
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
     region.close()
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_commit_never_replaces_a_version_another_writer_committed(tmp_path, monkeypatch, where):
+    # Two writers picking the same version number (one writer per target is
+    # the rule; a second process breaks it): the later commit fails loudly
+    # instead of silently replacing the first writer's version.
+    import uuid
+
+    target = tmp_path / "t" if where == "local" else f"memory://atk-{uuid.uuid4().hex}"
+    region = Region(4 * PAGE_SIZE)
+    np.frombuffer(region, np.uint8)[:] = 1
+    ck.save(region, target)
+    before = ck.load(target)
+    np.frombuffer(region, np.uint8)[:] = 2
+    real = ck._manifests
+    monkeypatch.setattr(ck, "_manifests", lambda store: {})  # blind to version 1: picks it again
+    with pytest.raises(pagefork.PageforkError, match="another writer"):
+        ck.save(region, target)
+    monkeypatch.setattr(ck, "_manifests", real)
+    after = ck.load(target)
+    assert bytes(memoryview(after)) == bytes(memoryview(before))
+    assert [v.version for v in ck.versions(target)] == [1]
+    assert ck.save(region, target).version == 2  # and the orphan it left is cleaned
+    assert not [why for _, _, why in ck.verify(target) if why]
+    for r in (before, after, region):
+        r.close()

@@ -10,6 +10,7 @@ every byte it needs is durable.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -29,7 +30,7 @@ class Store(Protocol):
 
     description: str
 
-    def put(self, name: str, chunks: Iterable[Any]) -> None: ...
+    def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None: ...
 
     def open(self, name: str) -> BinaryIO: ...
 
@@ -52,7 +53,10 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def put(self, name: str, chunks: Iterable[Any]) -> None:
+    def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None:
+        """Writes ``name`` whole or not at all. ``exclusive``: FileExistsError
+        if it exists (another writer committed it), checked atomically by
+        link(2) where the filesystem has hard links."""
         os.makedirs(self.path, exist_ok=True)
         temp = os.path.join(self.path, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
@@ -61,7 +65,13 @@ class LocalStore:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, os.path.join(self.path, name))
+            final = os.path.join(self.path, name)
+            if exclusive and _link(temp, final):
+                os.unlink(temp)
+            elif exclusive and os.path.lexists(final):
+                raise FileExistsError(errno.EEXIST, "exists", final)
+            else:
+                os.replace(temp, final)
         except BaseException:
             try:
                 os.unlink(temp)
@@ -115,6 +125,18 @@ class LocalStore:
                     pass
 
 
+def _link(source: str, name: str) -> bool:
+    """Hard-links ``source`` as ``name`` (FileExistsError if it exists);
+    False where the filesystem has no hard links."""
+    try:
+        os.link(source, name)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -150,7 +172,11 @@ class FsspecStore:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def put(self, name: str, chunks: Iterable[Any]) -> None:
+    def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None:
+        """One request. ``exclusive`` is checked just before (object stores
+        have no portable create-if-absent: the check narrows the race)."""
+        if exclusive and self.fs.exists(self._path(name)):
+            raise FileExistsError(errno.EEXIST, "exists", self._path(name))
         self.fs.pipe_file(self._path(name), b"".join(bytes(c) if not isinstance(c, bytes) else c
                                                      for c in chunks))
 

@@ -245,7 +245,12 @@ def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
     manifest = Manifest(version, None if parent is None else parent.version, time.time(), size,
                         max_size, PAGE_SIZE, n_pages, length, objects, app)
     encoded = manifest.encode()
-    store.put(manifest_name(version), [encoded])  # the commit
+    try:
+        store.put(manifest_name(version), [encoded], exclusive=True)  # the commit
+    except FileExistsError:
+        raise PageforkError(f"checkpoint version {version} of {store.description} was committed by "
+                            "another writer meanwhile: one writer per target (this version was "
+                            "not written)") from None
     if keep is not None:
         _prune(store, {**found, version: manifest_name(version)}, keep, manifest)
     else:
