@@ -466,10 +466,10 @@ def test_failed_save_makes_the_next_one_a_base(tmp_path, monkeypatch):
         fill(region, [2], 1)
         real_put = _checkpoint_store.LocalStore.put
 
-        def failing_put(self, name, chunks):
+        def failing_put(self, name, chunks, **options):
             if name.endswith(".json"):
                 raise OSError(28, "No space left on device")
-            return real_put(self, name, chunks)
+            return real_put(self, name, chunks, **options)
         monkeypatch.setattr(_checkpoint_store.LocalStore, "put", failing_put)
         with pytest.raises(OSError):
             ck.save(region, tmp_path, tracker=t)

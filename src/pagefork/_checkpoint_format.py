@@ -192,13 +192,16 @@ class ObjectRef:
     pages: int         # pages it carries
 
 
-def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
+def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None, memory_limit: int,
                 fd: int | None = None) -> tuple[int, DiffBatch | None]:
-    """Checks and decodes one object. A base is written into ``into`` (its
-    first memory_size bytes), or with ``pwrite`` into the file ``fd`` (a
+    """Checks and decodes one object of a version whose memory is
+    ``memory_limit`` bytes. A base is written into ``into`` (its first
+    memory_size bytes), or with ``pwrite`` into the file ``fd`` (a
     snapshot's memfd: no page faults, unlike writing through a fresh
     mapping); an increment returns its DiffBatch. Returns (memory_size,
-    batch). Raises CorruptDataError with a bare reason."""
+    batch). Raises CorruptDataError with a bare reason. What it allocates
+    is bounded by the bytes actually stored and ``memory_limit``, never by
+    a size a manifest or header claims."""
     import zstandard
 
     r = _Reader(f)
@@ -215,6 +218,9 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
     if kind != (KIND_IMAGE if ref.kind == "base" else KIND_PAGES):
         raise CorruptDataError(f"holds a {'base' if kind == KIND_IMAGE else 'increment'}, the "
                                f"manifest says {ref.kind}")
+    if memory_size > memory_limit:
+        raise CorruptDataError(f"its memory of {memory_size} bytes is larger than the version's "
+                               f"{memory_limit}")
     if kind == KIND_IMAGE and body_len != memory_size:
         raise CorruptDataError(f"its image holds {body_len} bytes for a memory of {memory_size}")
     if body_len > 64 + 18 * (memory_size // PAGE_SIZE + 1) + memory_size:
@@ -225,13 +231,10 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
                 raise CorruptDataError(f"its image of {memory_size} bytes does not fit the memory")
             _read_image(r, ref, flags, into[:memory_size], fd)
             return memory_size, None
-        body = bytearray(max(ref.size - HEADER.size, 0))
-        r.readinto(memoryview(body))
-        r.drain()
-        _check(r, ref)
+        body = _read_rest(r, ref)
         raw: Any = body
         if flags & FLAG_ZSTD:
-            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
+            raw = _decompress(body, body_len)
         if len(raw) != body_len:
             raise CorruptDataError(f"its body is {len(raw)} bytes, its header says {body_len}")
         batch = wire.decode(raw)
@@ -253,10 +256,7 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: 
     source: Any = r
     if flags & FLAG_ZSTD:
         # Checksum the compressed bytes first: never decode unchecked input.
-        packed = bytearray(max(ref.size - HEADER.size, 0))
-        r.readinto(memoryview(packed))
-        r.drain()
-        _check(r, ref)
+        packed = _read_rest(r, ref)
         source = zstandard.ZstdDecompressor().stream_reader(packed)
     elif fd is not None and _copy_file(r, ref, fd, size):
         return
@@ -324,6 +324,33 @@ def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
     r.length, r.crc = ref.size, crc[0] if crc else -1
     _check(r, ref)
     return True
+
+
+def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray:
+    """The rest of the object, checked against ``ref``. Read in chunks, so
+    memory grows with the bytes stored, not with the size ``ref`` claims."""
+    body = bytearray()
+    want = max(ref.size - HEADER.size, 0)
+    while len(body) <= want:
+        data = r.read(min(CHUNK, want + 1 - len(body)))
+        if not data:
+            break
+        body += data
+    r.drain()
+    _check(r, ref)
+    return body
+
+
+def _decompress(body: bytearray, body_len: int) -> bytes:
+    """One zstd frame that must decode to exactly ``body_len`` bytes; a frame
+    header claiming another size is refused before anything is allocated."""
+    import zstandard
+
+    claimed = zstandard.frame_content_size(body)
+    if claimed != body_len:
+        raise CorruptDataError(f"its compressed body claims {claimed} bytes, its header says "
+                               f"{body_len}")
+    return zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
 
 
 def _fill(reader: Any, target: memoryview) -> int:
@@ -398,7 +425,7 @@ class Manifest:
             manifest = cls(objects=objects, **body)
         except CorruptDataError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CorruptDataError(f"unreadable manifest: {exc}") from None
         _validate(manifest)
         if not manifest.objects or manifest.objects[0].kind != "base" or any(
@@ -439,10 +466,14 @@ def _validate(m: Manifest) -> None:
 
 
 def iter_refs(manifests: list[Manifest]) -> Iterator[tuple[Manifest, ObjectRef]]:
-    """Every object of ``manifests`` once, with the first manifest naming it."""
-    seen: set[str] = set()
+    """Every object of ``manifests`` once per distinct claim about it (name,
+    kind, size, checksum), with the first manifest making that claim: a
+    later manifest that disagrees about an object is checked against it
+    too, as its restore would be."""
+    seen: set[tuple[str, str, int, int]] = set()
     for m in manifests:
         for ref in m.objects:
-            if ref.name not in seen:
-                seen.add(ref.name)
+            claim = (ref.name, ref.kind, ref.size, ref.crc32c)
+            if claim not in seen:
+                seen.add(claim)
                 yield m, ref

@@ -10,11 +10,15 @@ every byte it needs is durable.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
 import secrets
+import stat
 from typing import Any, BinaryIO, Iterable, Protocol
+
+from ._errors import CorruptDataError
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store"]
 
@@ -26,7 +30,7 @@ class Store(Protocol):
 
     description: str
 
-    def put(self, name: str, chunks: Iterable[Any]) -> None: ...
+    def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None: ...
 
     def open(self, name: str) -> BinaryIO: ...
 
@@ -49,7 +53,10 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def put(self, name: str, chunks: Iterable[Any]) -> None:
+    def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None:
+        """Writes ``name`` whole or not at all. ``exclusive``: FileExistsError
+        if it exists (another writer committed it), checked atomically by
+        link(2) where the filesystem has hard links."""
         os.makedirs(self.path, exist_ok=True)
         temp = os.path.join(self.path, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
@@ -58,7 +65,13 @@ class LocalStore:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, os.path.join(self.path, name))
+            final = os.path.join(self.path, name)
+            if exclusive and _link(temp, final):
+                os.unlink(temp)
+            elif exclusive and os.path.lexists(final):
+                raise FileExistsError(errno.EEXIST, "exists", final)
+            else:
+                os.replace(temp, final)
         except BaseException:
             try:
                 os.unlink(temp)
@@ -68,7 +81,21 @@ class LocalStore:
         self._fsync_dir()  # the rename itself must survive a crash
 
     def open(self, name: str) -> BinaryIO:
-        return open(os.path.join(self.path, name), "rb")
+        """The object ``name`` for reading. Only a regular file is an object:
+        a FIFO would block the open (O_NONBLOCK) and a directory or device
+        is damage, raised as CorruptDataError with a bare reason."""
+        fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
+                    else "a device or socket"
+                raise CorruptDataError(f"it is {kind}, not a regular file")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def names(self) -> list[str]:
         try:
@@ -96,6 +123,18 @@ class LocalStore:
                     os.unlink(os.path.join(self.path, entry))
                 except OSError:
                     pass
+
+
+def _link(source: str, name: str) -> bool:
+    """Hard-links ``source`` as ``name`` (FileExistsError if it exists);
+    False where the filesystem has no hard links."""
+    try:
+        os.link(source, name)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            return False
+        raise
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -133,7 +172,11 @@ class FsspecStore:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def put(self, name: str, chunks: Iterable[Any]) -> None:
+    def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None:
+        """One request. ``exclusive`` is checked just before (object stores
+        have no portable create-if-absent: the check narrows the race)."""
+        if exclusive and self.fs.exists(self._path(name)):
+            raise FileExistsError(errno.EEXIST, "exists", self._path(name))
         self.fs.pipe_file(self._path(name), b"".join(bytes(c) if not isinstance(c, bytes) else c
                                                      for c in chunks))
 

@@ -92,7 +92,8 @@ class App:
                                   tracking=tracking, detect_conflicts=detect_conflicts)
         self._layout: dict[str, Allocation] = {}
         self._top = 0
-        self._last_checkpoint: tuple[str, int] | None = None  # (target, version) written or restored
+        # (target, version, that version's own object) written or restored
+        self._last_checkpoint: tuple[str, int, str] | None = None
 
     # ---- memory ----------------------------------------------------------------
 

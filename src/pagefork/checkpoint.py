@@ -99,6 +99,8 @@ def _read_manifest(store: Any, version: int) -> Manifest:
     except FileNotFoundError:
         raise CorruptDataError(f"checkpoint version {version} in {store.description}: its manifest "
                                f"{name} is missing") from None
+    except CorruptDataError as exc:
+        raise _damage(store, version, name, str(exc)) from None
     try:
         manifest = Manifest.decode(data)
     except CorruptDataError as exc:
@@ -150,7 +152,7 @@ def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: boo
             try:
                 with store.open(ref.name) as f:
                     size, batch = read_object(f, ref, view[: manifest.size] if ref.kind == "base" else None,
-                                              fd)
+                                              manifest.size, fd)
             except FileNotFoundError:
                 raise _missing(store, manifest.version, ref) from None
             except CorruptDataError as exc:
@@ -176,6 +178,45 @@ def _missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
     return err
 
 
+def _own_version(store: Any, version: int, own_object: str) -> Manifest | None:
+    """The manifest of ``version`` if it is still the newest version of
+    ``store`` and still the one this process wrote or restored (its own
+    object is ``own_object``), else None: a new chain starts. A target
+    emptied and refilled by another writer can reach the same version
+    number with other bytes; an increment on it would restore wrong ones."""
+    if max(_manifests(store), default=0) != version:
+        return None
+    try:
+        manifest = _read_manifest(store, version)
+    except CorruptDataError:
+        return None
+    return manifest if manifest.objects[-1].name == own_object else None
+
+
+def _check_options(keep: Any, base_every: Any, base_fraction: Any, compress: Any) -> None:
+    """Refuses bad options before a save touches the tracker or the target."""
+    def whole(value: Any, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+
+    whole(base_every, "base_every")
+    if base_every < 0:
+        raise ValueError(f"base_every must be >= 0, got {base_every}")
+    if isinstance(base_fraction, bool) or not isinstance(base_fraction, (int, float, np.floating,
+                                                                         np.integer)):
+        raise TypeError(f"base_fraction must be a number, not {type(base_fraction).__name__}")
+    if not 0 <= base_fraction:  # NaN included
+        raise ValueError(f"base_fraction must be >= 0, got {base_fraction}")
+    if keep is not None:
+        whole(keep, "keep")
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+    if compress is not None:
+        whole(compress, "compress")
+        if not -(1 << 17) <= compress <= 22:
+            raise ValueError(f"compress is a zstd level from -131072 to 22 (or None), got {compress}")
+
+
 def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
             pages: np.ndarray | None, parent: Manifest | None, app: dict[str, Any] | None,
             base_every: int, base_fraction: float, keep: int | None,
@@ -184,12 +225,6 @@ def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
     parent, or the parent's chain is long or large enough; else an
     increment of ``pages`` on top of ``parent``. ``live``: other threads
     may be writing ``source``."""
-    if base_every < 0:
-        raise ValueError(f"base_every must be >= 0, got {base_every}")
-    if not 0 <= base_fraction:
-        raise ValueError(f"base_fraction must be >= 0, got {base_fraction}")
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
     store.remove_stale_temporaries()
     found = _manifests(store)
     version = max(found, default=0) + 1
@@ -210,7 +245,12 @@ def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
     manifest = Manifest(version, None if parent is None else parent.version, time.time(), size,
                         max_size, PAGE_SIZE, n_pages, length, objects, app)
     encoded = manifest.encode()
-    store.put(manifest_name(version), [encoded])  # the commit
+    try:
+        store.put(manifest_name(version), [encoded], exclusive=True)  # the commit
+    except FileExistsError:
+        raise PageforkError(f"checkpoint version {version} of {store.description} was committed by "
+                            "another writer meanwhile: one writer per target (this version was "
+                            "not written)") from None
     if keep is not None:
         _prune(store, {**found, version: manifest_name(version)}, keep, manifest)
     else:
@@ -264,10 +304,15 @@ def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> No
 
 # ---- bare regions -----------------------------------------------------------------------
 
-# region -> {(store description, tracker id): (the tracker, version it last saved
-# with that tracker, the region's shrink count then)}
+# region -> {tracker id: (the tracker, the store it last saved to with that
+# tracker, the version it wrote and that version's own object, the region's
+# shrink count and the tracker's epoch then)}. One entry per tracker, not per target: a save re-arms the
+# tracker, so a save to another target takes the pages the first target's next
+# increment would need. A changed epoch (the tracker was stopped, restarted or
+# reset since) means writes may be missing from its flags.
 _last_saved: weakref.WeakKeyDictionary[
-    Region, dict[tuple[str, int], tuple[weakref.ref[Tracker], int, int]]] = weakref.WeakKeyDictionary()
+    Region, dict[int, tuple[weakref.ref[Tracker], str, int, str, int, int | None]]] = \
+    weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -323,6 +368,7 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
     incompressible data is stored raw either way).
     """
     t0 = time.perf_counter()
+    _check_options(keep, base_every, base_fraction, compress)
     if not isinstance(region, Region):
         raise TypeError(f"save checkpoints a pagefork Region, not {type(region).__name__}")
     if region.closed:
@@ -336,18 +382,19 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
 
 def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None, base_every: int,
           base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
-    key = (store.description, id(tracker))
-    last, shrinks = None, 0
+    key = id(tracker)
+    last, last_object, shrinks = None, "", 0
+    epoch = tracker._epoch(region) if tracker is not None else None
     with _lock:
         entry = _last_saved.get(region, {}).get(key) if tracker is not None else None
-        if entry is not None and entry[0]() is tracker:  # not a new tracker at a reused id
-            last, shrinks = entry[1], entry[2]
+        # Not a new tracker at a reused id; its last save went to this target;
+        # it has tracked without a break since.
+        if entry is not None and entry[0]() is tracker and entry[1] == store.description \
+                and epoch is not None and entry[5] == epoch:
+            last, last_object, shrinks = entry[2], entry[3], entry[4]
     parent = None
-    if last is not None and max(_manifests(store), default=0) == last:
-        try:
-            parent = _read_manifest(store, last)
-        except CorruptDataError:
-            parent = None  # start a new chain
+    if last is not None:
+        parent = _own_version(store, last, last_object)
         if parent is not None and (parent.size != region.size or region._shrinks != shrinks):
             parent = None  # resized: a new base (pages cut off and regrown are not tracked)
     # Read-and-re-arm before copying: a write after this point is flagged
@@ -357,7 +404,7 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         pages = tracker.dirty_pages(region, "global", reset=True)
     view = memoryview(region).cast("B")
     try:
-        info, _ = _commit(store, source=view, size=region.size, max_size=region.max_size,
+        info, manifest = _commit(store, source=view, size=region.size, max_size=region.max_size,
                           pages=pages if parent is not None else None, parent=parent, app=None,
                           base_every=base_every, base_fraction=base_fraction, keep=keep,
                           compress=compress, t0=t0, live=True)
@@ -371,8 +418,9 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         view.release()
     if tracker is not None:
         with _lock:
-            _last_saved.setdefault(region, {})[key] = (weakref.ref(tracker), info.version,
-                                                        region._shrinks)
+            _last_saved.setdefault(region, {})[key] = (
+                weakref.ref(tracker), store.description, info.version,
+                manifest.objects[-1].name, region._shrinks, epoch)
     return info
 
 
@@ -412,6 +460,7 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
     """``App.checkpoint``: the executor's main-memory pages changed since
     this App's last checkpoint to ``target``, with the layout."""
     t0 = time.perf_counter()
+    _check_options(keep, base_every, base_fraction, compress)
     store = open_store(target)
     executor = app._executor
 
@@ -423,12 +472,8 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
         pages = executor.unsaved_pages()
         last = app._last_checkpoint
         parent = None
-        if last is not None and last[0] == store.description \
-                and max(_manifests(store), default=0) == last[1]:
-            try:
-                parent = _read_manifest(store, last[1])
-            except CorruptDataError:
-                parent = None
+        if last is not None and last[0] == store.description:
+            parent = _own_version(store, last[1], last[2])
         meta = app._checkpoint_layout()
         snapshot = executor.snapshot
         info, manifest = _commit(store, source=snapshot.view(), size=snapshot.size,
@@ -437,7 +482,7 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
                                  base_fraction=base_fraction, keep=keep, compress=compress, t0=t0,
                                  live=False)
         executor.mark_saved()
-        app._last_checkpoint = (store.description, info.version)
+        app._last_checkpoint = (store.description, info.version, manifest.objects[-1].name)
         return info
 
     # On the App's batch thread: never during a batch, never cut off half-way.
@@ -470,7 +515,7 @@ def restore_app(cls: type[App], target: Target, *, version: int | None = None,
             executor.restored(counter)
 
         executor.call(fill, cancellable=False)
-        app._last_checkpoint = (store.description, v)
+        app._last_checkpoint = (store.description, v, manifest.objects[-1].name)
     except BaseException:
         app.close()
         raise
@@ -503,10 +548,15 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
         except CorruptDataError as exc:
             yield v, manifest_name(v), str(exc)
     for m, ref in iter_refs(manifests):
-        scratch = Region(max(m.size, PAGE_SIZE)) if ref.kind == "base" else None  # bases never exceed it
+        try:  # bases never exceed it
+            scratch = Region(max(m.size, PAGE_SIZE)) if ref.kind == "base" else None
+        except PageforkError as exc:  # a size no restore could map either: check the rest
+            yield m.version, ref.name, str(_damage(store, m.version, ref.name, f"its memory of "
+                                                   f"{m.size} bytes cannot be mapped here: {exc}"))
+            continue
         try:
             with store.open(ref.name) as f:
-                read_object(f, ref, memoryview(scratch) if scratch is not None else None)
+                read_object(f, ref, memoryview(scratch) if scratch is not None else None, m.size)
             yield m.version, ref.name, None
         except FileNotFoundError:
             yield m.version, ref.name, str(_missing(store, m.version, ref))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
 import platform
 import threading
@@ -391,12 +392,27 @@ class Tracker:
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._fallbacks_seen: dict[int, int] = {}
+        # region id -> a number that changes whenever whole-process flags may
+        # have been lost (start, reset) and is absent while not tracking
+        # (stop): an incremental checkpoint builds on the last one only if
+        # the epoch is the same.
+        self._epochs: dict[int, int] = {}
         _live_trackers.add(self)
         if mode == "segfault":
             _signals.install()
 
     def __repr__(self) -> str:
         return f"<Tracker mode={self.mode!r} regions={len(self._regions)}>"
+
+    def _epoch(self, region: Region) -> int | None:
+        """None unless whole-process tracking of ``region`` runs; else a
+        number that changes when its flags are cleared other than by
+        ``dirty_pages(reset=True)`` (start, reset)."""
+        with self._lock:
+            entry = self._regions.get(id(region))
+            if entry is None or entry[0]() is not region:
+                return None
+            return self._epochs.get(id(region))
 
     # ---- region bookkeeping ------------------------------------------------
 
@@ -439,6 +455,7 @@ class Tracker:
     def _forget(self, key: int) -> None:
         with self._lock:
             entry = self._regions.pop(key, None)
+            self._epochs.pop(key, None)
         if entry is not None:
             entry[1].close()
 
@@ -478,11 +495,16 @@ class Tracker:
 
     def start(self, region: Region) -> None:
         """Starts tracking writes to ``region`` by every thread; clears its flags."""
-        self._call(region, "start", create=True)
+        with self._lock:  # re-entrant: _call takes it again
+            self._epochs.pop(id(region), None)
+            self._call(region, "start", create=True)
+            self._epochs[id(region)] = next(_epoch_counter)
 
     def stop(self, region: Region) -> None:
         """Stops whole-process tracking of ``region``; its flags stay readable."""
-        self._call(region, "stop")
+        with self._lock:
+            self._epochs.pop(id(region), None)
+            self._call(region, "stop")
 
     def start_thread(self, region: Region) -> None:
         """Starts tracking the calling thread's writes to ``region``."""
@@ -563,10 +585,12 @@ class Tracker:
         """
         self._check_owner()
         with self._lock:
-            for ref, tracking in list(self._regions.values()):
+            for key, (ref, tracking) in list(self._regions.items()):
                 region = ref()
                 if region is None or region.closed:
                     continue
+                if key in self._epochs:
+                    self._epochs[key] = next(_epoch_counter)
                 try:
                     tracking.reset()
                 except OSError as exc:
@@ -582,6 +606,7 @@ class Tracker:
         with self._lock:
             entries = list(self._regions.values())
             self._regions.clear()
+            self._epochs.clear()
             for ref, tracking in entries:
                 tracking.close()
                 region = ref()
@@ -596,4 +621,5 @@ class Tracker:
 
 
 _live_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
+_epoch_counter = itertools.count(1)
 os.register_at_fork(after_in_child=_after_fork_in_child)
