@@ -284,6 +284,44 @@ def test_reply_buffer_round_trip_growth_and_seals():
     reader.close()
 
 
+def test_reply_reader_remaps_when_the_buffer_grows_after_a_read():
+    """The reader mapped the buffer at its old size; the worker then grew the
+    file. mmap.size() reports the file's new size, not the mapping's, so a
+    reader trusting it returned a cut-off view past its old end."""
+    fd = replies.create()
+    writer = replies.ReplyWriter(os.dup(fd))
+    reader = replies.ReplyReader(fd)
+    writer.start_batch()
+    small = writer.put(b"s" * (100 << 10))
+    assert bytes(reader.get(*small)) == b"s" * (100 << 10)  # maps the 1 MiB buffer
+    big = os.urandom(3 << 20)
+    at = writer.put(big)  # grows the file past the reader's mapping
+    assert bytes(reader.get(*at)) == big
+    writer.close()
+    reader.close()
+
+
+def test_a_reply_buffer_growing_between_batches():
+    """A batch with a small combined reply, then one with a larger one than
+    the buffer held: the second read the first's mapping, cut off, and
+    failed with 'malformed combined diffs'."""
+    with App("1MiB", max_size="16MiB", backend="processes", workers=1) as app:
+        s = app.alloc("s", 300_000, np.int64, merge="sum")
+        o = app.alloc("o", 300_000, np.int64)  # per-thread diffs through the buffer too
+        expected_s = np.zeros(300_000, np.int64)
+
+        def work(mem, i, n, step):
+            mem["s"][::step] += i + 1
+            mem["o"][i::step] = step
+
+        for step in (16, 1, 8, 1):
+            app.parallel(work, 3, args=(step,))
+            expected_s[::step] += 6
+            assert np.array_equal(s, expected_s)
+            assert (o == step).all() if step == 1 else True
+        assert (o == 1).all()
+
+
 def test_reduce_benchmark_smoke():
     """The benchmark's workloads at toy sizes: every system's answer is right."""
     from pagefork.bench.reduce import (ReduceResults, bytes_per_value, dense_sum, format_results,
