@@ -673,14 +673,18 @@ class Executor:
         return request.result
 
     def _settle(self, request: _Request) -> None:
-        """Waits for cancelled work to stop touching shared state (backends
-        react within a fraction of a second). A second interrupt stops the
-        wait; the batch thread still finishes the work before the next."""
-        try:
-            while not request.done.wait(POLL) and self._alive.is_set():
-                pass
-        except BaseException:
-            pass
+        """Waits for interrupted work to stop touching shared state (backends
+        react to a cancel within a fraction of a second; a merge that began,
+        an alloc or a checkpoint run to their end). Further interrupts do not
+        stop the wait: work still running remaps main memory when it ends,
+        which would drop the writes a caller let go early makes next."""
+        while True:
+            try:
+                while not request.done.wait(POLL) and self._alive.is_set():
+                    pass
+                return
+            except BaseException:  # another Ctrl-C: the first one is re-raised after
+                continue
 
     def _serve(self, request: _Request) -> None:
         """Runs one request on the batch thread."""
