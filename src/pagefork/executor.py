@@ -673,18 +673,21 @@ class Executor:
         return request.result
 
     def _settle(self, request: _Request) -> None:
-        """Waits for interrupted work to stop touching shared state (backends
-        react to a cancel within a fraction of a second; a merge that began,
-        an alloc or a checkpoint run to their end). Further interrupts do not
-        stop the wait: work still running remaps main memory when it ends,
-        which would drop the writes a caller let go early makes next."""
+        """Waits for interrupted work to stop touching shared state. A batch
+        lets go within a fraction of a second (backends react to the cancel)
+        or finishes a merge that began; further interrupts do not stop that
+        wait, as the batch remaps main memory when it ends, which would drop
+        the writes a caller let go early makes next. Work that cannot be
+        cancelled (alloc, a checkpoint's writes to a slow store) may be left
+        to finish in the background by another interrupt."""
         while True:
             try:
                 while not request.done.wait(POLL) and self._alive.is_set():
                     pass
                 return
             except BaseException:  # another Ctrl-C: the first one is re-raised after
-                continue
+                if not request.cancellable:
+                    return
 
     def _serve(self, request: _Request) -> None:
         """Runs one request on the batch thread."""
