@@ -420,6 +420,37 @@ class Workspace:
         self.region = self.tracker = None
 
 
+class _Latch:
+    """Set once by the batch thread; waited for by callers that Ctrl-C may
+    interrupt at any bytecode. threading.Event is not safe there: a
+    KeyboardInterrupt raised while Condition.wait re-acquires the Event's
+    lock leaves the waiter releasing a lock it never got back, which is the
+    one the batch thread holds while setting it (the batch thread then dies
+    with "release unlocked lock"). A bare lock's timed acquire is either
+    completed or not, and the flag is read first."""
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()  # released once, by set()
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float) -> bool:
+        """Whether it is set, waiting at most ``timeout`` seconds."""
+        if self._flag:
+            return True
+        if self._lock.acquire(True, timeout):
+            self._lock.release()  # for other waiters; an interrupt before this only costs them a poll
+        return self._flag
+
+
 class _Request:
     """One piece of work for the batch thread (a batch, an alloc, a close),
     and how it ended."""
@@ -434,7 +465,7 @@ class _Request:
         self.started = False
         self.committing = False
         self.why = ""
-        self.done = threading.Event()
+        self.done = _Latch()
         self.result: Any = None
         self.error: BaseException | None = None
 
