@@ -695,7 +695,13 @@ class Executor:
                 if not self._alive.is_set():
                     raise PageforkError("the App's batch thread has ended (interpreter shutdown?)")
         except BaseException:
-            if request.interrupt():  # started: wait until it no longer touches anything
+            while True:  # a burst of Ctrl-C must not skip the wait below
+                try:
+                    started = request.interrupt()
+                    break
+                except BaseException:
+                    continue
+            if started:  # wait until it no longer touches anything
                 self._settle(request)
             raise
         if request.error is not None:
