@@ -986,3 +986,173 @@ def test_a_forked_child_cannot_use_or_stop_the_parents_app(backend):
     done = run_script(FORK_SCRIPT, backend, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "ok\n"
+
+
+SECOND_CTRL_C = r"""
+import signal, sys, threading
+import numpy as np
+from pagefork import App
+from pagefork.snapshot import Snapshot
+
+merging, release, wrote = threading.Event(), threading.Event(), threading.Event()
+plain_apply = Snapshot.apply_batches
+
+
+def slow_apply(self, batches):  # the merge of a large batch, held open
+    merging.set()
+    release.wait()
+    return plain_apply(self, batches)
+
+
+Snapshot.apply_batches = slow_apply
+main = threading.main_thread().ident
+
+
+def ctrl_c_twice():
+    merging.wait()
+    signal.pthread_kill(main, signal.SIGINT)  # too late to cancel: the batch completes
+    threading.Event().wait(0.3)
+    signal.pthread_kill(main, signal.SIGINT)  # the impatient second Ctrl-C
+    wrote.wait(1.0)  # the caller writes at once if it was let go mid-merge
+    release.set()
+
+
+with App("64KiB", backend=sys.argv[1], workers=2) as app:
+    a = app.alloc("a", 8, np.int64, merge="sum")
+    helper = threading.Thread(target=ctrl_c_twice)
+    helper.start()
+    try:
+        app.parallel(lambda mem, i, n: mem["a"].__setitem__(i, i + 1), 2)
+    except KeyboardInterrupt:
+        pass
+    a[5] = 7  # the caller's next write: after parallel returned, so it must stay
+    wrote.set()
+    helper.join()
+    assert a.tolist() == [1, 2, 0, 0, 0, 7, 0, 0], a.tolist()
+    assert app.parallel(lambda mem, i, n: mem["a"].tolist(), 1) == [[1, 2, 0, 0, 0, 7, 0, 0]]
+print("ok")
+"""
+
+
+def test_a_second_ctrl_c_never_lets_the_caller_race_the_merge(backend):
+    """Ctrl-C after the merge began, then Ctrl-C again: the call used to stop
+    waiting at the second one while the batch thread still merged, and the
+    caller's next writes to main memory were dropped by the join's remap."""
+    done = run_script(SECOND_CTRL_C, backend, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "ok\n"
+
+
+MERGE_WINDOW = r"""
+import sys, threading
+import numpy as np
+from pagefork import App
+from pagefork.snapshot import Snapshot
+
+merging, release = threading.Event(), threading.Event()
+plain_apply = Snapshot.apply_batches
+
+
+def slow_apply(self, batches):  # the merge of a large batch, held open
+    merging.set()
+    release.wait()
+    return plain_apply(self, batches)
+
+
+Snapshot.apply_batches = slow_apply
+with App("64KiB", backend=sys.argv[1], workers=2) as app:
+    a = app.alloc("a", 8, np.int64, merge="sum")
+
+    def writer():
+        merging.wait()
+        a[5] = 7  # another Python thread writes while the join merges
+        release.set()
+
+    background = threading.Thread(target=writer)
+    background.start()
+    app.parallel(lambda mem, i, n: mem["a"].__setitem__(i, i + 1), 2)
+    background.join()
+    print(a.tolist())
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="main memory is a private mapping of the snapshot the join merges "
+                   "into in place; pages the main program writes during the merge are copies whose own "
+                   "changes cannot be told apart from the merge's, and the final remap drops them. Carrying "
+                   "them needs main memory kept apart from the snapshot until the remap (docs/api.md states "
+                   "the window)")
+def test_main_writes_during_the_merge_itself_are_carried(backend):
+    done = run_script(MERGE_WINDOW, backend, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "[1, 2, 0, 0, 0, 7, 0, 0]\n"
+
+
+SIGINT_STORM = r"""
+import os, signal, sys, threading, time
+import numpy as np
+from pagefork import App
+
+stop, inside = threading.Event(), False
+
+
+def on_sigint(signum, frame):
+    if inside:
+        raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGINT, on_sigint)
+
+
+def storm():
+    while not stop.is_set():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.0005)
+
+
+with App("64KiB", backend=sys.argv[1], workers=2) as app:
+    a = app.alloc("a", 4, np.int64, merge="sum")
+    helper = threading.Thread(target=storm)
+    helper.start()
+    for _ in range(int(sys.argv[2])):
+        try:
+            inside = True
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        except KeyboardInterrupt:
+            pass
+        inside = False
+    stop.set()
+    helper.join()
+    assert app._executor._alive.is_set(), "the batch thread died"
+    k = int(a[0])
+    app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+    assert a.tolist() == [k + 2] * 4 and k % 2 == 0, a.tolist()
+print("ok")
+"""
+
+
+def test_a_sigint_storm_never_kills_the_batch_thread(backend):
+    """Ctrl-C every half millisecond while batches run back to back: every
+    call ends (merged or not, never half), and the batch thread lives on."""
+    done = run_script(SIGINT_STORM, backend, 1500, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "ok\n"
+
+
+def test_the_batch_threads_done_latch():
+    """What callers wait on for the batch thread. It replaced threading.Event,
+    which breaks when Ctrl-C lands inside Condition.wait between releasing
+    and re-taking the Event's lock: the waiter then releases the lock the
+    batch thread holds in set(), and the batch thread died with 'release
+    unlocked lock' (seen once in a SIGINT stress loop; every later parallel()
+    raised 'the batch thread has ended'). A waiter stopped between taking and
+    giving back the latch's lock costs other waiters one poll, nothing more."""
+    from pagefork.executor import _Latch
+    latch = _Latch()
+    assert not latch.is_set() and latch.wait(0.001) is False
+    threading.Timer(0.05, latch.set).start()
+    while not latch.wait(0.01):
+        pass
+    assert latch.is_set() and latch.wait(0) is True
+    latch._lock.acquire()  # a waiter interrupted between its acquire and release
+    assert latch.wait(0.01) is True
+    latch.set()  # twice: harmless

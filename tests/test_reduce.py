@@ -6,6 +6,7 @@ model (each thread diffed against the snapshot, merged in thread order)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import cloudpickle
@@ -337,6 +338,44 @@ def test_reply_buffer_round_trip_growth_and_seals():
     reader.close()
 
 
+def test_reply_reader_remaps_when_the_buffer_grows_after_a_read():
+    """The reader mapped the buffer at its old size; the worker then grew the
+    file. mmap.size() reports the file's new size, not the mapping's, so a
+    reader trusting it returned a cut-off view past its old end."""
+    fd = replies.create()
+    writer = replies.ReplyWriter(os.dup(fd))
+    reader = replies.ReplyReader(fd)
+    writer.start_batch()
+    small = writer.put(b"s" * (100 << 10))
+    assert bytes(reader.get(*small)) == b"s" * (100 << 10)  # maps the 1 MiB buffer
+    big = os.urandom(3 << 20)
+    at = writer.put(big)  # grows the file past the reader's mapping
+    assert bytes(reader.get(*at)) == big
+    writer.close()
+    reader.close()
+
+
+def test_a_reply_buffer_growing_between_batches():
+    """A batch with a small combined reply, then one with a larger one than
+    the buffer held: the second read the first's mapping, cut off, and
+    failed with 'malformed combined diffs'."""
+    with App("1MiB", max_size="16MiB", backend="processes", workers=1) as app:
+        s = app.alloc("s", 300_000, np.int64, merge="sum")
+        o = app.alloc("o", 300_000, np.int64)  # per-thread diffs through the buffer too
+        expected_s = np.zeros(300_000, np.int64)
+
+        def work(mem, i, n, step):
+            mem["s"][::step] += i + 1
+            mem["o"][i::step] = step
+
+        for step in (16, 1, 8, 1):
+            app.parallel(work, 3, args=(step,))
+            expected_s[::step] += 6
+            assert np.array_equal(s, expected_s)
+            assert (o == step).all() if step == 1 else True
+        assert (o == 1).all()
+
+
 def test_reduce_benchmark_smoke():
     """The benchmark's workloads at toy sizes: every system's answer is right."""
     from pagefork.bench.reduce import (ReduceResults, bytes_per_value, dense_sum, format_results,
@@ -544,3 +583,97 @@ def test_merged_batches_flag_exactly_the_pages_they_change(diffs):
             if n and op is not MergeOp.IGNORE:
                 expected[at // PAGE_SIZE: (at + n - 1) // PAGE_SIZE + 1] = True
         assert np.array_equal(executor.unsaved_pages(), expected)
+
+
+COMBINING_STRESS = r"""
+import os, random, signal, sys, threading, time
+import numpy as np
+from pagefork import App
+
+rounds, seed = int(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(seed)
+inside = False
+
+
+def on_sigint(signum, frame):  # raises only inside a round's try
+    if inside:
+        raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGINT, on_sigint)
+
+
+def burst(count):
+    for _ in range(count):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.001)
+
+
+E, N = 300_000, 5  # 2.4 MB arrays: combined diffs travel through the reply buffers
+
+
+def work(mem, i, n, k, pause, dense, head):
+    s, x, o = mem["s"], mem["x"], mem["o"]
+    if not (np.array_equal(s[:64], head) and int(o[0]) == k):
+        raise AssertionError(f"thread {i} saw stale memory")
+    if dense:
+        s += 1
+        x ^= np.uint32(1 << i)
+    else:
+        s[i::97] += 1
+        x[i::97] ^= np.uint32(1 << i)
+    if pause:
+        time.sleep(pause)  # the signal lands while others combine or reply
+    if i == n - 1:
+        o[:] = k + 1
+    return i
+
+
+with App("1MiB", max_size="16MiB", backend="processes", workers=2) as app:
+    s = app.alloc("s", E, np.int64, merge="sum")
+    x = app.alloc("x", E, np.uint32, merge="xor")
+    o = app.alloc("o", E, np.int64)
+    want_s, want_x = np.zeros(E, np.int64), np.zeros(E, np.uint32)
+    merged = 0
+    for r in range(rounds):
+        k, dense = int(o[0]), rng.random() < 0.5
+        timer = threading.Timer(rng.uniform(0, rng.choice([0.2, 0.6, 2.0])), burst, (rng.choice([1, 3]),))
+        time.sleep(0.005)  # late signals of the last round are ignored here
+        try:
+            timer.start()
+            inside = True
+            app.parallel(work, N, args=(k, rng.choice([0, 0, 0.02]), dense, want_s[:64].copy()))
+            timer.join()
+        except KeyboardInterrupt:
+            pass
+        inside = False
+        if timer.ident is not None:
+            timer.join()
+        done = int(o[0])
+        assert done in (k, k + 1) and (o == done).all(), (k, done)
+        if done == k + 1:  # all or nothing
+            merged += 1
+            if dense:
+                want_s += N
+                want_x ^= np.uint32(2 ** N - 1)
+            else:
+                for i in range(N):
+                    want_s[i::97] += 1
+                    want_x[i::97] ^= np.uint32(1 << i)
+        assert np.array_equal(s, want_s) and np.array_equal(x, want_x), r
+        s[r % 64] += 5  # the main program writes between batches
+        want_s[r % 64] += 5
+print("ok", rounds, "merged", merged)
+"""
+
+
+def test_sigint_while_workers_combine_and_reply_through_the_buffer():
+    """Real SIGINTs (single and bursts) at random points of batches whose
+    workers combine reductions and send megabytes through their reply
+    buffers, with memory kept between threads: every round is all or
+    nothing, threads always see the snapshot, and main writes survive."""
+    env = dict(os.environ, PAGEFORK_KEEP_MIN_PAGES="0")
+    done = subprocess.run([sys.executable, "-c", COMBINING_STRESS, "15", "11"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok 15")

@@ -420,6 +420,37 @@ class Workspace:
         self.region = self.tracker = None
 
 
+class _Latch:
+    """Set once by the batch thread; waited for by callers that Ctrl-C may
+    interrupt at any bytecode. threading.Event is not safe there: a
+    KeyboardInterrupt raised while Condition.wait re-acquires the Event's
+    lock leaves the waiter releasing a lock it never got back, which is the
+    one the batch thread holds while setting it (the batch thread then dies
+    with "release unlocked lock"). A bare lock's timed acquire is either
+    completed or not, and the flag is read first."""
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()  # released once, by set()
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float) -> bool:
+        """Whether it is set, waiting at most ``timeout`` seconds."""
+        if self._flag:
+            return True
+        if self._lock.acquire(True, timeout):
+            self._lock.release()  # for other waiters; an interrupt before this only costs them a poll
+        return self._flag
+
+
 class _Request:
     """One piece of work for the batch thread (a batch, an alloc, a close),
     and how it ended."""
@@ -434,7 +465,7 @@ class _Request:
         self.started = False
         self.committing = False
         self.why = ""
-        self.done = threading.Event()
+        self.done = _Latch()
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -672,7 +703,13 @@ class Executor:
                 if not self._alive.is_set():
                     raise PageforkError("the App's batch thread has ended (interpreter shutdown?)")
         except BaseException:
-            if request.interrupt():  # started: wait until it no longer touches anything
+            while True:  # a burst of Ctrl-C must not skip the wait below
+                try:
+                    started = request.interrupt()
+                    break
+                except BaseException:
+                    continue
+            if started:  # wait until it no longer touches anything
                 self._settle(request)
             raise
         if request.error is not None:
@@ -681,14 +718,21 @@ class Executor:
         return request.result
 
     def _settle(self, request: _Request) -> None:
-        """Waits for cancelled work to stop touching shared state (backends
-        react within a fraction of a second). A second interrupt stops the
-        wait; the batch thread still finishes the work before the next."""
-        try:
-            while not request.done.wait(POLL) and self._alive.is_set():
-                pass
-        except BaseException:
-            pass
+        """Waits for interrupted work to stop touching shared state. A batch
+        lets go within a fraction of a second (backends react to the cancel)
+        or finishes a merge that began; further interrupts do not stop that
+        wait, as the batch remaps main memory when it ends, which would drop
+        the writes a caller let go early makes next. Work that cannot be
+        cancelled (alloc, a checkpoint's writes to a slow store) may be left
+        to finish in the background by another interrupt."""
+        while True:
+            try:
+                while not request.done.wait(POLL) and self._alive.is_set():
+                    pass
+                return
+            except BaseException:  # another Ctrl-C: the first one is re-raised after
+                if not request.cancellable:
+                    return
 
     def _serve(self, request: _Request) -> None:
         """Runs one request on the batch thread."""

@@ -51,7 +51,7 @@ class ReplyWriter:
     def start_batch(self) -> None:
         """Payloads of a new batch start from the beginning again. A buffer
         much larger than recent batches needed gives its pages back."""
-        size = self._map.size() if self._map is not None else 0
+        size = len(self._map) if self._map is not None else 0
         self._high = max(self._at, self._high // 2)
         if self._map is not None and size > 4 * self._high + (64 << 20):
             keep = -(-max(self._high, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -65,7 +65,7 @@ class ReplyWriter:
         n = view.nbytes
         at = self._at
         end = at + n
-        size = self._map.size() if self._map is not None else 0
+        size = len(self._map) if self._map is not None else 0
         if end > size:
             grown = max(end, 2 * size, 1 << 20)
             grown = -(-grown // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -101,7 +101,9 @@ class ReplyReader:
         if offset < 0 or length < 0:
             raise ValueError(f"reply payload at {offset}, {length} bytes")
         end = offset + length
-        if self._map is None or end > self._map.size():
+        # len(), not size(): mmap.size() is the file's size, which the
+        # worker grows past this mapping's end.
+        if self._map is None or end > len(self._map):
             size = os.fstat(self.fd).st_size
             if end > size:
                 raise ValueError(f"reply payload ends at {end}, past the {size}-byte buffer")
