@@ -38,7 +38,7 @@ from .snapshot import DataType, DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
 
 __all__ = ["Allocation", "BatchSpec", "BatchStats", "Cancelled", "Cancel", "Executor", "ThreadMemory",
-           "ThreadOutcome", "Backend", "Workspace", "run_thread", "call_thread_function",
+           "ThreadOutcome", "Backend", "Workspace", "run_thread", "call_thread_function", "call_tracked",
            "check_thread_memory", "thread_tracking_mode", "dtype_of",
            "dtype_text", "MAX_THREADS_PER_BATCH", "MAX_TRACKED_REGIONS", "DEFAULT_CLOSE_TIMEOUT"]
 
@@ -291,9 +291,22 @@ def call_thread_function(spec: BatchSpec, index: int, region: Region) -> Any:
         _inside.snapshot = previous
 
 
-def check_thread_memory(region: Region) -> None:
-    """Raises if the thread function closed its memory (the workspace
+def call_tracked(spec: BatchSpec, index: int, region: Region, tracker_: Tracker) -> tuple[Any, np.ndarray]:
+    """Calls thread ``index``'s function on ``region``, which ``tracker_``
+    has started tracking; stops tracking and returns the result and the
+    pages written. Raises if the function closed its memory (the workspace
     rebuilds it for the next thread)."""
+    try:
+        result = call_thread_function(spec, index, region)
+    finally:
+        if not region.closed:
+            tracker_.stop(region)
+    check_thread_memory(region)
+    return result, tracker_.dirty_pages(region, "global")
+
+
+def check_thread_memory(region: Region) -> None:
+    """Raises if the thread function closed its memory."""
     if region.closed:
         raise PageforkError("the thread function closed its memory (mem.region.close())")
 
@@ -312,13 +325,7 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
     except BaseException as exc:  # not the thread's fault: say what the workspace lacks
         return ThreadOutcome(index, error=_preparation_error(exc))
     try:
-        try:
-            result = call_thread_function(spec, index, region)
-        finally:
-            if not region.closed:
-                tracker_.stop(region)
-        check_thread_memory(region)
-        dirty = tracker_.dirty_pages(region, "global")
+        result, dirty = call_tracked(spec, index, region, tracker_)
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
         if copy_result and type(result) not in _IMMUTABLE:
             try:

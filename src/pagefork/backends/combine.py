@@ -28,7 +28,8 @@ import numpy as np
 
 from .. import _native, compact
 from .._sizes import round_to_pages
-from ..executor import BatchSpec, ThreadOutcome, Workspace, call_thread_function, check_thread_memory
+from ..executor import (BatchSpec, ThreadOutcome, Workspace, call_thread_function, call_tracked,
+                        check_thread_memory)
 from ..memory import PAGE_SIZE, Region
 from ..tracking import Tracker
 from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
@@ -205,13 +206,7 @@ class CombiningWorkspace(Workspace):
             self._kept = None
             spec.snapshot.map_to(region)
             tracker_.start(region)
-            try:
-                result = call_thread_function(spec, i, region)
-            finally:
-                if not region.closed:
-                    tracker_.stop(region)
-            check_thread_memory(region)
-            dirty = tracker_.dirty_pages(region, "global")
+            result, dirty = call_tracked(spec, i, region, tracker_)
             if spec.tracking == "cow":
                 self._kept = key
                 # cow: written = private. Only worth keeping for many pages.
