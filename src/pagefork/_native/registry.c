@@ -19,6 +19,10 @@
 
 static pf_range *_Atomic registry[PF_MAX_RANGES];
 static _Atomic int registry_top; /* slots at or above this index are empty */
+/* Handlers between loading a range pointer and pinning it (inflight): an
+ * unpublished range is freed only once none is left, so a handler never
+ * reads a range that was freed under it. */
+static _Atomic int registry_readers;
 
 /* Every live range (published or not), for threads releasing their slots at
  * exit; they run without the GIL, so a mutex guards the list against
@@ -160,15 +164,19 @@ void pf_registry_unpublish(pf_range *r)
     while (top > 0 && atomic_load(&registry[top - 1]) == NULL)
         top--;
     atomic_store(&registry_top, top);
+    while (atomic_load(&registry_readers) > 0)
+        sched_yield();
     while (atomic_load(&r->inflight) > 0)
         sched_yield();
 }
 
 pf_range *pf_registry_acquire(uintptr_t addr, int mode)
 {
-    int top = atomic_load_explicit(&registry_top, memory_order_acquire);
-    for (int i = 0; i < top; i++) {
-        pf_range *r = atomic_load_explicit(&registry[i], memory_order_acquire);
+    atomic_fetch_add(&registry_readers, 1);
+    pf_range *found = NULL;
+    int top = atomic_load(&registry_top);
+    for (int i = 0; i < top && found == NULL; i++) {
+        pf_range *r = atomic_load(&registry[i]);
         if (r == NULL || r->mode != mode || addr < r->start)
             continue;
         size_t n = atomic_load_explicit(&r->n_pages, memory_order_relaxed);
@@ -180,8 +188,10 @@ pf_range *pf_registry_acquire(uintptr_t addr, int mode)
                 atomic_fetch_sub(&r->inflight, 1); /* unpublished meanwhile */
                 break;
             }
-            if (!atomic_load(&r->collecting))
-                return r;
+            if (!atomic_load(&r->collecting)) {
+                found = r; /* pinned: unpublish now waits for its release */
+                break;
+            }
             /* A read-and-re-arm is between re-protecting and taking the
              * flags: un-protecting now could leave a page writable whose
              * mark that read already took. Wait it out (it never waits on
@@ -191,7 +201,8 @@ pf_range *pf_registry_acquire(uintptr_t addr, int mode)
                 sched_yield();
         }
     }
-    return NULL;
+    atomic_fetch_sub(&registry_readers, 1);
+    return found;
 }
 
 void pf_range_begin_exclusive(pf_range *r)
