@@ -47,6 +47,7 @@ static void forget_tid_in_child(void)
         atomic_store(&r->inflight, 0);
         atomic_store(&r->collecting, 0);
     }
+    atomic_store(&registry_readers, 0);
     pthread_mutex_unlock(&all_lock); /* held across fork by lock_all */
     cached_tid = 0;
     pf_uffd_forget_after_fork();
