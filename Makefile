@@ -49,6 +49,7 @@ CC ?= cc
 SAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	PYTHONMALLOC=malloc \
 	ASAN_OPTIONS=handle_segv=0:allow_user_segv_handler=1:detect_leaks=1:leak_check_at_exit=0:halt_on_error=1:log_path=$(SAN_LOGS)/asan \
+	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan-suppressions.txt:print_suppressions=0 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(SAN_LOGS)/ubsan
 
 $(SAN_BIN)/python:

@@ -55,14 +55,17 @@ if SANITIZED:
 #: example scripts (the executor paths test_app covers), text lints. Every
 #: other test, in files present and future, is marked ``native``, and ``make
 #: test-sanitize`` (run by .ci/run) runs the ``native`` tests against an
-#: ASan+UBSan build. ``@pytest.mark.native`` adds a test from these files.
+#: ASan+UBSan build. ``@pytest.mark.native`` adds a test from these files;
+#: ``@pytest.mark.python_only`` leaves out a test of another file whose extra
+#: part is third-party Python (the S3 server: its libraries leak on purpose).
 NOT_NATIVE_TEST_FILES = ("test_dask", "test_examples", "test_native_lint")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if not item.path.name.startswith(NOT_NATIVE_TEST_FILES):
-            item.add_marker(pytest.mark.native)
+        if item.path.name.startswith(NOT_NATIVE_TEST_FILES) or item.get_closest_marker("python_only"):
+            continue
+        item.add_marker(pytest.mark.native)
 
 
 settings.register_profile("slow", max_examples=2000, deadline=None)

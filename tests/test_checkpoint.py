@@ -627,10 +627,12 @@ def s3_bucket():
         server.stop()
 
 
+@pytest.mark.python_only
 def test_s3_target_through_moto(s3_bucket):
     _round_trip(s3_bucket.get_mapper(f"pagefork-test/{uuid.uuid4().hex}"))
 
 
+@pytest.mark.python_only
 def test_s3_damage_is_named(s3_bucket):
     target = s3_bucket.get_mapper(f"pagefork-test/{uuid.uuid4().hex}")
     with Region(4 * PAGE_SIZE) as r:
