@@ -46,6 +46,15 @@ def test_round_trip_is_exact(diffs):
     assert batch == wire.decode(wire.encode(diffs))
     assert compact.decode(bytearray(message)) == DiffBatch(diffs)
     assert compact.encode(batch) == message
+    assert b"".join(bytes(p) for p in compact.encode_parts(diffs)) == message  # streamed pieces
+
+
+@settings(deadline=None, max_examples=100)
+@given(diff_lists())
+def test_the_dask_backends_compressed_replies_round_trip(diffs):
+    from pagefork.backends.dask import compress_batch, decompress_batch
+
+    assert decompress_batch(compress_batch(diffs), 1 << 20) == diffs
 
 
 def test_extreme_offsets_round_trip():

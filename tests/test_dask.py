@@ -305,3 +305,67 @@ def test_sigint_at_random_points_in_a_loop(tmp_path):
     done = subprocess.run([sys.executable, str(script), "25"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok merged")
+
+
+def _noop(mem, i, n):
+    return None
+
+
+def test_reductions_combine_on_the_workers_exactly(client):
+    """Several threads per worker: order-free arrays come back combined, one
+    batch per worker; every byte equals the thread-by-thread reference, and
+    each thread saw the snapshot, not a neighbour's writes."""
+    from test_reduce import ARRAYS, _expected, _write
+
+    total = sum(np.dtype(d).itemsize * c for _, d, c, _ in ARRAYS) + 16 * len(ARRAYS)
+    with App(total + 3 * PAGE_SIZE, backend="dask", client=client) as app:
+        for name, dtype, count, merge in ARRAYS:
+            app.alloc(name, count, dtype, merge=merge)
+        for n, seed in [(1, 11), (4, 12), (7, 13), (6, 14), (6, 15)]:
+            app["iprod"][:] = 1
+            app.parallel(_noop, 1)
+            before = app._executor.snapshot.read()
+            seen = app.parallel(_write, n, args=(seed,))
+            assert app._executor.snapshot.read() == _expected(app, before, n, seed)
+            assert bytes(app.memory)[: len(before)] == app._executor.snapshot.read()
+            for s in seen:
+                for name, *_ in ARRAYS:
+                    a = app._layout[name]
+                    assert s[name] == before[a.offset: a.offset + a.nbytes], name
+
+
+def test_a_dense_sum_ships_one_combined_batch_per_worker(client):
+    with App("1MiB", backend="dask", client=client) as app:
+        acc = app.alloc("acc", 100_000, np.int64, merge="sum")
+        workers = len(app._executor.backend.addresses)
+
+        def add(mem, i, n):
+            mem["acc"][:] += i + 1
+
+        app.parallel(add, 8)
+        assert (acc == 36).all()
+        assert app.last_batch.diffs == workers  # not one per thread
+
+
+@pytest.mark.parametrize("claim", ["none", "huge"])
+def test_a_reply_claiming_more_than_the_memory_is_refused(claim):
+    import zstandard
+
+    from pagefork import CorruptDataError
+    from pagefork.backends.dask import compress_batch, decompress_batch
+    from pagefork.snapshot import Diff
+
+    good = compress_batch([Diff(8, b"\x01" * 8)])
+    assert list(decompress_batch(good, PAGE_SIZE)) == [Diff(8, b"\x01" * 8)]
+    if claim == "none":  # a frame without its size
+        c = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+        blob = c.compress(b"x" * 64) + c.flush()
+    else:  # a frame whose header claims 1 TiB for a one-page memory
+        c = zstandard.ZstdCompressor().compressobj(size=1 << 40)
+        blob = c.compress(b"\0" * 64) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    with pytest.raises(CorruptDataError, match="claims"):
+        decompress_batch(blob, PAGE_SIZE)
+    with pytest.raises(CorruptDataError, match="malformed"):
+        decompress_batch(b"\x28\xb5\x2f\xfd garbage", PAGE_SIZE)
+    with pytest.raises(CorruptDataError):  # a valid frame of bytes that are no batch
+        decompress_batch(zstandard.ZstdCompressor().compress(b"no batch here"), PAGE_SIZE)

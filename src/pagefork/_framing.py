@@ -18,6 +18,15 @@ def seal(message: bytes) -> bytes:
     return message + _CRC.pack(_native.crc32c(message))
 
 
+def seal_parts(parts: list[Any]) -> list[Any]:
+    """The pieces of ``seal(b"".join(parts))``, without joining them: a
+    consumer that streams them (a compressor) never copies a large body."""
+    crc = 0
+    for part in parts:
+        crc = _native.crc32c(part, crc)
+    return [*parts, _CRC.pack(crc)]
+
+
 def open_sealed(data: Any, header: struct.Struct, magic: bytes, version: int,
                 what: str) -> tuple[memoryview, tuple]:
     """Checks the frame of ``data`` and returns (everything but the CRC, the

@@ -28,10 +28,10 @@ import numpy as np
 
 from . import _native
 from ._errors import CorruptDataError
-from ._framing import open_sealed, seal
+from ._framing import open_sealed, seal_parts
 from .snapshot import Batchable, DiffBatch, _as_batch
 
-__all__ = ["encode", "decode", "encode_columns", "decode_columns", "VERSION"]
+__all__ = ["encode", "encode_parts", "decode", "encode_columns", "decode_columns", "VERSION"]
 
 MAGIC = b"PFCB"
 VERSION = 1
@@ -63,10 +63,16 @@ def decode_columns(tokens: Any, count: int, data: Any) -> DiffBatch:
 
 def encode(diffs: Batchable) -> bytes:
     """Encodes a batch (or any iterable of Diff) as one checksummed message."""
+    return b"".join(encode_parts(diffs))
+
+
+def encode_parts(diffs: Batchable) -> list[Any]:
+    """:func:`encode`'s message in pieces (the data one of them, a view of
+    the batch's own buffer), for a consumer that streams them."""
     batch = _as_batch(diffs)
     tokens = encode_columns(batch)
-    return seal(b"".join((_HEADER.pack(MAGIC, VERSION, 0, len(batch), len(tokens), batch.nbytes),
-                          tokens, batch.data)))
+    header = _HEADER.pack(MAGIC, VERSION, 0, len(batch), len(tokens), batch.nbytes)
+    return seal_parts([header, tokens, memoryview(batch.data).cast("B")])
 
 
 def decode(data: Any) -> DiffBatch:

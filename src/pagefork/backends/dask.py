@@ -1,4 +1,6 @@
-"""The Dask backend: each thread of a batch is a task on a Dask cluster.
+"""The Dask backend: the threads a batch places on one Dask worker are one
+task there, run one after the other in a combining workspace (reductions
+combined on the worker first, see combine.py).
 
 Workers may be on other hosts, so they cannot map the snapshot's memfd.
 Each keeps a cache of snapshots keyed by (app, version), as an attribute
@@ -7,7 +9,9 @@ hold the batch's version receives either the whole snapshot (first batch,
 or a worker that lost its cache) or a zstd-compressed delta: the ranges the
 snapshot changed since the version it holds, compact-encoded (pagefork.compact). Payloads travel
 as futures, not task arguments. Results come back as compressed compact-encoded
-DiffBatches and merge on the client like every other backend's.
+DiffBatches (streamed into the compressor, never joined into one copy) and
+merge on the client like every other backend's. A lost worker's task runs
+again elsewhere, whole.
 
 Install with ``pip install pagefork[dask]``.
 """
@@ -27,14 +31,16 @@ import cloudpickle
 import zstandard
 
 from .. import compact
-from .._errors import PageforkError
-from ..executor import POLL, BatchSpec, Cancel, ThreadOutcome, Workspace, thread_tracking_mode
+from .._errors import CorruptDataError, PageforkError
+from ..executor import POLL, BatchSpec, Cancel, ThreadOutcome, thread_tracking_mode
 from ..snapshot import DiffBatch, Snapshot
 from ..tracking import probe
+from .combine import CombiningWorkspace
+from .threads import group_by_slot
 
 __all__ = ["DaskBackend"]
 
-_MAX_ATTEMPTS = 3  # per thread: a lost worker's threads re-run elsewhere
+_MAX_ATTEMPTS = 3  # per task: a lost worker's threads re-run elsewhere
 
 
 class SnapshotMissing(Exception):
@@ -51,7 +57,7 @@ class _CacheEntry:
         self.lock = threading.Lock()
         self.version = -1
         self.snapshot: Snapshot | None = None
-        self.spaces: list[Workspace] = []
+        self.spaces: list[CombiningWorkspace] = []
 
     def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> None:
         with self.lock:
@@ -72,11 +78,11 @@ class _CacheEntry:
                 raise SnapshotMissing(f"holds version {self.version}, needs {version}")
             self.version = version
 
-    def workspace(self) -> Workspace:
+    def workspace(self) -> CombiningWorkspace:
         with self.lock:
-            return self.spaces.pop() if self.spaces else Workspace()
+            return self.spaces.pop() if self.spaces else CombiningWorkspace()
 
-    def give_back(self, space: Workspace) -> None:
+    def give_back(self, space: CombiningWorkspace) -> None:
         with self.lock:
             self.spaces.append(space)
 
@@ -107,14 +113,43 @@ def _drop_cache(app_id: str, dask_worker: Any = None) -> None:
         entry.close()
 
 
-def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, payload: Any,
-              program: bytes, index: int) -> tuple:
-    """One thread, on a worker: bring the cached snapshot to ``version``, run."""
+def compress_batch(batch: DiffBatch | None) -> bytes:
+    """``batch`` compact-encoded and zstd-compressed, streamed: the diff data
+    goes to the compressor from the batch's own buffer."""
+    parts = compact.encode_parts(batch if batch is not None else DiffBatch())
+    size = sum(memoryview(p).nbytes for p in parts)
+    compressor = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    return b"".join([*(compressor.compress(p) for p in parts), compressor.flush()])
+
+
+def decompress_batch(blob: bytes, memory_size: int) -> DiffBatch:
+    """The batch :func:`compress_batch` made of diffs to a memory of
+    ``memory_size`` bytes. A frame claiming more than any such batch could
+    hold is refused before anything is allocated (CorruptDataError)."""
+    limit = 16 * memory_size + (1 << 20)  # data <= memory; a few token bytes per run of >= 1 byte
+    try:
+        claimed = zstandard.frame_content_size(blob)
+        if claimed < 0 or claimed > limit:
+            raise CorruptDataError(f"a compressed reply claims {claimed} bytes (-1: no size), not "
+                                   f"0 to {limit} as diffs of a {memory_size}-byte memory")
+        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=claimed)
+    except zstandard.ZstdError as exc:
+        raise CorruptDataError(f"a compressed reply is malformed: {exc}") from None
+    return compact.decode(data)
+
+
+def _run_group(app_id: str, version: int, size: int, max_size: int, kind: str, payload: Any,
+               program: bytes, indexes: list[int]) -> tuple:
+    """The threads ``indexes`` of a batch, on a worker: bring the cached
+    snapshot to ``version``, run them one after the other, combining what
+    combines. Replies ("ok", [(index, result, diffs, dirty pages, error)],
+    combined diffs or None, the worker's address), ("missing", why) or
+    ("error", why) when no thread could run."""
     entry = _cache(app_id)
     try:
         entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:
-        return ("missing", index, str(exc))
+        return ("missing", str(exc))
     try:
         paths, body = pickle.loads(program)
         for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it
@@ -122,27 +157,34 @@ def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, pa
                 sys.path.append(path)
         fn, args, n, layout, regions, mode = cloudpickle.loads(body)
     except BaseException:
-        return ("error", index, "cannot load the thread function on the Dask worker:\n"
-                + traceback.format_exc())
+        return ("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
     if mode not in probe() or not probe()[mode].available:
         mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
     assert entry.snapshot is not None
     spec = BatchSpec(fn, n, args, entry.snapshot, layout, regions, mode, version)
+    replies: list[tuple] = []
+
+    def report(outcome: ThreadOutcome) -> None:
+        if outcome.error is None:
+            try:
+                replies.append((outcome.index, cloudpickle.dumps(outcome.result),
+                                compress_batch(outcome.diffs), outcome.dirty_pages, None))
+                return
+            except BaseException:
+                outcome.error = "cannot send the result back:\n" + traceback.format_exc()
+        replies.append((outcome.index, None, None, outcome.dirty_pages, outcome.error))
+
     space = entry.workspace()
     try:
-        (outcome,) = space.run(spec, [index])
+        combined = space.run_combining(spec, indexes, report)
+        blob = None if combined is None else compress_batch(combined)
+    except BaseException:  # combining failed (e.g. no memory): the threads fail with it
+        return ("error", "the worker could not run or combine the threads:\n" + traceback.format_exc())
     finally:
         entry.give_back(space)
-    if outcome.error is not None:
-        return ("error", index, outcome.error)
-    try:
-        result = cloudpickle.dumps(outcome.result)
-        diffs = zstandard.ZstdCompressor(level=1).compress(compact.encode(outcome.diffs or DiffBatch()))
-    except BaseException:
-        return ("error", index, "cannot send the result back:\n" + traceback.format_exc())
     from distributed import get_worker
 
-    return ("ok", index, result, diffs, outcome.dirty_pages, get_worker().address)
+    return ("ok", replies, blob, get_worker().address)
 
 
 def _absolute(path: str) -> str:
@@ -254,7 +296,7 @@ class DaskBackend:
 
         receivers: dict[tuple[str, int | None], set[str]] = {}
 
-        def submit(i: int, address: str, full: bool = False) -> Any:
+        def submit(indexes: list[int], address: str, full: bool = False) -> Any:
             nonlocal shipped
             key = self._payload_kind(spec, None if full else self._known.get(address))
             if key[0] != "none":
@@ -265,61 +307,77 @@ class DaskBackend:
                     receivers[key].add(address)
                     shipped += payloads[key][1]
             future = self.client.submit(
-                _run_task, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
-                key[0], payloads[key][0] if key in payloads else None, futures["program"], i,
-                workers=[address],
-                allow_other_workers=True, pure=False)
-            tasks[str(future.key)] = (i, address)
+                _run_group, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
+                key[0], payloads[key][0] if key in payloads else None, futures["program"], indexes,
+                workers=[address], allow_other_workers=True, pure=False)
+            tasks[str(future.key)] = (indexes, address)
             return future
 
-        tasks: dict[str, tuple[int, str]] = {}
-        attempts = {i: 1 for i in range(spec.n)}
+        def fail(indexes: list[int], why: str) -> None:
+            for i in indexes:
+                outcomes[i] = ThreadOutcome(i, error=why)
+
+        tasks: dict[str, tuple[list[int], str]] = {}
+        attempts: dict[int, int] = {}  # first thread of a task -> times sent
         outcomes: dict[int, ThreadOutcome] = {}
-        submitted = [submit(i, self.addresses[slot]) for i, slot in enumerate(placement)]
+        groups = list(group_by_slot(placement).items())
+        submitted = [submit(indexes, self.addresses[slot]) for slot, indexes in groups]
+        attempts.update({indexes[0]: 1 for _, indexes in groups})
         pending = as_completed(submitted)
+        memory_size = spec.snapshot.max_size
         try:
             for future in self._completed(pending, cancel):
-                i, address = tasks[str(future.key)]
+                indexes, address = tasks[str(future.key)]
+                first = indexes[0]
                 try:
                     reply = future.result()
                 except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
                     self._check_client()
                     self._known.pop(address, None)
-                    if attempts[i] < _MAX_ATTEMPTS:
-                        attempts[i] += 1
+                    if attempts[first] < _MAX_ATTEMPTS:
+                        attempts[first] += 1
                         try:
                             rescatter()
-                            submitted.append(submit(i, self._other(address), full=True))
+                            submitted.append(submit(indexes, self._other(address), full=True))
                             pending.add(submitted[-1])
                         except Exception as again:
-                            outcomes[i] = ThreadOutcome(i, error=f"thread {i} was lost with its Dask "
-                                                                 f"worker and could not be re-sent: {again!r}")
+                            fail(indexes, f"threads {indexes} were lost with their Dask worker and "
+                                          f"could not be re-sent: {again!r}")
                     else:
-                        outcomes[i] = ThreadOutcome(
-                            i, error=f"thread {i} was lost {attempts[i]} times with its Dask worker; "
-                                     f"last: {exc!r}")
+                        fail(indexes, f"threads {indexes} were lost {attempts[first]} times with their "
+                                      f"Dask worker; last: {exc!r}")
                     continue
                 if reply[0] == "missing":  # the worker lost its cache: send it everything
                     self._known.pop(address, None)
-                    if attempts[i] <= _MAX_ATTEMPTS:
-                        attempts[i] += 1
-                        submitted.append(submit(i, address, full=True))
+                    if attempts[first] <= _MAX_ATTEMPTS:
+                        attempts[first] += 1
+                        submitted.append(submit(indexes, address, full=True))
                         pending.add(submitted[-1])
                     else:
-                        outcomes[i] = ThreadOutcome(i, error=f"thread {i}: {reply[2]}")
-                elif reply[0] == "error":
-                    outcomes[i] = ThreadOutcome(i, error=reply[2])
-                else:
-                    _, _, result, diffs, dirty, worker = reply
-                    shipped += len(result) + len(diffs)
+                        fail(indexes, f"threads {indexes}: {reply[1]}")
+                    continue
+                if reply[0] == "error":
+                    fail(indexes, reply[1])
+                    continue
+                _, replies, blob, worker = reply
+                self._known[worker] = spec.version
+                for i, result, diffs, dirty, error in replies:
+                    outcome = outcomes[i] = ThreadOutcome(i, dirty_pages=dirty, error=error)
+                    if error is None:
+                        shipped += len(result) + len(diffs)
+                        try:
+                            outcome.diffs = decompress_batch(diffs, memory_size)
+                            outcome.result = cloudpickle.loads(result)
+                        except Exception:
+                            outcome.error = ("cannot load the result on the client:\n"
+                                             + traceback.format_exc())
+                if blob is not None:
+                    shipped += len(blob)
                     try:
-                        outcomes[i] = ThreadOutcome(
-                            i, cloudpickle.loads(result),
-                            compact.decode(zstandard.ZstdDecompressor().decompress(diffs)), dirty)
+                        outcomes[first].combined = decompress_batch(blob, memory_size)
                     except Exception:
-                        outcomes[i] = ThreadOutcome(i, error="cannot load the result on the client:\n"
-                                                             + traceback.format_exc())
-                    self._known[worker] = spec.version
+                        outcomes[first] = ThreadOutcome(first, error="cannot load the combined diffs on "
+                                                        "the client:\n" + traceback.format_exc())
         except BaseException:  # cancelled, or the client went away: stop the batch's tasks
             try:
                 if getattr(self.client, "status", None) == "running":
@@ -328,7 +386,8 @@ class DaskBackend:
                 pass
             raise
         result = [outcomes[i] for i in sorted(outcomes)]
-        result[0].bytes_shipped = shipped
+        if result:
+            result[0].bytes_shipped = shipped
         return result
 
     def _completed(self, pending: Any, cancel: Cancel) -> Any:
