@@ -131,15 +131,15 @@ def _run_task(app_id: str, version: int, size: int, max_size: int, kind: str, pa
     space = entry.workspace()
     try:
         (outcome,) = space.run(spec, [index])
+        if outcome.error is not None:
+            return ("error", index, outcome.error)
+        try:  # before another task reuses the memory a result may be a view of
+            result = cloudpickle.dumps(outcome.result)
+            diffs = zstandard.ZstdCompressor(level=1).compress(compact.encode(outcome.diffs or DiffBatch()))
+        except BaseException:
+            return ("error", index, "cannot send the result back:\n" + traceback.format_exc())
     finally:
         entry.give_back(space)
-    if outcome.error is not None:
-        return ("error", index, outcome.error)
-    try:
-        result = cloudpickle.dumps(outcome.result)
-        diffs = zstandard.ZstdCompressor(level=1).compress(compact.encode(outcome.diffs or DiffBatch()))
-    except BaseException:
-        return ("error", index, "cannot send the result back:\n" + traceback.format_exc())
     from distributed import get_worker
 
     return ("ok", index, result, diffs, outcome.dirty_pages, get_worker().address)

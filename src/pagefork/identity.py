@@ -1,0 +1,188 @@
+"""Arrays whose threads start from the merge rule's identity
+(``App.alloc(..., start="identity")``): OpenMP's ``reduction(+:x)`` model.
+
+Every thread's ``mem[name]`` starts at the identity of the array's rule (0
+for ``sum`` and ``xor``, 1 for ``product``, the dtype's lowest value or -inf
+for ``max``, its highest or +inf for ``min``) instead of the shared value,
+and at the join main memory becomes ``main op (each thread's values)``, in
+thread order.
+
+Why: a thread's copy-on-write memory costs a page fault (several
+microseconds) for every page it first writes; a thread that scatters updates
+over a large array writes nearly every page. Here each worker keeps one
+buffer per identity array, populated once and reused by every thread it
+runs, in every batch. After a thread, the buffer is compared with an
+identity-filled copy (the native diff kernel, at memory speed), which gives
+exactly the diffs the merge needs (``sum``: value - 0, ``product``: value /
+1, ``max``/``min``: the value, ``xor``: value ^ 0), and only the pages that
+changed are put back to the identity before the next thread. So a thread
+pays two passes over the array at memory speed, whatever it writes, instead
+of a fault per page written.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from . import _native
+from ._errors import MergeError
+from ._sizes import PAGE_SIZE, round_to_pages
+from .snapshot import DataType, DiffBatch, MergeOp
+
+if TYPE_CHECKING:
+    from .executor import Allocation
+
+__all__ = ["STARTS", "IDENTITY_RULES", "identity_of", "check_start", "IdentityBuffers"]
+
+#: The values ``App.alloc``'s ``start`` takes.
+STARTS = ("snapshot", "identity")
+
+#: The merge rules that have an identity (in the order the docs list them).
+IDENTITY_RULES = (MergeOp.SUM, MergeOp.PRODUCT, MergeOp.MAX, MergeOp.MIN, MergeOp.XOR)
+
+
+def identity_of(op: MergeOp, dt: np.dtype) -> np.ndarray:
+    """One element of dtype ``dt`` holding the identity of ``op`` (a 1-element
+    array, so structured and byte-string dtypes work for ``xor``). Raises
+    ValueError for rules and dtypes that have none."""
+    if op not in IDENTITY_RULES:
+        raise ValueError(f"start='identity' needs a merge rule with an identity (sum, product, max, "
+                         f"min, xor), not {op.name.lower()!r}")
+    value = np.zeros(1, dt)  # sum and xor: all zero bytes
+    if op is MergeOp.XOR or op is MergeOp.SUM:
+        return value
+    try:
+        kind = DataType.of(dt)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"merge={op.name.lower()!r} has no identity for dtype {dt}: {exc}") from None
+    if kind is DataType.RAW or (kind is DataType.BOOL and op is MergeOp.PRODUCT):
+        raise ValueError(f"merge={op.name.lower()!r} has no identity for dtype {dt}")
+    numeric = kind.numpy
+    if op is MergeOp.PRODUCT:
+        value[0] = 1
+    elif kind is DataType.BOOL:
+        value[0] = op is MergeOp.MIN
+    elif numeric.kind == "f":
+        value[0] = -np.inf if op is MergeOp.MAX else np.inf
+    else:
+        info = np.iinfo(numeric)
+        value[0] = info.min if op is MergeOp.MAX else info.max
+    return value
+
+
+def check_start(start: object, op: MergeOp, dt: np.dtype) -> str:
+    """``start`` checked against the rule and dtype (ValueError if refused)."""
+    if not isinstance(start, str) or start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}, not {start!r}")
+    if start == "identity":
+        identity_of(op, dt)
+    return start
+
+
+def _page_flags_of(batch: DiffBatch, n_pages: int) -> np.ndarray:
+    """One uint8 per page: 1 where a diff of ``batch`` touches it."""
+    marks = np.zeros(n_pages + 1, np.int64)
+    if len(batch):
+        np.add.at(marks, batch.offsets // PAGE_SIZE, 1)
+        np.add.at(marks, (batch.offsets + batch.lengths - 1) // PAGE_SIZE + 1, -1)
+    return (np.cumsum(marks[:n_pages]) > 0).view(np.uint8)
+
+
+@dataclass
+class _Buffer:
+    """One identity array's private buffer on a worker, and its identity
+    reference (both page-rounded, page-aligned, populated once)."""
+
+    allocation: Allocation
+    data: np.ndarray       # uint8, the thread writes here (through a typed view)
+    reference: np.ndarray  # uint8, the identity, never written after the fill
+    columns: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    relabel_xor: bool      # diffed as OVERWRITE runs, shipped as XOR (see collect)
+    pending: np.ndarray | None = None  # pages to put back before the next thread; None: all
+
+    @classmethod
+    def build(cls, a: Allocation) -> _Buffer:
+        dt = a.np_dtype
+        size = max(round_to_pages(a.nbytes), PAGE_SIZE)
+        identity = identity_of(a.merge, dt)
+        reference = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+        if a.merge not in (MergeOp.SUM, MergeOp.XOR):  # the others are not zero bytes
+            whole = size // dt.itemsize
+            reference[: whole * dt.itemsize].view(dt)[:] = identity[0]
+        data = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+        data[:] = reference  # populated once here, so no thread pays a page fault
+        xor = a.merge is MergeOp.XOR
+        kind = DataType.RAW if xor else DataType.of(dt)
+        op = MergeOp.OVERWRITE if xor else a.merge
+        columns = (np.array([0], np.int64), np.array([a.nbytes], np.int64),
+                   np.array([int(kind)], np.uint8), np.array([int(op)], np.uint8))
+        return cls(a, data, reference, columns, xor, pending=np.zeros(size // PAGE_SIZE, np.uint8))
+
+    def reset(self) -> None:
+        """Puts back to the identity what the last thread changed."""
+        if self.pending is None:
+            np.copyto(self.data, self.reference)
+        elif self.pending.any():
+            _native.copy_pages(self.data, self.reference, self.pending, PAGE_SIZE)
+        self.pending = None  # until collect says which pages the next thread changed
+
+    def view(self) -> np.ndarray:
+        a = self.allocation
+        return self.data[: a.nbytes].view(a.np_dtype).reshape(a.shape)
+
+    def diffs(self) -> DiffBatch:
+        """The thread's contributions as diffs at the allocation's offset."""
+        a = self.allocation
+        n = a.nbytes
+        flags = np.ones(-(-n // PAGE_SIZE), np.uint8)
+        try:
+            batch = DiffBatch._from_native(_native.diff(
+                memoryview(self.data)[:n], memoryview(self.reference)[:n], flags, PAGE_SIZE, *self.columns))
+        except ArithmeticError as exc:  # never for a division by the identity 1; kept exact anyway
+            raise MergeError(str(exc)) from None
+        self.pending = _page_flags_of(batch, self.data.size // PAGE_SIZE)
+        ops = batch.ops
+        if self.relabel_xor:  # the changed bytes against zero are value ^ 0
+            ops = np.full(len(batch), int(MergeOp.XOR), np.uint8)
+        return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, ops, batch.data)
+
+
+class IdentityBuffers:
+    """A worker's buffers for the identity arrays of the layouts it runs
+    (one per :class:`~pagefork.executor.Workspace`, used by one thread at a
+    time). A buffer is rebuilt when its allocation changes and dropped when
+    it leaves the layout."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, _Buffer] = {}
+
+    def begin(self, layout: Iterable[Allocation]) -> dict[str, np.ndarray]:
+        """Buffers at the identity for the next thread: name -> its array."""
+        wanted = {a.name: a for a in layout if a.start == "identity"}
+        for name in [n for n, b in self._buffers.items() if wanted.get(n) != b.allocation]:
+            del self._buffers[name]  # freed with the last view a result may still hold
+        for name, a in wanted.items():
+            if name not in self._buffers:
+                self._buffers[name] = _Buffer.build(a)
+        views = {}
+        for name, b in self._buffers.items():
+            b.reset()
+            views[name] = b.view()
+        return views
+
+    def collect(self) -> DiffBatch | None:
+        """The last thread's diffs of every identity array (None when there is
+        no identity array); the pages they touch are reset at the next
+        :meth:`begin`. A thread that fails is never collected: every buffer
+        is then reset whole."""
+        if not self._buffers:
+            return None
+        return DiffBatch.concat([b.diffs() for b in sorted(self._buffers.values(),
+                                                             key=lambda b: b.allocation.offset)])
+
+    def close(self) -> None:
+        self._buffers.clear()
