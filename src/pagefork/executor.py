@@ -33,7 +33,7 @@ import numpy as np
 from . import _native
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
 from ._sizes import PAGE_SIZE, round_to_pages
-from .identity import IdentityBuffers
+from .identity import IdentityBuffers, with_contributions
 from .memory import Region
 from .snapshot import DataType, DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
@@ -343,9 +343,8 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
     try:
         result, dirty = call_tracked(spec, index, region, tracker_, views)
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
-        own = identity.collect() if identity is not None else None
-        if own is not None:
-            diffs = DiffBatch.concat([diffs, own])
+        if identity is not None:
+            diffs = with_contributions(diffs, identity.collect())
         if copy_result and type(result) not in _IMMUTABLE:
             try:
                 result = _copied(result)

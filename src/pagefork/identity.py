@@ -36,7 +36,7 @@ from .snapshot import DataType, DiffBatch, MergeOp
 if TYPE_CHECKING:
     from .executor import Allocation
 
-__all__ = ["STARTS", "IDENTITY_RULES", "identity_of", "check_start", "IdentityBuffers"]
+__all__ = ["STARTS", "IDENTITY_RULES", "identity_of", "check_start", "IdentityBuffers", "with_contributions"]
 
 #: The values ``App.alloc``'s ``start`` takes.
 STARTS = ("snapshot", "identity")
@@ -83,52 +83,64 @@ def check_start(start: object, op: MergeOp, dt: np.dtype) -> str:
     return start
 
 
-def _page_flags_of(batch: DiffBatch, n_pages: int) -> np.ndarray:
-    """One uint8 per page: 1 where a diff of ``batch`` touches it."""
-    marks = np.zeros(n_pages + 1, np.int64)
-    if len(batch):
-        np.add.at(marks, batch.offsets // PAGE_SIZE, 1)
-        np.add.at(marks, (batch.offsets + batch.lengths - 1) // PAGE_SIZE + 1, -1)
-    return (np.cumsum(marks[:n_pages]) > 0).view(np.uint8)
+def _zero_pages(size: int) -> np.ndarray:
+    """``size`` bytes of anonymous memory that is read, never written: every
+    page maps the kernel's one zero page, so comparing with it reads one
+    cached page over and over instead of a second array from memory."""
+    return np.frombuffer(mmap.mmap(-1, size, prot=mmap.PROT_READ), np.uint8)
 
 
 @dataclass
 class _Buffer:
     """One identity array's private buffer on a worker, and its identity
-    reference (both page-rounded, page-aligned, populated once)."""
+    reference (both page-rounded and page-aligned; the buffer populated
+    once)."""
 
     allocation: Allocation
     data: np.ndarray       # uint8, the thread writes here (through a typed view)
     reference: np.ndarray  # uint8, the identity, never written after the fill
+    identity: np.ndarray   # one element
     columns: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-    relabel_xor: bool      # diffed as OVERWRITE runs, shipped as XOR (see collect)
-    pending: np.ndarray | None = None  # pages to put back before the next thread; None: all
+    relabel_xor: bool      # diffed as OVERWRITE runs, shipped as XOR (see diffs)
+    # What the last thread changed, put back before the next one:
+    # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
+    pending: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def build(cls, a: Allocation) -> _Buffer:
         dt = a.np_dtype
         size = max(round_to_pages(a.nbytes), PAGE_SIZE)
         identity = identity_of(a.merge, dt)
-        reference = np.frombuffer(mmap.mmap(-1, size), np.uint8)
-        if a.merge not in (MergeOp.SUM, MergeOp.XOR):  # the others are not zero bytes
-            whole = size // dt.itemsize
-            reference[: whole * dt.itemsize].view(dt)[:] = identity[0]
+        xor = a.merge is MergeOp.XOR
+        if a.merge in (MergeOp.SUM, MergeOp.XOR):  # all zero bytes
+            reference = _zero_pages(size)
+            identity = np.zeros(1, np.uint8) if xor else identity
+        else:
+            reference = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+            reference[: size // dt.itemsize * dt.itemsize].view(dt)[:] = identity[0]
         data = np.frombuffer(mmap.mmap(-1, size), np.uint8)
         data[:] = reference  # populated once here, so no thread pays a page fault
-        xor = a.merge is MergeOp.XOR
         kind = DataType.RAW if xor else DataType.of(dt)
         op = MergeOp.OVERWRITE if xor else a.merge
         columns = (np.array([0], np.int64), np.array([a.nbytes], np.int64),
                    np.array([int(kind)], np.uint8), np.array([int(op)], np.uint8))
-        return cls(a, data, reference, columns, xor, pending=np.zeros(size // PAGE_SIZE, np.uint8))
+        nothing = np.zeros(0, np.int64)
+        return cls(a, data, reference, identity, columns, xor, pending=(nothing, nothing))
 
     def reset(self) -> None:
-        """Puts back to the identity what the last thread changed."""
-        if self.pending is None:
+        """Puts back to the identity what the last thread changed: the
+        changed elements when few, else the whole buffer."""
+        if self.pending is None or int(self.pending[1].sum()) * 4 > self.data.size:
             np.copyto(self.data, self.reference)
-        elif self.pending.any():
-            _native.copy_pages(self.data, self.reference, self.pending, PAGE_SIZE)
-        self.pending = None  # until collect says which pages the next thread changed
+        elif self.pending[0].size:  # one native pass writing the identity over each run
+            offsets, lengths = self.pending
+            k = self.identity.itemsize
+            total = int(lengths.sum())
+            fill = (np.zeros(total, np.uint8) if not self.identity.any()
+                    else np.full(total // k, self.identity[0], self.identity.dtype).view(np.uint8))
+            raw = np.zeros(offsets.size, np.uint8)  # DataType.RAW, MergeOp.OVERWRITE
+            _native.apply(self.data, offsets, lengths, raw, raw, fill)
+        self.pending = None  # until diffs() says what the next thread changed
 
     def view(self) -> np.ndarray:
         a = self.allocation
@@ -144,7 +156,7 @@ class _Buffer:
                 memoryview(self.data)[:n], memoryview(self.reference)[:n], flags, PAGE_SIZE, *self.columns))
         except ArithmeticError as exc:  # never for a division by the identity 1; kept exact anyway
             raise MergeError(str(exc)) from None
-        self.pending = _page_flags_of(batch, self.data.size // PAGE_SIZE)
+        self.pending = (batch.offsets, batch.lengths)
         ops = batch.ops
         if self.relabel_xor:  # the changed bytes against zero are value ^ 0
             ops = np.full(len(batch), int(MergeOp.XOR), np.uint8)
@@ -181,8 +193,16 @@ class IdentityBuffers:
         is then reset whole."""
         if not self._buffers:
             return None
-        return DiffBatch.concat([b.diffs() for b in sorted(self._buffers.values(),
-                                                             key=lambda b: b.allocation.offset)])
+        parts = [b.diffs() for b in sorted(self._buffers.values(), key=lambda b: b.allocation.offset)]
+        return parts[0] if len(parts) == 1 else DiffBatch.concat(parts)
+
+
+def with_contributions(diffs: DiffBatch, contributions: DiffBatch | None) -> DiffBatch:
+    """A thread's diffs followed by its identity arrays' (copied only when
+    both have some)."""
+    if contributions is None or not len(contributions):
+        return diffs
+    return contributions if not len(diffs) else DiffBatch.concat([diffs, contributions])
 
     def close(self) -> None:
         self._buffers.clear()

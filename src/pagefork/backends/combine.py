@@ -30,6 +30,7 @@ from .. import _native, compact
 from .._sizes import round_to_pages
 from ..executor import (BatchSpec, ThreadOutcome, Workspace, call_thread_function, call_tracked,
                         check_thread_memory)
+from ..identity import with_contributions
 from ..memory import PAGE_SIZE, Region
 from ..tracking import Tracker
 from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
@@ -263,9 +264,7 @@ class CombiningWorkspace(Workspace):
                 self._recent = max(count, self._recent // 2)
                 # Identity arrays ship per thread: at scattered densities
                 # their diffs are small, and folding them costs a pass more.
-                contributions = self.identity.collect()
-                if contributions is not None:
-                    diffs = DiffBatch.concat([diffs, contributions])
+                diffs = with_contributions(diffs, self.identity.collect())
                 outcome = ThreadOutcome(i, result, diffs, count)
             except BaseException as exc:  # the thread's own error (SystemExit included)
                 self._kept = self._private = None  # the next thread maps afresh
