@@ -197,12 +197,13 @@ class IdentityBuffers:
         return parts[0] if len(parts) == 1 else DiffBatch.concat(parts)
 
 
+    def close(self) -> None:
+        self._buffers.clear()
+
+
 def with_contributions(diffs: DiffBatch, contributions: DiffBatch | None) -> DiffBatch:
     """A thread's diffs followed by its identity arrays' (copied only when
     both have some)."""
     if contributions is None or not len(contributions):
         return diffs
     return contributions if not len(diffs) else DiffBatch.concat([diffs, contributions])
-
-    def close(self) -> None:
-        self._buffers.clear()
