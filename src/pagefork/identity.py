@@ -14,7 +14,7 @@ buffer per identity array, populated once and reused by every thread it
 runs, in every batch. After a thread, the buffer is compared with an
 identity-filled copy (the native diff kernel, at memory speed), which gives
 exactly the diffs the merge needs (``sum``: value - 0, ``product``: value /
-1, ``max``/``min``: the value, ``xor``: value ^ 0), and only the pages that
+1, ``max``/``min``: the value, ``xor``: value ^ 0), and only the runs that
 changed are put back to the identity before the next thread. So a thread
 pays two passes over the array at memory speed, whatever it writes, instead
 of a fault per page written.
@@ -153,7 +153,7 @@ class _Buffer:
         flags = np.ones(-(-n // PAGE_SIZE), np.uint8)
         try:
             batch = DiffBatch._from_native(_native.diff(
-                memoryview(self.data)[:n], memoryview(self.reference)[:n], flags, PAGE_SIZE, *self.columns))
+                self.data[:n], self.reference[:n], flags, PAGE_SIZE, *self.columns))
         except ArithmeticError as exc:  # never for a division by the identity 1; kept exact anyway
             raise MergeError(str(exc)) from None
         self.pending = (batch.offsets, batch.lengths)
@@ -188,14 +188,13 @@ class IdentityBuffers:
 
     def collect(self) -> DiffBatch | None:
         """The last thread's diffs of every identity array (None when there is
-        no identity array); the pages they touch are reset at the next
+        no identity array); the runs they cover are reset at the next
         :meth:`begin`. A thread that fails is never collected: every buffer
         is then reset whole."""
         if not self._buffers:
             return None
         parts = [b.diffs() for b in sorted(self._buffers.values(), key=lambda b: b.allocation.offset)]
         return parts[0] if len(parts) == 1 else DiffBatch.concat(parts)
-
 
     def close(self) -> None:
         self._buffers.clear()
