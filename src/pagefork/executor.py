@@ -33,7 +33,7 @@ import numpy as np
 from . import _native
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
 from ._sizes import PAGE_SIZE, round_to_pages
-from .identity import IdentityBuffers, with_contributions
+from .identity import IdentityBuffers, products_as_overwrites, with_contributions
 from .memory import Region
 from .snapshot import DataType, DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
@@ -823,6 +823,7 @@ class Executor:
         # as if written just before the batch, then the threads' changes.
         if self._main_dirty().any():
             stats.main_dirty_pages += self.carry_main_writes()
+        batches = products_as_overwrites(batches, layout.values(), self.snapshot)
         try:
             self.snapshot.apply_batches(batches)  # checked first: all or nothing
         except MergeError:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -36,7 +36,8 @@ from .snapshot import DataType, DiffBatch, MergeOp
 if TYPE_CHECKING:
     from .executor import Allocation
 
-__all__ = ["STARTS", "IDENTITY_RULES", "identity_of", "check_start", "IdentityBuffers", "with_contributions"]
+__all__ = ["STARTS", "IDENTITY_RULES", "identity_of", "check_start", "IdentityBuffers", "with_contributions",
+           "products_as_overwrites"]
 
 #: The values ``App.alloc``'s ``start`` takes.
 STARTS = ("snapshot", "identity")
@@ -206,3 +207,58 @@ def with_contributions(diffs: DiffBatch, contributions: DiffBatch | None) -> Dif
     if contributions is None or not len(contributions):
         return diffs
     return contributions if not len(diffs) else DiffBatch.concat([diffs, contributions])
+
+
+def _expand(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every index of the runs [first, first + count), whole-array numpy."""
+    if counts.size == 0 or bool((counts == 1).all()):  # scattered values: one per run
+        return firsts
+    before = np.cumsum(counts) - counts
+    return np.repeat(firsts - before, counts) + np.arange(int(counts.sum()))
+
+
+def products_as_overwrites(batches: Sequence[DiffBatch], allocations: Iterable[Allocation],
+                           snapshot: Any) -> list[DiffBatch]:
+    """``batches`` (in thread order) with the PRODUCT diffs of identity
+    arrays replaced by OVERWRITE diffs of the products. The merge kernel
+    refuses a PRODUCT over a zero (with ``start="snapshot"`` the ratio
+    behind it is lost); here each value is the factor itself, so main times
+    every thread's factors, in thread order, is exact whatever main holds.
+    Costs what the diffs hold (whole-array numpy, one pass per thread)."""
+    products = [a for a in allocations if a.start == "identity" and a.merge is MergeOp.PRODUCT and a.nbytes]
+    if not products or not any(len(b) for b in batches):
+        return list(batches)
+    keep = [np.ones(len(b), np.bool_) for b in batches]
+    extra = []
+    for a in products:
+        dt, k, lo, hi = a.np_dtype, a.np_dtype.itemsize, a.offset, a.offset + a.nbytes
+        parts = []  # per thread: (element indexes, factors)
+        for b, kept in zip(batches, keep):
+            mine = (b.ops == int(MergeOp.PRODUCT)) & (b.offsets >= lo) & (b.offsets < hi)
+            if not mine.any():
+                continue
+            kept &= ~mine
+            lengths = b.lengths[mine]
+            factors = np.frombuffer(_native.gather(b.data, b.starts[mine], lengths), dt)
+            parts.append((_expand((b.offsets[mine] - lo) // k, lengths // k), factors))
+        if not parts:
+            continue
+        touched = np.unique(np.concatenate([p[0] for p in parts]))
+        values = np.frombuffer(snapshot.view(), dt, a.nbytes // k, lo)[touched]
+        with np.errstate(all="ignore"):
+            for elements, factors in parts:  # thread order: floats round as it does
+                at = np.searchsorted(touched, elements)
+                values[at] = values[at] * factors
+        count = touched.size
+        extra.append(DiffBatch._unchecked(lo + touched.astype(np.int64) * k, np.full(count, k, np.int64),
+                                          np.zeros(count, np.uint8), np.zeros(count, np.uint8),
+                                          values.tobytes()))  # RAW, OVERWRITE
+    out = [b if kept.all() else _select(b, kept) for b, kept in zip(batches, keep)]
+    return out + extra
+
+
+def _select(b: DiffBatch, kept: np.ndarray) -> DiffBatch:
+    """The diffs of ``b`` flagged in ``kept``."""
+    lengths = b.lengths[kept]
+    return DiffBatch._unchecked(b.offsets[kept], lengths, b.dtypes[kept], b.ops[kept],
+                                _native.gather(b.data, b.starts[kept], lengths))
