@@ -337,3 +337,51 @@ def test_checkpoints_record_the_start(tmp_path):
     path.write_bytes(m.encode())
     with App.restore(tmp_path, backend="threads") as old:
         assert old.arrays["acc"].start == "snapshot"
+
+
+# ---- the native scan ------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(rule_dtype=st.sampled_from([("sum", np.int64), ("max", np.float64), ("min", np.int32),
+                                   ("product", np.int16), ("max", np.bool_), ("sum", np.uint8)]),
+       n=st.integers(0, 600), changes=st.lists(st.integers(0, 599), max_size=80), seed=st.integers(0, 99))
+def test_identity_diff_matches_the_diff_against_a_filled_reference(rule_dtype, n, changes, seed):
+    from pagefork import DataType, _native
+    from pagefork.snapshot import DiffBatch
+
+    rule, dtype = rule_dtype
+    dt, op = np.dtype(dtype), MergeOp.of(rule)
+    identity = identity_of(op, dt)
+    memory = np.full(n, identity[0], dt)
+    at = [c for c in changes if c < n]
+    memory[at] = edge_values(dt, len(at), seed)
+    reference = np.full(n, identity[0], dt)
+    kind = int(DataType.of(dt))
+    flags = np.ones(max(1, -(-memory.nbytes // PAGE_SIZE)), np.uint8)
+    columns = (np.array([0], np.int64), np.array([memory.nbytes], np.int64),
+               np.array([kind], np.uint8), np.array([int(op)], np.uint8))
+    expected = DiffBatch._from_native(_native.diff(memory.view(np.uint8), reference.view(np.uint8), flags,
+                                                   PAGE_SIZE, *columns))
+    got = DiffBatch._from_native(_native.identity_diff(memory.view(np.uint8), identity.view(np.uint8),
+                                                       kind, int(op)))
+    assert got == expected
+
+
+def test_identity_diff_refuses_malformed_input():
+    from pagefork import DataType, _native
+
+    i64, add = int(DataType.INT64), int(MergeOp.SUM)
+    for memory, identity, dtype, op in [
+        (bytes(24), bytes(3), i64, add),      # not 1, 2, 4 or 8 bytes
+        (bytes(20), bytes(8), i64, add),      # not whole elements
+        (bytes(24), bytes(8), 99, add),       # no such dtype
+        (bytes(24), bytes(8), i64, 42),       # no such op
+        (bytes(24), bytes(8), -1, add),
+        (bytes(24), bytes(8), int(DataType.RAW), add),  # SUM over raw bytes
+    ]:
+        with pytest.raises(ValueError):
+            _native.identity_diff(memory, identity, dtype, op)
+    with pytest.raises(OverflowError):
+        _native.identity_diff(bytes(8), bytes(8), 1 << 40, add)
+    assert len(_native.identity_diff(b"", bytes(8), i64, add)[0]) == 0

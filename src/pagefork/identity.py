@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from . import _native
-from ._errors import MergeError
 from ._sizes import PAGE_SIZE, round_to_pages
 from .snapshot import DataType, DiffBatch, MergeOp
 
@@ -84,25 +83,16 @@ def check_start(start: object, op: MergeOp, dt: np.dtype) -> str:
     return start
 
 
-def _zero_pages(size: int) -> np.ndarray:
-    """``size`` bytes of anonymous memory that is read, never written: every
-    page maps the kernel's one zero page, so comparing with it reads one
-    cached page over and over instead of a second array from memory."""
-    return np.frombuffer(mmap.mmap(-1, size, prot=mmap.PROT_READ), np.uint8)
-
-
 @dataclass
 class _Buffer:
-    """One identity array's private buffer on a worker, and its identity
-    reference (both page-rounded and page-aligned; the buffer populated
-    once)."""
+    """One identity array's private buffer on a worker (page-rounded,
+    page-aligned, populated once)."""
 
     allocation: Allocation
     data: np.ndarray       # uint8, the thread writes here (through a typed view)
-    reference: np.ndarray  # uint8, the identity, never written after the fill
-    identity: np.ndarray   # one element
-    columns: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-    relabel_xor: bool      # diffed as OVERWRITE runs, shipped as XOR (see diffs)
+    elements: np.ndarray   # data as identity-sized elements (bytes for xor)
+    identity: np.ndarray   # one element: what every element of data starts as
+    kind: DataType         # the diffs' labels (xor: RAW bytes)
     # What the last thread changed, put back before the next one:
     # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
     pending: tuple[np.ndarray, np.ndarray] | None = None
@@ -111,33 +101,24 @@ class _Buffer:
     def build(cls, a: Allocation) -> _Buffer:
         dt = a.np_dtype
         size = max(round_to_pages(a.nbytes), PAGE_SIZE)
-        identity = identity_of(a.merge, dt)
         xor = a.merge is MergeOp.XOR
-        if a.merge in (MergeOp.SUM, MergeOp.XOR):  # all zero bytes
-            reference = _zero_pages(size)
-            identity = np.zeros(1, np.uint8) if xor else identity
-        else:
-            reference = np.frombuffer(mmap.mmap(-1, size), np.uint8)
-            reference[: size // dt.itemsize * dt.itemsize].view(dt)[:] = identity[0]
+        identity = np.zeros(1, np.uint8) if xor else identity_of(a.merge, dt)
         data = np.frombuffer(mmap.mmap(-1, size), np.uint8)
-        data[:] = reference  # populated once here, so no thread pays a page fault
-        kind = DataType.RAW if xor else DataType.of(dt)
-        op = MergeOp.OVERWRITE if xor else a.merge
-        columns = (np.array([0], np.int64), np.array([a.nbytes], np.int64),
-                   np.array([int(kind)], np.uint8), np.array([int(op)], np.uint8))
-        nothing = np.zeros(0, np.int64)
-        return cls(a, data, reference, identity, columns, xor, pending=(nothing, nothing))
+        elements = data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
+        buffer = cls(a, data, elements, identity, DataType.RAW if xor else DataType.of(dt))
+        buffer.reset()  # populates it: no thread pays a page fault
+        return buffer
 
     def reset(self) -> None:
         """Puts back to the identity what the last thread changed: the
-        changed elements when few, else the whole buffer."""
+        changed runs when few, else the whole buffer."""
         if self.pending is None or int(self.pending[1].sum()) * 4 > self.data.size:
-            np.copyto(self.data, self.reference)
+            self.elements.fill(self.identity[0])
         elif self.pending[0].size:  # one native pass writing the identity over each run
             offsets, lengths = self.pending
             k = self.identity.itemsize
             total = int(lengths.sum())
-            fill = (np.zeros(total, np.uint8) if not self.identity.any()
+            fill = (np.zeros(total, np.uint8) if not self.identity.view(np.uint8).any()
                     else np.full(total // k, self.identity[0], self.identity.dtype).view(np.uint8))
             raw = np.zeros(offsets.size, np.uint8)  # DataType.RAW, MergeOp.OVERWRITE
             _native.apply(self.data, offsets, lengths, raw, raw, fill)
@@ -150,18 +131,11 @@ class _Buffer:
     def diffs(self) -> DiffBatch:
         """The thread's contributions as diffs at the allocation's offset."""
         a = self.allocation
-        n = a.nbytes
-        flags = np.ones(-(-n // PAGE_SIZE), np.uint8)
-        try:
-            batch = DiffBatch._from_native(_native.diff(
-                self.data[:n], self.reference[:n], flags, PAGE_SIZE, *self.columns))
-        except ArithmeticError as exc:  # never for a division by the identity 1; kept exact anyway
-            raise MergeError(str(exc)) from None
+        batch = DiffBatch._from_native(_native.identity_diff(
+            self.data[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
         self.pending = (batch.offsets, batch.lengths)
-        ops = batch.ops
-        if self.relabel_xor:  # the changed bytes against zero are value ^ 0
-            ops = np.full(len(batch), int(MergeOp.XOR), np.uint8)
-        return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, ops, batch.data)
+        return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
+                                    batch.data)
 
 
 class IdentityBuffers:
