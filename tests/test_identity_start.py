@@ -385,3 +385,88 @@ def test_identity_diff_refuses_malformed_input():
     with pytest.raises(OverflowError):
         _native.identity_diff(bytes(8), bytes(8), 1 << 40, add)
     assert len(_native.identity_diff(b"", bytes(8), i64, add)[0]) == 0
+
+
+# ---- interrupts ------------------------------------------------------------------------
+
+
+def _sigint_soon(delay: float):
+    import signal
+    import threading
+
+    timer = threading.Timer(delay, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_an_interrupted_batch_leaves_no_contribution_behind_threads():
+    import threading
+    import time
+
+    with App("256KiB", backend="threads", workers=2) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+        release, running = threading.Event(), threading.Barrier(3)
+
+        def stuck(mem, i, n):
+            mem["acc"][:] += 100  # before the interrupt: must never merge nor leak into later threads
+            running.wait()
+            release.wait()
+            mem["acc"][:] += 100  # after it, on buffers nobody else uses
+
+        def work(mem, i, n):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][i] += 1
+            return fresh
+
+        app.parallel(work, 2)
+        timer = None
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                threading.Timer(0, running.wait).start()
+                timer = _sigint_soon(0.2)
+                app.parallel(stuck, 2)
+        finally:
+            if timer:
+                timer.join()
+        try:
+            assert all(app.parallel(work, 4))
+        finally:
+            release.set()
+        while app._executor.backend.running():
+            time.sleep(0.01)
+        assert all(app.parallel(work, 4))
+        assert acc[:4].tolist() == [3, 3, 2, 2] and not acc[4:].any()
+
+
+def test_interrupts_at_random_points_never_corrupt_the_next_batch():
+    import random
+
+    with App("1MiB", backend="processes", workers=2) as app:
+        acc = app.alloc("acc", 20_000, np.int32, merge="max", start="identity")
+
+        def work(mem, i, n, value):
+            a = mem["acc"]
+            fresh = bool((a == np.iinfo(np.int32).min).all())
+            a[i::n] = value + i
+            for _ in range(20):
+                np.sort(np.random.default_rng(i).random(2000))  # some time to be interrupted in
+            return fresh
+
+        rng = random.Random(5)
+        done = 0
+        for attempt in range(12):
+            timer = _sigint_soon(rng.uniform(0.0, 0.05))
+            try:
+                try:
+                    results = app.parallel(work, 5, args=(attempt * 10,))
+                    assert all(results)
+                    done = attempt * 10
+                finally:
+                    timer.join()  # the signal is sent before the timer ends: it lands in here
+            except KeyboardInterrupt:
+                pass
+        assert all(app.parallel(work, 5, args=(1000,)))
+        expected = np.full(20_000, 0, np.int32)
+        for i in range(5):
+            expected[i::5] = 1000 + i
+        assert np.array_equal(acc, expected), done
