@@ -470,3 +470,25 @@ def test_interrupts_at_random_points_never_corrupt_the_next_batch():
         for i in range(5):
             expected[i::5] = 1000 + i
         assert np.array_equal(acc, expected), done
+
+
+def test_product_over_zeros_and_region_writes_in_thread_order():
+    with App("64KiB", backend="processes", workers=2) as app:
+        acc = app.alloc("acc", 4, np.float64, merge="product", start="identity")
+        ints = app.alloc("ints", 3, np.int64, merge="product", start="identity")
+        acc[:] = [2.0, 0.0, -0.0, np.inf]
+        ints[:] = [0, 3, np.iinfo(np.int64).max]
+        offset = app.arrays["acc"].offset
+
+        def work(mem, i, n):
+            if i == 0:  # the shared value through mem.region (a ratio), then a factor
+                np.frombuffer(mem.region, np.float64, 1, offset)[0] = 6.0
+            mem["acc"][:] = [5.0, -1.0, 7.0, 0.0] if i == 0 else [0.5, 2.0, 1.0, 3.0]
+            mem["ints"][:] = [9, 0 if i else 5, 2]
+
+        app.parallel(work, 2)
+        with np.errstate(invalid="ignore", over="ignore"):
+            expected = np.array([2.0 * 3.0 * 5.0 * 0.5, 0.0 * -1.0 * 2.0, -0.0 * 7.0, np.inf * 0.0 * 3.0])
+            wrapped = np.array([0, 3 * 5 * 0, np.iinfo(np.int64).max]) * np.int64(4)
+        assert _bits(acc).tobytes() == _bits(expected).tobytes()
+        assert ints.tolist() == wrapped.tolist()

@@ -221,8 +221,8 @@ def products_as_overwrites(batches: Sequence[DiffBatch], allocations: Iterable[A
         values = np.frombuffer(snapshot.view(), dt, a.nbytes // k, lo)[touched]
         with np.errstate(all="ignore"):
             for elements, factors in parts:  # thread order: floats round as it does
-                at = np.searchsorted(touched, elements)
-                values[at] = values[at] * factors
+                # .at: an element may repeat (mem.region written there too), in diff order
+                np.multiply.at(values, np.searchsorted(touched, elements), factors)
         count = touched.size
         extra.append(DiffBatch._unchecked(lo + touched.astype(np.int64) * k, np.full(count, k, np.int64),
                                           np.zeros(count, np.uint8), np.zeros(count, np.uint8),
