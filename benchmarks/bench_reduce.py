@@ -4,7 +4,8 @@ optionally plain Dask), a compute-heavy 1% scattered sum beside serial
 numpy, bytes shipped per changed value, and Snapshot.tracked_changes()
 after rewriting 256 MiB. Systems are interleaved per repeat; read ratios.
 
-    .venv/bin/python benchmarks/bench_reduce.py [--quick] [--dask] [--dense-elements 64M] [--json FILE]
+    .venv/bin/python benchmarks/bench_reduce.py [--quick] [--dask] [--dense-elements 64M]
+                                                [--only scattered] [--json FILE]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pagefork.bench import progress_to_stderr
-from pagefork.bench.reduce import format_results, run_all
+from pagefork.bench.reduce import SECTIONS, format_results, run_all
 
 
 def _elements(text: str) -> int:
@@ -31,10 +32,11 @@ def main() -> None:
     parser.add_argument("--dask", action="store_true", help="also time a plain Dask tree sum")
     parser.add_argument("--dense-elements", type=_elements, default=None,
                         help="int64 elements of the dense case (default 16M)")
+    parser.add_argument("--only", choices=SECTIONS, help="run one measurement only")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     res = run_all(quick=args.quick, dense_elements=args.dense_elements, dask=args.dask,
-                  progress=progress_to_stderr)
+                  progress=progress_to_stderr, only=args.only)
     print(format_results(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -369,3 +369,23 @@ def test_a_reply_claiming_more_than_the_memory_is_refused(claim):
         decompress_batch(b"\x28\xb5\x2f\xfd garbage", PAGE_SIZE)
     with pytest.raises(CorruptDataError):  # a valid frame of bytes that are no batch
         decompress_batch(zstandard.ZstdCompressor().compress(b"no batch here"), PAGE_SIZE)
+
+
+def test_identity_start_gives_the_same_bytes_as_the_threads_backend(client):
+    def work(mem, i, n):
+        fresh = bool((mem["acc"] == 0).all() and (mem["lo"] == np.inf).all())
+        mem["acc"][i::3] += i + 1
+        mem["lo"][i % 4] = -float(i)
+        return fresh
+
+    answers = []
+    for app in (App("1MiB", backend="threads"), App("1MiB", backend="dask", client=client)):
+        with app:
+            acc = app.alloc("acc", 10_000, np.int64, merge="sum", start="identity")
+            lo = app.alloc("lo", 4, np.float64, merge="min", start="identity")
+            acc[:] = 7
+            for _ in range(2):  # the workers' buffers are reset between tasks
+                assert all(app.parallel(work, 5))
+            answers.append((bytes(acc), bytes(lo)))
+    assert answers[0] == answers[1]
+    assert np.frombuffer(answers[0][1], np.float64).tolist() == [-4.0, -1.0, -2.0, -3.0]

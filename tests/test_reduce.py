@@ -378,7 +378,7 @@ def test_a_reply_buffer_growing_between_batches():
 
 def test_reduce_benchmark_smoke():
     """The benchmark's workloads at toy sizes: every system's answer is right."""
-    from pagefork.bench.reduce import (ReduceResults, bytes_per_value, dense_sum, format_results,
+    from pagefork.bench.reduce import (ReduceResults, bytes_per_value, dense_sum, format_results, run_all,
                                        scattered_sum, tracked_changes_cost)
 
     dense = dense_sum(1 << 14, repeat=1)
@@ -389,7 +389,12 @@ def test_reduce_benchmark_smoke():
     assert {t.name for t in dense} >= {"pagefork processes", "serial numpy", "shared memory + lock"}
     assert shipped["correct"] and all(row["correct"] for row in tracked)
     text = format_results(ReduceResults(dense, 1 << 14, scattered, rounds, shipped, tracked, 1 << 20))
-    assert "WRONG" not in text and "pagefork speed-up over serial numpy" in text
+    assert "WRONG" not in text and "speed-up over serial numpy, pagefork processes:" in text
+    assert {t.name for t in scattered} == {"pagefork processes", "pagefork processes, start=identity",
+                                           "serial numpy"}
+    assert "speed-up over serial numpy, pagefork processes, start=identity:" in text
+    with pytest.raises(ValueError, match="only"):
+        run_all(only="everything")
 
 
 @pytest.mark.parametrize("mode", ["segfault", "uffd-async", "none"])

@@ -13,6 +13,7 @@ from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, parse_size, round_to_pages
 from .backends import make_backend
 from .executor import DEFAULT_CLOSE_TIMEOUT, Allocation, BatchStats, Executor, dtype_of, dtype_text
+from .identity import check_start
 from .memory import Region
 from .snapshot import DataType, MergeOp, MergeRegion
 
@@ -113,7 +114,7 @@ class App:
         return self._executor.last_batch
 
     def alloc(self, name: str, shape: int | tuple[int, ...], dtype: DTypeLike = np.float64, *,
-              merge: str | MergeOp = "overwrite") -> np.ndarray:
+              merge: str | MergeOp = "overwrite", start: str = "snapshot") -> np.ndarray:
         """A new zeroed array in main memory, merged by ``merge``.
 
         Any fixed-size dtype without Python objects may use the byte-wise
@@ -123,6 +124,21 @@ class App:
         bool, int8..64, uint8..64, float32 or float64 (``sum``, ``subtract``
         and ``product`` not bool). Everything is checked here; a failed
         ``alloc`` leaves the App as it was.
+
+        ``start`` says what a thread's ``mem[name]`` holds when it starts:
+        ``"snapshot"`` (default) the shared value; ``"identity"`` the rule's
+        identity (OpenMP's ``reduction(+:x)``): 0 for ``sum`` and ``xor``, 1
+        for ``product``, the dtype's lowest value (-inf, False) for ``max``,
+        its highest (+inf, True) for ``min``; other rules are refused. At
+        the join the main value becomes ``main op value`` for every element
+        each thread changed, in thread order (integers wrap like numpy;
+        floats round as that order does, which may differ from a serial loop
+        that applied the same updates one by one). Each worker keeps a
+        populated buffer per such array, so a thread costs two passes over
+        the array at memory speed instead of a page fault for each page it
+        writes: worth it for threads that scatter updates over most pages,
+        not for threads that touch a few. ``mem.region`` still holds the
+        snapshot's bytes of the array. Identity arrays get pages of their own.
         """
         self._check_open()
         if not isinstance(name, str):
@@ -131,15 +147,19 @@ class App:
             raise ValueError(f"an array name is 1 to {_MAX_NAME} printable characters, got {name!r}")
         op = MergeOp.of(merge)
         dt, shape_t = _check_dtype_and_shape(dtype, shape, op)
+        start = check_start(start, op, dt)
         nbytes = math.prod(shape_t) * dt.itemsize
         # On the batch thread: never during a batch, never cut off half-way.
-        return self._executor.call(lambda _: self._place(name, nbytes, dt, shape_t, op), cancellable=False)
+        return self._executor.call(lambda _: self._place(name, nbytes, dt, shape_t, op, start),
+                                   cancellable=False)
 
-    def _place(self, name: str, nbytes: int, dt: np.dtype, shape_t: tuple[int, ...], op: MergeOp) -> np.ndarray:
+    def _place(self, name: str, nbytes: int, dt: np.dtype, shape_t: tuple[int, ...], op: MergeOp,
+               start: str = "snapshot") -> np.ndarray:
         """Places a checked array in main memory (on the batch thread)."""
         if name in self._layout:
             raise ValueError(f"an array named {name!r} already exists")
-        align = PAGE_SIZE if nbytes >= PAGE_SIZE else max(_ALIGN, dt.alignment)
+        own_pages = start == "identity"  # nothing else on its pages
+        align = PAGE_SIZE if nbytes >= PAGE_SIZE or own_pages else max(_ALIGN, dt.alignment)
         offset = -(-self._top // align) * align
         end = offset + nbytes
         memory = self._executor.memory
@@ -148,11 +168,11 @@ class App:
                 f"{name!r} needs {nbytes} bytes at offset {offset}; the App has "
                 f"{memory.max_size - offset if offset < memory.max_size else 0} left "
                 f"(max_size {memory.max_size})")
-        allocation = Allocation(name, offset, shape_t, dtype_text(dt), op)
+        allocation = Allocation(name, offset, shape_t, dtype_text(dt), op, start)
         if end > memory.size:
             self._executor.resize(round_to_pages(end))
         self._layout[name] = allocation
-        self._top = end
+        self._top = round_to_pages(end) if own_pages else end
         return allocation.view(memory)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -215,7 +235,7 @@ class App:
     def _checkpoint_layout(self) -> dict[str, Any]:
         return {"version": self._executor.version, "top": self._top,
                 "arrays": [{"name": a.name, "offset": a.offset, "shape": list(a.shape),
-                            "dtype": a.dtype, "merge": a.merge.name.lower()}
+                            "dtype": a.dtype, "merge": a.merge.name.lower(), "start": a.start}
                            for a in self._layout.values()]}
 
     def _restore_layout(self, meta: dict[str, Any]) -> int:
@@ -223,15 +243,18 @@ class App:
         try:
             layout = {}
             for a in meta["arrays"]:
+                dt, op = dtype_of(str(a["dtype"])), MergeOp.of(a["merge"])
+                start = check_start(a.get("start", "snapshot"), op, dt)  # older checkpoints: none
                 alloc = Allocation(str(a["name"]), int(a["offset"]), tuple(int(s) for s in a["shape"]),
-                                   dtype_text(dtype_of(str(a["dtype"]))), MergeOp.of(a["merge"]))
+                                   dtype_text(dt), op, start)
                 if alloc.offset < 0 or alloc.offset + alloc.nbytes > self.memory.size:
                     raise ValueError(f"array {alloc.name!r} lies outside the memory")
                 layout[alloc.name] = alloc
             top, counter = int(meta["top"]), int(meta["version"])
             if not 0 <= top <= self.memory.size or counter < 0:
                 raise ValueError(f"top {top} or version {counter} out of range")
-        except (KeyError, TypeError, ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+        except (KeyError, TypeError, ValueError, SyntaxError, MemoryError, RecursionError,
+                AttributeError) as exc:  # AttributeError: an entry that is not a mapping
             raise CorruptDataError(f"the checkpoint's array layout is unreadable: {exc}") from None
         self._layout, self._top = layout, top
         return counter

@@ -33,6 +33,7 @@ import numpy as np
 from . import _native
 from ._errors import ConflictError, MergeError, PageforkError, WorkerError
 from ._sizes import PAGE_SIZE, round_to_pages
+from .identity import IdentityBuffers, products_as_overwrites, with_contributions
 from .memory import Region
 from .snapshot import DataType, DiffBatch, MergeOp, MergeRegion, Snapshot
 from .tracking import Tracker, probe, tracker
@@ -111,6 +112,7 @@ class Allocation:
     shape: tuple[int, ...]
     dtype: str
     merge: MergeOp
+    start: str = "snapshot"  # or "identity": threads start from the rule's identity (identity.py)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -126,13 +128,22 @@ class Allocation:
 
 class ThreadMemory:
     """What a thread function gets as ``mem``: ``mem[name]`` is that thread's
-    view of the named array; ``mem.region`` its whole memory."""
+    view of the named array; ``mem.region`` its whole memory. An array
+    allocated with ``start="identity"`` is a separate buffer starting at its
+    rule's identity; ``mem.region`` still holds the snapshot's bytes there
+    (and writes to them merge as changes to the shared value, as with
+    ``start="snapshot"``)."""
 
-    def __init__(self, region: Region, layout: dict[str, Allocation]) -> None:
+    def __init__(self, region: Region, layout: dict[str, Allocation],
+                 identity: dict[str, np.ndarray] | None = None) -> None:
         self.region = region
         self._layout = layout
+        self._identity = identity or {}
 
     def __getitem__(self, name: str) -> np.ndarray:
+        own = self._identity.get(name)
+        if own is not None:
+            return own[...]  # a new view: the thread may reshape it freely
         try:
             return self._layout[name].view(self.region)
         except KeyError:
@@ -280,24 +291,27 @@ def _copied(value: Any) -> Any:
     return pickle.loads(data)
 
 
-def call_thread_function(spec: BatchSpec, index: int, region: Region) -> Any:
-    """Calls thread ``index``'s function on ``region``, marking this Python
-    thread as inside the batch (so it cannot call its own App)."""
+def call_thread_function(spec: BatchSpec, index: int, region: Region,
+                         identity: dict[str, np.ndarray] | None = None) -> Any:
+    """Calls thread ``index``'s function on ``region`` (and the buffers of
+    the identity arrays), marking this Python thread as inside the batch (so
+    it cannot call its own App)."""
     previous = getattr(_inside, "snapshot", None)
     _inside.snapshot = spec.snapshot
     try:
-        return spec.fn(ThreadMemory(region, spec.layout), index, spec.n, *spec.args)
+        return spec.fn(ThreadMemory(region, spec.layout, identity), index, spec.n, *spec.args)
     finally:
         _inside.snapshot = previous
 
 
-def call_tracked(spec: BatchSpec, index: int, region: Region, tracker_: Tracker) -> tuple[Any, np.ndarray]:
+def call_tracked(spec: BatchSpec, index: int, region: Region, tracker_: Tracker,
+                 identity: dict[str, np.ndarray] | None = None) -> tuple[Any, np.ndarray]:
     """Calls thread ``index``'s function on ``region``, which ``tracker_``
     has started tracking; stops tracking and returns the result and the
     pages written. Raises if the function closed its memory (the workspace
     rebuilds it for the next thread)."""
     try:
-        result = call_thread_function(spec, index, region)
+        result = call_thread_function(spec, index, region, identity)
     finally:
         if not region.closed:
             tracker_.stop(region)
@@ -312,21 +326,25 @@ def check_thread_memory(region: Region) -> None:
 
 
 def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *,
-               copy_result: bool = False) -> ThreadOutcome:
+               copy_result: bool = False, identity: IdentityBuffers | None = None) -> ThreadOutcome:
     """Runs thread ``index`` of a batch on ``region`` (any backend, any
-    process): map the snapshot, track, call, diff. Whatever the function
+    process): map the snapshot, track, call, diff (with the diffs of the
+    identity arrays' buffers, from ``identity``). Whatever the function
     raises (``SystemExit`` and ``KeyboardInterrupt`` included) is reported as
     the thread's error. ``copy_result``: return an independent copy of the
     result (pickled and unpickled, as other backends ship it), since views of
     ``region`` change when the workspace runs its next thread."""
     try:
         spec.snapshot.map_to(region)
+        views = identity.begin(spec.layout.values()) if identity is not None else None
         tracker_.start(region)
     except BaseException as exc:  # not the thread's fault: say what the workspace lacks
         return ThreadOutcome(index, error=_preparation_error(exc))
     try:
-        result, dirty = call_tracked(spec, index, region, tracker_)
+        result, dirty = call_tracked(spec, index, region, tracker_, views)
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
+        if identity is not None:
+            diffs = with_contributions(diffs, identity.collect())
         if copy_result and type(result) not in _IMMUTABLE:
             try:
                 result = _copied(result)
@@ -386,6 +404,7 @@ class Workspace:
     def __init__(self) -> None:
         self.region: Region | None = None
         self.tracker: Tracker | None = None
+        self.identity = IdentityBuffers()
 
     def prepare(self, spec: BatchSpec) -> tuple[Region, Tracker]:
         size = round_to_pages(spec.snapshot.size)
@@ -416,7 +435,7 @@ class Workspace:
         for i in indexes:
             if cancel is not None and cancel.is_set():
                 break
-            outcomes.append(run_thread(spec, i, region, t, copy_result=copy_result))
+            outcomes.append(run_thread(spec, i, region, t, copy_result=copy_result, identity=self.identity))
         return outcomes
 
     def close(self) -> None:
@@ -425,6 +444,7 @@ class Workspace:
         if self.region is not None:
             self.region.close()
         self.region = self.tracker = None
+        self.identity.close()
 
 
 class _Latch:
@@ -803,6 +823,7 @@ class Executor:
         # as if written just before the batch, then the threads' changes.
         if self._main_dirty().any():
             stats.main_dirty_pages += self.carry_main_writes()
+        batches = products_as_overwrites(batches, layout.values(), self.snapshot)
         try:
             self.snapshot.apply_batches(batches)  # checked first: all or nothing
         except MergeError:

@@ -40,6 +40,8 @@ static PyMethodDef native_methods[] = {
      "Whether the PAGEMAP_SCAN ioctl works here."},
     {"diff", pf_diff, METH_VARARGS,
      "diff(memory, original, dirty, page_size, starts, ends, dtypes, ops) -> columns"},
+    {"identity_diff", pf_identity_diff, METH_VARARGS,
+     "identity_diff(memory, identity, dtype, op) -> columns"},
     {"apply", pf_apply, METH_VARARGS,
      "apply(target, offsets, lengths, dtypes, ops, data, check_only=False)"},
     {"check_columns", pf_check_columns, METH_VARARGS,

@@ -311,6 +311,7 @@ PyObject *pf_batch_finish(pf_batch *b);
 void pf_batch_free(pf_batch *b);
 
 PyObject *pf_diff(PyObject *self, PyObject *args);
+PyObject *pf_identity_diff(PyObject *self, PyObject *args);
 PyObject *pf_apply(PyObject *self, PyObject *args);
 PyObject *pf_copy_pages(PyObject *self, PyObject *args);
 PyObject *pf_check_columns(PyObject *self, PyObject *args);

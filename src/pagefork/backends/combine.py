@@ -30,6 +30,7 @@ from .. import _native, compact
 from .._sizes import round_to_pages
 from ..executor import (BatchSpec, ThreadOutcome, Workspace, call_thread_function, call_tracked,
                         check_thread_memory)
+from ..identity import with_contributions
 from ..memory import PAGE_SIZE, Region
 from ..tracking import Tracker
 from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
@@ -178,8 +179,10 @@ class CombiningWorkspace(Workspace):
         return _Partial(r, np.zeros(r.n_pages, np.bool_))
 
     def _run_one(self, spec: BatchSpec, i: int, region: Region, tracker_: Tracker,
-                 clean: np.ndarray | None, exact: bool) -> tuple[Any, np.ndarray, np.ndarray | None]:
-        """Runs thread ``i`` on ``region`` from the snapshot's bytes. ``clean``:
+                 clean: np.ndarray | None, exact: bool,
+                 identity: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray | None]:
+        """Runs thread ``i`` on ``region`` from the snapshot's bytes (and
+        ``identity``: the identity arrays' buffers). ``clean``:
         pages known to hold the snapshot's bytes already (not copied back).
         Returns its result, the pages to compare, and, when the memory was
         kept, the pages it newly made private (None when freshly mapped: then
@@ -206,14 +209,14 @@ class CombiningWorkspace(Workspace):
             self._kept = None
             spec.snapshot.map_to(region)
             tracker_.start(region)
-            result, dirty = call_tracked(spec, i, region, tracker_)
+            result, dirty = call_tracked(spec, i, region, tracker_, identity)
             if spec.tracking == "cow":
                 self._kept = key
                 # cow: written = private. Only worth keeping for many pages.
                 many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
                 self._private = dirty.view(np.uint8).copy() if many else None
             return result, dirty, None
-        result = call_thread_function(spec, i, region)
+        result = call_thread_function(spec, i, region, identity)
         check_thread_memory(region)
         after = np.empty(region.n_pages, np.uint8)
         _native.private_pages(region, after)
@@ -243,7 +246,8 @@ class CombiningWorkspace(Workspace):
             try:
                 if region.closed:  # an earlier thread function closed it: rebuild
                     region, tracker_ = self.prepare(spec)
-                result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining)
+                views = self.identity.begin(spec.layout.values())
+                result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining, views)
                 diffs = snapshot.diff(region, dirty, regions=own)
                 written = dirty
                 if partial is not None:
@@ -258,6 +262,9 @@ class CombiningWorkspace(Workspace):
                 # One small thread (a batch of a single cheap task between big
                 # ones) must not throw away the kept memory: decay, not reset.
                 self._recent = max(count, self._recent // 2)
+                # Identity arrays ship per thread: at scattered densities
+                # their diffs are small, and folding them costs a pass more.
+                diffs = with_contributions(diffs, self.identity.collect())
                 outcome = ThreadOutcome(i, result, diffs, count)
             except BaseException as exc:  # the thread's own error (SystemExit included)
                 self._kept = self._private = None  # the next thread maps afresh

@@ -10,7 +10,8 @@ checked against the exact answer:
   one partial array per worker summed by the parent, and optionally a plain
   Dask tree sum.
 * ``scattered``: each task adds compute-heavy values at 1% random unique
-  indices: pagefork beside serial numpy.
+  indices: pagefork (default start, and ``start="identity"``) beside serial
+  numpy.
 * ``shipped``: bytes the processes backend ships per changed int64 when the
   updates are scattered (the value itself is 8 bytes).
 * ``tracked``: ``Snapshot.tracked_changes()`` after rewriting a large range,
@@ -275,40 +276,52 @@ def _workers_cpu(app: App) -> float | None:
     return total
 
 
+SCATTERED_STARTS = {"pagefork processes": "snapshot", "pagefork processes, start=identity": "identity"}
+
+
 def scattered_sum(elements: int = 4 << 20, tasks: int = 8, workers: int = 2, density: float = 0.01,
                   task_seconds: float = 0.037, repeat: int = 3,
                   progress: Progress | None = None) -> tuple[list[Timing], int]:
-    """Seconds per compute-heavy scattered reduction (pagefork beside serial
-    numpy), and the arithmetic rounds per task used. Each Timing's note
-    gives CPU milliseconds per task (pagefork: its workers', and the
-    parent's per batch), which a loaded machine blurs far less than wall
-    time: their difference is pagefork's overhead per task."""
+    """Seconds per compute-heavy scattered reduction (pagefork with each
+    ``start`` of the accumulator, beside serial numpy), and the arithmetic
+    rounds per task used. Each Timing's note gives CPU milliseconds per task
+    (pagefork: its workers', and the parent's per batch), which a loaded
+    machine blurs far less than wall time: their difference is pagefork's
+    overhead per task."""
     idx = _scatter_indices(elements, tasks, density)
     rounds = _calibrate_rounds(idx.shape[1], task_seconds)
     expected = np.zeros(elements, np.int64)
     for i in range(tasks):
         expected[idx[i]] += _work(idx[i], rounds)
-    results = {"pagefork processes": Timing("pagefork processes"), "serial numpy": Timing("serial numpy")}
-    cpu: dict[str, list[float]] = {"workers": [], "parent": [], "serial": []}
-    with App(elements * 8 + idx.nbytes + 2 * PAGE_SIZE, backend="processes", workers=workers) as app:
-        app.alloc("idx", idx.shape, np.int64)[:] = idx
-        acc = app.alloc("acc", elements, np.int64, merge="sum")
+    results = {name: Timing(name) for name in [*SCATTERED_STARTS, "serial numpy"]}
+    cpu: dict[str, list[float]] = {"serial": []}
+    apps: dict[str, App] = {}
+    try:
+        for name, start in SCATTERED_STARTS.items():
+            app = apps[name] = App(elements * 8 + idx.nbytes + 2 * PAGE_SIZE, backend="processes",
+                                   workers=workers)
+            app.alloc("idx", idx.shape, np.int64)[:] = idx
+            app.alloc("acc", elements, np.int64, merge="sum", start=start)
+            cpu[name + " workers"], cpu[name + " parent"] = [], []
         for r in range(repeat + 1):
             if progress:
                 progress(f"scattered {density:.0%} sum, round {r} of {repeat}")
-            acc[:] = 0
-            app.parallel(_noop, 1)
-            w0, p0 = _workers_cpu(app), time.process_time()
-            t0 = time.perf_counter()
-            app.parallel(_scattered_task, tasks, args=(rounds,))
-            t = time.perf_counter() - t0
-            w1, p1 = _workers_cpu(app), time.process_time()
-            if r:
-                results["pagefork processes"].seconds.append(t)
-                results["pagefork processes"].correct &= bool(np.array_equal(acc, expected))
-                if w0 is not None and w1 is not None:
-                    cpu["workers"].append((w1 - w0) / tasks)
-                cpu["parent"].append(p1 - p0)
+            for name, app in apps.items():
+                acc = app["acc"]
+                acc[:] = 0
+                app.parallel(_noop, 1)
+                w0, p0 = _workers_cpu(app), time.process_time()
+                t0 = time.perf_counter()
+                app.parallel(_scattered_task, tasks, args=(rounds,))
+                t = time.perf_counter() - t0
+                w1, p1 = _workers_cpu(app), time.process_time()
+                if r:
+                    results[name].seconds.append(t)
+                    results[name].correct &= bool(np.array_equal(acc, expected))
+                    if w0 is not None and w1 is not None:
+                        cpu[name + " workers"].append((w1 - w0) / tasks)
+                    cpu[name + " parent"].append(p1 - p0)
+                del acc
             t0, c0 = time.perf_counter(), time.process_time()
             serial = np.zeros(elements, np.int64)
             for i in range(tasks):
@@ -318,11 +331,14 @@ def scattered_sum(elements: int = 4 << 20, tasks: int = 8, workers: int = 2, den
                 results["serial numpy"].seconds.append(t)
                 results["serial numpy"].correct &= bool(np.array_equal(serial, expected))
                 cpu["serial"].append(c / tasks)
-        del acc
-    if cpu["workers"]:
-        results["pagefork processes"].note = (
-            f"CPU {statistics.median(cpu['workers']) * 1e3:.1f} ms per task in the workers, "
-            f"{statistics.median(cpu['parent']) * 1e3:.0f} ms per batch in the parent")
+    finally:
+        for app in apps.values():
+            app.close()
+    for name in SCATTERED_STARTS:
+        if cpu[name + " workers"]:
+            results[name].note = (
+                f"CPU {statistics.median(cpu[name + ' workers']) * 1e3:.1f} ms per task in the workers, "
+                f"{statistics.median(cpu[name + ' parent']) * 1e3:.0f} ms per batch in the parent")
     if cpu["serial"]:
         results["serial numpy"].note = f"CPU {statistics.median(cpu['serial']) * 1e3:.1f} ms per task"
     return list(results.values()), rounds
@@ -434,22 +450,55 @@ class ReduceResults:
                 "tracked": self.tracked, "tracked_size": self.tracked_size}
 
 
+#: The measurements ``run_all`` can be limited to.
+SECTIONS = ("dense", "scattered", "shipped", "tracked")
+
+
 def run_all(quick: bool = False, dense_elements: int | None = None, dask: bool = False,
-            progress: Progress | None = None) -> ReduceResults:
-    """Every reduction measurement; ``quick`` keeps the whole run near a minute."""
+            progress: Progress | None = None, only: str | None = None) -> ReduceResults:
+    """Every reduction measurement (or ``only`` one of :data:`SECTIONS`);
+    ``quick`` keeps the whole run near a minute."""
+    if only is not None and only not in SECTIONS:
+        raise ValueError(f"only must be one of {', '.join(SECTIONS)}, not {only!r}")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     elements = dense_elements or (16 << 20)
     repeat = 2 if quick else 5
-    dense = dense_sum(elements, repeat=repeat, dask=dask, progress=progress)
-    scattered, rounds = scattered_sum(repeat=3 if quick else 7, progress=progress)
-    shipped = bytes_per_value(progress=progress)
-    tracked_size = 256 << 20
-    tracked = tracked_changes_cost(tracked_size, progress=progress)
-    return ReduceResults(dense, elements, scattered, rounds, shipped, tracked, tracked_size)
+    res = ReduceResults([], elements, [], 0, {}, [], 256 << 20)
+    if only in (None, "dense"):
+        res.dense = dense_sum(elements, repeat=repeat, dask=dask, progress=progress)
+    if only in (None, "scattered"):
+        res.scattered, res.scattered_rounds = scattered_sum(repeat=3 if quick else 7, progress=progress)
+    if only in (None, "shipped"):
+        res.shipped = bytes_per_value(progress=progress)
+    if only in (None, "tracked"):
+        res.tracked = tracked_changes_cost(res.tracked_size, progress=progress)
+    return res
 
 
 def format_results(res: ReduceResults) -> str:
-    lines = []
+    lines: list[str] = []
+    if res.dense:
+        _format_dense(res, lines)
+    if res.scattered:
+        _format_scattered(res, lines)
+    if res.shipped:
+        s = res.shipped
+        lines.append(f"\nScattered updates, bytes shipped per changed int64: {s['bytes_per_value']:.1f} B "
+                     f"({int(s['bytes_shipped'])} bytes for {int(s['values_changed'])} values; "
+                     f"{s['bytes_per_value'] / 8:.2f}x the values; "
+                     f"{'correct' if s['correct'] else 'WRONG'})")
+    if res.tracked:
+        lines.append(f"\nAfter rewriting {res.tracked_size >> 20} MiB of a snapshot:")
+        base = res.tracked[1]
+        for row in res.tracked:
+            lines.append(f"  {row['name']:<32}{min(row['seconds']) * 1e3:>9.0f} ms  "
+                         f"+{max(row['extra_rss']) / 2**20:>6.0f} MiB RSS  "
+                         f"{min(row['seconds']) / min(base['seconds']):>6.2f}x  "
+                         f"{'correct' if row['correct'] else 'WRONG'}")
+    return "\n".join(lines).lstrip("\n")
+
+
+def _format_dense(res: ReduceResults, lines: list[str]) -> None:
     ours = next(t for t in res.dense if t.name.startswith("pagefork"))
     lines.append(f"Dense: 8 tasks each add to all of {res.dense_elements >> 20}M int64 "
                  f"({res.dense_elements * 8 >> 20} MB), 2 worker processes (median of "
@@ -457,24 +506,15 @@ def format_results(res: ReduceResults) -> str:
     for t in res.dense:
         lines.append(f"  {t.name:<32}{t.median * 1e3:>9.0f} ms   pagefork/this {ours.median / t.median:>6.2f}x"
                      f"  {'correct' if t.correct else 'WRONG'}")
-    ours = res.scattered[0]
-    serial = res.scattered[1]
+
+
+def _format_scattered(res: ReduceResults, lines: list[str]) -> None:
+    serial = next(t for t in res.scattered if t.name == "serial numpy")
     lines.append(f"\nScattered: 8 tasks, 1% random unique indices of 4M int64 each, "
-                 f"{res.scattered_rounds} rounds of arithmetic per task (median of {len(ours.seconds)})")
+                 f"{res.scattered_rounds} rounds of arithmetic per task (median of {len(serial.seconds)})")
     for t in res.scattered:
-        lines.append(f"  {t.name:<32}{t.median * 1e3:>9.0f} ms  {'correct' if t.correct else 'WRONG'}"
+        lines.append(f"  {t.name:<36}{t.median * 1e3:>9.0f} ms  {'correct' if t.correct else 'WRONG'}"
                      + (f"  ({t.note})" if t.note else ""))
-    lines.append(f"  pagefork speed-up over serial numpy: {serial.median / ours.median:.2f}x")
-    s = res.shipped
-    lines.append(f"\nScattered updates, bytes shipped per changed int64: {s['bytes_per_value']:.1f} B "
-                 f"({int(s['bytes_shipped'])} bytes for {int(s['values_changed'])} values; "
-                 f"{s['bytes_per_value'] / 8:.2f}x the values; "
-                 f"{'correct' if s['correct'] else 'WRONG'})")
-    lines.append(f"\nAfter rewriting {res.tracked_size >> 20} MiB of a snapshot:")
-    base = res.tracked[1]
-    for row in res.tracked:
-        lines.append(f"  {row['name']:<32}{min(row['seconds']) * 1e3:>9.0f} ms  "
-                     f"+{max(row['extra_rss']) / 2**20:>6.0f} MiB RSS  "
-                     f"{min(row['seconds']) / min(base['seconds']):>6.2f}x  "
-                     f"{'correct' if row['correct'] else 'WRONG'}")
-    return "\n".join(lines)
+    for t in res.scattered:
+        if t is not serial:
+            lines.append(f"  speed-up over serial numpy, {t.name}: {serial.median / t.median:.2f}x")

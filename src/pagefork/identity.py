@@ -1,0 +1,238 @@
+"""Arrays whose threads start from the merge rule's identity
+(``App.alloc(..., start="identity")``): OpenMP's ``reduction(+:x)`` model.
+
+Every thread's ``mem[name]`` starts at the identity of the array's rule (0
+for ``sum`` and ``xor``, 1 for ``product``, the dtype's lowest value or -inf
+for ``max``, its highest or +inf for ``min``) instead of the shared value,
+and at the join main memory becomes ``main op (each thread's values)``, in
+thread order.
+
+Why: a thread's copy-on-write memory costs a page fault (several
+microseconds) for every page it first writes; a thread that scatters updates
+over a large array writes nearly every page. Here each worker keeps one
+buffer per identity array, populated once and reused by every thread it
+runs, in every batch. After a thread, the buffer is compared with an
+identity-filled copy (the native diff kernel, at memory speed), which gives
+exactly the diffs the merge needs (``sum``: value - 0, ``product``: value /
+1, ``max``/``min``: the value, ``xor``: value ^ 0), and only the runs that
+changed are put back to the identity before the next thread. So a thread
+pays two passes over the array at memory speed, whatever it writes, instead
+of a fault per page written.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+from . import _native
+from ._sizes import PAGE_SIZE, round_to_pages
+from .snapshot import DataType, DiffBatch, MergeOp
+
+if TYPE_CHECKING:
+    from .executor import Allocation
+
+__all__ = ["STARTS", "IDENTITY_RULES", "identity_of", "check_start", "IdentityBuffers", "with_contributions",
+           "products_as_overwrites"]
+
+#: The values ``App.alloc``'s ``start`` takes.
+STARTS = ("snapshot", "identity")
+
+#: The merge rules that have an identity (in the order the docs list them).
+IDENTITY_RULES = (MergeOp.SUM, MergeOp.PRODUCT, MergeOp.MAX, MergeOp.MIN, MergeOp.XOR)
+
+
+def identity_of(op: MergeOp, dt: np.dtype) -> np.ndarray:
+    """One element of dtype ``dt`` holding the identity of ``op`` (a 1-element
+    array, so structured and byte-string dtypes work for ``xor``). Raises
+    ValueError for rules and dtypes that have none."""
+    if op not in IDENTITY_RULES:
+        raise ValueError(f"start='identity' needs a merge rule with an identity (sum, product, max, "
+                         f"min, xor), not {op.name.lower()!r}")
+    value = np.zeros(1, dt)  # sum and xor: all zero bytes
+    if op is MergeOp.XOR or op is MergeOp.SUM:
+        return value
+    try:
+        kind = DataType.of(dt)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"merge={op.name.lower()!r} has no identity for dtype {dt}: {exc}") from None
+    if kind is DataType.RAW or (kind is DataType.BOOL and op is MergeOp.PRODUCT):
+        raise ValueError(f"merge={op.name.lower()!r} has no identity for dtype {dt}")
+    numeric = kind.numpy
+    if op is MergeOp.PRODUCT:
+        value[0] = 1
+    elif kind is DataType.BOOL:
+        value[0] = op is MergeOp.MIN
+    elif numeric.kind == "f":
+        value[0] = -np.inf if op is MergeOp.MAX else np.inf
+    else:
+        info = np.iinfo(numeric)
+        value[0] = info.min if op is MergeOp.MAX else info.max
+    return value
+
+
+def check_start(start: object, op: MergeOp, dt: np.dtype) -> str:
+    """``start`` checked against the rule and dtype (ValueError if refused)."""
+    if not isinstance(start, str) or start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}, not {start!r}")
+    if start == "identity":
+        identity_of(op, dt)
+    return start
+
+
+@dataclass
+class _Buffer:
+    """One identity array's private buffer on a worker (page-rounded,
+    page-aligned, populated once)."""
+
+    allocation: Allocation
+    data: np.ndarray       # uint8, the thread writes here (through a typed view)
+    elements: np.ndarray   # data as identity-sized elements (bytes for xor)
+    identity: np.ndarray   # one element: what every element of data starts as
+    kind: DataType         # the diffs' labels (xor: RAW bytes)
+    # What the last thread changed, put back before the next one:
+    # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
+    pending: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def build(cls, a: Allocation) -> _Buffer:
+        dt = a.np_dtype
+        size = max(round_to_pages(a.nbytes), PAGE_SIZE)
+        xor = a.merge is MergeOp.XOR
+        identity = np.zeros(1, np.uint8) if xor else identity_of(a.merge, dt)
+        data = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+        elements = data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
+        buffer = cls(a, data, elements, identity, DataType.RAW if xor else DataType.of(dt))
+        buffer.reset()  # populates it: no thread pays a page fault
+        return buffer
+
+    def reset(self) -> None:
+        """Puts back to the identity what the last thread changed: the
+        changed runs when few, else the whole buffer."""
+        if self.pending is None or int(self.pending[1].sum()) * 4 > self.data.size:
+            self.elements.fill(self.identity[0])
+        elif self.pending[0].size:  # one native pass writing the identity over each run
+            offsets, lengths = self.pending
+            k = self.identity.itemsize
+            total = int(lengths.sum())
+            fill = (np.zeros(total, np.uint8) if not self.identity.view(np.uint8).any()
+                    else np.full(total // k, self.identity[0], self.identity.dtype).view(np.uint8))
+            raw = np.zeros(offsets.size, np.uint8)  # DataType.RAW, MergeOp.OVERWRITE
+            _native.apply(self.data, offsets, lengths, raw, raw, fill)
+        self.pending = None  # until diffs() says what the next thread changed
+
+    def view(self) -> np.ndarray:
+        a = self.allocation
+        return self.data[: a.nbytes].view(a.np_dtype).reshape(a.shape)
+
+    def diffs(self) -> DiffBatch:
+        """The thread's contributions as diffs at the allocation's offset."""
+        a = self.allocation
+        batch = DiffBatch._from_native(_native.identity_diff(
+            self.data[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
+        self.pending = (batch.offsets, batch.lengths)
+        return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
+                                    batch.data)
+
+
+class IdentityBuffers:
+    """A worker's buffers for the identity arrays of the layouts it runs
+    (one per :class:`~pagefork.executor.Workspace`, used by one thread at a
+    time). A buffer is rebuilt when its allocation changes and dropped when
+    it leaves the layout."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, _Buffer] = {}
+
+    def begin(self, layout: Iterable[Allocation]) -> dict[str, np.ndarray]:
+        """Buffers at the identity for the next thread: name -> its array."""
+        wanted = {a.name: a for a in layout if a.start == "identity"}
+        for name in [n for n, b in self._buffers.items() if wanted.get(n) != b.allocation]:
+            del self._buffers[name]  # freed with the last view a result may still hold
+        for name, a in wanted.items():
+            if name not in self._buffers:
+                self._buffers[name] = _Buffer.build(a)
+        views = {}
+        for name, b in self._buffers.items():
+            b.reset()
+            views[name] = b.view()
+        return views
+
+    def collect(self) -> DiffBatch | None:
+        """The last thread's diffs of every identity array (None when there is
+        no identity array); the runs they cover are reset at the next
+        :meth:`begin`. A thread that fails is never collected: every buffer
+        is then reset whole."""
+        if not self._buffers:
+            return None
+        parts = [b.diffs() for b in sorted(self._buffers.values(), key=lambda b: b.allocation.offset)]
+        return parts[0] if len(parts) == 1 else DiffBatch.concat(parts)
+
+    def close(self) -> None:
+        self._buffers.clear()
+
+
+def with_contributions(diffs: DiffBatch, contributions: DiffBatch | None) -> DiffBatch:
+    """A thread's diffs followed by its identity arrays' (copied only when
+    both have some)."""
+    if contributions is None or not len(contributions):
+        return diffs
+    return contributions if not len(diffs) else DiffBatch.concat([diffs, contributions])
+
+
+def _expand(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every index of the runs [first, first + count), whole-array numpy."""
+    if counts.size == 0 or bool((counts == 1).all()):  # scattered values: one per run
+        return firsts
+    before = np.cumsum(counts) - counts
+    return np.repeat(firsts - before, counts) + np.arange(int(counts.sum()))
+
+
+def products_as_overwrites(batches: Sequence[DiffBatch], allocations: Iterable[Allocation],
+                           snapshot: Any) -> list[DiffBatch]:
+    """``batches`` (in thread order) with the PRODUCT diffs of identity
+    arrays replaced by OVERWRITE diffs of the products. The merge kernel
+    refuses a PRODUCT over a zero (with ``start="snapshot"`` the ratio
+    behind it is lost); here each value is the factor itself, so main times
+    every thread's factors, in thread order, is exact whatever main holds.
+    Costs what the diffs hold (whole-array numpy, one pass per thread)."""
+    products = [a for a in allocations if a.start == "identity" and a.merge is MergeOp.PRODUCT and a.nbytes]
+    if not products or not any(len(b) for b in batches):
+        return list(batches)
+    keep = [np.ones(len(b), np.bool_) for b in batches]
+    extra = []
+    for a in products:
+        dt, k, lo, hi = a.np_dtype, a.np_dtype.itemsize, a.offset, a.offset + a.nbytes
+        parts = []  # per thread: (element indexes, factors)
+        for b, kept in zip(batches, keep):
+            mine = (b.ops == int(MergeOp.PRODUCT)) & (b.offsets >= lo) & (b.offsets < hi)
+            if not mine.any():
+                continue
+            kept &= ~mine
+            lengths = b.lengths[mine]
+            factors = np.frombuffer(_native.gather(b.data, b.starts[mine], lengths), dt)
+            parts.append((_expand((b.offsets[mine] - lo) // k, lengths // k), factors))
+        if not parts:
+            continue
+        touched = np.unique(np.concatenate([p[0] for p in parts]))
+        values = np.frombuffer(snapshot.view(), dt, a.nbytes // k, lo)[touched]
+        with np.errstate(all="ignore"):
+            for elements, factors in parts:  # thread order: floats round as it does
+                # .at: an element may repeat (mem.region written there too), in diff order
+                np.multiply.at(values, np.searchsorted(touched, elements), factors)
+        count = touched.size
+        extra.append(DiffBatch._unchecked(lo + touched.astype(np.int64) * k, np.full(count, k, np.int64),
+                                          np.zeros(count, np.uint8), np.zeros(count, np.uint8),
+                                          values.tobytes()))  # RAW, OVERWRITE
+    out = [b if kept.all() else _select(b, kept) for b, kept in zip(batches, keep)]
+    return out + extra
+
+
+def _select(b: DiffBatch, kept: np.ndarray) -> DiffBatch:
+    """The diffs of ``b`` flagged in ``kept``."""
+    lengths = b.lengths[kept]
+    return DiffBatch._unchecked(b.offsets[kept], lengths, b.dtypes[kept], b.ops[kept],
+                                _native.gather(b.data, b.starts[kept], lengths))

@@ -1,0 +1,494 @@
+"""App.alloc(..., start="identity"): each thread's mem[name] starts at the
+merge rule's identity; the join applies every thread's changed values to
+main memory in thread order. Checked byte for byte against a numpy model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pagefork import PAGE_SIZE, App, ConflictError, CorruptDataError, WorkerError
+from pagefork.identity import identity_of
+from pagefork.snapshot import MergeOp
+
+BACKENDS = ["threads", "processes"]
+
+CASES = [  # (rule, dtype)
+    ("sum", np.int64), ("sum", np.uint8), ("sum", np.int32), ("sum", np.float64), ("sum", np.float32),
+    ("product", np.int64), ("product", np.int16), ("product", np.float64),
+    ("max", np.int64), ("max", np.uint16), ("max", np.float64), ("max", np.float32), ("max", np.bool_),
+    ("min", np.int8), ("min", np.uint64), ("min", np.float64), ("min", np.bool_),
+    ("xor", np.int64), ("xor", np.uint8), ("xor", np.float64), ("xor", "S3"), ("xor", np.complex128),
+]
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """Each element's bytes as one row (bitwise comparison, NaN included)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8).reshape(a.size, a.dtype.itemsize)
+
+
+def model(main: np.ndarray, rule: str, contributions: list[np.ndarray]) -> np.ndarray:
+    """Main memory after the join: for every element a thread changed
+    (bitwise against the identity), main = main op value, in thread order."""
+    out = main.copy()
+    identity = identity_of(MergeOp.of(rule), main.dtype)
+    for c in contributions:
+        changed = (_bits(c) != _bits(np.broadcast_to(identity, c.shape))).any(axis=1)
+        o, d = out.reshape(-1), c.reshape(-1)
+        with np.errstate(all="ignore"):
+            if rule == "xor":
+                ob, db = _bits(out), _bits(c)
+                ob[changed] ^= db[changed]
+                continue
+            if rule == "sum":
+                new = o + d
+            elif rule == "product":
+                new = o * d
+            elif rule == "max":  # as the merge: keeps o when o >= d or o is NaN
+                keep = (o >= d) | (np.isnan(o) if o.dtype.kind == "f" else False)
+                new = np.where(keep, o, d)
+            else:
+                keep = (o <= d) | (np.isnan(o) if o.dtype.kind == "f" else False)
+                new = np.where(keep, o, d)
+        o[changed] = new[changed]
+    return out
+
+
+def edge_values(dt: np.dtype, count: int, seed: int) -> np.ndarray:
+    """Values including the dtype's extremes (wrap-around) and, for floats,
+    inf, -inf, NaN and -0.0."""
+    rng = np.random.default_rng(seed)
+    if dt.kind == "f":
+        with np.errstate(over="ignore"):  # 1e300 is inf in float32
+            pool = np.array([np.inf, -np.inf, np.nan, -0.0, 0.0, 1.0, -1.0, 3.5, 1e300, -2.25], dt)
+        return np.where(rng.random(count) < 0.3, pool[rng.integers(0, pool.size, count)],
+                        rng.normal(0, 100, count).astype(dt))
+    if dt.kind == "b":
+        return rng.random(count) < 0.5
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        pool = np.array([info.min, info.max, 0, 1, 2, info.max - 1], dt)
+        return np.where(rng.random(count) < 0.3, pool[rng.integers(0, pool.size, count)],
+                        rng.integers(info.min, info.max, count, dtype=dt, endpoint=True))
+    raw = rng.integers(0, 256, count * dt.itemsize, dtype=np.uint8)
+    return raw.view(dt)
+
+
+def _contribute(mem, i, n, rule, count, seed):
+    """Thread i: checks it starts at the identity, then writes values at
+    random indices (as assignments and through the rule's own operation)."""
+    a = mem["acc"]
+    identity = identity_of(MergeOp.of(rule), a.dtype)
+    fresh = bool((_bits(a) == _bits(np.broadcast_to(identity, a.shape))).all())
+    rng = np.random.default_rng(seed + i)
+    idx = rng.choice(a.size, size=min(count, a.size), replace=False)
+    a.reshape(-1)[idx] = edge_values(a.dtype, idx.size, seed + 100 + i)
+    return fresh, np.array(a)  # the thread's final values (a copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule,dtype", CASES, ids=lambda v: v if isinstance(v, str) else np.dtype(v).name)
+def test_every_rule_and_dtype_merges_exactly(backend, rule, dtype):
+    dt = np.dtype(dtype)
+    with App("1MiB", backend=backend, workers=2) as app:
+        before = app.alloc("before", 3, np.int8)
+        acc = app.alloc("acc", 3000, dt, merge=rule, start="identity")
+        after = app.alloc("after", 5, np.int16, merge="sum")
+        start = edge_values(dt, acc.size, seed=1)
+        for batch in range(2):  # the second batch reuses (and must have reset) the buffers
+            acc[:] = start if batch == 0 else acc
+            main = np.array(acc)
+            results = app.parallel(_contribute, 5, args=(rule, 400, 10 * batch))
+            assert all(fresh for fresh, _ in results)
+            expected = model(main, rule, [values for _, values in results])
+            assert _bits(acc).tobytes() == _bits(expected).tobytes()
+        assert not before.any() and not after.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scattered_integer_sum_wraps_like_numpy(backend):
+    n = 9
+    with App("2MiB", backend=backend, workers=2) as app:
+        acc = app.alloc("acc", 100_000, np.int64, merge="sum", start="identity")
+        acc[:] = np.iinfo(np.int64).max - 3
+
+        def add(mem, i, n):
+            mem["acc"][i::7] += 5  # through the max: wraps
+            mem["acc"][-1] += i
+
+        app.parallel(add, n)
+        expected = np.full(100_000, np.iinfo(np.int64).max - 3, np.int64)
+        with np.errstate(over="ignore"):
+            for i in range(n):
+                expected[i::7] += 5
+                expected[-1] += i
+        assert np.array_equal(acc, expected)
+
+
+def test_floats_merge_in_thread_order():
+    with App("64KiB", backend="processes", workers=2) as app:
+        acc = app.alloc("acc", 4, np.float64, merge="sum", start="identity")
+        acc[:] = 1e16
+        adds = [1.0, -1e16, 1.0, 0.5]
+
+        def add(mem, i, n):
+            mem["acc"][:] += adds[i]
+
+        app.parallel(add, 4)
+        x = 1e16
+        for v in adds:
+            x += v
+        assert acc.tolist() == [x] * 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(threads=st.integers(1, 6), density=st.sampled_from([0.0, 0.001, 0.05, 0.5, 1.0]),
+       seed=st.integers(0, 2**16), size=st.integers(1, 3 * PAGE_SIZE // 8 + 3))
+def test_random_index_sets_and_thread_counts(threads, density, seed, size):
+    with App("256KiB", backend="threads", workers=2) as app:
+        acc = app.alloc("acc", size, np.int64, merge="sum", start="identity")
+        acc[:] = np.arange(size)
+
+        def add(mem, i, n):
+            rng = np.random.default_rng(seed + i)
+            idx = np.flatnonzero(rng.random(size) < density)
+            mem["acc"][idx] += idx * (i + 1) - 7
+            return idx
+
+        chosen = app.parallel(add, threads)
+        expected = np.arange(size, dtype=np.int64)
+        for i, idx in enumerate(chosen):
+            expected[idx] += idx * (i + 1) - 7
+        assert np.array_equal(acc, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_raising_thread_merges_nothing_and_the_next_batch_is_exact(backend):
+    with App("1MiB", backend=backend, workers=2) as app:
+        acc = app.alloc("acc", 50_000, np.int32, merge="max", start="identity")
+        acc[:] = 3
+
+        def work(mem, i, n, fail):
+            a = mem["acc"]
+            fresh = bool((a == np.iinfo(np.int32).min).all())
+            a[i::n] = 100 + i
+            if fail and i == 2:
+                a[:] = 999  # all over the buffer, then fails
+                raise RuntimeError("boom")
+            return fresh
+
+        with pytest.raises(WorkerError, match="boom"):
+            app.parallel(work, 6, args=(True,))
+        assert (acc == 3).all()
+        for _ in range(2):
+            assert all(app.parallel(work, 6, args=(False,)))
+            expected = np.full(50_000, 3, np.int32)
+            for i in range(6):
+                expected[i::6] = 100 + i
+            assert np.array_equal(acc, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sizes_and_neighbours(backend):
+    with App("1MiB", backend=backend, workers=2) as app:
+        small = app.alloc("small", 3, np.uint8, merge="sum")
+        one = app.alloc("one", 1, np.int64, merge="sum", start="identity")
+        odd = app.alloc("odd", 1001, np.int32, merge="min", start="identity")  # not a page multiple
+        next_ = app.alloc("next", 7, np.int16, merge="overwrite")
+        layout = app.arrays
+        for name in ("one", "odd"):
+            assert layout[name].offset % PAGE_SIZE == 0
+        assert layout["odd"].offset >= layout["one"].offset + PAGE_SIZE
+        assert layout["next"].offset >= layout["odd"].offset + PAGE_SIZE  # a new page
+        odd[:] = 50
+
+        def work(mem, i, n):
+            mem["small"][i % 3] += 1
+            mem["one"][0] += i + 1
+            mem["odd"][i::n] = np.int32(i)
+            mem["odd"][-1] = -i
+            mem["next"][i] = i
+            mem["one"].shape = (1, 1)  # a view of its own: the next thread's is intact
+
+        for _ in range(2):
+            app.parallel(work, 5)
+        assert small.tolist() == [4, 4, 2] and one.tolist() == [30]
+        expected = np.full(1001, 50, np.int32)
+        for i in range(5):
+            expected[i::5] = np.minimum(expected[i::5], i)
+        expected[-1] = -4
+        assert np.array_equal(odd, expected)
+        assert next_.tolist() == [0, 1, 2, 3, 4, 0, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_region_holds_the_snapshot_bytes(backend):
+    with App("256KiB", backend=backend, workers=2) as app:
+        acc = app.alloc("acc", 100, np.float64, merge="sum", start="identity")
+        acc[:] = np.arange(100) * 0.5
+        offset = app.arrays["acc"].offset
+
+        def look(mem, i, n):
+            shared = np.frombuffer(mem.region, np.float64, 100, offset)
+            own = mem["acc"]
+            own += 1.0
+            return np.array(shared), np.array(own)
+
+        for shared, own in app.parallel(look, 3):
+            assert np.array_equal(shared, np.arange(100) * 0.5)
+            assert (own == 1.0).all()
+        assert np.array_equal(acc, np.arange(100) * 0.5 + 3.0)
+
+
+def test_a_result_that_is_a_view_of_the_buffer_keeps_its_values():
+    with App("64KiB", backend="threads", workers=1) as app:
+        app.alloc("acc", 10, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            mem["acc"][:] = i + 1
+            return mem["acc"]
+
+        results = app.parallel(work, 3)
+        assert [r.tolist() for r in results] == [[1] * 10, [2] * 10, [3] * 10]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_changes_and_growth_between_batches(backend):
+    with App("64KiB", max_size="4MiB", backend=backend, workers=2) as app:
+        a = app.alloc("a", 100, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            for name in mem.keys():
+                mem[name][...] += 1
+            return sorted(mem.keys())
+
+        app.parallel(work, 3)
+        b = app.alloc("b", 200_000, np.int64, merge="sum", start="identity")  # grows main memory
+        c = app.alloc("c", 10, np.int64, merge="sum")
+        assert app.parallel(work, 3)[0] == ["a", "b", "c"]
+        assert (a == 6).all() and (b == 3).all() and (c == 3).all()
+
+
+def test_conflicts_are_still_found_beside_identity_arrays():
+    with App("64KiB", backend="threads", workers=2, detect_conflicts=True) as app:
+        app.alloc("acc", 10, np.int64, merge="sum", start="identity")
+        app.alloc("owner", 1, np.int64)
+
+        def work(mem, i, n, clash):
+            mem["acc"][:] += 1  # every thread, never a conflict
+            mem["owner"][0] = i if clash else 7
+
+        app.parallel(work, 3, args=(False,))
+        assert (app["acc"] == 3).all()
+        with pytest.raises(ConflictError):
+            app.parallel(work, 3, args=(True,))
+        assert (app["acc"] == 3).all()
+
+
+@pytest.mark.parametrize("rule,dtype,why", [
+    ("overwrite", np.int64, "identity"), ("subtract", np.int64, "identity"),
+    ("ignore", np.int64, "identity"), ("product", np.bool_, "product"), ("sum", np.bool_, "sum"),
+    ("max", "S4", "max"), ("min", np.complex128, "min"),
+])
+def test_rules_without_an_identity_are_refused(rule, dtype, why):
+    with App("64KiB", backend="threads") as app:
+        with pytest.raises(ValueError, match=why):
+            app.alloc("acc", 10, dtype, merge=rule, start="identity")
+        for bad in ("Identity", "", None, 1):
+            with pytest.raises(ValueError, match="start"):
+                app.alloc("acc", 10, np.int64, merge="sum", start=bad)  # type: ignore[arg-type]
+        assert app.arrays == {}
+        assert app.alloc("acc", 10, np.int64, merge="sum").size == 10  # the name is still free
+
+
+def test_checkpoints_record_the_start(tmp_path):
+    from pagefork._checkpoint_format import Manifest
+
+    with App("256KiB", backend="threads") as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+        app.alloc("plain", 10, np.int64, merge="sum")
+        acc[:] = 5
+        app.checkpoint(tmp_path)
+    with App.restore(tmp_path, backend="processes", workers=2) as back:
+        assert back.arrays["acc"].start == "identity" and back.arrays["plain"].start == "snapshot"
+
+        def work(mem, i, n):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][:] += 1
+            return fresh
+
+        assert all(back.parallel(work, 3))
+        assert (back["acc"] == 8).all()
+    path = tmp_path / "v0000000001.json"
+    good = path.read_bytes()
+    for bad in ("median", 3, "identity"):  # "identity" on an overwrite array: refused too
+        m = Manifest.decode(good)
+        entry = m.app["arrays"][0 if bad != "identity" else 1]  # type: ignore[index]
+        entry["start"] = bad
+        if bad == "identity":
+            entry["merge"] = "overwrite"
+        path.write_bytes(m.encode())
+        with pytest.raises(CorruptDataError, match="layout"):
+            App.restore(tmp_path, backend="threads")
+    m = Manifest.decode(good)
+    for a in m.app["arrays"]:  # type: ignore[index]
+        del a["start"]  # a checkpoint from before start existed
+    path.write_bytes(m.encode())
+    with App.restore(tmp_path, backend="threads") as old:
+        assert old.arrays["acc"].start == "snapshot"
+
+
+# ---- the native scan ------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(rule_dtype=st.sampled_from([("sum", np.int64), ("max", np.float64), ("min", np.int32),
+                                   ("product", np.int16), ("max", np.bool_), ("sum", np.uint8)]),
+       n=st.integers(0, 600), changes=st.lists(st.integers(0, 599), max_size=80), seed=st.integers(0, 99))
+def test_identity_diff_matches_the_diff_against_a_filled_reference(rule_dtype, n, changes, seed):
+    from pagefork import DataType, _native
+    from pagefork.snapshot import DiffBatch
+
+    rule, dtype = rule_dtype
+    dt, op = np.dtype(dtype), MergeOp.of(rule)
+    identity = identity_of(op, dt)
+    memory = np.full(n, identity[0], dt)
+    at = [c for c in changes if c < n]
+    memory[at] = edge_values(dt, len(at), seed)
+    reference = np.full(n, identity[0], dt)
+    kind = int(DataType.of(dt))
+    flags = np.ones(max(1, -(-memory.nbytes // PAGE_SIZE)), np.uint8)
+    columns = (np.array([0], np.int64), np.array([memory.nbytes], np.int64),
+               np.array([kind], np.uint8), np.array([int(op)], np.uint8))
+    expected = DiffBatch._from_native(_native.diff(memory.view(np.uint8), reference.view(np.uint8), flags,
+                                                   PAGE_SIZE, *columns))
+    got = DiffBatch._from_native(_native.identity_diff(memory.view(np.uint8), identity.view(np.uint8),
+                                                       kind, int(op)))
+    assert got == expected
+
+
+def test_identity_diff_refuses_malformed_input():
+    from pagefork import DataType, _native
+
+    i64, add = int(DataType.INT64), int(MergeOp.SUM)
+    for memory, identity, dtype, op in [
+        (bytes(24), bytes(3), i64, add),      # not 1, 2, 4 or 8 bytes
+        (bytes(20), bytes(8), i64, add),      # not whole elements
+        (bytes(24), bytes(8), 99, add),       # no such dtype
+        (bytes(24), bytes(8), i64, 42),       # no such op
+        (bytes(24), bytes(8), -1, add),
+        (bytes(24), bytes(8), int(DataType.RAW), add),  # SUM over raw bytes
+    ]:
+        with pytest.raises(ValueError):
+            _native.identity_diff(memory, identity, dtype, op)
+    with pytest.raises(OverflowError):
+        _native.identity_diff(bytes(8), bytes(8), 1 << 40, add)
+    assert len(_native.identity_diff(b"", bytes(8), i64, add)[0]) == 0
+
+
+# ---- interrupts ------------------------------------------------------------------------
+
+
+def _sigint_soon(delay: float):
+    import signal
+    import threading
+
+    timer = threading.Timer(delay, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_an_interrupted_batch_leaves_no_contribution_behind_threads():
+    import threading
+    import time
+
+    with App("256KiB", backend="threads", workers=2) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+        release, running = threading.Event(), threading.Barrier(3)
+
+        def stuck(mem, i, n):
+            mem["acc"][:] += 100  # before the interrupt: must never merge nor leak into later threads
+            running.wait()
+            release.wait()
+            mem["acc"][:] += 100  # after it, on buffers nobody else uses
+
+        def work(mem, i, n):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][i] += 1
+            return fresh
+
+        app.parallel(work, 2)
+        timer = None
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                threading.Timer(0, running.wait).start()
+                timer = _sigint_soon(0.2)
+                app.parallel(stuck, 2)
+        finally:
+            if timer:
+                timer.join()
+        try:
+            assert all(app.parallel(work, 4))
+        finally:
+            release.set()
+        while app._executor.backend.running():
+            time.sleep(0.01)
+        assert all(app.parallel(work, 4))
+        assert acc[:4].tolist() == [3, 3, 2, 2] and not acc[4:].any()
+
+
+def test_interrupts_at_random_points_never_corrupt_the_next_batch():
+    import random
+
+    with App("1MiB", backend="processes", workers=2) as app:
+        acc = app.alloc("acc", 20_000, np.int32, merge="max", start="identity")
+
+        def work(mem, i, n, value):
+            a = mem["acc"]
+            fresh = bool((a == np.iinfo(np.int32).min).all())
+            a[i::n] = value + i
+            for _ in range(20):
+                np.sort(np.random.default_rng(i).random(2000))  # some time to be interrupted in
+            return fresh
+
+        rng = random.Random(5)
+        done = 0
+        for attempt in range(12):
+            timer = _sigint_soon(rng.uniform(0.0, 0.05))
+            try:
+                try:
+                    results = app.parallel(work, 5, args=(attempt * 10,))
+                    assert all(results)
+                    done = attempt * 10
+                finally:
+                    timer.join()  # the signal is sent before the timer ends: it lands in here
+            except KeyboardInterrupt:
+                pass
+        assert all(app.parallel(work, 5, args=(1000,)))
+        expected = np.full(20_000, 0, np.int32)
+        for i in range(5):
+            expected[i::5] = 1000 + i
+        assert np.array_equal(acc, expected), done
+
+
+def test_product_over_zeros_and_region_writes_in_thread_order():
+    with App("64KiB", backend="processes", workers=2) as app:
+        acc = app.alloc("acc", 4, np.float64, merge="product", start="identity")
+        ints = app.alloc("ints", 3, np.int64, merge="product", start="identity")
+        acc[:] = [2.0, 0.0, -0.0, np.inf]
+        ints[:] = [0, 3, np.iinfo(np.int64).max]
+        offset = app.arrays["acc"].offset
+
+        def work(mem, i, n):
+            if i == 0:  # the shared value through mem.region (a ratio), then a factor
+                np.frombuffer(mem.region, np.float64, 1, offset)[0] = 6.0
+            mem["acc"][:] = [5.0, -1.0, 7.0, 0.0] if i == 0 else [0.5, 2.0, 1.0, 3.0]
+            mem["ints"][:] = [9, 0 if i else 5, 2]
+
+        app.parallel(work, 2)
+        with np.errstate(invalid="ignore", over="ignore"):
+            expected = np.array([2.0 * 3.0 * 5.0 * 0.5, 0.0 * -1.0 * 2.0, -0.0 * 7.0, np.inf * 0.0 * 3.0])
+            wrapped = np.array([0, 3 * 5 * 0, np.iinfo(np.int64).max]) * np.int64(4)
+        assert _bits(acc).tobytes() == _bits(expected).tobytes()
+        assert ints.tolist() == wrapped.tolist()
