@@ -18,6 +18,7 @@ import json
 import os
 import re
 import struct
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Iterator
 
@@ -258,7 +259,7 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: 
         # Checksum the compressed bytes first: never decode unchecked input.
         packed = _read_rest(r, ref)
         source = zstandard.ZstdDecompressor().stream_reader(packed)
-    elif fd is not None and _copy_file(r, ref, fd, size):
+    elif _copy_local(r, ref, target, fd):
         return
     buffer = memoryview(bytearray(min(CHUNK, max(size, 1)))) if fd is not None else None
     for at in range(0, size, CHUNK):
@@ -278,14 +279,17 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: 
         _check(r, ref)
 
 
-def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
-    """Copies a raw image from a local file into ``fd`` inside the kernel
-    (sendfile: no pass through user memory), checksumming a read-only
-    mapping of the file on a second thread meanwhile. False if the object
-    is not a local file (then the caller streams it)."""
-    import mmap
-    import threading
+PARALLEL_COPY = 64 << 20  # images at least this large are copied by two threads
 
+
+def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview, fd: int | None) -> bool:
+    """Copies a raw image from a local file into ``target`` (or into the
+    file ``fd`` at the same offsets) in native code: one copy, with the
+    CRC32C computed over each piece where it landed, while it is still in
+    the cache. Large images are split between two threads, each copying
+    and checking its half (the two CRCs combined). False if the object is
+    not a local regular file of the size the manifest says (then the
+    caller streams it)."""
     try:
         src = r.f.fileno()
         stat = os.fstat(src)
@@ -294,34 +298,44 @@ def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
         return False
     if not (stat.st_mode & 0o170000 == 0o100000) or stat.st_size != ref.size or at != HEADER.size:
         return False
-    if size == 0:
-        r.drain()
-        _check(r, ref)
-        return True
-    crc: list[int] = []
+    size = target.nbytes
+    halves = [(0, size)]
+    if size >= PARALLEL_COPY and (os.cpu_count() or 1) > 1:
+        middle = size // 2 // PAGE_SIZE * PAGE_SIZE
+        halves = [(0, middle), (middle, size - middle)]
+    results: list[tuple[int, int] | BaseException | None] = [None] * len(halves)
 
-    def checksum() -> None:
-        with mmap.mmap(src, ref.size, prot=mmap.PROT_READ) as m, memoryview(m) as view:
-            c = r.crc
-            for start in range(at, ref.size, CHUNK):
-                c = _native.crc32c(view[start: start + CHUNK], c)
-            crc.append(c)
+    def copy(i: int) -> None:
+        start, length = halves[i]
+        try:
+            results[i] = _native.read_checked(src, at + start, length,
+                                              target[start: start + length] if fd is None else None,
+                                              -1 if fd is None else fd, start)
+        except BaseException as exc:  # raised on the caller's thread below
+            results[i] = exc
 
-    worker = threading.Thread(target=checksum, name="pagefork-checkpoint-crc")
-    worker.start()
+    helper = None
+    if len(halves) > 1:
+        helper = threading.Thread(target=copy, args=(1,), name="pagefork-checkpoint-read")
+        helper.start()
     try:
-        os.lseek(fd, 0, os.SEEK_SET)  # sendfile writes at fd's own position
-        done = 0
-        while done < size:
-            n = os.sendfile(fd, src, at + done, size - done)
-            if n == 0:
-                break
-            done += n
+        copy(0)
     finally:
-        worker.join()
-    if done != size:
+        if helper is not None:
+            helper.join()
+    crc, copied = r.crc, 0
+    for (start, length), result in zip(halves, results):
+        if isinstance(result, BaseException):
+            raise result
+        assert result is not None
+        got, part = result
+        crc = _native.crc32c_combine(crc, part, length)  # exact when got == length
+        copied += got
+    if copied != size:
         raise CorruptDataError("its image is truncated")
-    r.length, r.crc = ref.size, crc[0] if crc else -1
+    r.length, r.crc = at + size, crc
+    r.f.seek(at + size)
+    r.drain()  # bytes past the image: counted and checksummed, then refused by the length check
     _check(r, ref)
     return True
 

@@ -1,0 +1,161 @@
+/* Reading a checkpoint image: one copy from a file into memory (or into
+ * another file, e.g. a snapshot's memfd) with the CRC32C computed over each
+ * piece right after it lands, while it is still in the cache; and the
+ * CRC32C of two pieces combined, so two threads can each copy and check
+ * half of an image. */
+#include "pagefork.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define POLY 0x82F63B78u      /* CRC32C, reflected */
+#define PIECE (256u << 10)    /* fits the L2 cache: checksummed before it is evicted */
+
+/* a * b modulo the CRC polynomial, in the reflected bit order (bit 31 is x^0). */
+static uint32_t mult_mod_poly(uint32_t a, uint32_t b)
+{
+    uint32_t m = 1u << 31, p = 0;
+    for (;;) {
+        if (a & m) {
+            p ^= b;
+            if ((a & (m - 1)) == 0)
+                break;
+        }
+        m >>= 1;
+        b = b & 1 ? (b >> 1) ^ POLY : b >> 1;
+    }
+    return p;
+}
+
+/* x^(8 * n) modulo the polynomial: the shift of a CRC past n zero bytes. */
+static uint32_t x_pow_8n(uint64_t n)
+{
+    uint32_t result = 1u << 31;  /* x^0 */
+    uint32_t square = 1u << 23;  /* x^8 */
+    while (n) {
+        if (n & 1)
+            result = mult_mod_poly(square, result);
+        square = mult_mod_poly(square, square);
+        n >>= 1;
+    }
+    return result;
+}
+
+uint32_t pf_crc32c_concat(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
+{
+    return mult_mod_poly(x_pow_8n(len_b), crc_a) ^ crc_b;
+}
+
+/* crc32c_combine(crc_a, crc_b, len_b) -> the CRC32C of a + b */
+PyObject *pf_crc32c_combine(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned int a, b;
+    unsigned long long len_b;
+    if (!PyArg_ParseTuple(args, "IIK", &a, &b, &len_b))
+        return NULL;
+    return PyLong_FromUnsignedLong(pf_crc32c_concat(a, b, len_b));
+}
+
+/* pread until n bytes or end of file; -1 with errno on an error. EINTR is
+ * retried: this runs without the GIL, a signal is handled when it returns. */
+static ssize_t read_full(int fd, uint8_t *to, size_t n, uint64_t at)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, to + got, n - got, (off_t)(at + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -1;
+        if (r == 0)
+            break;
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
+}
+
+static int write_full(int fd, const uint8_t *from, size_t n, uint64_t at)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = pwrite(fd, from + done, n - done, (off_t)(at + done));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            if (w == 0)
+                errno = EIO;
+            return -1;
+        }
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+/* read_checked(src_fd, src_offset, length, dest, dest_fd, dest_offset, crc=0)
+ *     -> (bytes copied, crc)
+ * Copies length bytes of src_fd from src_offset into the writable buffer
+ * dest (dest_fd -1), or into the file dest_fd at dest_offset (dest None),
+ * continuing crc over the bytes copied, read back from where they landed.
+ * Fewer bytes copied than asked: src_fd ended. */
+PyObject *pf_read_checked(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int src_fd, dest_fd;
+    unsigned long long src_offset, length, dest_offset;
+    PyObject *dest_obj;
+    unsigned int crc = 0;
+    if (!PyArg_ParseTuple(args, "iKKOiK|I", &src_fd, &src_offset, &length, &dest_obj, &dest_fd,
+                          &dest_offset, &crc))
+        return NULL;
+    if ((dest_obj == Py_None) == (dest_fd < 0)) {
+        PyErr_SetString(PyExc_ValueError, "read_checked needs exactly one of dest and dest_fd");
+        return NULL;
+    }
+    if (src_offset > INT64_MAX || length > INT64_MAX - src_offset || dest_offset > INT64_MAX
+        || length > INT64_MAX - dest_offset) {
+        PyErr_SetString(PyExc_OverflowError, "offset and length past the largest file offset");
+        return NULL;
+    }
+    Py_buffer dest = {0};
+    uint8_t *bounce = NULL;
+    if (dest_obj != Py_None) {
+        if (PyObject_GetBuffer(dest_obj, &dest, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            return NULL;
+        if ((unsigned long long)dest.len < length) {
+            PyBuffer_Release(&dest);
+            PyErr_Format(PyExc_ValueError, "the destination holds %zd bytes, %llu to copy",
+                         dest.len, length);
+            return NULL;
+        }
+    } else if ((bounce = malloc(PIECE)) == NULL) {
+        return PyErr_NoMemory();
+    }
+    uint64_t copied = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (copied < length) {
+        size_t n = length - copied < PIECE ? (size_t)(length - copied) : PIECE;
+        uint8_t *to = bounce ? bounce : (uint8_t *)dest.buf + copied;
+        ssize_t got = read_full(src_fd, to, n, src_offset + copied);
+        if (got < 0 || (bounce && got > 0 && write_full(dest_fd, bounce, (size_t)got,
+                                                         dest_offset + copied) < 0)) {
+            failed = errno;
+            break;
+        }
+        crc = pf_crc32c_update(crc, to, (size_t)got);
+        copied += (uint64_t)got;
+        if ((size_t)got < n)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    free(bounce);
+    if (dest_obj != Py_None)
+        PyBuffer_Release(&dest);
+    if (failed) {
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("KI", (unsigned long long)copied, crc);
+}
