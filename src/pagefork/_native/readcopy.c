@@ -1,6 +1,5 @@
-/* Reading a checkpoint image: one copy from a file into memory (or into
- * another file, e.g. a snapshot's memfd) with the CRC32C computed over each
- * piece right after it lands, while it is still in the cache; and the
+/* Reading a checkpoint image: one copy from a file into memory with the
+ * CRC32C computed over each piece right after it lands, while it is still in the cache; and the
  * CRC32C of two pieces combined, so two threads can each copy and check
  * half of an image. */
 #include "pagefork.h"
@@ -76,71 +75,38 @@ static ssize_t read_full(int fd, uint8_t *to, size_t n, uint64_t at)
     return (ssize_t)got;
 }
 
-static int write_full(int fd, const uint8_t *from, size_t n, uint64_t at)
-{
-    size_t done = 0;
-    while (done < n) {
-        ssize_t w = pwrite(fd, from + done, n - done, (off_t)(at + done));
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0) {
-            if (w == 0)
-                errno = EIO;
-            return -1;
-        }
-        done += (size_t)w;
-    }
-    return 0;
-}
-
-/* read_checked(src_fd, src_offset, length, dest, dest_fd, dest_offset, crc=0)
- *     -> (bytes copied, crc)
+/* read_checked(src_fd, src_offset, length, dest, crc=0) -> (bytes copied, crc)
  * Copies length bytes of src_fd from src_offset into the writable buffer
- * dest (dest_fd -1), or into the file dest_fd at dest_offset (dest None),
- * continuing crc over the bytes copied, read back from where they landed.
+ * dest, continuing crc over each piece read back from where it landed.
  * Fewer bytes copied than asked: src_fd ended. */
 PyObject *pf_read_checked(PyObject *self, PyObject *args)
 {
     (void)self;
-    int src_fd, dest_fd;
-    unsigned long long src_offset, length, dest_offset;
-    PyObject *dest_obj;
+    int src_fd;
+    unsigned long long src_offset, length;
+    Py_buffer dest;
     unsigned int crc = 0;
-    if (!PyArg_ParseTuple(args, "iKKOiK|I", &src_fd, &src_offset, &length, &dest_obj, &dest_fd,
-                          &dest_offset, &crc))
+    if (!PyArg_ParseTuple(args, "iKKw*|I", &src_fd, &src_offset, &length, &dest, &crc))
         return NULL;
-    if ((dest_obj == Py_None) == (dest_fd < 0)) {
-        PyErr_SetString(PyExc_ValueError, "read_checked needs exactly one of dest and dest_fd");
-        return NULL;
-    }
-    if (src_offset > INT64_MAX || length > INT64_MAX - src_offset || dest_offset > INT64_MAX
-        || length > INT64_MAX - dest_offset) {
+    if (src_offset > INT64_MAX || length > INT64_MAX - src_offset) {
+        PyBuffer_Release(&dest);
         PyErr_SetString(PyExc_OverflowError, "offset and length past the largest file offset");
         return NULL;
     }
-    Py_buffer dest = {0};
-    uint8_t *bounce = NULL;
-    if (dest_obj != Py_None) {
-        if (PyObject_GetBuffer(dest_obj, &dest, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
-            return NULL;
-        if ((unsigned long long)dest.len < length) {
-            PyBuffer_Release(&dest);
-            PyErr_Format(PyExc_ValueError, "the destination holds %zd bytes, %llu to copy",
-                         dest.len, length);
-            return NULL;
-        }
-    } else if ((bounce = malloc(PIECE)) == NULL) {
-        return PyErr_NoMemory();
+    if ((unsigned long long)dest.len < length) {
+        PyBuffer_Release(&dest);
+        PyErr_Format(PyExc_ValueError, "the destination holds %zd bytes, %llu to copy", dest.len,
+                     length);
+        return NULL;
     }
     uint64_t copied = 0;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     while (copied < length) {
         size_t n = length - copied < PIECE ? (size_t)(length - copied) : PIECE;
-        uint8_t *to = bounce ? bounce : (uint8_t *)dest.buf + copied;
+        uint8_t *to = (uint8_t *)dest.buf + copied;
         ssize_t got = read_full(src_fd, to, n, src_offset + copied);
-        if (got < 0 || (bounce && got > 0 && write_full(dest_fd, bounce, (size_t)got,
-                                                         dest_offset + copied) < 0)) {
+        if (got < 0) {
             failed = errno;
             break;
         }
@@ -150,9 +116,7 @@ PyObject *pf_read_checked(PyObject *self, PyObject *args)
             break;
     }
     Py_END_ALLOW_THREADS
-    free(bounce);
-    if (dest_obj != Py_None)
-        PyBuffer_Release(&dest);
+    PyBuffer_Release(&dest);
     if (failed) {
         errno = failed;
         return PyErr_SetFromErrno(PyExc_OSError);
