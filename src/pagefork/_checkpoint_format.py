@@ -389,6 +389,17 @@ def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
     return True
 
 
+def check_object(f: BinaryIO, ref: ObjectRef) -> None:
+    """Reads the whole object and checks its length and CRC32C against
+    ``ref``, decoding and writing nothing. Raises CorruptDataError with a
+    bare reason."""
+    r = _Reader(f)
+    buffer = memoryview(bytearray(CHUNK))
+    while r.readinto(buffer) == CHUNK:
+        pass
+    _check(r, ref)
+
+
 def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray:
     """The rest of the object, checked against ``ref``. Read in chunks, so
     memory grows with the bytes stored, not with the size ``ref`` claims."""

@@ -31,8 +31,8 @@ import numpy as np
 
 from . import _native
 from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, ObjectWriter,
-                                 iter_refs, manifest_name, manifest_version, pages_body,
-                                 read_object)
+                                 check_object, iter_refs, manifest_name, manifest_version,
+                                 pages_body, read_object)
 from ._checkpoint_store import open_store
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE
@@ -168,6 +168,21 @@ def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: boo
                 np.frombuffer(view, np.uint8, manifest.size - size, size)[:] = 0
     finally:
         view.release()
+
+
+def _check_objects(store: Any, manifest: Manifest) -> None:
+    """Checks every object ``manifest`` needs (length and CRC32C) without
+    writing anything: before a restore into memory that must stay as it
+    was if the checkpoint is damaged."""
+    for ref in manifest.objects:
+        try:
+            with store.open(ref.name) as f:
+                check_object(f, ref)
+        except FileNotFoundError:
+            raise _missing(store, manifest.version, ref) from None
+        except CorruptDataError as exc:
+            raise _damage(store, manifest.version, ref.name,
+                          f"{exc} (written by version {ref.version})") from None
 
 
 def _missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
@@ -428,7 +443,14 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     """The memory of checkpoint ``version`` (default: the newest) of
     ``target``: a new Region, or ``into`` resized to it (within its
     max_size). Damaged or missing objects raise CorruptDataError naming
-    the version and the object."""
+    the version and the object.
+
+    With ``into``, every object is read and checked before ``into`` is
+    touched (resized or written), so a damaged or missing object leaves it
+    exactly as it was, at the price of reading the checkpoint twice (the
+    second time from the page cache on a local disk). Only an object
+    changed in the store while this load runs can still fail the copy
+    part-way: then ``into`` holds a mix of old and new bytes."""
     store = open_store(target)
     v = _pick_version(store, version)
     manifest = _read_manifest(store, v)
@@ -438,6 +460,9 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
         if manifest.size > into.max_size:
             raise OutOfBoundsError(f"checkpoint version {v} holds {manifest.size} bytes; the "
                                    f"region's max_size is {into.max_size}")
+        if into.closed:
+            raise PageforkError("the region is closed")
+        _check_objects(store, manifest)
         if into.size != manifest.size:
             into.resize(manifest.size)
         memory = into

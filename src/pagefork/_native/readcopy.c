@@ -46,15 +46,33 @@ uint32_t pf_crc32c_concat(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
     return mult_mod_poly(x_pow_8n(len_b), crc_a) ^ crc_b;
 }
 
+/* A Python int that must fit in `bits` bits (<= 64): OverflowError, never
+ * silently truncated like the "I" and "K" formats do. */
+static int unsigned_arg(PyObject *obj, unsigned bits, uint64_t *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (bits < 64 && v >> bits) {
+        PyErr_Format(PyExc_OverflowError, "%llu does not fit in %u bits", v, bits);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* crc32c_combine(crc_a, crc_b, len_b) -> the CRC32C of a + b */
 PyObject *pf_crc32c_combine(PyObject *self, PyObject *args)
 {
     (void)self;
-    unsigned int a, b;
-    unsigned long long len_b;
-    if (!PyArg_ParseTuple(args, "IIK", &a, &b, &len_b))
+    PyObject *a_obj, *b_obj, *len_obj;
+    uint64_t a, b, len_b;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyLong_Type, &a_obj, &PyLong_Type, &b_obj,
+                          &PyLong_Type, &len_obj)
+        || unsigned_arg(a_obj, 32, &a) < 0 || unsigned_arg(b_obj, 32, &b) < 0
+        || unsigned_arg(len_obj, 64, &len_b) < 0)
         return NULL;
-    return PyLong_FromUnsignedLong(pf_crc32c_concat(a, b, len_b));
+    return PyLong_FromUnsignedLong(pf_crc32c_concat((uint32_t)a, (uint32_t)b, len_b));
 }
 
 /* pread until n bytes or end of file; -1 with errno on an error. EINTR is
@@ -83,11 +101,18 @@ PyObject *pf_read_checked(PyObject *self, PyObject *args)
 {
     (void)self;
     int src_fd;
-    unsigned long long src_offset, length;
+    PyObject *offset_obj, *length_obj, *crc_obj = NULL;
+    uint64_t src_offset, length, crc64 = 0;
     Py_buffer dest;
-    unsigned int crc = 0;
-    if (!PyArg_ParseTuple(args, "iKKw*|I", &src_fd, &src_offset, &length, &dest, &crc))
+    if (!PyArg_ParseTuple(args, "iO!O!w*|O!", &src_fd, &PyLong_Type, &offset_obj, &PyLong_Type,
+                          &length_obj, &dest, &PyLong_Type, &crc_obj))
         return NULL;
+    if (unsigned_arg(offset_obj, 64, &src_offset) < 0 || unsigned_arg(length_obj, 64, &length) < 0
+        || (crc_obj && unsigned_arg(crc_obj, 32, &crc64) < 0)) {
+        PyBuffer_Release(&dest);
+        return NULL;
+    }
+    uint32_t crc = (uint32_t)crc64;
     if (src_offset > INT64_MAX || length > INT64_MAX - src_offset) {
         PyBuffer_Release(&dest);
         PyErr_SetString(PyExc_OverflowError, "offset and length past the largest file offset");
@@ -96,7 +121,7 @@ PyObject *pf_read_checked(PyObject *self, PyObject *args)
     if ((unsigned long long)dest.len < length) {
         PyBuffer_Release(&dest);
         PyErr_Format(PyExc_ValueError, "the destination holds %zd bytes, %llu to copy", dest.len,
-                     length);
+                     (unsigned long long)length);
         return NULL;
     }
     uint64_t copied = 0;
@@ -121,5 +146,5 @@ PyObject *pf_read_checked(PyObject *self, PyObject *args)
         errno = failed;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return Py_BuildValue("KI", (unsigned long long)copied, crc);
+    return Py_BuildValue("KI", (unsigned long long)copied, (unsigned int)crc);
 }
