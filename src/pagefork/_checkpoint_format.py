@@ -18,7 +18,6 @@ import json
 import os
 import re
 import struct
-import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Iterator
 
@@ -282,16 +281,16 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: 
         _check(r, ref)
 
 
-PARALLEL_COPY = 64 << 20  # images at least this large are copied by two threads
+PARALLEL_COPY = 64 << 20  # images at least this large are copied by two native threads
 
 
 def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
     """Copies a raw image from a local file into ``target`` in native code:
     one copy, with the CRC32C computed over each piece where it landed,
-    while it is still in the cache. Large images are split between two threads, each copying
-    and checking its half (the two CRCs combined). False if the object is
-    not a local regular file of the size the manifest says (then the
-    caller streams it)."""
+    while it is still in the cache; large images by two native threads,
+    each copying and checking its half. False if the object is not a
+    local regular file of the size the manifest says (then the caller
+    streams it)."""
     try:
         src = r.f.fileno()
         stat = os.fstat(src)
@@ -301,37 +300,8 @@ def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
     if not (stat.st_mode & 0o170000 == 0o100000) or stat.st_size != ref.size or at != HEADER.size:
         return False
     size = target.nbytes
-    halves = [(0, size)]
-    if size >= PARALLEL_COPY and (os.cpu_count() or 1) > 1:
-        middle = size // 2 // PAGE_SIZE * PAGE_SIZE
-        halves = [(0, middle), (middle, size - middle)]
-    results: list[tuple[int, int] | BaseException | None] = [None] * len(halves)
-
-    def copy(i: int) -> None:
-        start, length = halves[i]
-        try:
-            results[i] = _native.read_checked(src, at + start, length,
-                                              target[start: start + length])
-        except BaseException as exc:  # raised on the caller's thread below
-            results[i] = exc
-
-    helper = None
-    if len(halves) > 1:
-        helper = threading.Thread(target=copy, args=(1,), name="pagefork-checkpoint-read")
-        helper.start()
-    try:
-        copy(0)
-    finally:
-        if helper is not None:
-            helper.join()
-    crc, copied = r.crc, 0
-    for (start, length), result in zip(halves, results):
-        if isinstance(result, BaseException):
-            raise result
-        assert result is not None
-        got, part = result
-        crc = _native.crc32c_combine(crc, part, length)  # exact when got == length
-        copied += got
+    threads = 2 if size >= PARALLEL_COPY and (os.cpu_count() or 1) > 1 else 1
+    copied, crc = _native.read_checked(src, at, size, target, r.crc, threads)
     if copied != size:
         raise CorruptDataError("its image is truncated")
     r.length, r.crc = at + size, crc

@@ -50,7 +50,7 @@ static PyMethodDef native_methods[] = {
     {"crc32c_combine", pf_crc32c_combine, METH_VARARGS,
      "crc32c_combine(crc_a, crc_b, len_b) -> the CRC32C of a followed by b"},
     {"read_checked", pf_read_checked, METH_VARARGS,
-     "read_checked(src_fd, src_offset, length, dest, crc=0) -> (copied, crc)"},
+     "read_checked(src_fd, src_offset, length, dest, crc=0, threads=1) -> (copied, crc)"},
     {"delta_encode", pf_delta_encode, METH_VARARGS, "delta_encode(old, new, page_size, xor) -> body"},
     {"delta_apply", pf_delta_apply, METH_VARARGS, "delta_apply(old, body, new_len, xor) -> new"},
     {"delta_check", pf_delta_check, METH_VARARGS,

@@ -5,7 +5,7 @@
 #include "pagefork.h"
 
 #include <errno.h>
-#include <stdlib.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #define POLY 0x82F63B78u      /* CRC32C, reflected */
@@ -93,26 +93,63 @@ static ssize_t read_full(int fd, uint8_t *to, size_t n, uint64_t at)
     return (ssize_t)got;
 }
 
-/* read_checked(src_fd, src_offset, length, dest, crc=0) -> (bytes copied, crc)
+/* One part of a copy: pread pieces into dest, each checksummed right after. */
+typedef struct {
+    int fd;
+    uint64_t offset, length;
+    uint8_t *dest;
+    uint32_t crc;   /* in: the CRC to continue; out: over the bytes copied */
+    uint64_t copied;
+    int error;      /* errno, or 0 */
+} copy_part;
+
+static void *copy_checked(void *arg)
+{
+    copy_part *p = arg;
+    while (p->copied < p->length) {
+        uint64_t left = p->length - p->copied;
+        size_t n = left < PIECE ? (size_t)left : PIECE;
+        uint8_t *to = p->dest + p->copied;
+        ssize_t got = read_full(p->fd, to, n, p->offset + p->copied);
+        if (got < 0) {
+            p->error = errno;
+            break;
+        }
+        p->crc = pf_crc32c_update(p->crc, to, (size_t)got);
+        p->copied += (uint64_t)got;
+        if ((size_t)got < n)
+            break;
+    }
+    return NULL;
+}
+
+/* read_checked(src_fd, src_offset, length, dest, crc=0, threads=1) -> (bytes copied, crc)
  * Copies length bytes of src_fd from src_offset into the writable buffer
  * dest, continuing crc over each piece read back from where it landed.
- * Fewer bytes copied than asked: src_fd ended. */
+ * threads=2 copies the second half on a helper pthread, joined before this
+ * returns (so no copy outlives the call, whatever signal arrives) and the
+ * two CRCs are combined; if the thread cannot start, the caller's thread
+ * copies both halves. Fewer bytes copied than asked: src_fd ended. */
 PyObject *pf_read_checked(PyObject *self, PyObject *args)
 {
     (void)self;
-    int src_fd;
+    int src_fd, threads = 1;
     PyObject *offset_obj, *length_obj, *crc_obj = NULL;
     uint64_t src_offset, length, crc64 = 0;
     Py_buffer dest;
-    if (!PyArg_ParseTuple(args, "iO!O!w*|O!", &src_fd, &PyLong_Type, &offset_obj, &PyLong_Type,
-                          &length_obj, &dest, &PyLong_Type, &crc_obj))
+    if (!PyArg_ParseTuple(args, "iO!O!w*|O!i", &src_fd, &PyLong_Type, &offset_obj, &PyLong_Type,
+                          &length_obj, &dest, &PyLong_Type, &crc_obj, &threads))
         return NULL;
     if (unsigned_arg(offset_obj, 64, &src_offset) < 0 || unsigned_arg(length_obj, 64, &length) < 0
         || (crc_obj && unsigned_arg(crc_obj, 32, &crc64) < 0)) {
         PyBuffer_Release(&dest);
         return NULL;
     }
-    uint32_t crc = (uint32_t)crc64;
+    if (threads != 1 && threads != 2) {
+        PyBuffer_Release(&dest);
+        PyErr_Format(PyExc_ValueError, "threads must be 1 or 2, not %d", threads);
+        return NULL;
+    }
     if (src_offset > INT64_MAX || length > INT64_MAX - src_offset) {
         PyBuffer_Release(&dest);
         PyErr_SetString(PyExc_OverflowError, "offset and length past the largest file offset");
@@ -124,27 +161,32 @@ PyObject *pf_read_checked(PyObject *self, PyObject *args)
                      (unsigned long long)length);
         return NULL;
     }
-    uint64_t copied = 0;
-    int failed = 0;
+    /* The halves split at a page boundary, so the threads never share a page. */
+    uint64_t first = threads == 2 ? length / 2 / pf_page_size * pf_page_size : length;
+    copy_part parts[2] = {
+        {src_fd, src_offset, first, dest.buf, (uint32_t)crc64, 0, 0},
+        {src_fd, src_offset + first, length - first, (uint8_t *)dest.buf + first, 0, 0, 0},
+    };
     Py_BEGIN_ALLOW_THREADS
-    while (copied < length) {
-        size_t n = length - copied < PIECE ? (size_t)(length - copied) : PIECE;
-        uint8_t *to = (uint8_t *)dest.buf + copied;
-        ssize_t got = read_full(src_fd, to, n, src_offset + copied);
-        if (got < 0) {
-            failed = errno;
-            break;
-        }
-        crc = pf_crc32c_update(crc, to, (size_t)got);
-        copied += (uint64_t)got;
-        if ((size_t)got < n)
-            break;
-    }
+    pthread_t helper;
+    int helping = parts[1].length && pthread_create(&helper, NULL, copy_checked, &parts[1]) == 0;
+    copy_checked(&parts[0]);
+    if (helping)
+        pthread_join(helper, NULL);
+    else
+        copy_checked(&parts[1]);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&dest);
-    if (failed) {
-        errno = failed;
+    int error = parts[0].error ? parts[0].error : parts[1].error;
+    if (error) {
+        errno = error;
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    uint64_t copied = parts[0].copied;
+    uint32_t crc = parts[0].crc;
+    if (copied == parts[0].length && parts[1].copied) {
+        copied += parts[1].copied;
+        crc = pf_crc32c_concat(crc, parts[1].crc, parts[1].copied);
     }
     return Py_BuildValue("KI", (unsigned long long)copied, (unsigned int)crc);
 }
