@@ -371,15 +371,19 @@ def check_object(f: BinaryIO, ref: ObjectRef) -> None:
 
 
 def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray:
-    """The rest of the object, checked against ``ref``. Read in chunks, so
-    memory grows with the bytes stored, not with the size ``ref`` claims."""
-    body = bytearray()
-    want = max(ref.size - HEADER.size, 0)
-    while len(body) <= want:
-        data = r.read(min(CHUNK, want + 1 - len(body)))
-        if not data:
+    """The rest of the object, checked against ``ref``. Read straight into
+    a buffer that at most doubles as bytes arrive, so memory grows with the
+    bytes stored, not with the size ``ref`` claims."""
+    want = max(ref.size - HEADER.size, 0) + 1  # one byte more: finds an object longer than claimed
+    body = bytearray(min(want, CHUNK))
+    got = 0
+    while True:
+        with memoryview(body) as view, view[got:] as free:
+            got += r.readinto(free)
+        if got < len(body) or len(body) == want:
             break
-        body += data
+        body.extend(bytes(min(len(body), want - len(body))))
+    del body[got:]
     r.drain()
     _check(r, ref)
     return body
