@@ -300,3 +300,51 @@ def test_main_memory_read_but_not_written_is_not_remapped_by_a_checkpoint(tmp_pa
     with App.restore(tmp_path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
 
+
+
+# ---- a save's cost does not grow with the history -----------------------------------------
+
+def test_a_save_reads_a_bounded_number_of_manifests_whatever_the_history(tmp_path, monkeypatch):
+    reads = []
+    real = ck._read_manifest
+    monkeypatch.setattr(ck, "_read_manifest", lambda store, v: (reads.append(v), real(store, v))[1])
+    with Region(16 * PAGE_SIZE) as region, pagefork.tracker(_reset_mode()) as t:
+        t.start(region)
+        per_save = []
+        for i in range(40):
+            region.array(np.uint8)[(i % 16) * PAGE_SIZE] = i + 1
+            reads.clear()
+            ck.save(region, tmp_path, tracker=t, base_every=1000, base_fraction=1000.0)
+            per_save.append(len(reads))
+        t.stop(region)
+        expected = bytes(region)
+    assert max(per_save) <= 2, per_save
+    with ck.load(tmp_path) as back:
+        assert bytes(back) == expected
+
+
+@pytest.mark.parametrize("killed_after_commit", [False, True])
+def test_orphans_of_killed_saves_are_removed_by_the_next_one(tmp_path, killed_after_commit):
+    """A save killed before its commit leaves an object carrying the version
+    number the next save reuses; one killed after its commit but before its
+    clean-up leaves the one before: both go with the next save, and
+    nothing a version needs is touched."""
+    with Region(4 * PAGE_SIZE) as region, pagefork.tracker(_reset_mode()) as t:
+        t.start(region)
+        for i in range(5):
+            region.array(np.uint8)[i % 4 * PAGE_SIZE] = i + 1
+            ck.save(region, tmp_path, tracker=t)
+        newest = max(v.version for v in ck.versions(tmp_path))
+        stray = newest if killed_after_commit else newest + 1
+        orphan = tmp_path / f"v{stray:010d}-0badf00d.incr"
+        orphan.write_bytes(b"half written")
+        region.array(np.uint8)[0] = 99
+        ck.save(region, tmp_path, tracker=t)
+        expected = bytes(region)
+        t.stop(region)
+    assert not orphan.exists()
+    assert all(why is None for _, _, why in ck.verify(tmp_path))
+    with ck.load(tmp_path) as back:
+        assert bytes(back) == expected
+    for v in ck.versions(tmp_path):
+        ck.load(tmp_path, version=v.version).close()

@@ -48,6 +48,12 @@ def manifest_version(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def object_version(name: str) -> int | None:
+    """The version that wrote the data object ``name``; None if ``name`` is
+    not a data object's."""
+    return int(name[1:11]) if _OBJECT.match(name) else None
+
+
 # ---- data objects ----------------------------------------------------------------
 
 def _worth_compressing(body: memoryview, level: int) -> bool:

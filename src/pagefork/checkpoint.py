@@ -32,7 +32,7 @@ import numpy as np
 from . import _native
 from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, ObjectWriter,
                                  check_object, iter_refs, manifest_name, manifest_version,
-                                 pages_body, read_object)
+                                 object_version, pages_body, read_object)
 from ._checkpoint_store import open_store
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE
@@ -288,15 +288,24 @@ def _referenced(store: Any, found: dict[int, str], newest: Manifest) -> set[str]
 
 
 def _remove_orphans(store: Any, found: dict[int, str], newest: Manifest) -> None:
-    """Deletes data objects no manifest names (left by a killed save)."""
-    orphans = [n for n in store.names() if manifest_version(n) is None
-               and n.startswith("v") and n.endswith((".base", ".incr"))]
-    if not orphans:
+    """Deletes data objects no manifest names, left by a save killed (or
+    failed) before its commit: the next save reuses that version number,
+    so they carry its number or, if that save itself was killed after its
+    commit and before this clean-up, the number before. Only those two
+    versions' objects are looked at and only their manifests read, so a
+    save costs the same after ten versions or ten thousand."""
+    recent = newest.version - 1
+    referenced = {r.name for r in newest.objects}
+    candidates = [n for n in store.names() if n not in referenced
+                  and (v := object_version(n)) is not None and recent <= v <= newest.version]
+    if not candidates:
         return
-    referenced = _referenced(store, found, newest)
-    if referenced is None:
-        return
-    for n in orphans:
+    if recent in found:
+        try:
+            referenced.update(r.name for r in _read_manifest(store, recent).objects)
+        except CorruptDataError:
+            return  # cannot tell what a damaged manifest needs: delete nothing
+    for n in candidates:
         if n not in referenced:
             store.delete(n)
 
