@@ -274,8 +274,8 @@ def test_check_object_reads_only_what_is_stored(tmp_path):
     ref = fmt.ObjectRef("v0000000001-00000000.base", 1, "base", 1 << 60, 0, 1)
     path = tmp_path / "o"
     path.write_bytes(struct.pack("<Q", 7) * 10)
-    with open(path, "rb") as f, pytest.raises(CorruptDataError, match="80 bytes long"):
-        fmt.check_object(f, ref)
+    with open(path, "rb") as f, pytest.raises(CorruptDataError, match="magic"):
+        fmt.check_object(f, ref, 1 << 40)
 
 
 # ---- a checkpoint does not remap main memory nobody wrote ---------------------------------
@@ -348,3 +348,32 @@ def test_orphans_of_killed_saves_are_removed_by_the_next_one(tmp_path, killed_af
         assert bytes(back) == expected
     for v in ck.versions(tmp_path):
         ck.load(tmp_path, version=v.version).close()
+
+
+@pytest.mark.parametrize("forgery", ["pages outside the memory", "header memory too large"])
+def test_load_into_refuses_a_forged_increment_before_touching_the_region(large_checkpoint,
+                                                                         forgery):
+    """An increment with a valid checksum (the manifest rewritten to match)
+    but impossible contents: found by decoding it before the base is
+    written into the region."""
+    path, _ = large_checkpoint
+    victim = objects(path, ".incr")[-1]
+    raw = bytearray(victim.read_bytes())
+    if forgery == "header memory too large":
+        struct.pack_into("<Q", raw, 8, 1 << 40)
+    else:
+        # The wire message's first run offset (after both headers) moved past the memory.
+        struct.pack_into("<q", raw, fmt.HEADER.size + fmt._WIRE_HEADER.size, 1 << 40)
+    victim.write_bytes(bytes(raw))
+    version = max(v.version for v in ck.versions(path))
+    name = path / fmt.manifest_name(version)
+    manifest = fmt.Manifest.decode(name.read_bytes())
+    manifest.objects[-1].crc32c = _native.crc32c(bytes(raw))
+    manifest.objects[-1].size = len(raw)
+    name.write_bytes(manifest.encode())
+    with Region(3 * PAGE_SIZE, max_size=200 * PAGE_SIZE) as into:
+        np.frombuffer(into, np.uint8)[:] = 0xEE
+        before = bytes(into)
+        with pytest.raises(CorruptDataError, match=victim.name):
+            ck.load(path, into=into)
+        assert into.size == 3 * PAGE_SIZE and bytes(into) == before

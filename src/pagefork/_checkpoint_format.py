@@ -198,19 +198,9 @@ class ObjectRef:
     pages: int         # pages it carries
 
 
-def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None, memory_limit: int,
-                fd: int | None = None) -> tuple[int, DiffBatch | None]:
-    """Checks and decodes one object of a version whose memory is
-    ``memory_limit`` bytes. A base is written into ``into`` (its first
-    memory_size bytes), or with ``pwrite`` into the file ``fd`` (a
-    snapshot's memfd: no page faults, unlike writing through a fresh
-    mapping); an increment returns its DiffBatch. Returns (memory_size,
-    batch). Raises CorruptDataError with a bare reason. What it allocates
-    is bounded by the bytes actually stored and ``memory_limit``, never by
-    a size a manifest or header claims."""
-    import zstandard
-
-    r = _Reader(f)
+def _read_header(r: _Reader, ref: ObjectRef, memory_limit: int) -> tuple[int, int, int, int]:
+    """Reads and checks an object's header: (kind, flags, memory_size,
+    body_len)."""
     header = r.read(HEADER.size)
     if len(header) < HEADER.size:
         raise CorruptDataError(f"truncated: {len(header)} bytes, shorter than its header")
@@ -231,6 +221,23 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None, memory_lim
         raise CorruptDataError(f"its image holds {body_len} bytes for a memory of {memory_size}")
     if body_len > 64 + 18 * (memory_size // PAGE_SIZE + 1) + memory_size:
         raise CorruptDataError(f"its body of {body_len} bytes is impossible for its memory size")
+    return kind, flags, memory_size, body_len
+
+
+def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None, memory_limit: int,
+                fd: int | None = None) -> tuple[int, DiffBatch | None]:
+    """Checks and decodes one object of a version whose memory is
+    ``memory_limit`` bytes. A base is written into ``into`` (its first
+    memory_size bytes), or with ``pwrite`` into the file ``fd`` (a
+    snapshot's memfd: no page faults, unlike writing through a fresh
+    mapping); an increment returns its DiffBatch. Returns (memory_size,
+    batch). Raises CorruptDataError with a bare reason. What it allocates
+    is bounded by the bytes actually stored and ``memory_limit``, never by
+    a size a manifest or header claims."""
+    import zstandard
+
+    r = _Reader(f)
+    kind, flags, memory_size, body_len = _read_header(r, ref, memory_limit)
     try:
         if kind == KIND_IMAGE:
             if into is None or into.nbytes < memory_size:
@@ -365,11 +372,16 @@ def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
     return True
 
 
-def check_object(f: BinaryIO, ref: ObjectRef) -> None:
-    """Reads the whole object and checks its length and CRC32C against
-    ``ref``, decoding and writing nothing. Raises CorruptDataError with a
-    bare reason."""
+def check_object(f: BinaryIO, ref: ObjectRef, memory_limit: int) -> None:
+    """Checks an object of a version whose memory is ``memory_limit`` bytes
+    without writing anything: an increment is decoded whole, a base's
+    header checked and its bytes read for their length and CRC32C. Raises
+    CorruptDataError with a bare reason."""
+    if ref.kind != "base":
+        read_object(f, ref, None, memory_limit)
+        return
     r = _Reader(f)
+    _read_header(r, ref, memory_limit)
     buffer = memoryview(bytearray(CHUNK))
     while r.readinto(buffer) == CHUNK:
         pass

@@ -171,13 +171,13 @@ def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: boo
 
 
 def _check_objects(store: Any, manifest: Manifest) -> None:
-    """Checks every object ``manifest`` needs (length and CRC32C) without
-    writing anything: before a restore into memory that must stay as it
-    was if the checkpoint is damaged."""
+    """Checks every object ``manifest`` needs (headers, lengths, CRC32Cs;
+    increments decoded) without writing anything: before a restore into
+    memory that must stay as it was if the checkpoint is damaged."""
     for ref in manifest.objects:
         try:
             with store.open(ref.name) as f:
-                check_object(f, ref)
+                check_object(f, ref, manifest.size)
         except FileNotFoundError:
             raise _missing(store, manifest.version, ref) from None
         except CorruptDataError as exc:
@@ -458,8 +458,10 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     touched (resized or written), so a damaged or missing object leaves it
     exactly as it was, at the price of reading the checkpoint twice (the
     second time from the page cache on a local disk). Only an object
-    changed in the store while this load runs can still fail the copy
-    part-way: then ``into`` holds a mix of old and new bytes."""
+    changed in the store while this load runs, or a compressed base whose
+    intact bytes (right length and checksum) are not a valid zstd frame,
+    can still fail the copy part-way: then ``into`` holds a mix of old and
+    new bytes."""
     store = open_store(target)
     v = _pick_version(store, version)
     manifest = _read_manifest(store, v)
