@@ -31,8 +31,8 @@ import numpy as np
 
 from . import _native
 from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, ObjectWriter,
-                                 iter_refs, manifest_name, manifest_version, pages_body,
-                                 read_object)
+                                 check_object, iter_refs, manifest_name, manifest_version,
+                                 object_version, pages_body, read_object)
 from ._checkpoint_store import open_store
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE
@@ -170,6 +170,21 @@ def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: boo
         view.release()
 
 
+def _check_objects(store: Any, manifest: Manifest) -> None:
+    """Checks every object ``manifest`` needs (headers, lengths, CRC32Cs;
+    increments decoded) without writing anything: before a restore into
+    memory that must stay as it was if the checkpoint is damaged."""
+    for ref in manifest.objects:
+        try:
+            with store.open(ref.name) as f:
+                check_object(f, ref, manifest.size)
+        except FileNotFoundError:
+            raise _missing(store, manifest.version, ref) from None
+        except CorruptDataError as exc:
+            raise _damage(store, manifest.version, ref.name,
+                          f"{exc} (written by version {ref.version})") from None
+
+
 def _missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
     err = CorruptDataError(f"checkpoint version {version} in {store.description}: object "
                            f"{ref.name} (written by version {ref.version}) is missing")
@@ -273,15 +288,24 @@ def _referenced(store: Any, found: dict[int, str], newest: Manifest) -> set[str]
 
 
 def _remove_orphans(store: Any, found: dict[int, str], newest: Manifest) -> None:
-    """Deletes data objects no manifest names (left by a killed save)."""
-    orphans = [n for n in store.names() if manifest_version(n) is None
-               and n.startswith("v") and n.endswith((".base", ".incr"))]
-    if not orphans:
+    """Deletes data objects no manifest names, left by a save killed (or
+    failed) before its commit: the next save reuses that version number,
+    so they carry its number or, if that save itself was killed after its
+    commit and before this clean-up, the number before. Only those two
+    versions' objects are looked at and only their manifests read, so a
+    save costs the same after ten versions or ten thousand."""
+    recent = newest.version - 1
+    referenced = {r.name for r in newest.objects}
+    candidates = [n for n in store.names() if n not in referenced
+                  and (v := object_version(n)) is not None and recent <= v <= newest.version]
+    if not candidates:
         return
-    referenced = _referenced(store, found, newest)
-    if referenced is None:
-        return
-    for n in orphans:
+    if recent in found:
+        try:
+            referenced.update(r.name for r in _read_manifest(store, recent).objects)
+        except CorruptDataError:
+            return  # cannot tell what a damaged manifest needs: delete nothing
+    for n in candidates:
         if n not in referenced:
             store.delete(n)
 
@@ -428,7 +452,16 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     """The memory of checkpoint ``version`` (default: the newest) of
     ``target``: a new Region, or ``into`` resized to it (within its
     max_size). Damaged or missing objects raise CorruptDataError naming
-    the version and the object."""
+    the version and the object.
+
+    With ``into``, every object is read and checked before ``into`` is
+    touched (resized or written), so a damaged or missing object leaves it
+    exactly as it was, at the price of reading the checkpoint twice (the
+    second time from the page cache on a local disk). Only an object
+    changed in the store while this load runs, or a compressed base whose
+    intact bytes (right length and checksum) are not a valid zstd frame,
+    can still fail the copy part-way: then ``into`` holds a mix of old and
+    new bytes."""
     store = open_store(target)
     v = _pick_version(store, version)
     manifest = _read_manifest(store, v)
@@ -438,6 +471,9 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
         if manifest.size > into.max_size:
             raise OutOfBoundsError(f"checkpoint version {v} holds {manifest.size} bytes; the "
                                    f"region's max_size is {into.max_size}")
+        if into.closed:
+            raise PageforkError("the region is closed")
+        _check_objects(store, manifest)
         if into.size != manifest.size:
             into.resize(manifest.size)
         memory = into

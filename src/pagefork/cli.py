@@ -204,7 +204,8 @@ def _bench(args: argparse.Namespace) -> int:
         batches = batch_costs(batch_sizes, batches=5 if args.quick else 20, progress=progress.step)
         progress.step("checkpoints beside np.save / np.load")
         checkpoints = checkpoint_costs(checkpoint_sizes[0], checkpoint_sizes[1],
-                                       rounds=3 if args.quick else 5)
+                                       rounds=3 if args.quick else 5,
+                                       size_rounds=9 if args.quick else 31)
     finally:
         progress.close()
     print("Dirty tracking: first write to a page, read + re-arm, start + stop "

@@ -614,7 +614,11 @@ class Executor:
             self.snapshot.write_pages(self.memory, dirty)
             self._unsaved[: dirty.size] |= dirty
             self.version += 1
-        self._remap_main()  # drops the private copies and re-arms tracking
+            # Drops the private copies and re-arms tracking. Unwritten, main
+            # memory already shows the snapshot with tracking armed, and a
+            # remap would cost every page the program has mapped (a
+            # checkpoint after reading all of 1 GiB: ~60 ms for nothing).
+            self._remap_main()
         return n
 
     def _note_merged(self, batch: DiffBatch) -> None:

@@ -1,8 +1,11 @@
 """Checkpoint benchmarks, each against a baseline measured in the same run
 on the same disk: an incremental checkpoint of an App after 1% of its pages
 changed beside ``np.save`` of the whole memory; a restore from a base plus
-10 increments beside ``np.load`` of one full copy; and the checkpoint cost
-of the same changed pages in a small and a large memory."""
+10 increments beside ``np.load`` of one full copy (and what filling an
+App's memfd alone costs, the floor of any restore into an App); and the
+checkpoint cost of the same changed pages in a small and a large memory,
+in rounds that alternate which memory goes first, also after the program
+read all of its memory."""
 
 from __future__ import annotations
 
@@ -35,11 +38,16 @@ class CheckpointCosts:
     checkpoint_bytes: int      # bytes it wrote (object + manifest)
     np_save_s: float           # np.save of the whole memory, same disk
     np_save_fsync_s: float     # the same, fsynced
+    size_rounds: int
     small_checkpoint_s: float  # changed_small pages, small App
     same_pages_s: float        # changed_small pages, large App
+    read_small_s: float        # the same after the program read all of the small memory
+    read_large_s: float        # ... and all of the large memory
     restore_s: float           # App.restore from a base + 10 increments
     restore_chain: int
     np_load_s: float           # np.load of one full copy into numpy memory
+    region_load_s: float       # checkpoint.load of the same version into a new bare Region
+    memfd_fill_s: float        # the copy's file, in the page cache, sent into a fresh memfd
     app_load_s: float          # one full copy loaded into a fresh App's memory
     base_s: float              # the first (whole) checkpoint
     warm_restore_s: float      # the restore again, its files in the page cache
@@ -66,15 +74,29 @@ class CheckpointCosts:
         return self.restore_s / self.app_load_s
 
     @property
+    def region_restore_ratio(self) -> float:
+        return self.region_load_s / self.np_load_s
+
+    @property
+    def memfd_floor_ratio(self) -> float:
+        return self.memfd_fill_s / self.warm_np_load_s
+
+    @property
     def size_ratio(self) -> float:
         return self.same_pages_s / self.small_checkpoint_s
+
+    @property
+    def read_size_ratio(self) -> float:
+        return self.read_large_s / self.read_small_s
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(save_ratio=self.save_ratio, bytes_fraction=self.bytes_fraction,
                  restore_ratio=self.restore_ratio, warm_restore_ratio=self.warm_restore_ratio,
                  app_restore_ratio=self.app_restore_ratio,
-                 size_ratio=self.size_ratio)
+                 region_restore_ratio=self.region_restore_ratio,
+                 memfd_floor_ratio=self.memfd_floor_ratio,
+                 size_ratio=self.size_ratio, read_size_ratio=self.read_size_ratio)
         return d
 
 
@@ -113,13 +135,31 @@ def _evict(folder: str) -> None:
                 os.close(fd)
 
 
+def _fill_memfd(path: str) -> float:
+    """Seconds to send the file at ``path`` into a fresh memfd: the page
+    allocation and copy any restore into an App's snapshot pays."""
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        fd = os.memfd_create("pagefork-bench-floor", os.MFD_CLOEXEC)
+        try:
+            done = 0
+            while done < size:
+                done += os.sendfile(fd, f.fileno(), done, size - done)
+            return time.perf_counter() - t0
+        finally:
+            os.close(fd)
+
+
 def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: float = 0.01,
-                     rounds: int = 5, folder: str | None = None,
+                     rounds: int = 5, size_rounds: int = 31, folder: str | None = None,
                      progress: Callable[[str], None] | None = None) -> CheckpointCosts:
     """Runs the comparisons, interleaved round by round so machine noise
     hits both sides alike. ``folder`` (default: a temporary folder under the
     current directory, so on the disk the user works on) holds the
-    checkpoints and the np.save files."""
+    checkpoints and the np.save files. ``size_rounds``: rounds of the
+    small-against-large comparison (a few milliseconds each, so noisy:
+    many, alternating which memory goes first)."""
     import pagefork
 
     rng = np.random.default_rng(0)
@@ -138,7 +178,11 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
             base_s = time.perf_counter() - t0
             small.checkpoint(small_target, base_every=increments)
             save_file = os.path.join(work, "whole.npy")
-            ckpt, ckpt_bytes, saves, saves_fsync, same_big, same_small = [], [], [], [], [], []
+            ckpt, ckpt_bytes, saves, saves_fsync = [], [], [], []
+            same_big: list[float] = []
+            same_small: list[float] = []
+            read_big: list[float] = []
+            read_small: list[float] = []
             # A base and 10 increments of 1% each, np.save interleaved.
             for r in range(increments):
                 if progress:
@@ -155,17 +199,22 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
                         os.fsync(f.fileno())
                     saves_fsync.append(time.perf_counter() - t0)
                     os.unlink(save_file)
-            # The same number of changed pages in the small and the large App
-            # (cheap, and timings of a few ms are noisy: more rounds).
-            for r in range(max(rounds, 15)):
+            # The same number of changed pages in the small and the large App,
+            # in rounds alternating which goes first; in a third of them the
+            # program first reads all of its memory (mapping every page).
+            for r in range(size_rounds):
+                reads = r % 3 == 2
                 if progress:
                     progress(f"round {r + 1}: {changed_small} changed pages in {small_size >> 20} MiB "
-                             f"and in {size >> 20} MiB")
+                             f"and in {size >> 20} MiB{' after reading all of it' if reads else ''}")
                 pages = rng.choice(small_size // PAGE_SIZE, changed_small, replace=False)
-                _change(small, pages, rng)
-                same_small.append(small.checkpoint(small_target, base_every=1 << 30).seconds)
-                _change(big, pages * (size // small_size), rng)
-                same_big.append(big.checkpoint(big_target, base_every=1 << 30).seconds)
+                sides = [(small, small_target, pages, read_small if reads else same_small),
+                         (big, big_target, pages * (size // small_size), read_big if reads else same_big)]
+                for app, target, where, out in sides[:: 1 if r % 2 else -1]:
+                    _change(app, where, rng)
+                    if reads:
+                        int(app["data"][::PAGE_SIZE // 2].sum())
+                    out.append(app.checkpoint(target, base_every=1 << 30).seconds)
             chain = pagefork.checkpoint.versions(big_target)[increments].chain_length
             np.save(save_file, big["data"])
             with open(save_file, "rb+") as f:
@@ -174,6 +223,7 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
             big.close()
             small.close()
         restores, loads, app_loads, warm_restores, warm_loads = [], [], [], [], []
+        region_loads, fills = [], []
 
         def restore() -> float:
             t0 = time.perf_counter()
@@ -199,17 +249,28 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
             _evict(work)
             restores.append(restore())
             warm_restores.append(restore())
+            _evict(work)
+            t0 = time.perf_counter()
+            with pagefork.checkpoint.load(big_target, version=increments + 1):
+                region_loads.append(time.perf_counter() - t0)
+            fills.append(_fill_memfd(save_file))  # in the page cache: np.load read it
             t0 = time.perf_counter()
             with App(size, backend="threads", workers=1) as fresh:
                 fresh.alloc("data", size, np.uint8)[:] = np.load(save_file, mmap_mode="r")
                 app_loads.append(time.perf_counter() - t0)
         med = statistics.median
         return CheckpointCosts(size, small_size, changed, changed_small, rounds, med(ckpt),
-                               int(med(ckpt_bytes)), med(saves), med(saves_fsync), med(same_small),
-                               med(same_big), med(restores), chain, med(loads), med(app_loads), base_s,
-                               med(warm_restores), med(warm_loads))
+                               int(med(ckpt_bytes)), med(saves), med(saves_fsync), size_rounds,
+                               med(same_small), med(same_big), med(read_small), med(read_big),
+                               med(restores), chain, med(loads), med(region_loads), med(fills),
+                               med(app_loads), base_s, med(warm_restores), med(warm_loads))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def len_same(c: CheckpointCosts) -> int:
+    """Rounds of the small-against-large comparison without reads."""
+    return c.size_rounds - c.size_rounds // 3
 
 
 def format_checkpoint_report(c: CheckpointCosts) -> str:
@@ -233,8 +294,17 @@ def format_checkpoint_report(c: CheckpointCosts) -> str:
         f"{c.warm_np_load_s * 1e3:.1f} ms: {c.warm_restore_ratio:.2f}x  (goal <= 1.5x: "
         f"{mark(c.warm_restore_ratio <= 1.5)}); vs one copy loaded into a fresh App "
         f"{c.app_load_s * 1e3:.1f} ms: {c.app_restore_ratio:.2f}x",
+        f"  the same into a bare Region (checkpoint.load), from the disk {c.region_load_s * 1e3:8.1f} ms: "
+        f"{c.region_restore_ratio:.2f}x np.load",
+        f"  floor of any restore into an App: the copy's file (in the page cache) sent into a fresh "
+        f"memfd {c.memfd_fill_s * 1e3:.1f} ms = {c.memfd_floor_ratio:.2f}x np.load from the cache "
+        f"(shmem pages are 4 KiB here, np.load's are 2 MiB)",
         f"  {c.changed_small} changed pages in {c.size // mib} MiB {c.same_pages_s * 1e3:.1f} ms vs in "
         f"{c.small_size // mib} MiB {c.small_checkpoint_s * 1e3:.1f} ms: {c.size_ratio:.2f}x  "
-        f"(goal <= 1.2x: {mark(c.size_ratio <= 1.2)})",
+        f"(goal <= 1.2x: {mark(c.size_ratio <= 1.2)}; medians of {len_same(c)} rounds alternating "
+        f"which goes first)",
+        f"  the same after the program read all of its memory: {c.read_large_s * 1e3:.1f} ms vs "
+        f"{c.read_small_s * 1e3:.1f} ms: {c.read_size_ratio:.2f}x  (cow tracking scans every "
+        f"mapped page for the program's writes)",
         f"  (the first, whole checkpoint of {c.size // mib} MiB took {c.base_s * 1e3:.0f} ms)",
     ])
