@@ -9,7 +9,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from pagefork import App, PAGE_SIZE, PageforkError, WorkerError  # noqa: E402
+from pagefork import App, ConflictError, PAGE_SIZE, PageforkError, WorkerError  # noqa: E402
 from pagefork.backends.dask import _drop_cache  # noqa: E402
 
 
@@ -369,3 +369,175 @@ def test_a_reply_claiming_more_than_the_memory_is_refused(claim):
         decompress_batch(b"\x28\xb5\x2f\xfd garbage", PAGE_SIZE)
     with pytest.raises(CorruptDataError):  # a valid frame of bytes that are no batch
         decompress_batch(zstandard.ZstdCompressor().compress(b"no batch here"), PAGE_SIZE)
+
+
+# ---- attacks on the per-worker grouping ----------------------------------------------
+
+
+MIXED = [("isum", np.int64, 700, "sum"), ("fsum", np.float64, 500, "sum"),
+         ("prod", np.int64, 64, "product"), ("owner", np.int32, 64, "overwrite"),
+         ("hi", np.int16, 300, "max"), ("bits", np.uint32, 400, "xor"),
+         ("dense", np.int64, 300_000, "sum")]  # > 256 pages: the workers keep thread memory
+
+
+def _mixed(mem, i, n, step):
+    """Every rule, reads of what the snapshot holds, and a write through
+    the thread's raw region (into the int sum, as bytes)."""
+    rng = np.random.default_rng([step, i])
+    mem["isum"][rng.integers(0, 700, 30)] += i + 1
+    mem["fsum"][:] += rng.normal(0, 1e6, 500) * 1e-3  # rounding differs if regrouped
+    mem["prod"][i % 64] *= 3
+    mem["owner"][i % 64] = step * 1000 + i
+    mem["hi"][rng.integers(0, 300, 20)] = rng.integers(-30000, 30000, 20)
+    mem["bits"][rng.integers(0, 400, 40)] ^= rng.integers(0, 2**32, 40, dtype=np.uint32)
+    mem["dense"][:: 1 + i % 3] += step + i
+    a = mem._layout["isum"]
+    one = np.frombuffer(mem.region, np.int64, 1, a.offset + 8 * (i % 700))
+    one[0] += 1000
+    late = mem._layout.get(f"late{step}")
+    if late is not None:
+        mem[f"late{step}"][i % late.shape[0]] = i + 7
+    return float(mem["fsum"].sum()), int(mem["dense"][: 100].sum())
+
+
+def _mixed_program(app: App, n: int) -> list:
+    for name, dtype, count, merge in MIXED:
+        app.alloc(name, count, dtype, merge=merge)
+    app["prod"][:] = 1
+    got = []
+    for step in range(3):
+        got.append(app.parallel(_mixed, n, args=(step,)))
+        got.append((app.last_batch.dirty_pages, app.last_batch.threads))
+        app["owner"][step] = -step  # main-program writes between batches
+        app["fsum"][step] = 0.5
+        app.alloc(f"late{step + 1}", 70_000, np.int64, merge="overwrite")  # grows the memory
+    return got
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 47])  # one thread; not a multiple of 2 workers; > 10 x
+def test_mixed_rules_growth_and_main_writes_match_the_threads_backend(client, n):
+    with App("3MiB", max_size="8MiB", backend="threads") as local, \
+            App("3MiB", max_size="8MiB", backend="dask", client=client) as remote:
+        assert _mixed_program(remote, n) == _mixed_program(local, n)
+        assert remote.memory.size == local.memory.size > 3 << 20
+        assert bytes(remote.memory) == bytes(local.memory)
+
+
+def test_conflicts_inside_one_worker_and_across_workers(client):
+    with App("64KiB", backend="dask", client=client, detect_conflicts=True) as app:
+        owner = app.alloc("owner", 8, np.int64)
+        total = app.alloc("total", 8, np.int64, merge="sum")
+        app.parallel(_noop, 4)
+        before = bytes(app.memory)
+
+        def clash(mem, i, n, same):
+            mem["total"][:] += 1  # a reduction is never a conflict
+            mem["owner"][i % 2 if same else 0] = 5 if same else i + 1
+
+        for n in (2, 3, 8):  # 8: several threads of one worker clash with each other
+            with pytest.raises(ConflictError):
+                app.parallel(clash, n, args=(False,))
+            assert bytes(app.memory) == before
+        app.parallel(clash, 8, args=(True,))  # the same bytes: no conflict
+        assert owner.tolist() == [5, 5, 0, 0, 0, 0, 0, 0] and total.tolist() == [8] * 8
+
+
+def _dense_then_raise(mem, i, n, bad):
+    mem["dense"][:] += i + 1
+    mem["owner"][i] = i
+    if i == bad:
+        raise ValueError(f"thread {i} gives up")
+    return i
+
+
+def test_a_thread_raising_mid_group_merges_nothing_and_the_next_batch_is_exact(client):
+    with App("4MiB", backend="dask", client=client) as app:
+        dense = app.alloc("dense", 300_000, np.int64, merge="sum")
+        owner = app.alloc("owner", 16, np.int64)
+        app.parallel(_dense_then_raise, 9, args=(-1,))
+        before = bytes(app.memory)
+        for bad in (0, 4, 8):  # first, middle and last of a worker's group
+            with pytest.raises(WorkerError, match=f"thread {bad} gives up") as info:
+                app.parallel(_dense_then_raise, 9, args=(bad,))
+            assert info.value.failed == [bad]
+            assert bytes(app.memory) == before
+        assert app.parallel(_dense_then_raise, 9, args=(-1,)) == list(range(9))
+        assert (dense == 2 * 45).all() and owner.tolist() == list(range(9)) + [0] * 7
+
+
+def test_an_unpicklable_result_from_one_thread_of_a_group(client):
+    import _thread
+
+    with App("64KiB", backend="dask", client=client) as app:
+        total = app.alloc("total", 4, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            mem["total"][:] += 1
+            return _thread.allocate_lock() if i == 3 else i
+
+        with pytest.raises(WorkerError, match="cannot send the result back") as info:
+            app.parallel(work, 7)
+        assert info.value.failed == [3] and total.tolist() == [0] * 4
+        assert app.parallel(lambda mem, i, n: int(mem["total"].__iadd__(1)[0]), 7) == [1] * 7
+        assert total.tolist() == [7] * 4
+
+
+def test_two_apps_on_one_client_from_two_python_threads(client):
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            with App("1MiB", backend="dask", client=client) as app:
+                acc = app.alloc("acc", 50_000, np.int64, merge="sum")
+                last = app.alloc("last", 8, np.int64)
+                for step in range(8):
+                    acc[step] = seed  # main writes between batches
+                    got = app.parallel(lambda mem, i, n, s: (int(mem["acc"][s]), mem["last"].__setitem__(
+                        i, s)), 5, args=(step,))
+                    assert got == [(seed, None)] * 5
+                    app.parallel(lambda mem, i, n: mem["acc"].__iadd__(1), 5)
+                    assert acc[step] == seed + 5 and acc[-1] == 5 * (step + 1)
+                    assert last.tolist() == [step] * 5 + [0] * 3
+        except BaseException as exc:  # reported on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1000, 2000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_bytes_shipped_counts_the_program_once_per_worker_used(client):
+    blob = os.urandom(200_000)  # incompressible arguments: the program's size
+    with App("64KiB", backend="dask", client=client) as app:
+        app.alloc("a", 4, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n, b: None, 2, args=(blob,))
+        app.parallel(lambda mem, i, n, b: None, 1, args=(blob,))
+        assert len(blob) < app.last_batch.bytes_shipped < 1.5 * len(blob)  # one worker ran it
+        app.parallel(lambda mem, i, n, b: None, 2, args=(blob,))
+        assert 2 * len(blob) < app.last_batch.bytes_shipped < 2.5 * len(blob)
+
+
+def test_a_stale_full_snapshot_never_replaces_a_newer_one():
+    """A task of a cancelled batch may reach a worker after the next batch's:
+    its older version must not replace (and close) the snapshot a running
+    group of the newer batch uses."""
+    import zstandard
+
+    from pagefork.backends.dask import SnapshotMissing, _CacheEntry
+
+    pack = zstandard.ZstdCompressor().compress
+    entry = _CacheEntry()
+    try:
+        entry.update(7, PAGE_SIZE, PAGE_SIZE, "full", pack(b"\x07" * PAGE_SIZE))
+        in_use = entry.snapshot
+        with pytest.raises(SnapshotMissing):
+            entry.update(6, PAGE_SIZE, PAGE_SIZE, "full", pack(b"\x06" * PAGE_SIZE))
+        assert entry.version == 7 and entry.snapshot is in_use and not in_use.closed
+        assert in_use.read() == b"\x07" * PAGE_SIZE
+    finally:
+        entry.close()
