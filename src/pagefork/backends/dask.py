@@ -59,15 +59,22 @@ class _CacheEntry:
         self.snapshot: Snapshot | None = None
         self.spaces: list[CombiningWorkspace] = []
 
-    def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> None:
+    def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> Snapshot:
+        """Brings the snapshot to ``version`` and returns it. An App's versions
+        only grow, so an older one comes from a stale task (of a cancelled
+        batch, reaching the worker late): refused, as replacing the snapshot
+        would close it under the newer batch's running group."""
         with self.lock:
+            if version < self.version:
+                raise SnapshotMissing(f"holds version {self.version}, newer than the stale {version}")
             if self.version == version:
-                return
+                assert self.snapshot is not None
+                return self.snapshot
             if kind == "full" and payload is not None:
                 data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
-                if self.snapshot is not None:
-                    self.snapshot.close()
-                self.snapshot = Snapshot(data, max_size=max_size)
+                old, self.snapshot = self.snapshot, Snapshot(data, max_size=max_size)
+                if old is not None:  # only now: a failure above keeps the old version usable
+                    old.close()
             elif kind == "delta" and payload is not None and self.snapshot is not None:
                 base, changes = cloudpickle.loads(zstandard.ZstdDecompressor().decompress(payload))
                 if base != self.version:
@@ -77,6 +84,7 @@ class _CacheEntry:
             else:
                 raise SnapshotMissing(f"holds version {self.version}, needs {version}")
             self.version = version
+            return self.snapshot
 
     def workspace(self) -> CombiningWorkspace:
         with self.lock:
@@ -147,7 +155,7 @@ def _run_group(app_id: str, version: int, size: int, max_size: int, kind: str, p
     ("error", why) when no thread could run."""
     entry = _cache(app_id)
     try:
-        entry.update(version, size, max_size, kind, payload)
+        snapshot = entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:
         return ("missing", str(exc))
     try:
@@ -160,8 +168,7 @@ def _run_group(app_id: str, version: int, size: int, max_size: int, kind: str, p
         return ("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
     if mode not in probe() or not probe()[mode].available:
         mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
-    assert entry.snapshot is not None
-    spec = BatchSpec(fn, n, args, entry.snapshot, layout, regions, mode, version)
+    spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
     replies: list[tuple] = []
 
     def report(outcome: ThreadOutcome) -> None:
@@ -282,22 +289,25 @@ class DaskBackend:
         paths = [_absolute(p) for p in sys.path if isinstance(p, str)]
         program = pickle.dumps((paths, body), protocol=pickle.HIGHEST_PROTOCOL)
         self._record(spec)
-        shipped = len(program) * self.slots
+        shipped = 0
+        program_to: set[str] = set()  # workers the program (future) goes to
         payloads: dict[tuple[str, int | None], tuple[Any, int]] = {}  # key -> (future, bytes)
         futures = {"program": self._scatter(program)}
 
         def rescatter() -> None:
             """Scattered data dies with the worker that held it: start over."""
-            nonlocal shipped
             futures["program"] = self._scatter(program)
             payloads.clear()
             receivers.clear()
-            shipped += len(program)
+            program_to.clear()
 
         receivers: dict[tuple[str, int | None], set[str]] = {}
 
         def submit(indexes: list[int], address: str, full: bool = False) -> Any:
             nonlocal shipped
+            if address not in program_to:  # Dask moves the program to each worker once
+                program_to.add(address)
+                shipped += len(program)
             key = self._payload_kind(spec, None if full else self._known.get(address))
             if key[0] != "none":
                 if key not in payloads:  # one future per distinct payload
