@@ -270,8 +270,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_sigint)
     with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=2,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client, \
-            App("64KiB", backend="dask", client=client) as app:
+            App("4MiB", backend="dask", client=client) as app:
         total = app.alloc("total", 3, np.int64, merge="sum")
+        dense = app.alloc("dense", int(sys.argv[2]), np.int64, merge="sum")  # combined per worker
         app.parallel(lambda mem, i, n: None, 3)
         merged = 0
         for r in range(int(sys.argv[1])):
@@ -282,7 +283,8 @@ if __name__ == "__main__":
             try:
                 inside = True
                 timer.start()
-                app.parallel(lambda mem, i, n: mem["total"].__setitem__(i, mem["total"][i] + 1), 3)
+                app.parallel(lambda mem, i, n: (mem["total"].__setitem__(i, mem["total"][i] + 1),
+                                                mem["dense"].__iadd__(1)), 3)
                 timer.join()  # a signal after the batch lands here
             except KeyboardInterrupt:
                 inside = False
@@ -290,19 +292,21 @@ if __name__ == "__main__":
             if timer.ident is not None:
                 timer.join()
             assert total.tolist() in ([k] * 3, [k + 1] * 3), (k, total)
+            assert (dense == 3 * total[0]).all(), (k, total, np.unique(dense))
             merged += int(total[0]) == k + 1
             assert app.parallel(lambda mem, i, n: int(mem["total"][i]), 3) == total.tolist()
         print("ok merged", merged)
 '''
 
 
-def test_sigint_at_random_points_in_a_loop(tmp_path):
+@pytest.mark.parametrize("dense", [1, 300_000])  # 300_000: the workers keep thread memory
+def test_sigint_at_random_points_in_a_loop(tmp_path, dense):
     import subprocess
     import sys
 
     script = tmp_path / "stress.py"
     script.write_text(STRESS)
-    done = subprocess.run([sys.executable, str(script), "25"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script), "25", str(dense)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok merged")
 
@@ -541,3 +545,64 @@ def test_a_stale_full_snapshot_never_replaces_a_newer_one():
         assert in_use.read() == b"\x07" * PAGE_SIZE
     finally:
         entry.close()
+
+
+def _slow_dense(mem, i, n, gate):
+    """Writes everything, then waits for ``gate`` to exist (a stale group
+    still running while the next batch runs on the same worker)."""
+    import time
+
+    mem["dense"][:] += 1000
+    mem["owner"][i] = -1
+    open(f"{gate}.started{i}", "w").close()
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    mem["dense"][:] += 1000
+
+
+def _dense_step(mem, i, n, step):
+    mem["dense"][i::n] += step
+    mem["owner"][i] = step
+    return int(mem["dense"][: 1000].sum())
+
+
+def test_an_interrupted_batch_leaves_no_trace_on_the_workers(client, tmp_path):
+    """KeyboardInterrupt while a worker's group runs: nothing merges; the
+    next batches (other versions, while the interrupted group is still
+    running on the same workers) are exact, and so are the ones after it
+    finishes and gives its workspace back."""
+    import _thread
+    import threading
+    import time
+
+    gate = str(tmp_path / "gate")
+    with App("4MiB", backend="dask", client=client) as app, \
+            App("4MiB", backend="threads") as reference:
+        for a in (app, reference):
+            a.alloc("dense", 300_000, np.int64, merge="sum")
+            a.alloc("owner", 8, np.int64)
+            a.parallel(_dense_step, 4, args=(1,))
+        before = bytes(app.memory)
+
+        def interrupt() -> None:
+            while not all(os.path.exists(f"{gate}.started{i}") for i in range(2)):
+                time.sleep(0.01)
+            _thread.interrupt_main()
+
+        timer = threading.Thread(target=interrupt)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            app.parallel(_slow_dense, 2, args=(gate,))  # one thread per worker
+        timer.join()
+        assert bytes(app.memory) == before
+        for step in (2, 3):
+            for a in (app, reference):
+                a["dense"][step] = 7  # main writes: a new version, sent as a delta
+            assert app.parallel(_dense_step, 4, args=(step,)) == reference.parallel(_dense_step, 4,
+                                                                                   args=(step,))
+            assert bytes(app.memory) == bytes(reference.memory)
+        open(gate, "w").close()  # the interrupted groups finish now
+        for step in range(4, 10):
+            assert app.parallel(_dense_step, 5, args=(step,)) == reference.parallel(_dense_step, 5,
+                                                                                   args=(step,))
+            assert bytes(app.memory) == bytes(reference.memory)
