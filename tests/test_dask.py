@@ -606,3 +606,76 @@ def test_an_interrupted_batch_leaves_no_trace_on_the_workers(client, tmp_path):
             assert app.parallel(_dense_step, 5, args=(step,)) == reference.parallel(_dense_step, 5,
                                                                                    args=(step,))
             assert bytes(app.memory) == bytes(reference.memory)
+
+
+def _dense_or_die(mem, i, n, path):
+    if i == 5 and not os.path.exists(path):
+        open(path, "w").close()
+        os._exit(1)  # the worker dies in the middle of its group
+    mem["dense"][i::n] += i + 1
+    mem["owner"][i] = i
+    return int(mem["dense"][:50].sum())
+
+
+def test_a_worker_killed_mid_group_of_combined_threads(tmp_path):
+    marker = tmp_path / "killed-once"
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=2,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            App("4MiB", backend="dask", client=client) as app, App("4MiB", backend="threads") as reference:
+        for a in (app, reference):
+            a.alloc("dense", 300_000, np.int64, merge="sum")
+            a.alloc("owner", 16, np.int64)
+            a.parallel(_dense_or_die, 9, args=(str(marker) + "-never",))
+            a["dense"][:10] = 3  # main writes: the survivors get a delta
+        got = app.parallel(_dense_or_die, 9, args=(str(marker),))  # re-run elsewhere, whole
+        assert marker.exists()
+        assert got == reference.parallel(_dense_or_die, 9, args=(str(marker),))
+        assert bytes(app.memory) == bytes(reference.memory)
+        for a in (app, reference):
+            a["dense"][20:30] = 4
+        assert app.parallel(_dense_or_die, 9, args=(str(marker),)) == reference.parallel(
+            _dense_or_die, 9, args=(str(marker),))
+        assert bytes(app.memory) == bytes(reference.memory)
+
+
+def test_a_restarted_worker_gets_deltas_again(tmp_path):
+    """A worker lost for good (its nanny restarts it under a new address):
+    after one batch sends it the whole snapshot, later batches ship only
+    the change again, not the whole memory to that slot every batch."""
+    marker = tmp_path / "killed-once"
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            App("8MiB", backend="dask", client=client) as app:
+        a = app.alloc("a", app.memory.size, np.uint8)
+        a[:] = np.random.default_rng(1).integers(0, 256, a.size, dtype=np.uint8)  # incompressible
+
+        def work(mem, i, n, path):
+            if i == 1 and not os.path.exists(path):
+                open(path, "w").close()
+                os._exit(1)
+            mem["a"][i] = 7
+
+        app.parallel(work, 2, args=(str(marker) + "-never",))
+        app.parallel(work, 2, args=(str(marker),))  # worker 1 dies: its threads re-run elsewhere
+        client.wait_for_workers(2)
+        for _ in range(3):
+            a[:4] = 9
+            app.parallel(work, 2, args=(str(marker),))
+        assert app.last_batch.bytes_shipped < (8 << 20) // 10
+        assert a[:4].tolist() == [7, 7, 9, 9]
+
+
+def test_slots_follow_workers_that_left_and_came_back(client, monkeypatch):
+    with App("64KiB", backend="dask", client=client) as app:
+        backend = app._executor.backend
+        backend.addresses = ["a", "b", "c"]
+        for alive, expected in [(["a", "b", "c", "d"], ["a", "b", "c"]),  # nothing left
+                                (["a", "c"], ["a", "c", "c"]),             # b gone, nobody new yet
+                                (["a", "c", "e"], ["a", "c", "e"]),        # e started: a shared slot moves
+                                ([], ["a", "c", "e"]),                     # nobody: left to Dask
+                                (["f", "g"], ["f", "g", "f"])]:
+            monkeypatch.setattr(backend, "_alive", lambda alive=alive: alive)
+            backend._follow_workers()
+            assert backend.addresses == expected

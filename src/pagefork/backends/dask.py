@@ -221,7 +221,7 @@ class DaskBackend:
         self._own_client = not isinstance(client, distributed.Client)
         self.client = distributed.Client(client) if self._own_client else client
         self._check_client()
-        addresses = sorted(self.client.scheduler_info()["workers"])
+        addresses = self._alive()
         if not addresses:
             raise PageforkError("the Dask cluster has no workers")
         self.addresses = addresses[:workers] if workers else addresses
@@ -279,6 +279,7 @@ class DaskBackend:
         from distributed import as_completed
 
         self._check_client()
+        self._follow_workers()
         try:
             body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
                                spec.tracking))
@@ -430,8 +431,31 @@ class DaskBackend:
                     raise
                 time.sleep(0.25)
 
+    def _alive(self) -> list[str]:
+        """The cluster's workers now, sorted (``nthreads`` lists them all;
+        ``scheduler_info`` lists only five by default in some versions)."""
+        return sorted(self.client.nthreads())
+
+    def _follow_workers(self) -> None:
+        """Moves slots whose worker left the cluster (a nanny restarts it
+        under a new address) to live workers no slot uses yet: the new
+        worker's cache warms up again, where submitting to the old address
+        would send it the whole snapshot on every batch."""
+        alive = self._alive()
+        if not alive:
+            return
+        spare = [a for a in alive if a not in self.addresses]
+        moved: list[str] = []
+        for slot, address in enumerate(self.addresses):
+            if (address not in alive or address in moved) and spare:  # a shared one too, once
+                address = spare.pop(0)                                 # the new worker is up
+            elif address not in alive:
+                address = alive[slot % len(alive)]
+            moved.append(address)
+        self.addresses = moved
+
     def _other(self, address: str) -> str:
-        alive = sorted(self.client.scheduler_info()["workers"])
+        alive = self._alive()
         others = [a for a in alive if a != address] or alive
         return others[0] if others else address
 
