@@ -486,14 +486,15 @@ def test_an_unpicklable_result_from_one_thread_of_a_group(client):
         assert total.tolist() == [7] * 4
 
 
-def test_two_apps_on_one_client_from_two_python_threads(client):
+@pytest.mark.parametrize("workers", [None, 1])  # 1: both Apps' groups on one worker
+def test_two_apps_on_one_client_from_two_python_threads(client, workers):
     import threading
 
     errors: list[BaseException] = []
 
     def run(seed: int) -> None:
         try:
-            with App("1MiB", backend="dask", client=client) as app:
+            with App("1MiB", backend="dask", client=client, workers=workers) as app:
                 acc = app.alloc("acc", 50_000, np.int64, merge="sum")
                 last = app.alloc("last", 8, np.int64)
                 for step in range(8):
@@ -679,3 +680,28 @@ def test_slots_follow_workers_that_left_and_came_back(client, monkeypatch):
             monkeypatch.setattr(backend, "_alive", lambda alive=alive: alive)
             backend._follow_workers()
             assert backend.addresses == expected
+
+
+def test_damaged_replies_are_corrupt_data_never_another_error():
+    """A worker's reply is data a peer controls: flipped bits, cuts, extra
+    bytes and extreme frame headers only ever raise CorruptDataError."""
+    import random
+
+    import zstandard
+
+    from fuzzing import mutate
+    from pagefork import CorruptDataError
+    from pagefork.backends.dask import compress_batch, decompress_batch
+    from pagefork.snapshot import Diff
+
+    rng = random.Random(7)
+    seeds = [compress_batch([Diff(rng.randrange(1 << 16), rng.randbytes(rng.randrange(1, 300)))
+                             for _ in range(rng.randrange(4))]) for _ in range(20)]
+    plain = [zstandard.ZstdCompressor().compress(zstandard.ZstdDecompressor().decompress(s)) for s in seeds]
+    for i in range(5000):
+        blob = mutate(rng, rng.choice(seeds + plain), [(4, 1), (5, 4), (6, 8)])
+        try:
+            batch = decompress_batch(blob, 1 << 16)
+        except CorruptDataError:
+            continue
+        assert decompress_batch(compress_batch(batch), 1 << 16) == batch
