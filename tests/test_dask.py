@@ -705,3 +705,26 @@ def test_damaged_replies_are_corrupt_data_never_another_error():
         except CorruptDataError:
             continue
         assert decompress_batch(compress_batch(batch), 1 << 16) == batch
+
+
+class _ExitsWhenLoaded:
+    """A result whose unpickling calls sys.exit (a hostile __reduce__)."""
+
+    def __reduce__(self):
+        import sys
+
+        return (sys.exit, (3,))
+
+
+def test_a_result_that_exits_when_loaded_is_a_worker_error(client):
+    with App("64KiB", backend="dask", client=client) as app:
+        total = app.alloc("total", 4, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            mem["total"][:] += 1
+            return _ExitsWhenLoaded() if i == 2 else i
+
+        with pytest.raises(WorkerError, match="cannot load the result") as info:
+            app.parallel(work, 5)
+        assert info.value.failed == [2] and total.tolist() == [0] * 4
+        assert app.parallel(lambda mem, i, n: i, 5) == list(range(5))

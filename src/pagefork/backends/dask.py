@@ -379,7 +379,7 @@ class DaskBackend:
                         try:
                             outcome.diffs = decompress_batch(diffs, memory_size)
                             outcome.result = cloudpickle.loads(result)
-                        except Exception:
+                        except (Exception, SystemExit):  # a result's __reduce__ may call sys.exit
                             outcome.error = ("cannot load the result on the client:\n"
                                              + traceback.format_exc())
                 if blob is not None:
