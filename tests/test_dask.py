@@ -728,3 +728,17 @@ def test_a_result_that_exits_when_loaded_is_a_worker_error(client):
             app.parallel(work, 5)
         assert info.value.failed == [2] and total.tolist() == [0] * 4
         assert app.parallel(lambda mem, i, n: i, 5) == list(range(5))
+
+
+def test_a_dropped_cache_entry_answers_missing_not_a_crash():
+    import zstandard
+
+    from pagefork.backends.dask import SnapshotMissing, _CacheEntry
+
+    entry = _CacheEntry()
+    entry.update(3, PAGE_SIZE, PAGE_SIZE, "full", zstandard.ZstdCompressor().compress(b"\x03" * PAGE_SIZE))
+    entry.close()  # _drop_cache while a group of the App still holds the entry
+    with pytest.raises(SnapshotMissing):
+        entry.update(3, PAGE_SIZE, PAGE_SIZE, "none", None)
+    with pytest.raises(SnapshotMissing):
+        entry.update(4, PAGE_SIZE, PAGE_SIZE, "delta", b"")

@@ -102,6 +102,7 @@ class _CacheEntry:
             if self.snapshot is not None:
                 self.snapshot.close()
                 self.snapshot = None
+            self.version = -1  # a group still holding the entry is told "missing"
 
 
 def _cache(app_id: str) -> _CacheEntry:
