@@ -742,3 +742,19 @@ def test_a_dropped_cache_entry_answers_missing_not_a_crash():
         entry.update(3, PAGE_SIZE, PAGE_SIZE, "none", None)
     with pytest.raises(SnapshotMissing):
         entry.update(4, PAGE_SIZE, PAGE_SIZE, "delta", b"")
+
+
+def test_one_worker_losing_its_cache_between_batches_of_deltas(client):
+    with App("4MiB", backend="dask", client=client) as app, App("4MiB", backend="threads") as reference:
+        for a in (app, reference):
+            a.alloc("dense", 300_000, np.int64, merge="sum")
+            a.alloc("owner", 8, np.int64)
+        backend = app._executor.backend
+        for step in range(5):
+            for a in (app, reference):
+                a["dense"][step * 1000: step * 1000 + 5] = -step  # main writes: deltas
+            if step in (2, 3):  # one worker only; the other keeps taking deltas
+                client.run(_drop_cache, backend.app_id, workers=[backend.addresses[step % 2]])
+            assert app.parallel(_dense_step, 5, args=(step,)) == reference.parallel(_dense_step, 5,
+                                                                                   args=(step,))
+            assert bytes(app.memory) == bytes(reference.memory)
