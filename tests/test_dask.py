@@ -758,3 +758,22 @@ def test_one_worker_losing_its_cache_between_batches_of_deltas(client):
             assert app.parallel(_dense_step, 5, args=(step,)) == reference.parallel(_dense_step, 5,
                                                                                    args=(step,))
             assert bytes(app.memory) == bytes(reference.memory)
+
+
+def test_a_worker_gone_between_batches_does_not_pin_the_change_history():
+    """The client keeps each version's changes while some worker holds an
+    older version; a worker that left must not keep them forever."""
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            App("1MiB", backend="dask", client=client) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+        backend = app._executor.backend
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        client.retire_workers([backend.addresses[1]], close_workers=True)
+        for step in range(6):
+            a[step] = 100  # a new version each batch
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        assert len(backend._recorded) <= 2 and len(backend._changes) <= 1
+        assert a[:6].tolist() == [100 + 2 * (6 - k) for k in range(6)]
+        assert a[6:].tolist() == [14] * 994

@@ -438,13 +438,16 @@ class DaskBackend:
         return sorted(self.client.nthreads())
 
     def _follow_workers(self) -> None:
-        """Moves slots whose worker left the cluster (a nanny restarts it
-        under a new address) to live workers no slot uses yet: the new
-        worker's cache warms up again, where submitting to the old address
-        would send it the whole snapshot on every batch."""
+        """Forgets workers that left the cluster, and moves slots whose
+        worker left (a nanny restarts it under a new address) to live
+        workers no slot uses yet: the new worker's cache warms up again,
+        where submitting to the old address would send it the whole
+        snapshot on every batch."""
         alive = self._alive()
         if not alive:
             return
+        for gone in set(self._known) - set(alive):  # its version would pin every change since
+            del self._known[gone]
         spare = [a for a in alive if a not in self.addresses]
         moved: list[str] = []
         for slot, address in enumerate(self.addresses):
