@@ -777,3 +777,17 @@ def test_a_worker_gone_between_batches_does_not_pin_the_change_history():
         assert len(backend._recorded) <= 2 and len(backend._changes) <= 1
         assert a[:6].tolist() == [100 + 2 * (6 - k) for k in range(6)]
         assert a[6:].tolist() == [14] * 994
+
+
+def test_a_worker_outside_the_slots_does_not_pin_the_change_history(client):
+    with App("1MiB", backend="dask", client=client, workers=1) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+        backend = app._executor.backend
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        other = next(w for w in client.nthreads() if w not in backend.addresses)
+        backend._known[other] = backend._recorded[0]  # as if Dask had stolen a task there
+        for step in range(6):
+            a[step] = 100
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        assert len(backend._recorded) <= 2 and len(backend._changes) <= 1
+        assert a[:6].tolist() == [100 + 2 * (6 - k) for k in range(6)] and (a[6:] == 14).all()

@@ -244,7 +244,9 @@ class DaskBackend:
         if self._recorded:
             self._changes[spec.version] = changes
         self._recorded.append(spec.version)
-        held = [v for v in self._known.values() if v in self._recorded]
+        # Only the slots' workers get deltas; another one that ran a task (a
+        # retry, or Dask's work stealing) gets the whole snapshot if ever needed.
+        held = [v for a, v in self._known.items() if a in self.addresses and v in self._recorded]
         oldest = min(held, default=spec.version)
         while self._recorded[0] < oldest:
             self._recorded.pop(0)
