@@ -9,7 +9,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from pagefork import App, PAGE_SIZE, PageforkError, WorkerError  # noqa: E402
+from pagefork import App, ConflictError, PAGE_SIZE, PageforkError, WorkerError  # noqa: E402
 from pagefork.backends.dask import _drop_cache  # noqa: E402
 
 
@@ -270,8 +270,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_sigint)
     with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=2,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client, \
-            App("64KiB", backend="dask", client=client) as app:
+            App("4MiB", backend="dask", client=client) as app:
         total = app.alloc("total", 3, np.int64, merge="sum")
+        dense = app.alloc("dense", int(sys.argv[2]), np.int64, merge="sum")  # combined per worker
         app.parallel(lambda mem, i, n: None, 3)
         merged = 0
         for r in range(int(sys.argv[1])):
@@ -282,7 +283,8 @@ if __name__ == "__main__":
             try:
                 inside = True
                 timer.start()
-                app.parallel(lambda mem, i, n: mem["total"].__setitem__(i, mem["total"][i] + 1), 3)
+                app.parallel(lambda mem, i, n: (mem["total"].__setitem__(i, mem["total"][i] + 1),
+                                                mem["dense"].__iadd__(1)), 3)
                 timer.join()  # a signal after the batch lands here
             except KeyboardInterrupt:
                 inside = False
@@ -290,19 +292,21 @@ if __name__ == "__main__":
             if timer.ident is not None:
                 timer.join()
             assert total.tolist() in ([k] * 3, [k + 1] * 3), (k, total)
+            assert (dense == 3 * total[0]).all(), (k, total, np.unique(dense))
             merged += int(total[0]) == k + 1
             assert app.parallel(lambda mem, i, n: int(mem["total"][i]), 3) == total.tolist()
         print("ok merged", merged)
 '''
 
 
-def test_sigint_at_random_points_in_a_loop(tmp_path):
+@pytest.mark.parametrize("dense", [1, 300_000])  # 300_000: the workers keep thread memory
+def test_sigint_at_random_points_in_a_loop(tmp_path, dense):
     import subprocess
     import sys
 
     script = tmp_path / "stress.py"
     script.write_text(STRESS)
-    done = subprocess.run([sys.executable, str(script), "25"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script), "25", str(dense)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok merged")
 
@@ -389,3 +393,421 @@ def test_identity_start_gives_the_same_bytes_as_the_threads_backend(client):
             answers.append((bytes(acc), bytes(lo)))
     assert answers[0] == answers[1]
     assert np.frombuffer(answers[0][1], np.float64).tolist() == [-4.0, -1.0, -2.0, -3.0]
+
+
+# ---- attacks on the per-worker grouping ----------------------------------------------
+
+
+MIXED = [("isum", np.int64, 700, "sum"), ("fsum", np.float64, 500, "sum"),
+         ("prod", np.int64, 64, "product"), ("owner", np.int32, 64, "overwrite"),
+         ("hi", np.int16, 300, "max"), ("bits", np.uint32, 400, "xor"),
+         ("dense", np.int64, 300_000, "sum")]  # > 256 pages: the workers keep thread memory
+
+
+def _mixed(mem, i, n, step):
+    """Every rule, reads of what the snapshot holds, and a write through
+    the thread's raw region (into the int sum, as bytes)."""
+    rng = np.random.default_rng([step, i])
+    mem["isum"][rng.integers(0, 700, 30)] += i + 1
+    mem["fsum"][:] += rng.normal(0, 1e6, 500) * 1e-3  # rounding differs if regrouped
+    mem["prod"][i % 64] *= 3
+    mem["owner"][i % 64] = step * 1000 + i
+    mem["hi"][rng.integers(0, 300, 20)] = rng.integers(-30000, 30000, 20)
+    mem["bits"][rng.integers(0, 400, 40)] ^= rng.integers(0, 2**32, 40, dtype=np.uint32)
+    mem["dense"][:: 1 + i % 3] += step + i
+    a = mem._layout["isum"]
+    one = np.frombuffer(mem.region, np.int64, 1, a.offset + 8 * (i % 700))
+    one[0] += 1000
+    late = mem._layout.get(f"late{step}")
+    if late is not None:
+        mem[f"late{step}"][i % late.shape[0]] = i + 7
+    return float(mem["fsum"].sum()), int(mem["dense"][: 100].sum())
+
+
+def _mixed_program(app: App, n: int) -> list:
+    for name, dtype, count, merge in MIXED:
+        app.alloc(name, count, dtype, merge=merge)
+    app["prod"][:] = 1
+    got = []
+    for step in range(3):
+        got.append(app.parallel(_mixed, n, args=(step,)))
+        got.append((app.last_batch.dirty_pages, app.last_batch.threads))
+        app["owner"][step] = -step  # main-program writes between batches
+        app["fsum"][step] = 0.5
+        app.alloc(f"late{step + 1}", 70_000, np.int64, merge="overwrite")  # grows the memory
+    return got
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 47])  # one thread; not a multiple of 2 workers; > 10 x
+def test_mixed_rules_growth_and_main_writes_match_the_threads_backend(client, n):
+    with App("3MiB", max_size="8MiB", backend="threads") as local, \
+            App("3MiB", max_size="8MiB", backend="dask", client=client) as remote:
+        assert _mixed_program(remote, n) == _mixed_program(local, n)
+        assert remote.memory.size == local.memory.size > 3 << 20
+        assert bytes(remote.memory) == bytes(local.memory)
+
+
+def test_conflicts_inside_one_worker_and_across_workers(client):
+    with App("64KiB", backend="dask", client=client, detect_conflicts=True) as app:
+        owner = app.alloc("owner", 8, np.int64)
+        total = app.alloc("total", 8, np.int64, merge="sum")
+        app.parallel(_noop, 4)
+        before = bytes(app.memory)
+
+        def clash(mem, i, n, same):
+            mem["total"][:] += 1  # a reduction is never a conflict
+            mem["owner"][i % 2 if same else 0] = 5 if same else i + 1
+
+        for n in (2, 3, 8):  # 8: several threads of one worker clash with each other
+            with pytest.raises(ConflictError):
+                app.parallel(clash, n, args=(False,))
+            assert bytes(app.memory) == before
+        app.parallel(clash, 8, args=(True,))  # the same bytes: no conflict
+        assert owner.tolist() == [5, 5, 0, 0, 0, 0, 0, 0] and total.tolist() == [8] * 8
+
+
+def _dense_then_raise(mem, i, n, bad):
+    mem["dense"][:] += i + 1
+    mem["owner"][i] = i
+    if i == bad:
+        raise ValueError(f"thread {i} gives up")
+    return i
+
+
+def test_a_thread_raising_mid_group_merges_nothing_and_the_next_batch_is_exact(client):
+    with App("4MiB", backend="dask", client=client) as app:
+        dense = app.alloc("dense", 300_000, np.int64, merge="sum")
+        owner = app.alloc("owner", 16, np.int64)
+        app.parallel(_dense_then_raise, 9, args=(-1,))
+        before = bytes(app.memory)
+        for bad in (0, 4, 8):  # first, middle and last of a worker's group
+            with pytest.raises(WorkerError, match=f"thread {bad} gives up") as info:
+                app.parallel(_dense_then_raise, 9, args=(bad,))
+            assert info.value.failed == [bad]
+            assert bytes(app.memory) == before
+        assert app.parallel(_dense_then_raise, 9, args=(-1,)) == list(range(9))
+        assert (dense == 2 * 45).all() and owner.tolist() == list(range(9)) + [0] * 7
+
+
+def test_an_unpicklable_result_from_one_thread_of_a_group(client):
+    import _thread
+
+    with App("64KiB", backend="dask", client=client) as app:
+        total = app.alloc("total", 4, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            mem["total"][:] += 1
+            return _thread.allocate_lock() if i == 3 else i
+
+        with pytest.raises(WorkerError, match="cannot send the result back") as info:
+            app.parallel(work, 7)
+        assert info.value.failed == [3] and total.tolist() == [0] * 4
+        assert app.parallel(lambda mem, i, n: int(mem["total"].__iadd__(1)[0]), 7) == [1] * 7
+        assert total.tolist() == [7] * 4
+
+
+@pytest.mark.parametrize("workers", [None, 1])  # 1: both Apps' groups on one worker
+def test_two_apps_on_one_client_from_two_python_threads(client, workers):
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            with App("1MiB", backend="dask", client=client, workers=workers) as app:
+                acc = app.alloc("acc", 50_000, np.int64, merge="sum")
+                last = app.alloc("last", 8, np.int64)
+                for step in range(8):
+                    acc[step] = seed  # main writes between batches
+                    got = app.parallel(lambda mem, i, n, s: (int(mem["acc"][s]), mem["last"].__setitem__(
+                        i, s)), 5, args=(step,))
+                    assert got == [(seed, None)] * 5
+                    app.parallel(lambda mem, i, n: mem["acc"].__iadd__(1), 5)
+                    assert acc[step] == seed + 5 and acc[-1] == 5 * (step + 1)
+                    assert last.tolist() == [step] * 5 + [0] * 3
+        except BaseException as exc:  # reported on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1000, 2000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_bytes_shipped_counts_the_program_once_per_worker_used(client):
+    blob = os.urandom(200_000)  # incompressible arguments: the program's size
+    with App("64KiB", backend="dask", client=client) as app:
+        app.alloc("a", 4, np.int64, merge="sum")
+        app.parallel(lambda mem, i, n, b: None, 2, args=(blob,))
+        app.parallel(lambda mem, i, n, b: None, 1, args=(blob,))
+        assert len(blob) < app.last_batch.bytes_shipped < 1.5 * len(blob)  # one worker ran it
+        app.parallel(lambda mem, i, n, b: None, 2, args=(blob,))
+        assert 2 * len(blob) < app.last_batch.bytes_shipped < 2.5 * len(blob)
+
+
+def test_a_stale_full_snapshot_never_replaces_a_newer_one():
+    """A task of a cancelled batch may reach a worker after the next batch's:
+    its older version must not replace (and close) the snapshot a running
+    group of the newer batch uses."""
+    import zstandard
+
+    from pagefork.backends.dask import SnapshotMissing, _CacheEntry
+
+    pack = zstandard.ZstdCompressor().compress
+    entry = _CacheEntry()
+    try:
+        entry.update(7, PAGE_SIZE, PAGE_SIZE, "full", pack(b"\x07" * PAGE_SIZE))
+        in_use = entry.snapshot
+        with pytest.raises(SnapshotMissing):
+            entry.update(6, PAGE_SIZE, PAGE_SIZE, "full", pack(b"\x06" * PAGE_SIZE))
+        assert entry.version == 7 and entry.snapshot is in_use and not in_use.closed
+        assert in_use.read() == b"\x07" * PAGE_SIZE
+    finally:
+        entry.close()
+
+
+def _slow_dense(mem, i, n, gate):
+    """Writes everything, then waits for ``gate`` to exist (a stale group
+    still running while the next batch runs on the same worker)."""
+    import time
+
+    mem["dense"][:] += 1000
+    mem["owner"][i] = -1
+    open(f"{gate}.started{i}", "w").close()
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    mem["dense"][:] += 1000
+
+
+def _dense_step(mem, i, n, step):
+    mem["dense"][i::n] += step
+    mem["owner"][i] = step
+    return int(mem["dense"][: 1000].sum())
+
+
+def test_an_interrupted_batch_leaves_no_trace_on_the_workers(client, tmp_path):
+    """KeyboardInterrupt while a worker's group runs: nothing merges; the
+    next batches (other versions, while the interrupted group is still
+    running on the same workers) are exact, and so are the ones after it
+    finishes and gives its workspace back."""
+    import _thread
+    import threading
+    import time
+
+    gate = str(tmp_path / "gate")
+    with App("4MiB", backend="dask", client=client) as app, \
+            App("4MiB", backend="threads") as reference:
+        for a in (app, reference):
+            a.alloc("dense", 300_000, np.int64, merge="sum")
+            a.alloc("owner", 8, np.int64)
+            a.parallel(_dense_step, 4, args=(1,))
+        before = bytes(app.memory)
+
+        def interrupt() -> None:
+            while not all(os.path.exists(f"{gate}.started{i}") for i in range(2)):
+                time.sleep(0.01)
+            _thread.interrupt_main()
+
+        timer = threading.Thread(target=interrupt)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            app.parallel(_slow_dense, 2, args=(gate,))  # one thread per worker
+        timer.join()
+        assert bytes(app.memory) == before
+        for step in (2, 3):
+            for a in (app, reference):
+                a["dense"][step] = 7  # main writes: a new version, sent as a delta
+            assert app.parallel(_dense_step, 4, args=(step,)) == reference.parallel(_dense_step, 4,
+                                                                                   args=(step,))
+            assert bytes(app.memory) == bytes(reference.memory)
+        open(gate, "w").close()  # the interrupted groups finish now
+        for step in range(4, 10):
+            assert app.parallel(_dense_step, 5, args=(step,)) == reference.parallel(_dense_step, 5,
+                                                                                   args=(step,))
+            assert bytes(app.memory) == bytes(reference.memory)
+
+
+def _dense_or_die(mem, i, n, path):
+    if i == 5 and not os.path.exists(path):
+        open(path, "w").close()
+        os._exit(1)  # the worker dies in the middle of its group
+    mem["dense"][i::n] += i + 1
+    mem["owner"][i] = i
+    return int(mem["dense"][:50].sum())
+
+
+def test_a_worker_killed_mid_group_of_combined_threads(tmp_path):
+    marker = tmp_path / "killed-once"
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=2,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            App("4MiB", backend="dask", client=client) as app, App("4MiB", backend="threads") as reference:
+        for a in (app, reference):
+            a.alloc("dense", 300_000, np.int64, merge="sum")
+            a.alloc("owner", 16, np.int64)
+            a.parallel(_dense_or_die, 9, args=(str(marker) + "-never",))
+            a["dense"][:10] = 3  # main writes: the survivors get a delta
+        got = app.parallel(_dense_or_die, 9, args=(str(marker),))  # re-run elsewhere, whole
+        assert marker.exists()
+        assert got == reference.parallel(_dense_or_die, 9, args=(str(marker),))
+        assert bytes(app.memory) == bytes(reference.memory)
+        for a in (app, reference):
+            a["dense"][20:30] = 4
+        assert app.parallel(_dense_or_die, 9, args=(str(marker),)) == reference.parallel(
+            _dense_or_die, 9, args=(str(marker),))
+        assert bytes(app.memory) == bytes(reference.memory)
+
+
+def test_a_restarted_worker_gets_deltas_again(tmp_path):
+    """A worker lost for good (its nanny restarts it under a new address):
+    after one batch sends it the whole snapshot, later batches ship only
+    the change again, not the whole memory to that slot every batch."""
+    marker = tmp_path / "killed-once"
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            App("8MiB", backend="dask", client=client) as app:
+        a = app.alloc("a", app.memory.size, np.uint8)
+        a[:] = np.random.default_rng(1).integers(0, 256, a.size, dtype=np.uint8)  # incompressible
+
+        def work(mem, i, n, path):
+            if i == 1 and not os.path.exists(path):
+                open(path, "w").close()
+                os._exit(1)
+            mem["a"][i] = 7
+
+        app.parallel(work, 2, args=(str(marker) + "-never",))
+        app.parallel(work, 2, args=(str(marker),))  # worker 1 dies: its threads re-run elsewhere
+        client.wait_for_workers(2)
+        for _ in range(3):
+            a[:4] = 9
+            app.parallel(work, 2, args=(str(marker),))
+        assert app.last_batch.bytes_shipped < (8 << 20) // 10
+        assert a[:4].tolist() == [7, 7, 9, 9]
+
+
+def test_slots_follow_workers_that_left_and_came_back(client, monkeypatch):
+    with App("64KiB", backend="dask", client=client) as app:
+        backend = app._executor.backend
+        backend.addresses = ["a", "b", "c"]
+        for alive, expected in [(["a", "b", "c", "d"], ["a", "b", "c"]),  # nothing left
+                                (["a", "c"], ["a", "c", "c"]),             # b gone, nobody new yet
+                                (["a", "c", "e"], ["a", "c", "e"]),        # e started: a shared slot moves
+                                ([], ["a", "c", "e"]),                     # nobody: left to Dask
+                                (["f", "g"], ["f", "g", "f"])]:
+            monkeypatch.setattr(backend, "_alive", lambda alive=alive: alive)
+            backend._follow_workers()
+            assert backend.addresses == expected
+
+
+def test_damaged_replies_are_corrupt_data_never_another_error():
+    """A worker's reply is data a peer controls: flipped bits, cuts, extra
+    bytes and extreme frame headers only ever raise CorruptDataError."""
+    import random
+
+    import zstandard
+
+    from fuzzing import mutate
+    from pagefork import CorruptDataError
+    from pagefork.backends.dask import compress_batch, decompress_batch
+    from pagefork.snapshot import Diff
+
+    rng = random.Random(7)
+    seeds = [compress_batch([Diff(rng.randrange(1 << 16), rng.randbytes(rng.randrange(1, 300)))
+                             for _ in range(rng.randrange(4))]) for _ in range(20)]
+    plain = [zstandard.ZstdCompressor().compress(zstandard.ZstdDecompressor().decompress(s)) for s in seeds]
+    for i in range(5000):
+        blob = mutate(rng, rng.choice(seeds + plain), [(4, 1), (5, 4), (6, 8)])
+        try:
+            batch = decompress_batch(blob, 1 << 16)
+        except CorruptDataError:
+            continue
+        assert decompress_batch(compress_batch(batch), 1 << 16) == batch
+
+
+class _ExitsWhenLoaded:
+    """A result whose unpickling calls sys.exit (a hostile __reduce__)."""
+
+    def __reduce__(self):
+        import sys
+
+        return (sys.exit, (3,))
+
+
+def test_a_result_that_exits_when_loaded_is_a_worker_error(client):
+    with App("64KiB", backend="dask", client=client) as app:
+        total = app.alloc("total", 4, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            mem["total"][:] += 1
+            return _ExitsWhenLoaded() if i == 2 else i
+
+        with pytest.raises(WorkerError, match="cannot load the result") as info:
+            app.parallel(work, 5)
+        assert info.value.failed == [2] and total.tolist() == [0] * 4
+        assert app.parallel(lambda mem, i, n: i, 5) == list(range(5))
+
+
+def test_a_dropped_cache_entry_answers_missing_not_a_crash():
+    import zstandard
+
+    from pagefork.backends.dask import SnapshotMissing, _CacheEntry
+
+    entry = _CacheEntry()
+    entry.update(3, PAGE_SIZE, PAGE_SIZE, "full", zstandard.ZstdCompressor().compress(b"\x03" * PAGE_SIZE))
+    entry.close()  # _drop_cache while a group of the App still holds the entry
+    with pytest.raises(SnapshotMissing):
+        entry.update(3, PAGE_SIZE, PAGE_SIZE, "none", None)
+    with pytest.raises(SnapshotMissing):
+        entry.update(4, PAGE_SIZE, PAGE_SIZE, "delta", b"")
+
+
+def test_one_worker_losing_its_cache_between_batches_of_deltas(client):
+    with App("4MiB", backend="dask", client=client) as app, App("4MiB", backend="threads") as reference:
+        for a in (app, reference):
+            a.alloc("dense", 300_000, np.int64, merge="sum")
+            a.alloc("owner", 8, np.int64)
+        backend = app._executor.backend
+        for step in range(5):
+            for a in (app, reference):
+                a["dense"][step * 1000: step * 1000 + 5] = -step  # main writes: deltas
+            if step in (2, 3):  # one worker only; the other keeps taking deltas
+                client.run(_drop_cache, backend.app_id, workers=[backend.addresses[step % 2]])
+            assert app.parallel(_dense_step, 5, args=(step,)) == reference.parallel(_dense_step, 5,
+                                                                                   args=(step,))
+            assert bytes(app.memory) == bytes(reference.memory)
+
+
+def test_a_worker_gone_between_batches_does_not_pin_the_change_history():
+    """The client keeps each version's changes while some worker holds an
+    older version; a worker that left must not keep them forever."""
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            App("1MiB", backend="dask", client=client) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+        backend = app._executor.backend
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        client.retire_workers([backend.addresses[1]], close_workers=True)
+        for step in range(6):
+            a[step] = 100  # a new version each batch
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        assert len(backend._recorded) <= 2 and len(backend._changes) <= 1
+        assert a[:6].tolist() == [100 + 2 * (6 - k) for k in range(6)]
+        assert a[6:].tolist() == [14] * 994
+
+
+def test_a_worker_outside_the_slots_does_not_pin_the_change_history(client):
+    with App("1MiB", backend="dask", client=client, workers=1) as app:
+        a = app.alloc("a", 1000, np.int64, merge="sum")
+        backend = app._executor.backend
+        app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        other = next(w for w in client.nthreads() if w not in backend.addresses)
+        backend._known[other] = backend._recorded[0]  # as if Dask had stolen a task there
+        for step in range(6):
+            a[step] = 100
+            app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        assert len(backend._recorded) <= 2 and len(backend._changes) <= 1
+        assert a[:6].tolist() == [100 + 2 * (6 - k) for k in range(6)] and (a[6:] == 14).all()

@@ -59,15 +59,22 @@ class _CacheEntry:
         self.snapshot: Snapshot | None = None
         self.spaces: list[CombiningWorkspace] = []
 
-    def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> None:
+    def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> Snapshot:
+        """Brings the snapshot to ``version`` and returns it. An App's versions
+        only grow, so an older one comes from a stale task (of a cancelled
+        batch, reaching the worker late): refused, as replacing the snapshot
+        would close it under the newer batch's running group."""
         with self.lock:
+            if version < self.version:
+                raise SnapshotMissing(f"holds version {self.version}, newer than the stale {version}")
             if self.version == version:
-                return
+                assert self.snapshot is not None
+                return self.snapshot
             if kind == "full" and payload is not None:
                 data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
-                if self.snapshot is not None:
-                    self.snapshot.close()
-                self.snapshot = Snapshot(data, max_size=max_size)
+                old, self.snapshot = self.snapshot, Snapshot(data, max_size=max_size)
+                if old is not None:  # only now: a failure above keeps the old version usable
+                    old.close()
             elif kind == "delta" and payload is not None and self.snapshot is not None:
                 base, changes = cloudpickle.loads(zstandard.ZstdDecompressor().decompress(payload))
                 if base != self.version:
@@ -77,6 +84,7 @@ class _CacheEntry:
             else:
                 raise SnapshotMissing(f"holds version {self.version}, needs {version}")
             self.version = version
+            return self.snapshot
 
     def workspace(self) -> CombiningWorkspace:
         with self.lock:
@@ -94,6 +102,7 @@ class _CacheEntry:
             if self.snapshot is not None:
                 self.snapshot.close()
                 self.snapshot = None
+            self.version = -1  # a group still holding the entry is told "missing"
 
 
 def _cache(app_id: str) -> _CacheEntry:
@@ -147,7 +156,7 @@ def _run_group(app_id: str, version: int, size: int, max_size: int, kind: str, p
     ("error", why) when no thread could run."""
     entry = _cache(app_id)
     try:
-        entry.update(version, size, max_size, kind, payload)
+        snapshot = entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:
         return ("missing", str(exc))
     try:
@@ -160,8 +169,7 @@ def _run_group(app_id: str, version: int, size: int, max_size: int, kind: str, p
         return ("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
     if mode not in probe() or not probe()[mode].available:
         mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
-    assert entry.snapshot is not None
-    spec = BatchSpec(fn, n, args, entry.snapshot, layout, regions, mode, version)
+    spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
     replies: list[tuple] = []
 
     def report(outcome: ThreadOutcome) -> None:
@@ -214,7 +222,7 @@ class DaskBackend:
         self._own_client = not isinstance(client, distributed.Client)
         self.client = distributed.Client(client) if self._own_client else client
         self._check_client()
-        addresses = sorted(self.client.scheduler_info()["workers"])
+        addresses = self._alive()
         if not addresses:
             raise PageforkError("the Dask cluster has no workers")
         self.addresses = addresses[:workers] if workers else addresses
@@ -236,7 +244,9 @@ class DaskBackend:
         if self._recorded:
             self._changes[spec.version] = changes
         self._recorded.append(spec.version)
-        held = [v for v in self._known.values() if v in self._recorded]
+        # Only the slots' workers get deltas; another one that ran a task (a
+        # retry, or Dask's work stealing) gets the whole snapshot if ever needed.
+        held = [v for a, v in self._known.items() if a in self.addresses and v in self._recorded]
         oldest = min(held, default=spec.version)
         while self._recorded[0] < oldest:
             self._recorded.pop(0)
@@ -272,6 +282,7 @@ class DaskBackend:
         from distributed import as_completed
 
         self._check_client()
+        self._follow_workers()
         try:
             body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
                                spec.tracking))
@@ -282,22 +293,25 @@ class DaskBackend:
         paths = [_absolute(p) for p in sys.path if isinstance(p, str)]
         program = pickle.dumps((paths, body), protocol=pickle.HIGHEST_PROTOCOL)
         self._record(spec)
-        shipped = len(program) * self.slots
+        shipped = 0
+        program_to: set[str] = set()  # workers the program (future) goes to
         payloads: dict[tuple[str, int | None], tuple[Any, int]] = {}  # key -> (future, bytes)
         futures = {"program": self._scatter(program)}
 
         def rescatter() -> None:
             """Scattered data dies with the worker that held it: start over."""
-            nonlocal shipped
             futures["program"] = self._scatter(program)
             payloads.clear()
             receivers.clear()
-            shipped += len(program)
+            program_to.clear()
 
         receivers: dict[tuple[str, int | None], set[str]] = {}
 
         def submit(indexes: list[int], address: str, full: bool = False) -> Any:
             nonlocal shipped
+            if address not in program_to:  # Dask moves the program to each worker once
+                program_to.add(address)
+                shipped += len(program)
             key = self._payload_kind(spec, None if full else self._known.get(address))
             if key[0] != "none":
                 if key not in payloads:  # one future per distinct payload
@@ -368,7 +382,7 @@ class DaskBackend:
                         try:
                             outcome.diffs = decompress_batch(diffs, memory_size)
                             outcome.result = cloudpickle.loads(result)
-                        except Exception:
+                        except (Exception, SystemExit):  # a result's __reduce__ may call sys.exit
                             outcome.error = ("cannot load the result on the client:\n"
                                              + traceback.format_exc())
                 if blob is not None:
@@ -420,8 +434,34 @@ class DaskBackend:
                     raise
                 time.sleep(0.25)
 
+    def _alive(self) -> list[str]:
+        """The cluster's workers now, sorted (``nthreads`` lists them all;
+        ``scheduler_info`` lists only five by default in some versions)."""
+        return sorted(self.client.nthreads())
+
+    def _follow_workers(self) -> None:
+        """Forgets workers that left the cluster, and moves slots whose
+        worker left (a nanny restarts it under a new address) to live
+        workers no slot uses yet: the new worker's cache warms up again,
+        where submitting to the old address would send it the whole
+        snapshot on every batch."""
+        alive = self._alive()
+        if not alive:
+            return
+        for gone in set(self._known) - set(alive):  # its version would pin every change since
+            del self._known[gone]
+        spare = [a for a in alive if a not in self.addresses]
+        moved: list[str] = []
+        for slot, address in enumerate(self.addresses):
+            if (address not in alive or address in moved) and spare:  # a shared one too, once
+                address = spare.pop(0)                                 # the new worker is up
+            elif address not in alive:
+                address = alive[slot % len(alive)]
+            moved.append(address)
+        self.addresses = moved
+
     def _other(self, address: str) -> str:
-        alive = sorted(self.client.scheduler_info()["workers"])
+        alive = self._alive()
         others = [a for a in alive if a != address] or alive
         return others[0] if others else address
 
