@@ -1156,3 +1156,24 @@ def test_the_batch_threads_done_latch():
     latch._lock.acquire()  # a waiter interrupted between its acquire and release
     assert latch.wait(0.01) is True
     latch.set()  # twice: harmless
+
+
+class _ExitsWhenLoaded:
+    """A result whose unpickling calls sys.exit (a hostile __reduce__)."""
+
+    def __reduce__(self):
+        return (sys.exit, (3,))
+
+
+def test_a_result_that_exits_when_loaded_is_a_worker_error_on_processes():
+    with App("64KiB", backend="processes", workers=2) as app:
+        total = app.alloc("total", 4, np.int64, merge="sum")
+
+        def work(mem, i, n):
+            mem["total"][:] += 1
+            return _ExitsWhenLoaded() if i == 2 else i
+
+        with pytest.raises(WorkerError, match="cannot load the result") as info:
+            app.parallel(work, 5)
+        assert info.value.failed == [2] and total.tolist() == [0] * 4
+        assert app.parallel(lambda mem, i, n: i, 5) == list(range(5))

@@ -390,7 +390,7 @@ class ProcessesBackend:
                                 outcome.result = cloudpickle.loads(result)
                             except CorruptDataError as exc:
                                 outcome.error = f"worker {slot} sent malformed diffs: {exc}"
-                            except Exception:
+                            except (Exception, SystemExit):  # a result's __reduce__ may call sys.exit
                                 outcome.error = ("cannot load the result in the parent:\n"
                                                  + traceback.format_exc())
                         if i not in outcomes:  # an "end" error may have claimed it
