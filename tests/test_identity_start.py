@@ -4,6 +4,8 @@ main memory in thread order. Checked byte for byte against a numpy model."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -492,3 +494,105 @@ def test_product_over_zeros_and_region_writes_in_thread_order():
             wrapped = np.array([0, 3 * 5 * 0, np.iinfo(np.int64).max]) * np.int64(4)
         assert _bits(acc).tobytes() == _bits(expected).tobytes()
         assert ints.tolist() == wrapped.tolist()
+
+
+# ---- attacks: views that outlive their thread, fork, hostile kernel input ---------------
+
+_KEPT: list = []
+
+
+@pytest.mark.parametrize("how", ["global", "closure_thread", "base", "memoryview"])
+def test_a_view_kept_past_its_thread_never_leaks_into_a_later_batch(how):
+    """A thread that keeps its identity array (a global, a Python thread it
+    started, the buffer behind the view, a memoryview) and writes it after
+    the thread ended: a later thread still starts at the identity and
+    nothing written after the thread ends is merged."""
+    import threading
+
+    _KEPT.clear()
+    go = threading.Event()
+    with App("256KiB", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+
+        def keep(mem, i, n):
+            a = mem["acc"]
+            a[5] += 1
+            if how == "global":
+                _KEPT.append(a)
+            elif how == "base":
+                _KEPT.append(a.base)
+            elif how == "memoryview":
+                _KEPT.append(memoryview(a))
+            else:
+                def later():
+                    go.wait()
+                    a[:] = 7
+                helper = threading.Thread(target=later)
+                helper.start()
+                _KEPT.append(helper)
+
+        def work(mem, i, n):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][i] += 10
+            return fresh
+
+        app.parallel(keep, 1)
+        if how == "closure_thread":
+            go.set()
+            _KEPT[0].join()
+        elif how == "base":
+            _KEPT[0][:] = 9  # every byte, the page-rounding tail included
+        elif how == "memoryview":
+            np.frombuffer(_KEPT[0], np.int64)[:] = 7
+        else:
+            _KEPT[0][:] = 7
+        assert app.parallel(work, 3) == [True, True, True]
+        assert app.parallel(work, 2) == [True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[5] = 1
+        expected[:3] += 10
+        expected[:2] += 10
+        assert np.array_equal(acc, expected)
+    _KEPT.clear()
+
+
+def test_a_view_kept_by_a_thread_keeps_that_threads_values():
+    """A kept view is the thread's own: later threads on the worker do not
+    reset or overwrite it."""
+    _KEPT.clear()
+    with App("64KiB", backend="threads", workers=1) as app:
+        app.alloc("acc", 10, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            mem["acc"][:] = i + 1
+            _KEPT.append(mem["acc"])
+
+        app.parallel(work, 3)
+        app.parallel(work, 2)
+        assert [k.tolist() for k in _KEPT] == [[1] * 10, [2] * 10, [3] * 10, [1] * 10, [2] * 10]
+    _KEPT.clear()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_child_of_a_thread_cannot_write_the_buffer(backend):
+    """A thread function that fork()s: the child's writes to mem[name] stay
+    in the child (as they do for mem.region), never in the parent's buffer."""
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            a = mem["acc"]
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    a[:] = 1000
+                finally:
+                    os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            a[i] += 1
+            return status
+
+        assert app.parallel(work, 2) == [0, 0]
+        expected = np.zeros(1000, np.int64)
+        expected[:2] = 1
+        assert np.array_equal(acc, expected)
