@@ -596,3 +596,21 @@ def test_a_forked_child_of_a_thread_cannot_write_the_buffer(backend):
         expected = np.zeros(1000, np.int64)
         expected[:2] = 1
         assert np.array_equal(acc, expected)
+
+
+def test_a_thread_that_keeps_nothing_leaves_only_its_runs_to_reset():
+    """The guard above costs nothing for ordinary threads: the worker still
+    resets only the runs the last thread changed, and keeps its buffer."""
+    with App("64KiB", backend="threads", workers=1) as app:
+        app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            mem["acc"][i * 10] += 1
+
+        app.parallel(work, 3)
+        buffers = app._executor.backend._slots[0].space.identity._buffers
+        kept = buffers["acc"]
+        app.parallel(work, 2)
+        assert buffers["acc"] is kept
+        offsets, lengths = kept.pending
+        assert offsets.tolist() == [80] and lengths.tolist() == [8]
