@@ -614,3 +614,46 @@ def test_a_thread_that_keeps_nothing_leaves_only_its_runs_to_reset():
         assert buffers["acc"] is kept
         offsets, lengths = kept.pending
         assert offsets.tolist() == [80] and lengths.tolist() == [8]
+
+
+def test_more_than_2_to_the_31_elements():
+    """Offsets past 2^31 bytes and elements: exact diffs, exact merge."""
+    size = (1 << 31) + 24
+    with App("64KiB", max_size=f"{size + (1 << 20)}", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", size, np.int8, merge="sum", start="identity")
+        acc[size - 1] = 5
+
+        def work(mem, i, n):
+            a = mem["acc"]
+            a[(1 << 31) + i] += 3
+            a[size - 1] -= 1
+            a[i] = 1
+
+        app.parallel(work, 2)
+        assert acc[(1 << 31)] == 3 and acc[(1 << 31) + 1] == 3 and acc[size - 1] == 3
+        assert acc[0] == 1 and acc[1] == 1
+        assert int(np.count_nonzero(acc)) == 5
+
+
+def test_a_buffer_larger_than_the_memory_available_is_a_clear_error(monkeypatch):
+    """One buffer per worker: an identity array larger than the memory the
+    machine has available is refused when a worker would build it (never an
+    out-of-memory kill), and the App goes on. (The machine is made to report
+    little memory: truly exhausting it would kill other processes.)"""
+    from pagefork import identity
+
+    assert identity.available_memory() is not None  # Linux reports it
+    with App("64KiB", max_size="16MiB", backend="threads", workers=1) as app:
+        small = app.alloc("small", 10, np.int64, merge="sum", start="identity")
+        app.alloc("huge", 4 << 20, np.uint8, merge="max", start="identity")
+
+        def work(mem, i, n):
+            mem["small"][i] += 1
+
+        monkeypatch.setattr(identity, "available_memory", lambda: 3 << 20)
+        with pytest.raises(WorkerError, match="'huge' needs a 4194304-byte buffer.*3145728 bytes available"):
+            app.parallel(work, 1)
+        assert not small.any()
+        monkeypatch.undo()
+        app.parallel(work, 2)
+        assert small.tolist() == [1, 1] + [0] * 8

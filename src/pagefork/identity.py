@@ -84,6 +84,19 @@ def check_start(start: object, op: MergeOp, dt: np.dtype) -> str:
     return start
 
 
+def available_memory() -> int | None:
+    """The memory the kernel says can be allocated without swapping
+    (MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class _Buffer:
     """One identity array's private buffer on a worker (page-rounded,
@@ -109,6 +122,10 @@ class _Buffer:
         size = max(round_to_pages(a.nbytes), PAGE_SIZE)
         xor = a.merge is MergeOp.XOR
         identity = np.zeros(1, np.uint8) if xor else identity_of(a.merge, dt)
+        available = available_memory()
+        if available is not None and size > available:  # filling it would wake the OOM killer
+            raise MemoryError(f"start='identity': {a.name!r} needs a {size}-byte buffer on each worker; "
+                              f"the machine has {available} bytes available")
         # Private: a thread that fork()s must not write into the parent's buffer.
         mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         data = np.frombuffer(mapping, np.uint8)
