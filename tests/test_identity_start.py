@@ -657,3 +657,113 @@ def test_a_buffer_larger_than_the_memory_available_is_a_clear_error(monkeypatch)
         monkeypatch.undo()
         app.parallel(work, 2)
         assert small.tolist() == [1, 1] + [0] * 8
+
+
+def test_identity_diff_refuses_hostile_buffers():
+    """Non-contiguous, wrongly typed or odd arguments raise; read-only memory
+    is only read."""
+    from pagefork import DataType, _native
+
+    i64, add = int(DataType.INT64), int(MergeOp.SUM)
+    strided = np.arange(32, dtype=np.int64)[::2]
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        _native.identity_diff(strided, bytes(8), i64, add)
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        _native.identity_diff(bytes(16), np.zeros(4, np.int64)[::2], i64, add)
+    for memory, identity, dtype, op in [(None, bytes(8), i64, add), (bytes(8), None, i64, add),
+                                        (bytes(8), bytes(8), "1", add), (bytes(8), bytes(8), i64, 1.5),
+                                        ("abcdefgh", bytes(8), i64, add)]:
+        with pytest.raises(TypeError):
+            _native.identity_diff(memory, identity, dtype, op)
+    for dtype, op in [(-(1 << 31), add), (i64, -(1 << 31)), ((1 << 31) - 1, add), (i64, (1 << 31) - 1)]:
+        with pytest.raises(ValueError):
+            _native.identity_diff(bytes(8), bytes(8), dtype, op)
+    for identity in (b"", bytes(16), bytes(7)):
+        with pytest.raises(ValueError):
+            _native.identity_diff(bytes(16), identity, i64, add)
+    frozen = np.arange(1000, dtype=np.int64)
+    frozen.flags.writeable = False
+    from pagefork.snapshot import DiffBatch
+
+    got = DiffBatch._from_native(_native.identity_diff(frozen, np.zeros(1, np.int64), i64, add))
+    assert got.offsets.tolist() == [8] and got.lengths.tolist() == [999 * 8]
+    assert bytes(got.data) == frozen[1:].tobytes()
+    assert np.array_equal(frozen, np.arange(1000))
+
+
+def test_two_apps_with_arrays_of_the_same_name_stay_apart():
+    with App("256KiB", backend="threads", workers=1) as one, App("256KiB", backend="threads", workers=1) as two:
+        a = one.alloc("acc", 500, np.int64, merge="sum", start="identity")
+        b = two.alloc("acc", 500, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n, value):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][i::n] += value
+            return fresh
+
+        for _ in range(2):
+            assert all(one.parallel(work, 3, args=(1,)))
+            assert all(two.parallel(work, 2, args=(100,)))
+        assert (a == 2).all() and (b == 200).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_xor_on_packed_structured_and_multidimensional_arrays(backend):
+    packed = np.dtype([("a", "u1"), ("b", "<i4"), ("c", "<f8")])  # itemsize 13: unaligned fields
+    with App("1MiB", backend=backend, workers=2) as app:
+        s = app.alloc("s", 301, packed, merge="xor", start="identity")
+        cube = app.alloc("cube", (3, 0, 5), np.float64, merge="sum", start="identity")
+        grid = app.alloc("grid", (7, 11, 13), np.int32, merge="min", start="identity")
+        s["b"] = np.arange(301)
+        grid[...] = 50
+
+        def work(mem, i, n):
+            t, g = mem["s"], mem["grid"]
+            assert t.shape == (301,) and g.shape == (7, 11, 13) and mem["cube"].shape == (3, 0, 5)
+            t["b"][i::n] = 1 << i
+            t["c"][i] = 2.0
+            g[i, :, i] = i - 3
+            g.T[i, i, :] = 40 + i  # Fortran-ordered view of the same buffer
+
+        app.parallel(work, 4)
+        expected_b = np.arange(301)
+        for i in range(4):
+            expected_b[i::4] ^= 1 << i
+        assert np.array_equal(s["b"], expected_b)
+        assert s["c"][:4].tolist() == [2.0] * 4 and not s["c"][4:].any() and not s["a"].any()
+        expected = np.full((7, 11, 13), 50, np.int32)
+        for i in range(4):  # each thread's own final values, then min
+            own = np.full((7, 11, 13), np.iinfo(np.int32).max, np.int32)
+            own[i, :, i] = i - 3
+            own.T[i, i, :] = 40 + i
+            expected = np.minimum(expected, own)
+        assert np.array_equal(grid, expected) and cube.size == 0
+
+
+@pytest.mark.parametrize("close", ["closed", "left_open", "kept_view_then_close"])
+def test_exit_with_buffers_alive(close):
+    """Interpreter exit with worker buffers alive, views of them kept in
+    globals, in any order: exit status 0, no output on stderr."""
+    import subprocess
+    import sys
+
+    script = f"""
+import gc, numpy as np
+from pagefork import App
+KEPT = []
+app = App("256KiB", backend="threads", workers=2)
+app.alloc("acc", 5000, np.float64, merge="max", start="identity")
+def work(mem, i, n):
+    mem["acc"][i] = i
+    KEPT.append(mem["acc"])
+    return mem["acc"]
+results = app.parallel(work, 4)
+if "{close}" == "closed":
+    app.close(); del app; gc.collect()
+elif "{close}" == "kept_view_then_close":
+    app.close(); KEPT[0][:] = 1; results[0][:] = 2
+print("done")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr
+    assert out.stderr == ""
