@@ -389,3 +389,34 @@ def test_identity_start_gives_the_same_bytes_as_the_threads_backend(client):
             answers.append((bytes(acc), bytes(lo)))
     assert answers[0] == answers[1]
     assert np.frombuffer(answers[0][1], np.float64).tolist() == [-4.0, -1.0, -2.0, -3.0]
+
+
+
+def test_identity_views_kept_past_their_task_never_leak(client):
+    """A task that keeps its identity array and writes it after the task: the
+    worker's next tasks still start at the identity and merge exactly."""
+    def keep(mem, i, n):
+        import sys
+        mem["acc"][i] += 1
+        sys.__dict__.setdefault("_pagefork_test_kept", []).append(mem["acc"])  # the worker's process
+
+    def scribble(mem, i, n):
+        import sys
+        kept = sys.__dict__.pop("_pagefork_test_kept", [])
+        for view in kept:
+            view[:] = 99
+        return len(kept)
+
+    def work(mem, i, n):
+        fresh = bool((mem["acc"] == 0).all())
+        mem["acc"][i] += 10
+        return fresh
+
+    with App("1MiB", backend="dask", client=client) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+        app.parallel(keep, 3)
+        assert sum(app.parallel(scribble, 8)) == 3
+        assert all(app.parallel(work, 3)) and all(app.parallel(work, 3))
+        expected = np.zeros(1000, np.int64)
+        expected[:3] = 21
+        assert np.array_equal(acc, expected)

@@ -767,3 +767,50 @@ print("done")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout == "done\n", out.stderr
     assert out.stderr == ""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigint_at_random_points_in_a_loop(backend):
+    """SIGINT at random points over many batches (a subprocess): every batch
+    that runs starts at the identity, the process exits cleanly, and the
+    final batch merges exactly (nothing an interrupted batch wrote leaks)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import random, signal, threading, numpy as np
+from pagefork import App
+def work(mem, i, n, value):
+    a = mem["acc"]
+    fresh = bool((a == -np.inf).all())
+    a[i::n] = value + i
+    a[(i * 7) % 1000] = value + 500   # a second, scattered write
+    np.sort(np.random.default_rng(i).random(20000))
+    return fresh
+rng = random.Random(11)
+with App("1MiB", backend="{backend}", workers=2) as app:
+    acc = app.alloc("acc", 30000, np.float64, merge="max", start="identity")
+    acc[:] = -1.0
+    for attempt in range(25):
+        timer = threading.Timer(rng.uniform(0, 0.03), signal.pthread_kill,
+                                (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        try:
+            try:
+                assert all(app.parallel(work, 5, args=(float(attempt),)))
+            finally:
+                timer.join()
+        except KeyboardInterrupt:
+            pass
+    acc[:] = -1.0
+    assert all(app.parallel(work, 5, args=(1000.0,)))
+    expected = np.full(30000, -1.0)
+    for i in range(5):
+        expected[i::5] = 1000.0 + i
+    for i in range(5):
+        expected[(i * 7) % 1000] = max(expected[(i * 7) % 1000], 1500.0)
+    assert np.array_equal(acc, expected)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
