@@ -814,3 +814,83 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+
+@pytest.mark.parametrize("rule,dtype", [("sum", np.float64), ("sum", np.int32), ("product", np.float64),
+                                        ("product", np.int64), ("max", np.float64), ("max", np.int16),
+                                        ("max", np.bool_), ("min", np.float32), ("min", np.uint32),
+                                        ("min", np.bool_), ("xor", np.float64)],
+                         ids=lambda v: v if isinstance(v, str) else np.dtype(v).name)
+def test_writing_the_identity_itself_changes_nothing(rule, dtype):
+    """A thread that writes the identity (0 for sum, +inf for min, the
+    dtype's lowest for max, ...) sends nothing: main keeps every value,
+    NaN, -0.0 and the dtype's extremes included."""
+    dt = np.dtype(dtype)
+    with App("256KiB", backend="threads", workers=2) as app:
+        acc = app.alloc("acc", 64, dt, merge=rule, start="identity")
+        start = edge_values(dt, 64, seed=3)
+        acc[:] = start
+
+        def work(mem, i, n):
+            a = mem["acc"]
+            a[:] = a.copy()  # the identity, written back over itself
+            a[i] = identity_of(MergeOp.of(rule), a.dtype)[0]
+
+        app.parallel(work, 3)
+        assert _bits(acc).tobytes() == _bits(start).tobytes()
+
+
+@pytest.mark.parametrize("rule", ["sum", "max", "min", "xor", "product"])
+def test_region_and_view_writes_at_the_same_offsets(rule):
+    """mem.region (the snapshot's bytes, merged as a change to the shared
+    value) and mem[name] (the identity buffer) written at the same elements:
+    both apply, the region's change first."""
+    with App("256KiB", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", 100, np.int64, merge=rule, start="identity")
+        acc[:] = np.arange(100) + 2
+        offset = app.arrays["acc"].offset
+
+        def work(mem, i, n):
+            shared = np.frombuffer(mem.region, np.int64, 100, offset)
+            shared[i] = shared[i] * 3  # a change of the shared value (ratio 3, delta 2x, ...)
+            mem["acc"][i] = 5 + i
+
+        app.parallel(work, 2)
+        expected = np.arange(100, dtype=np.int64) + 2
+        for i in range(2):
+            old = expected[i]
+            new = old * 3
+            region = {"sum": old + (new - old), "max": max(old, new), "min": min(old, new),
+                      "xor": old ^ (old ^ new), "product": new}[rule]
+            view = 5 + i
+            expected[i] = {"sum": region + view, "max": max(region, view), "min": min(region, view),
+                           "xor": region ^ view, "product": region * view}[rule]
+        assert acc.tolist() == expected.tolist()
+
+
+def test_two_python_threads_running_batches_on_one_app():
+    import threading
+
+    with App("256KiB", backend="threads", workers=2) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+        errors: list = []
+
+        def work(mem, i, n, who):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][who::2] += 1
+            return fresh
+
+        def caller(who):
+            try:
+                for _ in range(10):
+                    assert all(app.parallel(work, 3, args=(who,)))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert (acc == 30).all()
