@@ -811,3 +811,34 @@ def test_a_worker_outside_the_slots_does_not_pin_the_change_history(client):
             app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
         assert len(backend._recorded) <= 2 and len(backend._changes) <= 1
         assert a[:6].tolist() == [100 + 2 * (6 - k) for k in range(6)] and (a[6:] == 14).all()
+
+
+
+def test_identity_views_kept_past_their_task_never_leak(client):
+    """A task that keeps its identity array and writes it after the task: the
+    worker's next tasks still start at the identity and merge exactly."""
+    def keep(mem, i, n):
+        import sys
+        mem["acc"][i] += 1
+        sys.__dict__.setdefault("_pagefork_test_kept", []).append(mem["acc"])  # the worker's process
+
+    def scribble(mem, i, n):
+        import sys
+        kept = sys.__dict__.pop("_pagefork_test_kept", [])
+        for view in kept:
+            view[:] = 99
+        return len(kept)
+
+    def work(mem, i, n):
+        fresh = bool((mem["acc"] == 0).all())
+        mem["acc"][i] += 10
+        return fresh
+
+    with App("1MiB", backend="dask", client=client) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+        app.parallel(keep, 3)
+        assert sum(app.parallel(scribble, 8)) == 3
+        assert all(app.parallel(work, 3)) and all(app.parallel(work, 3))
+        expected = np.zeros(1000, np.int64)
+        expected[:3] = 21
+        assert np.array_equal(acc, expected)

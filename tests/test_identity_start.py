@@ -4,6 +4,8 @@ main memory in thread order. Checked byte for byte against a numpy model."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -492,3 +494,403 @@ def test_product_over_zeros_and_region_writes_in_thread_order():
             wrapped = np.array([0, 3 * 5 * 0, np.iinfo(np.int64).max]) * np.int64(4)
         assert _bits(acc).tobytes() == _bits(expected).tobytes()
         assert ints.tolist() == wrapped.tolist()
+
+
+# ---- attacks: views that outlive their thread, fork, hostile kernel input ---------------
+
+_KEPT: list = []
+
+
+@pytest.mark.parametrize("how", ["global", "closure_thread", "base", "memoryview"])
+def test_a_view_kept_past_its_thread_never_leaks_into_a_later_batch(how):
+    """A thread that keeps its identity array (a global, a Python thread it
+    started, the buffer behind the view, a memoryview) and writes it after
+    the thread ended: a later thread still starts at the identity and
+    nothing written after the thread ends is merged."""
+    import threading
+
+    _KEPT.clear()
+    go = threading.Event()
+    with App("256KiB", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+
+        def keep(mem, i, n):
+            a = mem["acc"]
+            a[5] += 1
+            if how == "global":
+                _KEPT.append(a)
+            elif how == "base":
+                _KEPT.append(a.base)
+            elif how == "memoryview":
+                _KEPT.append(memoryview(a))
+            else:
+                def later():
+                    go.wait()
+                    a[:] = 7
+                helper = threading.Thread(target=later)
+                helper.start()
+                _KEPT.append(helper)
+
+        def work(mem, i, n):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][i] += 10
+            return fresh
+
+        app.parallel(keep, 1)
+        if how == "closure_thread":
+            go.set()
+            _KEPT[0].join()
+        elif how == "base":
+            _KEPT[0][:] = 9  # every byte, the page-rounding tail included
+        elif how == "memoryview":
+            np.frombuffer(_KEPT[0], np.int64)[:] = 7
+        else:
+            _KEPT[0][:] = 7
+        assert app.parallel(work, 3) == [True, True, True]
+        assert app.parallel(work, 2) == [True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[5] = 1
+        expected[:3] += 10
+        expected[:2] += 10
+        assert np.array_equal(acc, expected)
+    _KEPT.clear()
+
+
+def test_a_view_kept_by_a_thread_keeps_that_threads_values():
+    """A kept view is the thread's own: later threads on the worker do not
+    reset or overwrite it."""
+    _KEPT.clear()
+    with App("64KiB", backend="threads", workers=1) as app:
+        app.alloc("acc", 10, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            mem["acc"][:] = i + 1
+            _KEPT.append(mem["acc"])
+
+        app.parallel(work, 3)
+        app.parallel(work, 2)
+        assert [k.tolist() for k in _KEPT] == [[1] * 10, [2] * 10, [3] * 10, [1] * 10, [2] * 10]
+    _KEPT.clear()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_child_of_a_thread_cannot_write_the_buffer(backend):
+    """A thread function that fork()s: the child's writes to mem[name] stay
+    in the child (as they do for mem.region), never in the parent's buffer."""
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            a = mem["acc"]
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    a[:] = 1000
+                finally:
+                    os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            a[i] += 1
+            return status
+
+        assert app.parallel(work, 2) == [0, 0]
+        expected = np.zeros(1000, np.int64)
+        expected[:2] = 1
+        assert np.array_equal(acc, expected)
+
+
+def test_a_thread_that_keeps_nothing_leaves_only_its_runs_to_reset():
+    """The guard above costs nothing for ordinary threads: the worker still
+    resets only the runs the last thread changed, and keeps its buffer."""
+    with App("64KiB", backend="threads", workers=1) as app:
+        app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n):
+            mem["acc"][i * 10] += 1
+
+        app.parallel(work, 3)
+        buffers = app._executor.backend._slots[0].space.identity._buffers
+        kept = buffers["acc"]
+        app.parallel(work, 2)
+        assert buffers["acc"] is kept
+        offsets, lengths = kept.pending
+        assert offsets.tolist() == [80] and lengths.tolist() == [8]
+
+
+def test_more_than_2_to_the_31_elements():
+    """Offsets past 2^31 bytes and elements: exact diffs, exact merge."""
+    size = (1 << 31) + 24
+    with App("64KiB", max_size=f"{size + (1 << 20)}", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", size, np.int8, merge="sum", start="identity")
+        acc[size - 1] = 5
+
+        def work(mem, i, n):
+            a = mem["acc"]
+            a[(1 << 31) + i] += 3
+            a[size - 1] -= 1
+            a[i] = 1
+
+        app.parallel(work, 2)
+        assert acc[(1 << 31)] == 3 and acc[(1 << 31) + 1] == 3 and acc[size - 1] == 3
+        assert acc[0] == 1 and acc[1] == 1
+        assert int(np.count_nonzero(acc)) == 5
+
+
+def test_a_buffer_larger_than_the_memory_available_is_a_clear_error(monkeypatch):
+    """One buffer per worker: an identity array larger than the memory the
+    machine has available is refused when a worker would build it (never an
+    out-of-memory kill), and the App goes on. (The machine is made to report
+    little memory: truly exhausting it would kill other processes.)"""
+    from pagefork import identity
+
+    assert identity.available_memory() is not None  # Linux reports it
+    with App("64KiB", max_size="16MiB", backend="threads", workers=1) as app:
+        small = app.alloc("small", 10, np.int64, merge="sum", start="identity")
+        app.alloc("huge", 4 << 20, np.uint8, merge="max", start="identity")
+
+        def work(mem, i, n):
+            mem["small"][i] += 1
+
+        monkeypatch.setattr(identity, "available_memory", lambda: 3 << 20)
+        with pytest.raises(WorkerError, match="'huge' needs a 4194304-byte buffer.*3145728 bytes available"):
+            app.parallel(work, 1)
+        assert not small.any()
+        monkeypatch.undo()
+        app.parallel(work, 2)
+        assert small.tolist() == [1, 1] + [0] * 8
+
+
+def test_identity_diff_refuses_hostile_buffers():
+    """Non-contiguous, wrongly typed or odd arguments raise; read-only memory
+    is only read."""
+    from pagefork import DataType, _native
+
+    i64, add = int(DataType.INT64), int(MergeOp.SUM)
+    strided = np.arange(32, dtype=np.int64)[::2]
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        _native.identity_diff(strided, bytes(8), i64, add)
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        _native.identity_diff(bytes(16), np.zeros(4, np.int64)[::2], i64, add)
+    for memory, identity, dtype, op in [(None, bytes(8), i64, add), (bytes(8), None, i64, add),
+                                        (bytes(8), bytes(8), "1", add), (bytes(8), bytes(8), i64, 1.5),
+                                        ("abcdefgh", bytes(8), i64, add)]:
+        with pytest.raises(TypeError):
+            _native.identity_diff(memory, identity, dtype, op)
+    for dtype, op in [(-(1 << 31), add), (i64, -(1 << 31)), ((1 << 31) - 1, add), (i64, (1 << 31) - 1)]:
+        with pytest.raises(ValueError):
+            _native.identity_diff(bytes(8), bytes(8), dtype, op)
+    for identity in (b"", bytes(16), bytes(7)):
+        with pytest.raises(ValueError):
+            _native.identity_diff(bytes(16), identity, i64, add)
+    frozen = np.arange(1000, dtype=np.int64)
+    frozen.flags.writeable = False
+    from pagefork.snapshot import DiffBatch
+
+    got = DiffBatch._from_native(_native.identity_diff(frozen, np.zeros(1, np.int64), i64, add))
+    assert got.offsets.tolist() == [8] and got.lengths.tolist() == [999 * 8]
+    assert bytes(got.data) == frozen[1:].tobytes()
+    assert np.array_equal(frozen, np.arange(1000))
+
+
+def test_two_apps_with_arrays_of_the_same_name_stay_apart():
+    with App("256KiB", backend="threads", workers=1) as one, App("256KiB", backend="threads", workers=1) as two:
+        a = one.alloc("acc", 500, np.int64, merge="sum", start="identity")
+        b = two.alloc("acc", 500, np.int64, merge="sum", start="identity")
+
+        def work(mem, i, n, value):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][i::n] += value
+            return fresh
+
+        for _ in range(2):
+            assert all(one.parallel(work, 3, args=(1,)))
+            assert all(two.parallel(work, 2, args=(100,)))
+        assert (a == 2).all() and (b == 200).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_xor_on_packed_structured_and_multidimensional_arrays(backend):
+    packed = np.dtype([("a", "u1"), ("b", "<i4"), ("c", "<f8")])  # itemsize 13: unaligned fields
+    with App("1MiB", backend=backend, workers=2) as app:
+        s = app.alloc("s", 301, packed, merge="xor", start="identity")
+        cube = app.alloc("cube", (3, 0, 5), np.float64, merge="sum", start="identity")
+        grid = app.alloc("grid", (7, 11, 13), np.int32, merge="min", start="identity")
+        s["b"] = np.arange(301)
+        grid[...] = 50
+
+        def work(mem, i, n):
+            t, g = mem["s"], mem["grid"]
+            assert t.shape == (301,) and g.shape == (7, 11, 13) and mem["cube"].shape == (3, 0, 5)
+            t["b"][i::n] = 1 << i
+            t["c"][i] = 2.0
+            g[i, :, i] = i - 3
+            g.T[i, i, :] = 40 + i  # Fortran-ordered view of the same buffer
+
+        app.parallel(work, 4)
+        expected_b = np.arange(301)
+        for i in range(4):
+            expected_b[i::4] ^= 1 << i
+        assert np.array_equal(s["b"], expected_b)
+        assert s["c"][:4].tolist() == [2.0] * 4 and not s["c"][4:].any() and not s["a"].any()
+        expected = np.full((7, 11, 13), 50, np.int32)
+        for i in range(4):  # each thread's own final values, then min
+            own = np.full((7, 11, 13), np.iinfo(np.int32).max, np.int32)
+            own[i, :, i] = i - 3
+            own.T[i, i, :] = 40 + i
+            expected = np.minimum(expected, own)
+        assert np.array_equal(grid, expected) and cube.size == 0
+
+
+@pytest.mark.parametrize("close", ["closed", "left_open", "kept_view_then_close"])
+def test_exit_with_buffers_alive(close):
+    """Interpreter exit with worker buffers alive, views of them kept in
+    globals, in any order: exit status 0, no output on stderr."""
+    import subprocess
+    import sys
+
+    script = f"""
+import gc, numpy as np
+from pagefork import App
+KEPT = []
+app = App("256KiB", backend="threads", workers=2)
+app.alloc("acc", 5000, np.float64, merge="max", start="identity")
+def work(mem, i, n):
+    mem["acc"][i] = i
+    KEPT.append(mem["acc"])
+    return mem["acc"]
+results = app.parallel(work, 4)
+if "{close}" == "closed":
+    app.close(); del app; gc.collect()
+elif "{close}" == "kept_view_then_close":
+    app.close(); KEPT[0][:] = 1; results[0][:] = 2
+print("done")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr
+    assert out.stderr == ""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigint_at_random_points_in_a_loop(backend):
+    """SIGINT at random points over many batches (a subprocess): every batch
+    that runs starts at the identity, the process exits cleanly, and the
+    final batch merges exactly (nothing an interrupted batch wrote leaks)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import random, signal, threading, numpy as np
+from pagefork import App
+def work(mem, i, n, value):
+    a = mem["acc"]
+    fresh = bool((a == -np.inf).all())
+    a[i::n] = value + i
+    a[(i * 7) % 1000] = value + 500   # a second, scattered write
+    np.sort(np.random.default_rng(i).random(20000))
+    return fresh
+rng = random.Random(11)
+with App("1MiB", backend="{backend}", workers=2) as app:
+    acc = app.alloc("acc", 30000, np.float64, merge="max", start="identity")
+    acc[:] = -1.0
+    for attempt in range(25):
+        timer = threading.Timer(rng.uniform(0, 0.03), signal.pthread_kill,
+                                (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        try:
+            try:
+                assert all(app.parallel(work, 5, args=(float(attempt),)))
+            finally:
+                timer.join()
+        except KeyboardInterrupt:
+            pass
+    acc[:] = -1.0
+    assert all(app.parallel(work, 5, args=(1000.0,)))
+    expected = np.full(30000, -1.0)
+    for i in range(5):
+        expected[i::5] = 1000.0 + i
+    for i in range(5):
+        expected[(i * 7) % 1000] = max(expected[(i * 7) % 1000], 1500.0)
+    assert np.array_equal(acc, expected)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+
+@pytest.mark.parametrize("rule,dtype", [("sum", np.float64), ("sum", np.int32), ("product", np.float64),
+                                        ("product", np.int64), ("max", np.float64), ("max", np.int16),
+                                        ("max", np.bool_), ("min", np.float32), ("min", np.uint32),
+                                        ("min", np.bool_), ("xor", np.float64)],
+                         ids=lambda v: v if isinstance(v, str) else np.dtype(v).name)
+def test_writing_the_identity_itself_changes_nothing(rule, dtype):
+    """A thread that writes the identity (0 for sum, +inf for min, the
+    dtype's lowest for max, ...) sends nothing: main keeps every value,
+    NaN, -0.0 and the dtype's extremes included."""
+    dt = np.dtype(dtype)
+    with App("256KiB", backend="threads", workers=2) as app:
+        acc = app.alloc("acc", 64, dt, merge=rule, start="identity")
+        start = edge_values(dt, 64, seed=3)
+        acc[:] = start
+
+        def work(mem, i, n):
+            a = mem["acc"]
+            a[:] = a.copy()  # the identity, written back over itself
+            a[i] = identity_of(MergeOp.of(rule), a.dtype)[0]
+
+        app.parallel(work, 3)
+        assert _bits(acc).tobytes() == _bits(start).tobytes()
+
+
+@pytest.mark.parametrize("rule", ["sum", "max", "min", "xor", "product"])
+def test_region_and_view_writes_at_the_same_offsets(rule):
+    """mem.region (the snapshot's bytes, merged as a change to the shared
+    value) and mem[name] (the identity buffer) written at the same elements:
+    both apply, the region's change first."""
+    with App("256KiB", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", 100, np.int64, merge=rule, start="identity")
+        acc[:] = np.arange(100) + 2
+        offset = app.arrays["acc"].offset
+
+        def work(mem, i, n):
+            shared = np.frombuffer(mem.region, np.int64, 100, offset)
+            shared[i] = shared[i] * 3  # a change of the shared value (ratio 3, delta 2x, ...)
+            mem["acc"][i] = 5 + i
+
+        app.parallel(work, 2)
+        expected = np.arange(100, dtype=np.int64) + 2
+        for i in range(2):
+            old = expected[i]
+            new = old * 3
+            region = {"sum": old + (new - old), "max": max(old, new), "min": min(old, new),
+                      "xor": old ^ (old ^ new), "product": new}[rule]
+            view = 5 + i
+            expected[i] = {"sum": region + view, "max": max(region, view), "min": min(region, view),
+                           "xor": region ^ view, "product": region * view}[rule]
+        assert acc.tolist() == expected.tolist()
+
+
+def test_two_python_threads_running_batches_on_one_app():
+    import threading
+
+    with App("256KiB", backend="threads", workers=2) as app:
+        acc = app.alloc("acc", 1000, np.int64, merge="sum", start="identity")
+        errors: list = []
+
+        def work(mem, i, n, who):
+            fresh = bool((mem["acc"] == 0).all())
+            mem["acc"][who::2] += 1
+            return fresh
+
+        def caller(who):
+            try:
+                for _ in range(10):
+                    assert all(app.parallel(work, 3, args=(who,)))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert (acc == 30).all()

@@ -139,6 +139,8 @@ class App:
         writes: worth it for threads that scatter updates over most pages,
         not for threads that touch a few. ``mem.region`` still holds the
         snapshot's bytes of the array. Identity arrays get pages of their own.
+        A view of ``mem[name]`` kept past its thread keeps that thread's
+        values and never merges again (its worker builds a new buffer).
         """
         self._check_open()
         if not isinstance(name, str):

@@ -23,6 +23,7 @@ of a fault per page written.
 from __future__ import annotations
 
 import mmap
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -83,6 +84,19 @@ def check_start(start: object, op: MergeOp, dt: np.dtype) -> str:
     return start
 
 
+def available_memory() -> int | None:
+    """The memory the kernel says can be allocated without swapping
+    (MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class _Buffer:
     """One identity array's private buffer on a worker (page-rounded,
@@ -96,6 +110,11 @@ class _Buffer:
     # What the last thread changed, put back before the next one:
     # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
     pending: tuple[np.ndarray, np.ndarray] | None = None
+    # References to data and to its mapping while no thread runs, and while
+    # one runs (its view handed out): more means something else (a view, a
+    # memoryview, the mapping) a thread kept can write here.
+    baseline: tuple[int, int] = (0, 0)
+    running: tuple[int, int] = (0, 0)
 
     @classmethod
     def build(cls, a: Allocation) -> _Buffer:
@@ -103,11 +122,27 @@ class _Buffer:
         size = max(round_to_pages(a.nbytes), PAGE_SIZE)
         xor = a.merge is MergeOp.XOR
         identity = np.zeros(1, np.uint8) if xor else identity_of(a.merge, dt)
-        data = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+        available = available_memory()
+        if available is not None and size > available:  # filling it would wake the OOM killer
+            raise MemoryError(f"start='identity': {a.name!r} needs a {size}-byte buffer on each worker; "
+                              f"the machine has {available} bytes available")
+        # Private: a thread that fork()s must not write into the parent's buffer.
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        data = np.frombuffer(mapping, np.uint8)
+        del mapping
         elements = data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
         buffer = cls(a, data, elements, identity, DataType.RAW if xor else DataType.of(dt))
         buffer.reset()  # populates it: no thread pays a page fault
         return buffer
+
+    def _references(self) -> tuple[int, int]:
+        return sys.getrefcount(self.data), sys.getrefcount(self.data.base)
+
+    def shared(self) -> bool:
+        """Whether something outside the worker still holds the buffer (a
+        view a thread kept). Checked between threads, when nothing else
+        should."""
+        return self._references() != self.baseline
 
     def reset(self) -> None:
         """Puts back to the identity what the last thread changed: the
@@ -133,7 +168,9 @@ class _Buffer:
         a = self.allocation
         batch = DiffBatch._from_native(_native.identity_diff(
             self.data[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
-        self.pending = (batch.offsets, batch.lengths)
+        # Something the thread left (its result, a Python thread it started)
+        # may write anywhere before it lets go: then reset it all.
+        self.pending = (batch.offsets, batch.lengths) if self._references() == self.running else None
         return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
                                     batch.data)
 
@@ -150,15 +187,20 @@ class IdentityBuffers:
     def begin(self, layout: Iterable[Allocation]) -> dict[str, np.ndarray]:
         """Buffers at the identity for the next thread: name -> its array."""
         wanted = {a.name: a for a in layout if a.start == "identity"}
-        for name in [n for n, b in self._buffers.items() if wanted.get(n) != b.allocation]:
+        # A buffer a kept view still reaches is left to it (with its thread's
+        # values): a fresh one serves the next thread, so nothing written
+        # through that view after its thread can merge.
+        for name in [n for n, b in self._buffers.items() if wanted.get(n) != b.allocation or b.shared()]:
             del self._buffers[name]  # freed with the last view a result may still hold
         for name, a in wanted.items():
             if name not in self._buffers:
-                self._buffers[name] = _Buffer.build(a)
+                b = self._buffers[name] = _Buffer.build(a)
+                b.baseline = b._references()  # here, where no local holds data
         views = {}
         for name, b in self._buffers.items():
             b.reset()
             views[name] = b.view()
+            b.running = b._references()
         return views
 
     def collect(self) -> DiffBatch | None:
