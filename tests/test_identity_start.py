@@ -5,6 +5,7 @@ main memory in thread order. Checked byte for byte against a numpy model."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -614,6 +615,28 @@ def test_a_thread_that_keeps_nothing_leaves_only_its_runs_to_reset():
         assert buffers["acc"] is kept
         offsets, lengths = kept.pending
         assert offsets.tolist() == [80] and lengths.tolist() == [8]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_thread_of_a_worker_reuses_its_buffer(backend):
+    """Threads that keep nothing run on the buffer their worker already
+    populated, batch after batch, whichever workspace runs them (the
+    combining one runs several threads of a batch in one loop): a new buffer
+    per thread would pay the page faults the option exists to avoid."""
+    with App("1MiB", backend=backend, workers=2) as app:
+        app.alloc("acc", 50_000, np.int64, merge="sum", start="identity")
+
+        def where(mem, i, n):
+            a = mem["acc"]
+            a[i * 7] += 1
+            return a.__array_interface__["data"][0], os.getpid(), threading.get_ident()
+
+        seen: dict[tuple[int, int], set[int]] = {}
+        for _ in range(3):
+            for address, pid, thread in app.parallel(where, 8):
+                seen.setdefault((pid, thread), set()).add(address)
+        assert seen and all(len(addresses) == 1 for addresses in seen.values()), seen
+        assert (app["acc"][np.arange(8) * 7] == 3).all()
 
 
 def test_more_than_2_to_the_31_elements():
