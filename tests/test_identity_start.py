@@ -639,6 +639,37 @@ def test_every_thread_of_a_worker_reuses_its_buffer(backend):
         assert (app["acc"][np.arange(8) * 7] == 3).all()
 
 
+def test_the_combining_workspace_resets_only_the_runs_of_its_last_thread():
+    """Several threads in one combining loop (processes and Dask workers):
+    each finds the buffer it left and only its runs are put back."""
+    from pagefork import Snapshot
+    from pagefork.backends.combine import CombiningWorkspace
+    from pagefork.executor import Allocation, BatchSpec, thread_tracking_mode
+    from pagefork.snapshot import DataType, MergeOp, MergeRegion
+
+    def work(mem, i, n):
+        mem["acc"][i * 10] += i + 1
+
+    snap = Snapshot(size=2 * PAGE_SIZE)
+    layout = {"acc": Allocation("acc", 0, (1000,), "<i8", MergeOp.SUM, "identity")}
+    regions = [MergeRegion(0, 8000, DataType.INT64, MergeOp.SUM)]
+    spec = BatchSpec(work, 3, (), snap, layout, regions, thread_tracking_mode(None), 1)
+    space = CombiningWorkspace()
+    try:
+        outcomes: list = []
+        space.run_combining(spec, [0, 1, 2], outcomes.append)
+        kept = space.identity._buffers["acc"]
+        space.run_combining(spec, [0, 1, 2], outcomes.append)
+        assert space.identity._buffers["acc"] is kept
+        offsets, lengths = kept.pending
+        assert offsets.tolist() == [160] and lengths.tolist() == [8]
+        assert [o.error for o in outcomes] == [None] * 6
+        assert [o.diffs.offsets.tolist() for o in outcomes] == [[0], [80], [160]] * 2
+    finally:
+        space.close()
+        snap.close()
+
+
 def test_more_than_2_to_the_31_elements():
     """Offsets past 2^31 bytes and elements: exact diffs, exact merge."""
     size = (1 << 31) + 24
