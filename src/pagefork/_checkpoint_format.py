@@ -297,6 +297,21 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: 
 PARALLEL_COPY = 64 << 20  # images at least this large are copied by two native threads
 
 
+def _local_file(r: _Reader, ref: ObjectRef) -> tuple[int, int] | None:
+    """(descriptor, offset of the body) when the object is a local regular
+    file of the size the manifest says, read just past its header; else
+    None (the caller streams it)."""
+    try:
+        src = r.f.fileno()
+        stat = os.fstat(src)
+        at = r.f.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not (stat.st_mode & 0o170000 == 0o100000) or stat.st_size != ref.size or at != HEADER.size:
+        return None
+    return src, at
+
+
 def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
     """Copies a raw image from a local file into ``target`` in native code:
     one copy, with the CRC32C computed over each piece where it landed,
@@ -304,14 +319,10 @@ def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
     each copying and checking its half. False if the object is not a
     local regular file of the size the manifest says (then the caller
     streams it)."""
-    try:
-        src = r.f.fileno()
-        stat = os.fstat(src)
-        at = r.f.tell()
-    except (AttributeError, OSError, ValueError):
+    local = _local_file(r, ref)
+    if local is None:
         return False
-    if not (stat.st_mode & 0o170000 == 0o100000) or stat.st_size != ref.size or at != HEADER.size:
-        return False
+    src, at = local
     size = target.nbytes
     threads = 2 if size >= PARALLEL_COPY and (os.cpu_count() or 1) > 1 else 1
     copied, crc = _native.read_checked(src, at, size, target, r.crc, threads)
@@ -332,14 +343,10 @@ def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
     import mmap
     import threading
 
-    try:
-        src = r.f.fileno()
-        stat = os.fstat(src)
-        at = r.f.tell()
-    except (AttributeError, OSError, ValueError):
+    local = _local_file(r, ref)
+    if local is None:
         return False
-    if not (stat.st_mode & 0o170000 == 0o100000) or stat.st_size != ref.size or at != HEADER.size:
-        return False
+    src, at = local
     if size == 0:
         r.drain()
         _check(r, ref)
