@@ -848,9 +848,9 @@ with App("1MiB", backend="{backend}", workers=2) as app:
     for attempt in range(25):
         timer = threading.Timer(rng.uniform(0, 0.03), signal.pthread_kill,
                                 (threading.main_thread().ident, signal.SIGINT))
-        timer.start()
         try:
             try:
+                timer.start()  # inside: a short delay may fire before start() returns
                 assert all(app.parallel(work, 5, args=(float(attempt),)))
             finally:
                 timer.join()
