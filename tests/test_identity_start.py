@@ -948,3 +948,49 @@ def test_two_python_threads_running_batches_on_one_app():
             t.join()
         assert not errors
         assert (acc == 30).all()
+
+
+@pytest.mark.parametrize("profiled", ["build", "begin"])
+def test_a_frame_a_profiler_held_cannot_hide_a_kept_view(profiled):
+    """Dask's worker samples every task thread's frames (sys._current_frames)
+    every few milliseconds; a frame object held while its function returns
+    keeps that function's locals. Before: the reference counts a buffer was
+    checked against were measured, so a sampled frame holding ``data`` while
+    the buffer was built (or the view handed out) raised them by one; once
+    let go, a view a thread kept matched them exactly, the buffer was handed
+    to the next thread with that view still alive, and writes through it
+    merged as the next thread's (99s in main memory, seen on Dask workers)."""
+    import sys
+
+    from pagefork.executor import Allocation
+    from pagefork.identity import IdentityBuffers
+
+    a = Allocation("acc", 0, (1000,), "<i8", MergeOp.SUM, "identity")
+    held = []
+
+    def sample(frame, event, arg):  # what a sampling profiler may hold, at the worst moment
+        if event == "return" and frame.f_code.co_name in ("_blank", "build", "hand_out"):
+            held.append(frame)
+
+    buffers = IdentityBuffers()
+    if profiled == "begin":  # the buffer was built, unsampled, for a thread before
+        buffers.begin([a])
+        buffers.collect()
+    sys.setprofile(sample)
+    try:
+        views = buffers.begin([a])
+    finally:
+        sys.setprofile(None)
+    assert held
+    kept = views["acc"][...]  # the thread keeps a view
+    kept[0] += 1
+    held.clear()  # the profiler lets go
+    first = buffers.collect()
+    assert first.offsets.tolist() == [0] and first.data == (1).to_bytes(8, "little")
+    del views
+    views = buffers.begin([a])  # the next thread
+    kept[:] = 99  # the kept view, written while it runs
+    views["acc"][5] = 2
+    second = buffers.collect()
+    assert second.offsets.tolist() == [40] and second.data == (2).to_bytes(8, "little")
+    buffers.close()

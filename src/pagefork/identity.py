@@ -25,7 +25,7 @@ from __future__ import annotations
 import mmap
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 
@@ -110,11 +110,16 @@ class _Buffer:
     # What the last thread changed, put back before the next one:
     # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
     pending: tuple[np.ndarray, np.ndarray] | None = None
-    # References to data and to its mapping while no thread runs, and while
-    # one runs (its view handed out): more means something else (a view, a
-    # memoryview, the mapping) a thread kept can write here.
-    baseline: tuple[int, int] = (0, 0)
-    running: tuple[int, int] = (0, 0)
+    # The view handed to the running thread (held here too, so that it
+    # counts once whatever the thread does with its mem).
+    handed: np.ndarray | None = None
+
+    # What the buffer's own fields add to the reference counts _references
+    # reads (data: self.data and elements; its memoryview: data). Measured
+    # once on throwaway buffers, never on this one: a profiler that sampled a
+    # frame holding ``data`` (Dask's samples every task thread) would raise a
+    # measurement by one, and when it let go a kept view would match it.
+    _own: ClassVar[tuple[int, int] | None] = None
 
     @classmethod
     def build(cls, a: Allocation) -> _Buffer:
@@ -126,23 +131,37 @@ class _Buffer:
         if available is not None and size > available:  # filling it would wake the OOM killer
             raise MemoryError(f"start='identity': {a.name!r} needs a {size}-byte buffer on each worker; "
                               f"the machine has {available} bytes available")
+        buffer = cls._blank(a, size, identity, DataType.RAW if xor else DataType.of(dt))
+        buffer.reset()  # populates it: no thread pays a page fault
+        return buffer
+
+    @classmethod
+    def _blank(cls, a: Any, size: int, identity: np.ndarray, kind: DataType) -> _Buffer:
         # Private: a thread that fork()s must not write into the parent's buffer.
         mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         data = np.frombuffer(mapping, np.uint8)
         del mapping
         elements = data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
-        buffer = cls(a, data, elements, identity, DataType.RAW if xor else DataType.of(dt))
-        buffer.reset()  # populates it: no thread pays a page fault
-        return buffer
+        return cls(a, data, elements, identity, kind)
+
+    @classmethod
+    def own_references(cls) -> tuple[int, int]:
+        """The counts of a buffer nothing else holds: the least of three
+        throwaway ones (whatever else held one then could only add)."""
+        if cls._own is None:
+            counts = [cls._blank(None, PAGE_SIZE, np.zeros(1, np.uint8), DataType.RAW)._references()
+                      for _ in range(3)]
+            cls._own = (min(c[0] for c in counts), min(c[1] for c in counts))
+        return cls._own
 
     def _references(self) -> tuple[int, int]:
         return sys.getrefcount(self.data), sys.getrefcount(self.data.base)
 
     def shared(self) -> bool:
-        """Whether something outside the worker still holds the buffer (a
-        view a thread kept). Checked between threads, when nothing else
-        should."""
-        return self._references() != self.baseline
+        """Whether anything but the buffer itself holds it (a view a thread
+        kept; a frame a profiler sampled, which costs a new buffer, never a
+        leak). Checked between threads."""
+        return self._references() != self.own_references()
 
     def reset(self) -> None:
         """Puts back to the identity what the last thread changed: the
@@ -159,9 +178,11 @@ class _Buffer:
             _native.apply(self.data, offsets, lengths, raw, raw, fill)
         self.pending = None  # until diffs() says what the next thread changed
 
-    def view(self) -> np.ndarray:
+    def hand_out(self) -> np.ndarray:
+        """The next thread's view of the buffer."""
         a = self.allocation
-        return self.data[: a.nbytes].view(a.np_dtype).reshape(a.shape)
+        self.handed = self.data[: a.nbytes].view(a.np_dtype).reshape(a.shape)
+        return self.handed
 
     def diffs(self) -> DiffBatch:
         """The thread's contributions as diffs at the allocation's offset."""
@@ -169,8 +190,12 @@ class _Buffer:
         batch = DiffBatch._from_native(_native.identity_diff(
             self.data[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
         # Something the thread left (its result, a Python thread it started)
-        # may write anywhere before it lets go: then reset it all.
-        self.pending = (batch.offsets, batch.lengths) if self._references() == self.running else None
+        # may write anywhere before it lets go: then reset it all. Only the
+        # handed-out view may remain (counts one on data, none on its memoryview).
+        own = self.own_references()
+        alone = self._references() == (own[0] + (self.handed is not None), own[1])
+        self.pending = (batch.offsets, batch.lengths) if alone else None
+        self.handed = None
         return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
                                     batch.data)
 
@@ -187,6 +212,8 @@ class IdentityBuffers:
     def begin(self, layout: Iterable[Allocation]) -> dict[str, np.ndarray]:
         """Buffers at the identity for the next thread: name -> its array."""
         wanted = {a.name: a for a in layout if a.start == "identity"}
+        for b in self._buffers.values():  # the last thread is over (a failed one was never collected)
+            b.handed = None
         # A buffer a kept view still reaches is left to it (with its thread's
         # values): a fresh one serves the next thread, so nothing written
         # through that view after its thread can merge.
@@ -194,13 +221,11 @@ class IdentityBuffers:
             del self._buffers[name]  # freed with the last view a result may still hold
         for name, a in wanted.items():
             if name not in self._buffers:
-                b = self._buffers[name] = _Buffer.build(a)
-                b.baseline = b._references()  # here, where no local holds data
+                self._buffers[name] = _Buffer.build(a)
         views = {}
         for name, b in self._buffers.items():
             b.reset()
-            views[name] = b.view()
-            b.running = b._references()
+            views[name] = b.hand_out()
         return views
 
     def collect(self) -> DiffBatch | None:
