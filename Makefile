@@ -56,7 +56,8 @@ $(SAN_BIN)/python:
 	$(PYTHON) -m venv $(SAN_VENV)
 	$(SAN_BIN)/python -m pip install --quiet --upgrade pip
 
-$(SAN_STAMP): $(SAN_BIN)/python $(SOURCES)
+# A regular install copies the Python sources too: any change reinstalls.
+$(SAN_STAMP): $(SAN_BIN)/python $(SOURCES) $(shell find src/pagefork -name '*.py' -o -name '*.pyi')
 	rm -rf build/sanitize
 	PAGEFORK_SANITIZE=1 $(SAN_BIN)/python -m pip install --quiet ".[$(EXTRAS)]"
 	env $(SAN_ENV) $(SAN_BIN)/python -c "import pagefork._native, pagefork._baseline"
