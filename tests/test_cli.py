@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,6 +28,10 @@ def test_doctor_json_schema():
         assert entry["kernel_writes_reason"] == support.kernel_writes_reason
     assert report["auto"] in pagefork.MODES
     assert "vm.unprivileged_userfaultfd" in report["settings"]
+    shmem = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+    if os.path.exists(shmem):  # kernels without THP have none
+        with open(shmem) as f:
+            assert report["settings"]["shmem_hugepage"] == f.read().strip()
 
 
 def test_doctor_table_and_demo():
