@@ -377,3 +377,49 @@ def test_load_into_refuses_a_forged_increment_before_touching_the_region(large_c
         with pytest.raises(CorruptDataError, match=victim.name):
             ck.load(path, into=into)
         assert into.size == 3 * PAGE_SIZE and bytes(into) == before
+
+
+@pytest.fixture
+def large_app_checkpoint(tmp_path):
+    """An App checkpoint whose raw base is sent into the snapshot from its
+    file, plus an increment; yields the folder and the array."""
+    with App(256 * PAGE_SIZE, backend="threads", workers=1) as app:
+        a = app.alloc("a", 256 * PAGE_SIZE // 8 - 64, np.float64, merge="sum")
+        a[:] = np.random.default_rng(7).random(a.size)
+        app.checkpoint(tmp_path, compress=None)
+        a[::999] += 1
+        app.checkpoint(tmp_path)
+        yield tmp_path, a.copy()
+
+
+@pytest.mark.parametrize("where", ["first half", "second half"])
+def test_an_app_restore_finds_a_flipped_byte_in_either_half(large_app_checkpoint, where):
+    path, _ = large_app_checkpoint
+    base = objects(path, ".base")[0]
+    raw = bytearray(base.read_bytes())
+    raw[100 if where == "first half" else len(raw) - 5000] ^= 0x01
+    base.write_bytes(bytes(raw))
+    with pytest.raises(CorruptDataError, match=base.name):
+        App.restore(path, backend="threads", workers=1)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_app_restore_from_a_base_truncated_meanwhile_is_an_error_not_a_crash(
+        large_app_checkpoint, monkeypatch):
+    """Another process truncates the base after its size was checked.
+    Before, the checksum thread read a mapping of the file: truncated before
+    the mapping, it died with a traceback; truncated while it read, SIGBUS
+    would kill the process. Now it preads, and the restore says so."""
+    path, _ = large_app_checkpoint
+    base = objects(path, ".base")[0]
+    real = fmt._local_file
+
+    def truncated_after_the_check(r, ref):
+        found = real(r, ref)
+        if ref.kind == "base":
+            os.truncate(base, base.stat().st_size // 3)
+        return found
+
+    monkeypatch.setattr(fmt, "_local_file", truncated_after_the_check)
+    with pytest.raises(CorruptDataError, match=f"{base.name}.*truncated"):
+        App.restore(path, backend="threads", workers=1)

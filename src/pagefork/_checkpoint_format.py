@@ -337,10 +337,10 @@ def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
 
 def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
     """Copies a raw image from a local file into ``fd`` inside the kernel
-    (sendfile: no pass through user memory), checksumming a read-only
-    mapping of the file on a second thread meanwhile. False if the object
-    is not a local file (then the caller streams it)."""
-    import mmap
+    (sendfile: no pass through user memory), checksumming the file on a
+    second thread meanwhile. (Two sending threads gained nothing: writes
+    to one memfd take its inode lock.) False if the object is not a local
+    file (then the caller streams it)."""
     import threading
 
     local = _local_file(r, ref)
@@ -352,13 +352,24 @@ def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
         _check(r, ref)
         return True
     crc: list[int] = []
+    checked: list[int] = []
+    errors: list[BaseException] = []
 
     def checksum() -> None:
-        with mmap.mmap(src, ref.size, prot=mmap.PROT_READ) as m, memoryview(m) as view:
-            c = r.crc
-            for start in range(at, ref.size, CHUNK):
-                c = _native.crc32c(view[start: start + CHUNK], c)
+        # pread, not a mapping of the file: a file truncated meanwhile (by
+        # another process) must make the copy short, not SIGBUS the process.
+        try:
+            buffer, c, offset = bytearray(min(CHUNK, ref.size - at)), r.crc, at
+            while offset < ref.size:
+                want = min(len(buffer), ref.size - offset)
+                got, c = _native.read_checked(src, offset, want, buffer, c)
+                offset += got
+                if got < want:
+                    break
             crc.append(c)
+            checked.append(offset)
+        except BaseException as exc:
+            errors.append(exc)
 
     worker = threading.Thread(target=checksum, name="pagefork-checkpoint-crc")
     worker.start()
@@ -372,9 +383,11 @@ def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
             done += n
     finally:
         worker.join()
-    if done != size:
+    if errors:
+        raise errors[0]
+    if done != size or checked != [ref.size]:
         raise CorruptDataError("its image is truncated")
-    r.length, r.crc = ref.size, crc[0] if crc else -1
+    r.length, r.crc = ref.size, crc[0]
     _check(r, ref)
     return True
 
