@@ -994,3 +994,140 @@ def test_a_frame_a_profiler_held_cannot_hide_a_kept_view(profiled):
     second = buffers.collect()
     assert second.offsets.tolist() == [40] and second.data == (2).to_bytes(8, "little")
     buffers.close()
+
+
+# ---- attacks on the reference-count guard: exports it did not count -------------------
+#
+# mem[name].base is the buffer's ``data``; data.base its memoryview; that
+# memoryview's managed buffer (what memoryview(mv), mv[...], np.frombuffer(mv)
+# and ctypes' from_buffer(mv) share, without a reference to mv) and the mmap
+# behind it (mv.obj, which memoryview(mmap) and np.frombuffer(mmap) export
+# directly) are two more ways to the same bytes.
+
+_HELD: list = []
+
+_KEEPS = ["memoryview_of_its_memoryview", "slice_of_its_memoryview", "cast_of_its_memoryview",
+          "frombuffer_of_its_memoryview", "asarray_of_its_memoryview", "ctypes_from_its_memoryview",
+          "its_mmap", "memoryview_of_its_mmap", "frombuffer_of_its_mmap"]
+
+
+def _keep_an_export(mem, i, n, how):
+    """Keeps a way to write the buffer that holds neither ``data`` nor its
+    memoryview (module-level: a worker process keeps _HELD across batches)."""
+    import ctypes
+
+    a = mem["acc"]
+    a[5] += 1
+    view = a.base.base
+    kept = {
+        "memoryview_of_its_memoryview": lambda: memoryview(view),
+        "slice_of_its_memoryview": lambda: view[8:],
+        "cast_of_its_memoryview": lambda: view.cast("q"),
+        "frombuffer_of_its_memoryview": lambda: np.frombuffer(view, np.int64),
+        "asarray_of_its_memoryview": lambda: np.asarray(view),
+        "ctypes_from_its_memoryview": lambda: (ctypes.c_char * view.nbytes).from_buffer(view),
+        "its_mmap": lambda: view.obj,
+        "memoryview_of_its_mmap": lambda: memoryview(view.obj),
+        "frombuffer_of_its_mmap": lambda: np.frombuffer(view.obj, np.uint8),
+    }[how]()
+    del a, view
+    _HELD.append(kept)
+
+
+def _write_the_kept_then_work(mem, i, n):
+    """Writes 7s through every export an earlier thread kept, then reports
+    whether its own buffer still starts at the identity."""
+    for kept in _HELD:
+        if isinstance(kept, np.ndarray):
+            kept.view(np.uint8)[: 8 * 2000] = 7
+        elif isinstance(kept, memoryview):
+            kept.cast("B")[: 8 * 2000] = b"\x07" * (8 * 2000)
+        else:  # the mmap, a ctypes array
+            kept[: 8 * 2000] = b"\x07" * (8 * 2000)
+    fresh = bool((mem["acc"] == 0).all())
+    mem["acc"][i] += 10
+    return fresh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", _KEEPS)
+def test_an_export_that_holds_neither_data_nor_its_memoryview_never_leaks(backend, how):
+    """Before: the guard counted references to ``data`` and its memoryview
+    only. A memoryview of that memoryview (or a slice, a cast, a numpy array
+    or ctypes array made from it) shares its managed buffer and holds
+    neither; the mmap object (``mv.obj``), or an export of it, holds neither
+    too. Kept past the thread, the buffer went to the next thread and writes
+    through it merged as that thread's."""
+    _HELD.clear()
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+        app.parallel(_keep_an_export, 1, args=(how,))
+        assert app.parallel(_write_the_kept_then_work, 3) == [True, True, True]
+        assert app.parallel(_write_the_kept_then_work, 2) == [True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[5] = 1
+        expected[:3] += 10
+        expected[:2] += 10
+        assert np.array_equal(acc, expected)
+    _HELD.clear()
+
+
+def _calibrate_holding(names: set[str] | None) -> None:
+    """Measures the counts again under a profiler that holds every frame of
+    the functions ``names`` (all when None) that returns meanwhile."""
+    import sys
+
+    from pagefork.identity import _Buffer
+
+    _Buffer._own = None
+    held = []
+
+    def sample(frame, event, arg):
+        if event == "return" and (names is None or frame.f_code.co_name in names):
+            held.append(frame)
+
+    sys.setprofile(sample)
+    try:
+        _Buffer.own_references()
+    finally:
+        sys.setprofile(None)
+    held.clear()  # the profiler lets go
+
+
+def test_a_profiler_holding_frames_while_the_counts_are_calibrated_cannot_hide_a_kept_view(monkeypatch):
+    """The counts a buffer is checked against are measured on throwaway
+    buffers. Before: a frame that held a throwaway's ``data`` as a local
+    (``_blank``'s), kept by a profiler past the measurement, raised the
+    expected count by one; a view a thread kept then matched it and its
+    writes merged as the next thread's. Whichever function's frames a
+    profiler holds (every one of the three throwaways': the worst case of a
+    sampling one), it costs at most a new buffer."""
+    import sys
+
+    from pagefork.executor import Allocation
+    from pagefork.identity import IdentityBuffers, _Buffer
+
+    monkeypatch.setattr(_Buffer, "_own", None)  # restored after the test
+    seen: set[str] = set()
+    sys.setprofile(lambda frame, event, arg: seen.add(frame.f_code.co_name) if event == "return" else None)
+    try:
+        _Buffer.own_references()
+    finally:
+        sys.setprofile(None)
+    a = Allocation("acc", 0, (1000,), "<i8", MergeOp.SUM, "identity")
+    for names in [None, *({name} for name in sorted(seen))]:
+        _calibrate_holding(names)
+        buffers = IdentityBuffers()
+        views = buffers.begin([a])
+        kept = views["acc"][...]  # the thread keeps a view
+        kept[0] += 1
+        first = buffers.collect()
+        assert first.offsets.tolist() == [0] and first.data == (1).to_bytes(8, "little")
+        del views
+        views = buffers.begin([a])  # the next thread
+        kept[:] = 99  # the kept view, written while it runs
+        views["acc"][5] = 2
+        second = buffers.collect()
+        assert (names, second.offsets.tolist(), second.data) == (names, [40], (2).to_bytes(8, "little"))
+        buffers.close()
+        del views, kept

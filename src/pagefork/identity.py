@@ -22,10 +22,11 @@ of a fault per page written.
 
 from __future__ import annotations
 
+import gc
 import mmap
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence, cast
 
 import numpy as np
 
@@ -103,10 +104,11 @@ class _Buffer:
     page-aligned, populated once)."""
 
     allocation: Allocation
-    data: np.ndarray       # uint8, the thread writes here (through a typed view)
-    elements: np.ndarray   # data as identity-sized elements (bytes for xor)
     identity: np.ndarray   # one element: what every element of data starts as
     kind: DataType         # the diffs' labels (xor: RAW bytes)
+    # Set by _blank, never passed to __init__ (see _own).
+    data: np.ndarray = field(init=False)      # uint8, the thread writes here (through a typed view)
+    elements: np.ndarray = field(init=False)  # data as identity-sized elements (bytes for xor)
     # What the last thread changed, put back before the next one:
     # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
     pending: tuple[np.ndarray, np.ndarray] | None = None
@@ -115,11 +117,12 @@ class _Buffer:
     handed: np.ndarray | None = None
 
     # What the buffer's own fields add to the reference counts _references
-    # reads (data: self.data and elements; its memoryview: data). Measured
-    # once on throwaway buffers, never on this one: a profiler that sampled a
-    # frame holding ``data`` (Dask's samples every task thread) would raise a
-    # measurement by one, and when it let go a kept view would match it.
-    _own: ClassVar[tuple[int, int] | None] = None
+    # reads. Measured once on throwaway buffers, never on this one: a
+    # profiler that sampled a frame holding ``data`` (Dask's samples every
+    # task thread) would raise a measurement by one, and when it let go a
+    # kept view would match it. So no frame that builds or measures a buffer
+    # (_blank's, __init__'s, _references') has a local holding any of them.
+    _own: ClassVar[tuple[int, ...] | None] = None
 
     @classmethod
     def build(cls, a: Allocation) -> _Buffer:
@@ -137,25 +140,32 @@ class _Buffer:
 
     @classmethod
     def _blank(cls, a: Any, size: int, identity: np.ndarray, kind: DataType) -> _Buffer:
+        buffer = cls(a, identity, kind)
         # Private: a thread that fork()s must not write into the parent's buffer.
-        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-        data = np.frombuffer(mapping, np.uint8)
-        del mapping
-        elements = data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
-        return cls(a, data, elements, identity, kind)
+        buffer.data = np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), np.uint8)
+        buffer.elements = buffer.data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
+        return buffer
 
     @classmethod
-    def own_references(cls) -> tuple[int, int]:
+    def own_references(cls) -> tuple[int, ...]:
         """The counts of a buffer nothing else holds: the least of three
         throwaway ones (whatever else held one then could only add)."""
         if cls._own is None:
             counts = [cls._blank(None, PAGE_SIZE, np.zeros(1, np.uint8), DataType.RAW)._references()
                       for _ in range(3)]
-            cls._own = (min(c[0] for c in counts), min(c[1] for c in counts))
+            cls._own = tuple(min(column) for column in zip(*counts))
         return cls._own
 
-    def _references(self) -> tuple[int, int]:
-        return sys.getrefcount(self.data), sys.getrefcount(self.data.base)
+    def _references(self) -> tuple[int, ...]:
+        """The reference counts of every object a view of the buffer can
+        hold: ``data`` (numpy views of it); its memoryview (``data.base``;
+        its own exports); that memoryview's managed buffer, which
+        ``memoryview(mv)``, ``mv[...]``, ``mv.cast()``, ``np.frombuffer(mv)``
+        and ctypes' ``from_buffer(mv)`` share without holding ``mv`` (CPython
+        reaches it only through the memoryview's GC referents); and the mmap
+        behind it (``mv.obj``), which its own exports hold."""
+        return (sys.getrefcount(self.data), sys.getrefcount(self.data.base),
+                sys.getrefcount(gc.get_referents(self.data.base)[0]), sys.getrefcount(cast(memoryview, self.data.base).obj))
 
     def shared(self) -> bool:
         """Whether anything but the buffer itself holds it (a view a thread
@@ -191,9 +201,9 @@ class _Buffer:
             self.data[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
         # Something the thread left (its result, a Python thread it started)
         # may write anywhere before it lets go: then reset it all. Only the
-        # handed-out view may remain (counts one on data, none on its memoryview).
+        # handed-out view may remain (counts one on data, none on the rest).
         own = self.own_references()
-        alone = self._references() == (own[0] + (self.handed is not None), own[1])
+        alone = self._references() == (own[0] + (self.handed is not None), *own[1:])
         self.pending = (batch.offsets, batch.lengths) if alone else None
         self.handed = None
         return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
