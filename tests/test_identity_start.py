@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -1008,7 +1009,19 @@ _HELD: list = []
 
 _KEEPS = ["memoryview_of_its_memoryview", "slice_of_its_memoryview", "cast_of_its_memoryview",
           "frombuffer_of_its_memoryview", "asarray_of_its_memoryview", "ctypes_from_its_memoryview",
-          "its_mmap", "memoryview_of_its_mmap", "frombuffer_of_its_mmap"]
+          "its_mmap", "memoryview_of_its_mmap", "frombuffer_of_its_mmap", "cycle_with_a_finalizer"]
+
+
+class _WritesWhenCollected:
+    """A garbage cycle holding a view, which writes 7s through it when the
+    collector finally frees it (the next thread's gc.collect())."""
+
+    def __init__(self, view: np.ndarray) -> None:
+        self.view = view
+        self.me = self
+
+    def __del__(self) -> None:
+        self.view[:] = 7
 
 
 def _keep_an_export(mem, i, n, how):
@@ -1029,14 +1042,19 @@ def _keep_an_export(mem, i, n, how):
         "its_mmap": lambda: view.obj,
         "memoryview_of_its_mmap": lambda: memoryview(view.obj),
         "frombuffer_of_its_mmap": lambda: np.frombuffer(view.obj, np.uint8),
+        "cycle_with_a_finalizer": lambda: _WritesWhenCollected(a),
     }[how]()
     del a, view
-    _HELD.append(kept)
+    if how != "cycle_with_a_finalizer":  # garbage, not held
+        _HELD.append(kept)
 
 
 def _write_the_kept_then_work(mem, i, n):
     """Writes 7s through every export an earlier thread kept, then reports
     whether its own buffer still starts at the identity."""
+    import gc
+
+    gc.collect()
     for kept in _HELD:
         if isinstance(kept, np.ndarray):
             kept.view(np.uint8)[: 8 * 2000] = 7
@@ -1131,3 +1149,43 @@ def test_a_profiler_holding_frames_while_the_counts_are_calibrated_cannot_hide_a
         assert (names, second.offsets.tolist(), second.data) == (names, [40], (2).to_bytes(8, "little"))
         buffers.close()
         del views, kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["read_only", "dtype", "shape", "strides"])
+def test_a_thread_that_alters_the_buffers_array_does_not_break_later_threads(backend, how):
+    """mem[name].base is the very array the worker built its buffer on.
+    Before: a thread that made it read-only, or changed its dtype or shape
+    in place, made every later thread on that worker fail (read-only views,
+    or 'cannot prepare thread memory'). Its own contributions still merge."""
+
+    def alter(mem, i, n):
+        a = mem["acc"]
+        a[3] += 5
+        whole = a.base
+        with warnings.catch_warnings():  # numpy deprecates setting these in place: still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if how == "read_only":
+                whole.setflags(write=False)
+            elif how == "dtype":
+                whole.dtype = np.int64
+            elif how == "shape":
+                whole.shape = (2, whole.size // 2)
+            else:
+                whole.strides = (0,)  # every element aliases the first byte
+
+    def work(mem, i, n):
+        fresh = bool((mem["acc"] == 0).all())
+        mem["acc"][i] += 10
+        return fresh
+
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+        app.parallel(alter, 1)
+        assert app.parallel(work, 3) == [True, True, True]
+        assert app.parallel(work, 2) == [True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[3] = 5
+        expected[:3] += 10
+        expected[:2] += 10
+        assert np.array_equal(acc, expected)

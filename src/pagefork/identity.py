@@ -107,8 +107,13 @@ class _Buffer:
     identity: np.ndarray   # one element: what every element of data starts as
     kind: DataType         # the diffs' labels (xor: RAW bytes)
     # Set by _blank, never passed to __init__ (see _own).
-    data: np.ndarray = field(init=False)      # uint8, the thread writes here (through a typed view)
-    elements: np.ndarray = field(init=False)  # data as identity-sized elements (bytes for xor)
+    # uint8: the base of every view a thread gets, so only counted, never
+    # read or written (mem[name].base is this very array: a thread may have
+    # made it read-only or changed its dtype, shape or strides).
+    data: np.ndarray = field(init=False)
+    # data as identity-sized elements (bytes for xor), which no thread can
+    # reach: every read and write of the buffer goes through it.
+    elements: np.ndarray = field(init=False)
     # What the last thread changed, put back before the next one:
     # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
     pending: tuple[np.ndarray, np.ndarray] | None = None
@@ -165,7 +170,12 @@ class _Buffer:
         reaches it only through the memoryview's GC referents); and the mmap
         behind it (``mv.obj``), which its own exports hold."""
         return (sys.getrefcount(self.data), sys.getrefcount(self.data.base),
-                sys.getrefcount(gc.get_referents(self.data.base)[0]), sys.getrefcount(cast(memoryview, self.data.base).obj))
+                sys.getrefcount(gc.get_referents(self.data.base)[0]),
+                sys.getrefcount(cast(memoryview, self.data.base).obj))
+
+    def _bytes(self) -> np.ndarray:
+        """The whole buffer as bytes (a view a thread cannot have altered)."""
+        return self.elements.view(np.uint8)
 
     def shared(self) -> bool:
         """Whether anything but the buffer itself holds it (a view a thread
@@ -176,7 +186,7 @@ class _Buffer:
     def reset(self) -> None:
         """Puts back to the identity what the last thread changed: the
         changed runs when few, else the whole buffer."""
-        if self.pending is None or int(self.pending[1].sum()) * 4 > self.data.size:
+        if self.pending is None or int(self.pending[1].sum()) * 4 > self.elements.nbytes:
             self.elements.fill(self.identity[0])
         elif self.pending[0].size:  # one native pass writing the identity over each run
             offsets, lengths = self.pending
@@ -185,20 +195,20 @@ class _Buffer:
             fill = (np.zeros(total, np.uint8) if not self.identity.view(np.uint8).any()
                     else np.full(total // k, self.identity[0], self.identity.dtype).view(np.uint8))
             raw = np.zeros(offsets.size, np.uint8)  # DataType.RAW, MergeOp.OVERWRITE
-            _native.apply(self.data, offsets, lengths, raw, raw, fill)
+            _native.apply(self._bytes(), offsets, lengths, raw, raw, fill)
         self.pending = None  # until diffs() says what the next thread changed
 
     def hand_out(self) -> np.ndarray:
         """The next thread's view of the buffer."""
         a = self.allocation
-        self.handed = self.data[: a.nbytes].view(a.np_dtype).reshape(a.shape)
+        self.handed = self._bytes()[: a.nbytes].view(a.np_dtype).reshape(a.shape)
         return self.handed
 
     def diffs(self) -> DiffBatch:
         """The thread's contributions as diffs at the allocation's offset."""
         a = self.allocation
         batch = DiffBatch._from_native(_native.identity_diff(
-            self.data[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
+            self._bytes()[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
         # Something the thread left (its result, a Python thread it started)
         # may write anywhere before it lets go: then reset it all. Only the
         # handed-out view may remain (counts one on data, none on the rest).
