@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -1010,7 +1011,8 @@ _HELD: list = []
 _KEEPS = ["memoryview_of_its_memoryview", "slice_of_its_memoryview", "cast_of_its_memoryview",
           "frombuffer_of_its_memoryview", "asarray_of_its_memoryview", "ctypes_from_its_memoryview",
           "its_mmap", "memoryview_of_its_mmap", "frombuffer_of_its_mmap", "cycle_with_a_finalizer",
-          "out_of_band_pickle", "dlpack", "ctypeslib_as_array"]
+          "out_of_band_pickle", "dlpack", "ctypeslib_as_array",
+          "weakref_to_its_array", "weak_proxy_of_its_array", "weakref_to_its_memoryview", "weakref_to_its_mmap"]
 
 
 def _out_of_band_copy(a: np.ndarray) -> np.ndarray:
@@ -1052,6 +1054,12 @@ def _keep_an_export(mem, i, n, how):
         "memoryview_of_its_mmap": lambda: memoryview(view.obj),
         "frombuffer_of_its_mmap": lambda: np.frombuffer(view.obj, np.uint8),
         "cycle_with_a_finalizer": lambda: _WritesWhenCollected(a),
+        # Weak references hold nothing: the buffer's own arrays stay alive
+        # (the worker holds them), so they can be had back in a later thread.
+        "weakref_to_its_array": lambda: weakref.ref(a.base),
+        "weak_proxy_of_its_array": lambda: weakref.proxy(a.base),
+        "weakref_to_its_memoryview": lambda: weakref.ref(view),
+        "weakref_to_its_mmap": lambda: weakref.ref(view.obj),
         # These hold the view they came from (so data): counted all along.
         "out_of_band_pickle": lambda: _out_of_band_copy(a),
         "dlpack": lambda: np.from_dlpack(a),
@@ -1070,6 +1078,16 @@ def _write_the_kept_then_work(mem, i, n):
 
     gc.collect()
     for kept in _HELD:
+        if type(kept) is weakref.ProxyType:  # (isinstance would ask the referent)
+            try:
+                kept.view(np.uint8)[: 8 * 2000] = 7
+            except ReferenceError:  # its array is gone
+                pass
+            continue
+        if type(kept) is weakref.ref:
+            kept = kept()
+            if kept is None:
+                continue
         if isinstance(kept, np.ndarray):
             kept.view(np.uint8)[: 8 * 2000] = 7
         elif isinstance(kept, memoryview):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import mmap
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence, cast
 
@@ -167,11 +168,15 @@ class _Buffer:
         its own exports); that memoryview's managed buffer, which
         ``memoryview(mv)``, ``mv[...]``, ``mv.cast()``, ``np.frombuffer(mv)``
         and ctypes' ``from_buffer(mv)`` share without holding ``mv`` (CPython
-        reaches it only through the memoryview's GC referents); and the mmap
-        behind it (``mv.obj``), which its own exports hold."""
+        reaches it only through the memoryview's GC referents); the mmap
+        behind it (``mv.obj``), which its own exports hold; and the weak
+        references to data, mv and the mmap, which hold nothing but get
+        them back while the buffer lives."""
         return (sys.getrefcount(self.data), sys.getrefcount(self.data.base),
                 sys.getrefcount(gc.get_referents(self.data.base)[0]),
-                sys.getrefcount(cast(memoryview, self.data.base).obj))
+                sys.getrefcount(cast(memoryview, self.data.base).obj),
+                weakref.getweakrefcount(self.data) + weakref.getweakrefcount(self.data.base)
+                + weakref.getweakrefcount(cast(memoryview, self.data.base).obj))
 
     def _bytes(self) -> np.ndarray:
         """The whole buffer as bytes (a view a thread cannot have altered)."""
