@@ -1260,3 +1260,60 @@ def test_a_thread_that_frees_its_buffer_lazily_leaves_later_threads_at_the_ident
         expected = np.full(2000, 3.0)
         expected[:2] = 6.0
         assert np.array_equal(acc, expected)
+
+
+def _take_the_memory_away(mem, i, n, what):
+    """Tries to unmap the buffer under its views (its memoryview's release(),
+    the mmap's close() or resize()), on this thread's view or on one an
+    earlier thread kept ("kept_..."); writes through the view afterwards."""
+    a = mem["acc"]
+    a[i] += 1
+    if what == "keep":
+        _HELD.append(a)
+        return "kept"
+    if what.startswith("kept_"):
+        a, what = _HELD.pop(), what[len("kept_"):]
+    view = a.base.base
+    try:
+        {"release": view.release, "close": lambda: view.obj.close(),
+         "resize": lambda: view.obj.resize(1 << 20)}[what]()
+    except BufferError:
+        return "refused"
+    finally:
+        a[:] = 3  # a crash here, or in the next thread, had it been unmapped
+    return "done"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_thread_cannot_unmap_the_buffer_under_its_views(backend):
+    """mem[name].base.base is the memoryview that alone held the buffer's
+    mapping (numpy holds no export of it). Before: a thread that called its
+    release() unmapped the memory under every view (the process died with
+    SIGSEGV). Now it is refused, as the mmap's close() and resize() were,
+    even once the buffer is left to a kept view. In a subprocess: a crash is
+    an exit status."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import test_identity_start as t
+from pagefork import App
+
+with App("256KiB", backend={backend!r}, workers=1) as app:
+    acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+    results = [app.parallel(t._take_the_memory_away, 1, args=(what,))[0]
+               for what in ["release", "close", "resize", "keep", "kept_release", "keep", "kept_close"]]
+    fresh = app.parallel(t._write_the_kept_then_work, 2)
+    print(results, fresh, acc[:3].tolist(), int(acc[3:].sum()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    # Merged: 3s everywhere from each of the first three threads (their own
+    # views), a[0] += 1 from all seven, 10s from the last batch; nothing
+    # written through the two kept views.
+    assert out.stdout.split("\n")[0] == (
+        "['refused', 'refused', 'refused', 'kept', 'refused', 'kept', 'refused'] [True, True] "
+        f"[23, 19, 9] {9 * 1997}")

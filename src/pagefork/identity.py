@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import gc
 import mmap
+import pickle
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 
@@ -99,6 +100,15 @@ def available_memory() -> int | None:
     return None
 
 
+#: Each live buffer's export of its data's memoryview (see _Buffer._blank),
+#: with the weak reference to data whose callback lets it go, by its id.
+_PINS: dict[int, tuple[weakref.ref, pickle.PickleBuffer]] = {}
+
+
+def _unpin(data: weakref.ref) -> None:
+    _PINS.pop(id(data))[1].release()
+
+
 @dataclass
 class _Buffer:
     """One identity array's private buffer on a worker (page-rounded,
@@ -149,6 +159,13 @@ class _Buffer:
         buffer = cls(a, identity, kind)
         # Private: a thread that fork()s must not write into the parent's buffer.
         buffer.data = np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), np.uint8)
+        # data.base, the memoryview that alone holds the mapping, is reachable
+        # from every view: its release() would unmap the memory under them
+        # (numpy holds no export of it). One export held as long as data
+        # lives makes release() refuse (BufferError), and mmap.close() too.
+        # (C calls only: weakref.finalize's frame would hold data.)
+        pin = weakref.ref(buffer.data, _unpin)
+        _PINS[id(pin)] = pin, pickle.PickleBuffer(buffer.data.base)  # type: ignore[arg-type]
         buffer.elements = buffer.data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
         return buffer
 
@@ -174,9 +191,9 @@ class _Buffer:
         them back while the buffer lives."""
         return (sys.getrefcount(self.data), sys.getrefcount(self.data.base),
                 sys.getrefcount(gc.get_referents(self.data.base)[0]),
-                sys.getrefcount(cast(memoryview, self.data.base).obj),
+                sys.getrefcount(self.data.base.obj),  # type: ignore[union-attr]
                 weakref.getweakrefcount(self.data) + weakref.getweakrefcount(self.data.base)
-                + weakref.getweakrefcount(cast(memoryview, self.data.base).obj))
+                + weakref.getweakrefcount(self.data.base.obj))  # type: ignore[union-attr]
 
     def _bytes(self) -> np.ndarray:
         """The whole buffer as bytes (a view a thread cannot have altered)."""
