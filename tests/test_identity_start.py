@@ -1108,18 +1108,18 @@ def _write_the_kept_then_work(mem, i, n):
 
     gc.collect()
     for kept in _HELD:
+        if type(kept) is weakref.ProxyType:  # first: isinstance would ask the referent
+            try:
+                kept.view(np.uint8)[: 8 * 2000] = 7
+            except ReferenceError:  # its array is gone
+                pass
+            continue
         if isinstance(kept, tuple):  # a Python thread waiting to write
             told, writer = kept
             told.set()
             writer.join()
             continue
         if isinstance(kept, BaseException):  # nothing to write through but its frames
-            continue
-        if type(kept) is weakref.ProxyType:  # (isinstance would ask the referent)
-            try:
-                kept.view(np.uint8)[: 8 * 2000] = 7
-            except ReferenceError:  # its array is gone
-                pass
             continue
         if type(kept) is weakref.ref:
             kept = kept()
