@@ -105,8 +105,11 @@ def available_memory() -> int | None:
 _PINS: dict[int, tuple[weakref.ref, pickle.PickleBuffer]] = {}
 
 
-def _unpin(data: weakref.ref) -> None:
-    _PINS.pop(id(data))[1].release()
+def _unpin(data: weakref.ref, pins: dict[int, tuple[weakref.ref, pickle.PickleBuffer]] = _PINS) -> None:
+    # (the dict bound here: at interpreter exit the module's globals may be gone first)
+    pin = pins.pop(id(data), None)
+    if pin is not None:
+        pin[1].release()
 
 
 @dataclass
