@@ -1358,3 +1358,72 @@ with App("256KiB", backend={backend!r}, workers=1) as app:
     assert out.stdout.split("\n")[0] == (
         "['refused', 'refused', 'refused', 'kept', 'refused', 'kept', 'refused'] [True, True] "
         f"[23, 19, 9] {9 * 1997}")
+
+
+def _write_after_the_diff(mem, i, n, through):
+    """Leaves a profile hook on the worker's thread that writes 7s through
+    what it holds (a view of its own, the very view the worker handed out,
+    or ``mem``) once the buffer's diff is taken (identity_diff lets the GIL
+    go: a Python thread can do the same), then lets it go."""
+    import sys
+
+    mem["acc"][7] += 1
+    held = [{"view": lambda: mem["acc"], "handed_view": lambda: mem._identity["acc"],
+             "mem": lambda: mem}[through]()]
+
+    def hook(frame, event, arg):
+        if event == "c_return" and getattr(arg, "__name__", "") == "identity_diff" and held:
+            sys.setprofile(None)
+            kept = held.pop()
+            try:
+                (kept["acc"] if through == "mem" else kept)[:] = 7
+            except Exception:  # refused: nothing written
+                pass
+
+    sys.setprofile(hook)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("through", ["view", "handed_view", "mem"])
+def test_writes_after_the_diff_by_something_that_lets_go_before_the_check_never_leak(backend, through):
+    """Before: the references were counted after the diff was taken. What
+    wrote the buffer in between and let go of it before the count (a hook,
+    a Python thread while the diff ran without the GIL) left writes the diff
+    had not seen, and only the diff's runs were reset: the next thread
+    started from them and they merged as its own. Counted first, the holder
+    is seen and the whole buffer is reset."""
+
+    def work(mem, i, n):
+        fresh = bool((mem["acc"] == 0).all())
+        mem["acc"][i] += 10
+        return fresh
+
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+        app.parallel(_write_after_the_diff, 1, args=(through,))
+        assert app.parallel(work, 3) == [True, True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[7] = 1
+        expected[:3] += 10
+        assert np.array_equal(acc, expected)
+
+
+def test_a_mem_kept_past_its_thread_gives_an_error_for_identity_arrays():
+    """Once its thread is over, a kept ``mem`` no longer reaches the buffer
+    (the worker runs the next thread on it): mem[name] is a clear error."""
+    from pagefork import PageforkError
+
+    _HELD.clear()
+    with App("64KiB", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", 10, np.int64, merge="sum", start="identity")
+
+        def keep(mem, i, n):
+            mem["acc"][i] += 1
+            _HELD.append(mem)
+
+        app.parallel(keep, 2)
+        for mem in _HELD:
+            with pytest.raises(PageforkError, match="thread is over"):
+                mem["acc"]
+        assert acc.tolist() == [1, 1] + [0] * 8
+    _HELD.clear()

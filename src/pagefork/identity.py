@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 import numpy as np
 
 from . import _native
+from ._errors import PageforkError
 from ._sizes import PAGE_SIZE, round_to_pages
 from .snapshot import DataType, DiffBatch, MergeOp
 
@@ -131,9 +132,6 @@ class _Buffer:
     # What the last thread changed, put back before the next one:
     # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
     pending: tuple[np.ndarray, np.ndarray] | None = None
-    # The view handed to the running thread (held here too, so that it
-    # counts once whatever the thread does with its mem).
-    handed: np.ndarray | None = None
 
     # What the buffer's own fields add to the reference counts _references
     # reads. Measured once on throwaway buffers, never on this one: a
@@ -226,21 +224,20 @@ class _Buffer:
     def hand_out(self) -> np.ndarray:
         """The next thread's view of the buffer."""
         a = self.allocation
-        self.handed = self._bytes()[: a.nbytes].view(a.np_dtype).reshape(a.shape)
-        return self.handed
+        return self._bytes()[: a.nbytes].view(a.np_dtype).reshape(a.shape)
 
     def diffs(self) -> DiffBatch:
         """The thread's contributions as diffs at the allocation's offset."""
         a = self.allocation
+        # Something the thread left (its result, a Python thread it started)
+        # may write anywhere before it lets go: then reset it all. The view
+        # handed out is gone from its mem (IdentityBuffers.collect). Counted
+        # before the diff: what writes after the count held the buffer at
+        # the count (the diff runs without the GIL).
+        alone = self._references() == self.own_references()
         batch = DiffBatch._from_native(_native.identity_diff(
             self._bytes()[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
-        # Something the thread left (its result, a Python thread it started)
-        # may write anywhere before it lets go: then reset it all. Only the
-        # handed-out view may remain (counts one on data, none on the rest).
-        own = self.own_references()
-        alone = self._references() == (own[0] + (self.handed is not None), *own[1:])
         self.pending = (batch.offsets, batch.lengths) if alone else None
-        self.handed = None
         return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
                                     batch.data)
 
@@ -253,12 +250,12 @@ class IdentityBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, _Buffer] = {}
+        self._views: dict[str, Any] = {}  # what begin handed out (the thread's mem._identity)
 
     def begin(self, layout: Iterable[Allocation]) -> dict[str, np.ndarray]:
         """Buffers at the identity for the next thread: name -> its array."""
         wanted = {a.name: a for a in layout if a.start == "identity"}
-        for b in self._buffers.values():  # the last thread is over (a failed one was never collected)
-            b.handed = None
+        self._expire()  # the last thread is over (a failed one was never collected)
         # A buffer a kept view still reaches is left to it (with its thread's
         # values): a fresh one serves the next thread, so nothing written
         # through that view after its thread can merge.
@@ -271,7 +268,15 @@ class IdentityBuffers:
         for name, b in self._buffers.items():
             b.reset()
             views[name] = b.hand_out()
+        self._views = views
         return views
+
+    def _expire(self) -> None:
+        """Takes the views handed out back from the thread's mem (a mem kept
+        past its thread gets an error, never a buffer another thread runs on):
+        only what the thread kept itself still reaches its buffers."""
+        for name in list(self._views):
+            self._views[name] = _EXPIRED
 
     def collect(self) -> DiffBatch | None:
         """The last thread's diffs of every identity array (None when there is
@@ -280,11 +285,24 @@ class IdentityBuffers:
         is then reset whole."""
         if not self._buffers:
             return None
+        self._expire()
         parts = [b.diffs() for b in sorted(self._buffers.values(), key=lambda b: b.allocation.offset)]
         return parts[0] if len(parts) == 1 else DiffBatch.concat(parts)
 
     def close(self) -> None:
+        self._expire()
         self._buffers.clear()
+
+
+class _Expired:
+    """What ``mem[name]`` of an identity array gives once its thread is over."""
+
+    def __getitem__(self, key: object) -> Any:
+        raise PageforkError("this mem's thread is over: its identity arrays went with it "
+                            "(use mem[name] inside the thread function only)")
+
+
+_EXPIRED = _Expired()
 
 
 def with_contributions(diffs: DiffBatch, contributions: DiffBatch | None) -> DiffBatch:
