@@ -1267,7 +1267,20 @@ def test_a_thread_that_alters_the_buffers_array_does_not_break_later_threads(bac
 def _free_lazily(mem, i, n):
     import mmap
 
-    mem["acc"].base.base.obj.madvise(mmap.MADV_FREE)  # the buffer's mmap, reachable from any view
+    mapping = mem["acc"].base.base.obj  # the buffer's mmap, reachable from any view
+    # Only what time does, made prompt: the kernel queues new and lazily
+    # freed pages per CPU (MADV_FREE skips a page still queued), and MADV_COLD
+    # drains the queues of the CPU it runs on.
+    cold = getattr(mmap, "MADV_COLD", 20)
+    cpus = os.sched_getaffinity(0)
+    try:
+        for cpu in sorted(cpus):
+            os.sched_setaffinity(0, {cpu})
+            mapping.madvise(cold)
+        mapping.madvise(mmap.MADV_FREE)
+        mapping.madvise(cold)
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def _reclaimed_then_work(mem, i, n):
