@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -994,3 +996,447 @@ def test_a_frame_a_profiler_held_cannot_hide_a_kept_view(profiled):
     second = buffers.collect()
     assert second.offsets.tolist() == [40] and second.data == (2).to_bytes(8, "little")
     buffers.close()
+
+
+# ---- attacks on the reference-count guard: exports it did not count -------------------
+#
+# mem[name].base is the buffer's ``data``; data.base its memoryview; that
+# memoryview's managed buffer (what memoryview(mv), mv[...], np.frombuffer(mv)
+# and ctypes' from_buffer(mv) share, without a reference to mv) and the mmap
+# behind it (mv.obj, which memoryview(mmap) and np.frombuffer(mmap) export
+# directly) are two more ways to the same bytes.
+
+_HELD: list = []
+
+_KEEPS = ["memoryview_of_its_memoryview", "slice_of_its_memoryview", "cast_of_its_memoryview",
+          "frombuffer_of_its_memoryview", "asarray_of_its_memoryview", "ctypes_from_its_memoryview",
+          "its_mmap", "memoryview_of_its_mmap", "frombuffer_of_its_mmap", "cycle_with_a_finalizer",
+          "out_of_band_pickle", "dlpack", "ctypeslib_as_array",
+          "weakref_to_its_array", "weak_proxy_of_its_array", "weakref_to_its_memoryview", "weakref_to_its_mmap",
+          "python_thread_writing_later", "exception_whose_traceback_holds_it", "handed_view_popped_from_mem"]
+
+
+def _writes_when_told(kept: memoryview, told: threading.Event) -> None:
+    told.wait()
+    kept.cast("B")[: 8 * 2000] = b"\x07" * (8 * 2000)
+
+
+def _exception_holding(view: np.ndarray) -> BaseException:
+    """An exception whose traceback holds a frame whose local is ``view``."""
+    def fail(held: np.ndarray) -> None:
+        raise ValueError("kept")
+
+    try:
+        fail(view)
+    except ValueError as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+def _out_of_band_copy(a: np.ndarray) -> np.ndarray:
+    """``a`` pickled with its bytes out of band and unpickled: the same memory."""
+    import pickle
+
+    buffers: list = []
+    return pickle.loads(pickle.dumps(a, protocol=5, buffer_callback=buffers.append), buffers=buffers)
+
+
+class _WritesWhenCollected:
+    """A garbage cycle holding a view, which writes 7s through it when the
+    collector finally frees it (the next thread's gc.collect())."""
+
+    def __init__(self, view: np.ndarray) -> None:
+        self.view = view
+        self.me = self
+
+    def __del__(self) -> None:
+        self.view[:] = 7
+
+
+def _keep_an_export(mem, i, n, how):
+    """Keeps a way to write the buffer, ``how`` (module-level: a worker
+    process keeps _HELD across batches)."""
+    import ctypes
+
+    a = mem["acc"]
+    a[5] += 1
+    view = a.base.base
+    kept = {
+        "memoryview_of_its_memoryview": lambda: memoryview(view),
+        "slice_of_its_memoryview": lambda: view[8:],
+        "cast_of_its_memoryview": lambda: view.cast("q"),
+        "frombuffer_of_its_memoryview": lambda: np.frombuffer(view, np.int64),
+        "asarray_of_its_memoryview": lambda: np.asarray(view),
+        "ctypes_from_its_memoryview": lambda: (ctypes.c_char * view.nbytes).from_buffer(view),
+        "its_mmap": lambda: view.obj,
+        "memoryview_of_its_mmap": lambda: memoryview(view.obj),
+        "frombuffer_of_its_mmap": lambda: np.frombuffer(view.obj, np.uint8),
+        "cycle_with_a_finalizer": lambda: _WritesWhenCollected(a),
+        # Weak references hold nothing: the buffer's own arrays stay alive
+        # (the worker holds them), so they can be had back in a later thread.
+        "weakref_to_its_array": lambda: weakref.ref(a.base),
+        "weak_proxy_of_its_array": lambda: weakref.proxy(a.base),
+        "weakref_to_its_memoryview": lambda: weakref.ref(view),
+        "weakref_to_its_mmap": lambda: weakref.ref(view.obj),
+        # A Python thread the thread started, holding only a memoryview of
+        # the memoryview, writes when a later thread tells it to.
+        "python_thread_writing_later": lambda: _start_a_writer(memoryview(view)),
+        "exception_whose_traceback_holds_it": lambda: _exception_holding(a),
+        "handed_view_popped_from_mem": lambda: mem._identity.pop("acc"),
+        # These hold the view they came from (so data): counted all along.
+        "out_of_band_pickle": lambda: _out_of_band_copy(a),
+        "dlpack": lambda: np.from_dlpack(a),
+        "ctypeslib_as_array": lambda: np.ctypeslib.as_array(a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+                                                            (2000,)),
+    }[how]()
+    del a, view
+    if how != "cycle_with_a_finalizer":  # garbage, not held
+        _HELD.append(kept)
+
+
+def _start_a_writer(kept: memoryview) -> tuple[threading.Event, threading.Thread]:
+    told = threading.Event()
+    writer = threading.Thread(target=_writes_when_told, args=(kept, told))
+    writer.start()
+    return told, writer
+
+
+def _write_the_kept_then_work(mem, i, n):
+    """Writes 7s through every export an earlier thread kept, then reports
+    whether its own buffer still starts at the identity."""
+    import gc
+
+    gc.collect()
+    for kept in _HELD:
+        if type(kept) is weakref.ProxyType:  # first: isinstance would ask the referent
+            try:
+                kept.view(np.uint8)[: 8 * 2000] = 7
+            except ReferenceError:  # its array is gone
+                pass
+            continue
+        if isinstance(kept, tuple):  # a Python thread waiting to write
+            told, writer = kept
+            told.set()
+            writer.join()
+            continue
+        if isinstance(kept, BaseException):  # nothing to write through but its frames
+            continue
+        if type(kept) is weakref.ref:
+            kept = kept()
+            if kept is None:
+                continue
+        if isinstance(kept, np.ndarray):
+            kept.view(np.uint8)[: 8 * 2000] = 7
+        elif isinstance(kept, memoryview):
+            kept.cast("B")[: 8 * 2000] = b"\x07" * (8 * 2000)
+        else:  # the mmap, a ctypes array
+            kept[: 8 * 2000] = b"\x07" * (8 * 2000)
+    fresh = bool((mem["acc"] == 0).all())
+    mem["acc"][i] += 10
+    return fresh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", _KEEPS)
+def test_a_way_to_the_buffer_kept_past_its_thread_never_leaks(backend, how):
+    """A thread keeps a way to write its identity buffer; a later thread on
+    the same worker writes 7s through it, then works. Every later thread
+    still starts at the identity and only their own writes merge. Before:
+    the guard counted references to ``data`` and its memoryview only. A
+    memoryview of that memoryview (or a slice, a cast, a numpy or ctypes
+    array made from it, one a Python thread the thread started holds) shares
+    its managed buffer and holds neither; the mmap (``mv.obj``), or an
+    export of it, holds neither; a weak reference holds nothing. Each let
+    the buffer go to the next thread, and writes through it merged as that
+    thread's. The rest were counted all along (kept here as regressions)."""
+    _HELD.clear()
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+        app.parallel(_keep_an_export, 1, args=(how,))
+        assert app.parallel(_write_the_kept_then_work, 3) == [True, True, True]
+        assert app.parallel(_write_the_kept_then_work, 2) == [True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[5] = 1
+        expected[:3] += 10
+        expected[:2] += 10
+        assert np.array_equal(acc, expected)
+    _HELD.clear()
+
+
+def _calibrate_holding(names: set[str] | None) -> None:
+    """Measures the counts again under a profiler that holds every frame of
+    the functions ``names`` (all when None) that returns meanwhile."""
+    import sys
+
+    from pagefork.identity import _Buffer
+
+    _Buffer._own = None
+    held = []
+
+    def sample(frame, event, arg):
+        if event == "return" and (names is None or frame.f_code.co_name in names):
+            held.append(frame)
+
+    sys.setprofile(sample)
+    try:
+        _Buffer.own_references()
+    finally:
+        sys.setprofile(None)
+    held.clear()  # the profiler lets go
+
+
+def test_a_profiler_holding_frames_while_the_counts_are_calibrated_cannot_hide_a_kept_view(monkeypatch):
+    """The counts a buffer is checked against are measured on throwaway
+    buffers. Before: a frame that held a throwaway's ``data`` as a local
+    (``_blank``'s), kept by a profiler past the measurement, raised the
+    expected count by one; a view a thread kept then matched it and its
+    writes merged as the next thread's. Whichever function's frames a
+    profiler holds (every one of the three throwaways': the worst case of a
+    sampling one), it costs at most a new buffer."""
+    import sys
+
+    from pagefork.executor import Allocation
+    from pagefork.identity import IdentityBuffers, _Buffer
+
+    monkeypatch.setattr(_Buffer, "_own", None)  # restored after the test
+    seen: set[str] = set()
+    sys.setprofile(lambda frame, event, arg: seen.add(frame.f_code.co_name) if event == "return" else None)
+    try:
+        _Buffer.own_references()
+    finally:
+        sys.setprofile(None)
+    a = Allocation("acc", 0, (1000,), "<i8", MergeOp.SUM, "identity")
+    for names in [None, *({name} for name in sorted(seen))]:
+        _calibrate_holding(names)
+        buffers = IdentityBuffers()
+        views = buffers.begin([a])
+        kept = views["acc"][...]  # the thread keeps a view
+        kept[0] += 1
+        first = buffers.collect()
+        assert first.offsets.tolist() == [0] and first.data == (1).to_bytes(8, "little")
+        del views
+        views = buffers.begin([a])  # the next thread
+        kept[:] = 99  # the kept view, written while it runs
+        views["acc"][5] = 2
+        second = buffers.collect()
+        assert (names, second.offsets.tolist(), second.data) == (names, [40], (2).to_bytes(8, "little"))
+        buffers.close()
+        del views, kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["read_only", "dtype", "shape", "strides"])
+def test_a_thread_that_alters_the_buffers_array_does_not_break_later_threads(backend, how):
+    """mem[name].base is the very array the worker built its buffer on.
+    Before: a thread that made it read-only, or changed its dtype or shape
+    in place, made every later thread on that worker fail (read-only views,
+    or 'cannot prepare thread memory'). Its own contributions still merge."""
+
+    def alter(mem, i, n):
+        a = mem["acc"]
+        a[3] += 5
+        whole = a.base
+        with warnings.catch_warnings():  # numpy deprecates setting these in place: still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if how == "read_only":
+                whole.setflags(write=False)
+            elif how == "dtype":
+                whole.dtype = np.int64
+            elif how == "shape":
+                whole.shape = (2, whole.size // 2)
+            else:
+                whole.strides = (0,)  # every element aliases the first byte
+
+    def work(mem, i, n):
+        fresh = bool((mem["acc"] == 0).all())
+        mem["acc"][i] += 10
+        return fresh
+
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+        app.parallel(alter, 1)
+        assert app.parallel(work, 3) == [True, True, True]
+        assert app.parallel(work, 2) == [True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[3] = 5
+        expected[:3] += 10
+        expected[:2] += 10
+        assert np.array_equal(acc, expected)
+
+
+def _free_lazily(mem, i, n):
+    import mmap
+
+    mapping = mem["acc"].base.base.obj  # the buffer's mmap, reachable from any view
+    # Only what time does, made prompt: the kernel queues new and lazily
+    # freed pages per CPU (MADV_FREE skips a page still queued), and MADV_COLD
+    # drains the queues of the CPU it runs on.
+    cold = getattr(mmap, "MADV_COLD", 20)
+    cpus = os.sched_getaffinity(0)
+    try:
+        for cpu in sorted(cpus):
+            os.sched_setaffinity(0, {cpu})
+            mapping.madvise(cold)
+        mapping.madvise(mmap.MADV_FREE)
+        mapping.madvise(cold)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+def _reclaimed_then_work(mem, i, n):
+    import mmap
+
+    a = mem["acc"]
+    # MADV_PAGEOUT (21): what memory pressure may do at any moment. On
+    # memory nothing freed it leaves the values (swapped out, or kept).
+    a.base.base.obj.madvise(getattr(mmap, "MADV_PAGEOUT", 21))
+    fresh = bool((a == 1).all())
+    a[i] *= 2
+    return fresh
+
+
+@pytest.mark.xfail(reason="known, not guarded: the buffer's mmap is reachable from any view "
+                          "(mem[name].base.base.obj); a thread that calls madvise(MADV_FREE) on it "
+                          "lets the kernel zero its pages whenever memory is short, after the thread, "
+                          "in a later thread's buffer (no reference count or page scan can see it in "
+                          "time). Like raw pointers (ctypes addresses), out of reach of the guard",
+                   strict=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_thread_that_frees_its_buffer_lazily_leaves_later_threads_at_the_identity(backend):
+    """A product array: a thread that keeps nothing but calls
+    madvise(MADV_FREE) on the buffer's mmap; later threads (the kernel
+    reclaims the lazily freed pages meanwhile) must still start at 1."""
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 2000, np.float64, merge="product", start="identity")
+        acc[:] = 3.0
+        app.parallel(_free_lazily, 1)
+        assert app.parallel(_reclaimed_then_work, 2) == [True, True]
+        expected = np.full(2000, 3.0)
+        expected[:2] = 6.0
+        assert np.array_equal(acc, expected)
+
+
+def _take_the_memory_away(mem, i, n, what):
+    """Tries to unmap the buffer under its views (its memoryview's release(),
+    the mmap's close() or resize()), on this thread's view or on one an
+    earlier thread kept ("kept_..."); writes through the view afterwards."""
+    a = mem["acc"]
+    a[i] += 1
+    if what == "keep":
+        _HELD.append(a)
+        return "kept"
+    if what.startswith("kept_"):
+        a, what = _HELD.pop(), what[len("kept_"):]
+    view = a.base.base
+    try:
+        {"release": view.release, "close": lambda: view.obj.close(),
+         "resize": lambda: view.obj.resize(1 << 20)}[what]()
+    except BufferError:
+        return "refused"
+    finally:
+        a[:] = 3  # a crash here, or in the next thread, had it been unmapped
+    return "done"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_thread_cannot_unmap_the_buffer_under_its_views(backend):
+    """mem[name].base.base is the memoryview that alone held the buffer's
+    mapping (numpy holds no export of it). Before: a thread that called its
+    release() unmapped the memory under every view (the process died with
+    SIGSEGV). Now it is refused, as the mmap's close() and resize() were,
+    even once the buffer is left to a kept view. In a subprocess: a crash is
+    an exit status."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import test_identity_start as t
+from pagefork import App
+
+with App("256KiB", backend={backend!r}, workers=1) as app:
+    acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+    results = [app.parallel(t._take_the_memory_away, 1, args=(what,))[0]
+               for what in ["release", "close", "resize", "keep", "kept_release", "keep", "kept_close"]]
+    fresh = app.parallel(t._write_the_kept_then_work, 2)
+    print(results, fresh, acc[:3].tolist(), int(acc[3:].sum()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    # Merged: 3s everywhere from each of the first three threads (their own
+    # views), a[0] += 1 from all seven, 10s from the last batch; nothing
+    # written through the two kept views.
+    assert out.stdout.split("\n")[0] == (
+        "['refused', 'refused', 'refused', 'kept', 'refused', 'kept', 'refused'] [True, True] "
+        f"[23, 19, 9] {9 * 1997}")
+
+
+def _write_after_the_diff(mem, i, n, through):
+    """Leaves a profile hook on the worker's thread that writes 7s through
+    what it holds (a view of its own, the very view the worker handed out,
+    or ``mem``) once the buffer's diff is taken (identity_diff lets the GIL
+    go: a Python thread can do the same), then lets it go."""
+    import sys
+
+    mem["acc"][7] += 1
+    held = [{"view": lambda: mem["acc"], "handed_view": lambda: mem._identity["acc"],
+             "mem": lambda: mem}[through]()]
+
+    def hook(frame, event, arg):
+        if event == "c_return" and getattr(arg, "__name__", "") == "identity_diff" and held:
+            sys.setprofile(None)
+            kept = held.pop()
+            try:
+                (kept["acc"] if through == "mem" else kept)[:] = 7
+            except Exception:  # refused: nothing written
+                pass
+
+    sys.setprofile(hook)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("through", ["view", "handed_view", "mem"])
+def test_writes_after_the_diff_by_something_that_lets_go_before_the_check_never_leak(backend, through):
+    """Before: the references were counted after the diff was taken. What
+    wrote the buffer in between and let go of it before the count (a hook,
+    a Python thread while the diff ran without the GIL) left writes the diff
+    had not seen, and only the diff's runs were reset: the next thread
+    started from them and they merged as its own. Counted first, the holder
+    is seen and the whole buffer is reset."""
+
+    def work(mem, i, n):
+        fresh = bool((mem["acc"] == 0).all())
+        mem["acc"][i] += 10
+        return fresh
+
+    with App("256KiB", backend=backend, workers=1) as app:
+        acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
+        app.parallel(_write_after_the_diff, 1, args=(through,))
+        assert app.parallel(work, 3) == [True, True, True]
+        expected = np.zeros(2000, np.int64)
+        expected[7] = 1
+        expected[:3] += 10
+        assert np.array_equal(acc, expected)
+
+
+def test_a_mem_kept_past_its_thread_gives_an_error_for_identity_arrays():
+    """Once its thread is over, a kept ``mem`` no longer reaches the buffer
+    (the worker runs the next thread on it): mem[name] is a clear error."""
+    from pagefork import PageforkError
+
+    _HELD.clear()
+    with App("64KiB", backend="threads", workers=1) as app:
+        acc = app.alloc("acc", 10, np.int64, merge="sum", start="identity")
+
+        def keep(mem, i, n):
+            mem["acc"][i] += 1
+            _HELD.append(mem)
+
+        app.parallel(keep, 2)
+        for mem in _HELD:
+            with pytest.raises(PageforkError, match="thread is over"):
+                mem["acc"]
+        assert acc.tolist() == [1, 1] + [0] * 8
+    _HELD.clear()

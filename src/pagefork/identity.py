@@ -22,14 +22,18 @@ of a fault per page written.
 
 from __future__ import annotations
 
+import gc
 import mmap
+import pickle
 import sys
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 
 from . import _native
+from ._errors import PageforkError
 from ._sizes import PAGE_SIZE, round_to_pages
 from .snapshot import DataType, DiffBatch, MergeOp
 
@@ -97,29 +101,45 @@ def available_memory() -> int | None:
     return None
 
 
+#: Each live buffer's export of its data's memoryview (see _Buffer._blank),
+#: with the weak reference to data whose callback lets it go, by its id.
+_PINS: dict[int, tuple[weakref.ref, pickle.PickleBuffer]] = {}
+
+
+def _unpin(data: weakref.ref, pins: dict[int, tuple[weakref.ref, pickle.PickleBuffer]] = _PINS) -> None:
+    # (the dict bound here: at interpreter exit the module's globals may be gone first)
+    pin = pins.pop(id(data), None)
+    if pin is not None:
+        pin[1].release()
+
+
 @dataclass
 class _Buffer:
     """One identity array's private buffer on a worker (page-rounded,
     page-aligned, populated once)."""
 
     allocation: Allocation
-    data: np.ndarray       # uint8, the thread writes here (through a typed view)
-    elements: np.ndarray   # data as identity-sized elements (bytes for xor)
     identity: np.ndarray   # one element: what every element of data starts as
     kind: DataType         # the diffs' labels (xor: RAW bytes)
+    # Set by _blank, never passed to __init__ (see _own).
+    # uint8: the base of every view a thread gets, so only counted, never
+    # read or written (mem[name].base is this very array: a thread may have
+    # made it read-only or changed its dtype, shape or strides).
+    data: np.ndarray = field(init=False)
+    # data as identity-sized elements (bytes for xor), which no thread can
+    # reach: every read and write of the buffer goes through it.
+    elements: np.ndarray = field(init=False)
     # What the last thread changed, put back before the next one:
     # (offsets, lengths) of its diffs; None: unknown (a failed thread), all.
     pending: tuple[np.ndarray, np.ndarray] | None = None
-    # The view handed to the running thread (held here too, so that it
-    # counts once whatever the thread does with its mem).
-    handed: np.ndarray | None = None
 
     # What the buffer's own fields add to the reference counts _references
-    # reads (data: self.data and elements; its memoryview: data). Measured
-    # once on throwaway buffers, never on this one: a profiler that sampled a
-    # frame holding ``data`` (Dask's samples every task thread) would raise a
-    # measurement by one, and when it let go a kept view would match it.
-    _own: ClassVar[tuple[int, int] | None] = None
+    # reads. Measured once on throwaway buffers, never on this one: a
+    # profiler that sampled a frame holding ``data`` (Dask's samples every
+    # task thread) would raise a measurement by one, and when it let go a
+    # kept view would match it. So no frame that builds or measures a buffer
+    # (_blank's, __init__'s, _references') has a local holding any of them.
+    _own: ClassVar[tuple[int, ...] | None] = None
 
     @classmethod
     def build(cls, a: Allocation) -> _Buffer:
@@ -137,25 +157,48 @@ class _Buffer:
 
     @classmethod
     def _blank(cls, a: Any, size: int, identity: np.ndarray, kind: DataType) -> _Buffer:
+        buffer = cls(a, identity, kind)
         # Private: a thread that fork()s must not write into the parent's buffer.
-        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-        data = np.frombuffer(mapping, np.uint8)
-        del mapping
-        elements = data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
-        return cls(a, data, elements, identity, kind)
+        buffer.data = np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), np.uint8)
+        # data.base, the memoryview that alone holds the mapping, is reachable
+        # from every view: its release() would unmap the memory under them
+        # (numpy holds no export of it). One export held as long as data
+        # lives makes release() refuse (BufferError), and mmap.close() too.
+        # (C calls only: weakref.finalize's frame would hold data.)
+        pin = weakref.ref(buffer.data, _unpin)
+        _PINS[id(pin)] = pin, pickle.PickleBuffer(buffer.data.base)  # type: ignore[arg-type]
+        buffer.elements = buffer.data.view(identity.dtype)  # the itemsize (1 to 8) divides a page
+        return buffer
 
     @classmethod
-    def own_references(cls) -> tuple[int, int]:
+    def own_references(cls) -> tuple[int, ...]:
         """The counts of a buffer nothing else holds: the least of three
         throwaway ones (whatever else held one then could only add)."""
         if cls._own is None:
             counts = [cls._blank(None, PAGE_SIZE, np.zeros(1, np.uint8), DataType.RAW)._references()
                       for _ in range(3)]
-            cls._own = (min(c[0] for c in counts), min(c[1] for c in counts))
+            cls._own = tuple(min(column) for column in zip(*counts))
         return cls._own
 
-    def _references(self) -> tuple[int, int]:
-        return sys.getrefcount(self.data), sys.getrefcount(self.data.base)
+    def _references(self) -> tuple[int, ...]:
+        """The reference counts of every object a view of the buffer can
+        hold: ``data`` (numpy views of it); its memoryview (``data.base``;
+        its own exports); that memoryview's managed buffer, which
+        ``memoryview(mv)``, ``mv[...]``, ``mv.cast()``, ``np.frombuffer(mv)``
+        and ctypes' ``from_buffer(mv)`` share without holding ``mv`` (CPython
+        reaches it only through the memoryview's GC referents); the mmap
+        behind it (``mv.obj``), which its own exports hold; and the weak
+        references to data, mv and the mmap, which hold nothing but get
+        them back while the buffer lives."""
+        return (sys.getrefcount(self.data), sys.getrefcount(self.data.base),
+                sys.getrefcount(gc.get_referents(self.data.base)[0]),
+                sys.getrefcount(self.data.base.obj),  # type: ignore[union-attr]
+                weakref.getweakrefcount(self.data) + weakref.getweakrefcount(self.data.base)
+                + weakref.getweakrefcount(self.data.base.obj))  # type: ignore[union-attr]
+
+    def _bytes(self) -> np.ndarray:
+        """The whole buffer as bytes (a view a thread cannot have altered)."""
+        return self.elements.view(np.uint8)
 
     def shared(self) -> bool:
         """Whether anything but the buffer itself holds it (a view a thread
@@ -166,7 +209,7 @@ class _Buffer:
     def reset(self) -> None:
         """Puts back to the identity what the last thread changed: the
         changed runs when few, else the whole buffer."""
-        if self.pending is None or int(self.pending[1].sum()) * 4 > self.data.size:
+        if self.pending is None or int(self.pending[1].sum()) * 4 > self.elements.nbytes:
             self.elements.fill(self.identity[0])
         elif self.pending[0].size:  # one native pass writing the identity over each run
             offsets, lengths = self.pending
@@ -175,27 +218,26 @@ class _Buffer:
             fill = (np.zeros(total, np.uint8) if not self.identity.view(np.uint8).any()
                     else np.full(total // k, self.identity[0], self.identity.dtype).view(np.uint8))
             raw = np.zeros(offsets.size, np.uint8)  # DataType.RAW, MergeOp.OVERWRITE
-            _native.apply(self.data, offsets, lengths, raw, raw, fill)
+            _native.apply(self._bytes(), offsets, lengths, raw, raw, fill)
         self.pending = None  # until diffs() says what the next thread changed
 
     def hand_out(self) -> np.ndarray:
         """The next thread's view of the buffer."""
         a = self.allocation
-        self.handed = self.data[: a.nbytes].view(a.np_dtype).reshape(a.shape)
-        return self.handed
+        return self._bytes()[: a.nbytes].view(a.np_dtype).reshape(a.shape)
 
     def diffs(self) -> DiffBatch:
         """The thread's contributions as diffs at the allocation's offset."""
         a = self.allocation
-        batch = DiffBatch._from_native(_native.identity_diff(
-            self.data[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
         # Something the thread left (its result, a Python thread it started)
-        # may write anywhere before it lets go: then reset it all. Only the
-        # handed-out view may remain (counts one on data, none on its memoryview).
-        own = self.own_references()
-        alone = self._references() == (own[0] + (self.handed is not None), own[1])
+        # may write anywhere before it lets go: then reset it all. The view
+        # handed out is gone from its mem (IdentityBuffers.collect). Counted
+        # before the diff: what writes after the count held the buffer at
+        # the count (the diff runs without the GIL).
+        alone = self._references() == self.own_references()
+        batch = DiffBatch._from_native(_native.identity_diff(
+            self._bytes()[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
         self.pending = (batch.offsets, batch.lengths) if alone else None
-        self.handed = None
         return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
                                     batch.data)
 
@@ -208,12 +250,12 @@ class IdentityBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, _Buffer] = {}
+        self._views: dict[str, Any] = {}  # what begin handed out (the thread's mem._identity)
 
     def begin(self, layout: Iterable[Allocation]) -> dict[str, np.ndarray]:
         """Buffers at the identity for the next thread: name -> its array."""
         wanted = {a.name: a for a in layout if a.start == "identity"}
-        for b in self._buffers.values():  # the last thread is over (a failed one was never collected)
-            b.handed = None
+        self._expire()  # the last thread is over (a failed one was never collected)
         # A buffer a kept view still reaches is left to it (with its thread's
         # values): a fresh one serves the next thread, so nothing written
         # through that view after its thread can merge.
@@ -226,7 +268,15 @@ class IdentityBuffers:
         for name, b in self._buffers.items():
             b.reset()
             views[name] = b.hand_out()
+        self._views = views
         return views
+
+    def _expire(self) -> None:
+        """Takes the views handed out back from the thread's mem (a mem kept
+        past its thread gets an error, never a buffer another thread runs on):
+        only what the thread kept itself still reaches its buffers."""
+        for name in list(self._views):
+            self._views[name] = _EXPIRED
 
     def collect(self) -> DiffBatch | None:
         """The last thread's diffs of every identity array (None when there is
@@ -235,11 +285,24 @@ class IdentityBuffers:
         is then reset whole."""
         if not self._buffers:
             return None
+        self._expire()
         parts = [b.diffs() for b in sorted(self._buffers.values(), key=lambda b: b.allocation.offset)]
         return parts[0] if len(parts) == 1 else DiffBatch.concat(parts)
 
     def close(self) -> None:
+        self._expire()
         self._buffers.clear()
+
+
+class _Expired:
+    """What ``mem[name]`` of an identity array gives once its thread is over."""
+
+    def __getitem__(self, key: object) -> Any:
+        raise PageforkError("this mem's thread is over: its identity arrays went with it "
+                            "(use mem[name] inside the thread function only)")
+
+
+_EXPIRED = _Expired()
 
 
 def with_contributions(diffs: DiffBatch, contributions: DiffBatch | None) -> DiffBatch:
