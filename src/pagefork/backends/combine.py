@@ -246,10 +246,7 @@ class CombiningWorkspace(Workspace):
             try:
                 if region.closed:  # an earlier thread function closed it: rebuild
                     region, tracker_ = self.prepare(spec)
-                # The last thread's identity views go before the next begin
-                # (else they look like views that thread kept, and cost a new
-                # buffer); this thread's stay until its collect, which counts them.
-                views = {}
+                # (collect takes the identity views back from this dict)
                 views = self.identity.begin(spec.layout.values())
                 result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining, views)
                 diffs = snapshot.diff(region, dirty, regions=own)
