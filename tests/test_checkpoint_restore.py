@@ -224,19 +224,26 @@ def test_a_base_truncated_while_it_is_copied_is_found(large_checkpoint, monkeypa
         ck.load(path)
 
 
-def test_an_app_restore_from_a_large_base_is_exact(tmp_path, monkeypatch):
-    monkeypatch.setattr(fmt, "PARALLEL_COPY", 64 * PAGE_SIZE)
-    with App(256 * PAGE_SIZE, backend="threads", workers=2) as app:
+@pytest.fixture
+def large_app_checkpoint(tmp_path):
+    """An App checkpoint whose raw base is sent into the snapshot from its
+    file, plus an increment; yields the folder and the array."""
+    with App(256 * PAGE_SIZE, backend="threads", workers=1) as app:
         a = app.alloc("a", 256 * PAGE_SIZE // 8 - 64, np.float64, merge="sum")
-        a[:] = np.random.default_rng(6).random(a.size)
+        a[:] = np.random.default_rng(7).random(a.size)
         app.checkpoint(tmp_path, compress=None)
-        a[::1000] += 1
+        a[::999] += 1
         app.checkpoint(tmp_path)
-        expected = a.copy()
-    with App.restore(tmp_path, backend="threads", workers=1) as back:
+        yield tmp_path, a.copy()
+
+
+def test_an_app_restore_from_a_large_base_is_exact(large_app_checkpoint, monkeypatch):
+    monkeypatch.setattr(fmt, "PARALLEL_COPY", 64 * PAGE_SIZE)  # the bare load below: two threads
+    path, expected = large_app_checkpoint
+    with App.restore(path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
         # ... and the bare load of the same memory agrees byte for byte.
-        with ck.load(tmp_path) as region:
+        with ck.load(path) as region:
             assert bytes(region)[: expected.nbytes] == expected.tobytes()
 
 
@@ -377,19 +384,6 @@ def test_load_into_refuses_a_forged_increment_before_touching_the_region(large_c
         with pytest.raises(CorruptDataError, match=victim.name):
             ck.load(path, into=into)
         assert into.size == 3 * PAGE_SIZE and bytes(into) == before
-
-
-@pytest.fixture
-def large_app_checkpoint(tmp_path):
-    """An App checkpoint whose raw base is sent into the snapshot from its
-    file, plus an increment; yields the folder and the array."""
-    with App(256 * PAGE_SIZE, backend="threads", workers=1) as app:
-        a = app.alloc("a", 256 * PAGE_SIZE // 8 - 64, np.float64, merge="sum")
-        a[:] = np.random.default_rng(7).random(a.size)
-        app.checkpoint(tmp_path, compress=None)
-        a[::999] += 1
-        app.checkpoint(tmp_path)
-        yield tmp_path, a.copy()
 
 
 @pytest.mark.parametrize("where", ["first half", "second half"])

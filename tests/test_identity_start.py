@@ -59,6 +59,19 @@ def model(main: np.ndarray, rule: str, contributions: list[np.ndarray]) -> np.nd
         o[changed] = new[changed]
     return out
 
+def _later_threads_start_at_the_identity(app, acc, work, kept_at: int, kept_value: int) -> None:
+    """Runs ``work`` on 3 threads, then on 2: every thread must find its
+    array at the identity (``work`` returns whether it did) and adds 10 at
+    its index; ``acc`` (2000 int64) then holds exactly that plus the value
+    the first batch's thread merged at ``kept_at``."""
+    assert app.parallel(work, 3) == [True, True, True]
+    assert app.parallel(work, 2) == [True, True]
+    expected = np.zeros(2000, np.int64)
+    expected[kept_at] = kept_value
+    expected[:3] += 10
+    expected[:2] += 10
+    assert np.array_equal(acc, expected)
+
 
 def edge_values(dt: np.dtype, count: int, seed: int) -> np.ndarray:
     """Values including the dtype's extremes (wrap-around) and, for floats,
@@ -549,13 +562,7 @@ def test_a_view_kept_past_its_thread_never_leaks_into_a_later_batch(how):
             np.frombuffer(_KEPT[0], np.int64)[:] = 7
         else:
             _KEPT[0][:] = 7
-        assert app.parallel(work, 3) == [True, True, True]
-        assert app.parallel(work, 2) == [True, True]
-        expected = np.zeros(2000, np.int64)
-        expected[5] = 1
-        expected[:3] += 10
-        expected[:2] += 10
-        assert np.array_equal(acc, expected)
+        _later_threads_start_at_the_identity(app, acc, work, 5, 1)
     _KEPT.clear()
 
 
@@ -796,10 +803,12 @@ def test_xor_on_packed_structured_and_multidimensional_arrays(backend):
         assert np.array_equal(grid, expected) and cube.size == 0
 
 
-@pytest.mark.parametrize("close", ["closed", "left_open", "kept_view_then_close"])
+@pytest.mark.parametrize("close", ["closed", "left_open", "kept_view_then_close", "exports_kept", "forked_child"])
 def test_exit_with_buffers_alive(close):
     """Interpreter exit with worker buffers alive, views of them kept in
-    globals, in any order: exit status 0, no output on stderr."""
+    globals (memoryviews, the mmap, weak references, the mem too), in any
+    order, and a forked child that writes them and exits: exit status 0,
+    no output on stderr, and later threads still start at the identity."""
     import subprocess
     import sys
 
@@ -810,14 +819,26 @@ KEPT = []
 app = App("256KiB", backend="threads", workers=2)
 app.alloc("acc", 5000, np.float64, merge="max", start="identity")
 def work(mem, i, n):
+    import weakref
     mem["acc"][i] = i
     KEPT.append(mem["acc"])
+    if "{close}" in ("exports_kept", "forked_child"):  # every other way to the buffer, and the mem
+        mv = mem["acc"].base.base
+        KEPT.extend([memoryview(mv), mv.cast("B"), mv.obj, weakref.ref(mem["acc"].base), mem])
     return mem["acc"]
 results = app.parallel(work, 4)
 if "{close}" == "closed":
     app.close(); del app; gc.collect()
 elif "{close}" == "kept_view_then_close":
     app.close(); KEPT[0][:] = 1; results[0][:] = 2
+elif "{close}" == "forked_child":
+    import os, sys
+    pid = os.fork()
+    if pid == 0:  # the child writes what it kept, then exits like any script
+        KEPT[0][:] = 3; KEPT[1][0] = 4
+        sys.exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert app.parallel(lambda mem, i, n: bool((mem["acc"] == -np.inf).all()), 2) == [True, True]
 print("done")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
@@ -1153,13 +1174,7 @@ def test_a_way_to_the_buffer_kept_past_its_thread_never_leaks(backend, how):
     with App("256KiB", backend=backend, workers=1) as app:
         acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
         app.parallel(_keep_an_export, 1, args=(how,))
-        assert app.parallel(_write_the_kept_then_work, 3) == [True, True, True]
-        assert app.parallel(_write_the_kept_then_work, 2) == [True, True]
-        expected = np.zeros(2000, np.int64)
-        expected[5] = 1
-        expected[:3] += 10
-        expected[:2] += 10
-        assert np.array_equal(acc, expected)
+        _later_threads_start_at_the_identity(app, acc, _write_the_kept_then_work, 5, 1)
     _HELD.clear()
 
 
@@ -1255,13 +1270,7 @@ def test_a_thread_that_alters_the_buffers_array_does_not_break_later_threads(bac
     with App("256KiB", backend=backend, workers=1) as app:
         acc = app.alloc("acc", 2000, np.int64, merge="sum", start="identity")
         app.parallel(alter, 1)
-        assert app.parallel(work, 3) == [True, True, True]
-        assert app.parallel(work, 2) == [True, True]
-        expected = np.zeros(2000, np.int64)
-        expected[3] = 5
-        expected[:3] += 10
-        expected[:2] += 10
-        assert np.array_equal(acc, expected)
+        _later_threads_start_at_the_identity(app, acc, work, 3, 5)
 
 
 def _free_lazily(mem, i, n):
