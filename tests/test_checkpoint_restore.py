@@ -417,3 +417,61 @@ def test_an_app_restore_from_a_base_truncated_meanwhile_is_an_error_not_a_crash(
     monkeypatch.setattr(fmt, "_local_file", truncated_after_the_check)
     with pytest.raises(CorruptDataError, match=f"{base.name}.*truncated"):
         App.restore(path, backend="threads", workers=1)
+
+
+def _interrupt_restores(path, expected) -> int:
+    """120 App.restore / checkpoint.load calls, each with SIGINT at a random
+    instant: each gives exact memory or KeyboardInterrupt (nothing else: a
+    descriptor closed twice was an OSError here). How many were interrupted."""
+    import random
+    import signal
+
+    rng = random.Random(11)
+    interrupted = 0
+    for i in range(120):
+        timer = threading.Timer(rng.uniform(0, 0.003), signal.raise_signal, (signal.SIGINT,))
+        try:
+            timer.start()
+            if i % 2:
+                with App.restore(path, backend="threads", workers=1) as back:
+                    assert np.array_equal(back["a"], expected)
+            else:
+                with ck.load(path) as region:
+                    assert bytes(region)[: expected.nbytes] == expected.tobytes()
+            timer.join()  # the signal may still land here
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            timer.cancel()
+            timer.join()
+    return interrupted
+
+
+def test_sigint_at_random_points_of_restores(large_app_checkpoint):
+    """Ctrl-C anywhere in App.restore and checkpoint.load (the base sent on
+    one thread and checksummed on another). Before: Ctrl-C right after the
+    store opened an object closed its descriptor twice (EBADF later, or
+    another file's descriptor by then). The next restore is exact."""
+    path, expected = large_app_checkpoint
+    assert _interrupt_restores(path, expected) >= 10
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+def test_interrupted_restores_leave_no_thread_behind(large_app_checkpoint):
+    """The same interrupts leave no thread running (the process-wide helper
+    threads the first App starts stay, by design: counted after one)."""
+    import gc
+    import time
+
+    path, expected = large_app_checkpoint
+    with App.restore(path, backend="threads", workers=1):
+        pass
+    before = len(os.listdir("/proc/self/task"))
+    _interrupt_restores(path, expected)
+    gc.collect()
+    for _ in range(200):  # a joined thread's OS thread may take a moment to exit
+        if len(os.listdir("/proc/self/task")) <= before:
+            break
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) <= before  # fewer: a thread of an earlier test ended

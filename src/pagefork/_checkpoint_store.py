@@ -92,10 +92,13 @@ class LocalStore:
                     else "a device or socket"
                 raise CorruptDataError(f"it is {kind}, not a regular file")
             os.set_blocking(fd, True)
-            return os.fdopen(fd, "rb")
         except BaseException:
             os.close(fd)
             raise
+        # Outside the try: once fdopen has it, the file object alone closes
+        # it (Ctrl-C right after fdopen used to close the number twice, maybe
+        # someone else's descriptor by then).
+        return os.fdopen(fd, "rb")
 
     def names(self) -> list[str]:
         try:
