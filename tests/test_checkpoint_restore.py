@@ -226,8 +226,9 @@ def test_a_base_truncated_while_it_is_copied_is_found(large_checkpoint, monkeypa
 
 @pytest.fixture
 def large_app_checkpoint(tmp_path):
-    """An App checkpoint whose raw base is sent into the snapshot from its
-    file, plus an increment; yields the folder and the array."""
+    """An App checkpoint with a raw (uncompressed) base, which a restore
+    copies from its file into main memory in native code, plus an
+    increment; yields the folder and the array."""
     with App(256 * PAGE_SIZE, backend="threads", workers=1) as app:
         a = app.alloc("a", 256 * PAGE_SIZE // 8 - 64, np.float64, merge="sum")
         a[:] = np.random.default_rng(7).random(a.size)
@@ -448,8 +449,8 @@ def _interrupt_restores(path, expected) -> int:
 
 
 def test_sigint_at_random_points_of_restores(large_app_checkpoint):
-    """Ctrl-C anywhere in App.restore and checkpoint.load (the base sent on
-    one thread and checksummed on another). Before: Ctrl-C right after the
+    """Ctrl-C anywhere in App.restore and checkpoint.load (the base copied
+    and checksummed in native code). Before: Ctrl-C right after the
     store opened an object closed its descriptor twice (EBADF later, or
     another file's descriptor by then). The next restore is exact."""
     path, expected = large_app_checkpoint

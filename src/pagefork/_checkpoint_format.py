@@ -224,16 +224,14 @@ def _read_header(r: _Reader, ref: ObjectRef, memory_limit: int) -> tuple[int, in
     return kind, flags, memory_size, body_len
 
 
-def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None, memory_limit: int,
-                fd: int | None = None) -> tuple[int, DiffBatch | None]:
+def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
+                memory_limit: int) -> tuple[int, DiffBatch | None]:
     """Checks and decodes one object of a version whose memory is
     ``memory_limit`` bytes. A base is written into ``into`` (its first
-    memory_size bytes), or with ``pwrite`` into the file ``fd`` (a
-    snapshot's memfd: no page faults, unlike writing through a fresh
-    mapping); an increment returns its DiffBatch. Returns (memory_size,
-    batch). Raises CorruptDataError with a bare reason. What it allocates
-    is bounded by the bytes actually stored and ``memory_limit``, never by
-    a size a manifest or header claims."""
+    memory_size bytes); an increment returns its DiffBatch. Returns
+    (memory_size, batch). Raises CorruptDataError with a bare reason. What
+    it allocates is bounded by the bytes actually stored and
+    ``memory_limit``, never by a size a manifest or header claims."""
     import zstandard
 
     r = _Reader(f)
@@ -242,7 +240,7 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None, memory_lim
         if kind == KIND_IMAGE:
             if into is None or into.nbytes < memory_size:
                 raise CorruptDataError(f"its image of {memory_size} bytes does not fit the memory")
-            _read_image(r, ref, flags, into[:memory_size], fd)
+            _read_image(r, ref, flags, into[:memory_size])
             return memory_size, None
         body = _read_rest(r, ref)
         raw: Any = body
@@ -259,10 +257,10 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None, memory_lim
     return memory_size, batch
 
 
-def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: int | None) -> None:
-    """Streams an image into ``target`` (or ``fd``) chunk by chunk. The
-    bytes land before the checksum is known: a damaged image fails after
-    writing, and the caller discards the memory."""
+def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview) -> None:
+    """Streams an image into ``target`` chunk by chunk. The bytes land
+    before the checksum is known: a damaged image fails after writing, and
+    the caller discards the memory."""
     import zstandard
 
     size = target.nbytes
@@ -271,21 +269,12 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview, fd: 
         # Checksum the compressed bytes first: never decode unchecked input.
         packed = _read_rest(r, ref)
         source = zstandard.ZstdDecompressor().stream_reader(packed)
-    elif fd is not None and _copy_file(r, ref, fd, size):
-        # Into a memfd, sendfile beat pread+pwrite through a buffer (measured).
+    elif _copy_local(r, ref, target):
         return
-    elif fd is None and _copy_local(r, ref, target):
-        return
-    buffer = memoryview(bytearray(min(CHUNK, max(size, 1)))) if fd is not None else None
     for at in range(0, size, CHUNK):
         want = min(CHUNK, size - at)
-        chunk = buffer[:want] if buffer is not None else target[at: at + want]
-        if _fill(source, chunk) != want:
+        if _fill(source, target[at: at + want]) != want:
             raise CorruptDataError("its image is truncated")
-        if fd is not None:
-            done = 0
-            while done < want:
-                done += os.pwrite(fd, chunk[done:], at + done)
     if flags & FLAG_ZSTD:
         if source.read(1):
             raise CorruptDataError("its compressed image is longer than its memory")
@@ -335,63 +324,6 @@ def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
     return True
 
 
-def _copy_file(r: _Reader, ref: ObjectRef, fd: int, size: int) -> bool:
-    """Copies a raw image from a local file into ``fd`` inside the kernel
-    (sendfile: no pass through user memory), checksumming the file on a
-    second thread meanwhile. (Two sending threads gained nothing: writes
-    to one memfd take its inode lock.) False if the object is not a local
-    file (then the caller streams it)."""
-    import threading
-
-    local = _local_file(r, ref)
-    if local is None:
-        return False
-    src, at = local
-    if size == 0:
-        r.drain()
-        _check(r, ref)
-        return True
-    crc: list[int] = []
-    checked: list[int] = []
-    errors: list[BaseException] = []
-
-    def checksum() -> None:
-        # pread, not a mapping of the file: a file truncated meanwhile (by
-        # another process) must make the copy short, not SIGBUS the process.
-        try:
-            buffer, c, offset = bytearray(min(CHUNK, ref.size - at)), r.crc, at
-            while offset < ref.size:
-                want = min(len(buffer), ref.size - offset)
-                got, c = _native.read_checked(src, offset, want, buffer, c)
-                offset += got
-                if got < want:
-                    break
-            crc.append(c)
-            checked.append(offset)
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=checksum, name="pagefork-checkpoint-crc")
-    worker.start()
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)  # sendfile writes at fd's own position
-        done = 0
-        while done < size:
-            n = os.sendfile(fd, src, at + done, size - done)
-            if n == 0:
-                break
-            done += n
-    finally:
-        worker.join()
-    if errors:
-        raise errors[0]
-    if done != size or checked != [ref.size]:
-        raise CorruptDataError("its image is truncated")
-    r.length, r.crc = ref.size, crc[0]
-    _check(r, ref)
-    return True
-
-
 def check_object(f: BinaryIO, ref: ObjectRef, memory_limit: int) -> None:
     """Checks an object of a version whose memory is ``memory_limit`` bytes
     without writing anything: an increment is decoded whole, a base's
@@ -408,11 +340,20 @@ def check_object(f: BinaryIO, ref: ObjectRef, memory_limit: int) -> None:
     _check(r, ref)
 
 
-def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray:
+def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray | memoryview:
     """The rest of the object, checked against ``ref``. Read straight into
     a buffer that at most doubles as bytes arrive, so memory grows with the
-    bytes stored, not with the size ``ref`` claims."""
+    bytes stored, not with the size ``ref`` claims. A local file of the
+    claimed size gets its whole buffer at once, from numpy: large ones on
+    huge pages (a fresh bytearray faulted in 4 KiB pages cost ~0.4 ms per
+    MiB read, as much as the read)."""
     want = max(ref.size - HEADER.size, 0) + 1  # one byte more: finds an object longer than claimed
+    if _local_file(r, ref) is not None:
+        whole = np.empty(want, np.uint8).data.cast("B")
+        got = _fill(r, whole)
+        r.drain()
+        _check(r, ref)
+        return whole[:got]
     body = bytearray(min(want, CHUNK))
     got = 0
     while True:
@@ -427,7 +368,7 @@ def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray:
     return body
 
 
-def _decompress(body: bytearray, body_len: int) -> bytes:
+def _decompress(body: bytearray | memoryview, body_len: int) -> bytes:
     """One zstd frame that must decode to exactly ``body_len`` bytes; a frame
     header claiming another size is refused before anything is allocated."""
     import zstandard

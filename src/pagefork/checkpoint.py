@@ -141,18 +141,16 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: bool,
-                  fd: int | None = None) -> None:
+def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: bool) -> None:
     """Writes the image of ``manifest`` into ``memory``, which is at least
-    ``manifest.size`` bytes (``zeroed``: it holds only zeros; ``fd``: the
-    file ``memory`` maps, written directly for the base)."""
+    ``manifest.size`` bytes (``zeroed``: it holds only zeros)."""
     view = memoryview(memory).cast("B")
     try:
         for ref in manifest.objects:
             try:
                 with store.open(ref.name) as f:
                     size, batch = read_object(f, ref, view[: manifest.size] if ref.kind == "base" else None,
-                                              manifest.size, fd)
+                                              manifest.size)
             except FileNotFoundError:
                 raise _missing(store, manifest.version, ref) from None
             except CorruptDataError as exc:
@@ -546,8 +544,7 @@ def restore_app(cls: type[App], target: Target, *, version: int | None = None,
         counter = app._restore_layout(manifest.app)  # checked before any byte is read
         executor = app._executor
         def fill(_: Any) -> None:
-            _restore_into(store, manifest, executor.writable_snapshot(), zeroed=True,
-                          fd=executor.snapshot.fd)
+            _restore_into(store, manifest, executor.begin_restore(), zeroed=True)
             executor.restored(counter)
 
         executor.call(fill, cancellable=False)

@@ -1,0 +1,301 @@
+"""App.restore reads the checkpoint into main memory (fresh anonymous
+memory, huge pages allowed) and leaves the snapshot empty until the first
+batch, checkpoint or resize fills it from main memory. Between the two the
+main program may read and write its arrays: every write must reach the
+threads of the next batch and the next checkpoint, exactly."""
+
+from __future__ import annotations
+
+import errno
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import pagefork
+from pagefork import PAGE_SIZE, App, Region, Snapshot
+from pagefork import checkpoint as ck
+
+from conftest import require
+
+PAGES = 64
+N = PAGES * PAGE_SIZE // 8
+PER_PAGE = PAGE_SIZE // 8
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint of one int64 'sum' array filling 64 pages; yields the
+    folder and the array's values."""
+    with App(PAGES * PAGE_SIZE, backend="threads", workers=1) as app:
+        a = app.alloc("a", N, np.int64, merge="sum")
+        a[:] = np.arange(N)
+        app.checkpoint(tmp_path / "ck")
+    return tmp_path / "ck", np.arange(N)
+
+
+def _bump(mem, i, n, where):
+    mem["a"][where] += 1
+    return int(mem["a"][where])
+
+
+@pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
+def test_writes_after_a_restore_are_in_the_next_checkpoint_exactly(saved, tracking):
+    path, expected = saved
+    if tracking is not None:
+        require(tracking)
+    with App.restore(path, backend="threads", workers=1, tracking=tracking) as app:
+        a = app["a"]
+        assert np.array_equal(a, expected)
+        a[3 * PER_PAGE + 1] = -1
+        a[40 * PER_PAGE] = -2
+        expected[[3 * PER_PAGE + 1, 40 * PER_PAGE]] = [-1, -2]
+        info = app.checkpoint(path)
+        assert (info.base, info.pages) == (False, 2)
+        # The fill is done now: tracking is main memory's own again, page-exact.
+        a[63 * PER_PAGE + 7] = -3
+        expected[63 * PER_PAGE + 7] = -3
+        assert app.checkpoint(path).pages == 1
+        assert app.checkpoint(path).pages == 0
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+def test_a_restore_and_a_checkpoint_without_writes_writes_nothing(saved):
+    path, _ = saved
+    with App.restore(path, backend="threads", workers=1) as app:
+        int(app["a"].sum())  # reads every page
+        assert app.checkpoint(path).pages == 0
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_the_first_batch_after_a_restore_sees_the_main_programs_writes(saved, backend):
+    path, expected = saved
+    with App.restore(path, backend=backend, workers=2) as app:
+        version = app._executor.version
+        app["a"][5] = 100
+        assert app.parallel(_bump, 3, args=(5,)) == [101, 101, 101]
+        expected[5] = 103
+        assert np.array_equal(app["a"], expected)
+        assert app._executor.version > version
+        # Main memory is the snapshot's copy-on-write mapping again.
+        app["a"][9] = 7
+        expected[9] = 7
+        assert app.parallel(_bump, 1, args=(9,)) == [8]
+        expected[9] = 8
+        assert np.array_equal(app["a"], expected)
+
+
+def test_writes_made_while_the_snapshot_fills_are_not_lost(saved, monkeypatch):
+    """A write that lands after the fill copied its page (another Python
+    thread of the program) is copied again."""
+    path, expected = saved
+    real = Snapshot._fill_from
+
+    def fill_then_write(self, memory):
+        real(self, memory)
+        np.frombuffer(memory, np.int64)[17 * PER_PAGE] = -17
+
+    monkeypatch.setattr(Snapshot, "_fill_from", fill_then_write)
+    with App.restore(path, backend="threads", workers=1) as app:
+        assert app.parallel(_bump, 1, args=(17 * PER_PAGE,)) == [-16]
+        expected[17 * PER_PAGE] = -16
+        assert np.array_equal(app["a"], expected)
+        assert app.checkpoint(path).pages == 1
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+def test_a_failed_fill_changes_nothing_and_the_next_batch_fills(saved, monkeypatch):
+    path, expected = saved
+    real = Snapshot._fill_from
+    calls = []
+
+    def fails_once(self, memory):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOMEM, "no memory for the snapshot")
+        real(self, memory)
+
+    monkeypatch.setattr(Snapshot, "_fill_from", fails_once)
+    with App.restore(path, backend="threads", workers=1) as app:
+        app["a"][0] = 50
+        with pytest.raises(OSError, match="no memory"):
+            app.parallel(_bump, 1, args=(1,))
+        app["a"][PER_PAGE] = 60
+        expected[[0, PER_PAGE]] = [50, 60]
+        assert np.array_equal(app["a"], expected)
+        assert app.parallel(_bump, 1, args=(1,)) == [2]
+        expected[1] = 2
+        assert np.array_equal(app["a"], expected)
+        assert app.checkpoint(path).pages == 2  # pages 0 and 1: written before and by the batch
+    assert len(calls) == 2
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+def test_an_alloc_that_grows_memory_right_after_a_restore_keeps_every_byte(tmp_path):
+    with App(PAGES * PAGE_SIZE, max_size=4 * PAGES * PAGE_SIZE, backend="threads", workers=1) as app:
+        app.alloc("a", N, np.int64)[:] = np.arange(N)
+        app.checkpoint(tmp_path)
+    with App.restore(tmp_path, backend="threads", workers=1) as app:
+        app["a"][2] = -2
+        b = app.alloc("b", 2 * N, np.int64)
+        assert app.memory.size == 3 * PAGES * PAGE_SIZE
+        assert not b.any()
+        b[:] = 1
+        expected = np.arange(N)
+        expected[2] = -2
+        assert np.array_equal(app["a"], expected)
+        assert app.parallel(lambda mem, i, n: int(mem["a"][2] + mem["b"].sum()), 1) == [-2 + 2 * N]
+        app.checkpoint(tmp_path)
+    with App.restore(tmp_path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected) and (back["b"] == 1).all()
+
+
+def test_a_bare_load_is_unchanged_by_the_app_path(saved):
+    path, expected = saved
+    with ck.load(path) as region:
+        assert np.array_equal(np.frombuffer(region, np.int64)[:N], expected)
+
+
+def test_ctrl_c_during_first_batches_after_restores(saved):
+    """SIGINT at random instants of the first batch after a restore (which
+    fills the snapshot): KeyboardInterrupt or the exact result, and a batch
+    after an interrupted one is exact."""
+    path, expected = saved
+    rng = random.Random(5)
+    interrupted = 0
+    for _ in range(40):
+        with App.restore(path, backend="threads", workers=1) as app:
+            app["a"][11] = 1000
+            timer = threading.Timer(rng.uniform(0, 0.004), signal.raise_signal, (signal.SIGINT,))
+            try:
+                timer.start()
+                assert app.parallel(_bump, 1, args=(11,)) == [1001]
+                timer.join()
+                merged = 1
+            except KeyboardInterrupt:
+                interrupted += 1
+                merged = int(app["a"][11]) - 1000  # cancelled before or after the merge
+            finally:
+                timer.cancel()
+                timer.join()
+            assert merged in (0, 1)
+            assert app.parallel(_bump, 1, args=(11,)) == [1001 + merged]
+            want = expected.copy()
+            want[11] = 1001 + merged
+            assert np.array_equal(app["a"], want)
+    assert interrupted >= 1
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("ending", ["exit", "close then exit", "del then exit", "fork"])
+def test_a_restored_app_never_filled_ends_cleanly(saved, ending):
+    path, expected = saved
+    result = _run(f"""
+        import gc, os, sys
+        import numpy as np
+        from pagefork import App
+        ending = {ending!r}
+        app = App.restore({str(path)!r}, backend="processes", workers=1)
+        a = app["a"]
+        a[4] = -4
+        view = memoryview(app.memory)
+        if ending == "fork":
+            pid = os.fork()
+            if pid == 0:
+                a[4096 // 8 * 3] = -99  # the child's own copy
+                os._exit(0 if a[4] == -4 else 3)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert a[4096 // 8 * 3] == 4096 // 8 * 3, "the child's write reached the parent"
+            info = app.checkpoint({str(path)!r})
+            assert info.pages == 1, info
+        elif ending == "close then exit":
+            app.close()
+            assert a[4] == -4 and view[0] == 0
+        elif ending == "del then exit":
+            del app
+            gc.collect()
+            assert a[4] == -4
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# ---- the native remap behind it ------------------------------------------------------------
+
+def test_map_anonymous_gives_zeroed_memory_in_place_and_keeps_views():
+    with Region(8 * PAGE_SIZE, max_size=16 * PAGE_SIZE) as region:
+        view = region.array(np.uint8)
+        view[:] = 5
+        address = region.address
+        region._map_anonymous(4 * PAGE_SIZE, True)
+        assert region.address == address
+        assert not view[: 4 * PAGE_SIZE].any() and (view[4 * PAGE_SIZE:] == 5).all()
+        view[:] = 6
+        region.resize(16 * PAGE_SIZE)
+        assert (region.array(np.uint8)[: 8 * PAGE_SIZE] == 6).all()
+        assert not region.array(np.uint8)[8 * PAGE_SIZE:].any()
+
+
+def test_map_anonymous_over_a_snapshot_mapping_then_shrink_and_grow_reads_zero():
+    with Snapshot(b"\x07" * (8 * PAGE_SIZE)) as snap, Region(8 * PAGE_SIZE) as region:
+        snap.map_to(region)
+        region._map_anonymous(8 * PAGE_SIZE, False)
+        assert bytes(region) == bytes(8 * PAGE_SIZE)
+        region.resize(2 * PAGE_SIZE)
+        region.resize(8 * PAGE_SIZE)
+        assert bytes(region) == bytes(8 * PAGE_SIZE)
+
+
+@pytest.mark.parametrize("kind", ["memfd", "shared"])
+def test_map_anonymous_refuses_memory_others_share(kind):
+    region = Region(4 * PAGE_SIZE, backing="memfd") if kind == "memfd" else Region(4 * PAGE_SIZE, shared=True)
+    with region:
+        with pytest.raises(ValueError, match="anonymous private"):
+            region._map_anonymous(PAGE_SIZE, False)
+
+
+@pytest.mark.parametrize("length", [-PAGE_SIZE, 1, 5 * PAGE_SIZE, 1 << 62, -(1 << 62)])
+def test_map_anonymous_refuses_bad_lengths(length):
+    with Region(4 * PAGE_SIZE) as region:
+        with pytest.raises((ValueError, OverflowError)):
+            region._map_anonymous(length, False)
+
+
+def test_map_anonymous_on_a_closed_region_is_an_error():
+    region = Region(4 * PAGE_SIZE)
+    region.close()
+    with pytest.raises(ValueError, match="closed"):
+        region._map_anonymous(PAGE_SIZE, False)
+
+
+def test_map_file_refuses_a_negative_descriptor():
+    with Region(4 * PAGE_SIZE) as region:
+        with pytest.raises(ValueError, match="negative"):
+            region._map_file(-1, PAGE_SIZE, False)
+
+
+@pytest.mark.parametrize("mode", ["segfault", "uffd", "uffd-async", "softpte"])
+def test_a_tracked_region_remapped_anonymous_still_reports_its_pages(mode):
+    """Protection and uffd registration belong to the mapping: a tracking
+    running when the region is remapped is re-armed, and finds writes after."""
+    require(mode)
+    with Region(16 * PAGE_SIZE) as region, pagefork.tracker(mode) as t:
+        t.start(region)
+        region.array(np.uint8)[PAGE_SIZE] = 1
+        region._map_anonymous(8 * PAGE_SIZE, True)
+        region.array(np.uint8)[3 * PAGE_SIZE] = 1
+        assert np.flatnonzero(t.dirty_pages(region, "global")).tolist() == [1, 3]
