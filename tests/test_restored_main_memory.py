@@ -299,3 +299,44 @@ def test_a_tracked_region_remapped_anonymous_still_reports_its_pages(mode):
         region._map_anonymous(8 * PAGE_SIZE, True)
         region.array(np.uint8)[3 * PAGE_SIZE] = 1
         assert np.flatnonzero(t.dirty_pages(region, "global")).tolist() == [1, 3]
+
+
+# ---- a bare load fills its new Region on huge pages, then tracks page by page ----------------
+
+@pytest.mark.parametrize("mode", ["segfault", "uffd", "uffd-async", "softpte"])
+def test_a_loaded_region_is_tracked_page_by_page(tmp_path, mode):
+    require(mode)
+    size = 8 << 20  # four 2 MiB huge pages, if the kernel gives them
+    with Region(size) as region:
+        region.array(np.uint8)[:] = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8)
+        ck.save(region, tmp_path)
+        expected = bytes(region)
+    with ck.load(tmp_path) as loaded, pagefork.tracker(mode) as t:
+        assert bytes(loaded) == expected
+        t.start(loaded)
+        view = loaded.array(np.uint8)
+        for page in (0, 1, 511, 512, 1000, 2047):
+            view[page * PAGE_SIZE + 5] ^= 0xFF
+        assert np.flatnonzero(t.dirty_pages(loaded, "global", reset=mode != "softpte")).tolist() == \
+            [0, 1, 511, 512, 1000, 2047]
+        del view
+        loaded.resize(size // 2)
+        loaded.resize(size)
+        assert not loaded.array(np.uint8)[size // 2:].any()
+
+
+def test_advise_huge_refuses_memory_others_share_and_closed_regions():
+    with Region(4 * PAGE_SIZE, backing="memfd") as memfd, Region(4 * PAGE_SIZE, shared=True) as shared:
+        for region in (memfd, shared):
+            with pytest.raises(ValueError, match="anonymous private"):
+                region._advise_huge(True)
+    with Snapshot(bytes(4 * PAGE_SIZE)) as snap, Region(4 * PAGE_SIZE) as mapped:
+        snap.map_to(mapped)
+        with pytest.raises(ValueError, match="anonymous private"):
+            mapped._advise_huge(True)
+    region = Region(4 * PAGE_SIZE)
+    region._advise_huge(True)
+    region._advise_huge(False)
+    region.close()
+    with pytest.raises(ValueError, match="closed"):
+        region._advise_huge(True)

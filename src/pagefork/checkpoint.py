@@ -478,7 +478,11 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     else:
         memory = Region(manifest.size, max_size=max(manifest.max_size, manifest.size))
     try:
+        if into is None:
+            memory._advise_huge(True)  # filled whole: 2 MiB page faults, not 4 KiB ones
         _restore_into(store, manifest, memory, zeroed=into is None)
+        if into is None:
+            memory._advise_huge(False)  # a region is tracked page by page: no new huge pages
     except BaseException:
         if into is None:
             memory.close()

@@ -95,7 +95,8 @@ def _doctor(args: argparse.Namespace) -> int:
         "vm.unprivileged_userfaultfd": report["settings"]["vm.unprivileged_userfaultfd"],
         "transparent huge pages": report["settings"]["transparent_hugepage"],
         # Snapshots are memfds (shmem): with "never" every page is 4 KiB, and
-        # filling a large snapshot (App.restore) costs ~4x what huge pages do.
+        # filling a large snapshot (the first batch after App.restore, or
+        # after writing all of a fresh App) costs ~4x what huge pages do.
         "shmem huge pages (snapshots)": report["settings"]["shmem_hugepage"],
         "/proc/self/pagemap readable": report["settings"]["pagemap_readable"],
         "PAGEMAP_SCAN ioctl": report["settings"]["pagemap_scan"],

@@ -34,7 +34,10 @@ class Region(_native.Mapping):
     starts zeroed. Supports the writable buffer protocol, so
     ``memoryview(region)`` and ``numpy.frombuffer(region, ...)`` work.
 
-    Regions are advised ``MADV_NOHUGEPAGE`` so tracking stays page-granular.
+    Regions are advised ``MADV_NOHUGEPAGE`` so tracking stays page-granular
+    (one that :func:`pagefork.checkpoint.load` made may start on huge pages:
+    the first tracked write to one splits it, and writes are still found
+    page by page).
     """
 
     def __init__(

@@ -291,6 +291,25 @@ static PyObject *mapping_map_anonymous(PfMapping *self, PyObject *args)
     return remap_start(self, -1, length, 0, huge);
 }
 
+/* _advise_huge(huge): MADV_HUGEPAGE (memory about to be filled whole, where
+ * 2 MiB faults beat 4 KiB ones) or back to MADV_NOHUGEPAGE (so khugepaged
+ * builds no new huge pages in memory that is tracked page by page; those it
+ * has are split by the first tracked write to them). Anonymous private
+ * regions only: a file's pages follow the file. */
+static PyObject *mapping_advise_huge(PfMapping *self, PyObject *arg)
+{
+    int huge = PyObject_IsTrue(arg);
+    if (huge < 0 || check_open(self) != 0)
+        return NULL;
+    if (self->fd >= 0 || self->shared || self->file_end > 0) {
+        PyErr_SetString(PyExc_ValueError, "_advise_huge: only on an anonymous private region");
+        return NULL;
+    }
+    if (madvise((void *)self->address, self->max_size, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0)
+        return pf_oserror("madvise");
+    Py_RETURN_NONE;
+}
+
 static PyObject *mapping_close(PfMapping *self, PyObject *unused)
 {
     (void)unused;
@@ -374,6 +393,7 @@ static PyMethodDef mapping_methods[] = {
     {"_resize", (PyCFunction)mapping_resize, METH_VARARGS, NULL},
     {"_map_file", (PyCFunction)mapping_map_file, METH_VARARGS, NULL},
     {"_map_anonymous", (PyCFunction)mapping_map_anonymous, METH_VARARGS, NULL},
+    {"_advise_huge", (PyCFunction)mapping_advise_huge, METH_O, NULL},
     {"_close", (PyCFunction)mapping_close, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
