@@ -299,3 +299,95 @@ def test_a_tracked_region_remapped_anonymous_still_reports_its_pages(mode):
         region._map_anonymous(8 * PAGE_SIZE, True)
         region.array(np.uint8)[3 * PAGE_SIZE] = 1
         assert np.flatnonzero(t.dirty_pages(region, "global")).tolist() == [1, 3]
+
+
+# ---- hostile review (atk13) ----------------------------------------------------------------
+
+def _fail_restore_trackers(monkeypatch, how: str) -> None:
+    """Makes the tracker a restore starts on main memory unavailable (as for
+    a user without userfaultfd and a kernel without mprotect tracking):
+    ``tracker()`` raises, ``start`` raises, or only "none" exists."""
+    import pagefork.executor as executor_module
+    from pagefork import PageforkError, UnsupportedModeError
+
+    real_tracker, real_begin = executor_module.tracker, executor_module.Executor.begin_restore
+    restoring = threading.local()
+
+    def begin_restore(self):
+        restoring.on = True
+        return real_begin(self)
+
+    def restore_tracker(mode=None, **kwargs):
+        if not getattr(restoring, "on", False):
+            return real_tracker(mode, **kwargs)
+        restoring.on = False
+        if how == "raises":
+            raise UnsupportedModeError(mode or "auto", "hidden by the test")
+        t = real_tracker("none" if how == "none" else mode, **kwargs)
+        if how == "start raises":
+            def start(region):
+                raise PageforkError("uffd tracking: start: Operation not permitted (hidden by the test)")
+            t.start = start  # type: ignore[method-assign]
+        return t
+
+    monkeypatch.setattr(executor_module.Executor, "begin_restore", begin_restore)
+    monkeypatch.setattr(executor_module, "tracker", restore_tracker)
+
+
+@pytest.mark.parametrize("how", ["raises", "start raises", "none"])
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_restore_without_a_page_exact_tracker_fills_at_once_and_stays_exact(saved, monkeypatch, how,
+                                                                             backend):
+    """Found by atk13: an UnsupportedModeError (or a failed start) for the
+    restore tracker made App.restore fail; now the snapshot is filled at
+    once and main memory is the snapshot's mapping again, tracked exactly."""
+    path, expected = saved
+    _fail_restore_trackers(monkeypatch, how)
+    with App.restore(path, backend=backend, workers=1) as app:
+        assert app._executor._restore_tracker is None
+        assert np.array_equal(app["a"], expected)
+        app["a"][20 * PER_PAGE + 3] = -20
+        expected[20 * PER_PAGE + 3] = -20
+        assert app.parallel(_bump, 2, args=(21 * PER_PAGE,)) == [21 * PER_PAGE + 1] * 2
+        expected[21 * PER_PAGE] += 2
+        assert np.array_equal(app["a"], expected)
+        info = app.checkpoint(path)
+        assert (info.base, info.pages) == (False, 2)
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+def test_a_restore_without_a_restore_tracker_and_a_checkpoint_writes_nothing(saved, monkeypatch):
+    path, _ = saved
+    _fail_restore_trackers(monkeypatch, "raises")
+    with App.restore(path, backend="threads", workers=1) as app:
+        int(app["a"].sum())
+        assert app.checkpoint(path).pages == 0
+
+
+@pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
+def test_one_written_page_of_a_huge_page_is_exactly_one_checkpointed_page(tmp_path, tracking):
+    """Restored main memory may sit on transparent huge pages: a write to
+    one 4 KiB page of one must still be exactly one page of the next
+    checkpoint and of the first batch's carried writes."""
+    if tracking is not None:
+        require(tracking)
+    size = 8 << 20
+    n = size // 8
+    with App(size, backend="threads", workers=1) as app:
+        app.alloc("a", n, np.int64)[:] = np.arange(n)
+        app.checkpoint(tmp_path)
+    expected = np.arange(n)
+    with App.restore(tmp_path, backend="threads", workers=1, tracking=tracking) as app:
+        a = app["a"]
+        for page in (700, 701, 1500):
+            a[page * PER_PAGE + 5] = -page
+            expected[page * PER_PAGE + 5] = -page
+        assert app.parallel(lambda mem, i, n: int(mem["a"][701 * PER_PAGE + 5]), 1) == [-701]
+        assert app.last_batch.main_dirty_pages == 3
+        assert app.checkpoint(tmp_path).pages == 3
+        a[1800 * PER_PAGE] = -1
+        expected[1800 * PER_PAGE] = -1
+        assert app.checkpoint(tmp_path).pages == 1
+    with App.restore(tmp_path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
