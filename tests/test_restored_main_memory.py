@@ -391,3 +391,66 @@ def test_one_written_page_of_a_huge_page_is_exactly_one_checkpointed_page(tmp_pa
         assert app.checkpoint(tmp_path).pages == 1
     with App.restore(tmp_path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
+
+
+@pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
+def test_after_a_fork_before_the_fill_the_parent_stays_exact(saved, tracking):
+    """fork() between a restore and the fill: the child writes its own copy
+    (tracking inherited by it must not act on the parent's), cannot use the
+    App, and exits 0; the parent's later writes are exactly the next
+    checkpoint's pages, and the child's never reach it."""
+    path, expected = saved
+    if tracking is not None:
+        require(tracking)
+    result = _run(f"""
+        import os
+        import numpy as np
+        from pagefork import App, PageforkError
+        app = App.restore({str(path)!r}, backend="threads", workers=1, tracking={tracking!r})
+        a = app["a"]
+        a[1] = -1
+        pid = os.fork()
+        if pid == 0:
+            a[{PER_PAGE} * 30] = -30
+            try:
+                app.parallel(lambda mem, i, n: None, 1)
+                os._exit(4)
+            except PageforkError:
+                pass
+            os._exit(0 if a[1] == -1 and a[{PER_PAGE} * 30] == -30 else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        a[{PER_PAGE} * 50] = -50
+        assert app.checkpoint({str(path)!r}).pages == 2  # pages 0 and 50
+        assert app.parallel(lambda mem, i, n: int(mem["a"][{PER_PAGE} * 30]), 1) == [{PER_PAGE} * 30]
+        app.close()
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    expected[[1, PER_PAGE * 50]] = [-1, -50]
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+@pytest.mark.parametrize("tracking", ["uffd", "uffd-async"])
+def test_pages_discarded_before_the_fill_are_checkpointed_as_they_read(saved, tracking):
+    """MADV_DONTNEED on restored main memory (private anonymous until the
+    fill) zeroes the pages; the uffd modes report them, so the snapshot,
+    the threads and the next checkpoint all agree with what memory reads.
+    (segfault mode cannot see a discard: docs/tracking.md.)"""
+    import ctypes
+    import mmap
+
+    require(tracking)
+    path, expected = saved
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with App.restore(path, backend="threads", workers=1, tracking=tracking) as app:
+        assert libc.madvise(app.memory.address + 2 * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED) == 0
+        expected[2 * PER_PAGE: 3 * PER_PAGE] = 0
+        assert np.array_equal(app["a"], expected)
+        assert app.parallel(lambda mem, i, n: int(mem["a"][2 * PER_PAGE + 1]), 1) == [0]
+        assert app.checkpoint(path).pages == 1
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
