@@ -454,3 +454,61 @@ def test_pages_discarded_before_the_fill_are_checkpointed_as_they_read(saved, tr
         assert app.checkpoint(path).pages == 1
     with App.restore(path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
+
+
+@pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
+@pytest.mark.parametrize("ending", ["close", "gc"])
+def test_views_kept_past_an_unfilled_app_stay_writable(saved, tracking, ending):
+    """Closing (or dropping) a restored App before the fill stops the
+    restore tracker: numpy views kept past it read and write like plain
+    memory (no SIGSEGV from a protection left behind, no fault thread
+    waited on)."""
+    path, _ = saved
+    if tracking is not None:
+        require(tracking)
+    result = _run(f"""
+        import gc
+        from pagefork import App
+        app = App.restore({str(path)!r}, backend="threads", workers=1, tracking={tracking!r})
+        a = app["a"]
+        a[4] = -4
+        if {ending!r} == "close":
+            app.close()
+        else:
+            del app
+            gc.collect()
+        a[:] = 7
+        a[{PER_PAGE} * 9] = 3
+        assert int(a.sum()) == 7 * (a.size - 1) + 3
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_ctrl_c_anywhere_in_the_first_writes_batch_and_checkpoint_then_checkpoints_are_exact(saved):
+    """SIGINT at random instants of: a write, the first batch (the fill) and
+    a checkpoint after a restore. Whatever was cut off, the next checkpoint
+    restores to exactly what main memory holds."""
+    path, _ = saved
+    rng = random.Random(13)
+    interrupted = 0
+    for it in range(30):
+        with App.restore(path, backend="threads", workers=1) as app:
+            timer = threading.Timer(rng.uniform(0, 0.004), signal.raise_signal, (signal.SIGINT,))
+            try:
+                timer.start()
+                app["a"][(it * 7 % PAGES) * PER_PAGE + it] = -it
+                app.parallel(_bump, 1, args=((it * 11 % PAGES) * PER_PAGE,))
+                app.checkpoint(path)
+                timer.join()
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                timer.cancel()
+                timer.join()
+            held = app["a"].copy()
+            app.checkpoint(path)
+        with App.restore(path, backend="threads", workers=1) as back:
+            assert np.array_equal(back["a"], held), it
+    assert interrupted >= 1
