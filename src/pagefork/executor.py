@@ -657,9 +657,13 @@ class Executor:
         self.mark_saved()
 
     def _start_restore_tracker(self) -> Tracker | None:
-        """A page-exact tracker started on main memory, or None."""
+        """A page-exact tracker started on main memory, or None. Where main
+        memory is cow-tracked, only uffd-async stands in for cow: like cow it
+        lets the kernel write the memory (read(2), recv_into, /proc/self/mem),
+        which segfault's protection fails with EFAULT and sync uffd's with
+        EIO; "auto" could pick either where it measures cheaper."""
         try:
-            restore_tracker = tracker(self._main_mode if self._main_mode != "cow" else "auto")
+            restore_tracker = tracker(self._main_mode if self._main_mode != "cow" else "uffd-async")
         except UnsupportedModeError:
             return None
         if restore_tracker.mode == "none":
