@@ -659,9 +659,10 @@ class Executor:
     def _start_restore_tracker(self) -> Tracker | None:
         """A page-exact tracker started on main memory, or None. Where main
         memory is cow-tracked, only uffd-async stands in for cow: like cow it
-        lets the kernel write the memory (read(2), recv_into, /proc/self/mem),
-        which segfault's protection fails with EFAULT and sync uffd's with
-        EIO; "auto" could pick either where it measures cheaper."""
+        lets the kernel write the memory and sees it (read(2), recv_into,
+        /proc/self/mem); segfault's protection fails read(2) with EFAULT and
+        misses /proc/self/mem, sync uffd fails /proc/self/mem with EIO, and
+        "auto" may pick either where it measures cheaper."""
         try:
             restore_tracker = tracker(self._main_mode if self._main_mode != "cow" else "uffd-async")
         except UnsupportedModeError:
