@@ -557,3 +557,20 @@ def test_the_kernel_may_write_restored_memory_before_the_fill(saved, tmp_path, m
         assert app.checkpoint(path).pages == 2
     with App.restore(path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
+
+
+def test_a_restore_with_tracking_none_fills_at_once(saved):
+    """"none" reports every page written: as a restore tracker it would copy
+    every page twice and leave all of them unsaved; the fill happens during
+    the restore instead, and the values stay exact."""
+    path, expected = saved
+    with App.restore(path, backend="threads", workers=1, tracking="none") as app:
+        assert app._executor._restore_tracker is None
+        app["a"][9] = -9
+        expected[9] = -9
+        assert app.parallel(_bump, 1, args=(10,)) == [11]
+        expected[10] = 11
+        assert np.array_equal(app["a"], expected)
+        app.checkpoint(path)
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
