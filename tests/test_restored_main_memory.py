@@ -7,6 +7,7 @@ threads of the next batch and the next checkpoint, exactly."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import signal
 import subprocess
@@ -340,3 +341,277 @@ def test_advise_huge_refuses_memory_others_share_and_closed_regions():
     region.close()
     with pytest.raises(ValueError, match="closed"):
         region._advise_huge(True)
+
+
+# ---- hostile review (atk13) ----------------------------------------------------------------
+
+def _fail_restore_trackers(monkeypatch, how: str) -> None:
+    """Makes the tracker a restore starts on main memory unavailable (as for
+    a user without userfaultfd and a kernel without mprotect tracking):
+    ``tracker()`` raises, ``start`` raises, or only "none" exists."""
+    import pagefork.executor as executor_module
+    from pagefork import PageforkError, UnsupportedModeError
+
+    real_tracker, real_begin = executor_module.tracker, executor_module.Executor.begin_restore
+    restoring = threading.local()
+
+    def begin_restore(self):
+        restoring.on = True
+        return real_begin(self)
+
+    def restore_tracker(mode=None, **kwargs):
+        if not getattr(restoring, "on", False):
+            return real_tracker(mode, **kwargs)
+        restoring.on = False
+        if how == "raises":
+            raise UnsupportedModeError(mode or "auto", "hidden by the test")
+        t = real_tracker("none" if how == "none" else mode, **kwargs)
+        if how == "start raises":
+            def start(region):
+                raise PageforkError("uffd tracking: start: Operation not permitted (hidden by the test)")
+            t.start = start  # type: ignore[method-assign]
+        return t
+
+    monkeypatch.setattr(executor_module.Executor, "begin_restore", begin_restore)
+    monkeypatch.setattr(executor_module, "tracker", restore_tracker)
+
+
+@pytest.mark.parametrize("how", ["raises", "start raises", "none"])
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_restore_without_a_page_exact_tracker_fills_at_once_and_stays_exact(saved, monkeypatch, how,
+                                                                             backend):
+    """Found by atk13: an UnsupportedModeError (or a failed start) for the
+    restore tracker made App.restore fail; now the snapshot is filled at
+    once and main memory is the snapshot's mapping again, tracked exactly."""
+    path, expected = saved
+    _fail_restore_trackers(monkeypatch, how)
+    with App.restore(path, backend=backend, workers=1) as app:
+        assert app._executor._restore_tracker is None
+        assert np.array_equal(app["a"], expected)
+        app["a"][20 * PER_PAGE + 3] = -20
+        expected[20 * PER_PAGE + 3] = -20
+        assert app.parallel(_bump, 2, args=(21 * PER_PAGE,)) == [21 * PER_PAGE + 1] * 2
+        expected[21 * PER_PAGE] += 2
+        assert np.array_equal(app["a"], expected)
+        info = app.checkpoint(path)
+        assert (info.base, info.pages) == (False, 2)
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+def test_a_restore_without_a_restore_tracker_and_a_checkpoint_writes_nothing(saved, monkeypatch):
+    path, _ = saved
+    _fail_restore_trackers(monkeypatch, "raises")
+    with App.restore(path, backend="threads", workers=1) as app:
+        int(app["a"].sum())
+        assert app.checkpoint(path).pages == 0
+
+
+@pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
+def test_one_written_page_of_a_huge_page_is_exactly_one_checkpointed_page(tmp_path, tracking):
+    """Restored main memory may sit on transparent huge pages: a write to
+    one 4 KiB page of one must still be exactly one page of the next
+    checkpoint and of the first batch's carried writes."""
+    if tracking is not None:
+        require(tracking)
+    size = 8 << 20
+    n = size // 8
+    with App(size, backend="threads", workers=1) as app:
+        app.alloc("a", n, np.int64)[:] = np.arange(n)
+        app.checkpoint(tmp_path)
+    expected = np.arange(n)
+    with App.restore(tmp_path, backend="threads", workers=1, tracking=tracking) as app:
+        a = app["a"]
+        for page in (700, 701, 1500):
+            a[page * PER_PAGE + 5] = -page
+            expected[page * PER_PAGE + 5] = -page
+        assert app.parallel(lambda mem, i, n: int(mem["a"][701 * PER_PAGE + 5]), 1) == [-701]
+        assert app.last_batch.main_dirty_pages == 3
+        assert app.checkpoint(tmp_path).pages == 3
+        a[1800 * PER_PAGE] = -1
+        expected[1800 * PER_PAGE] = -1
+        assert app.checkpoint(tmp_path).pages == 1
+    with App.restore(tmp_path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+@pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
+def test_after_a_fork_before_the_fill_the_parent_stays_exact(saved, tracking):
+    """fork() between a restore and the fill: the child writes its own copy
+    (tracking inherited by it must not act on the parent's), cannot use the
+    App, and exits 0; the parent's later writes are exactly the next
+    checkpoint's pages, and the child's never reach it."""
+    path, expected = saved
+    if tracking is not None:
+        require(tracking)
+    result = _run(f"""
+        import os
+        import numpy as np
+        from pagefork import App, PageforkError
+        app = App.restore({str(path)!r}, backend="threads", workers=1, tracking={tracking!r})
+        a = app["a"]
+        a[1] = -1
+        pid = os.fork()
+        if pid == 0:
+            a[{PER_PAGE} * 30] = -30
+            try:
+                app.parallel(lambda mem, i, n: None, 1)
+                os._exit(4)
+            except PageforkError:
+                pass
+            os._exit(0 if a[1] == -1 and a[{PER_PAGE} * 30] == -30 else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        a[{PER_PAGE} * 50] = -50
+        assert app.checkpoint({str(path)!r}).pages == 2  # pages 0 and 50
+        assert app.parallel(lambda mem, i, n: int(mem["a"][{PER_PAGE} * 30]), 1) == [{PER_PAGE} * 30]
+        app.close()
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    expected[[1, PER_PAGE * 50]] = [-1, -50]
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+@pytest.mark.parametrize("tracking", ["uffd", "uffd-async"])
+def test_pages_discarded_before_the_fill_are_checkpointed_as_they_read(saved, tracking):
+    """MADV_DONTNEED on restored main memory (private anonymous until the
+    fill) zeroes the pages; the uffd modes report them, so the snapshot,
+    the threads and the next checkpoint all agree with what memory reads.
+    (segfault mode cannot see a discard: docs/tracking.md.)"""
+    import ctypes
+    import mmap
+
+    require(tracking)
+    path, expected = saved
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with App.restore(path, backend="threads", workers=1, tracking=tracking) as app:
+        assert libc.madvise(app.memory.address + 2 * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED) == 0
+        expected[2 * PER_PAGE: 3 * PER_PAGE] = 0
+        assert np.array_equal(app["a"], expected)
+        assert app.parallel(lambda mem, i, n: int(mem["a"][2 * PER_PAGE + 1]), 1) == [0]
+        assert app.checkpoint(path).pages == 1
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+@pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
+@pytest.mark.parametrize("ending", ["close", "gc"])
+def test_views_kept_past_an_unfilled_app_stay_writable(saved, tracking, ending):
+    """Closing (or dropping) a restored App before the fill stops the
+    restore tracker: numpy views kept past it read and write like plain
+    memory (no SIGSEGV from a protection left behind, no fault thread
+    waited on)."""
+    path, _ = saved
+    if tracking is not None:
+        require(tracking)
+    result = _run(f"""
+        import gc
+        from pagefork import App
+        app = App.restore({str(path)!r}, backend="threads", workers=1, tracking={tracking!r})
+        a = app["a"]
+        a[4] = -4
+        if {ending!r} == "close":
+            app.close()
+        else:
+            del app
+            gc.collect()
+        a[:] = 7
+        a[{PER_PAGE} * 9] = 3
+        assert int(a.sum()) == 7 * (a.size - 1) + 3
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_ctrl_c_anywhere_in_the_first_writes_batch_and_checkpoint_then_checkpoints_are_exact(saved):
+    """SIGINT at random instants of: a write, the first batch (the fill) and
+    a checkpoint after a restore. Whatever was cut off, the next checkpoint
+    restores to exactly what main memory holds."""
+    path, _ = saved
+    rng = random.Random(13)
+    interrupted = 0
+    for it in range(30):
+        with App.restore(path, backend="threads", workers=1) as app:
+            timer = threading.Timer(rng.uniform(0, 0.004), signal.raise_signal, (signal.SIGINT,))
+            try:
+                timer.start()
+                app["a"][(it * 7 % PAGES) * PER_PAGE + it] = -it
+                app.parallel(_bump, 1, args=((it * 11 % PAGES) * PER_PAGE,))
+                app.checkpoint(path)
+                timer.join()
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                timer.cancel()
+                timer.join()
+            held = app["a"].copy()
+            app.checkpoint(path)
+        with App.restore(path, backend="threads", workers=1) as back:
+            assert np.array_equal(back["a"], held), it
+    assert interrupted >= 1
+
+
+@pytest.mark.parametrize("auto", [None, "segfault", "uffd"])
+@pytest.mark.parametrize("how", ["readinto", "recv_into", "/proc/self/mem"])
+def test_the_kernel_may_write_restored_memory_before_the_fill(saved, tmp_path, monkeypatch, auto, how):
+    """Found by atk13: where "auto" measured segfault cheapest (or was the
+    only mode, as for a user without userfaultfd), the restore tracker
+    mprotected main memory, so read(2)/recv_into into an array failed with
+    EFAULT until the first batch (cow main memory never refused them).
+    Now a cow App's restore window is watched by uffd-async or nothing
+    (the snapshot filled at once); what the kernel wrote is checkpointed."""
+    import socket
+
+    import pagefork.tracking
+
+    path, expected = saved
+    if auto is not None:
+        require(auto)
+        monkeypatch.setattr(pagefork.tracking, "auto_mode", lambda thread_local=False: auto)
+    data = np.full(2 * PER_PAGE, -7, np.int64)
+    with App.restore(path, backend="threads", workers=1) as app:
+        target = memoryview(app["a"]).cast("B")[5 * PAGE_SIZE: 7 * PAGE_SIZE]
+        if how == "readinto":
+            (tmp_path / "data").write_bytes(data.tobytes())
+            with open(tmp_path / "data", "rb", buffering=0) as f:
+                assert f.readinto(target) == 2 * PAGE_SIZE
+        elif how == "recv_into":
+            a, b = socket.socketpair()
+            with a, b:
+                a.sendall(data.tobytes())
+                got = 0
+                while got < 2 * PAGE_SIZE:
+                    got += b.recv_into(target[got:])
+        else:
+            fd = os.open("/proc/self/mem", os.O_RDWR)
+            try:
+                assert os.pwrite(fd, data.tobytes(), app.memory.address + 5 * PAGE_SIZE) == 2 * PAGE_SIZE
+            finally:
+                os.close(fd)
+        expected[5 * PER_PAGE: 7 * PER_PAGE] = -7
+        assert np.array_equal(app["a"], expected)
+        assert app.checkpoint(path).pages == 2
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
+
+
+def test_a_restore_with_tracking_none_fills_at_once(saved):
+    """"none" reports every page written: as a restore tracker it would copy
+    every page twice and leave all of them unsaved; the fill happens during
+    the restore instead, and the values stay exact."""
+    path, expected = saved
+    with App.restore(path, backend="threads", workers=1, tracking="none") as app:
+        assert app._executor._restore_tracker is None
+        app["a"][9] = -9
+        expected[9] = -9
+        assert app.parallel(_bump, 1, args=(10,)) == [11]
+        expected[10] = 11
+        assert np.array_equal(app["a"], expected)
+        app.checkpoint(path)
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)

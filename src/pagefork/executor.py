@@ -31,7 +31,7 @@ import cloudpickle
 import numpy as np
 
 from . import _native
-from ._errors import ConflictError, MergeError, PageforkError, WorkerError
+from ._errors import ConflictError, MergeError, PageforkError, UnsupportedModeError, WorkerError
 from ._sizes import PAGE_SIZE, round_to_pages
 from .identity import IdentityBuffers, products_as_overwrites, with_contributions
 from .memory import Region
@@ -644,12 +644,37 @@ class Executor:
     def restored(self, version: int) -> None:
         """Main memory holds a restored image (:meth:`begin_restore`): its
         writes are tracked until the snapshot is filled; version counter set,
-        nothing unsaved."""
-        restore_tracker = tracker(self._main_mode if self._main_mode != "cow" else "auto")
-        restore_tracker.start(self.memory)
-        self._restore_tracker = restore_tracker
+        nothing unsaved. Where no page-exact tracker can watch main memory
+        (none available, or "none", which would report every page written),
+        the snapshot is filled at once instead."""
         self.version = version
+        restore_tracker = self._start_restore_tracker()
+        if restore_tracker is None:
+            self.snapshot._fill_from(self.memory)
+            self.snapshot.clear_tracked_changes()
+            self._remap_main()
+        self._restore_tracker = restore_tracker
         self.mark_saved()
+
+    def _start_restore_tracker(self) -> Tracker | None:
+        """A page-exact tracker started on main memory, or None. Where main
+        memory is cow-tracked, only uffd-async stands in for cow: like cow it
+        lets the kernel write the memory and sees it (read(2), recv_into,
+        /proc/self/mem); segfault's protection fails read(2) with EFAULT and
+        misses /proc/self/mem, sync uffd fails /proc/self/mem with EIO, and
+        "auto" may pick either where it measures cheaper."""
+        try:
+            restore_tracker = tracker(self._main_mode if self._main_mode != "cow" else "uffd-async")
+        except UnsupportedModeError:
+            return None
+        if restore_tracker.mode == "none":
+            return None
+        try:
+            restore_tracker.start(self.memory)
+        except PageforkError:  # e.g. userfaultfd refused at run time
+            restore_tracker.close()
+            return None
+        return restore_tracker
 
     def _fill_snapshot(self) -> np.ndarray:
         """Copies restored main memory into the empty snapshot and maps main
