@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,7 @@ def test_the_first_batch_after_a_restore_sees_the_main_programs_writes(saved, ba
 def test_writes_made_while_the_snapshot_fills_are_not_lost(saved, monkeypatch):
     """A write that lands after the fill copied its page (another Python
     thread of the program) is copied again."""
+    require("uffd-async")  # the fill waits for the first batch only under it
     path, expected = saved
     real = Snapshot._fill_from
 
@@ -113,6 +115,7 @@ def test_writes_made_while_the_snapshot_fills_are_not_lost(saved, monkeypatch):
 
 
 def test_a_failed_fill_changes_nothing_and_the_next_batch_fills(saved, monkeypatch):
+    require("uffd-async")  # the fill waits for the first batch only under it
     path, expected = saved
     real = Snapshot._fill_from
     calls = []
@@ -138,6 +141,28 @@ def test_a_failed_fill_changes_nothing_and_the_next_batch_fills(saved, monkeypat
     assert len(calls) == 2
     with App.restore(path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
+
+
+def test_a_fill_failing_during_a_restore_fails_the_restore_and_leaves_nothing(saved, monkeypatch):
+    """Where no tracker can watch main memory the restore fills the snapshot
+    itself: a failure there is the restore's, and the half-made App is closed
+    (its batch thread gone)."""
+    import pagefork.executor as executor_module
+
+    path, _ = saved
+    monkeypatch.setattr(executor_module.Executor, "_start_restore_tracker", lambda self: None)
+    monkeypatch.setattr(Snapshot, "_fill_from",
+                        lambda self, memory: (_ for _ in ()).throw(OSError(errno.ENOSPC, "no space")))
+    with App(PAGE_SIZE, backend="threads", workers=1):
+        pass  # process-wide helper threads start with the first App: counted in `before`
+    before = len(os.listdir("/proc/self/task"))
+    with pytest.raises(OSError, match="no space"):
+        App.restore(path, backend="threads", workers=1)
+    for _ in range(200):  # a joined thread's OS thread may take a moment to exit
+        if len(os.listdir("/proc/self/task")) <= before:
+            break
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) <= before
 
 
 def test_an_alloc_that_grows_memory_right_after_a_restore_keeps_every_byte(tmp_path):
