@@ -295,7 +295,9 @@ static PyObject *mapping_map_anonymous(PfMapping *self, PyObject *args)
  * 2 MiB faults beat 4 KiB ones) or back to MADV_NOHUGEPAGE (so khugepaged
  * builds no new huge pages in memory that is tracked page by page; those it
  * has are split by the first tracked write to them). Anonymous private
- * regions only: a file's pages follow the file. */
+ * regions only: a file's pages follow the file. A hint: a kernel built
+ * without transparent huge pages refuses both with EINVAL, and its pages
+ * are 4 KiB anyway. */
 static PyObject *mapping_advise_huge(PfMapping *self, PyObject *arg)
 {
     int huge = PyObject_IsTrue(arg);
@@ -305,7 +307,8 @@ static PyObject *mapping_advise_huge(PfMapping *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "_advise_huge: only on an anonymous private region");
         return NULL;
     }
-    if (madvise((void *)self->address, self->max_size, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0)
+    if (madvise((void *)self->address, self->max_size, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0 &&
+        errno != EINVAL)
         return pf_oserror("madvise");
     Py_RETURN_NONE;
 }
