@@ -652,7 +652,7 @@ LOADED_PAGES = LOADED_SIZE // PAGE_SIZE
 @pytest.fixture
 def huge_saved(tmp_path):
     """A bare checkpoint of 8 MiB of random bytes: its load starts on four
-    2 MiB huge pages where the kernel gives them. Yields (folder, bytes)."""
+    2 MiB huge pages where the kernel gives them. Returns (folder, bytes)."""
     with Region(LOADED_SIZE) as region:
         region.array(np.uint8)[:] = np.random.default_rng(7).integers(0, 256, LOADED_SIZE, np.uint8)
         ck.save(region, tmp_path / "ck")
