@@ -7,6 +7,7 @@ threads of the next batch and the next checkpoint, exactly."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -153,16 +155,27 @@ def test_a_fill_failing_during_a_restore_fails_the_restore_and_leaves_nothing(sa
     monkeypatch.setattr(executor_module.Executor, "_start_restore_tracker", lambda self: None)
     monkeypatch.setattr(Snapshot, "_fill_from",
                         lambda self, memory: (_ for _ in ()).throw(OSError(errno.ENOSPC, "no space")))
-    with App(PAGE_SIZE, backend="threads", workers=1):
-        pass  # process-wide helper threads start with the first App: counted in `before`
-    before = len(os.listdir("/proc/self/task"))
+    made = []
+    real_init = executor_module.Executor.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append((weakref.ref(self), self._alive))
+
+    monkeypatch.setattr(executor_module.Executor, "__init__", recording_init)
     with pytest.raises(OSError, match="no space"):
         App.restore(path, backend="threads", workers=1)
-    for _ in range(200):  # a joined thread's OS thread may take a moment to exit
-        if len(os.listdir("/proc/self/task")) <= before:
+    ((ref, alive),) = made
+    executor = ref()
+    if executor is not None:  # closed by the restore, whether or not collected yet
+        assert executor.closed and executor.memory.closed and executor.snapshot.closed
+    del executor
+    gc.collect()  # the batch thread ends once its executor is gone
+    for _ in range(500):
+        if not alive.is_set():
             break
         time.sleep(0.01)
-    assert len(os.listdir("/proc/self/task")) <= before
+    assert not alive.is_set() and ref() is None
 
 
 def test_an_alloc_that_grows_memory_right_after_a_restore_keeps_every_byte(tmp_path):
