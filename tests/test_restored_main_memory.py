@@ -966,6 +966,9 @@ def test_four_threads_first_writing_the_same_huge_pages_at_once_are_all_seen(hug
 @pytest.mark.parametrize("mode", ["uffd", "uffd-async"])
 def test_kernel_writes_into_a_loaded_region_are_seen(huge_saved, mode):
     require(mode)
+    support = pagefork.probe()[mode]
+    if not support.kernel_writes:  # user-mode-only userfaultfd (an unprivileged user): EFAULT
+        pytest.skip(f"{mode} cannot take kernel writes here: {support.kernel_writes_reason}")
     path, _ = huge_saved
     with ck.load(path) as loaded, pagefork.tracker(mode) as t:
         t.start(loaded)
