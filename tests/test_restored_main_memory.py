@@ -51,8 +51,7 @@ def _bump(mem, i, n, where):
 @pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
 def test_writes_after_a_restore_are_in_the_next_checkpoint_exactly(saved, tracking):
     path, expected = saved
-    if tracking is not None:
-        require(tracking)
+    _require_tracking(tracking)
     with App.restore(path, backend="threads", workers=1, tracking=tracking) as app:
         a = app["a"]
         assert np.array_equal(a, expected)
@@ -93,6 +92,31 @@ def test_the_first_batch_after_a_restore_sees_the_main_programs_writes(saved, ba
         assert app.parallel(_bump, 1, args=(9,)) == [8]
         expected[9] = 8
         assert np.array_equal(app["a"], expected)
+
+
+def test_two_threads_starting_the_first_batches_after_a_restore_at_once(saved):
+    """The first of them fills the snapshot, the other waits its turn: both
+    see the main program's write and merge exactly."""
+    path, expected = saved
+    with App.restore(path, backend="threads", workers=2) as app:
+        app["a"][5] = 100
+        results: list = [None, None]
+
+        def run(k):
+            results[k] = app.parallel(_bump, 2, args=(5 + k * PER_PAGE,))
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [[101, 101], [PER_PAGE + 6, PER_PAGE + 6]]
+        expected[5] = 102
+        expected[5 + PER_PAGE] += 2
+        assert np.array_equal(app["a"], expected)
+        assert app.checkpoint(path).pages == 2
+    with App.restore(path, backend="threads", workers=1) as back:
+        assert np.array_equal(back["a"], expected)
 
 
 def test_writes_made_while_the_snapshot_fills_are_not_lost(saved, monkeypatch):
@@ -238,10 +262,24 @@ def _run(script: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+def _run_ok(script: str) -> None:
+    """Runs ``script`` in a fresh interpreter: it must exit 0 having printed
+    exactly "ok"."""
+    result = _run(script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def _require_tracking(tracking: str | None) -> None:
+    """Skips unless ``tracking`` (None: the App's default) works here."""
+    if tracking is not None:
+        require(tracking)
+
+
 @pytest.mark.parametrize("ending", ["exit", "close then exit", "del then exit", "fork"])
 def test_a_restored_app_never_filled_ends_cleanly(saved, ending):
     path, expected = saved
-    result = _run(f"""
+    _run_ok(f"""
         import gc, os, sys
         import numpy as np
         from pagefork import App
@@ -269,8 +307,6 @@ def test_a_restored_app_never_filled_ends_cleanly(saved, ending):
             assert a[4] == -4
         print("ok")
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
 
 
 # ---- the native remap behind it ------------------------------------------------------------
@@ -450,8 +486,7 @@ def test_one_written_page_of_a_huge_page_is_exactly_one_checkpointed_page(tmp_pa
     """Restored main memory may sit on transparent huge pages: a write to
     one 4 KiB page of one must still be exactly one page of the next
     checkpoint and of the first batch's carried writes."""
-    if tracking is not None:
-        require(tracking)
+    _require_tracking(tracking)
     size = 8 << 20
     n = size // 8
     with App(size, backend="threads", workers=1) as app:
@@ -480,9 +515,8 @@ def test_after_a_fork_before_the_fill_the_parent_stays_exact(saved, tracking):
     App, and exits 0; the parent's later writes are exactly the next
     checkpoint's pages, and the child's never reach it."""
     path, expected = saved
-    if tracking is not None:
-        require(tracking)
-    result = _run(f"""
+    _require_tracking(tracking)
+    _run_ok(f"""
         import os
         import numpy as np
         from pagefork import App, PageforkError
@@ -506,8 +540,6 @@ def test_after_a_fork_before_the_fill_the_parent_stays_exact(saved, tracking):
         app.close()
         print("ok")
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
     expected[[1, PER_PAGE * 50]] = [-1, -50]
     with App.restore(path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
@@ -544,9 +576,8 @@ def test_views_kept_past_an_unfilled_app_stay_writable(saved, tracking, ending):
     memory (no SIGSEGV from a protection left behind, no fault thread
     waited on)."""
     path, _ = saved
-    if tracking is not None:
-        require(tracking)
-    result = _run(f"""
+    _require_tracking(tracking)
+    _run_ok(f"""
         import gc
         from pagefork import App
         app = App.restore({str(path)!r}, backend="threads", workers=1, tracking={tracking!r})
@@ -562,8 +593,6 @@ def test_views_kept_past_an_unfilled_app_stay_writable(saved, tracking, ending):
         assert int(a.sum()) == 7 * (a.size - 1) + 3
         print("ok")
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
 
 
 def test_ctrl_c_anywhere_in_the_first_writes_batch_and_checkpoint_then_checkpoints_are_exact(saved):
@@ -830,7 +859,7 @@ def test_load_works_on_a_kernel_without_transparent_huge_pages(huge_saved):
     if os.uname().machine != "x86_64":
         pytest.skip("the seccomp filter is written for x86-64")
     path, expected = huge_saved
-    result = _run(_NO_THP_KERNEL + f"""
+    _run_ok(_NO_THP_KERNEL + f"""
     import hashlib, mmap
     import numpy as np
     import pagefork
@@ -845,8 +874,6 @@ def test_load_works_on_a_kernel_without_transparent_huge_pages(huge_saved):
         assert np.flatnonzero(t.dirty_pages(loaded, "global")).tolist() == [3]
     print("ok")
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
 
 
 def test_sigint_at_random_instants_of_a_load_leaves_no_region_on_huge_pages(huge_saved):
