@@ -52,3 +52,33 @@ def test_signal_handler_stays_async_signal_safe():
                  "pf_range_begin_exclusive", "pf_range_end_exclusive"):
         for forbidden in ("malloc", "calloc", "free(", "Py", "pthread_mutex"):
             assert forbidden not in registry[name], f"{name} uses {forbidden}"
+
+
+def test_native_files_call_each_other_without_cycles():
+    """Each C file calls functions of files below it only (the registry and
+    helpers below the mechanisms); shared work such as the after-fork
+    clean-up goes through hooks a lower file owns, not a circle of calls.
+    Function pointers handed over (the method table, fork hooks) are not calls."""
+    texts = {p.name: p.read_text() for p in NATIVE.glob("*.c")}
+    defined = {name: file for file, text in texts.items() for name, _ in functions(text)
+               if name.startswith("pf_")}
+    calls = {file: {defined[name] for name in re.findall(r"\b(pf_\w+)\s*\(", text)
+                    if defined.get(name, file) != file}
+             for file, text in texts.items()}
+    assert defined and any(calls.values())
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(file: str, path: list[str]) -> None:
+        state[file] = 1
+        for callee in sorted(calls[file]):
+            if state.get(callee) == 1:
+                cycles.append(" -> ".join(path[path.index(callee):] + [file, callee]))
+            elif callee not in state:
+                visit(callee, path + [file])
+        state[file] = 2
+
+    for file in sorted(calls):
+        if file not in state:
+            visit(file, [])
+    assert cycles == []

@@ -93,6 +93,16 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     pf_page_size = (size_t)sysconf(_SC_PAGESIZE);
+    /* Once per process (a module is initialized once), in this order. */
+    static int hooks_added;
+    if (!hooks_added) {
+        if (pf_registry_add_fork_hook(pf_uffd_forget_after_fork) < 0 ||
+            pf_registry_add_fork_hook(pf_uffd_async_forget_after_fork) < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pagefork: too many fork hooks");
+            return NULL;
+        }
+        hooks_added = 1;
+    }
     if (PyType_Ready(&PfMappingType) < 0 || PyType_Ready(&PfTrackingType) < 0 ||
         PyType_Ready(&PfBufferType) < 0)
         return NULL;

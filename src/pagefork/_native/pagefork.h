@@ -148,6 +148,10 @@ pf_thread_slot *pf_range_thread_slot(pf_range *r, pid_t tid, int create);
  * range are released, so a thread that never calls stop_thread neither keeps
  * a slot nor hands its flags to a later thread with the same id. */
 void pf_thread_tracking_started(void);
+/* Adds a function a fork()ed child runs (in the order added, once the
+ * registry's pthread_atfork handlers are installed) to drop what it inherited
+ * of a mechanism. Call at module init; returns -1 when the list is full. */
+int pf_registry_add_fork_hook(void (*hook)(void));
 /* Keeps fault handlers out of r between begin and end (GIL held): a handler
  * already inside finishes first, new ones wait until end. */
 void pf_range_begin_exclusive(pf_range *r);
@@ -242,7 +246,7 @@ int pf_uffd_protect(int fd, pf_range *r, size_t first, size_t count, int protect
 /* madvise(MADV_UNMERGEABLE): KSM merges drop userfaultfd write-protection. */
 void pf_keep_out_of_ksm(pf_range *r, size_t first, size_t count);
 PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
-/* pthread_atfork child handlers: close the inherited (parent's) descriptors. */
+/* Fork hooks (pf_registry_add_fork_hook): close the inherited (parent's) descriptors. */
 void pf_uffd_forget_after_fork(void);
 void pf_uffd_async_forget_after_fork(void);
 

@@ -35,6 +35,20 @@ static pthread_key_t exit_key;
  * first access, which a signal handler must never do. */
 static __thread pid_t cached_tid __attribute__((tls_model("initial-exec")));
 
+/* What each mechanism drops in a fork()ed child (pf_registry_add_fork_hook),
+ * run in the order added. Filled at module init, before any fork. */
+#define PF_MAX_FORK_HOOKS 8
+static void (*fork_hooks[PF_MAX_FORK_HOOKS])(void);
+static int n_fork_hooks;
+
+int pf_registry_add_fork_hook(void (*hook)(void))
+{
+    if (n_fork_hooks == PF_MAX_FORK_HOOKS)
+        return -1;
+    fork_hooks[n_fork_hooks++] = hook;
+    return 0;
+}
+
 static void lock_all(void) { pthread_mutex_lock(&all_lock); }
 static void unlock_all(void) { pthread_mutex_unlock(&all_lock); }
 
@@ -50,7 +64,8 @@ static void forget_tid_in_child(void)
     atomic_store(&registry_readers, 0);
     pthread_mutex_unlock(&all_lock); /* held across fork by lock_all */
     cached_tid = 0;
-    pf_uffd_forget_after_fork();
+    for (int i = 0; i < n_fork_hooks; i++)
+        fork_hooks[i]();
 }
 
 /* pthread key destructor: the thread is exiting. Runs without the GIL. */

@@ -163,7 +163,6 @@ void pf_uffd_forget_after_fork(void)
     if (sync_fd >= 0)
         close(sync_fd);
     sync_fd = -1;
-    pf_uffd_async_forget_after_fork();
 }
 
 static int sync_descriptor(void)
