@@ -1146,7 +1146,7 @@ def test_the_batch_threads_done_latch():
     unlocked lock' (seen once in a SIGINT stress loop; every later parallel()
     raised 'the batch thread has ended'). A waiter stopped between taking and
     giving back the latch's lock costs other waiters one poll, nothing more."""
-    from pagefork.executor import _Latch
+    from pagefork._batch_thread import Latch as _Latch
     latch = _Latch()
     assert not latch.is_set() and latch.wait(0.001) is False
     threading.Timer(0.05, latch.set).start()

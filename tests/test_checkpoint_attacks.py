@@ -16,6 +16,7 @@ import pytest
 
 import pagefork
 from pagefork import PAGE_SIZE, App, CorruptDataError, Region
+from pagefork import _checkpoint_versions as _chain
 from pagefork import checkpoint as ck
 from pagefork._checkpoint_format import Manifest
 
@@ -349,11 +350,11 @@ def test_a_commit_never_replaces_a_version_another_writer_committed(tmp_path, mo
     ck.save(region, target)
     before = ck.load(target)
     np.frombuffer(region, np.uint8)[:] = 2
-    real = ck._manifests
-    monkeypatch.setattr(ck, "_manifests", lambda store: {})  # blind to version 1: picks it again
+    real = _chain.manifests
+    monkeypatch.setattr(_chain, "manifests", lambda store: {})  # blind to version 1: picks it again
     with pytest.raises(pagefork.PageforkError, match="another writer"):
         ck.save(region, target)
-    monkeypatch.setattr(ck, "_manifests", real)
+    monkeypatch.setattr(_chain, "manifests", real)
     after = ck.load(target)
     assert bytes(memoryview(after)) == bytes(memoryview(before))
     assert [v.version for v in ck.versions(target)] == [1]

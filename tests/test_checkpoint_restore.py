@@ -19,6 +19,7 @@ import pagefork
 from pagefork import PAGE_SIZE, App, CorruptDataError, Region
 from pagefork import _checkpoint_format as fmt
 from pagefork import _native
+from pagefork import _checkpoint_versions as _chain
 from pagefork import checkpoint as ck
 
 
@@ -314,8 +315,8 @@ def test_main_memory_read_but_not_written_is_not_remapped_by_a_checkpoint(tmp_pa
 
 def test_a_save_reads_a_bounded_number_of_manifests_whatever_the_history(tmp_path, monkeypatch):
     reads = []
-    real = ck._read_manifest
-    monkeypatch.setattr(ck, "_read_manifest", lambda store, v: (reads.append(v), real(store, v))[1])
+    real = _chain.read_manifest
+    monkeypatch.setattr(_chain, "read_manifest", lambda store, v: (reads.append(v), real(store, v))[1])
     with Region(16 * PAGE_SIZE) as region, pagefork.tracker(_reset_mode()) as t:
         t.start(region)
         per_save = []

@@ -357,7 +357,7 @@ def test_a_reply_claiming_more_than_the_memory_is_refused(claim):
 
     from pagefork import CorruptDataError
     from pagefork.backends.dask import compress_batch, decompress_batch
-    from pagefork.snapshot import Diff
+    from pagefork.diffs import Diff
 
     good = compress_batch([Diff(8, b"\x01" * 8)])
     assert list(decompress_batch(good, PAGE_SIZE)) == [Diff(8, b"\x01" * 8)]
@@ -712,7 +712,7 @@ def test_damaged_replies_are_corrupt_data_never_another_error():
     from fuzzing import mutate
     from pagefork import CorruptDataError
     from pagefork.backends.dask import compress_batch, decompress_batch
-    from pagefork.snapshot import Diff
+    from pagefork.diffs import Diff
 
     rng = random.Random(7)
     seeds = [compress_batch([Diff(rng.randrange(1 << 16), rng.randbytes(rng.randrange(1, 300)))

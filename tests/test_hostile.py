@@ -198,7 +198,7 @@ def test_receive_buffer_changed_after_decode(diffs, edits):
     """decode is zero-copy; a receive buffer changed after decode changes the
     batch. apply then does exactly what the batch says at that moment (the
     reference model), or refuses it with nothing changed."""
-    from pagefork.snapshot import _column_error
+    from pagefork.diffs import column_error as _column_error
 
     buffer = bytearray(wire.encode(diffs))
     batch = wire.decode(buffer)

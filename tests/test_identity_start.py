@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from pagefork import PAGE_SIZE, App, ConflictError, CorruptDataError, WorkerError
 from pagefork.identity import identity_of
-from pagefork.snapshot import MergeOp
+from pagefork.merge import MergeOp
 
 BACKENDS = ["threads", "processes"]
 
@@ -366,7 +366,7 @@ def test_checkpoints_record_the_start(tmp_path):
        n=st.integers(0, 600), changes=st.lists(st.integers(0, 599), max_size=80), seed=st.integers(0, 99))
 def test_identity_diff_matches_the_diff_against_a_filled_reference(rule_dtype, n, changes, seed):
     from pagefork import DataType, _native
-    from pagefork.snapshot import DiffBatch
+    from pagefork.diffs import DiffBatch
 
     rule, dtype = rule_dtype
     dt, op = np.dtype(dtype), MergeOp.of(rule)
@@ -653,8 +653,9 @@ def test_the_combining_workspace_resets_only_the_runs_of_its_last_thread():
     each finds the buffer it left and only its runs are put back."""
     from pagefork import Snapshot
     from pagefork.backends.combine import CombiningWorkspace
-    from pagefork.executor import Allocation, BatchSpec, thread_tracking_mode
-    from pagefork.snapshot import DataType, MergeOp, MergeRegion
+    from pagefork.batch import BatchSpec, thread_tracking_mode
+    from pagefork.layout import Allocation
+    from pagefork.merge import DataType, MergeOp, MergeRegion
 
     def work(mem, i, n):
         mem["acc"][i * 10] += i + 1
@@ -746,7 +747,7 @@ def test_identity_diff_refuses_hostile_buffers():
             _native.identity_diff(bytes(16), identity, i64, add)
     frozen = np.arange(1000, dtype=np.int64)
     frozen.flags.writeable = False
-    from pagefork.snapshot import DiffBatch
+    from pagefork.diffs import DiffBatch
 
     got = DiffBatch._from_native(_native.identity_diff(frozen, np.zeros(1, np.int64), i64, add))
     assert got.offsets.tolist() == [8] and got.lengths.tolist() == [999 * 8]
@@ -985,7 +986,7 @@ def test_a_frame_a_profiler_held_cannot_hide_a_kept_view(profiled):
     merged as the next thread's (99s in main memory, seen on Dask workers)."""
     import sys
 
-    from pagefork.executor import Allocation
+    from pagefork.layout import Allocation
     from pagefork.identity import IdentityBuffers
 
     a = Allocation("acc", 0, (1000,), "<i8", MergeOp.SUM, "identity")
@@ -1210,7 +1211,7 @@ def test_a_profiler_holding_frames_while_the_counts_are_calibrated_cannot_hide_a
     sampling one), it costs at most a new buffer."""
     import sys
 
-    from pagefork.executor import Allocation
+    from pagefork.layout import Allocation
     from pagefork.identity import IdentityBuffers, _Buffer
 
     monkeypatch.setattr(_Buffer, "_own", None)  # restored after the test

@@ -19,7 +19,7 @@ import pagefork
 from pagefork import App, PAGE_SIZE, Region, Snapshot, WorkerError, _native
 from pagefork.backends import replies
 from pagefork.backends.combine import combinable, split_regions
-from pagefork.snapshot import DataType, MergeOp, MergeRegion
+from pagefork.merge import DataType, MergeOp, MergeRegion
 
 import reference
 
@@ -577,7 +577,7 @@ def test_one_small_batch_between_big_ones_keeps_the_thread_memory():
 def test_merged_batches_flag_exactly_the_pages_they_change(diffs):
     """The pages a merged batch flags unsaved (for incremental checkpoints):
     every page a non-IGNORE, non-empty diff spans, and no other."""
-    from pagefork.snapshot import Diff, DiffBatch
+    from pagefork.diffs import Diff, DiffBatch
 
     with App(24 * PAGE_SIZE, backend="threads", workers=1) as app:
         executor = app._executor

@@ -26,7 +26,9 @@ from ._errors import (  # noqa: E402
     WorkerError,
 )
 from .memory import PAGE_SIZE, Region  # noqa: E402
-from .snapshot import DataType, Diff, DiffBatch, MergeOp, MergeRegion, Snapshot  # noqa: E402
+from .merge import DataType, MergeOp, MergeRegion  # noqa: E402
+from .diffs import Diff, DiffBatch  # noqa: E402
+from .snapshot import Snapshot  # noqa: E402
 from .tracking import MODES, Support, Tracker, probe, tracker  # noqa: E402
 from . import compact, delta, wire  # noqa: E402
 from . import checkpoint  # noqa: E402

@@ -26,7 +26,8 @@ import numpy as np
 from . import _native, wire
 from ._errors import CorruptDataError
 from ._sizes import PAGE_SIZE
-from .snapshot import DiffBatch, MergeOp
+from .diffs import DiffBatch
+from .merge import MergeOp
 
 MAGIC = b"PFCK"
 VERSION = 1

@@ -12,10 +12,11 @@ from . import checkpoint as _checkpoint
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, parse_size, round_to_pages
 from .backends import make_backend
-from .executor import DEFAULT_CLOSE_TIMEOUT, Allocation, BatchStats, Executor, dtype_of, dtype_text
+from .executor import DEFAULT_CLOSE_TIMEOUT, BatchStats, Executor
 from .identity import check_start
 from .memory import Region
-from .snapshot import DataType, MergeOp, MergeRegion
+from .layout import Allocation, dtype_of, dtype_text
+from .merge import DataType, MergeOp, MergeRegion
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
@@ -94,7 +95,7 @@ class App:
         self._layout: dict[str, Allocation] = {}
         self._top = 0
         # (target, version, that version's own object) written or restored
-        self._last_checkpoint: tuple[str, int, str] | None = None
+        self._last_checkpoint: _checkpoint.SavedAt | None = None
 
     # ---- memory ----------------------------------------------------------------
 
@@ -223,8 +224,10 @@ class App:
         URL); ``keep`` prunes all but the newest versions. Call it between
         batches. Returns the version, pages, bytes written and seconds."""
         self._check_open()
-        return _checkpoint.save_app(self, target, keep=keep, base_every=base_every,
-                                    base_fraction=base_fraction, compress=compress)
+        return _checkpoint.save_executor(self._executor, target, layout=self._checkpoint_layout,
+                                         last=self._last_checkpoint, saved=self._saved, keep=keep,
+                                         base_every=base_every, base_fraction=base_fraction,
+                                         compress=compress)
 
     @classmethod
     def restore(cls, target: Any, *, version: int | None = None, **app_kwargs: Any) -> App:
@@ -232,7 +235,22 @@ class App:
         of checkpoint ``version`` (default: the newest) of ``target``;
         ``app_kwargs`` (backend, workers, ...) go to the constructor. The
         next ``checkpoint`` to the same target is an increment on it."""
-        return _checkpoint.restore_app(cls, target, version=version, **app_kwargs)
+        image = _checkpoint.find_app_image(target, version)
+        for key in ("size", "max_size"):
+            if key in app_kwargs:
+                raise TypeError(f"App.restore takes {key} from the checkpoint, not as an argument")
+        manifest = image.manifest
+        app = cls(manifest.size, max_size=max(manifest.max_size, manifest.size), **app_kwargs)
+        try:
+            counter = app._restore_layout(image.layout)  # checked before any byte is read
+            app._last_checkpoint = _checkpoint.restore_executor(image, app._executor, counter)
+        except BaseException:
+            app.close()
+            raise
+        return app
+
+    def _saved(self, at: _checkpoint.SavedAt) -> None:
+        self._last_checkpoint = at
 
     def _checkpoint_layout(self) -> dict[str, Any]:
         return {"version": self._executor.version, "top": self._top,

@@ -25,14 +25,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from . import _native
-from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, ObjectWriter,
-                                 check_object, iter_refs, manifest_name, manifest_version,
-                                 object_version, pages_body, read_object)
+from . import _checkpoint_versions as _chain
+from ._checkpoint_format import Manifest, iter_refs, manifest_name, read_object
+from ._checkpoint_versions import CheckpointInfo
 from ._checkpoint_store import open_store
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE
@@ -40,28 +39,16 @@ from .memory import Region
 from .tracking import Tracker
 
 if TYPE_CHECKING:
-    from .app import App
+    from .executor import Executor
 
 __all__ = ["CheckpointInfo", "VersionInfo", "save", "load", "versions", "verify",
-           "save_app", "restore_app"]
+           "SavedAt", "AppImage", "save_executor", "find_app_image", "restore_executor"]
 
 Target = Any  # a folder path, os.PathLike, or an fsspec URL string
 
 DEFAULT_BASE_EVERY = 10
 DEFAULT_BASE_FRACTION = 0.5
 DEFAULT_COMPRESS = 1
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What one checkpoint did."""
-
-    version: int
-    base: bool           # a whole image rather than an increment
-    pages: int           # pages written
-    bytes_written: int   # bytes of data object and manifest
-    seconds: float
-    chain_length: int    # increments on top of the base this version restores from
 
 
 @dataclass(frozen=True)
@@ -81,130 +68,6 @@ class VersionInfo:
 
 
 # ---- shared machinery --------------------------------------------------------------
-
-def _manifests(store: Any) -> dict[int, str]:
-    found = {}
-    for name in store.names():
-        v = manifest_version(name)
-        if v is not None:
-            found[v] = name
-    return found
-
-
-def _read_manifest(store: Any, version: int) -> Manifest:
-    name = manifest_name(version)
-    try:
-        with store.open(name) as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise CorruptDataError(f"checkpoint version {version} in {store.description}: its manifest "
-                               f"{name} is missing") from None
-    except CorruptDataError as exc:
-        raise _damage(store, version, name, str(exc)) from None
-    try:
-        manifest = Manifest.decode(data)
-    except CorruptDataError as exc:
-        raise _damage(store, version, name, str(exc)) from None
-    if manifest.version != version:
-        raise _damage(store, version, name, f"it describes version {manifest.version}")
-    return manifest
-
-
-def _damage(store: Any, version: int, name: str, why: str) -> CorruptDataError:
-    err = CorruptDataError(f"checkpoint version {version} in {store.description}: object "
-                           f"{name} is damaged: {why}")
-    err.version = version  # type: ignore[attr-defined]
-    err.object = name  # type: ignore[attr-defined]
-    return err
-
-
-def _pick_version(store: Any, version: int | None) -> int:
-    found = _manifests(store)
-    if not found:
-        raise FileNotFoundError(f"no checkpoint in {store.description}")
-    if version is None:
-        return max(found)
-    if version not in found:
-        raise ValueError(f"no checkpoint version {version} in {store.description}; it has "
-                         f"{_ranges(sorted(found))}")
-    return version
-
-
-def _ranges(values: list[int]) -> str:
-    parts, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ", ".join(parts)
-
-
-def _restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: bool) -> None:
-    """Writes the image of ``manifest`` into ``memory``, which is at least
-    ``manifest.size`` bytes (``zeroed``: it holds only zeros)."""
-    view = memoryview(memory).cast("B")
-    try:
-        for ref in manifest.objects:
-            try:
-                with store.open(ref.name) as f:
-                    size, batch = read_object(f, ref, view[: manifest.size] if ref.kind == "base" else None,
-                                              manifest.size)
-            except FileNotFoundError:
-                raise _missing(store, manifest.version, ref) from None
-            except CorruptDataError as exc:
-                raise _damage(store, manifest.version, ref.name,
-                              f"{exc} (written by version {ref.version})") from None
-            if size > manifest.max_size:
-                raise _damage(store, manifest.version, ref.name, f"its memory of {size} bytes is "
-                              f"past the manifest's max_size {manifest.max_size}")
-            if batch is not None and len(batch):
-                _native.apply(view[: manifest.size], *batch.columns())
-            if ref.kind == "base" and size < manifest.size and not zeroed:
-                # The memory grew after the base: what was never written reads as zero.
-                np.frombuffer(view, np.uint8, manifest.size - size, size)[:] = 0
-    finally:
-        view.release()
-
-
-def _check_objects(store: Any, manifest: Manifest) -> None:
-    """Checks every object ``manifest`` needs (headers, lengths, CRC32Cs;
-    increments decoded) without writing anything: before a restore into
-    memory that must stay as it was if the checkpoint is damaged."""
-    for ref in manifest.objects:
-        try:
-            with store.open(ref.name) as f:
-                check_object(f, ref, manifest.size)
-        except FileNotFoundError:
-            raise _missing(store, manifest.version, ref) from None
-        except CorruptDataError as exc:
-            raise _damage(store, manifest.version, ref.name,
-                          f"{exc} (written by version {ref.version})") from None
-
-
-def _missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
-    err = CorruptDataError(f"checkpoint version {version} in {store.description}: object "
-                           f"{ref.name} (written by version {ref.version}) is missing")
-    err.version = version  # type: ignore[attr-defined]
-    err.object = ref.name  # type: ignore[attr-defined]
-    return err
-
-
-def _own_version(store: Any, version: int, own_object: str) -> Manifest | None:
-    """The manifest of ``version`` if it is still the newest version of
-    ``store`` and still the one this process wrote or restored (its own
-    object is ``own_object``), else None: a new chain starts. A target
-    emptied and refilled by another writer can reach the same version
-    number with other bytes; an increment on it would restore wrong ones."""
-    if max(_manifests(store), default=0) != version:
-        return None
-    try:
-        manifest = _read_manifest(store, version)
-    except CorruptDataError:
-        return None
-    return manifest if manifest.objects[-1].name == own_object else None
-
 
 def _check_options(keep: Any, base_every: Any, base_fraction: Any, compress: Any) -> None:
     """Refuses bad options before a save touches the tracker or the target."""
@@ -229,99 +92,6 @@ def _check_options(keep: Any, base_every: Any, base_fraction: Any, compress: Any
         if not -(1 << 17) <= compress <= 22:
             raise ValueError(f"compress is a zstd level from -131072 to 22 (or None), got {compress}")
 
-
-def _commit(store: Any, *, source: memoryview, size: int, max_size: int,
-            pages: np.ndarray | None, parent: Manifest | None, app: dict[str, Any] | None,
-            base_every: int, base_fraction: float, keep: int | None,
-            compress: int | None, t0: float, live: bool) -> tuple[CheckpointInfo, Manifest]:
-    """Writes one version: a base when ``pages`` is None, there is no
-    parent, or the parent's chain is long or large enough; else an
-    increment of ``pages`` on top of ``parent``. ``live``: other threads
-    may be writing ``source``."""
-    store.remove_stale_temporaries()
-    found = _manifests(store)
-    version = max(found, default=0) + 1
-    as_base = (pages is None or parent is None or parent.chain_length >= base_every
-               or parent.increment_bytes > base_fraction * size)
-    if as_base:
-        n_pages = -(-size // PAGE_SIZE)
-        writer = ObjectWriter(KIND_IMAGE, size, source[:size], compress, live=live)
-    else:
-        assert pages is not None
-        n_pages = int(np.count_nonzero(pages))
-        writer = ObjectWriter(KIND_PAGES, size, pages_body(source, size, pages), compress)
-    name = f"v{version:010d}-{os.urandom(4).hex()}.{'base' if as_base else 'incr'}"
-    store.put(name, writer.chunks())
-    length = writer.length
-    ref = ObjectRef(name, version, "base" if as_base else "increment", length, writer.crc, n_pages)
-    objects = [ref] if as_base else [*parent.objects, ref]  # type: ignore[union-attr]
-    manifest = Manifest(version, None if parent is None else parent.version, time.time(), size,
-                        max_size, PAGE_SIZE, n_pages, length, objects, app)
-    encoded = manifest.encode()
-    try:
-        store.put(manifest_name(version), [encoded], exclusive=True)  # the commit
-    except FileExistsError:
-        raise PageforkError(f"checkpoint version {version} of {store.description} was committed by "
-                            "another writer meanwhile: one writer per target (this version was "
-                            "not written)") from None
-    if keep is not None:
-        _prune(store, {**found, version: manifest_name(version)}, keep, manifest)
-    else:
-        _remove_orphans(store, {**found, version: manifest_name(version)}, manifest)
-    info = CheckpointInfo(version, as_base, n_pages, length + len(encoded),
-                          time.perf_counter() - t0, manifest.chain_length)
-    return info, manifest
-
-
-def _referenced(store: Any, found: dict[int, str], newest: Manifest) -> set[str] | None:
-    names = {r.name for r in newest.objects}
-    for v in found:
-        if v == newest.version:
-            continue
-        try:
-            names.update(r.name for r in _read_manifest(store, v).objects)
-        except CorruptDataError:
-            return None  # cannot tell what a damaged manifest needs: delete nothing
-    return names
-
-
-def _remove_orphans(store: Any, found: dict[int, str], newest: Manifest) -> None:
-    """Deletes data objects no manifest names, left by a save killed (or
-    failed) before its commit: the next save reuses that version number,
-    so they carry its number or, if that save itself was killed after its
-    commit and before this clean-up, the number before. Only those two
-    versions' objects are looked at and only their manifests read, so a
-    save costs the same after ten versions or ten thousand."""
-    recent = newest.version - 1
-    referenced = {r.name for r in newest.objects}
-    candidates = [n for n in store.names() if n not in referenced
-                  and (v := object_version(n)) is not None and recent <= v <= newest.version]
-    if not candidates:
-        return
-    if recent in found:
-        try:
-            referenced.update(r.name for r in _read_manifest(store, recent).objects)
-        except CorruptDataError:
-            return  # cannot tell what a damaged manifest needs: delete nothing
-    for n in candidates:
-        if n not in referenced:
-            store.delete(n)
-
-
-def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> None:
-    """Keeps the newest ``keep`` versions; deletes the other manifests
-    (oldest first) and then every object no kept version needs."""
-    kept = sorted(found)[-keep:]
-    kept_found = {v: found[v] for v in kept}
-    referenced = _referenced(store, kept_found, newest)
-    if referenced is None:
-        return
-    for v in sorted(found):
-        if v not in kept_found:
-            store.delete(found[v])
-    for n in store.names():
-        if manifest_version(n) is None and n.endswith((".base", ".incr")) and n not in referenced:
-            store.delete(n)
 
 
 # ---- bare regions -----------------------------------------------------------------------
@@ -416,7 +186,7 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
             last, last_object, shrinks = entry[2], entry[3], entry[4]
     parent = None
     if last is not None:
-        parent = _own_version(store, last, last_object)
+        parent = _chain.own_version(store, last, last_object)
         if parent is not None and (parent.size != region.size or region._shrinks != shrinks):
             parent = None  # resized: a new base (pages cut off and regrown are not tracked)
     # Read-and-re-arm before copying: a write after this point is flagged
@@ -426,7 +196,7 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
         pages = tracker.dirty_pages(region, "global", reset=True)
     view = memoryview(region).cast("B")
     try:
-        info, manifest = _commit(store, source=view, size=region.size, max_size=region.max_size,
+        info, manifest = _chain.commit(store, source=view, size=region.size, max_size=region.max_size,
                           pages=pages if parent is not None else None, parent=parent, app=None,
                           base_every=base_every, base_fraction=base_fraction, keep=keep,
                           compress=compress, t0=t0, live=True)
@@ -461,8 +231,8 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     can still fail the copy part-way: then ``into`` holds a mix of old and
     new bytes."""
     store = open_store(target)
-    v = _pick_version(store, version)
-    manifest = _read_manifest(store, v)
+    v = _chain.pick_version(store, version)
+    manifest = _chain.read_manifest(store, v)
     if into is not None:
         if not isinstance(into, Region):
             raise TypeError(f"into must be a pagefork Region, not {type(into).__name__}")
@@ -471,7 +241,7 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
                                    f"region's max_size is {into.max_size}")
         if into.closed:
             raise PageforkError("the region is closed")
-        _check_objects(store, manifest)
+        _chain.check_objects(store, manifest)
         if into.size != manifest.size:
             into.resize(manifest.size)
         memory = into
@@ -480,7 +250,7 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     try:
         if into is None:
             memory._advise_huge(True)  # filled whole: 2 MiB page faults, not 4 KiB ones
-        _restore_into(store, manifest, memory, zeroed=into is None)
+        _chain.restore_into(store, manifest, memory, zeroed=into is None)
         if into is None:
             memory._advise_huge(False)  # a region is tracked page by page: no new huge pages
     except BaseException:
@@ -490,17 +260,31 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     return memory
 
 
-# ---- Apps ------------------------------------------------------------------------------
+# ---- an App's executor ------------------------------------------------------------
+# App.checkpoint and App.restore (app.py) glue these to the App's layout.
 
-def save_app(app: App, target: Target, *, keep: int | None = None,
-             base_every: int = DEFAULT_BASE_EVERY, base_fraction: float = DEFAULT_BASE_FRACTION,
-             compress: int | None = DEFAULT_COMPRESS) -> CheckpointInfo:
-    """``App.checkpoint``: the executor's main-memory pages changed since
-    this App's last checkpoint to ``target``, with the layout."""
+@dataclass(frozen=True)
+class SavedAt:
+    """Where an executor's memory was checkpointed last: the next checkpoint
+    to the same target is an increment on it, if it is still there."""
+
+    target: str       # the store's description
+    version: int
+    last_object: str  # the newest object of that version (its data)
+
+
+def save_executor(executor: Executor, target: Target, *, layout: Callable[[], dict[str, Any]],
+                  last: SavedAt | None, saved: Callable[[SavedAt], None], keep: int | None = None,
+                  base_every: int = DEFAULT_BASE_EVERY, base_fraction: float = DEFAULT_BASE_FRACTION,
+                  compress: int | None = DEFAULT_COMPRESS) -> CheckpointInfo:
+    """The executor's main-memory pages changed since ``last`` (all of them
+    if ``last`` is None or elsewhere) to ``target``, with ``layout()`` as the
+    manifest's App layout; ``saved`` learns where they went. Both callbacks
+    run on the executor's batch thread: never during a batch, never cut off
+    half-way."""
     t0 = time.perf_counter()
     _check_options(keep, base_every, base_fraction, compress)
     store = open_store(target)
-    executor = app._executor
 
     def save(_: Any) -> CheckpointInfo:
         # Every change to main memory since the last checkpoint: the pages
@@ -508,55 +292,60 @@ def save_app(app: App, target: Target, *, keep: int | None = None,
         # wrote (carried into the snapshot here), and growth.
         executor.carry_main_writes()
         pages = executor.unsaved_pages()
-        last = app._last_checkpoint
         parent = None
-        if last is not None and last[0] == store.description:
-            parent = _own_version(store, last[1], last[2])
-        meta = app._checkpoint_layout()
+        if last is not None and last.target == store.description:
+            parent = _chain.own_version(store, last.version, last.last_object)
+        meta = layout()
         snapshot = executor.snapshot
-        info, manifest = _commit(store, source=snapshot.view(), size=snapshot.size,
+        info, manifest = _chain.commit(store, source=snapshot.view(), size=snapshot.size,
                                  max_size=snapshot.max_size, pages=pages if parent is not None else None,
                                  parent=parent, app=meta, base_every=base_every,
                                  base_fraction=base_fraction, keep=keep, compress=compress, t0=t0,
                                  live=False)
         executor.mark_saved()
-        app._last_checkpoint = (store.description, info.version, manifest.objects[-1].name)
+        saved(SavedAt(store.description, info.version, manifest.objects[-1].name))
         return info
 
-    # On the App's batch thread: never during a batch, never cut off half-way.
     with _target_lock(store):
         info = executor.call(save, cancellable=False)
     return info
 
 
-def restore_app(cls: type[App], target: Target, *, version: int | None = None,
-                **app_kwargs: Any) -> App:
-    """``App.restore``: a new App (``app_kwargs`` go to its constructor) with
-    the arrays, merge rules, bytes and version counter of checkpoint
-    ``version`` (default: the newest)."""
+@dataclass(frozen=True)
+class AppImage:
+    """A checkpoint version of an App, found but not yet read."""
+
+    store: Any
+    version: int
+    manifest: Manifest
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        assert self.manifest.app is not None
+        return self.manifest.app
+
+
+def find_app_image(target: Target, version: int | None = None) -> AppImage:
+    """Checkpoint ``version`` (default: the newest) of ``target``, which
+    must hold an App."""
     store = open_store(target)
-    v = _pick_version(store, version)
-    manifest = _read_manifest(store, v)
+    v = _chain.pick_version(store, version)
+    manifest = _chain.read_manifest(store, v)
     if manifest.app is None:
         raise ValueError(f"checkpoint version {v} in {store.description} holds a bare Region, "
                          "not an App: use pagefork.checkpoint.load")
-    for key in ("size", "max_size"):
-        if key in app_kwargs:
-            raise TypeError(f"App.restore takes {key} from the checkpoint, not as an argument")
-    app = cls(manifest.size, max_size=max(manifest.max_size, manifest.size), **app_kwargs)
-    try:
-        counter = app._restore_layout(manifest.app)  # checked before any byte is read
-        executor = app._executor
-        def fill(_: Any) -> None:
-            _restore_into(store, manifest, executor.begin_restore(), zeroed=True)
-            executor.restored(counter)
+    return AppImage(store, v, manifest)
 
-        executor.call(fill, cancellable=False)
-        app._last_checkpoint = (store.description, v, manifest.objects[-1].name)
-    except BaseException:
-        app.close()
-        raise
-    return app
+
+def restore_executor(image: AppImage, executor: Executor, counter: int) -> SavedAt:
+    """Reads ``image`` into the executor's main memory, on its batch thread,
+    and sets its version counter; returns where it came from."""
+    def fill(_: Any) -> None:
+        _chain.restore_into(image.store, image.manifest, executor.begin_restore(), zeroed=True)
+        executor.restored(counter)
+
+    executor.call(fill, cancellable=False)
+    return SavedAt(image.store.description, image.version, image.manifest.objects[-1].name)
 
 
 # ---- inspection -----------------------------------------------------------------------------
@@ -565,8 +354,8 @@ def versions(target: Target) -> list[VersionInfo]:
     """Every committed version of ``target``, oldest first."""
     store = open_store(target)
     out = []
-    for v in sorted(_manifests(store)):
-        m = _read_manifest(store, v)
+    for v in sorted(_chain.manifests(store)):
+        m = _chain.read_manifest(store, v)
         out.append(VersionInfo(v, m.parent, m.created, m.is_base, m.size, m.pages,
                                m.bytes_written, m.chain_length, sum(o.size for o in m.objects),
                                "app" if m.app is not None else "region"))
@@ -578,9 +367,9 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
     None if intact else why not), manifests first. Reads everything."""
     store = open_store(target)
     manifests = []
-    for v in sorted(_manifests(store)):
+    for v in sorted(_chain.manifests(store)):
         try:
-            manifests.append(_read_manifest(store, v))
+            manifests.append(_chain.read_manifest(store, v))
             yield v, manifest_name(v), None
         except CorruptDataError as exc:
             yield v, manifest_name(v), str(exc)
@@ -588,7 +377,7 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
         try:  # bases never exceed it
             scratch = Region(max(m.size, PAGE_SIZE)) if ref.kind == "base" else None
         except PageforkError as exc:  # a size no restore could map either: check the rest
-            yield m.version, ref.name, str(_damage(store, m.version, ref.name, f"its memory of "
+            yield m.version, ref.name, str(_chain.damage(store, m.version, ref.name, f"its memory of "
                                                    f"{m.size} bytes cannot be mapped here: {exc}"))
             continue
         try:
@@ -596,9 +385,9 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
                 read_object(f, ref, memoryview(scratch) if scratch is not None else None, m.size)
             yield m.version, ref.name, None
         except FileNotFoundError:
-            yield m.version, ref.name, str(_missing(store, m.version, ref))
+            yield m.version, ref.name, str(_chain.missing(store, m.version, ref))
         except CorruptDataError as exc:
-            yield m.version, ref.name, str(_damage(store, m.version, ref.name, str(exc)))
+            yield m.version, ref.name, str(_chain.damage(store, m.version, ref.name, str(exc)))
         finally:
             if scratch is not None:
                 scratch.close()

@@ -36,7 +36,10 @@ def _uffd_features() -> dict[str, Any]:
 
 def doctor_report() -> dict[str, Any]:
     """What ``pagefork doctor`` shows, as data (the ``--json`` schema)."""
-    from . import PAGE_SIZE, __version__, _native, probe
+    from . import _native
+    from ._sizes import PAGE_SIZE
+    from ._version import __version__
+    from .tracking import probe
     from .tracking import auto_mode, setting_warnings, write_costs
 
     support = probe()
@@ -177,7 +180,7 @@ class _Progress:
 
 def _bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from . import probe
+    from .tracking import probe
     from .bench import parse_sizes
     from .bench.diffs import diff_costs, format_diff_table
     from .bench.checkpoint import checkpoint_costs, format_checkpoint_report
@@ -396,7 +399,7 @@ def _checkpoint_verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; bad arguments print a usage line and exit 2."""
-    from . import MODES
+    from .tracking import MODES
 
     parser = argparse.ArgumentParser(prog="pagefork", description="pagefork: fork-join over "
                                      "copy-on-write memory snapshots with kernel dirty tracking")

@@ -29,7 +29,7 @@ import numpy as np
 from . import _native
 from ._errors import CorruptDataError
 from ._framing import open_sealed, seal_parts
-from .snapshot import Batchable, DiffBatch, _as_batch
+from .diffs import Batchable, DiffBatch, as_batch
 
 __all__ = ["encode", "encode_parts", "decode", "encode_columns", "decode_columns", "VERSION"]
 
@@ -42,7 +42,7 @@ def encode_columns(diffs: Batchable) -> bytes:
     """The token stream of a batch's offsets, lengths, dtypes and ops
     (``ValueError`` for a batch no snapshot could apply: negative offsets
     or lengths, invalid dtype/op codes)."""
-    batch = _as_batch(diffs)
+    batch = as_batch(diffs)
     return _native.compact_encode(np.ascontiguousarray(batch.offsets, np.int64),
                                   np.ascontiguousarray(batch.lengths, np.int64),
                                   np.ascontiguousarray(batch.dtypes, np.uint8),
@@ -69,7 +69,7 @@ def encode(diffs: Batchable) -> bytes:
 def encode_parts(diffs: Batchable) -> list[Any]:
     """:func:`encode`'s message in pieces (the data one of them, a view of
     the batch's own buffer), for a consumer that streams them."""
-    batch = _as_batch(diffs)
+    batch = as_batch(diffs)
     tokens = encode_columns(batch)
     header = _HEADER.pack(MAGIC, VERSION, 0, len(batch), len(tokens), batch.nbytes)
     return seal_parts([header, tokens, memoryview(batch.data).cast("B")])

@@ -35,10 +35,11 @@ import numpy as np
 from . import _native
 from ._errors import PageforkError
 from ._sizes import PAGE_SIZE, round_to_pages
-from .snapshot import DataType, DiffBatch, MergeOp
+from .diffs import DiffBatch
+from .merge import DataType, MergeOp
 
 if TYPE_CHECKING:
-    from .executor import Allocation
+    from .layout import Allocation
 
 __all__ = ["STARTS", "IDENTITY_RULES", "identity_of", "check_start", "IdentityBuffers", "with_contributions",
            "products_as_overwrites"]
@@ -244,7 +245,7 @@ class _Buffer:
 
 class IdentityBuffers:
     """A worker's buffers for the identity arrays of the layouts it runs
-    (one per :class:`~pagefork.executor.Workspace`, used by one thread at a
+    (one per :class:`~pagefork.batch.Workspace`, used by one thread at a
     time). A buffer is rebuilt when its allocation changes and dropped when
     it leaves the layout."""
 

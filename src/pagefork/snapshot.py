@@ -1,4 +1,4 @@
-"""Snapshots of memory, merge regions, and the diffs between them.
+"""Snapshots: memfd-backed copies of memory, and the diffs against them.
 
 A :class:`Snapshot` is a memfd-backed copy of memory. Memory is mapped from
 it copy-on-write (:meth:`Snapshot.map_to`), changed, and compared back
@@ -9,14 +9,12 @@ it copy-on-write (:meth:`Snapshot.map_to`), changed, and compared back
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import os
 import stat
 import threading
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, Union, overload
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -24,342 +22,15 @@ from . import _native
 from ._buffers import byte_view
 from ._errors import MergeError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, as_index, parse_size, round_to_pages
+from .diffs import Batchable, Diff, DiffBatch, as_batch
 from .memory import Region
+from .merge import BYTEWISE_OPS, DataType, MergeOp, MergeRegion, checked_regions
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
 
-__all__ = ["DataType", "MergeOp", "MergeRegion", "Diff", "DiffBatch", "Snapshot"]
+__all__ = ["Snapshot"]
 
-
-class DataType(enum.IntEnum):
-    """Element type of a merge region (codes are part of the wire format)."""
-
-    RAW = 0
-    BOOL = 1
-    INT8 = 2
-    INT16 = 3
-    INT32 = 4
-    INT64 = 5
-    UINT8 = 6
-    UINT16 = 7
-    UINT32 = 8
-    UINT64 = 9
-    FLOAT32 = 10
-    FLOAT64 = 11
-    INT = 4
-    LONG = 5
-    FLOAT = 10
-    DOUBLE = 11
-
-    @property
-    def itemsize(self) -> int:
-        return _ITEMSIZE[self]
-
-    @property
-    def numpy(self) -> np.dtype:
-        """The numpy dtype of one element (``uint8`` for RAW)."""
-        return _TO_NUMPY[self]
-
-    @classmethod
-    def of(cls, value: DataType | DTypeLike | str) -> DataType:
-        """A DataType from itself, its name (``"int32"``, ``"raw"``) or any
-        numpy dtype-like (``np.float64``, ``"f4"``)."""
-        if isinstance(value, DataType):
-            return value
-        if isinstance(value, str) and value.upper() in cls.__members__:
-            return cls[value.upper()]
-        if value is None:  # np.dtype(None) would be float64
-            raise TypeError("not a DataType or numpy dtype: None")
-        try:
-            dt = np.dtype(value)
-        except TypeError:
-            if isinstance(value, str):
-                raise ValueError(f"unknown DataType {value!r}; valid: "
-                                 + ", ".join(t.lower() for t in cls.__members__)) from None
-            raise TypeError(f"not a DataType or numpy dtype: {value!r}") from None
-        found = _FROM_NUMPY.get(dt.newbyteorder("=") if dt.byteorder not in "=|" else dt)
-        if found is None or dt.byteorder not in "=|<":
-            raise ValueError(f"no DataType for numpy dtype {dt} (use a native-endian "
-                             "bool, int8..64, uint8..64, float32 or float64)")
-        return found
-
-
-_ITEMSIZE = {DataType.RAW: 1, DataType.BOOL: 1, DataType.INT8: 1, DataType.INT16: 2,
-             DataType.INT32: 4, DataType.INT64: 8, DataType.UINT8: 1, DataType.UINT16: 2,
-             DataType.UINT32: 4, DataType.UINT64: 8, DataType.FLOAT32: 4, DataType.FLOAT64: 8}
-_TO_NUMPY = {t: np.dtype(n) for t, n in [
-    (DataType.RAW, "u1"), (DataType.BOOL, "?"), (DataType.INT8, "i1"), (DataType.INT16, "i2"),
-    (DataType.INT32, "i4"), (DataType.INT64, "i8"), (DataType.UINT8, "u1"),
-    (DataType.UINT16, "u2"), (DataType.UINT32, "u4"), (DataType.UINT64, "u8"),
-    (DataType.FLOAT32, "f4"), (DataType.FLOAT64, "f8")]}
-_FROM_NUMPY = {dt: t for t, dt in _TO_NUMPY.items() if t is not DataType.RAW}
-
-
-class MergeOp(enum.IntEnum):
-    """How a region's changes merge (codes are part of the wire format)."""
-
-    OVERWRITE = 0
-    XOR = 1
-    SUM = 2
-    PRODUCT = 3
-    SUBTRACT = 4
-    MAX = 5
-    MIN = 6
-    IGNORE = 7
-
-    @classmethod
-    def of(cls, value: MergeOp | str) -> MergeOp:
-        """A MergeOp from itself or its name, any case (``"sum"``)."""
-        if isinstance(value, MergeOp):
-            return value
-        if isinstance(value, str) and value.upper() in cls.__members__:
-            return cls[value.upper()]
-        raise ValueError(f"unknown merge op {value!r}; valid: "
-                         + ", ".join(m.name.lower() for m in cls))
-
-
-_ARITHMETIC = {MergeOp.SUM, MergeOp.PRODUCT, MergeOp.SUBTRACT}
-_BYTEWISE = {MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE}
-
-# Offsets and lengths are int64 in every column and on the wire.
-_INT64_MAX = (1 << 63) - 1
-
-
-def _check_op(dtype: DataType, op: MergeOp) -> None:
-    if op in _BYTEWISE:
-        return
-    if dtype is DataType.RAW or (dtype is DataType.BOOL and op in _ARITHMETIC):
-        raise ValueError(f"merge op {op.name} needs a numeric DataType, not {dtype.name}")
-
-
-def _column_error(offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray, ops: np.ndarray,
-                  data_len: int) -> str | None:
-    """Why these DiffBatch columns are malformed (naming the first bad diff
-    and its offset), or None. The checks shared by DiffBatch.from_columns
-    and the wire format: one native pass over the columns."""
-    n = len(offsets)
-    if not (offsets.ndim == lengths.ndim == dtypes.ndim == ops.ndim == 1):
-        return "DiffBatch columns must be one-dimensional"
-    if not (len(lengths) == len(dtypes) == len(ops) == n):
-        return "DiffBatch columns differ in length"
-    found = _native.check_columns(np.ascontiguousarray(offsets, np.int64),
-                                  np.ascontiguousarray(lengths, np.int64),
-                                  np.ascontiguousarray(dtypes, np.uint8),
-                                  np.ascontiguousarray(ops, np.uint8), data_len)
-    if found is None:
-        return None
-    i, problem = found
-    if problem == 7:
-        return (f"no diffs, but {data_len} bytes of data" if n == 0 else
-                f"the diff lengths do not add up to the {data_len} bytes of data")
-    offset, length, dtype, op = int(offsets[i]), int(lengths[i]), int(dtypes[i]), int(ops[i])
-    why = {
-        1: f"negative offset or length ({length})",
-        2: f"{length} bytes there end past 64 bits (the end overflows)",
-        3: f"{length} bytes, longer than the {data_len} bytes of data",
-        4: f"unknown dtype/op codes {dtype}/{op}",
-    }.get(problem)
-    if why is None:
-        name, op_name = DataType(dtype).name, MergeOp(op).name
-        why = (f"invalid dtype/op: {op_name} is not defined for {name}" if problem == 5 else
-               f"{length} bytes is not a whole number of {name} values")
-    return f"diff {i} at offset {offset}: {why}"
-
-
-@dataclass(frozen=True)
-class MergeRegion:
-    """A byte range of a snapshot and how changes to it merge.
-
-    ``length == 0`` means "to the end of the snapshot". Typed ops (SUM,
-    SUBTRACT, PRODUCT, MAX, MIN) work element-wise on ``dtype`` values, so
-    their ``length`` must be a whole number of elements. Where the snapshot
-    (or the memory diffed) ends inside a typed region's last value, as it
-    may for a region running to the end, the leftover bytes are diffed and
-    merged as OVERWRITE: no change is ever left out.
-    """
-
-    offset: int
-    length: int
-    dtype: DataType = DataType.RAW
-    op: MergeOp = MergeOp.OVERWRITE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "offset", as_index(self.offset, "merge region offset"))
-        object.__setattr__(self, "length", as_index(self.length, "merge region length"))
-        object.__setattr__(self, "dtype", DataType.of(self.dtype))
-        object.__setattr__(self, "op", MergeOp.of(self.op))
-        if self.offset < 0 or self.length < 0:
-            raise ValueError(f"merge region offset and length must be >= 0, got {self.offset}, {self.length}")
-        if self.offset + self.length > _INT64_MAX:
-            raise ValueError(f"merge region at offset {self.offset} of {self.length} bytes ends "
-                             "past 64 bits")
-        _check_op(self.dtype, self.op)
-        if self.op not in _BYTEWISE and self.length % self.dtype.itemsize:
-            raise ValueError(f"merge region of {self.length} bytes is not a whole number of "
-                             f"{self.dtype.name} values")
-
-    def end(self, size: int) -> int:
-        """Where the region ends in a snapshot of ``size`` bytes."""
-        return size if self.length == 0 else self.offset + self.length
-
-
-@dataclass(frozen=True)
-class Diff:
-    """One change: ``data`` at ``offset``, merged by ``op`` on ``dtype`` values."""
-
-    offset: int
-    data: bytes
-    dtype: DataType = DataType.RAW
-    op: MergeOp = MergeOp.OVERWRITE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "offset", as_index(self.offset, "diff offset"))
-        object.__setattr__(self, "dtype", DataType.of(self.dtype))
-        object.__setattr__(self, "op", MergeOp.of(self.op))
-        if not isinstance(self.data, bytes):  # any bytes-like; bytes(5) would be 5 zeros
-            object.__setattr__(self, "data", memoryview(self.data).tobytes())
-        if self.offset < 0:
-            raise ValueError(f"diff offset must be >= 0, got {self.offset}")
-        if self.offset > _INT64_MAX - len(self.data):
-            raise ValueError(f"diff at offset {self.offset} of {len(self.data)} bytes ends past 64 bits")
-        _check_op(self.dtype, self.op)
-        if self.op not in _BYTEWISE and len(self.data) % self.dtype.itemsize:
-            raise ValueError(f"diff at offset {self.offset}: {len(self.data)} bytes is not a whole "
-                             f"number of {self.dtype.name} values")
-
-
-class DiffBatch(Sequence[Diff]):
-    """A sequence of :class:`Diff` stored column-wise: ``offsets``,
-    ``lengths`` (int64), ``dtypes``, ``ops`` (uint8) and one ``data`` buffer.
-    Encoding and applying a batch never builds per-diff Python objects; only
-    indexing and iteration do.
-    """
-
-    __slots__ = ("offsets", "lengths", "dtypes", "ops", "data", "_starts")
-
-    def __init__(self, diffs: Iterable[Diff] = ()) -> None:
-        items = list(diffs)
-        for d in items:
-            if not isinstance(d, Diff):
-                raise TypeError(f"DiffBatch holds Diff objects, not {type(d).__name__}")
-        self.offsets = np.array([d.offset for d in items], dtype=np.int64)
-        self.lengths = np.array([len(d.data) for d in items], dtype=np.int64)
-        self.dtypes = np.array([int(d.dtype) for d in items], dtype=np.uint8)
-        self.ops = np.array([int(d.op) for d in items], dtype=np.uint8)
-        self.data: bytes | memoryview = b"".join(d.data for d in items)
-        self._starts: np.ndarray | None = None
-
-    @classmethod
-    def from_columns(cls, offsets: Any, lengths: Any, dtypes: Any, ops: Any,
-                     data: bytes | memoryview) -> DiffBatch:
-        """Builds a batch from its columns without copying them (``data``
-        is taken as its bytes, whatever its item type; a non-contiguous
-        buffer is copied). Malformed
-        columns (negative or overflowing ranges, unknown or invalid codes,
-        typed diffs that are not whole values, lengths that do not add up to
-        the data) raise ``ValueError`` naming the first bad diff."""
-        batch = cls._unchecked(_int_column(offsets, np.int64, "offsets"),
-                               _int_column(lengths, np.int64, "lengths"),
-                               _int_column(dtypes, np.uint8, "dtypes"),
-                               _int_column(ops, np.uint8, "ops"),
-                               byte_view(data))  # its bytes, whatever its item type
-        why = _column_error(*batch.columns()[:4], batch.nbytes)
-        if why is not None:
-            raise ValueError(why)
-        return batch
-
-    @classmethod
-    def _unchecked(cls, offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray,
-                   ops: np.ndarray, data: bytes | memoryview) -> DiffBatch:
-        batch = cls.__new__(cls)
-        batch.offsets, batch.lengths, batch.dtypes, batch.ops = offsets, lengths, dtypes, ops
-        batch.data = data
-        batch._starts = None
-        return batch
-
-    @classmethod
-    def _from_native(cls, columns: tuple[Any, Any, Any, Any, Any]) -> DiffBatch:
-        """A batch the diff kernel made (well formed by construction)."""
-        offsets, lengths, dtypes, ops, data = columns  # _native.Buffer: no copies
-        return cls._unchecked(np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int64),
-                              np.frombuffer(dtypes, np.uint8), np.frombuffer(ops, np.uint8),
-                              memoryview(data))
-
-    @classmethod
-    def concat(cls, batches: Iterable[DiffBatch]) -> DiffBatch:
-        """One batch holding every diff of ``batches``, in order."""
-        parts = list(batches)
-        if not parts:
-            return cls()
-        return cls._unchecked(
-            np.concatenate([b.offsets for b in parts]), np.concatenate([b.lengths for b in parts]),
-            np.concatenate([b.dtypes for b in parts]), np.concatenate([b.ops for b in parts]),
-            b"".join(b.data for b in parts))
-
-    @property
-    def starts(self) -> np.ndarray:
-        """Where each diff's data begins in :attr:`data`."""
-        if self._starts is None:
-            self._starts = np.concatenate(([0], np.cumsum(self.lengths)[:-1])).astype(np.int64) \
-                if len(self.lengths) else np.zeros(0, np.int64)
-        return self._starts
-
-    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bytes | memoryview]:
-        """(offsets, lengths, dtypes, ops, data)."""
-        return self.offsets, self.lengths, self.dtypes, self.ops, self.data
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of diff data (the payload, not the columns)."""
-        return memoryview(self.data).nbytes
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    @overload
-    def __getitem__(self, index: int) -> Diff: ...
-    @overload
-    def __getitem__(self, index: slice) -> DiffBatch: ...
-
-    def __getitem__(self, index: int | slice) -> Diff | DiffBatch:
-        if isinstance(index, slice):
-            return DiffBatch(self[i] for i in range(*index.indices(len(self))))
-        index = as_index(index, "diff index")
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"diff index {index} out of range for a batch of {n}")
-        i = index % n
-        start = int(self.starts[i])
-        return Diff(int(self.offsets[i]), bytes(memoryview(self.data)[start:start + int(self.lengths[i])]),
-                    DataType(int(self.dtypes[i])), MergeOp(int(self.ops[i])))
-
-    def __iter__(self) -> Iterator[Diff]:
-        return (self[i] for i in range(len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, DiffBatch):
-            return (np.array_equal(self.offsets, other.offsets)
-                    and np.array_equal(self.lengths, other.lengths)
-                    and np.array_equal(self.dtypes, other.dtypes)
-                    and np.array_equal(self.ops, other.ops)
-                    and bytes(self.data) == bytes(other.data))
-        if isinstance(other, (list, tuple)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return f"<DiffBatch {len(self)} diffs, {self.nbytes} bytes>"
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Columns made by the native core or decoded from the wire are
-        # views (memoryview data): pickled as copies, checked when loaded.
-        return (DiffBatch.from_columns, (np.array(self.offsets), np.array(self.lengths),
-                                         np.array(self.dtypes), np.array(self.ops),
-                                         bytes(self.data)))
-
-
-Batchable = Union[DiffBatch, Iterable[Diff]]
 
 # Every open snapshot, so a forked child gets fresh locks: a lock held by a
 # parent thread at fork() would otherwise stay held in the child forever.
@@ -373,19 +44,6 @@ def _reset_locks_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
-
-def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:
-    """``values`` as a column of ``dtype`` (no copy when it already is one);
-    values that do not fit are a ValueError, not a silent wrap."""
-    array = np.ascontiguousarray(values)
-    if array.dtype == dtype:
-        return array
-    if array.size and array.dtype.kind not in "iu":
-        raise ValueError(f"DiffBatch {what} must be integers, not {array.dtype}")
-    info = np.iinfo(dtype)
-    if array.size and (int(array.min()) < info.min or int(array.max()) > info.max):
-        raise ValueError(f"DiffBatch {what} do not fit {np.dtype(dtype)}")
-    return array.astype(dtype)
 
 
 class _Queued:
@@ -402,20 +60,6 @@ class _Queued:
         return bool(self.done[0])
 
 
-def _checked_regions(regions: Iterable[MergeRegion]) -> list[MergeRegion]:
-    """``regions`` sorted by offset; anything but disjoint MergeRegions is a
-    TypeError/ValueError naming the culprit."""
-    ordered = list(regions)
-    for r in ordered:
-        if not isinstance(r, MergeRegion):
-            raise TypeError(f"regions must be MergeRegion objects, not {type(r).__name__}")
-    ordered.sort(key=lambda r: r.offset)
-    for a, b in zip(ordered, ordered[1:]):
-        if a.length == 0 or b.offset < a.offset + a.length:
-            raise ValueError(f"{b} overlaps {a}")
-    return ordered
-
-
 def _page_flags(dirty_pages: Any, nbytes: int) -> np.ndarray:
     """One contiguous 0/1 bool per page of ``nbytes`` of memory. The kernels
     look for the byte 1, so any other truthy byte (a bool array made with
@@ -430,9 +74,6 @@ def _page_flags(dirty_pages: Any, nbytes: int) -> np.ndarray:
         flags = flags.view(np.uint8)
     return np.ascontiguousarray(flags != 0)
 
-
-def _as_batch(diffs: Batchable) -> DiffBatch:
-    return diffs if isinstance(diffs, DiffBatch) else DiffBatch(diffs)
 
 
 def _changed_ranges(offsets: np.ndarray, lengths: np.ndarray, ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -724,7 +365,7 @@ class Snapshot:
 
         for r in regions:
             start, end = r.offset, min(r.end(self._size), limit)
-            if r.op in _BYTEWISE:
+            if r.op in BYTEWISE_OPS:
                 add(start, end, r.dtype, r.op)
                 continue
             whole = start + max(end - start, 0) // r.dtype.itemsize * r.dtype.itemsize
@@ -755,7 +396,7 @@ class Snapshot:
             self._check_open()
             size = self._size
             columns = self._region_columns(min(mem.nbytes, size), self._merge_regions
-                                           if regions is None else _checked_regions(regions))
+                                           if regions is None else checked_regions(regions))
             try:
                 with memoryview(self._memory) as whole:
                     batch = DiffBatch._from_native(_native.diff(
@@ -782,7 +423,7 @@ class Snapshot:
         them meanwhile cannot make ``apply`` write what it did not check.
         Malformed columns raise :class:`MergeError`, diffs outside
         ``max_size`` :class:`OutOfBoundsError`."""
-        batch = _as_batch(diffs)
+        batch = as_batch(diffs)
         with self._lock:
             self._check_open()
             self._apply(batch)
@@ -864,7 +505,7 @@ class Snapshot:
 
     def queue(self, diffs: Batchable) -> None:
         """Queues ``diffs`` for :meth:`write_queued` (thread-safe)."""
-        batch = _as_batch(diffs)
+        batch = as_batch(diffs)
         with self._lock:
             self._queue.append(_Queued(batch))
 

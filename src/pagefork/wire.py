@@ -20,7 +20,7 @@ import numpy as np
 
 from ._errors import CorruptDataError
 from ._framing import open_sealed, seal
-from .snapshot import Batchable, DiffBatch, _as_batch, _column_error
+from .diffs import Batchable, DiffBatch, as_batch, column_error
 
 __all__ = ["encode", "decode", "VERSION"]
 
@@ -34,9 +34,9 @@ def encode(diffs: Batchable) -> bytes:
     """Encodes a batch (or any iterable of Diff) as one checksummed message.
     A batch :func:`decode` would refuse (e.g. a typed diff that is not a
     whole number of values) raises ``ValueError`` naming the diff's offset."""
-    batch = _as_batch(diffs)
+    batch = as_batch(diffs)
     offsets, lengths, dtypes, ops, data = batch.columns()
-    why = _column_error(offsets, lengths, dtypes, ops, batch.nbytes)
+    why = column_error(offsets, lengths, dtypes, ops, batch.nbytes)
     if why is not None:
         raise ValueError(f"cannot encode: {why}")
     body = b"".join((
@@ -71,7 +71,7 @@ def decode(data: Any) -> DiffBatch:
     at += count
     ops = np.frombuffer(view, np.uint8, count, at)
     at += count
-    why = _column_error(offsets, lengths, dtypes, ops, data_len)
+    why = column_error(offsets, lengths, dtypes, ops, data_len)
     if why is not None:
         raise CorruptDataError(f"malformed wire message: {why}")
     return DiffBatch._unchecked(offsets, lengths, dtypes, ops, view[at: at + data_len])

@@ -28,12 +28,13 @@ import numpy as np
 
 from .. import _native, compact
 from .._sizes import round_to_pages
-from ..executor import (BatchSpec, ThreadOutcome, Workspace, call_thread_function, call_tracked,
-                        check_thread_memory)
+from ..batch import (BatchSpec, ThreadOutcome, Workspace, call_thread_function, call_tracked,
+                     check_thread_memory)
+from ..diffs import DiffBatch
 from ..identity import with_contributions
 from ..memory import PAGE_SIZE, Region
+from ..merge import DataType, MergeOp, MergeRegion
 from ..tracking import Tracker
-from ..snapshot import DataType, DiffBatch, MergeOp, MergeRegion
 
 __all__ = ["combinable", "combines", "split_regions", "CombiningWorkspace", "pack", "unpack"]
 

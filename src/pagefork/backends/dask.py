@@ -32,8 +32,9 @@ import zstandard
 
 from .. import compact
 from .._errors import CorruptDataError, PageforkError
-from ..executor import POLL, BatchSpec, Cancel, ThreadOutcome, thread_tracking_mode
-from ..snapshot import DiffBatch, Snapshot
+from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome, thread_tracking_mode
+from ..diffs import DiffBatch
+from ..snapshot import Snapshot
 from ..tracking import probe
 from .combine import CombiningWorkspace
 from .threads import group_by_slot

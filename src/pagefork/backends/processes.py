@@ -37,8 +37,9 @@ from typing import Any, Sequence
 import cloudpickle
 
 from .._errors import CorruptDataError, PageforkError
-from ..executor import POLL, BatchSpec, Cancel, ThreadOutcome
-from ..snapshot import DiffBatch, Snapshot
+from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
+from ..diffs import DiffBatch
+from ..snapshot import Snapshot
 from . import combine, replies
 from .threads import group_by_slot
 

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from ..executor import POLL, BatchSpec, Cancel, Cancelled, ThreadOutcome, Workspace
+from ..batch import POLL, BatchSpec, Cancel, Cancelled, ThreadOutcome, Workspace
 
 __all__ = ["ThreadsBackend", "group_by_slot"]
 

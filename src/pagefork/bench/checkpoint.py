@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import checkpoint
 from ..app import App
 from ..memory import PAGE_SIZE
 
@@ -152,8 +153,6 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
     checkpoints and the np.save files. ``size_rounds``: rounds of the
     small-against-large comparison (a few milliseconds each, so noisy:
     many, alternating which memory goes first)."""
-    import pagefork
-
     rng = np.random.default_rng(0)
     work = tempfile.mkdtemp(prefix="pagefork-bench-ckpt-", dir=folder or os.getcwd())
     changed = max(1, int(size // PAGE_SIZE * fraction))
@@ -212,7 +211,7 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
                     if reads:
                         int(app["data"][::PAGE_SIZE // 2].sum())
                     out.append(app.checkpoint(target, base_every=1 << 30).seconds)
-            chain = pagefork.checkpoint.versions(big_target)[increments].chain_length
+            chain = checkpoint.versions(big_target)[increments].chain_length
             np.save(save_file, big["data"])
             with open(save_file, "rb+") as f:
                 os.fsync(f.fileno())
@@ -255,7 +254,7 @@ def checkpoint_costs(size: int = 1 << 30, small_size: int = 64 << 20, fraction: 
             warm_restores.append(restore(first_batches))
             _evict(work)
             t0 = time.perf_counter()
-            with pagefork.checkpoint.load(big_target, version=increments + 1):
+            with checkpoint.load(big_target, version=increments + 1):
                 region_loads.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             with App(size, backend="threads", workers=1) as fresh:

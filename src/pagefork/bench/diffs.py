@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import _baseline
 from ..memory import PAGE_SIZE
-from ..snapshot import DiffBatch
+from ..diffs import DiffBatch
 from . import best_of
 
 __all__ = ["DiffCost", "diff_costs", "DeltaCost", "delta_costs", "format_diff_table",

@@ -1,0 +1,344 @@
+"""The thread side of a batch: what a backend gets (:class:`BatchSpec`),
+running one thread of it on tracked memory and diffing what it wrote
+(:func:`run_thread`, :class:`Workspace`), what it reports
+(:class:`ThreadOutcome`), finding conflicts between threads, and the
+:class:`Backend` protocol the executor drives.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import pickle
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import cloudpickle
+import numpy as np
+
+from . import _native
+from ._errors import PageforkError
+from ._sizes import round_to_pages
+from .diffs import DiffBatch
+from .identity import IdentityBuffers, with_contributions
+from .layout import Allocation, ThreadMemory
+from .memory import Region
+from .merge import MergeOp, MergeRegion
+from .snapshot import Snapshot
+from .tracking import Tracker, probe, tracker
+
+__all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "Backend", "Workspace", "run_thread",
+           "call_thread_function", "call_tracked", "check_thread_memory", "find_conflicts",
+           "thread_tracking_mode", "inside_batch_of", "MAX_TRACKED_REGIONS", "POLL", "PREPARATION"]
+
+# How often a thread that waits for workers looks at its Cancel (seconds).
+POLL = 0.05
+
+
+class Cancelled(Exception):
+    """A backend's answer to a cancelled batch (the caller was interrupted)."""
+
+
+class Cancel:
+    """Set when the caller of a batch was interrupted (or the App closes):
+    backends stop waiting, abandon the batch's workers and raise Cancelled."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+# The batch a thread function of this Python thread belongs to (threads
+# backend): calling app.parallel on the same App from inside it would wait
+# for itself.
+_inside = threading.local()
+
+
+def inside_batch_of(snapshot: Snapshot) -> bool:
+    """Whether the calling Python thread is running a thread function of a
+    batch on ``snapshot``."""
+    return getattr(_inside, "snapshot", None) is snapshot
+
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Everything a backend needs to run one batch."""
+
+    fn: Callable[..., Any]
+    n: int
+    args: tuple
+    snapshot: Snapshot
+    layout: dict[str, Allocation]
+    merge_regions: list[MergeRegion]
+    tracking: str  # mode for thread memory
+    version: int   # snapshot version: bumps whenever its bytes change
+    main_memory: tuple[int, int] = (0, 0)  # [start, end) addresses of main memory
+
+    def dumps(self, obj: Any) -> bytes:
+        """``obj`` pickled for a worker (cloudpickle), refusing views of main
+        memory: a worker would get a copy, and writes to it would be lost."""
+        buffer = io.BytesIO()
+        _WorkerPickler(buffer, self.main_memory).dump(obj)
+        return buffer.getvalue()
+
+
+class _WorkerPickler(cloudpickle.CloudPickler):
+    def __init__(self, file: io.BytesIO, main_memory: tuple[int, int]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._main = main_memory
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and obj.size:
+            address = obj.__array_interface__["data"][0]
+            if self._main[0] <= address < self._main[1]:
+                raise pickle.PicklingError(
+                    "the thread function or its arguments hold a view of the App's main memory "
+                    f"(an array of shape {obj.shape}); a worker would get a copy and writes to it "
+                    "would be lost. Use mem[name] inside the thread function, or pass a copy "
+                    "(numpy.array(view)) to send values")
+        return super().reducer_override(obj)
+
+
+@dataclass
+class ThreadOutcome:
+    """One thread's result, as a backend reports it."""
+
+    index: int
+    result: Any = None
+    diffs: DiffBatch | None = None
+    dirty_pages: int = 0
+    error: str | None = None  # formatted traceback, or why the worker died
+    bytes_shipped: int = 0
+    # Diffs its worker combined from several threads of the batch (regions
+    # whose merge is order-free, see backends/combine.py); merged once.
+    combined: DiffBatch | None = None
+
+
+class Backend(Protocol):
+    """Runs the threads of a batch. ``slots`` workers; ``placement[i]`` names
+    the slot thread ``i`` runs on."""
+
+    name: str
+    slots: int
+
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+        """Every thread's outcome; raises Cancelled soon after ``cancel`` is
+        set, leaving no worker that could still touch a later batch."""
+        ...
+
+    def close(self, timeout: float) -> int:
+        """Stops the workers, waiting at most ``timeout`` seconds for running
+        thread functions; returns how many were still running (abandoned)."""
+        ...
+
+
+
+def thread_tracking_mode(requested: str | None = None) -> str:
+    """The mode thread memory is tracked with: ``cow`` (free for memory
+    mapped from a snapshot), else the fastest available other mode."""
+    if requested is not None and requested != "auto":
+        return tracker(requested).mode  # checks that it exists and works here
+    support = probe()
+    if support["cow"].available:
+        return "cow"
+    return tracker("auto").mode
+
+
+#: Regions one process can track at once (the native registry's size, unless
+#: the native module says otherwise). Main memory is one; each thread
+#: function running on the threads backend holds one while it runs.
+MAX_TRACKED_REGIONS = int(_native.MAX_TRACKED_REGIONS)
+
+
+PREPARATION = "cannot prepare thread memory: "
+
+
+def _preparation_error(exc: BaseException) -> str:
+    """Why thread memory could not be mapped and tracked."""
+    text = PREPARATION +  "".join(traceback.format_exception_only(exc)).strip()
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        text += (f" (a process tracks at most {MAX_TRACKED_REGIONS} regions at once: main memory, plus "
+                 "one per thread function running at the same time on the threads backend; use fewer "
+                 "workers)")
+    return text
+
+
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _copied(value: Any) -> Any:
+    """An independent copy, the way another backend would ship it back."""
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # lambdas, local classes: what cloudpickle is for
+        data = cloudpickle.dumps(value)
+    return pickle.loads(data)
+
+
+def call_thread_function(spec: BatchSpec, index: int, region: Region,
+                         identity: dict[str, np.ndarray] | None = None) -> Any:
+    """Calls thread ``index``'s function on ``region`` (and the buffers of
+    the identity arrays), marking this Python thread as inside the batch (so
+    it cannot call its own App)."""
+    previous = getattr(_inside, "snapshot", None)
+    _inside.snapshot = spec.snapshot
+    try:
+        return spec.fn(ThreadMemory(region, spec.layout, identity), index, spec.n, *spec.args)
+    finally:
+        _inside.snapshot = previous
+
+
+def call_tracked(spec: BatchSpec, index: int, region: Region, tracker_: Tracker,
+                 identity: dict[str, np.ndarray] | None = None) -> tuple[Any, np.ndarray]:
+    """Calls thread ``index``'s function on ``region``, which ``tracker_``
+    has started tracking; stops tracking and returns the result and the
+    pages written. Raises if the function closed its memory (the workspace
+    rebuilds it for the next thread)."""
+    try:
+        result = call_thread_function(spec, index, region, identity)
+    finally:
+        if not region.closed:
+            tracker_.stop(region)
+    check_thread_memory(region)
+    return result, tracker_.dirty_pages(region, "global")
+
+
+def check_thread_memory(region: Region) -> None:
+    """Raises if the thread function closed its memory."""
+    if region.closed:
+        raise PageforkError("the thread function closed its memory (mem.region.close())")
+
+
+def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *,
+               copy_result: bool = False, identity: IdentityBuffers | None = None) -> ThreadOutcome:
+    """Runs thread ``index`` of a batch on ``region`` (any backend, any
+    process): map the snapshot, track, call, diff (with the diffs of the
+    identity arrays' buffers, from ``identity``). Whatever the function
+    raises (``SystemExit`` and ``KeyboardInterrupt`` included) is reported as
+    the thread's error. ``copy_result``: return an independent copy of the
+    result (pickled and unpickled, as other backends ship it), since views of
+    ``region`` change when the workspace runs its next thread."""
+    try:
+        spec.snapshot.map_to(region)
+        views = identity.begin(spec.layout.values()) if identity is not None else None
+        tracker_.start(region)
+    except BaseException as exc:  # not the thread's fault: say what the workspace lacks
+        return ThreadOutcome(index, error=_preparation_error(exc))
+    try:
+        result, dirty = call_tracked(spec, index, region, tracker_, views)
+        diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
+        if identity is not None:
+            diffs = with_contributions(diffs, identity.collect())
+        if copy_result and type(result) not in _IMMUTABLE:
+            try:
+                result = _copied(result)
+            except BaseException as exc:
+                raise PageforkError(f"cannot copy the result ({type(result).__name__}) out of thread "
+                                    f"memory: {exc!r}") from exc
+        return ThreadOutcome(index, result, diffs, int(np.count_nonzero(dirty)))
+    except BaseException as exc:  # the thread's own error, SystemExit included
+        return ThreadOutcome(index, error="".join(traceback.format_exception(exc)))
+
+
+def find_conflicts(outcomes: Sequence[ThreadOutcome], limit: int = 10) -> list[str]:
+    """Locations two threads overwrote with different bytes, described."""
+    parts = []
+    for o in outcomes:
+        d = o.diffs
+        if d is None or len(d) == 0:
+            continue
+        keep = d.ops == MergeOp.OVERWRITE
+        if keep.any():
+            parts.append((o.index, d.offsets[keep], d.lengths[keep], d.starts[keep], d))
+    if len(parts) < 2:
+        return []
+    thread = np.concatenate([np.full(len(p[1]), i) for i, p in enumerate(parts)])
+    starts = np.concatenate([p[1] for p in parts])
+    ends = starts + np.concatenate([p[2] for p in parts])
+    data_at = np.concatenate([p[3] for p in parts])
+    order = np.argsort(starts, kind="stable")
+    thread, starts, ends, data_at = thread[order], starts[order], ends[order], data_at[order]
+    reach = np.maximum.accumulate(ends)
+    overlapping = np.flatnonzero(starts[1:] < reach[:-1]) + 1  # candidates only
+    found: list[str] = []
+    for k in overlapping.tolist():
+        for j in range(k - 1, -1, -1):  # earlier intervals that reach into k
+            if ends[j] <= starts[k]:
+                if reach[j] <= starts[k]:
+                    break
+                continue
+            if thread[j] == thread[k]:
+                continue
+            lo, hi = int(starts[k]), int(min(ends[j], ends[k]))
+            a, b = parts[thread[j]], parts[thread[k]]
+            bytes_a = bytes(memoryview(a[4].data)[int(data_at[j]) + lo - int(starts[j]):][: hi - lo])
+            bytes_b = bytes(memoryview(b[4].data)[int(data_at[k]):][: hi - lo])
+            if bytes_a != bytes_b:
+                found.append(f"threads {a[0]} and {b[0]} wrote different bytes to [{lo}, {hi})")
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+class Workspace:
+    """A worker's thread memory and tracker, reused across batches and resized
+    to follow the snapshot (threads and worker processes each hold one).
+    A thread function may have closed or resized the memory: it is rebuilt."""
+
+    def __init__(self) -> None:
+        self.region: Region | None = None
+        self.tracker: Tracker | None = None
+        self.identity = IdentityBuffers()
+
+    def prepare(self, spec: BatchSpec) -> tuple[Region, Tracker]:
+        size = round_to_pages(spec.snapshot.size)
+        max_size = max(round_to_pages(spec.snapshot.max_size), size)
+        if self.region is not None and (self.region.closed or self.region.max_size < max_size):
+            self.close()
+        if self.region is not None and self.region.size != size:
+            try:
+                self.region.resize(size)
+            except (BufferError, PageforkError, OSError):  # views of a shrunk region live on
+                self.close()
+        if self.region is None:
+            self.region = Region(size, max_size=max_size)
+        if self.tracker is None or self.tracker.mode != spec.tracking:
+            if self.tracker is not None:
+                self.tracker.close()
+            self.tracker = tracker(spec.tracking)
+        return self.region, self.tracker
+
+    def run(self, spec: BatchSpec, indexes: Sequence[int], *, copy_result: bool = False,
+            cancel: Cancel | None = None) -> list[ThreadOutcome]:
+        """Runs ``indexes`` one after the other; stops early once ``cancel`` is set."""
+        try:
+            region, t = self.prepare(spec)
+        except Exception as exc:
+            return [ThreadOutcome(i, error=_preparation_error(exc)) for i in indexes]
+        outcomes = []
+        for i in indexes:
+            if cancel is not None and cancel.is_set():
+                break
+            outcomes.append(run_thread(spec, i, region, t, copy_result=copy_result, identity=self.identity))
+        return outcomes
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.region is not None:
+            self.region.close()
+        self.region = self.tracker = None
+        self.identity.close()

@@ -1,0 +1,85 @@
+"""The layout of an App's memory: named arrays (:class:`Allocation`) and
+what a thread function sees of them (:class:`ThreadMemory`)."""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .memory import Region
+from .merge import MergeOp
+
+__all__ = ["Allocation", "ThreadMemory", "dtype_text", "dtype_of"]
+
+
+def dtype_text(dt: np.dtype) -> str:
+    """A dtype as text that :func:`dtype_of` turns back into it: ``dt.str``
+    for plain dtypes, the ``.npy`` descr for structured ones."""
+    if dt.fields is None:
+        return dt.str
+    return repr(np.lib.format.dtype_to_descr(dt))
+
+
+def dtype_of(text: str) -> np.dtype:
+    """The dtype :func:`dtype_text` wrote."""
+    if text.startswith("["):
+        return np.lib.format.descr_to_dtype(ast.literal_eval(text))
+    return np.dtype(text)
+
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A named array in main memory."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    merge: MergeOp
+    start: str = "snapshot"  # or "identity": threads start from the rule's identity (identity.py)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return dtype_of(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.np_dtype.itemsize
+
+    def view(self, region: Region) -> np.ndarray:
+        return region.array(self.np_dtype, self.shape, self.offset)
+
+
+class ThreadMemory:
+    """What a thread function gets as ``mem``: ``mem[name]`` is that thread's
+    view of the named array; ``mem.region`` its whole memory. An array
+    allocated with ``start="identity"`` is a separate buffer starting at its
+    rule's identity; ``mem.region`` still holds the snapshot's bytes there
+    (and writes to them merge as changes to the shared value, as with
+    ``start="snapshot"``)."""
+
+    def __init__(self, region: Region, layout: dict[str, Allocation],
+                 identity: dict[str, np.ndarray] | None = None) -> None:
+        self.region = region
+        self._layout = layout
+        self._identity = identity or {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        own = self._identity.get(name)
+        if own is not None:
+            return own[...]  # a new view: the thread may reshape it freely
+        try:
+            return self._layout[name].view(self.region)
+        except KeyError:
+            raise KeyError(f"no array named {name!r}; allocated: {sorted(self._layout)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._layout
+
+    def keys(self) -> list[str]:
+        return list(self._layout)
+
