@@ -67,11 +67,8 @@ def read_manifest(store: Any, version: int) -> Manifest:
 
 
 def damage(store: Any, version: int, name: str, why: str) -> CorruptDataError:
-    err = CorruptDataError(f"checkpoint version {version} in {store.description}: object "
-                           f"{name} is damaged: {why}")
-    err.version = version  # type: ignore[attr-defined]
-    err.object = name  # type: ignore[attr-defined]
-    return err
+    return CorruptDataError(f"checkpoint version {version} in {store.description}: object "
+                            f"{name} is damaged: {why}", version=version, object=name)
 
 
 def pick_version(store: Any, version: int | None) -> int:
@@ -140,11 +137,9 @@ def check_objects(store: Any, manifest: Manifest) -> None:
 
 
 def missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
-    err = CorruptDataError(f"checkpoint version {version} in {store.description}: object "
-                           f"{ref.name} (written by version {ref.version}) is missing")
-    err.version = version  # type: ignore[attr-defined]
-    err.object = ref.name  # type: ignore[attr-defined]
-    return err
+    return CorruptDataError(f"checkpoint version {version} in {store.description}: object "
+                            f"{ref.name} (written by version {ref.version}) is missing",
+                            version=version, object=ref.name)
 
 
 def own_version(store: Any, version: int, own_object: str) -> Manifest | None:

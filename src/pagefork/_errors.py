@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 __all__ = [
     "PageforkError",
@@ -18,6 +19,11 @@ __all__ = [
 class PageforkError(Exception):
     """Base class of every error pagefork raises on purpose."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from args and attributes, not by calling the constructor:
+        # subclasses take their attributes as keywords (pickle would drop them).
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
 
 class UnsupportedModeError(PageforkError):
     """A tracking mode cannot work on this kernel or for this memory.
@@ -32,7 +38,17 @@ class UnsupportedModeError(PageforkError):
 
 
 class CorruptDataError(PageforkError, ValueError):
-    """Encoded data (wire format, delta) is malformed."""
+    """Encoded data (wire format, delta, a checkpoint) is malformed.
+
+    For a damaged or missing checkpoint object, ``version`` is the
+    checkpoint version being read and ``object`` the object's name; both
+    are None for other data.
+    """
+
+    def __init__(self, message: str, *, version: int | None = None, object: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+        self.object = object
 
 
 class OutOfBoundsError(PageforkError, IndexError):
@@ -48,7 +64,27 @@ class ConflictError(PageforkError):
 
 
 class WorkerError(PageforkError):
-    """A thread of a batch raised or its worker died."""
+    """A thread of a batch raised or its worker died.
+
+    ``thread`` is the index of the thread reported (the first that failed,
+    preferring one whose memory could not be prepared, as that explains the
+    others), ``traceback`` its formatted traceback (or why its worker died),
+    and ``failed`` the indexes of every thread that failed.
+    """
+
+    def __init__(self, message: str, *, thread: int, traceback: str, failed: list[int]) -> None:
+        super().__init__(message)
+        self.thread = thread
+        self.traceback = traceback
+        self.failed = failed
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """Unpickles an error whose constructor takes keyword-only attributes."""
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 def native_error(exc: OSError, what: str) -> PageforkError:

@@ -382,10 +382,8 @@ class Executor:
         if failed:
             # A workspace that could not be prepared explains the others' failures
             first = min(failed, key=lambda o: (not (o.error or "").startswith(PREPARATION), o.index))
-            err = WorkerError(f"thread {first.index} of {n} failed:\n{first.error}")
-            err.thread = first.index  # type: ignore[attr-defined]
-            err.traceback = first.error  # type: ignore[attr-defined]
-            err.failed = [o.index for o in failed]  # type: ignore[attr-defined]
+            err = WorkerError(f"thread {first.index} of {n} failed:\n{first.error}", thread=first.index,
+                              traceback=first.error or "", failed=[o.index for o in failed])
             self.last_batch = stats
             raise err
         if self.detect_conflicts:

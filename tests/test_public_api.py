@@ -1,0 +1,74 @@
+"""The public surface: exactly these names in ``pagefork``, of these kinds,
+and the errors with the attributes docs/api.md promises (pickled intact)."""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import pickle
+import types
+
+import pytest
+
+import pagefork
+from pagefork import (ConflictError, CorruptDataError, MergeError, OutOfBoundsError, PageforkError,
+                      UnsupportedModeError, WorkerError)
+
+PUBLIC = {
+    # name: what it is
+    "PAGE_SIZE": int, "MODES": tuple,
+    "Region": type, "Support": type, "Tracker": type, "DataType": enum.EnumMeta, "MergeOp": enum.EnumMeta,
+    "MergeRegion": type, "Diff": type, "DiffBatch": type, "Snapshot": type, "App": type,
+    "probe": types.FunctionType, "tracker": types.FunctionType,
+    "wire": types.ModuleType, "delta": types.ModuleType, "checkpoint": types.ModuleType,
+    "compact": types.ModuleType,
+    "PageforkError": type, "UnsupportedModeError": type, "CorruptDataError": type,
+    "OutOfBoundsError": type, "MergeError": type, "ConflictError": type, "WorkerError": type,
+}
+
+
+def test_all_is_exactly_the_public_names():
+    assert sorted(pagefork.__all__) == sorted(PUBLIC)
+    assert len(pagefork.__all__) == len(set(pagefork.__all__))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_name_has_its_kind(name):
+    assert isinstance(getattr(pagefork, name), PUBLIC[name])
+
+
+def test_the_version_is_a_string_matching_the_native_build():
+    assert isinstance(pagefork.__version__, str) and pagefork.__version__
+    assert pagefork._native.VERSION == pagefork.__version__
+
+
+def test_error_hierarchy():
+    for cls in (UnsupportedModeError, CorruptDataError, OutOfBoundsError, MergeError, ConflictError,
+                WorkerError):
+        assert issubclass(cls, PageforkError)
+    assert issubclass(CorruptDataError, ValueError)
+    assert issubclass(OutOfBoundsError, IndexError)
+
+
+def test_errors_declare_their_attributes():
+    for cls, names in [(UnsupportedModeError, ["mode", "reason"]),
+                       (CorruptDataError, ["message", "version", "object"]),
+                       (WorkerError, ["message", "thread", "traceback", "failed"])]:
+        assert list(inspect.signature(cls).parameters) == names
+    plain = CorruptDataError("bad bytes")
+    assert (plain.version, plain.object) == (None, None)
+
+
+@pytest.mark.parametrize("err", [
+    UnsupportedModeError("uffd", "no userfaultfd"),
+    CorruptDataError("object v1 is damaged", version=3, object="v0000000003-ab.base"),
+    CorruptDataError("bad wire data"),
+    WorkerError("thread 2 of 4 failed", thread=2, traceback="Traceback ...", failed=[2, 3]),
+    OutOfBoundsError("past the end"),
+    MergeError("PRODUCT over zero at offset 8"),
+    ConflictError("threads 0 and 1 wrote different bytes to [0, 8)"),
+], ids=lambda e: type(e).__name__)
+def test_errors_pickle_with_their_attributes(err):
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and str(again) == str(err)
+    assert again.__dict__ == err.__dict__
