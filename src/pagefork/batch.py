@@ -132,6 +132,9 @@ class Backend(Protocol):
 
     name: str
     slots: int
+    # Whether run() reads the snapshot's tracked changes (to ship deltas);
+    # if not, the executor drops them after every batch.
+    ships_changes: bool
 
     def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
         """Every thread's outcome; raises Cancelled soon after ``cancel`` is

@@ -147,7 +147,15 @@ class Executor:
         if n:
             self._unsaved[: dirty.size] |= dirty
             self.version += 1
+            self._forget_unshipped_changes()
         return n
+
+    def _forget_unshipped_changes(self) -> None:
+        """The snapshot records every range written into it (tracked_changes)
+        for backends that ship deltas; kept for any other, the record would
+        grow with every batch and checkpoint for the App's lifetime."""
+        if not self.backend.ships_changes:
+            self.snapshot.clear_tracked_changes()
 
     def begin_restore(self) -> Region:
         """Main memory as fresh anonymous memory (huge pages allowed) for a
@@ -411,6 +419,7 @@ class Executor:
             raise
         for batch in batches:
             self._note_merged(batch)
+        self._forget_unshipped_changes()
         if stats.diffs:
             self.version += 1
         t3 = time.perf_counter()
@@ -496,6 +505,7 @@ class _ClosedBackend:
     """What a closed executor holds instead of its backend."""
 
     slots = 0
+    ships_changes = False
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -211,6 +211,7 @@ class DaskBackend:
     scheduler address; ``workers`` limits how many workers are used."""
 
     name = "dask"
+    ships_changes = True  # later versions go to cached workers as deltas
 
     def __init__(self, client: Any, workers: int | None = None) -> None:
         try:

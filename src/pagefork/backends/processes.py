@@ -281,6 +281,7 @@ class ProcessesBackend:
     """``workers`` persistent worker processes (default: one per CPU)."""
 
     name = "processes"
+    ships_changes = False  # workers map the snapshot itself
 
     def __init__(self, workers: int | None = None) -> None:
         self.slots = workers if workers is not None else (os.cpu_count() or 1)

@@ -66,6 +66,7 @@ class ThreadsBackend:
     runs its share one after the other on its own mapping."""
 
     name = "threads"
+    ships_changes = False
 
     def __init__(self, workers: int | None = None) -> None:
         self.slots = workers if workers is not None else (os.cpu_count() or 1)
