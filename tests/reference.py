@@ -1,7 +1,7 @@
 """A small pure-Python model of diff and apply, to check the native kernels.
 
 Slow and obvious on purpose: byte loops, Python ints, numpy scalars for float
-rounding. Mirrors the rules in DESIGN.md (Snapshots, merge regions, diffs).
+rounding. Mirrors the diff and merge rules of docs/api.md (Snapshots and diffs).
 """
 
 from __future__ import annotations

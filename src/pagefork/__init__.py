@@ -1,8 +1,9 @@
 """pagefork: fork-join over copy-on-write memory snapshots.
 
 Snapshot a block of memory, fork it to a batch of threads, let the kernel
-track which pages each writes, diff and merge the changes back. See
-DESIGN.md for the architecture; this module only re-exports public names.
+track which pages each writes, diff and merge the changes back. The
+README and docs/ describe the architecture and the API; this module only
+re-exports public names.
 """
 
 from __future__ import annotations

@@ -346,8 +346,8 @@ def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray | memoryview:
     a buffer that at most doubles as bytes arrive, so memory grows with the
     bytes stored, not with the size ``ref`` claims. A local file of the
     claimed size gets its whole buffer at once, from numpy: large ones on
-    huge pages (a fresh bytearray faulted in 4 KiB pages cost ~0.4 ms per
-    MiB read, as much as the read)."""
+    huge pages (a fresh bytearray faulted in 4 KiB pages costs about as
+    much as the read itself)."""
     want = max(ref.size - HEADER.size, 0) + 1  # one byte more: finds an object longer than claimed
     if _local_file(r, ref) is not None:
         whole = np.empty(want, np.uint8).data.cast("B")

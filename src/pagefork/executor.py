@@ -141,7 +141,7 @@ class Executor:
                 # Drops the private copies and re-arms tracking. Unwritten,
                 # main memory already shows the snapshot with tracking armed,
                 # and a remap would cost every page the program has mapped (a
-                # checkpoint after reading all of 1 GiB: ~60 ms for nothing).
+                # checkpoint after the program read all of its memory, for nothing).
                 self._remap_main()
         n = int(np.count_nonzero(dirty))
         if n:
