@@ -341,13 +341,13 @@ def test_no_growth(tmp_path):
     for _ in range(20):
         _leak_round(tmp_path)
     gc.collect()
-    before_fds, before_rss, before_locks = fds(), rss_kib(), len(ck._target_locks)
+    before_fds, before_rss, before_locks = fds(), rss_kib(), len(ck._locks.targets)
     for _ in range(200):
         _leak_round(tmp_path)
     gc.collect()
     assert fds() == before_fds
     assert rss_kib() - before_rss < 8192, "RSS grew by more than 8 MiB over 200 rounds"
-    assert len(ck._target_locks) <= before_locks and len(ck._last_saved) == 0
+    assert len(ck._locks.targets) <= before_locks and len(ck._last_saved) == 0
 
 
 def test_bad_arguments(tmp_path):

@@ -17,7 +17,8 @@ MAX_LINES = 600
 # one; within a layer the imports must still be acyclic. A new module must
 # be placed here, which is the moment to decide where it belongs.
 LAYERS: list[set[str]] = [
-    {"_version", "_errors", "_buffers", "_native", "_baseline", "_sizes", "_signals", "_framing"},
+    {"_version", "_errors", "_buffers", "_native", "_baseline", "_sizes", "_signals", "_framing", "_system",
+     "_forking"},
     {"memory"},
     {"_tracker", "tracking"},
     {"merge", "diffs", "snapshot", "wire", "compact", "delta"},

@@ -31,6 +31,13 @@ class Mapping:
     def _close(self) -> None: ...
 
 MAX_TRACKED_REGIONS: int
+COLUMN_NEGATIVE: int
+COLUMN_OVERFLOW: int
+COLUMN_PAST_DATA: int
+COLUMN_UNKNOWN_CODE: int
+COLUMN_INVALID_OP: int
+COLUMN_PARTIAL_VALUE: int
+COLUMN_DATA_LENGTH: int
 MAX_THREADS_PER_REGION: int
 
 class Tracking:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import platform
 import threading
 import warnings
 import weakref
@@ -19,10 +18,11 @@ import numpy as np
 
 from . import _native, _signals
 from ._errors import PageforkError, UnsupportedModeError, native_error
+from ._forking import renewed_in_child
+from ._system import kernel_release, read_setting
 from .memory import Region
 
-__all__ = ["MODES", "MODE_IDS", "THREAD_LOCAL_MODES", "Scope", "Tracker", "TrackerStats", "TrackingFallbackWarning",
-           "kernel_release"]
+__all__ = ["MODES", "MODE_IDS", "THREAD_LOCAL_MODES", "Scope", "Tracker", "TrackerStats", "TrackingFallbackWarning"]
 
 MODES: tuple[str, ...] = ("none", "softpte", "segfault", "uffd", "uffd-async", "cow")
 
@@ -62,23 +62,8 @@ class TrackerStats:
     fallbacks: int
 
 
-def kernel_release() -> str:
-    """This kernel, as error messages name it."""
-    return f"Linux {platform.release()}"
-
-
-def _max_map_count() -> str:
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
-
-
-def _after_fork_in_child() -> None:
-    # A lock held by another thread at fork() would never be released here.
-    for tracker in list(_live_trackers):
-        tracker._lock = threading.RLock()
+def _fresh_lock(tracker: Tracker) -> None:
+    tracker._lock = threading.RLock()
 
 class Tracker:
     """Tracks which pages of one or more regions are written.
@@ -285,7 +270,7 @@ class Tracker:
         count = tracking.fallbacks
         if count > self._fallbacks_seen.get(id(tracking), 0):
             self._fallbacks_seen[id(tracking)] = count
-            limit = _max_map_count()
+            limit = read_setting("/proc/sys/vm/max_map_count", unreadable="unknown")
             warnings.warn(
                 "segfault tracking could not re-enable writes to one page (mprotect: ENOMEM, "
                 f"the process reached vm.max_map_count={limit}), so it un-protected the whole "
@@ -338,6 +323,6 @@ class Tracker:
         self.close()
 
 
-_live_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
+# Every tracker: a forked child gives each a fresh lock.
+_live_trackers = renewed_in_child(_fresh_lock)
 _epoch_counter = itertools.count(1)
-os.register_at_fork(after_in_child=_after_fork_in_child)

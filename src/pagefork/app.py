@@ -25,7 +25,6 @@ __all__ = ["App"]
 
 _ALIGN = 64  # a cache line; arrays of a page or more start on a page
 _MAX_NAME = 255  # characters in an array name
-_BYTEWISE = (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)
 
 
 def _check_dtype_and_shape(dtype: DTypeLike, shape: Any, op: MergeOp) -> tuple[np.dtype, tuple[int, ...]]:
@@ -57,7 +56,7 @@ def _check_dtype_and_shape(dtype: DTypeLike, shape: Any, op: MergeOp) -> tuple[n
                          "(use fixed-size values: numbers, bytes 'S', strings 'U', structured)")
     if dt.itemsize == 0:
         raise ValueError(f"dtype {dt} has no size (give strings and bytes a length, e.g. 'U10')")
-    if op not in _BYTEWISE:
+    if not op.bytewise:
         try:
             MergeRegion(0, dt.itemsize, DataType.of(dt), op)
         except (TypeError, ValueError) as exc:

@@ -20,7 +20,6 @@ record of what changed in main memory.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -32,6 +31,7 @@ import numpy as np
 from . import _checkpoint_versions as _chain
 from ._checkpoint_format import Manifest, iter_refs, manifest_name, read_object
 from ._checkpoint_versions import CheckpointInfo
+from ._forking import renewed_in_child
 from ._checkpoint_store import open_store
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE
@@ -105,9 +105,6 @@ def _check_options(keep: Any, base_every: Any, base_fraction: Any, compress: Any
 _last_saved: weakref.WeakKeyDictionary[
     Region, dict[int, tuple[weakref.ref[Tracker], str, int, str, int, int | None]]] = \
     weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
 class _TargetLock:
     """One writer at a time per target in this process (two would pick the
     same version number); forgotten when no save holds it. Other processes
@@ -125,24 +122,28 @@ class _TargetLock:
         self.lock.release()
 
 
-_target_locks: weakref.WeakValueDictionary[str, _TargetLock] = weakref.WeakValueDictionary()
+class _SaveLocks:
+    """This process's save locks: ``lock`` guards ``_last_saved`` and
+    ``targets``, one _TargetLock per target in use. Renewed whole in a
+    fork()ed child."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.lock = threading.Lock()
+        self.targets: weakref.WeakValueDictionary[str, _TargetLock] = weakref.WeakValueDictionary()
 
 
-def _after_fork_in_child() -> None:
-    """A lock another thread held at fork() would never be released in the child."""
-    global _lock, _target_locks
-    _lock = threading.Lock()
-    _target_locks = weakref.WeakValueDictionary()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_locks = _SaveLocks()
+renewed_in_child(_SaveLocks.renew).add(_locks)
 
 
 def _target_lock(store: Any) -> _TargetLock:
-    with _lock:
-        found = _target_locks.get(store.description)
+    with _locks.lock:
+        found = _locks.targets.get(store.description)
         if found is None:
-            found = _target_locks[store.description] = _TargetLock()
+            found = _locks.targets[store.description] = _TargetLock()
         return found
 
 
@@ -177,7 +178,7 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
     key = id(tracker)
     last, last_object, shrinks = None, "", 0
     epoch = tracker._epoch(region) if tracker is not None else None
-    with _lock:
+    with _locks.lock:
         entry = _last_saved.get(region, {}).get(key) if tracker is not None else None
         # Not a new tracker at a reused id; its last save went to this target;
         # it has tracked without a break since.
@@ -197,19 +198,19 @@ def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None,
     view = memoryview(region).cast("B")
     try:
         info, manifest = _chain.commit(store, source=view, size=region.size, max_size=region.max_size,
-                          pages=pages if parent is not None else None, parent=parent, app=None,
-                          base_every=base_every, base_fraction=base_fraction, keep=keep,
-                          compress=compress, t0=t0, live=True)
+                                       pages=pages if parent is not None else None, parent=parent,
+                                       app=None, base_every=base_every, base_fraction=base_fraction,
+                                       keep=keep, compress=compress, t0=t0, live=True)
     except BaseException:
         # The tracker's flags were read and cleared: the next save must not
         # build on what this one may not have written. It writes a base.
-        with _lock:
+        with _locks.lock:
             _last_saved.get(region, {}).pop(key, None)
         raise
     finally:
         view.release()
     if tracker is not None:
-        with _lock:
+        with _locks.lock:
             _last_saved.setdefault(region, {})[key] = (
                 weakref.ref(tracker), store.description, info.version,
                 manifest.objects[-1].name, region._shrinks, epoch)
@@ -298,10 +299,10 @@ def save_executor(executor: Executor, target: Target, *, layout: Callable[[], di
         meta = layout()
         snapshot = executor.snapshot
         info, manifest = _chain.commit(store, source=snapshot.view(), size=snapshot.size,
-                                 max_size=snapshot.max_size, pages=pages if parent is not None else None,
-                                 parent=parent, app=meta, base_every=base_every,
-                                 base_fraction=base_fraction, keep=keep, compress=compress, t0=t0,
-                                 live=False)
+                                       max_size=snapshot.max_size,
+                                       pages=pages if parent is not None else None, parent=parent,
+                                       app=meta, base_every=base_every, base_fraction=base_fraction,
+                                       keep=keep, compress=compress, t0=t0, live=False)
         executor.mark_saved()
         saved(SavedAt(store.description, info.version, manifest.objects[-1].name))
         return info

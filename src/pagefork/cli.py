@@ -12,14 +12,6 @@ from typing import Any, Callable, Sequence
 __all__ = ["main", "doctor_report"]
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"
-
-
 def _uffd_features() -> dict[str, Any]:
     from . import _native
 
@@ -38,9 +30,9 @@ def doctor_report() -> dict[str, Any]:
     """What ``pagefork doctor`` shows, as data (the ``--json`` schema)."""
     from . import _native
     from ._sizes import PAGE_SIZE
+    from ._system import read_setting
     from ._version import __version__
-    from .tracking import probe
-    from .tracking import auto_mode, setting_warnings, write_costs
+    from .tracking import auto_mode, probe, setting_warnings, write_costs
 
     support = probe()
     costs = write_costs()
@@ -59,15 +51,15 @@ def doctor_report() -> dict[str, Any]:
         "auto": auto_mode(),
         "auto_thread_local": auto_mode(thread_local=True),
         "settings": {
-            "vm.unprivileged_userfaultfd": _read("/proc/sys/vm/unprivileged_userfaultfd"),
-            "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
-            "shmem_hugepage": _read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
+            "vm.unprivileged_userfaultfd": read_setting("/proc/sys/vm/unprivileged_userfaultfd", unreadable=None),
+            "transparent_hugepage": read_setting("/sys/kernel/mm/transparent_hugepage/enabled", unreadable=None),
+            "shmem_hugepage": read_setting("/sys/kernel/mm/transparent_hugepage/shmem_enabled", unreadable=None),
             "pagemap_readable": os.access("/proc/self/pagemap", os.R_OK),
             "pagemap_scan": bool(_native.pagemap_scan_available()),
             "userfaultfd": _uffd_features(),
             "euid": os.geteuid(),
-            "ksm_run": _read("/sys/kernel/mm/ksm/run"),
-            "vm.max_map_count": _read("/proc/sys/vm/max_map_count"),
+            "ksm_run": read_setting("/sys/kernel/mm/ksm/run", unreadable=None),
+            "vm.max_map_count": read_setting("/proc/sys/vm/max_map_count", unreadable=None),
         },
         "warnings": setting_warnings(),
     }

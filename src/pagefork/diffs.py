@@ -14,7 +14,7 @@ from ._buffers import byte_view
 from ._sizes import as_index
 from .merge import BYTEWISE_OPS, INT64_MAX, DataType, MergeOp, check_op
 
-__all__ = ["Diff", "DiffBatch", "Batchable", "as_batch", "column_error"]
+__all__ = ["Diff", "DiffBatch", "Batchable", "as_batch", "column_error", "expand_runs"]
 
 def column_error(offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray, ops: np.ndarray,
                   data_len: int) -> str | None:
@@ -33,20 +33,20 @@ def column_error(offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray, o
     if found is None:
         return None
     i, problem = found
-    if problem == 7:
+    if problem == _native.COLUMN_DATA_LENGTH:
         return (f"no diffs, but {data_len} bytes of data" if n == 0 else
                 f"the diff lengths do not add up to the {data_len} bytes of data")
     offset, length, dtype, op = int(offsets[i]), int(lengths[i]), int(dtypes[i]), int(ops[i])
     why = {
-        1: f"negative offset or length ({length})",
-        2: f"{length} bytes there end past 64 bits (the end overflows)",
-        3: f"{length} bytes, longer than the {data_len} bytes of data",
-        4: f"unknown dtype/op codes {dtype}/{op}",
+        _native.COLUMN_NEGATIVE: f"negative offset or length ({length})",
+        _native.COLUMN_OVERFLOW: f"{length} bytes there end past 64 bits (the end overflows)",
+        _native.COLUMN_PAST_DATA: f"{length} bytes, longer than the {data_len} bytes of data",
+        _native.COLUMN_UNKNOWN_CODE: f"unknown dtype/op codes {dtype}/{op}",
     }.get(problem)
     if why is None:
         name, op_name = DataType(dtype).name, MergeOp(op).name
-        why = (f"invalid dtype/op: {op_name} is not defined for {name}" if problem == 5 else
-               f"{length} bytes is not a whole number of {name} values")
+        why = (f"invalid dtype/op: {op_name} is not defined for {name}" if problem == _native.COLUMN_INVALID_OP
+               else f"{length} bytes is not a whole number of {name} values")
     return f"diff {i} at offset {offset}: {why}"
 
 
@@ -222,6 +222,15 @@ def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:
         raise ValueError(f"DiffBatch {what} do not fit {np.dtype(dtype)}")
     return array.astype(dtype)
 
+
+
+def expand_runs(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every index of the runs [first, first + count) (of pages, values,
+    ...), whole-array numpy."""
+    if counts.size == 0 or bool((counts == 1).all()):  # scattered values: one per run
+        return firsts
+    before = np.cumsum(counts) - counts
+    return np.repeat(firsts - before, counts) + np.arange(int(counts.sum()))
 
 
 def as_batch(diffs: Batchable) -> DiffBatch:

@@ -29,7 +29,7 @@ from ._errors import ConflictError, MergeError, PageforkError, UnsupportedModeEr
 from ._sizes import PAGE_SIZE, round_to_pages
 from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancel, Cancelled, ThreadOutcome,
                     find_conflicts, inside_batch_of, thread_tracking_mode)
-from .diffs import DiffBatch
+from .diffs import DiffBatch, expand_runs
 from .identity import products_as_overwrites
 from .layout import Allocation
 from .memory import Region
@@ -234,11 +234,7 @@ class Executor:
         self._unsaved[last] = True
         inner = last - first > 1  # the pages between a long diff's first and last
         if inner.any():
-            first, last = first[inner] + 1, last[inner]
-            counts = last - first
-            starts = np.cumsum(counts) - counts
-            pages = np.repeat(first - starts, counts) + np.arange(int(counts.sum()))
-            self._unsaved[pages] = True
+            self._unsaved[expand_runs(first[inner] + 1, last[inner] - first[inner] - 1)] = True
 
     def unsaved_pages(self) -> np.ndarray:
         """Flags (one per page of the snapshot) of the pages changed since
@@ -435,9 +431,8 @@ class Executor:
         self.snapshot.clear_merge_regions()
         for a in sorted(layout.values(), key=lambda a: a.offset):
             if a.nbytes:
-                typed = a.merge not in (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)
-                self.snapshot.add_merge_region(a.offset, a.nbytes, a.np_dtype if typed else DataType.RAW,
-                                               a.merge)
+                dtype = DataType.RAW if a.merge.bytewise else a.np_dtype
+                self.snapshot.add_merge_region(a.offset, a.nbytes, dtype, a.merge)
         self.snapshot.fill_gaps(MergeOp.OVERWRITE)
         return self.snapshot.merge_regions
 

@@ -35,7 +35,8 @@ import numpy as np
 from . import _native
 from ._errors import PageforkError
 from ._sizes import PAGE_SIZE, round_to_pages
-from .diffs import DiffBatch
+from ._system import available_memory
+from .diffs import DiffBatch, expand_runs
 from .merge import DataType, MergeOp
 
 if TYPE_CHECKING:
@@ -87,19 +88,6 @@ def check_start(start: object, op: MergeOp, dt: np.dtype) -> str:
     if start == "identity":
         identity_of(op, dt)
     return start
-
-
-def available_memory() -> int | None:
-    """The memory the kernel says can be allocated without swapping
-    (MemAvailable), or None where it does not say."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 #: Each live buffer's export of its data's memoryview (see _Buffer._blank),
@@ -314,14 +302,6 @@ def with_contributions(diffs: DiffBatch, contributions: DiffBatch | None) -> Dif
     return contributions if not len(diffs) else DiffBatch.concat([diffs, contributions])
 
 
-def _expand(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Every index of the runs [first, first + count), whole-array numpy."""
-    if counts.size == 0 or bool((counts == 1).all()):  # scattered values: one per run
-        return firsts
-    before = np.cumsum(counts) - counts
-    return np.repeat(firsts - before, counts) + np.arange(int(counts.sum()))
-
-
 def products_as_overwrites(batches: Sequence[DiffBatch], allocations: Iterable[Allocation],
                            snapshot: Any) -> list[DiffBatch]:
     """``batches`` (in thread order) with the PRODUCT diffs of identity
@@ -345,7 +325,7 @@ def products_as_overwrites(batches: Sequence[DiffBatch], allocations: Iterable[A
             kept &= ~mine
             lengths = b.lengths[mine]
             factors = np.frombuffer(_native.gather(b.data, b.starts[mine], lengths), dt)
-            parts.append((_expand((b.offsets[mine] - lo) // k, lengths // k), factors))
+            parts.append((expand_runs((b.offsets[mine] - lo) // k, lengths // k), factors))
         if not parts:
             continue
         touched = np.unique(np.concatenate([p[0] for p in parts]))

@@ -96,6 +96,12 @@ class MergeOp(enum.IntEnum):
     MIN = 6
     IGNORE = 7
 
+    @property
+    def bytewise(self) -> bool:
+        """Whether it merges bytes (OVERWRITE, XOR, IGNORE: any dtype) rather
+        than typed values (SUM, SUBTRACT, PRODUCT, MAX, MIN)."""
+        return self in BYTEWISE_OPS
+
     @classmethod
     def of(cls, value: MergeOp | str) -> MergeOp:
         """A MergeOp from itself or its name, any case (``"sum"``)."""

@@ -13,7 +13,6 @@ import fcntl
 import os
 import stat
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from . import _native
 from ._buffers import byte_view
 from ._errors import MergeError, OutOfBoundsError, PageforkError
+from ._forking import renewed_in_child
 from ._sizes import PAGE_SIZE, as_index, parse_size, round_to_pages
 from .diffs import Batchable, Diff, DiffBatch, as_batch
 from .memory import Region
@@ -32,17 +32,12 @@ if TYPE_CHECKING:
 __all__ = ["Snapshot"]
 
 
-# Every open snapshot, so a forked child gets fresh locks: a lock held by a
-# parent thread at fork() would otherwise stay held in the child forever.
-_live: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+def _fresh_lock(snapshot: Snapshot) -> None:
+    snapshot._lock = threading.RLock()
 
 
-def _reset_locks_after_fork() -> None:
-    for snapshot in list(_live):
-        snapshot._lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_reset_locks_after_fork)
+# Every open snapshot: a forked child gives each a fresh lock.
+_live = renewed_in_child(_fresh_lock)
 
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from . import _native
 from ._errors import UnsupportedModeError
-from ._tracker import (MODE_IDS, MODES, THREAD_LOCAL_MODES, Tracker, TrackerStats, TrackingFallbackWarning,
-                       kernel_release)
+from ._system import kernel_release, read_setting
+from ._tracker import MODE_IDS, MODES, THREAD_LOCAL_MODES, Tracker, TrackerStats, TrackingFallbackWarning
 from .memory import Region
 
 __all__ = [
@@ -277,14 +277,14 @@ def setting_warnings(ksm_run: str = "/sys/kernel/mm/ksm/run",
     """Settings of this machine that break or degrade tracking, explained
     (``pagefork doctor`` prints them). The paths are parameters for tests."""
     found = []
-    if _read_setting(ksm_run) == "1":
+    if read_setting(ksm_run) == "1":
         found.append(
             f"KSM is running ({ksm_run}=1): merging pages drops userfaultfd write-protection. "
             "pagefork advises tracked memory MADV_UNMERGEABLE and reports pages merged anyway "
             "as written (uffd, uffd-async, cow), so nothing is lost, but memory made mergeable "
             "while tracked shows extra dirty pages; stop KSM (echo 0 > "
             f"{ksm_run}) for exact sets")
-    limit = _read_setting(max_map_count)
+    limit = read_setting(max_map_count)
     if limit.isdigit() and int(limit) < MAX_MAP_COUNT_ADVISED:
         pages = int(limit) // 2
         found.append(
@@ -294,11 +294,4 @@ def setting_warnings(ksm_run: str = "/sys/kernel/mm/ksm/run",
             f"(sysctl vm.max_map_count={MAX_MAP_COUNT_ADVISED * 4}) or use uffd-async")
     return found
 
-
-def _read_setting(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 

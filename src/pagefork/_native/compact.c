@@ -57,14 +57,9 @@ static inline int get_varint(const uint8_t *p, size_t end, size_t *at, uint64_t 
     return -1;
 }
 
-static int is_typed(int op)
-{
-    return op != PF_OVERWRITE && op != PF_XOR && op != PF_IGNORE;
-}
-
 static int shift_of(int dtype, int op)
 {
-    if (!is_typed(op))
+    if (!pf_op_is_typed(op))
         return 0;
     switch (pf_itemsize[dtype]) {
     case 2: return 1;
@@ -216,7 +211,7 @@ PyObject *pf_compact_decode(PyObject *self, PyObject *args)
                 why = "diff end overflows";
                 break;
             }
-            if (is_typed(opc) && units % (uint64_t)k != 0) {
+            if (pf_op_is_typed(opc) && units % (uint64_t)k != 0) {
                 why = "typed diff that is not a whole number of values";
                 break;
             }

@@ -117,7 +117,7 @@ PyObject *pf_apply(PyObject *self, PyObject *args)
                          "%zu bytes it applies to", i, (long long)off[i], (long long)len[i], size);
             goto done;
         }
-        int typed_op = op[i] != PF_OVERWRITE && op[i] != PF_XOR && op[i] != PF_IGNORE;
+        int typed_op = pf_op_is_typed(op[i]);
         size_t k = (size_t)pf_itemsize[dt[i]];
         if (typed_op && (size_t)len[i] % k != 0) {
             PyErr_Format(PyExc_ValueError, "diff %zu: %lld bytes is not a whole number of %zu-byte "
@@ -183,11 +183,8 @@ done:
 }
 
 /* check_columns(offsets, lengths, dtypes, ops, data_len) -> None when the
- * DiffBatch columns are well formed, else (index of the first bad diff,
- * problem): 1 negative offset or length, 2 end past 2**63-1, 3 longer than
- * the data, 4 unknown dtype/op code, 5 op not defined for the dtype, 6 typed
- * diff not a whole number of values, 7 lengths not adding up to data_len
- * (index = number of diffs). One pass, for the wire and DiffBatch checks. */
+ * DiffBatch columns are well formed, else (index of the first bad diff, a
+ * pf_column_problem). One pass, for the wire and DiffBatch checks. */
 PyObject *pf_check_columns(PyObject *self, PyObject *args)
 {
     Py_buffer offsets, lengths, dtypes, ops;
@@ -208,25 +205,25 @@ PyObject *pf_check_columns(PyObject *self, PyObject *args)
         memcpy(&off, (const uint8_t *)offsets.buf + 8 * i, 8);
         memcpy(&len, (const uint8_t *)lengths.buf + 8 * i, 8);
         if (off < 0 || len < 0)
-            problem = 1;
+            problem = PF_COLUMN_NEGATIVE;
         else if (off > INT64_MAX - len)
-            problem = 2;
+            problem = PF_COLUMN_OVERFLOW;
         else if ((uint64_t)len > data_len - used)
-            problem = (uint64_t)len <= data_len ? 7 : 3;
+            problem = (uint64_t)len <= data_len ? PF_COLUMN_DATA_LENGTH : PF_COLUMN_PAST_DATA;
         else if (dt[i] >= PF_N_DTYPES || op[i] >= PF_N_OPS)
-            problem = 4;
+            problem = PF_COLUMN_UNKNOWN_CODE;
         else if (pf_op_valid(dt[i], op[i]) != 0)
-            problem = 5;
-        else if (op[i] != PF_OVERWRITE && op[i] != PF_XOR && op[i] != PF_IGNORE &&
+            problem = PF_COLUMN_INVALID_OP;
+        else if (pf_op_is_typed(op[i]) &&
                  (uint64_t)len % (uint64_t)pf_itemsize[dt[i]] != 0)
-            problem = 6;
+            problem = PF_COLUMN_PARTIAL_VALUE;
         if (problem)
             break;
         used += (uint64_t)len;
     }
     if (problem == 0 && used != data_len)
-        problem = 7;
-    if (problem == 7)
+        problem = PF_COLUMN_DATA_LENGTH;
+    if (problem == PF_COLUMN_DATA_LENGTH)
         i = n;
     result = problem ? Py_BuildValue("(ni)", (Py_ssize_t)i, problem) : Py_NewRef(Py_None);
 done:

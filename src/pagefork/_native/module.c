@@ -127,7 +127,14 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddIntConstant(m, "UFFD_FEATURE_THREAD_ID", UFFD_FEATURE_THREAD_ID) < 0 ||
         PyModule_AddIntConstant(m, "UFFD_FEATURE_WP_HUGETLBFS_SHMEM", UFFD_FEATURE_WP_HUGETLBFS_SHMEM) < 0 ||
         PyModule_AddIntConstant(m, "UFFD_FEATURE_WP_UNPOPULATED", UFFD_FEATURE_WP_UNPOPULATED) < 0 ||
-        PyModule_AddIntConstant(m, "UFFD_FEATURE_WP_ASYNC", UFFD_FEATURE_WP_ASYNC) < 0) {
+        PyModule_AddIntConstant(m, "UFFD_FEATURE_WP_ASYNC", UFFD_FEATURE_WP_ASYNC) < 0 ||
+        PyModule_AddIntConstant(m, "COLUMN_NEGATIVE", PF_COLUMN_NEGATIVE) < 0 ||
+        PyModule_AddIntConstant(m, "COLUMN_OVERFLOW", PF_COLUMN_OVERFLOW) < 0 ||
+        PyModule_AddIntConstant(m, "COLUMN_PAST_DATA", PF_COLUMN_PAST_DATA) < 0 ||
+        PyModule_AddIntConstant(m, "COLUMN_UNKNOWN_CODE", PF_COLUMN_UNKNOWN_CODE) < 0 ||
+        PyModule_AddIntConstant(m, "COLUMN_INVALID_OP", PF_COLUMN_INVALID_OP) < 0 ||
+        PyModule_AddIntConstant(m, "COLUMN_PARTIAL_VALUE", PF_COLUMN_PARTIAL_VALUE) < 0 ||
+        PyModule_AddIntConstant(m, "COLUMN_DATA_LENGTH", PF_COLUMN_DATA_LENGTH) < 0) {
         Py_DECREF(m);
         return NULL;
     }

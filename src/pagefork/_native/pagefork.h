@@ -267,6 +267,23 @@ enum pf_op {
 extern const int pf_itemsize[PF_N_DTYPES];
 /* 0 if `op` is defined for `dtype`, else -1 (arithmetic needs a number type). */
 int pf_op_valid(int dtype, int op);
+/* Typed ops work on whole values of their dtype; OVERWRITE, XOR and IGNORE
+ * on bytes (pagefork.merge.MergeOp.bytewise says the same in Python). */
+/* What check_columns finds wrong with a DiffBatch's columns (exported to
+ * Python as COLUMN_* constants; pagefork.diffs words each). */
+enum pf_column_problem {
+    PF_COLUMN_NEGATIVE = 1,   /* negative offset or length */
+    PF_COLUMN_OVERFLOW,       /* end past 2**63-1 */
+    PF_COLUMN_PAST_DATA,      /* longer than the data */
+    PF_COLUMN_UNKNOWN_CODE,   /* unknown dtype or op code */
+    PF_COLUMN_INVALID_OP,     /* op not defined for the dtype */
+    PF_COLUMN_PARTIAL_VALUE,  /* typed diff not a whole number of values */
+    PF_COLUMN_DATA_LENGTH,    /* lengths not adding up to the data (index = count) */
+};
+static inline int pf_op_is_typed(int op)
+{
+    return op != PF_OVERWRITE && op != PF_XOR && op != PF_IGNORE;
+}
 
 /* A growable column: malloc while small; past PF_COLUMN_MMAP bytes a large
  * NORESERVE mapping (huge pages advised) that grows with mremap, so big
