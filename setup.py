@@ -28,7 +28,7 @@ setup(
         Extension(
             "pagefork._native",
             sources=sorted(str(p) for p in NATIVE.glob("*.c")),
-            depends=[str(NATIVE / "pagefork.h"), "src/pagefork/_version.py"],
+            depends=[*sorted(str(p) for p in NATIVE.glob("*.h")), "src/pagefork/_version.py"],
             define_macros=[("PAGEFORK_NATIVE_VERSION", f'"{VERSION["__version__"]}"')],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,

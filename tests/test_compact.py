@@ -135,6 +135,8 @@ def _message(count: int, tokens: bytes, data: bytes) -> bytes:
     (_message(1, b"\x00\x00\x01" + b"\xff" * 10 + b"\x01" + b"\x00", b"x"), "count or offset"),
     (_message(1, b"\x00\x00\x01\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x00", b"x"), "overflows"),
     (_message(1, b"\x00\x00\x01\x00" + b"\x80" * 11 + b"\x00", b"x"), "overlong"),
+    (_message(1, b"\x00\x00\x81\x00\x00\x00", b"x"), "count or offset"),  # count 1, not minimal
+    (_message(1, b"\x00\x00\x01\x00\x80\x00", b"x"), "overlong"),          # token 0, not minimal
     (_message(1, b"\x25\x00\x01\x00\x01\x03", b"xyz"), "whole number"),  # 3 bytes of INT64 SUM
     (_message(2, b"\x00\x00\x01\x00\x00", b"x"), "fewer"),
     (compact.encode([Diff(0, b"abc")]) + b"\0", "checksum|does not match"),

@@ -21,41 +21,10 @@
  * bytes object: Snapshot.tracked_changes without a per-byte index.
  */
 #include "pagefork.h"
+#include "varint.h"
 
 #include <limits.h>
 #include <string.h>
-
-#define VARINT_MAX 10
-
-static inline size_t put_varint(uint8_t *p, uint64_t v)
-{
-    size_t n = 0;
-    while (v >= 0x80) {
-        p[n++] = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    p[n++] = (uint8_t)v;
-    return n;
-}
-
-/* Reads a varint at *at (< end); -1 on truncation, overlong or overflow. */
-static inline int get_varint(const uint8_t *p, size_t end, size_t *at, uint64_t *out)
-{
-    uint64_t v = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
-        if (*at >= end)
-            return -1;
-        uint8_t b = p[(*at)++];
-        if (shift == 63 && (b & 0x7f) > 1)
-            return -1; /* more than 64 bits */
-        v |= (uint64_t)(b & 0x7f) << shift;
-        if (!(b & 0x80)) {
-            *out = v;
-            return 0;
-        }
-    }
-    return -1;
-}
 
 static int shift_of(int dtype, int op)
 {
@@ -100,7 +69,7 @@ PyObject *pf_compact_encode(PyObject *self, PyObject *args)
         }
     }
     /* Worst case per diff: a segment header (2 + 2 varints) and 2 varints. */
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * (2 + 4 * VARINT_MAX)));
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * (2 + 4 * PF_VARINT_MAX)));
     if (out == NULL)
         goto done;
     uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
@@ -120,16 +89,16 @@ PyObject *pf_compact_encode(PyObject *self, PyObject *args)
         }
         p[w++] = (uint8_t)(dtype | opc << 4);
         p[w++] = (uint8_t)shift;
-        w += put_varint(p + w, j - i);
-        w += put_varint(p + w, (uint64_t)off[i]);
+        w += pf_varint_put(p + w, j - i);
+        w += pf_varint_put(p + w, (uint64_t)off[i]);
         end = off[i];
         for (size_t k = i; k < j; k++) {
             uint64_t gap = (uint64_t)(off[k] - end) >> shift;
             uint64_t units = (uint64_t)len[k] >> shift;
             int has_length = units != 1;
-            w += put_varint(p + w, gap << 1 | (uint64_t)has_length);
+            w += pf_varint_put(p + w, gap << 1 | (uint64_t)has_length);
             if (has_length)
-                w += put_varint(p + w, units);
+                w += pf_varint_put(p + w, units);
             end = off[k] + len[k];
         }
         i = j;
@@ -186,7 +155,7 @@ PyObject *pf_compact_decode(PyObject *self, PyObject *args)
             why = "segment with invalid dtype/op codes or unit";
             break;
         }
-        if (get_varint(p, end_at, &at, &seg_n) != 0 || get_varint(p, end_at, &at, &first) != 0 ||
+        if (pf_varint_get(p, end_at, &at, &seg_n) != 0 || pf_varint_get(p, end_at, &at, &first) != 0 ||
             seg_n == 0 || seg_n > n - i || first > (uint64_t)INT64_MAX) {
             why = "segment with a bad count or offset";
             break;
@@ -195,8 +164,8 @@ PyObject *pf_compact_decode(PyObject *self, PyObject *args)
         int64_t k = pf_itemsize[dtype];
         for (uint64_t s = 0; s < seg_n; s++, i++) {
             uint64_t token, units = 1;
-            if (get_varint(p, end_at, &at, &token) != 0 ||
-                ((token & 1) && get_varint(p, end_at, &at, &units) != 0)) {
+            if (pf_varint_get(p, end_at, &at, &token) != 0 ||
+                ((token & 1) && pf_varint_get(p, end_at, &at, &units) != 0)) {
                 why = "truncated or overlong varint";
                 break;
             }

@@ -15,6 +15,7 @@
  */
 #include "pagefork.h"
 #include "compare.h"
+#include "varint.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -41,11 +42,7 @@ static int reserve(growbuf *g, size_t extra)
 
 static void put_varint(growbuf *g, uint64_t v)
 {
-    while (v >= 0x80) {
-        g->buf[g->len++] = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    g->buf[g->len++] = (uint8_t)v;
+    g->len += pf_varint_put(g->buf + g->len, v);
 }
 
 static int add_record(growbuf *g, size_t *prev_end, const uint8_t *old, size_t old_len,
@@ -129,24 +126,6 @@ done:
     return result;
 }
 
-static int get_varint(const uint8_t *p, size_t len, size_t *at, uint64_t *out)
-{
-    uint64_t v = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
-        if (*at >= len)
-            return -1;
-        uint8_t b = p[(*at)++];
-        if ((shift == 63 && b > 1) || (shift > 0 && b == 0)) /* overflow, or not minimal */
-            return -1;
-        v |= (uint64_t)(b & 0x7F) << shift;
-        if (!(b & 0x80)) {
-            *out = v;
-            return 0;
-        }
-    }
-    return -1;
-}
-
 /* Walks the records; with out != NULL, also applies them. -1: malformed. */
 static int walk(const uint8_t *body, size_t body_len, size_t old_len, size_t new_len,
                 uint8_t *out, int xor)
@@ -154,7 +133,7 @@ static int walk(const uint8_t *body, size_t body_len, size_t old_len, size_t new
     size_t at = 0, end = 0;
     while (at < body_len) {
         uint64_t gap, len;
-        if (get_varint(body, body_len, &at, &gap) || get_varint(body, body_len, &at, &len))
+        if (pf_varint_get(body, body_len, &at, &gap) || pf_varint_get(body, body_len, &at, &len))
             return -1;
         if (len == 0 || gap > new_len - end || len > new_len - end - gap || len > body_len - at)
             return -1;
