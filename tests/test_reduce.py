@@ -682,3 +682,88 @@ def test_sigint_while_workers_combine_and_reply_through_the_buffer():
                           text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok 15")
+
+
+# ---- what a float sum merges exactly (docs/api.md, "Float sums") ------------------------
+
+def _floats(rng, n, dtype):
+    """Values over a wide range of magnitudes and both signs."""
+    span = 30 if dtype == np.float32 else 200
+    return (rng.standard_normal(n) * 10.0 ** rng.integers(-span, span, n)).astype(dtype)
+
+
+def _adds_once(mem, i, n, adds):
+    mem["a"][i::n] += adds[i::n]
+
+
+def _adds_twice(mem, i, n, adds):
+    a = mem["a"]
+    a += adds[i]
+    a += adds[i + n]
+
+
+def _assigns(mem, i, n, values):
+    mem["a"][i::n] = values[i::n]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_single_writer_adding_to_a_float_sum_merges_bitwise_to_its_own_value(backend, dtype):
+    """One writer per element that adds to it (a[k] += v, any magnitudes):
+    the merge gives exactly the value the thread computed."""
+    rng = np.random.default_rng(7)
+    with App("1MiB", backend=backend, workers=2) as app:
+        a = app.alloc("a", 20_000, dtype, merge="sum")
+        a[:] = _floats(rng, a.size, dtype)
+        adds = _floats(rng, a.size, dtype)
+        expected = a + adds
+        app.parallel(_adds_once, 4, args=(adds,))
+        assert a.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("start", ["snapshot", "identity"])
+def test_several_threads_adding_to_one_float_merge_in_thread_order(start):
+    """Several threads adding to the same elements: with the default start,
+    main + (new_i - old) in thread order, which may differ from serial
+    accumulation in the last bits; start="identity": main + total_i in
+    thread order, where total_i is the thread's own sum from zero, so it
+    equals serial code that adds each thread's total in turn."""
+    rng = np.random.default_rng(11)
+    n = 4
+    with App("1MiB", backend="threads", workers=2) as app:
+        a = app.alloc("a", 5_000, np.float64, merge="sum", start=start)
+        a[:] = rng.standard_normal(a.size)
+        adds = [rng.standard_normal(a.size) * 10.0 ** rng.integers(-8, 8, a.size) for _ in range(2 * n)]
+        old = a.copy()
+        app.parallel(_adds_twice, n, args=(adds,))
+        expected = old.copy()
+        for i in range(n):
+            if start == "snapshot":
+                expected += ((old + adds[i]) + adds[i + n]) - old
+            else:
+                expected += (0.0 + adds[i]) + adds[i + n]
+        assert a.tobytes() == expected.tobytes()
+        serial = old.copy()
+        for i in range(n):
+            serial += adds[i]
+            serial += adds[i + n]
+        # Not bitwise serial in either case: the grouping differs (documented).
+        assert not np.array_equal(a, serial) and np.allclose(a, serial, rtol=1e-12, atol=1e-300)
+
+
+def test_assigning_into_a_float_sum_merges_the_difference_not_the_value():
+    """A thread that assigns (a[k] = x) under merge="sum" contributes
+    x - old, which is not a float exactly when the magnitudes differ much:
+    1e16 set to 1.0 merges as 0.0. Assigned values want merge="overwrite"."""
+    with App("1MiB", backend="threads", workers=2) as app:
+        a = app.alloc("a", 4, np.float64, merge="sum")
+        b = app.alloc("b", 4, np.float64)  # overwrite
+        a[:] = b[:] = 1e16
+        app.parallel(_assigns, 2, args=(np.ones(4),))
+        assert a.tolist() == [0.0] * 4
+
+        def assign_b(mem, i, n):
+            mem["b"][i::n] = 1.0
+
+        app.parallel(assign_b, 2)
+        assert b.tolist() == [1.0] * 4
