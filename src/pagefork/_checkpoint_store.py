@@ -26,7 +26,8 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 class Store(Protocol):
-    """Flat named objects with atomic ``put``."""
+    """Flat named objects with atomic ``put``: what checkpoints need of a
+    target (a local folder or an fsspec filesystem)."""
 
     description: str
 
@@ -37,6 +38,10 @@ class Store(Protocol):
     def names(self) -> list[str]: ...
 
     def delete(self, name: str) -> None: ...
+
+    def remove_stale_temporaries(self) -> None:
+        """Deletes what saves killed before their commit left behind."""
+        ...
 
 
 class LocalStore:
@@ -213,7 +218,7 @@ class FsspecStore:
         """Object stores leave no partial objects behind."""
 
 
-def open_store(target: Any) -> LocalStore | FsspecStore:
+def open_store(target: Any) -> Store:
     """A store for ``target``: a path, a ``file://`` URL, any other fsspec
     URL, or an fsspec mapper (``fs.get_mapper(path)``, for a filesystem
     with its own options, e.g. an S3 endpoint)."""

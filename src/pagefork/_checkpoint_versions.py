@@ -17,6 +17,7 @@ from . import _native
 from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, ObjectWriter,
                                  check_object, manifest_name, manifest_version, object_version,
                                  pages_body, read_object)
+from ._checkpoint_store import Store
 from ._errors import CorruptDataError, PageforkError
 from ._sizes import PAGE_SIZE
 from .memory import Region
@@ -38,7 +39,7 @@ class CheckpointInfo:
 
 
 
-def manifests(store: Any) -> dict[int, str]:
+def manifests(store: Store) -> dict[int, str]:
     found = {}
     for name in store.names():
         v = manifest_version(name)
@@ -47,7 +48,7 @@ def manifests(store: Any) -> dict[int, str]:
     return found
 
 
-def read_manifest(store: Any, version: int) -> Manifest:
+def read_manifest(store: Store, version: int) -> Manifest:
     name = manifest_name(version)
     try:
         with store.open(name) as f:
@@ -66,12 +67,12 @@ def read_manifest(store: Any, version: int) -> Manifest:
     return manifest
 
 
-def damage(store: Any, version: int, name: str, why: str) -> CorruptDataError:
+def damage(store: Store, version: int, name: str, why: str) -> CorruptDataError:
     return CorruptDataError(f"checkpoint version {version} in {store.description}: object "
                             f"{name} is damaged: {why}", version=version, object=name)
 
 
-def pick_version(store: Any, version: int | None) -> int:
+def pick_version(store: Store, version: int | None) -> int:
     found = manifests(store)
     if not found:
         raise FileNotFoundError(f"no checkpoint in {store.description}")
@@ -94,7 +95,7 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: bool) -> None:
+def restore_into(store: Store, manifest: Manifest, memory: Region, *, zeroed: bool) -> None:
     """Writes the image of ``manifest`` into ``memory``, which is at least
     ``manifest.size`` bytes (``zeroed``: it holds only zeros)."""
     view = memoryview(memory).cast("B")
@@ -121,7 +122,7 @@ def restore_into(store: Any, manifest: Manifest, memory: Region, *, zeroed: bool
         view.release()
 
 
-def check_objects(store: Any, manifest: Manifest) -> None:
+def check_objects(store: Store, manifest: Manifest) -> None:
     """Checks every object ``manifest`` needs (headers, lengths, CRC32Cs;
     increments decoded) without writing anything: before a restore into
     memory that must stay as it was if the checkpoint is damaged."""
@@ -136,13 +137,13 @@ def check_objects(store: Any, manifest: Manifest) -> None:
                           f"{exc} (written by version {ref.version})") from None
 
 
-def missing(store: Any, version: int, ref: ObjectRef) -> CorruptDataError:
+def missing(store: Store, version: int, ref: ObjectRef) -> CorruptDataError:
     return CorruptDataError(f"checkpoint version {version} in {store.description}: object "
                             f"{ref.name} (written by version {ref.version}) is missing",
                             version=version, object=ref.name)
 
 
-def own_version(store: Any, version: int, own_object: str) -> Manifest | None:
+def own_version(store: Store, version: int, own_object: str) -> Manifest | None:
     """The manifest of ``version`` if it is still the newest version of
     ``store`` and still the one this process wrote or restored (its own
     object is ``own_object``), else None: a new chain starts. A target
@@ -157,7 +158,7 @@ def own_version(store: Any, version: int, own_object: str) -> Manifest | None:
     return manifest if manifest.objects[-1].name == own_object else None
 
 
-def commit(store: Any, *, source: memoryview, size: int, max_size: int,
+def commit(store: Store, *, source: memoryview, size: int, max_size: int,
             pages: np.ndarray | None, parent: Manifest | None, app: dict[str, Any] | None,
             base_every: int, base_fraction: float, keep: int | None,
             compress: int | None, t0: float, live: bool) -> tuple[CheckpointInfo, Manifest]:
@@ -200,7 +201,7 @@ def commit(store: Any, *, source: memoryview, size: int, max_size: int,
     return info, manifest
 
 
-def _referenced(store: Any, found: dict[int, str], newest: Manifest) -> set[str] | None:
+def _referenced(store: Store, found: dict[int, str], newest: Manifest) -> set[str] | None:
     names = {r.name for r in newest.objects}
     for v in found:
         if v == newest.version:
@@ -212,7 +213,7 @@ def _referenced(store: Any, found: dict[int, str], newest: Manifest) -> set[str]
     return names
 
 
-def _remove_orphans(store: Any, found: dict[int, str], newest: Manifest) -> None:
+def _remove_orphans(store: Store, found: dict[int, str], newest: Manifest) -> None:
     """Deletes data objects no manifest names, left by a save killed (or
     failed) before its commit: the next save reuses that version number,
     so they carry its number or, if that save itself was killed after its
@@ -235,7 +236,7 @@ def _remove_orphans(store: Any, found: dict[int, str], newest: Manifest) -> None
             store.delete(n)
 
 
-def _prune(store: Any, found: dict[int, str], keep: int, newest: Manifest) -> None:
+def _prune(store: Store, found: dict[int, str], keep: int, newest: Manifest) -> None:
     """Keeps the newest ``keep`` versions; deletes the other manifests
     (oldest first) and then every object no kept version needs."""
     kept = sorted(found)[-keep:]

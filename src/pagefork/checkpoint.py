@@ -32,7 +32,7 @@ from . import _checkpoint_versions as _chain
 from ._checkpoint_format import Manifest, iter_refs, manifest_name, read_object
 from ._checkpoint_versions import CheckpointInfo
 from ._forking import renewed_in_child
-from ._checkpoint_store import open_store
+from ._checkpoint_store import Store, open_store
 from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE
 from .memory import Region
@@ -139,7 +139,7 @@ _locks = _SaveLocks()
 renewed_in_child(_SaveLocks.renew).add(_locks)
 
 
-def _target_lock(store: Any) -> _TargetLock:
+def _target_lock(store: Store) -> _TargetLock:
     with _locks.lock:
         found = _locks.targets.get(store.description)
         if found is None:
@@ -173,7 +173,7 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
         return _save(region, store, tracker, keep, base_every, base_fraction, compress, t0)
 
 
-def _save(region: Region, store: Any, tracker: Tracker | None, keep: int | None, base_every: int,
+def _save(region: Region, store: Store, tracker: Tracker | None, keep: int | None, base_every: int,
           base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
     key = id(tracker)
     last, last_object, shrinks = None, "", 0
@@ -316,7 +316,7 @@ def save_executor(executor: Executor, target: Target, *, layout: Callable[[], di
 class AppImage:
     """A checkpoint version of an App, found but not yet read."""
 
-    store: Any
+    store: Store
     version: int
     manifest: Manifest
 
