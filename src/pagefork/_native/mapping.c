@@ -16,7 +16,15 @@
 #include <sys/stat.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+/* The system call itself: glibc declares memfd_create() only since 2.27, and
+ * the manylinux2014 wheels are built against glibc 2.17. */
+static int pf_memfd_create(const char *name, unsigned int flags)
+{
+    return (int)syscall(SYS_memfd_create, name, flags);
+}
 
 /* Stops every tracking of m for good, before its memory goes away. */
 static void stop_trackings(PfMapping *m)
@@ -162,7 +170,7 @@ static PyObject *mapping_map(PfMapping *self, PyObject *args)
     madvise(addr, (size_t)max_size, MADV_NOHUGEPAGE);
     if (use_memfd) {
         self->fd = existing >= 0 ? fcntl(existing, F_DUPFD_CLOEXEC, 0)
-                                 : memfd_create("pagefork-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+                                 : pf_memfd_create("pagefork-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
         if (self->fd < 0) {
             pf_oserror(existing >= 0 ? "fcntl(F_DUPFD_CLOEXEC)" : "memfd_create");
             release_memory(self);

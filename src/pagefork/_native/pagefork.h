@@ -40,6 +40,15 @@
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #endif
+/* Older than the glibc 2.17 headers the manylinux2014 wheels build against
+ * (memfd_create: Linux 3.17, MADV_FREE: 4.5; glibc declared them in 2.27/2.24). */
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
+#ifndef MADV_FREE
+#define MADV_FREE 8
+#endif
 
 #ifndef PAGEMAP_SCAN
 /* Linux 6.7 uapi (include/uapi/linux/fs.h). */
