@@ -193,6 +193,19 @@ def test_bad_arguments():
         app.parallel(lambda mem, i, n: None, 1)
 
 
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+@pytest.mark.parametrize("client", ["tcp://127.0.0.1:8786", object()])
+def test_a_client_the_backend_would_ignore_is_refused(backend, client):
+    """client= only means something to Dask: elsewhere it is refused before
+    anything starts, not silently dropped."""
+    with pytest.raises(ValueError) as info:
+        App("1MiB", backend=backend, client=client)
+    assert str(info.value) == (f"client= is for backend='dask'; backend={backend!r} runs on this machine "
+                               "(leave client out, or pass backend='dask')")
+    with pytest.raises(ValueError, match="unknown backend 'mpi'"):  # the backend's own error first
+        App("1MiB", backend="mpi", client=client)
+
+
 @pytest.mark.parametrize("how", ["exit", "sigkill"])
 def test_worker_killed_mid_batch(how):
     with App("256KiB", backend="processes", workers=2) as app:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import pagefork
 
 
@@ -82,3 +84,13 @@ def test_bad_argument_values_print_usage_not_a_traceback():
         result = run(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert "usage: pagefork" in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_demo_on_a_local_dask_cluster():
+    pytest.importorskip("distributed")
+    result = run("demo", "--backend", "dask", "--threads", "3", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "local Dask cluster: scheduler tcp://127.0.0.1:" in result.stdout  # loopback only
+    assert ", 2 worker processes" in result.stdout and "backend 'dask'" in result.stdout
+    assert "check against a serial computation: PASSED" in result.stdout
+    assert result.stdout.count(" ok ") == 5

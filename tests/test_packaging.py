@@ -1,5 +1,6 @@
-"""Packaging: the license in the metadata, the sdist carries what its tests
-need, and a build without a C compiler or Python's headers says so.
+"""Packaging and conventions: the license in the metadata, the sdist carries
+what its tests need, a build without a C compiler or Python's headers says
+so, ``python -m pagefork`` and ``--version``, the names ``pagefork`` exports.
 
 Tests that build need the checkout (setup.py beside tests/); CI also runs this
 suite against an installed wheel, where they skip.
@@ -16,6 +17,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+import pagefork
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_checkout = pytest.mark.skipif(not (ROOT / "setup.py").is_file(),
@@ -131,3 +134,44 @@ def test_build_without_python_headers_says_what_is_missing(tmp_path):
                             "dnf install python3-devel)")
     assert "a C compiler" not in missing and "manylinux wheels" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_is_the_pagefork_command_with_a_version():
+    for command in ([sys.executable, "-m", "pagefork"], [sys.executable, "-m", "pagefork.cli"]):
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120)
+        assert (version.returncode, version.stdout, version.stderr) == (
+            0, f"pagefork {pagefork.__version__}\n", "")
+    assert pagefork.__version__ == importlib.metadata.version("pagefork")
+    usage = subprocess.run([sys.executable, "-m", "pagefork"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: pagefork")
+    doctor = subprocess.run([sys.executable, "-m", "pagefork", "doctor", "--json"], capture_output=True,
+                            text=True, timeout=300)
+    assert doctor.returncode == 0 and f'"pagefork": "{pagefork.__version__}"' in doctor.stdout
+
+
+def test_types_a_user_annotates_or_filters_are_exported():
+    from pagefork.checkpoint import CheckpointInfo
+    from pagefork.executor import BatchStats, ThreadMemory
+    from pagefork.tracking import TrackingFallbackWarning
+
+    for obj in (ThreadMemory, BatchStats, CheckpointInfo, TrackingFallbackWarning):
+        assert getattr(pagefork, obj.__name__) is obj and obj.__name__ in pagefork.__all__
+    assert issubclass(pagefork.TrackingFallbackWarning, RuntimeWarning)
+    # Every name in __all__ exists, and nothing is listed twice.
+    assert all(hasattr(pagefork, name) for name in pagefork.__all__)
+    assert len(set(pagefork.__all__)) == len(pagefork.__all__)
+
+
+def test_thread_functions_receive_the_exported_thread_memory():
+    import numpy as np
+
+    with pagefork.App("64KiB", backend="threads", workers=2) as app:
+        app.alloc("a", 4, np.int64, merge="sum")
+
+        def fn(mem: pagefork.ThreadMemory, i: int, n: int) -> str:
+            mem["a"][i] += i + 1
+            return type(mem).__name__ if isinstance(mem, pagefork.ThreadMemory) else "other"
+
+        assert app.parallel(fn, 4) == ["ThreadMemory"] * 4
+        assert app["a"].tolist() == [1, 2, 3, 4]
+        assert isinstance(app.last_batch, pagefork.BatchStats) and app.last_batch.threads == 4

@@ -30,9 +30,12 @@ from .memory import PAGE_SIZE, Region  # noqa: E402
 from .merge import DataType, MergeOp, MergeRegion  # noqa: E402
 from .diffs import Diff, DiffBatch  # noqa: E402
 from .snapshot import Snapshot  # noqa: E402
-from .tracking import MODES, Support, Tracker, probe, tracker  # noqa: E402
+from .tracking import MODES, Support, Tracker, TrackingFallbackWarning, probe, tracker  # noqa: E402
 from . import compact, delta, wire  # noqa: E402
 from . import checkpoint  # noqa: E402
+from .checkpoint import CheckpointInfo  # noqa: E402
+from .executor import BatchStats  # noqa: E402
+from .layout import ThreadMemory  # noqa: E402
 from .app import App  # noqa: E402
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "MODES",
     "Support",
     "Tracker",
+    "TrackingFallbackWarning",
     "probe",
     "tracker",
     "DataType",
@@ -54,6 +58,9 @@ __all__ = [
     "checkpoint",
     "compact",
     "App",
+    "ThreadMemory",
+    "BatchStats",
+    "CheckpointInfo",
     "PageforkError",
     "UnsupportedModeError",
     "CorruptDataError",

@@ -72,8 +72,11 @@ class App:
     tracking=None, client=None, detect_conflicts=False)``: ``size`` is bytes
     or a string like ``"64MiB"``; ``backend`` is ``"threads"``,
     ``"processes"`` or ``"dask"`` (``client``: a ``distributed.Client`` or a
-    scheduler address); ``tracking`` picks the mode that tracks thread memory
-    (default: ``cow``).
+    scheduler address, refused with another backend); ``workers`` is the
+    number of threads or worker processes (default: the CPUs this process
+    may use, by affinity and cgroup quota) or, with Dask, at most how many of
+    the cluster's workers to use; ``tracking`` picks the mode that tracks
+    thread memory (default: ``cow``).
     """
 
     def __init__(self, size: int | str, *, max_size: int | str | None = None,
@@ -88,6 +91,9 @@ class App:
             raise ValueError(f"max_size ({max_bytes}) is smaller than size ({nbytes})")
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if client is not None and backend in ("threads", "processes"):  # it would be ignored
+            raise ValueError(f"client= is for backend='dask'; backend={backend!r} runs on this "
+                             "machine (leave client out, or pass backend='dask')")
         self._backend_name = backend
         self._executor = Executor(nbytes, max_bytes, make_backend(backend, workers, client),
                                   tracking=tracking, detect_conflicts=detect_conflicts)

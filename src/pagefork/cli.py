@@ -9,6 +9,8 @@ import platform
 import sys
 from typing import Any, Callable, Sequence
 
+from ._version import __version__
+
 __all__ = ["main", "doctor_report"]
 
 
@@ -283,7 +285,11 @@ def _plot(path: str, tracking: list, batches: list) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return 0 if run_demo(backend=args.backend, workers=args.workers, threads=args.threads) else 1
+    try:
+        return 0 if run_demo(backend=args.backend, workers=args.workers, threads=args.threads) else 1
+    except ImportError as exc:  # --backend dask without distributed installed
+        print(f"pagefork demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def _size_argument(text: str) -> int:
@@ -395,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="pagefork", description="pagefork: fork-join over "
                                      "copy-on-write memory snapshots with kernel dirty tracking")
+    parser.add_argument("--version", action="version", version=f"pagefork {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="which tracking modes work here, and why not")
     doctor.add_argument("--json", action="store_true", help="print a JSON report")
@@ -417,8 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "(as benchmarks/bench_reduce.py)")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="an example application end to end")
-    demo.add_argument("--backend", default="processes", choices=("threads", "processes"))
-    demo.add_argument("--workers", type=_positive_int, default=None)
+    demo.add_argument("--backend", default="processes", choices=("threads", "processes", "dask"),
+                      help="dask: on a local cluster (worker processes on loopback)")
+    demo.add_argument("--workers", type=_positive_int, default=None,
+                      help="worker threads or processes (dask: the local cluster's workers, default 2)")
     demo.add_argument("--threads", type=_positive_int, default=8)
     demo.set_defaults(run=_demo)
     checkpoint = sub.add_parser("checkpoint", help="list or verify the checkpoints in a folder or URL")

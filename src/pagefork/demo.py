@@ -3,12 +3,15 @@
 A histogram and the extremes of a data set that the main program keeps
 changing between batches, on the default (processes) backend: reductions
 merged by "sum", "min" and "max" across worker processes, checked against a
-serial computation after every batch.
+serial computation after every batch. ``backend="dask"`` runs it on a local
+Dask cluster of worker processes listening on loopback only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -27,17 +30,42 @@ def _count(mem, i, n):
     return int(share.size)
 
 
+@contextlib.contextmanager
+def local_cluster(workers: int, echo=print) -> Iterator[Any]:
+    """A ``distributed.Client`` of a new local cluster: ``workers`` worker
+    processes of one thread each, everything on 127.0.0.1, no dashboard."""
+    try:
+        import distributed
+    except ImportError:
+        raise ImportError("the Dask demo needs the distributed package: "
+                          "pip install 'pagefork[dask]'") from None
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        echo(f"local Dask cluster: scheduler {cluster.scheduler_address}, {workers} worker processes")
+        yield client
+
+
 def run_demo(backend: str = "processes", workers: int | None = None, threads: int = 8,
              values: int = 2_000_000, bins: int = 1000, batches: int = 5,
              echo=print) -> bool:
-    """Runs the demo; returns whether every batch matched the serial result."""
+    """Runs the demo; returns whether every batch matched the serial result.
+    With ``backend="dask"``, ``workers`` is the local cluster's size (default 2)."""
+    if backend == "dask":
+        with local_cluster(workers or 2, echo) as client:
+            return _run(backend, {"client": client}, threads, values, bins, batches, echo)
+    return _run(backend, {"workers": workers}, threads, values, bins, batches, echo)
+
+
+def _run(backend: str, options: dict[str, Any], threads: int, values: int, bins: int, batches: int,
+         echo) -> bool:
     rng = np.random.default_rng(0)
     ok = True
     started = time.perf_counter()
     size = f"{values * 8 // 2**20 + 2}MiB"
     echo(f"pagefork demo: histogram + min/max of {values:,} int64 values, {threads} threads "
          f"per batch, {batches} batches, backend {backend!r}")
-    with App(size, backend=backend, workers=workers) as app:
+    with App(size, backend=backend, **options) as app:
         data = app.alloc("data", values, np.int64)
         hist = app.alloc("hist", bins, np.int64, merge="sum")
         lo = app.alloc("lo", 1, np.int64, merge="min")

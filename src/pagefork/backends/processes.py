@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import cloudpickle
 
+from .._cpus import available_cpus
 from .._errors import CorruptDataError, PageforkError
 from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
@@ -278,13 +279,14 @@ class _Worker:
 
 
 class ProcessesBackend:
-    """``workers`` persistent worker processes (default: one per CPU)."""
+    """``workers`` persistent worker processes (default: one per CPU this
+    process may use, by its affinity and cgroup quota)."""
 
     name = "processes"
     ships_changes = False  # workers map the snapshot itself
 
     def __init__(self, workers: int | None = None) -> None:
-        self.slots = workers if workers is not None else (os.cpu_count() or 1)
+        self.slots = workers if workers is not None else available_cpus()
         if self.slots < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         # Started now: the interpreters import numpy and pagefork while the

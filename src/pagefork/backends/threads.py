@@ -12,12 +12,12 @@ function finally returns.
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
 from typing import Callable, Sequence
 
+from .._cpus import available_cpus
 from ..batch import POLL, BatchSpec, Cancel, Cancelled, ThreadOutcome, Workspace
 
 __all__ = ["ThreadsBackend", "group_by_slot"]
@@ -62,14 +62,15 @@ class _Slot:
 
 
 class ThreadsBackend:
-    """``workers`` threads (default: one per CPU) run a batch's threads; each
-    runs its share one after the other on its own mapping."""
+    """``workers`` threads (default: one per CPU this process may use, by
+    its affinity and cgroup quota) run a batch's threads; each runs its
+    share one after the other on its own mapping."""
 
     name = "threads"
     ships_changes = False
 
     def __init__(self, workers: int | None = None) -> None:
-        self.slots = workers if workers is not None else (os.cpu_count() or 1)
+        self.slots = workers if workers is not None else available_cpus()
         if self.slots < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self._slots = [_Slot(f"pagefork-{i}") for i in range(self.slots)]
