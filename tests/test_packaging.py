@@ -151,7 +151,8 @@ def test_python_dash_m_is_the_pagefork_command_with_a_version():
 
 def test_types_a_user_annotates_or_filters_are_exported():
     from pagefork.checkpoint import CheckpointInfo
-    from pagefork.executor import BatchStats, ThreadMemory
+    from pagefork.executor import BatchStats
+    from pagefork.layout import ThreadMemory
     from pagefork.tracking import TrackingFallbackWarning
 
     for obj in (ThreadMemory, BatchStats, CheckpointInfo, TrackingFallbackWarning):
