@@ -2,6 +2,7 @@
 # Each creates .venv, installs pagefork with its native extension, and runs.
 # `make test-sanitize` runs the native tests against an ASan+UBSan build;
 # `make wheels` builds the sdist and a manylinux wheel into wheelhouse/;
+# `make docs` builds the documentation site into site/;
 # `.ci/run` runs `make test` (as root), the wheel's tests as an unprivileged
 # user, and the sanitizers.
 
@@ -13,7 +14,7 @@ SOURCES := pyproject.toml setup.py src/pagefork/_version.py $(wildcard src/pagef
 EXTRAS ?= test
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-sanitize wheels bench doctor clean
+.PHONY: demo test test-sanitize wheels docs bench doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +109,26 @@ wheels: $(WHEEL_STAMP)
 	cp build/wheels/*.tar.gz $(WHEELHOUSE)/
 	PATH="$(abspath $(WHEEL_BIN)):$$PATH" $(WHEEL_BIN)/auditwheel show $(WHEELHOUSE)/*$(WHEEL_PLAT)*.whl
 
+# ---- documentation site ------------------------------------------------------------
+# mkdocs.yml: the guides (docs/*.md, some sections shared with README.md) and an
+# API reference from the docstrings; --strict, so a broken link or reference
+# fails. The docs extra's tools go into .venv (mkdocstrings reads src/, so
+# pagefork is not rebuilt for them). Every ```python block of the docs runs in
+# `make test` (tests/test_docs.py).
+DOCS_STAMP := $(VENV)/.docs-installed
+# The docs extra of pyproject.toml (tomllib, or pip's own copy before Python 3.11).
+DOCS_EXTRA = import sys, importlib; \
+	toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); \
+	print(*toml.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"], sep=chr(10))
+
+$(DOCS_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -c '$(DOCS_EXTRA)' >$(VENV)/docs-requirements.txt
+	$(BIN)/python -m pip install --quiet -r $(VENV)/docs-requirements.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/pagefork bench --quick
@@ -116,4 +137,4 @@ doctor: $(STAMP)
 	$(BIN)/pagefork doctor
 
 clean:
-	rm -rf $(VENV) $(SAN_VENV) $(WHEEL_VENV) build wheelhouse src/*.egg-info src/pagefork/*.so benchmarks/_build
+	rm -rf $(VENV) $(SAN_VENV) $(WHEEL_VENV) build wheelhouse site src/*.egg-info src/pagefork/*.so benchmarks/_build

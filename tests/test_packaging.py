@@ -35,7 +35,8 @@ def copy_source(dest: Path) -> Path:
     ignore = shutil.ignore_patterns(".venv*", "build", "dist", "site", "wheelhouse", "*.egg-info",
                                     "__pycache__", "*.so", ".git", ".pytest_cache", ".hypothesis",
                                     ".mypy_cache", "benchmarks")
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile",
+                 "mkdocs.yml"):
         shutil.copy2(ROOT / name, dest / name)
     for name in ("src", "tests", "examples", "docs"):
         shutil.copytree(ROOT / name, dest / name, ignore=ignore)
@@ -69,7 +70,7 @@ def test_sdist_carries_what_its_tests_need_and_they_collect(tmp_path):
         tar.extractall(tmp_path / "unpacked", filter="data")
     wanted = {"LICENSE", "README.md", "Makefile", "tests/conftest.py", "tests/reference.py",
               "tests/fuzzing.py", "tests/lsan-suppressions.txt", "tests/test_packaging.py",
-              "examples/jacobi_checkpoint.py", "docs/tracking.md", "src/pagefork/_native/pagefork.h",
+              "examples/jacobi_checkpoint.py", "docs/tracking.md", "docs/_hooks.py", "mkdocs.yml", "src/pagefork/_native/pagefork.h",
               *(f"examples/{p.name}" for p in (ROOT / "examples").glob("*.py"))}
     assert wanted <= names, sorted(wanted - names)
     assert not any("__pycache__" in n or n.endswith(".so") for n in names)
