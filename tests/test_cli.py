@@ -86,6 +86,7 @@ def test_bad_argument_values_print_usage_not_a_traceback():
         assert "usage: pagefork" in result.stderr and "Traceback" not in result.stderr, args
 
 
+@pytest.mark.python_only  # distributed's Python: slow and leaky under ASan, as test_dask
 def test_demo_on_a_local_dask_cluster():
     pytest.importorskip("distributed")
     result = run("demo", "--backend", "dask", "--threads", "3", "--workers", "2")
