@@ -63,7 +63,7 @@ def test_pages_take_readme_sections_that_exist():
     hooks = _hooks()
     markers = [(page.name, m) for page in PAGES[1:] for m in re.findall(r"<!-- readme: (.+?) -->",
                                                                          page.read_text())]
-    assert {name for name, _ in markers} >= {"checkpoints.md", "measured.md", "unprivileged.md"}
+    assert {name for name, _ in markers} >= {"checkpoints.md", "limitations.md", "unprivileged.md"}
     for name, title in markers:
         body = hooks.readme_section(title)
         assert body.strip() and not body.startswith("## "), (name, title)

@@ -15,14 +15,14 @@ import os
 import re
 from pathlib import Path
 
+from ._system import read_setting
+
 __all__ = ["available_cpus", "cgroup_cpu_limit"]
 
 
 def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:  # missing, or not readable: no limit known there
-        return None
+    """A cgroup file's text; None where missing or unreadable (no limit known there)."""
+    return read_setting(str(path)) or None
 
 
 def _mounts(mountinfo: str) -> list[tuple[str, str, str, set[str]]]:
