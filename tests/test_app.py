@@ -1190,3 +1190,40 @@ def test_a_result_that_exits_when_loaded_is_a_worker_error_on_processes():
             app.parallel(work, 5)
         assert info.value.failed == [2] and total.tolist() == [0] * 4
         assert app.parallel(lambda mem, i, n: i, 5) == list(range(5))
+
+
+def _augmented(mem, i, n):
+    mem["s"] += i + 1          # the natural numpy idiom, in place
+    mem["x"] ^= 1 << i
+    mem["m"] *= 2
+    mem["o"] |= 1 << i
+    mem["d"] -= 0.5
+
+
+def test_augmented_assignment_on_mem_works_in_place(app):
+    s = app.alloc("s", 8, np.int64, merge="sum")
+    x = app.alloc("x", 8, np.uint8, merge="xor")
+    m = app.alloc("m", 8, np.int64, merge="product")
+    o = app.alloc("o", 8, np.uint8, merge="max")
+    d = app.alloc("d", (2, 4), np.float64, merge="sum", start="identity")
+    m[:] = 3
+    app.parallel(_augmented, 4)
+    assert s.tolist() == [10] * 8 and x.tolist() == [15] * 8 and m.tolist() == [3 * 16] * 8
+    assert o.tolist() == [8] * 8 and d.tolist() == [[-2.0] * 4] * 2
+
+
+def _replaces(mem, i, n, how):
+    if how == "array":
+        mem["s"] = np.zeros(8, np.int64)
+    elif how == "slice":
+        mem["s"] = mem["s"][1:]
+    else:
+        mem["s"] = 1
+
+
+@pytest.mark.parametrize("how", ["array", "slice", "scalar"])
+def test_replacing_an_array_of_mem_is_refused_with_the_fix(app, how):
+    s = app.alloc("s", 8, np.int64, merge="sum")
+    with pytest.raises(pagefork.WorkerError, match=r"TypeError: mem\['s'\] cannot be replaced; write into it"):
+        app.parallel(_replaces, 2, args=(how,))
+    assert s.tolist() == [0] * 8

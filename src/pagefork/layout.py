@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,9 +78,26 @@ class ThreadMemory:
         except KeyError:
             raise KeyError(f"no array named {name!r}; allocated: {sorted(self._layout)}") from None
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        """Only what augmented assignment stores back (``mem[name] += x``,
+        ``-=``, ``|=``, ...: numpy changed the array in place and Python
+        assigns the same array again). Anything else would replace this
+        thread's view by an object the merge never sees: refused."""
+        current = self[name]
+        if isinstance(value, np.ndarray) and _same_view(value, current):
+            return
+        raise TypeError(f"mem[{name!r}] cannot be replaced; write into it: mem[{name!r}][...] = value "
+                        f"(augmented assignment such as mem[{name!r}] += 1 works in place)")
+
     def __contains__(self, name: object) -> bool:
         return name in self._layout
 
     def keys(self) -> list[str]:
         return list(self._layout)
 
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` show the same elements of the same memory."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
