@@ -24,6 +24,7 @@ PUBLIC = {
     "compact": types.ModuleType,
     "PageforkError": type, "UnsupportedModeError": type, "CorruptDataError": type,
     "OutOfBoundsError": type, "MergeError": type, "ConflictError": type, "WorkerError": type,
+    "ThreadMemory": type, "BatchStats": type, "CheckpointInfo": type, "TrackingFallbackWarning": type,
 }
 
 
