@@ -396,5 +396,6 @@ PyObject *pf_private_pages(PyObject *self, PyObject *args);
 PyObject *pf_keep_changed(PyObject *self, PyObject *args);
 PyObject *pf_fold(PyObject *self, PyObject *args);
 PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused);
+PyObject *pf_new_mappings_locked(PyObject *self, PyObject *unused);
 
 #endif
