@@ -287,7 +287,8 @@ PyObject *pf_pinned_pages(PyObject *self, PyObject *args)
     Py_ssize_t n_pages;
     if (!PyArg_ParseTuple(args, "Kn", &address, &n_pages))
         return NULL;
-    if (n_pages < 0 || address % pf_page_size != 0) {
+    if (n_pages < 0 || address % pf_page_size != 0 ||
+        (unsigned long long)n_pages > (UINTPTR_MAX - address) / pf_page_size) {
         PyErr_SetString(PyExc_ValueError, "pinned_pages: a page-aligned address and a page count");
         return NULL;
     }
