@@ -336,6 +336,10 @@ def changed_pages(region: Region, before: bytes) -> set[int]:
     return set(np.flatnonzero((now != was).any(axis=1)).tolist())
 
 
+#: Why the mlock tests skip under `make test-sanitize`.
+ASAN_MLOCK = "AddressSanitizer turns mlock, munlock, mlockall and munlockall into no-ops"
+
+
 @pytest.mark.parametrize("mode_name", SEEING_MODES + ["cow"])
 @pytest.mark.parametrize("how", ["mlock", "populate_write"])
 def test_populating_for_writing_reports_unchanged_pages(mode_name, how):
@@ -347,6 +351,8 @@ def test_populating_for_writing_reports_unchanged_pages(mode_name, how):
     if mode_name == "uffd" and not pagefork.probe()["uffd"].kernel_writes:
         pytest.skip("uffd here fails the kernel's own faults: "
                     + pagefork.probe()["uffd"].kernel_writes_reason)
+    if how == "mlock" and SANITIZED:
+        pytest.skip(ASAN_MLOCK)
     region, snap = tracked_region(mode_name)
     try:
         with pagefork.tracker(mode_name) as t:
@@ -699,7 +705,7 @@ def test_batches_under_mlockall(backend):
     effect, and batches stay exact. A plain cow tracker says mlockall is the
     cause. Subprocess: mlockall locks everything the process maps."""
     if SANITIZED:
-        pytest.skip("mlockall(MCL_CURRENT) would populate AddressSanitizer's shadow memory")
+        pytest.skip(ASAN_MLOCK)
     result = run_script(MLOCKALL.replace("sys.argv[1]", repr(backend)), timeout=600)
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
@@ -720,7 +726,7 @@ def test_mlockall_on_fault_keeps_cow():
     """MCL_ONFAULT locks pages as they are touched: mappings are not
     populated, and cow tracks as usual."""
     if SANITIZED:
-        pytest.skip("mlockall(MCL_CURRENT) would populate AddressSanitizer's shadow memory")
+        pytest.skip(ASAN_MLOCK)
     result = run_script("""
         import ctypes, sys
         import pagefork
