@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"_version", "_errors", "_buffers", "_native", "_baseline", "_sizes", "_signals", "_framing", "_system",
      "_forking", "_cpus"},
     {"memory"},
-    {"_tracker", "tracking"},
+    {"_kernel_state", "_tracker", "tracking"},
     {"merge", "diffs", "snapshot", "wire", "compact", "delta"},
     {"layout", "identity"},
     {"batch"},

@@ -47,7 +47,8 @@ def test_signal_handler_stays_async_signal_safe():
     handler = dict(functions(text))
     for name in ("on_segv", "chain", "is_write_fault", "mark_all", "take_default_action"):
         body = handler[name]
-        for forbidden in ("malloc", "calloc", "free(", "Py", "printf", "pthread_mutex", "fopen"):
+        for forbidden in ("malloc", "calloc", "free(", "Py", "printf", "pthread_mutex", "fopen",
+                          "pf_altstack", "pf_pinned", "pf_spans", "opendir"):
             assert forbidden not in body, f"{name} uses {forbidden}"
     registry = dict(functions((NATIVE / "registry.c").read_text()))
     for name in ("pf_registry_acquire", "pf_registry_release", "pf_range_mark", "pf_current_tid",
@@ -84,3 +85,16 @@ def test_native_files_call_each_other_without_cycles():
         if file not in state:
             visit(file, [])
     assert cycles == []
+
+
+def test_every_arm_goes_around_the_holes():
+    """tracking.c arms only through arm_range, which leaves alternate signal
+    stacks unprotected (exempt.c): protecting one, even for an instant,
+    kills its thread at a signal."""
+    bodies = dict(functions((NATIVE / "tracking.c").read_text()))
+    callers = [name for name, body in bodies.items() if "ops->arm(" in body]
+    assert callers == ["arm_range"]
+    segfault = dict(functions((NATIVE / "segfault.c").read_text()))
+    for name in ("suspend_range", "resume_range"):  # handler swaps protect the whole range
+        assert not re.search(r"mprotect\([^;]*PROT_READ\)", segfault[name])
+        assert "protect_around_holes" in segfault[name]

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import _native, _signals
+from . import _kernel_state, _native, _signals
 from ._errors import PageforkError, UnsupportedModeError, native_error
 from ._forking import renewed_in_child
 from ._system import kernel_release, read_setting
@@ -181,6 +181,8 @@ class Tracker:
             raise self._error(exc, action, region) from exc
 
     def _error(self, exc: OSError, action: str, region: Region) -> PageforkError:
+        if self.mode == "cow" and exc.errno == errno.EBUSY and _kernel_state.new_mappings_locked():
+            return PageforkError(f"{exc.strerror}: {_kernel_state.MLOCK_COW_REASON}")
         if self.mode == "cow" and exc.errno == errno.EBUSY:
             return PageforkError(
                 f"{exc.strerror}: cow tracking is re-armed only by mapping the memory from its "

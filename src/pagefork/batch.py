@@ -27,7 +27,7 @@ from .layout import Allocation, ThreadMemory
 from .memory import Region
 from .merge import MergeOp, MergeRegion
 from .snapshot import Snapshot
-from .tracking import Tracker, probe, tracker
+from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
 __all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "Backend", "Workspace", "run_thread",
            "call_thread_function", "call_tracked", "check_thread_memory", "find_conflicts",
@@ -318,10 +318,11 @@ class Workspace:
                 self.close()
         if self.region is None:
             self.region = Region(size, max_size=max_size)
-        if self.tracker is None or self.tracker.mode != spec.tracking:
+        mode = mode_for_new_mapping(spec.tracking)  # not cow under mlockall(MCL_FUTURE)
+        if self.tracker is None or self.tracker.mode != mode:
             if self.tracker is not None:
                 self.tracker.close()
-            self.tracker = tracker(spec.tracking)
+            self.tracker = tracker(mode)
         return self.region, self.tracker
 
     def run(self, spec: BatchSpec, indexes: Sequence[int], *, copy_result: bool = False,

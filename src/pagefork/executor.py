@@ -26,6 +26,7 @@ import numpy as np
 
 from ._batch_thread import Request, manage
 from ._errors import ConflictError, MergeError, PageforkError, UnsupportedModeError, WorkerError
+from ._kernel_state import refuse_pinned
 from ._sizes import PAGE_SIZE, round_to_pages
 from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancel, Cancelled, ThreadOutcome,
                     find_conflicts, inside_batch_of, thread_tracking_mode)
@@ -35,7 +36,7 @@ from .layout import Allocation
 from .memory import Region
 from .merge import DataType, MergeOp, MergeRegion
 from .snapshot import Snapshot
-from .tracking import Tracker, probe, tracker
+from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
 __all__ = ["BatchStats", "Executor", "MAX_THREADS_PER_BATCH", "DEFAULT_CLOSE_TIMEOUT"]
 
@@ -123,6 +124,10 @@ class Executor:
 
     def _remap_main(self) -> None:
         self.snapshot.map_to(self.memory)
+        mode = mode_for_new_mapping(self._main_mode)  # not cow under mlockall(MCL_FUTURE)
+        if mode != self._main_tracker.mode:
+            self._main_tracker.close()
+            self._main_tracker = tracker(mode)
         self._main_tracker.start(self.memory)
 
     def _main_dirty(self) -> np.ndarray:
@@ -131,7 +136,11 @@ class Executor:
     def carry_main_writes(self) -> int:
         """Carries the main program's writes since the last batch into the
         snapshot: the pages it wrote, copied whole. Returns their count.
-        After a restore, first fills the snapshot from main memory."""
+        After a restore, first fills the snapshot from main memory.
+        Refuses while io_uring fixed buffers pin main memory (a batch,
+        checkpoint or resize maps it again, and the ring would write where
+        nobody reads)."""
+        refuse_pinned(self.memory, "a batch, checkpoint or resize")
         if self._restore_tracker is not None:
             dirty = self._fill_snapshot()
         else:

@@ -14,7 +14,7 @@ import os
 import platform
 from dataclasses import dataclass
 
-from . import _native
+from . import _kernel_state, _native
 from ._errors import UnsupportedModeError
 from ._system import kernel_release, read_setting
 from ._tracker import MODE_IDS, MODES, THREAD_LOCAL_MODES, Tracker, TrackerStats, TrackingFallbackWarning
@@ -22,7 +22,7 @@ from .memory import Region
 
 __all__ = [
     "MODES", "AUTO_CANDIDATES", "Support", "Tracker", "TrackerStats", "TrackingFallbackWarning",
-    "probe", "tracker", "write_costs", "setting_warnings",
+    "probe", "tracker", "write_costs", "setting_warnings", "mode_for_new_mapping",
 ]
 
 #: The general-purpose modes ``"auto"`` chooses from, by their per-page write
@@ -172,6 +172,8 @@ def _probe_uffd_async() -> str:
 def _probe_cow() -> str:
     if not os.access("/proc/self/pagemap", os.R_OK):
         return "/proc/self/pagemap is not readable"
+    if _kernel_state.new_mappings_locked():
+        return _kernel_state.MLOCK_COW_REASON
     return _write_test("cow", backing="memfd")
 
 
@@ -240,6 +242,17 @@ def auto_mode(thread_local: bool = False) -> str:
     the cheapest measured write (optionally only those with a thread scope)."""
     costs = {m: c for m, c in write_costs().items() if m in THREAD_LOCAL_MODES or not thread_local}
     return min(costs, key=costs.__getitem__) if costs else "none"
+
+
+def mode_for_new_mapping(mode: str) -> str:
+    """The mode to track memory about to be mapped from a snapshot with:
+    ``mode``, except ``cow`` while ``mlockall(MCL_FUTURE)`` makes every
+    page a private copy as it is mapped (``_kernel_state.MLOCK_COW_REASON``):
+    then uffd-async where it works (like cow it lets the kernel write tracked
+    memory, and sees it), else the ``"auto"`` mode."""
+    if mode != "cow" or not _kernel_state.new_mappings_locked():
+        return mode
+    return "uffd-async" if probe()["uffd-async"].available else auto_mode()
 
 
 def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:

@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 
 static int cow_attach(pf_range *r)
 {
@@ -71,3 +72,28 @@ const pf_mode_ops pf_cow_ops = {
     .collect = cow_collect,
     .detach = cow_detach,
 };
+
+/* _native.new_mappings_locked() -> bool: whether private memory mapped now
+ * is locked and populated as it is mapped (mlockall(MCL_FUTURE) without
+ * MCL_ONFAULT). Populating a private writable mapping breaks copy-on-write
+ * of every page at once, so a snapshot mapped then is all private copies
+ * and cow cannot tell which pages the program writes. One untouched page
+ * of fresh anonymous memory is resident only if it was populated. */
+PyObject *pf_new_mappings_locked(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    void *p = mmap(NULL, pf_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        if (errno == EAGAIN) /* locked, past RLIMIT_MEMLOCK */
+            Py_RETURN_TRUE;
+        return pf_oserror("mmap");
+    }
+    unsigned char resident = 0;
+    int rc = mincore(p, pf_page_size, &resident);
+    int err = errno;
+    munmap(p, pf_page_size);
+    if (rc != 0)
+        return pf_oserror_errno(err, "mincore");
+    return PyBool_FromLong(resident & 1);
+}

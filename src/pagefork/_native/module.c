@@ -73,6 +73,10 @@ static PyMethodDef native_methods[] = {
      "fold(acc, memory, original, dirty, changed, page_size, starts, ends, dtypes, ops): merge a "
      "thread's order-free reductions into acc, putting them back to the original in memory"},
     {"gather", pf_gather, METH_VARARGS, "gather(source, starts, lengths) -> the runs as bytes"},
+    {"pinned_pages", pf_pinned_pages, METH_VARARGS,
+     "pinned_pages(address, n_pages) -> [(first, count)]: pages pinned by io_uring fixed buffers"},
+    {"new_mappings_locked", pf_new_mappings_locked, METH_NOARGS,
+     "Whether memory mapped now is locked and populated at once (mlockall(MCL_FUTURE))."},
     {"_segfault_suspend", pf_segfault_suspend, METH_NOARGS,
      "Before Python code replaces the SIGSEGV handler: make segfault-tracked memory writable."},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,

@@ -3,7 +3,8 @@
  * One file per mechanism (segfault.c, uffd.c, uffd_async.c, softpte.c, cow.c),
  * the range registry shared by the fault handlers (registry.c), memory mappings
  * (mapping.c), the tracking object that drives a mode (tracking.c), pagemap
- * reading (pagemap.c) and errno errors (errors.c).
+ * reading (pagemap.c), pages tracking leaves alone (exempt.c) and errno
+ * errors (errors.c).
  */
 #ifndef PAGEFORK_H
 #define PAGEFORK_H
@@ -13,6 +14,7 @@
 
 #include <linux/fs.h>
 #include <linux/userfaultfd.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -117,6 +119,12 @@ enum pf_mode {
 #define PF_MAX_RANGES 4096
 #define PF_MAX_THREADS 1024
 
+/* Pages [first, first + count) of a range. */
+typedef struct {
+    size_t first, count;
+} pf_span;
+#define PF_MAX_SPANS 16
+
 typedef struct {
     _Atomic pid_t tid;  /* 0: free */
     _Atomic int active; /* this thread's writes are being recorded */
@@ -136,6 +144,13 @@ typedef struct pf_range {
     _Atomic unsigned fallbacks; /* segfault: whole range un-protected (vm.max_map_count) */
     uint64_t *swap_hashes; /* segfault: page hashes while a SIGSEGV handler swap runs */
     size_t swap_n;
+    /* Reported written at every read (exempt.c; GIL held): holes are left
+     * unprotected (alternate signal stacks), pinned pages are written
+     * through io_uring's pin. Sorted, disjoint. */
+    pf_span holes[PF_MAX_SPANS];
+    size_t n_holes;
+    pf_span pinned[PF_MAX_SPANS];
+    size_t n_pinned;
     uint8_t *global;
     struct pf_range *prev_all, *next_all; /* every live range, for exiting threads */
     pf_thread_slot threads[PF_MAX_THREADS];
@@ -230,6 +245,21 @@ extern const pf_mode_ops pf_uffd_async_ops;
 extern const pf_mode_ops pf_softpte_ops;
 extern const pf_mode_ops pf_cow_ops;
 
+/* exempt.c (GIL held): pages tracking leaves alone and reports written. */
+void pf_spans_add(pf_span *spans, size_t *n, size_t max, size_t first, size_t count);
+int pf_spans_cover(const pf_span *spans, size_t n, size_t first, size_t count);
+void pf_spans_mark(pf_range *r); /* marks holes and pinned pages written */
+/* Records the calling thread's alternate signal stack (sigaltstack) and,
+ * when it is enabled, returns 1 with it in *out (may be NULL). */
+int pf_altstack_note(stack_t *out);
+/* Adds the known threads' alternate stacks within [first, first + count). */
+void pf_altstack_holes(pf_range *r, size_t first, size_t count, pf_span *out, size_t *n_out);
+/* The calling thread's alternate stack within r: 1 and *out, else 0. */
+int pf_altstack_own(pf_range *r, pf_span *out);
+/* Adds pages of [start, start + n pages) pinned by io_uring fixed buffers. */
+void pf_pinned_spans(uintptr_t start, size_t n_pages, pf_span *out, size_t *n_out);
+PyObject *pf_pinned_pages(PyObject *self, PyObject *args);
+
 /* pagemap.c */
 enum pf_pagemap_kind {
     PF_PAGEMAP_COW,         /* a private copy: present or swapped, not the file's page */
@@ -252,6 +282,9 @@ int pf_uffd_open(int features, int *got_features, int *user_mode_only);
 int pf_uffd_register(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_unregister(int fd, pf_range *r, size_t first, size_t count);
 int pf_uffd_protect(int fd, pf_range *r, size_t first, size_t count, int protect);
+/* The sync mode's descriptor is user-mode-only: the kernel's own writes to
+ * protected pages fail (read(2) gets EFAULT, a signal frame kills). */
+int pf_uffd_kernel_writes_fail(void);
 /* madvise(MADV_UNMERGEABLE): KSM merges drop userfaultfd write-protection. */
 void pf_keep_out_of_ksm(pf_range *r, size_t first, size_t count);
 PyObject *pf_uffd_probe(PyObject *self, PyObject *args);
@@ -363,5 +396,6 @@ PyObject *pf_private_pages(PyObject *self, PyObject *args);
 PyObject *pf_keep_changed(PyObject *self, PyObject *args);
 PyObject *pf_fold(PyObject *self, PyObject *args);
 PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused);
+PyObject *pf_new_mappings_locked(PyObject *self, PyObject *unused);
 
 #endif

@@ -9,6 +9,8 @@
  * does not raise SIGSEGV for them. When un-protecting one page fails (the
  * mapping split past vm.max_map_count) the handler un-protects the whole
  * range and marks it all, rather than letting the write fault forever.
+ * Threads' alternate signal stacks are never protected (exempt.c): the
+ * kernel could not write a signal frame there.
  */
 #define _GNU_SOURCE
 #include "pagefork.h"
@@ -222,6 +224,24 @@ static void mark_page(pf_range *r, size_t page)
     }
 }
 
+/* mprotect(prot) of the whole range but its holes (exempt.c: alternate
+ * signal stacks, which must never be read-only even for an instant). */
+static void protect_around_holes(pf_range *r, size_t n, int prot)
+{
+    size_t at = 0;
+    for (size_t i = 0; i < r->n_holes && at < n; i++) {
+        size_t lo = r->holes[i].first;
+        if (lo > n)
+            lo = n;
+        if (lo > at)
+            mprotect((void *)(r->start + at * pf_page_size), (lo - at) * pf_page_size, prot);
+        if (r->holes[i].first + r->holes[i].count > at)
+            at = r->holes[i].first + r->holes[i].count;
+    }
+    if (at < n)
+        mprotect((void *)(r->start + at * pf_page_size), (n - at) * pf_page_size, prot);
+}
+
 static void suspend_range(pf_range *r)
 {
     if (!is_tracking(r))
@@ -231,7 +251,7 @@ static void suspend_range(pf_range *r)
     /* Read-only while hashed; readable even where the user made a page
      * PROT_NONE (segfault mode undoes user protections anyway). Pages
      * already marked may be written meanwhile: they fault and wait. */
-    mprotect((void *)r->start, n * pf_page_size, PROT_READ);
+    protect_around_holes(r, n, PROT_READ);
     free(r->swap_hashes);
     r->swap_hashes = malloc((n ? n : 1) * sizeof(uint64_t));
     r->swap_n = n;
@@ -249,8 +269,9 @@ static void resume_range(pf_range *r)
     if (is_tracking(r)) {
         size_t n = atomic_load(&r->n_pages);
         pf_range_begin_exclusive(r);
-        mprotect((void *)r->start, n * pf_page_size, PROT_READ);
-        /* read-only now, handlers held out: the contents are final */
+        protect_around_holes(r, n, PROT_READ);
+        /* read-only now, handlers held out: the contents are final (holes
+         * stay writable: they count as written at every read anyway) */
         for (size_t i = 0; r->swap_hashes != NULL && i < n; i++)
             if (i >= r->swap_n || page_hash(r->start + i * pf_page_size) != r->swap_hashes[i])
                 mark_page(r, i);

@@ -177,11 +177,111 @@ static int detach_if_idle(PfTracking *self)
     return rc;
 }
 
+/* Modes in which the kernel's own write to an armed page fails, so a
+ * signal frame on an armed alternate stack kills the process (exempt.c). */
+static int kernel_writes_fail(pf_range *r)
+{
+    return r->mode == PF_MODE_SEGFAULT || (r->mode == PF_MODE_UFFD && pf_uffd_kernel_writes_fail());
+}
+
+/* Modes that read page tables or faults, blind to writes through a pin. */
+static int blind_to_pins(pf_range *r)
+{
+    return r->mode != PF_MODE_NONE && r->mode != PF_MODE_COW;
+}
+
+/* How an arm treats [first, first + count). */
+enum {
+    ARM_AGAIN = 0,      /* armed before: holes must be un-protected */
+    ARM_FRESH = 1,      /* never armed (grown, mapped anew): holes need nothing */
+    ARM_LOOK_PINS = 2,  /* also look for io_uring fixed buffers again */
+};
+
+/* Recomputes the pages of [first, first + count) that tracking leaves
+ * alone: the known threads' alternate signal stacks (holes, where the
+ * kernel's writes to armed pages fail) and, with `look_pins`, io_uring
+ * fixed buffers (pinned, in modes blind to them). Looking for pins reads
+ * /proc/self/status (~5-20 us), so the read-and-re-arm of read loops keeps
+ * the pins found before instead. Spans elsewhere in the range are kept.
+ * Call after the read that reports the old spans: a span dropped before
+ * that read would lose what was written there since the last one. */
+static void refresh_spans(PfTracking *self, size_t first, size_t count, int look_pins)
+{
+    pf_range *r = self->range;
+    pf_span holes[PF_MAX_SPANS], pinned[PF_MAX_SPANS];
+    size_t n_holes = 0, n_pinned = 0, end = first + count;
+    if (kernel_writes_fail(r))
+        pf_altstack_holes(r, first, count, holes, &n_holes);
+    if (look_pins && blind_to_pins(r)) {
+        pf_pinned_spans(r->start + first * pf_page_size, count, pinned, &n_pinned);
+        for (size_t i = 0; i < n_pinned; i++)
+            pinned[i].first += first;
+    }
+    for (size_t i = 0; i < r->n_holes; i++)
+        if (r->holes[i].first + r->holes[i].count <= first || r->holes[i].first >= end)
+            pf_spans_add(holes, &n_holes, PF_MAX_SPANS, r->holes[i].first, r->holes[i].count);
+    for (size_t i = 0; i < r->n_pinned; i++)
+        if (!look_pins || r->pinned[i].first + r->pinned[i].count <= first ||
+            r->pinned[i].first >= end)
+            pf_spans_add(pinned, &n_pinned, PF_MAX_SPANS, r->pinned[i].first, r->pinned[i].count);
+    memcpy(r->holes, holes, n_holes * sizeof *holes);
+    r->n_holes = n_holes;
+    memcpy(r->pinned, pinned, n_pinned * sizeof *pinned);
+    r->n_pinned = n_pinned;
+}
+
+/* Arms [first, first + count) around its holes, which are un-protected
+ * instead (refresh_spans); `how`: ARM_* flags. */
+static int arm_range(PfTracking *self, size_t first, size_t count, int how)
+{
+    pf_range *r = self->range;
+    int fresh = how & ARM_FRESH;
+    refresh_spans(self, first, count, how & ARM_LOOK_PINS);
+    /* Protecting a hole even for an instant could kill its thread, should
+     * a signal come then: protect around them. */
+    size_t at = first, end = first + count;
+    for (size_t i = 0; i < r->n_holes && at < end; i++) {
+        size_t lo = r->holes[i].first, hi = r->holes[i].first + r->holes[i].count;
+        if (hi <= at || lo >= end)
+            continue;
+        if (lo > at && self->ops->arm(r, at, lo - at) != 0)
+            return -1;
+        if (hi > end)
+            hi = end;
+        if (lo < at)
+            lo = at;
+        if (!fresh && self->ops->disarm(r, lo, hi - lo) != 0)
+            return -1;
+        at = hi;
+    }
+    return at < end ? self->ops->arm(r, at, end - at) : 0;
+}
+
+/* A thread that pointed its alternate stack into armed memory after the
+ * last arm dies at its next signal, unless it calls pagefork first: this
+ * is that call. Its stack is un-protected and becomes a hole. */
+static int rescue_own_stack(PfTracking *self)
+{
+    pf_range *r = self->range;
+    pf_span own;
+    if (!kernel_writes_fail(r) || !pf_altstack_own(r, &own) ||
+        pf_spans_cover(r->holes, r->n_holes, own.first, own.count))
+        return 0;
+    if (self->ops->disarm(r, own.first, own.count) != 0)
+        return -1;
+    pf_spans_add(r->holes, &r->n_holes, PF_MAX_SPANS, own.first, own.count);
+    return 0;
+}
+
 static int collect(PfTracking *self)
 {
     if (self->ops == NULL || !self->attached)
         return 0;
-    return self->ops->collect(self->range);
+    if (rescue_own_stack(self) != 0)
+        return -1;
+    int rc = self->ops->collect(self->range);
+    pf_spans_mark(self->range);
+    return rc;
 }
 
 static PyObject *tracking_start(PfTracking *self, PyObject *unused)
@@ -199,7 +299,7 @@ static PyObject *tracking_start(PfTracking *self, PyObject *unused)
     pf_range_begin_exclusive(r);
     memset(r->global, 0, atomic_load(&r->n_pages)); /* pages past n were cleared on shrink */
     atomic_store(&r->global_active, 1);
-    int rc = self->ops != NULL ? self->ops->arm(r, 0, atomic_load(&r->n_pages)) : 0;
+    int rc = self->ops != NULL ? arm_range(self, 0, atomic_load(&r->n_pages), ARM_LOOK_PINS) : 0;
     pf_range_end_exclusive(r);
     if (rc != 0) {
         atomic_store(&r->global_active, 0);
@@ -254,7 +354,7 @@ static PyObject *tracking_start_thread(PfTracking *self, PyObject *unused)
         atomic_fetch_add(&r->threads_active, 1);
     /* Pages other threads already wrote are writable again: re-protect all
      * so this thread's first write to each is seen. */
-    int rc = self->ops != NULL ? self->ops->arm(r, 0, atomic_load(&r->n_pages)) : 0;
+    int rc = self->ops != NULL ? arm_range(self, 0, atomic_load(&r->n_pages), ARM_LOOK_PINS) : 0;
     pf_range_end_exclusive(r);
     if (rc != 0)
         return NULL;
@@ -323,7 +423,7 @@ static int read_and_rearm(PfTracking *self, int scope, uint8_t *dst, size_t n)
      * (pages that lost their protection without a fault). */
     int rc = armed ? collect(self) : 0;
     if (rc == 0 && armed)
-        rc = self->ops->arm(r, 0, n);
+        rc = arm_range(self, 0, n, ARM_AGAIN);
     if (rc == 0)
         take_flags(r, scope, dst, n, 1);
     pf_range_end_exclusive(r);
@@ -395,7 +495,7 @@ static PyObject *tracking_reset(PfTracking *self, PyObject *unused)
     pf_range_begin_exclusive(r);
     int rc = 0;
     if (armed && r->mode != PF_MODE_COW)
-        rc = self->ops->arm(r, 0, atomic_load(&r->n_pages));
+        rc = arm_range(self, 0, atomic_load(&r->n_pages), ARM_LOOK_PINS);
     if (rc == 0) {
         memset(r->global, 0, r->max_pages);
         for (int i = 0; i < PF_MAX_THREADS; i++)
@@ -440,7 +540,7 @@ int pf_tracking_resize(PfTracking *self, size_t n)
             return -1;
     } else if (n > old) {
         atomic_store(&r->n_pages, n);
-        if (live && any_active(r) && self->ops->arm(r, old, n - old) != 0)
+        if (live && any_active(r) && arm_range(self, old, n - old, ARM_FRESH | ARM_LOOK_PINS) != 0)
             return -1;
     }
     return 0;
@@ -488,7 +588,7 @@ int pf_tracking_region_remapped(PfTracking *self)
     if (inherited(self) || self->ops == NULL || !self->attached || !any_active(r) ||
         r->mode == PF_MODE_COW) /* cow: mapping the file again is its re-arm */
         return 0;
-    return self->ops->arm(r, 0, atomic_load(&r->n_pages));
+    return arm_range(self, 0, atomic_load(&r->n_pages), ARM_FRESH | ARM_LOOK_PINS);
 }
 
 static void tracking_dealloc(PfTracking *self)

@@ -116,6 +116,7 @@ int pf_uffd_protect(int fd, pf_range *r, size_t first, size_t count, int protect
 static int sync_fd = -1;
 static pid_t sync_pid;
 static int sync_features;
+static int sync_user_mode_only;
 
 static void *fault_thread(void *arg)
 {
@@ -197,9 +198,15 @@ static int sync_descriptor(void)
     }
     pthread_detach(thread);
     sync_features = want; /* what this descriptor was opened with */
+    sync_user_mode_only = user_mode_only;
     sync_fd = fd;
     sync_pid = getpid();
     return fd;
+}
+
+int pf_uffd_kernel_writes_fail(void)
+{
+    return sync_fd >= 0 && sync_pid == getpid() && sync_user_mode_only;
 }
 
 static int uffd_attach(pf_range *r)
@@ -236,6 +243,11 @@ static int uffd_arm(pf_range *r, size_t first, size_t count)
 
 static int uffd_disarm(pf_range *r, size_t first, size_t count)
 {
+    /* Registered first: a hole left unprotected (exempt.c) in memory mapped
+     * afresh was never registered, and un-protecting needs it. Registering
+     * a registered range again is a no-op. */
+    if (pf_uffd_register(sync_fd, r, first, count) != 0)
+        return -1;
     return pf_uffd_protect(sync_fd, r, first, count, 0);
 }
 

@@ -193,7 +193,7 @@ class CombiningWorkspace(Workspace):
         whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
         key = (spec.snapshot, region.address, region.size)
         before = None
-        if (spec.tracking == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
+        if (tracker_.mode == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
                 and _same(self._kept, key)):
             if clean is not None and self._private is not None:
                 before = self._private  # as the last thread of this batch left it
@@ -211,7 +211,7 @@ class CombiningWorkspace(Workspace):
             spec.snapshot.map_to(region)
             tracker_.start(region)
             result, dirty = call_tracked(spec, i, region, tracker_, identity)
-            if spec.tracking == "cow":
+            if tracker_.mode == "cow":  # not under mlockall: Workspace.prepare
                 self._kept = key
                 # cow: written = private. Only worth keeping for many pages.
                 many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
