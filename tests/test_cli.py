@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -95,3 +96,24 @@ def test_demo_on_a_local_dask_cluster():
     assert ", 2 worker processes" in result.stdout and "backend 'dask'" in result.stdout
     assert "check against a serial computation: PASSED" in result.stdout
     assert result.stdout.count(" ok ") == 5
+
+
+def test_the_pagefork_logger_is_silent_by_default_and_tells_at_debug(tmp_path):
+    """logging.getLogger("pagefork"): nothing reaches stderr unless the
+    program configures logging; configured, it tells the tracking choice
+    and each checkpoint's decision."""
+    script = textwrap.dedent(f"""
+        import logging, sys
+        import numpy as np, pagefork
+        region = pagefork.Region(4 * pagefork.PAGE_SIZE)
+        pagefork.tracker("auto")  # measures each mode's cost once
+        pagefork.checkpoint.save(region, {str(tmp_path / 'quiet')!r})
+        if sys.argv[1] == "debug":
+            logging.basicConfig(level=logging.DEBUG, format="%(name)s %(levelname)s %(message)s")
+            pagefork.checkpoint.save(region, {str(tmp_path / 'loud')!r})
+    """)
+    quiet = subprocess.run([sys.executable, "-c", script, "quiet"], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", script, "debug"], capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 0, loud.stderr
+    assert "pagefork DEBUG checkpoint version 1 of" in loud.stderr and "a whole base (no tracked pages)" in loud.stderr

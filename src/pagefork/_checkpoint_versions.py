@@ -6,6 +6,7 @@ back, and pruning what no kept version needs. Damage is a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, Ob
                                  pages_body, read_object)
 from ._checkpoint_store import Store
 from ._errors import CorruptDataError, PageforkError
+from ._log import log
 from ._sizes import PAGE_SIZE
 from .memory import Region
 
@@ -171,6 +173,14 @@ def commit(store: Store, *, source: memoryview, size: int, max_size: int,
     version = max(found, default=0) + 1
     as_base = (pages is None or parent is None or parent.chain_length >= base_every
                or parent.increment_bytes > base_fraction * size)
+    if log.isEnabledFor(logging.DEBUG):
+        why = ("no tracked pages" if pages is None else "no version to build on" if parent is None
+               else f"{parent.chain_length} increments (base_every={base_every})"
+               if parent.chain_length >= base_every else
+               f"increments of {parent.increment_bytes} bytes pass base_fraction={base_fraction}"
+               if as_base else f"{int(np.count_nonzero(pages))} changed pages on version {parent.version}")
+        log.debug("checkpoint version %d of %s: %s (%s)", version, store.description,
+                  "a whole base" if as_base else "an increment", why)
     if as_base:
         n_pages = -(-size // PAGE_SIZE)
         writer = ObjectWriter(KIND_IMAGE, size, source[:size], compress, live=live)

@@ -19,6 +19,7 @@ import numpy as np
 from . import _kernel_state, _native, _signals
 from ._errors import PageforkError, UnsupportedModeError, native_error
 from ._forking import renewed_in_child
+from ._log import log
 from ._system import kernel_release, read_setting
 from .memory import Region
 
@@ -273,6 +274,8 @@ class Tracker:
         if count > self._fallbacks_seen.get(id(tracking), 0):
             self._fallbacks_seen[id(tracking)] = count
             limit = read_setting("/proc/sys/vm/max_map_count", unreadable="unknown")
+            log.info("segfault tracking fell back to a whole region (%d time(s)): vm.max_map_count=%s",
+                     count, limit)
             warnings.warn(
                 "segfault tracking could not re-enable writes to one page (mprotect: ENOMEM, "
                 f"the process reached vm.max_map_count={limit}), so it un-protected the whole "

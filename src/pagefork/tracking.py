@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import _kernel_state, _native
 from ._errors import UnsupportedModeError
+from ._log import log
 from ._system import kernel_release, read_setting
 from ._tracker import MODE_IDS, MODES, THREAD_LOCAL_MODES, Tracker, TrackerStats, TrackingFallbackWarning
 from .memory import Region
@@ -234,6 +235,8 @@ def write_costs() -> dict[str, float]:
             with Tracker(mode) as t:
                 t.start(region)
                 costs[mode] = _baseline.touch(region.address, pages, 1) / pages
+    log.info("first-write cost per page, ns (auto picks the cheapest): %s",
+             ", ".join(f"{m} {c:.0f}" for m, c in costs.items()) or "no general-purpose mode works")
     return costs
 
 
@@ -252,7 +255,10 @@ def mode_for_new_mapping(mode: str) -> str:
     memory, and sees it), else the ``"auto"`` mode."""
     if mode != "cow" or not _kernel_state.new_mappings_locked():
         return mode
-    return "uffd-async" if probe()["uffd-async"].available else auto_mode()
+    instead = "uffd-async" if probe()["uffd-async"].available else auto_mode()
+    log.info("mlockall(MCL_FUTURE) makes every mapped page a private copy: tracking with %s "
+             "instead of cow", instead)
+    return instead
 
 
 def tracker(mode: str | None = None, *, thread_local: bool = False) -> Tracker:
