@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import pickle
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import numpy as np
 
 from . import _native
 from ._errors import PageforkError
+from ._forked import leave_if_forked
 from ._sizes import round_to_pages
 from .diffs import DiffBatch
 from .identity import IdentityBuffers, with_contributions
@@ -89,9 +92,21 @@ class BatchSpec:
     def dumps(self, obj: Any) -> bytes:
         """``obj`` pickled for a worker (cloudpickle), refusing views of main
         memory: a worker would get a copy, and writes to it would be lost."""
+        _mp_main_by_value()
         buffer = io.BytesIO()
         _WorkerPickler(buffer, self.main_memory).dump(obj)
         return buffer.getvalue()
+
+
+def _mp_main_by_value() -> None:
+    """In a multiprocessing spawn or forkserver child the script runs as
+    ``__mp_main__``, a name a worker cannot import (it never re-runs the
+    script): its functions and classes travel by value, as ``__main__``'s do.
+    cloudpickle's registry is process-wide; no other module has that name."""
+    module = sys.modules.get("__mp_main__")
+    if module is not None and getattr(module, "__name__", None) == "__mp_main__" \
+            and "__mp_main__" not in cloudpickle.list_registry_pickle_by_value():
+        cloudpickle.register_pickle_by_value(module)
 
 
 class _WorkerPickler(cloudpickle.CloudPickler):
@@ -198,10 +213,16 @@ def call_thread_function(spec: BatchSpec, index: int, region: Region,
     it cannot call its own App)."""
     previous = getattr(_inside, "snapshot", None)
     _inside.snapshot = spec.snapshot
+    pid = os.getpid()
     try:
-        return spec.fn(ThreadMemory(region, spec.layout, identity), index, spec.n, *spec.args)
+        result = spec.fn(ThreadMemory(region, spec.layout, identity), index, spec.n, *spec.args)
+    except BaseException as exc:
+        leave_if_forked(pid, exc)  # a child the function forked never returns into pagefork
+        raise
     finally:
         _inside.snapshot = previous
+    leave_if_forked(pid, None)
+    return result
 
 
 def call_tracked(spec: BatchSpec, index: int, region: Region, tracker_: Tracker,

@@ -27,6 +27,7 @@ import numpy as np
 from ._batch_thread import Request, manage
 from ._errors import ConflictError, MergeError, PageforkError, UnsupportedModeError, WorkerError
 from ._kernel_state import refuse_pinned
+from ._limits import cannot_start, is_out_of_tasks
 from ._sizes import PAGE_SIZE, round_to_pages
 from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancel, Cancelled, ThreadOutcome,
                     find_conflicts, inside_batch_of, thread_tracking_mode)
@@ -118,7 +119,13 @@ class Executor:
         # and so can be interrupted after the thread exists).
         self._alive = threading.Event()
         self._alive.set()
-        _thread.start_new_thread(manage, (weakref.ref(self), self._requests, self._alive))
+        try:
+            _thread.start_new_thread(manage, (weakref.ref(self), self._requests, self._alive))
+        except RuntimeError as exc:  # e.g. RLIMIT_NPROC reached: say so
+            self._release(0.0)
+            if is_out_of_tasks(exc):
+                raise cannot_start("the App's batch thread", exc) from exc
+            raise
 
     # ---- main memory ---------------------------------------------------------
 
