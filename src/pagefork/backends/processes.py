@@ -19,6 +19,15 @@ Replies are read on the executor's batch thread, where KeyboardInterrupt
 never lands, so a message is never cut in half. A cancelled batch (its caller
 was interrupted) kills the workers still running it; they are replaced
 before the next batch, so no worker is ever in an unknown state.
+
+Workers die with their parent: each asks the kernel for SIGKILL when its
+parent dies (PR_SET_PDEATHSIG) and exits at once if the parent was gone
+before it asked. The kernel sends that signal when the *thread* that started
+the worker ends, so every worker is started by one thread that lives as long
+as this process (spawn.py), never by the caller's or the batch thread. A
+thread function's working directory and sys.path changes end with its batch;
+writes to a worker never raise SIGPIPE (a program that restored its default
+action would be killed by a write to a worker that had exited).
 """
 
 from __future__ import annotations
@@ -38,17 +47,18 @@ import cloudpickle
 
 from .._cpus import available_cpus
 from .._errors import CorruptDataError, PageforkError
+from .._limits import cannot_start, is_out_of_tasks, limit_report
 from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from . import combine, replies
+from .spawn import WorkerConnection, die_with_parent, spawn_worker
 from .threads import group_by_slot
 
 __all__ = ["ProcessesBackend"]
 
 
 _END = -1  # in a slot's pending set: the worker's "end" message (combined diffs) is still due
-
 
 def _send(conn: connection.Connection, message: Any) -> int:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -79,6 +89,7 @@ def _worker_main(conn: connection.Connection) -> None:
     """A worker process: attach snapshots, run threads, send back diffs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     snapshot: Snapshot | None = None
+    home: tuple[list[str], str | None] | None = None  # the parent's sys.path and cwd
     space = combine.CombiningWorkspace()
     writer: replies.ReplyWriter | None = None
     while True:
@@ -91,12 +102,8 @@ def _worker_main(conn: connection.Connection) -> None:
             return
         if kind == "prepare":  # the parent's sys.path and working directory
             _, path, cwd = message
-            sys.path[:] = path
-            try:
-                if cwd is not None:
-                    os.chdir(cwd)
-            except OSError:
-                pass
+            home = (list(path), cwd)
+            _go_home(home)
             continue
         if kind == "snapshot":
             _, size, max_size = message
@@ -157,17 +164,22 @@ def _worker_main(conn: connection.Connection) -> None:
                     _ship(conn, writer, ("done", seq, i, None, 0, failure))
         if combine.combines(regions, len(indexes)):  # the parent waits for it exactly then
             _ship(conn, writer, ("end", seq, failure), packed)
+        _go_home(home)
 
 
-def _worker_env() -> dict[str, str]:
-    """This environment, plus the folder pagefork itself was imported from
-    (so ``-m pagefork...`` works however the parent found it)."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if here not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([here, *paths])
-    return env
+def _go_home(home: tuple[list[str], str | None] | None) -> None:
+    """Puts back the parent's sys.path and working directory, which a thread
+    function may have changed: the next batch starts where the parent is."""
+    if home is None:
+        return
+    path, cwd = home
+    if sys.path != path:
+        sys.path[:] = path
+    if cwd is not None:
+        try:
+            os.chdir(cwd)
+        except OSError:  # deleted, or no longer allowed
+            pass
 
 
 def _preparation() -> tuple[list[str], str | None]:
@@ -183,15 +195,13 @@ class _Worker:
     def __init__(self, slot: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with theirs:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "pagefork.backends.processes", str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env(),
-                    start_new_session=True)  # a terminal's Ctrl-C is the parent's to handle
-        except BaseException:
+            self.process = spawn_worker(theirs)
+        except BaseException as exc:
             ours.close()
+            if is_out_of_tasks(exc):
+                raise cannot_start("a worker process", exc) from exc
             raise
-        self.conn = connection.Connection(ours.detach())
+        self.conn = WorkerConnection(ours)
         self.slot = slot
         self.snapshot_key: tuple[int, int] | None = None
         self.replies: replies.ReplyReader | None = None
@@ -204,7 +214,7 @@ class _Worker:
         reader = replies.ReplyReader(replies.create())
         try:
             sent = _send(self.conn, ("replies",))
-            reduction.send_handle(self.conn, reader.fd, self.process.pid)
+            self.conn.send_handle(reader.fd)
         except BaseException:
             reader.close()
             raise
@@ -237,7 +247,7 @@ class _Worker:
         if self.snapshot_key == key:
             return 0
         sent = _send(self.conn, ("snapshot", snapshot.size, snapshot.max_size))
-        reduction.send_handle(self.conn, snapshot.fd, self.process.pid)
+        self.conn.send_handle(snapshot.fd)
         self.snapshot_key = key
         return sent
 
@@ -259,11 +269,26 @@ class _Worker:
         self.process.wait()
         self.conn.close()
 
-    def close(self, timeout: float = 5.0) -> None:
-        try:
-            _send(self.conn, ("stop",))
-        except (OSError, ValueError):
-            pass
+    def why_lost(self, slot: int) -> str | None:
+        """Why this worker, which has ended, never started: interrupted by
+        SIGINT while it started, which only OpenBLAS does (when it cannot
+        start its threads: a worker ignores SIGINT once it runs, and lives in
+        its own session); None if it ended otherwise."""
+        if self.exit_code() != -signal.SIGINT:
+            return None
+        return (f"worker process {slot} (pid {self.process.pid}) could not start: it was interrupted "
+                "(SIGINT) while importing numpy, as OpenBLAS does when it cannot start its threads "
+                f"(its message is on stderr); {limit_report()}. Raise the limit, use fewer workers or "
+                "set OPENBLAS_NUM_THREADS")
+
+    def close(self, timeout: float = 5.0, *, ask: bool = True) -> None:
+        """Stops the worker (``ask``: sends "stop"; False when the caller
+        already did: a second write to a worker that has exited fails)."""
+        if ask:
+            try:
+                _send(self.conn, ("stop",))
+            except (OSError, ValueError):
+                pass
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -292,6 +317,7 @@ class ProcessesBackend:
         # Started now: the interpreters import numpy and pagefork while the
         # caller sets up its arrays, so the first batch does not wait for them.
         self._workers: list[_Worker | None] = [None] * self.slots
+        self._closed = False  # set by close(), maybe on another thread while a batch runs
         try:
             for slot in range(self.slots):
                 self._workers[slot] = _Worker(slot)
@@ -323,13 +349,15 @@ class ProcessesBackend:
         preparation = _preparation()
         outcomes: dict[int, ThreadOutcome] = {}
         pending: dict[int, set[int]] = {}
+        used: dict[int, _Worker] = {}  # this batch's workers (close() may empty self._workers meanwhile)
         first: dict[int, int] = {}  # slot -> its first thread, which carries the combined diffs
         combined: dict[int, DiffBatch] = {}
         shipped = 0
         try:
             for slot, indexes in group_by_slot(placement).items():
                 cancel.check()
-                w = self._worker(slot)
+                self._check_open()
+                w = used[slot] = self._worker(slot)
                 try:
                     shipped += w.ensure_prepared(preparation)
                     shipped += w.ensure_snapshot(spec.snapshot)
@@ -341,31 +369,38 @@ class ProcessesBackend:
                         {_END} if combine.combines(spec.merge_regions, len(indexes)) else set())
                     first[slot] = indexes[0]
                 except (OSError, ValueError) as exc:
+                    self._check_open()
+                    why = f"cannot reach worker {slot}: {exc}"
+                    if not w.alive():
+                        why = w.why_lost(slot) or why
                     self._drop(slot)
                     for i in indexes:
-                        outcomes[i] = ThreadOutcome(i, error=f"cannot reach worker {slot}: {exc}")
+                        outcomes[i] = ThreadOutcome(i, error=why)
             while pending:
                 cancel.check()
-                waits: dict[Any, int] = {}
-                for slot in pending:
-                    worker = self._workers[slot]
-                    assert worker is not None
-                    waits[worker.conn] = slot
-                for ready in connection.wait(list(waits), POLL):
+                self._check_open()
+                waits: dict[Any, int] = {used[slot].conn: slot for slot in pending}
+                try:
+                    ready_list = connection.wait(list(waits), POLL)
+                except (OSError, ValueError):  # a socket close() closed meanwhile
+                    self._check_open()
+                    raise
+                for ready in ready_list:
                     slot = waits[ready]
-                    w = self._workers[slot]  # type: ignore[assignment]
-                    assert w is not None
+                    w = used[slot]
                     try:
                         data = w.conn.recv_bytes()
                         message = pickle.loads(data)
                         header, where = message[-2:]
                         payload = w.payload(where)
                     except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
+                        self._check_open()
                         code = w.exit_code()
+                        lost = w.why_lost(slot)
                         for i in sorted(pending.pop(slot) - {_END}) or [first[slot]]:
                             outcomes[i] = ThreadOutcome(
-                                i, error=f"worker process {slot} (pid {w.process.pid}) died while "
-                                         f"running thread {i} (exit code {code})")
+                                i, error=lost or f"worker process {slot} (pid {w.process.pid}) died while "
+                                                 f"running thread {i} (exit code {code})")
                         self._drop(slot)
                         continue
                     shipped += len(data)  # with inline payloads
@@ -413,6 +448,13 @@ class ProcessesBackend:
             result[0].bytes_shipped = shipped
         return result
 
+    def _check_open(self) -> None:
+        """Raises if close() ran (on another thread: an App collected, or
+        closed at interpreter exit) while a batch was running."""
+        if self._closed:
+            raise PageforkError("the App was closed while the batch ran (by another thread, or at "
+                                "interpreter exit); nothing merged")
+
     def _drop(self, slot: int, kill: bool = False) -> None:
         """Forgets a worker that died or whose state is unknown; the next
         batch starts a new one."""
@@ -427,6 +469,7 @@ class ProcessesBackend:
 
     def close(self, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
+        self._closed = True
         workers, self._workers = self._workers, [None] * self.slots
         for w in workers:  # ask all first, so they stop in parallel
             if w is not None:
@@ -436,9 +479,10 @@ class ProcessesBackend:
                     pass
         for w in workers:
             if w is not None:
-                w.close(max(0.0, deadline - time.monotonic()))
+                w.close(max(0.0, deadline - time.monotonic()), ask=False)
         return 0
 
 
 if __name__ == "__main__":
+    die_with_parent(int(sys.argv[2]))
     _worker_main(connection.Connection(int(sys.argv[1])))

@@ -18,6 +18,7 @@ import time
 from typing import Callable, Sequence
 
 from .._cpus import available_cpus
+from .._limits import cannot_start, is_out_of_tasks
 from ..batch import POLL, BatchSpec, Cancel, Cancelled, ThreadOutcome, Workspace
 
 __all__ = ["ThreadsBackend", "group_by_slot"]
@@ -44,8 +45,9 @@ class _Slot:
 
     def submit(self, job: Callable[[], None]) -> None:
         if self._thread is None:  # started on first use
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            thread.start()  # may fail (RLIMIT_NPROC): the next submit tries again
+            self._thread = thread
         self._jobs.put(job)
 
     def stop(self) -> None:
@@ -102,8 +104,16 @@ class ThreadsBackend:
                 with self._lock:
                     slot.busy = True
                     self._running.add(slot)
+                try:
+                    slot.submit(functools.partial(self._work, slot, spec, indexes, cancel, out, slot_index))
+                except RuntimeError as exc:  # its thread could not start: the slot stays free
+                    with self._lock:
+                        slot.busy = False
+                        self._running.discard(slot)
+                    if is_out_of_tasks(exc):
+                        raise cannot_start("a thread of the threads backend", exc) from exc
+                    raise
                 started.append((slot_index, slot))
-                slot.submit(functools.partial(self._work, slot, spec, indexes, cancel, out, slot_index))
             with self._lock:
                 while len(out) < len(started):
                     if cancel.is_set():
