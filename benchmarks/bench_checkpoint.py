@@ -10,7 +10,10 @@ in one interleaved run on the same disk:
   rounds that alternate which memory goes first; also after the program read
   all of its memory;
 - and, to show where a restore's time goes: the same restore into a bare
-  Region, and the floor of any restore into an App (filling a fresh memfd).
+  Region, and the floor of any restore into an App (filling a fresh memfd);
+- bytes a base and an increment write for compressible (zeros) and
+  incompressible (random) data, one value changed per page, compressed
+  against stored raw: increments follow the bases' rule.
 
     .venv/bin/python benchmarks/bench_checkpoint.py [--quick] [--size 1GiB] [--json FILE]
 """
@@ -25,7 +28,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pagefork.bench import parse_sizes, progress_to_stderr
-from pagefork.bench.checkpoint import checkpoint_costs, format_checkpoint_report
+from pagefork.bench.checkpoint import (checkpoint_costs, format_checkpoint_report, format_increment_sizes,
+                                       increment_sizes)
 
 
 def main() -> None:
@@ -44,9 +48,14 @@ def main() -> None:
                              folder=args.dir, progress=progress_to_stderr)
     print("Incremental checkpoints (App, threads backend, incompressible data)")
     print(format_checkpoint_report(costs))
+    compression_size = small
+    sizes = [increment_sizes(compression_size, data, folder=args.dir)
+             for data in ("compressible", "incompressible")]
+    print("\nBases and increments, compressed (zstd level 1) against stored raw")
+    print(format_increment_sizes(sizes))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(costs.as_dict(), f, indent=2)
+            json.dump({**costs.as_dict(), "increment_sizes": [s.as_dict() for s in sizes]}, f, indent=2)
 
 
 if __name__ == "__main__":

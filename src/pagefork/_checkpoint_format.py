@@ -57,17 +57,36 @@ def object_version(name: str) -> int | None:
 
 # ---- data objects ----------------------------------------------------------------
 
-def _worth_compressing(body: memoryview, level: int) -> bool:
-    """Compresses a few samples spread over ``body``: incompressible data
-    (floats that changed) is stored raw, so it costs one copy, not zstd."""
+def _span(pieces: list[memoryview], start: int, length: int) -> bytes:
+    """Bytes ``[start, start + length)`` of the pieces taken as one body."""
+    out, at = [], 0
+    for piece in pieces:
+        n = piece.nbytes
+        if at + n > start and length > 0:
+            lo = max(0, start - at)
+            take = piece[lo: lo + length]
+            out.append(bytes(take))
+            length -= take.nbytes
+            start += take.nbytes
+        at += n
+        if length <= 0:
+            break
+    return b"".join(out)
+
+
+def _worth_compressing(pieces: list[memoryview], level: int) -> bool:
+    """Compresses a few samples spread over the body (its pieces taken as
+    one: an increment's pages, not its 4-byte checksum): incompressible data
+    (floats that changed) is stored raw, so it costs one copy, not zstd.
+    Bases and increments follow this one rule."""
     import zstandard
 
-    n = body.nbytes
+    n = sum(p.nbytes for p in pieces)
     if n < 4096:
         return False
     sample_len = min(64 << 10, n)
     starts = np.linspace(0, n - sample_len, num=min(8, max(1, n // sample_len))).astype(np.int64)
-    sample = b"".join(body[int(s): int(s) + sample_len] for s in starts)
+    sample = b"".join(_span(pieces, int(s), sample_len) for s in starts)
     packed = zstandard.ZstdCompressor(level=level).compress(sample)
     return len(packed) < 0.8 * len(sample)
 
@@ -85,7 +104,7 @@ class ObjectWriter:
                  level: int | None, *, live: bool = False) -> None:
         self.pieces = body if isinstance(body, list) else [body]
         self.live = live
-        self.level = level if level is not None and _worth_compressing(self.pieces[-1], level) else None
+        self.level = level if level is not None and _worth_compressing(self.pieces, level) else None
         flags = FLAG_ZSTD if self.level is not None else 0
         body_len = sum(p.nbytes for p in self.pieces)
         self.header = HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body_len)

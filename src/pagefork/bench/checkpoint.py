@@ -24,7 +24,8 @@ from .. import checkpoint
 from ..app import App
 from ..memory import PAGE_SIZE
 
-__all__ = ["CheckpointCosts", "checkpoint_costs", "format_checkpoint_report"]
+__all__ = ["CheckpointCosts", "checkpoint_costs", "format_checkpoint_report", "IncrementSizes",
+           "increment_sizes", "format_increment_sizes"]
 
 
 @dataclass(frozen=True)
@@ -315,3 +316,63 @@ def format_checkpoint_report(c: CheckpointCosts) -> str:
         f"mapped page for the program's writes)",
         f"  (the first, whole checkpoint of {c.size // mib} MiB took {c.base_s * 1e3:.0f} ms)",
     ])
+
+
+@dataclass(frozen=True)
+class IncrementSizes:
+    """A base and an increment that changed one value in every page of an
+    App, with the default compression and without (two Apps with the same
+    bytes): increments follow the bases' rule, compressed when a sample of
+    the body compresses, stored raw otherwise."""
+
+    data: str                  # "compressible" (zeros) or "incompressible" (random bytes)
+    size: int
+    changed_pages: int
+    base_bytes: int
+    base_s: float
+    increment_bytes: int       # compress=DEFAULT_COMPRESS
+    increment_s: float
+    raw_increment_bytes: int   # compress=None
+    raw_increment_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def increment_sizes(size: int, data: str, folder: str | None = None) -> IncrementSizes:
+    """Measures one base and one increment of ``data`` ("compressible" or
+    "incompressible") in a ``size``-byte App, compressed and raw."""
+    if data not in ("compressible", "incompressible"):
+        raise ValueError(f"data is 'compressible' or 'incompressible', not {data!r}")
+    work = tempfile.mkdtemp(prefix="pagefork-bench-incr-", dir=folder or os.getcwd())
+    results = []
+    try:
+        for compress in (1, None):
+            rng = np.random.default_rng(0)
+            with App(size, backend="threads", workers=1) as app:
+                values = app.alloc("data", size // 8, np.float64)
+                if data == "incompressible":
+                    values[:] = rng.random(values.size)
+                target = os.path.join(work, f"compress-{compress}")
+                base = app.checkpoint(target, compress=compress)
+                values[:: PAGE_SIZE // 8] += 1.0  # one value in every page
+                increment = app.checkpoint(target, compress=compress, base_fraction=2.0)
+                results.append((base, increment))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (base, increment), (_, raw) = results
+    return IncrementSizes(data, size, increment.pages, base.bytes_written, base.seconds,
+                          increment.bytes_written, increment.seconds, raw.bytes_written, raw.seconds)
+
+
+def format_increment_sizes(rows: list[IncrementSizes]) -> str:
+    mib = 1 << 20
+    lines = []
+    for r in rows:
+        lines.append(
+            f"  {r.data:>14}, {r.size // mib} MiB, one value changed in each of {r.changed_pages} pages: "
+            f"base {r.base_bytes / 1024:.1f} KiB ({r.base_s * 1e3:.1f} ms); increment "
+            f"{r.increment_bytes / 1024:.1f} KiB ({r.increment_s * 1e3:.1f} ms) vs "
+            f"{r.raw_increment_bytes / 1024:.1f} KiB stored raw ({r.raw_increment_s * 1e3:.1f} ms): "
+            f"{r.raw_increment_bytes / r.increment_bytes:.1f}x smaller")
+    return "\n".join(lines)
