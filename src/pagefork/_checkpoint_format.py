@@ -14,6 +14,7 @@ found before anything is decoded. The manifest carries its own CRC32C.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -283,24 +284,56 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview) -> N
     the caller discards the memory."""
     import zstandard
 
-    size = target.nbytes
-    source: Any = r
     if flags & FLAG_ZSTD:
         # Checksum the compressed bytes first: never decode unchecked input.
         packed = _read_rest(r, ref)
         source = zstandard.ZstdDecompressor().stream_reader(packed)
-    elif _copy_local(r, ref, target):
+        _fill_image(source, target)
+        if source.read(1):
+            raise CorruptDataError("its compressed image is longer than its memory")
         return
+    body = (r.crc, r.length, r.f.tell() if r.f.seekable() else None)
+    try:
+        if not _copy_local(r, ref, target):
+            _fill_image(r, target)
+            r.drain()
+            _check(r, ref)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EFAULT or body[2] is None:
+            raise
+    # The kernel may not write into ``target``: memory a tracker protects
+    # (segfault mode, user-mode-only uffd) fails read(2) with EFAULT. Read
+    # again into a buffer of our own and copy from there, a write the
+    # tracker sees.
+    r.crc, r.length = body[0], body[1]
+    r.f.seek(body[2])
+    _fill_image(_Bounced(r), target)
+    r.drain()
+    _check(r, ref)
+
+
+def _fill_image(source: Any, target: memoryview) -> None:
+    """Fills ``target`` from ``source`` chunk by chunk."""
+    size = target.nbytes
     for at in range(0, size, CHUNK):
         want = min(CHUNK, size - at)
         if _fill(source, target[at: at + want]) != want:
             raise CorruptDataError("its image is truncated")
-    if flags & FLAG_ZSTD:
-        if source.read(1):
-            raise CorruptDataError("its compressed image is longer than its memory")
-    else:
-        r.drain()
-        _check(r, ref)
+
+
+class _Bounced:
+    """Reads through a buffer of its own, then copies: for memory the
+    kernel may not write into."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+        self.buffer = memoryview(bytearray(CHUNK))
+
+    def readinto(self, view: memoryview) -> int:
+        n = self.reader.readinto(self.buffer[: min(view.nbytes, CHUNK)])
+        view[:n] = self.buffer[:n]
+        return n
 
 
 PARALLEL_COPY = 64 << 20  # images at least this large are copied by two native threads
