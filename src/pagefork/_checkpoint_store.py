@@ -58,11 +58,23 @@ class LocalStore:
         finally:
             os.close(fd)
 
+    def _make_folder(self) -> None:
+        """Creates the folder (and its parents); says which part of the path
+        is a broken symbolic link or not a folder (os.makedirs only says
+        FileExistsError)."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except (FileExistsError, FileNotFoundError, NotADirectoryError):
+            why = _not_a_folder(self.path)
+            if why is None:
+                raise
+            raise why from None
+
     def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None:
         """Writes ``name`` whole or not at all. ``exclusive``: FileExistsError
         if it exists (another writer committed it), checked atomically by
         link(2) where the filesystem has hard links."""
-        os.makedirs(self.path, exist_ok=True)
+        self._make_folder()
         temp = os.path.join(self.path, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             with open(temp, "wb") as f:
@@ -131,6 +143,23 @@ class LocalStore:
                     os.unlink(os.path.join(self.path, entry))
                 except OSError:
                     pass
+
+
+def _not_a_folder(path: str) -> OSError | None:
+    """Why the folder ``path`` cannot be created: the first part of it that
+    is a broken symbolic link (FileNotFoundError) or not a folder
+    (NotADirectoryError); None if no part is either (a race: say what
+    os.makedirs said)."""
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        part = os.sep.join(parts[:i])
+        if os.path.islink(part) and not os.path.exists(part):
+            return FileNotFoundError(errno.ENOENT, f"checkpoint target {path}: {part} is a broken "
+                                     f"symbolic link (to {os.readlink(part)}, which does not exist)")
+        if os.path.lexists(part) and not os.path.isdir(part):
+            return NotADirectoryError(errno.ENOTDIR, f"checkpoint target {path}: {part} exists and is "
+                                      "not a folder")
+    return None
 
 
 def _link(source: str, name: str) -> bool:
@@ -218,6 +247,31 @@ class FsspecStore:
         """Object stores leave no partial objects behind."""
 
 
+def _file_url_path(url: str) -> str:
+    """The absolute path a ``file:`` URL names (RFC 8089): ``file:///p``,
+    ``file://localhost/p`` and ``file:/p``, percent-escapes decoded. A remote
+    host, a relative path, a query or a fragment is a ValueError: a folder
+    with such characters in its name spells them %3F and %23."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.netloc and parts.netloc.lower() != "localhost":
+        raise ValueError(f"checkpoint target {url!r} names host {parts.netloc!r}: a file URL can only "
+                         "name this machine (file:///path or file://localhost/path)")
+    if parts.query or url.endswith("?"):
+        raise ValueError(f"checkpoint target {url!r} has a query: a file URL names a folder (spell a ? "
+                         "in its name %3F)")
+    if parts.fragment or url.endswith("#"):
+        raise ValueError(f"checkpoint target {url!r} has a fragment: a file URL names a folder (spell "
+                         "a # in its name %23)")
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise ValueError(f"checkpoint target {url!r} is not an absolute file URL (file:///path, "
+                         "file://localhost/path or file:/path); a folder whose name starts with "
+                         "'file:' is ./file:...")
+    return path
+
+
 def open_store(target: Any) -> Store:
     """A store for ``target``: a path, a ``file://`` URL, any other fsspec
     URL, or an fsspec mapper (``fs.get_mapper(path)``, for a filesystem
@@ -232,9 +286,9 @@ def open_store(target: Any) -> Store:
         return LocalStore(target)
     if not isinstance(target, str) or not target:
         raise TypeError(f"a checkpoint target is a folder path or an fsspec URL, not {target!r}")
-    if target.startswith("file://"):
+    if target[:5].lower() == "file:":
         # Local disks get the rename-and-fsync commit, not fsspec's plain writes.
-        return LocalStore(target[len("file://"):])
+        return LocalStore(_file_url_path(target))
     if "://" in target:
         return FsspecStore.from_url(target)
     return LocalStore(target)
