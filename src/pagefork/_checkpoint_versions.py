@@ -19,12 +19,12 @@ from ._checkpoint_format import (KIND_IMAGE, KIND_PAGES, Manifest, ObjectRef, Ob
                                  check_object, manifest_name, manifest_version, object_version,
                                  pages_body, read_object)
 from ._checkpoint_store import Store
-from ._errors import CorruptDataError, PageforkError
+from ._errors import CorruptDataError, PageforkError, VersionPrunedError
 from ._log import log
 from ._sizes import PAGE_SIZE
 from .memory import Region
 
-__all__ = ["CheckpointInfo", "manifests", "read_manifest", "damage", "missing", "pick_version",
+__all__ = ["CheckpointInfo", "manifests", "read_manifest", "damage", "missing", "pruned", "pick_version",
            "restore_into", "check_objects", "own_version", "commit"]
 
 
@@ -55,9 +55,8 @@ def read_manifest(store: Store, version: int) -> Manifest:
     try:
         with store.open(name) as f:
             data = f.read()
-    except FileNotFoundError:
-        raise CorruptDataError(f"checkpoint version {version} in {store.description}: its manifest "
-                               f"{name} is missing") from None
+    except FileNotFoundError:  # listed, then deleted: only pruning deletes a manifest
+        raise pruned(store, version) from None
     except CorruptDataError as exc:
         raise damage(store, version, name, str(exc)) from None
     try:
@@ -72,6 +71,11 @@ def read_manifest(store: Store, version: int) -> Manifest:
 def damage(store: Store, version: int, name: str, why: str) -> CorruptDataError:
     return CorruptDataError(f"checkpoint version {version} in {store.description}: object "
                             f"{name} is damaged: {why}", version=version, object=name)
+
+
+def pruned(store: Store, version: int) -> VersionPrunedError:
+    return VersionPrunedError(f"checkpoint version {version} in {store.description} was pruned (deleted "
+                              "by a writer's keep=) while it was being read", version=version)
 
 
 def pick_version(store: Store, version: int | None) -> int:
@@ -139,7 +143,11 @@ def check_objects(store: Store, manifest: Manifest) -> None:
                           f"{exc} (written by version {ref.version})") from None
 
 
-def missing(store: Store, version: int, ref: ObjectRef) -> CorruptDataError:
+def missing(store: Store, version: int, ref: ObjectRef) -> CorruptDataError | VersionPrunedError:
+    """A missing object is damage, unless its version's manifest is gone
+    too: pruning deletes manifests first, then the objects only they named."""
+    if manifest_name(version) not in store.names():
+        return pruned(store, version)
     return CorruptDataError(f"checkpoint version {version} in {store.description}: object "
                             f"{ref.name} (written by version {ref.version}) is missing",
                             version=version, object=ref.name)
@@ -155,7 +163,7 @@ def own_version(store: Store, version: int, own_object: str) -> Manifest | None:
         return None
     try:
         manifest = read_manifest(store, version)
-    except CorruptDataError:
+    except (CorruptDataError, VersionPrunedError):
         return None
     return manifest if manifest.objects[-1].name == own_object else None
 
@@ -218,6 +226,8 @@ def _referenced(store: Store, found: dict[int, str], newest: Manifest) -> set[st
             continue
         try:
             names.update(r.name for r in read_manifest(store, v).objects)
+        except VersionPrunedError:
+            continue  # deleted meanwhile: it needs nothing
         except CorruptDataError:
             return None  # cannot tell what a damaged manifest needs: delete nothing
     return names
@@ -239,6 +249,8 @@ def _remove_orphans(store: Store, found: dict[int, str], newest: Manifest) -> No
     if recent in found:
         try:
             referenced.update(r.name for r in read_manifest(store, recent).objects)
+        except VersionPrunedError:
+            pass  # deleted meanwhile: it needs nothing
         except CorruptDataError:
             return  # cannot tell what a damaged manifest needs: delete nothing
     for n in candidates:

@@ -13,6 +13,7 @@ __all__ = [
     "MergeError",
     "ConflictError",
     "WorkerError",
+    "VersionPrunedError",
 ]
 
 
@@ -77,6 +78,16 @@ class WorkerError(PageforkError):
         self.thread = thread
         self.traceback = traceback
         self.failed = failed
+
+
+class VersionPrunedError(PageforkError):
+    """A checkpoint version was deleted (pruned by a writer's ``keep=``)
+    while it was being read: the version is gone, nothing is damaged.
+    ``version`` names it."""
+
+    def __init__(self, message: str, *, version: int) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:

@@ -237,13 +237,21 @@ class App:
     @classmethod
     def restore(cls, target: Any, *, version: int | None = None, **app_kwargs: Any) -> App:
         """A new App with the arrays, merge rules, bytes and version counter
-        of checkpoint ``version`` (default: the newest) of ``target``;
-        ``app_kwargs`` (backend, workers, ...) go to the constructor. The
-        next ``checkpoint`` to the same target is an increment on it."""
-        image = _checkpoint.find_app_image(target, version)
+        of checkpoint ``version`` of ``target``; ``app_kwargs`` (backend,
+        workers, ...) go to the constructor. The next ``checkpoint`` to the
+        same target is an increment on it. Without ``version``, the newest
+        restorable version: damaged newer ones are skipped with a
+        RuntimeWarning naming them."""
         for key in ("size", "max_size"):
             if key in app_kwargs:
                 raise TypeError(f"App.restore takes {key} from the checkpoint, not as an argument")
+        if version is None:
+            return _checkpoint.newest_restorable(target, lambda image: cls._from_image(image, app_kwargs))
+        return cls._from_image(_checkpoint.find_app_image(target, version), app_kwargs)
+
+    @classmethod
+    def _from_image(cls, image: _checkpoint.AppImage, app_kwargs: dict[str, Any]) -> App:
+        """A new App restored from ``image``."""
         manifest = image.manifest
         app = cls(manifest.size, max_size=max(manifest.max_size, manifest.size), **app_kwargs)
         try:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from ._checkpoint_format import Manifest, iter_refs, manifest_name, read_object
 from ._checkpoint_versions import CheckpointInfo
 from ._forking import renewed_in_child
 from ._checkpoint_store import Store, open_store
-from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
+from ._errors import CorruptDataError, OutOfBoundsError, PageforkError, VersionPrunedError
 from ._sizes import PAGE_SIZE
 from .memory import Region
 from .tracking import Tracker
@@ -41,14 +42,21 @@ from .tracking import Tracker
 if TYPE_CHECKING:
     from .executor import Executor
 
-__all__ = ["CheckpointInfo", "VersionInfo", "save", "load", "versions", "verify",
-           "SavedAt", "AppImage", "save_executor", "find_app_image", "restore_executor"]
+__all__ = ["CheckpointInfo", "VersionInfo", "VersionPrunedError", "save", "load", "versions", "verify",
+           "SavedAt", "AppImage", "save_executor", "find_app_image", "restore_executor",
+           "newest_restorable"]
 
 Target = Any  # a folder path, os.PathLike, or an fsspec URL string
 
 DEFAULT_BASE_EVERY = 10
 DEFAULT_BASE_FRACTION = 0.5
 DEFAULT_COMPRESS = 1
+
+# A reader of the newest version that a writer's keep= pruned meanwhile
+# takes the new newest; after this many in a row it gives up.
+_PRUNED_RETRIES = 100
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,8 @@ class VersionInfo:
     bytes_written: int
     chain_length: int
     restore_bytes: int   # bytes a restore of this version reads
-    kind: str            # "app" or "region"
+    kind: str            # "app" or "region" ("unknown" if damaged)
+    damaged: str | None = None  # why its manifest cannot be read (the other fields are then 0)
 
 
 # ---- shared machinery --------------------------------------------------------------
@@ -230,13 +239,27 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
     changed in the store while this load runs, or a compressed base whose
     intact bytes (right length and checksum) are not a valid zstd frame,
     can still fail the copy part-way: then ``into`` holds a mix of old and
-    new bytes."""
+    new bytes.
+
+    A version a writer prunes (``keep=``) while this load reads it raises
+    VersionPrunedError, not damage; a load of the newest version then
+    takes the new newest instead."""
+    if into is not None and not isinstance(into, Region):
+        raise TypeError(f"into must be a pagefork Region, not {type(into).__name__}")
     store = open_store(target)
-    v = _chain.pick_version(store, version)
+    for attempt in range(_PRUNED_RETRIES):
+        try:
+            return _load(store, _chain.pick_version(store, version), into)
+        except VersionPrunedError:
+            if version is not None or attempt == _PRUNED_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load(store: Store, v: int, into: Region | None) -> Region:
+    """``load`` of version ``v``."""
     manifest = _chain.read_manifest(store, v)
     if into is not None:
-        if not isinstance(into, Region):
-            raise TypeError(f"into must be a pagefork Region, not {type(into).__name__}")
         if manifest.size > into.max_size:
             raise OutOfBoundsError(f"checkpoint version {v} holds {manifest.size} bytes; the "
                                    f"region's max_size is {into.max_size}")
@@ -338,6 +361,38 @@ def find_app_image(target: Target, version: int | None = None) -> AppImage:
     return AppImage(store, v, manifest)
 
 
+def newest_restorable(target: Target, restore: Callable[[AppImage], T]) -> T:
+    """``restore(image)`` of the newest version of ``target`` it succeeds on:
+    a newer version that is damaged (CorruptDataError: its manifest, an
+    object, its layout) is skipped with a RuntimeWarning naming it, so a
+    resume goes on from the last good state; one a writer prunes meanwhile
+    gives way to the new newest."""
+    store = open_store(target)
+    damaged: dict[int, CorruptDataError] = {}
+    pruned = 0
+    while True:
+        left = [v for v in _chain.manifests(store) if v not in damaged]
+        if not left:
+            if damaged:
+                raise damaged[max(damaged)]
+            raise FileNotFoundError(f"no checkpoint in {store.description}")
+        v = max(left)
+        try:
+            result = restore(find_app_image(store, v))
+        except VersionPrunedError:
+            pruned += 1
+            if pruned == _PRUNED_RETRIES:
+                raise
+            continue
+        except CorruptDataError as exc:
+            damaged[v] = exc
+            continue
+        if damaged:
+            warnings.warn(f"{damaged[max(damaged)]}; restored version {v}, the newest restorable one "
+                          f"(damaged: {', '.join(map(str, sorted(damaged)))})", RuntimeWarning, stacklevel=3)
+        return result
+
+
 def restore_executor(image: AppImage, executor: Executor, counter: int) -> SavedAt:
     """Reads ``image`` into the executor's main memory, on its batch thread,
     and sets its version counter; returns where it came from."""
@@ -352,11 +407,18 @@ def restore_executor(image: AppImage, executor: Executor, counter: int) -> Saved
 # ---- inspection -----------------------------------------------------------------------------
 
 def versions(target: Target) -> list[VersionInfo]:
-    """Every committed version of ``target``, oldest first."""
+    """Every committed version of ``target``, oldest first. A version whose
+    manifest is damaged is listed with ``damaged`` saying why."""
     store = open_store(target)
     out = []
     for v in sorted(_chain.manifests(store)):
-        m = _chain.read_manifest(store, v)
+        try:
+            m = _chain.read_manifest(store, v)
+        except VersionPrunedError:
+            continue  # pruned since it was listed
+        except CorruptDataError as exc:  # listed as such: the others may be intact
+            out.append(VersionInfo(v, None, 0.0, False, 0, 0, 0, 0, 0, "unknown", damaged=str(exc)))
+            continue
         out.append(VersionInfo(v, m.parent, m.created, m.is_base, m.size, m.pages,
                                m.bytes_written, m.chain_length, sum(o.size for o in m.objects),
                                "app" if m.app is not None else "region"))
@@ -372,6 +434,8 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
         try:
             manifests.append(_chain.read_manifest(store, v))
             yield v, manifest_name(v), None
+        except VersionPrunedError:
+            continue  # a writer pruned it since it was listed: not damage
         except CorruptDataError as exc:
             yield v, manifest_name(v), str(exc)
     for m, ref in iter_refs(manifests):
@@ -386,7 +450,9 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
                 read_object(f, ref, memoryview(scratch) if scratch is not None else None, m.size)
             yield m.version, ref.name, None
         except FileNotFoundError:
-            yield m.version, ref.name, str(_chain.missing(store, m.version, ref))
+            lost = _chain.missing(store, m.version, ref)
+            if not isinstance(lost, VersionPrunedError):  # pruned meanwhile: not damage
+                yield m.version, ref.name, str(lost)
         except CorruptDataError as exc:
             yield m.version, ref.name, str(_chain.damage(store, m.version, ref.name, str(exc)))
         finally:

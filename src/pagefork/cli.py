@@ -349,21 +349,26 @@ def _checkpoint_ls(args: argparse.Namespace) -> int:
     rows = [(str(v.version), "-" if v.parent is None else str(v.parent),
              time.strftime("%m-%d %H:%M:%S", time.gmtime(v.created)),
              "base" if v.base else "incr", _human(v.size), str(v.pages), _human(v.bytes_written),
-             str(v.chain_length), _human(v.restore_bytes)) for v in found]
+             str(v.chain_length), _human(v.restore_bytes)) if v.damaged is None else
+            (str(v.version), "-", "-", "damaged", "-", "-", "-", "-", "-") for v in found]
+    damaged = [v for v in found if v.damaged is not None]
+    kind = next((v.kind for v in reversed(found) if v.damaged is None), "unknown")  # the newest's
     console = _console()
     if console is not None:
         from rich.table import Table
 
-        table = Table(title=f"checkpoints in {args.target} ({found[-1].kind})")
+        table = Table(title=f"checkpoints in {args.target} ({kind})")
         for i, column in enumerate(header):
             table.add_column(column, justify="left" if i in (2, 3) else "right")
         for row in rows:
             table.add_row(*row)
         console.print(table)
-        return 0
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    else:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    for v in damaged:  # listed, and the rest still shown: the newest may restore
+        print(f"version {v.version} is damaged: {v.damaged}")
     return 0
 
 
