@@ -27,6 +27,39 @@ _ALIGN = 64  # a cache line; arrays of a page or more start on a page
 _MAX_NAME = 255  # characters in an array name
 
 
+def _check_name(name: Any) -> str:
+    """An array name, or a clear error for one alloc cannot take."""
+    if not isinstance(name, str):
+        raise TypeError(f"an array name is a str, not {type(name).__name__}")
+    if not name or len(name) > _MAX_NAME or not name.isprintable():
+        raise ValueError(f"an array name is 1 to {_MAX_NAME} printable characters, got {name!r}")
+    return name
+
+
+def _check_placement(layout: dict[str, Allocation], top: int, size: int) -> None:
+    """What alloc's placement guarantees, for a layout read from elsewhere
+    (a checkpoint): every array inside the memory, aligned for its dtype
+    (identity arrays on pages of their own), no two overlapping, and ``top``
+    (where the next alloc goes) past them all."""
+    spans = []
+    for a in layout.values():
+        if a.offset < 0 or a.offset + a.nbytes > size:
+            raise ValueError(f"array {a.name!r} lies outside the memory")
+        own_pages = a.start == "identity"
+        align = PAGE_SIZE if own_pages else a.np_dtype.alignment
+        if a.offset % align:
+            raise ValueError(f"array {a.name!r} at offset {a.offset} is not aligned to {align} bytes")
+        end = round_to_pages(a.offset + a.nbytes) if own_pages else a.offset + a.nbytes
+        if end > a.offset:
+            spans.append((a.offset, end, a.name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"arrays {name!r} and {other!r} overlap")
+    if spans and top < max(end for _, end, _ in spans):
+        raise ValueError(f"top {top} lies inside the arrays (the next alloc would overlap them)")
+
+
 def _check_dtype_and_shape(dtype: DTypeLike, shape: Any, op: MergeOp) -> tuple[np.dtype, tuple[int, ...]]:
     """The dtype and shape of a new array, or a clear error for what cannot
     live in main memory or merge by ``op``."""
@@ -149,10 +182,7 @@ class App:
         values and never merges again (its worker builds a new buffer).
         """
         self._check_open()
-        if not isinstance(name, str):
-            raise TypeError(f"an array name is a str, not {type(name).__name__}")
-        if not name or len(name) > _MAX_NAME or not name.isprintable():
-            raise ValueError(f"an array name is 1 to {_MAX_NAME} printable characters, got {name!r}")
+        _check_name(name)
         op = MergeOp.of(merge)
         dt, shape_t = _check_dtype_and_shape(dtype, shape, op)
         start = check_start(start, op, dt)
@@ -272,20 +302,22 @@ class App:
                            for a in self._layout.values()]}
 
     def _restore_layout(self, meta: dict[str, Any]) -> int:
-        """Adopts a checkpoint's layout; returns its version counter."""
+        """Adopts a checkpoint's layout, checked as alloc checks each array
+        and as its placement guarantees; returns its version counter."""
         try:
-            layout = {}
+            layout: dict[str, Allocation] = {}
             for a in meta["arrays"]:
-                dt, op = dtype_of(str(a["dtype"])), MergeOp.of(a["merge"])
+                name = _check_name(a["name"])
+                if name in layout:
+                    raise ValueError(f"an array named {name!r} already exists")
+                op = MergeOp.of(a["merge"])
+                dt, shape_t = _check_dtype_and_shape(dtype_of(str(a["dtype"])), a["shape"], op)
                 start = check_start(a.get("start", "snapshot"), op, dt)  # older checkpoints: none
-                alloc = Allocation(str(a["name"]), int(a["offset"]), tuple(int(s) for s in a["shape"]),
-                                   dtype_text(dt), op, start)
-                if alloc.offset < 0 or alloc.offset + alloc.nbytes > self.memory.size:
-                    raise ValueError(f"array {alloc.name!r} lies outside the memory")
-                layout[alloc.name] = alloc
+                layout[name] = Allocation(name, int(a["offset"]), shape_t, dtype_text(dt), op, start)
             top, counter = int(meta["top"]), int(meta["version"])
             if not 0 <= top <= self.memory.size or counter < 0:
                 raise ValueError(f"top {top} or version {counter} out of range")
+            _check_placement(layout, top, self.memory.size)
         except (KeyError, TypeError, ValueError, SyntaxError, MemoryError, RecursionError,
                 AttributeError) as exc:  # AttributeError: an entry that is not a mapping
             raise CorruptDataError(f"the checkpoint's array layout is unreadable: {exc}") from None
