@@ -335,7 +335,9 @@ def tasks_of(uid):
     return n
 
 hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-for extra in range(int(sys.argv[2])):
+# Room for one more task each round, until a batch runs (OpenBLAS starts a
+# thread per CPU in each worker: more rounds on larger machines).
+for extra in range(16 + 4 * (os.cpu_count() or 1)):
     resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))
     limit = tasks_of(os.getuid()) + extra
     resource.setrlimit(resource.RLIMIT_NPROC, (limit, hard))
@@ -345,6 +347,7 @@ for extra in range(int(sys.argv[2])):
             got = app.parallel(lambda mem, i, n: (mem["a"].__iadd__(1), i)[1], 4)
             assert got == [0, 1, 2, 3] and app["a"].tolist() == [4] * 4, got
             print(extra, "ran", flush=True)
+            break
     except (PageforkError, OSError) as exc:
         text = " ".join(str(exc).split())
         print(extra, "refused:", type(exc).__name__, text if "RLIMIT_NPROC" in text else "WITHOUT THE LIMIT",
@@ -364,9 +367,8 @@ def test_a_low_rlimit_nproc_is_named(backend):
             pytest.skip("setpriv (util-linux) is not installed: cannot leave root's exemption")
         uid = 40000 + os.getpid() % 20000  # a user with no other process
         prefix = (setpriv, f"--ruid={uid}", "--bounding-set=-sys_resource,-sys_admin")
-    done = run_script(LOW_NPROC, backend, "12", prefix=prefix, timeout=600)
+    done = run_script(LOW_NPROC, backend, prefix=prefix, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 12, done.stdout + done.stderr[-3000:]
     assert not [line for line in lines if "WITHOUT THE LIMIT" in line], done.stdout
-    assert lines[0].startswith("0 refused:") and lines[-1] == "11 ran", done.stdout
+    assert lines[0].startswith("0 refused:") and lines[-1].endswith(" ran"), done.stdout + done.stderr[-3000:]

@@ -130,6 +130,7 @@ def _worker_main(conn: connection.Connection) -> None:
                 _ship(conn, writer, ("done", seq, i, None, 0, f"cannot load the thread function:\n{error}"))
             if combine.combines(regions, len(indexes)):
                 _ship(conn, writer, ("end", seq, None))
+            _go_home(home)  # loading the function may have imported a module that moved
             continue
         if writer is not None:
             writer.start_batch()

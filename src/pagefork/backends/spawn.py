@@ -108,25 +108,27 @@ class _SpawnJob:
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        """On the spawner thread."""
+        """On the spawner thread; the caller is released whatever happens."""
         process, error = None, None
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pagefork.backends.processes", str(self.theirs.fileno()),
-                 str(os.getpid())],
-                pass_fds=[self.theirs.fileno()], stdin=subprocess.DEVNULL, env=worker_env(),
-                start_new_session=True)  # a terminal's Ctrl-C is the parent's to handle
-        except BaseException as exc:
-            error = exc
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "pagefork.backends.processes", str(self.theirs.fileno()),
+                     str(os.getpid())],
+                    pass_fds=[self.theirs.fileno()], stdin=subprocess.DEVNULL, env=worker_env(),
+                    start_new_session=True)  # a terminal's Ctrl-C is the parent's to handle
+            except BaseException as exc:
+                error = exc
+            finally:
+                self.theirs.close()
+            with self.lock:
+                abandoned = self.abandoned
+                self.process, self.error = process, error
+            if abandoned and process is not None:
+                process.kill()
+                process.wait()
         finally:
-            self.theirs.close()
-        with self.lock:
-            abandoned = self.abandoned
-            self.process, self.error = process, error
-        if abandoned and process is not None:
-            process.kill()
-            process.wait()
-        self.done.release()
+            self.done.release()
 
     def wait(self) -> subprocess.Popen:
         """On the caller's thread: the started worker, or what stopped it."""
@@ -143,13 +145,20 @@ class _SpawnJob:
             raise
         if self.error is not None:
             raise self.error
-        assert self.process is not None
+        if self.process is None:
+            raise PageforkError("the thread that starts worker processes failed to start one")
         return self.process
 
 
 def _serve_spawns(jobs: queue.SimpleQueue) -> None:
+    """The spawner thread: runs jobs until the process exits."""
     while True:
-        jobs.get().run()
+        job = jobs.get()
+        try:
+            job.run()
+        except BaseException:  # reported to its caller already; the thread must go on
+            pass
+        del job
 
 
 class Spawner:
