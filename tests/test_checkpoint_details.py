@@ -6,7 +6,7 @@ tracker protects, and broken symbolic links as targets."""
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -303,7 +303,9 @@ def test_a_load_of_a_named_version_pruned_under_it_says_so(pruned_target):
     store = _PrunedUnder(path, ".incr", prune)
     with pytest.raises(ck.VersionPrunedError, match="version 2.*pruned") as info:
         ck.load(store, version=2)
-    assert not isinstance(info.value, CorruptDataError)
+    assert not isinstance(info.value, CorruptDataError) and info.value.version == 2
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is ck.VersionPrunedError and again.version == 2 and str(again) == str(info.value)
 
 
 def test_an_app_restore_moves_on_when_the_newest_is_pruned_under_it(tmp_path):
