@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _native
 from ._errors import PageforkError
-from ._forked import leave_if_forked
+from ._forking import leave_if_forked
 from ._sizes import round_to_pages
 from .diffs import DiffBatch
 from .identity import IdentityBuffers, with_contributions
