@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import pagefork
 from pagefork import App
 
 
@@ -44,6 +46,7 @@ def gone(pid: int) -> bool:
 SIGPIPE_DEFAULT = """
 import os, signal, sys, time
 import numpy as np
+import pagefork
 from pagefork import App
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # what tools piped into `head` set
 app = App("64KiB", backend="processes", workers=2)
@@ -73,6 +76,7 @@ def test_close_with_sigpipe_at_its_default_action(how):
 ORPHANS = """
 import os, sys, time
 import numpy as np
+import pagefork
 from pagefork import App
 
 def work(mem, i, n, folder):
@@ -176,6 +180,7 @@ def test_a_thread_functions_chdir_and_sys_path_stay_in_its_batch(tmp_path):
 FORKING = """
 import os, sys, time, warnings
 import numpy as np
+import pagefork
 from pagefork import App
 warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
 
@@ -277,6 +282,7 @@ def test_functions_of_a_multiprocessing_childs_script(tmp_path, method):
 EXIT_UNDER_A_BATCH = """
 import threading, time
 import numpy as np
+import pagefork
 from pagefork import App
 
 app = App("64KiB", backend="processes", workers=2)
@@ -372,3 +378,44 @@ def test_a_low_rlimit_nproc_is_named(backend):
     lines = done.stdout.splitlines()
     assert not [line for line in lines if "WITHOUT THE LIMIT" in line], done.stdout
     assert lines[0].startswith("0 refused:") and lines[-1].endswith(" ran"), done.stdout + done.stderr[-3000:]
+
+
+# ---- a batch timeout (issue 20 item 7) --------------------------------------------------
+
+def _stops_or_sleeps(mem, i, n, how, release=None):
+    mem["a"][i] = i + 1
+    if i == 1:
+        if how == "sigstop":
+            os.kill(os.getpid(), signal.SIGSTOP)  # a worker process that never answers
+        elif release is not None:
+            release.wait(60)  # the threads backend: until the test lets it go
+        else:
+            time.sleep(60)
+
+
+def _adds(mem, i, n):
+    mem["a"][i] += 10
+
+
+@pytest.mark.parametrize("backend, how", [("processes", "sigstop"), ("processes", "sleep"), ("threads", "sleep")])
+def test_a_batch_timeout_raises_and_changes_nothing_and_the_next_batch_runs(backend, how):
+    with pagefork.App("1MiB", backend=backend, workers=2) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        release = threading.Event() if backend == "threads" else None
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not finish in time; nothing merged"):
+            app.parallel(_stops_or_sleeps, 4, args=(how, release), timeout=1.0)
+        assert time.monotonic() - start < 30  # not the 60 s sleep, not forever
+        assert a.tolist() == [0, 0, 0, 0]
+        if release is not None:  # a Python thread cannot be killed: it finishes on memory nobody uses
+            release.set()
+        app.parallel(_adds, 4, timeout=60)
+        assert a.tolist() == [10, 10, 10, 10]
+
+
+@pytest.mark.parametrize("timeout, error", [(0, ValueError), (-1, ValueError), (float("nan"), ValueError),
+                                            ("1", TypeError), (True, TypeError)])
+def test_a_bad_batch_timeout_is_refused(timeout, error):
+    with pagefork.App("1MiB", backend="threads", workers=1) as app:
+        with pytest.raises(error, match="timeout"):
+            app.parallel(_adds, 1, timeout=timeout)

@@ -230,13 +230,17 @@ class App:
 
     # ---- batches -----------------------------------------------------------------
 
-    def parallel(self, fn: Callable[..., Any], n: int, *, args: tuple = ()) -> list[Any]:
+    def parallel(self, fn: Callable[..., Any], n: int, *, args: tuple = (),
+                 timeout: float | None = None) -> list[Any]:
         """Runs ``fn(mem, i, n, *args)`` for ``i`` in ``range(n)`` and returns
         the results in thread order. Every thread starts from the same
         snapshot of main memory and sees only its own writes; at the join the
         changes merge by the arrays' rules, in thread order, and main memory
         reflects the merge. A failing thread raises WorkerError and changes
-        nothing."""
+        nothing. A batch not done ``timeout`` seconds after the call (None:
+        no limit) raises TimeoutError and changes nothing: its worker
+        processes are killed and replaced (thread functions of the threads
+        backend cannot be killed; their memory is never used again)."""
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -244,7 +248,13 @@ class App:
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         if not isinstance(args, tuple):
             raise TypeError(f"args must be a tuple, not {type(args).__name__}")
-        return self._executor.run(fn, int(n), args, dict(self._layout))
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+                raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+            if not timeout > 0:  # NaN included
+                raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        return self._executor.run(fn, int(n), args, dict(self._layout),
+                                  None if timeout is None else float(timeout))
 
     # ---- checkpoints ---------------------------------------------------------------
 

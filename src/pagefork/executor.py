@@ -294,9 +294,11 @@ class Executor:
             raise PageforkError("a thread function cannot call app.parallel, alloc or close on its "
                                 "own App (the batch it belongs to is still running)")
 
-    def run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation]) -> list[Any]:
+    def run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation],
+            timeout: float | None = None) -> list[Any]:
         """Runs a batch on the batch thread and waits for it. Interrupted
-        (KeyboardInterrupt or any exception while waiting), it cancels the
+        (KeyboardInterrupt or any exception while waiting), or not done
+        ``timeout`` seconds after the call (TimeoutError), it cancels the
         batch: main memory and the snapshot stay as before, unless the merge
         had already begun, in which case the batch completes."""
         if self.closed:
@@ -305,7 +307,7 @@ class Executor:
             raise ValueError(f"a batch needs at least one thread, got n={n}")
         if n > MAX_THREADS_PER_BATCH:
             raise ValueError(f"a batch has at most {MAX_THREADS_PER_BATCH} threads, got n={n}")
-        return self.call(lambda request: self._batch(request, fn, n, args, layout))
+        return self.call(lambda request: self._batch(request, fn, n, args, layout), timeout=timeout)
 
     def check_owner(self) -> None:
         """Refuses use from a fork()ed child: the batch thread and the
@@ -314,16 +316,21 @@ class Executor:
             raise PageforkError(f"this App belongs to process {self._pid}; a fork()ed child cannot use "
                                 "it (create a new App in the child)")
 
-    def call(self, work: Callable[[Request], Any], cancellable: bool = True) -> Any:
+    def call(self, work: Callable[[Request], Any], cancellable: bool = True,
+             timeout: float | None = None) -> Any:
         """Runs ``work(request)`` on the batch thread, after the batches
         before it, and returns its result. Everything that changes main
         memory or the snapshot goes through here, so it never races a batch
         and is never cut off half-way by KeyboardInterrupt: an interrupted
         caller cancels the work (if it is cancellable) and waits until it no
-        longer touches anything."""
+        longer touches anything. ``timeout`` (seconds from this call, for
+        cancellable work) cancels it the same way and raises TimeoutError;
+        the backend abandons the workers it ran on (stuck worker processes
+        are killed and replaced)."""
         self.check_owner()
         self.check_not_nested()
         request = Request(work, cancellable)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._requests.put(request)
             # Woken now and then: a SIGINT that another thread received (or
@@ -331,6 +338,9 @@ class Executor:
             while not request.done.wait(POLL):
                 if not self._alive.is_set():
                     raise PageforkError("the App's batch thread has ended (interpreter shutdown?)")
+                if deadline is not None and time.monotonic() >= deadline:
+                    request.interrupt("timeout")  # then it lets go as for Ctrl-C, or finishes its merge
+                    deadline = None
         except BaseException:
             while True:  # a burst of Ctrl-C must not skip the wait below
                 try:
@@ -366,7 +376,7 @@ class Executor:
     def serve(self, request: Request) -> None:
         """Runs one request on the batch thread."""
         if not request.start():
-            request.error = KeyboardInterrupt()
+            request.error = self._cancelled_error(request)
             return
         if self.closed:
             request.error = PageforkError("the App is closed")
@@ -375,12 +385,21 @@ class Executor:
         try:
             request.result = request.work(request)
         except Cancelled:
-            request.error = (PageforkError("the App was closed while the batch ran; nothing merged")
-                             if request.why == "closed" else KeyboardInterrupt())
+            request.error = self._cancelled_error(request)
         except BaseException as exc:
             request.error = exc
         finally:
             self._current = None
+
+    @staticmethod
+    def _cancelled_error(request: Request) -> BaseException:
+        """What the caller of cancelled work gets, by why it was cancelled."""
+        if request.why == "closed":
+            return PageforkError("the App was closed while the batch ran; nothing merged")
+        if request.why == "timeout":
+            return TimeoutError("the batch did not finish in time; nothing merged, and the workers "
+                                "running it were abandoned (stuck worker processes are replaced)")
+        return KeyboardInterrupt()
 
     def _batch(self, request: Request, fn: Callable[..., Any], n: int, args: tuple,
                layout: dict[str, Allocation]) -> list[Any]:
