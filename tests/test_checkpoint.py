@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -174,6 +175,71 @@ def test_checkpoint_while_another_thread_runs_batches(tmp_path):
             values.append(int(back["c"][0]))
     assert values == sorted(values) and values[-1] == expected
     assert all(v % 2 == 0 for v in values)  # whole batches only, never half of one
+
+
+def _until(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.01)
+
+
+def _inside_checkpoint_module(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is running (or waiting) inside pagefork.checkpoint."""
+    frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
+    while frame is not None:
+        if frame.f_code.co_filename == ck.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("second_target", ["other", "same"])
+def test_two_threads_checkpointing_one_app_at_once(tmp_path, second_target):
+    """Two checkpoints called while the App is busy run one after the other
+    on its batch thread; the second builds on what the first did. Before:
+    the second decided against the App's last checkpoint as it was when it
+    was *called*. To another target, that was this target's version 1
+    while the first had meanwhile saved (and so cleared) the page written
+    after it: the second wrote an increment without that page, and its
+    restore gave back the old bytes. To the same target it wrote a whole
+    base where an increment was due."""
+    first_target, other = tmp_path / "first", tmp_path / "second"
+    with App("64KiB", backend="threads", workers=1) as app:
+        a = app.alloc("a", 4 * PAGE_SIZE // 8, np.int64)
+        a[PAGE_SIZE // 8] = 5
+        app.checkpoint(other)  # version 1 there: the App's last checkpoint
+        a[0] = 7               # a page written after it
+        started, proceed = threading.Event(), threading.Event()
+
+        def hold(mem, i, n):
+            started.set()
+            assert proceed.wait(300)
+
+        batch = threading.Thread(target=app.parallel, args=(hold, 1))
+        batch.start()
+        second_path = other if second_target == "other" else first_target
+        first = threading.Thread(target=app.checkpoint, args=(first_target,))
+        second = threading.Thread(target=app.checkpoint, args=(second_path,))
+        try:
+            assert started.wait(120)
+            first.start()
+            _until(lambda: app._executor._requests.qsize() == 1, "the first checkpoint queued")
+            second.start()
+            _until(lambda: _inside_checkpoint_module(second), "the second checkpoint called")
+        finally:
+            proceed.set()
+            for th in (batch, first, second):
+                if th.ident is not None:
+                    th.join()
+        expected = bytes(app.memory)
+    with App.restore(second_path, backend="threads", workers=1) as back:
+        assert int(back["a"][0]) == 7
+        assert bytes(back.memory) == expected
+    kinds = [v.base for v in ck.versions(second_path)]
+    # other: a base (the first cleared what an increment on version 1 needs);
+    # same: an increment on the version the first just wrote
+    assert kinds == ([True, True] if second_target == "other" else [True, False])
 
 
 def test_fork_child_can_save_while_the_parent_holds_the_lock(tmp_path):

@@ -132,7 +132,8 @@ class App:
                                   tracking=tracking, detect_conflicts=detect_conflicts)
         self._layout: dict[str, Allocation] = {}
         self._top = 0
-        # (target, version, that version's own object) written or restored
+        # Where main memory was last checkpointed to or restored from; a
+        # checkpoint reads and sets it on the batch thread, in queue order.
         self._last_checkpoint: _checkpoint.SavedAt | None = None
 
     # ---- memory ----------------------------------------------------------------
@@ -270,7 +271,7 @@ class App:
         batches. Returns the version, pages, bytes written and seconds."""
         self._check_open()
         return _checkpoint.save_executor(self._executor, target, layout=self._checkpoint_layout,
-                                         last=self._last_checkpoint, saved=self._saved, keep=keep,
+                                         last=lambda: self._last_checkpoint, saved=self._saved, keep=keep,
                                          base_every=base_every, base_fraction=base_fraction,
                                          compress=compress)
 

@@ -298,14 +298,16 @@ class SavedAt:
 
 
 def save_executor(executor: Executor, target: Target, *, layout: Callable[[], dict[str, Any]],
-                  last: SavedAt | None, saved: Callable[[SavedAt], None], keep: int | None = None,
-                  base_every: int = DEFAULT_BASE_EVERY, base_fraction: float = DEFAULT_BASE_FRACTION,
+                  last: Callable[[], SavedAt | None], saved: Callable[[SavedAt], None],
+                  keep: int | None = None, base_every: int = DEFAULT_BASE_EVERY,
+                  base_fraction: float = DEFAULT_BASE_FRACTION,
                   compress: int | None = DEFAULT_COMPRESS) -> CheckpointInfo:
-    """The executor's main-memory pages changed since ``last`` (all of them
-    if ``last`` is None or elsewhere) to ``target``, with ``layout()`` as the
-    manifest's App layout; ``saved`` learns where they went. Both callbacks
+    """The executor's main-memory pages changed since ``last()`` (all of
+    them if it is None or elsewhere) to ``target``, with ``layout()`` as the
+    manifest's App layout; ``saved`` learns where they went. The callbacks
     run on the executor's batch thread: never during a batch, never cut off
-    half-way."""
+    half-way, and ``last()`` after every checkpoint queued before this one
+    (whose ``mark_saved`` cleared what an increment on an older one needs)."""
     t0 = time.perf_counter()
     _check_options(keep, base_every, base_fraction, compress)
     store = open_store(target)
@@ -317,8 +319,9 @@ def save_executor(executor: Executor, target: Target, *, layout: Callable[[], di
         executor.carry_main_writes()
         pages = executor.unsaved_pages()
         parent = None
-        if last is not None and last.target == store.description:
-            parent = _chain.own_version(store, last.version, last.last_object)
+        at = last()
+        if at is not None and at.target == store.description:
+            parent = _chain.own_version(store, at.version, at.last_object)
         meta = layout()
         snapshot = executor.snapshot
         info, manifest = _chain.commit(store, source=snapshot.view(), size=snapshot.size,
