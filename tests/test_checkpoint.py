@@ -631,6 +631,33 @@ def test_a_crafted_app_layout_is_corrupt_data(tmp_path):
         assert "x" in back
 
 
+def test_a_crafted_app_layout_names_its_version_and_manifest(tmp_path):
+    """A layout that passes the manifest's checksum but describes arrays no
+    App can hold is damage like any other: the CorruptDataError names the
+    version and the object it is in (the manifest), as its attributes and in
+    its message, and so does the warning of a restore of the newest version
+    that skips it. Before: neither (both attributes None)."""
+    from pagefork._checkpoint_format import Manifest
+
+    with App("64KiB", backend="threads") as app:
+        app.alloc("x", 10, np.int64)
+        app.checkpoint(tmp_path)
+        app["x"][0] = 1
+        app.checkpoint(tmp_path)
+    path = tmp_path / "v0000000002.json"
+    m = Manifest.decode(path.read_bytes())
+    m.app["arrays"][0]["offset"] = -8  # type: ignore[index]
+    path.write_bytes(m.encode())
+    with pytest.raises(CorruptDataError, match="layout") as caught:
+        App.restore(tmp_path, version=2, backend="threads")
+    assert (caught.value.version, caught.value.object) == (2, "v0000000002.json")
+    assert "version 2" in str(caught.value) and "v0000000002.json" in str(caught.value)
+    with pytest.warns(RuntimeWarning, match="version 2 .*v0000000002.json is damaged: its array layout"):
+        back = App.restore(tmp_path, backend="threads")
+    with back:
+        assert back["x"].tolist() == [0] * 10
+
+
 # ---- targets --------------------------------------------------------------------------
 
 def _round_trip(target, n_pages=24):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 import numpy as np
 
 from . import checkpoint as _checkpoint
-from ._errors import CorruptDataError, OutOfBoundsError, PageforkError
+from ._errors import OutOfBoundsError, PageforkError
 from ._sizes import PAGE_SIZE, parse_size, round_to_pages
 from .backends import make_backend
 from .executor import DEFAULT_CLOSE_TIMEOUT, BatchStats, Executor
@@ -296,7 +296,7 @@ class App:
         manifest = image.manifest
         app = cls(manifest.size, max_size=max(manifest.max_size, manifest.size), **app_kwargs)
         try:
-            counter = app._restore_layout(image.layout)  # checked before any byte is read
+            counter = app._restore_layout(image)  # checked before any byte is read
             app._last_checkpoint = _checkpoint.restore_executor(image, app._executor, counter)
         except BaseException:
             app.close()
@@ -312,9 +312,10 @@ class App:
                             "dtype": a.dtype, "merge": a.merge.name.lower(), "start": a.start}
                            for a in self._layout.values()]}
 
-    def _restore_layout(self, meta: dict[str, Any]) -> int:
+    def _restore_layout(self, image: _checkpoint.AppImage) -> int:
         """Adopts a checkpoint's layout, checked as alloc checks each array
         and as its placement guarantees; returns its version counter."""
+        meta = image.layout
         try:
             layout: dict[str, Allocation] = {}
             for a in meta["arrays"]:
@@ -331,7 +332,7 @@ class App:
             _check_placement(layout, top, self.memory.size)
         except (KeyError, TypeError, ValueError, SyntaxError, MemoryError, RecursionError,
                 AttributeError) as exc:  # AttributeError: an entry that is not a mapping
-            raise CorruptDataError(f"the checkpoint's array layout is unreadable: {exc}") from None
+            raise image.damaged(f"its array layout is unreadable: {exc}") from None
         self._layout, self._top = layout, top
         return counter
 

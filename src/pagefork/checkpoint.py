@@ -351,6 +351,11 @@ class AppImage:
         assert self.manifest.app is not None
         return self.manifest.app
 
+    def damaged(self, why: str) -> CorruptDataError:
+        """The error for damage found in this version's manifest (its App
+        layout, say), naming the version and the manifest."""
+        return _chain.damage(self.store, self.version, manifest_name(self.version), why)
+
 
 def find_app_image(target: Target, version: int | None = None) -> AppImage:
     """Checkpoint ``version`` (default: the newest) of ``target``, which
