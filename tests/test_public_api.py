@@ -4,6 +4,7 @@ and the errors with the attributes docs/api.md promises (pickled intact)."""
 from __future__ import annotations
 
 import enum
+import importlib
 import inspect
 import pickle
 import types
@@ -73,3 +74,29 @@ def test_errors_pickle_with_their_attributes(err):
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is type(err) and str(again) == str(err)
     assert again.__dict__ == err.__dict__
+
+
+# Public classes and functions at the module paths code imported them from
+# before the module split (issue 18), which moved their definitions: those
+# paths keep working, and give the same objects. (Internal helpers such as
+# run_thread or dtype_text moved without a trace on purpose.)
+FORMER_PATHS = {
+    "pagefork.snapshot": ["DataType", "MergeOp", "MergeRegion", "Diff", "DiffBatch", "Snapshot"],
+    "pagefork.executor": ["Executor", "BatchStats", "Allocation", "ThreadMemory", "BatchSpec", "Backend",
+                          "DEFAULT_CLOSE_TIMEOUT", "MAX_THREADS_PER_BATCH"],
+    "pagefork.tracking": ["Tracker", "TrackerStats", "TrackingFallbackWarning", "Support", "MODES", "probe",
+                          "tracker"],
+    "pagefork.checkpoint": ["CheckpointInfo", "VersionInfo", "save", "load", "versions", "verify"],
+}
+
+
+@pytest.mark.parametrize("module, name", [(m, n) for m, names in FORMER_PATHS.items() for n in names],
+                         ids=lambda v: v)
+def test_names_stay_importable_from_their_former_modules(module, name):
+    """Before: ``from pagefork.executor import ThreadMemory``, the one way
+    to annotate a thread function's ``mem``, was an ImportError."""
+    found = getattr(importlib.import_module(module), name)
+    home = importlib.import_module(getattr(found, "__module__", None) or module)
+    assert getattr(home, getattr(found, "__qualname__", name), found) is found
+    if name in pagefork.__all__:
+        assert found is getattr(pagefork, name)

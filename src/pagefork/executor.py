@@ -33,13 +33,15 @@ from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancel, Cancelled, Th
                     find_conflicts, inside_batch_of, thread_tracking_mode)
 from .diffs import DiffBatch, expand_runs
 from .identity import products_as_overwrites
-from .layout import Allocation
+from .layout import Allocation, ThreadMemory
 from .memory import Region
 from .merge import DataType, MergeOp, MergeRegion
 from .snapshot import Snapshot
 from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
-__all__ = ["BatchStats", "Executor", "MAX_THREADS_PER_BATCH", "DEFAULT_CLOSE_TIMEOUT"]
+# ThreadMemory lives in layout; it stays importable from here, where code
+# annotating a thread function's ``mem`` found it before the module split.
+__all__ = ["BatchStats", "Executor", "MAX_THREADS_PER_BATCH", "DEFAULT_CLOSE_TIMEOUT", "ThreadMemory"]
 
 #: The most threads one batch may have (each costs a placement entry, an
 #: outcome and a diff batch in the client).
