@@ -8,31 +8,39 @@ import sys
 import numpy as np
 import pytest
 
-import pagefork.snapshot as snapshot_module
+import pagefork.diffs
+import pagefork.merge
+import pagefork.snapshot
 from pagefork import DataType, Diff, MergeOp, PAGE_SIZE, Snapshot
+
+#: Where a Snapshot's operations run: the snapshot itself and the diff and
+#: merge-rule code it calls (in snapshot.py alone before the module split).
+SNAPSHOT_SOURCES = frozenset(m.__file__ for m in (pagefork.snapshot, pagefork.diffs, pagefork.merge))
 
 
 class _InterruptAtLine:
     """A tracer that raises KeyboardInterrupt at the k-th line run in
-    snapshot.py: a Ctrl-C landing between any two statements."""
+    SNAPSHOT_SOURCES: a Ctrl-C landing between any two statements."""
 
     def __init__(self, k: int) -> None:
         self.k, self.seen, self.fired = k, 0, False
+        self.where = ""  # the file the interrupt landed in
 
     def __call__(self, frame, event, arg):
-        if frame.f_code.co_filename != snapshot_module.__file__:
+        if frame.f_code.co_filename not in SNAPSHOT_SOURCES:
             return None
         if event == "line" and not self.fired:
             self.seen += 1
             if self.seen == self.k:
-                self.fired = True
+                self.fired, self.where = True, frame.f_code.co_filename
                 raise KeyboardInterrupt
         return self
 
 
-def _interrupt_everywhere(make, operation, check) -> int:
+def _interrupt_everywhere(make, operation, check, landed: set[str] | None = None) -> int:
     """Runs ``operation(make())`` once per line it executes, interrupted at
-    that line, and ``check``s the snapshot after each; returns the count."""
+    that line, and ``check``s the snapshot after each; returns the count.
+    ``landed`` collects the files the interrupts landed in."""
     k = 0
     while True:
         k += 1
@@ -51,6 +59,8 @@ def _interrupt_everywhere(make, operation, check) -> int:
             snap.close()
         if not tracer.fired:
             return k
+        if landed is not None:
+            landed.add(tracer.where)
 
 
 BASE = np.int64(1).tobytes() + bytes(8)
@@ -70,8 +80,11 @@ def test_apply_interrupted_at_any_line_is_all_or_nothing():
         after = (snap.size, snap.read(), _ranges(snap)) == (24, APPLIED, [(0, 8), (20, 4)])
         assert before or after, (k, snap.size, snap.read(), _ranges(snap))
 
+    landed: set[str] = set()
     assert _interrupt_everywhere(lambda: Snapshot(BASE, max_size=64), lambda s: s.apply(SUMS),
-                                 check) > 20
+                                 check, landed) > 20
+    # The diff checks apply runs moved to diffs.py: interrupted there too
+    assert {pagefork.snapshot.__file__, pagefork.diffs.__file__} <= landed
 
 
 def test_write_queued_interrupted_at_any_line_neither_drops_nor_repeats():
