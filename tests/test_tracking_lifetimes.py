@@ -317,6 +317,71 @@ def test_fork_child_never_touches_the_parents_tracking(lmode, action):
     assert lines[-1] == "0 0"
 
 
+@pytest.mark.parametrize("when", ["before any tracking", "from the main thread", "from another thread"])
+def test_a_child_forked_while_both_userfaultfd_modes_track_drops_both(when):
+    """The registry's after-fork hooks run every mechanism's clean-up: with
+    uffd and uffd-async tracking at once, a child forked from any thread
+    holds neither descriptor, cannot read either tracker, and tracks its
+    own memory with new ones; a child forked before any tracking just
+    tracks. The parent's flags stay exact."""
+    require("uffd")
+    require("uffd-async")
+    out = run_clean("uffd", f"""
+        import warnings
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        WHEN = {when!r}
+
+        def child(inherited):
+            if "anon_inode:[userfaultfd]" in fd_links():
+                return 2
+            for t, r in inherited:
+                r.array()[2 * PAGE_SIZE] = 9  # the child's own copy
+                try:
+                    t.dirty_pages(r)
+                except pagefork.PageforkError:
+                    pass
+                else:
+                    return 3
+            for mode in ("uffd", "uffd-async"):
+                own = Region(4 * PAGE_SIZE)
+                t = pagefork.tracker(mode)
+                t.start(own)
+                own.array()[PAGE_SIZE] = 1
+                if np.flatnonzero(t.dirty_pages(own)).tolist() != [1]:
+                    return 4
+            return 0
+
+        def fork(inherited, statuses):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    code = child(inherited)
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                    code = 5
+                os._exit(code)
+            statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+        statuses = []
+        if WHEN == "before any tracking":
+            fork([], statuses)
+        pairs = [(pagefork.tracker(mode), Region(8 * PAGE_SIZE)) for mode in ("uffd", "uffd-async")]
+        for k, (t, r) in enumerate(pairs):
+            t.start(r)
+            r.array()[k * PAGE_SIZE] = 1
+        assert fd_links().count("anon_inode:[userfaultfd]") == 2
+        if WHEN == "from the main thread":
+            fork(pairs, statuses)
+        elif WHEN == "from another thread":
+            th = threading.Thread(target=fork, args=(pairs, statuses))
+            th.start()
+            th.join()
+        print(statuses, [np.flatnonzero(t.dirty_pages(r, "global")).tolist() for t, r in pairs])
+    """)
+    assert out.strip() == "[0] [[0], [1]]"
+
+
 # ---- native limits -----------------------------------------------------------------------
 
 
