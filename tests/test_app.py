@@ -895,6 +895,41 @@ def test_an_app_never_closed(backend, how):
     assert done.stdout.splitlines()[0] == "[4, 4, 4, 4]" and done.stderr == ""
 
 
+DROPPED_SCRIPT = r"""
+import gc, os, sys, time, weakref
+import numpy as np
+from pagefork import App
+app = App("64KiB", backend=sys.argv[1], workers=2)
+app.alloc("a", 4, np.int64, merge="sum")
+app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 4)
+executor, alive = weakref.ref(app._executor), app._executor._alive
+workers = [w.process.pid for w in getattr(app._executor.backend, "_workers", [])]
+assert alive.is_set() and len(workers) == (2 if sys.argv[1] == "processes" else 0)
+del app
+gc.collect()
+def running(pid):  # neither gone nor a zombie
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+deadline = time.monotonic() + 120
+while executor() is not None or alive.is_set() or any(map(running, workers)):
+    assert time.monotonic() < deadline, (executor(), alive.is_set(), [running(p) for p in workers])
+    time.sleep(0.05)
+print("stopped")
+"""
+
+
+def test_an_app_dropped_without_close_stops_before_exit(backend):
+    """Collected (the batch thread holds only a weak reference to its
+    executor), its batch thread ends and its worker processes exit, while
+    the program goes on."""
+    done = run_script(DROPPED_SCRIPT, backend, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "stopped\n" and done.stderr == ""
+
+
 LIFECYCLE = r"""
 import os, random, signal, sys, threading, time
 import numpy as np
