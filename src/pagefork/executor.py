@@ -39,9 +39,11 @@ from .merge import DataType, MergeOp, MergeRegion
 from .snapshot import Snapshot
 from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
-# ThreadMemory lives in layout; it stays importable from here, where code
-# annotating a thread function's ``mem`` found it before the module split.
-__all__ = ["BatchStats", "Executor", "MAX_THREADS_PER_BATCH", "DEFAULT_CLOSE_TIMEOUT", "ThreadMemory"]
+# Allocation (App.arrays' values) and ThreadMemory (a thread function's
+# ``mem``) live in layout; still exported from here, where code annotating
+# them imported them before the module split.
+__all__ = ["BatchStats", "Executor", "MAX_THREADS_PER_BATCH", "DEFAULT_CLOSE_TIMEOUT", "Allocation",
+           "ThreadMemory"]
 
 #: The most threads one batch may have (each costs a placement entry, an
 #: outcome and a diff batch in the client).

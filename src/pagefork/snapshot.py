@@ -29,7 +29,9 @@ from .merge import BYTEWISE_OPS, DataType, MergeOp, MergeRegion, checked_regions
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
 
-__all__ = ["Snapshot"]
+# The rules and diffs were defined here before merge.py and diffs.py; still
+# exported, so imports from here keep type-checking under mypy --strict.
+__all__ = ["Snapshot", "DataType", "MergeOp", "MergeRegion", "Diff", "DiffBatch"]
 
 
 def _fresh_lock(snapshot: Snapshot) -> None:
