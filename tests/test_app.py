@@ -930,6 +930,38 @@ def test_an_app_dropped_without_close_stops_before_exit(backend):
     assert done.stdout == "stopped\n" and done.stderr == ""
 
 
+
+def test_workers_stopped_under_a_running_batch_is_a_clear_error(tmp_path):
+    """What an App still open at interpreter exit goes through: atexit runs
+    its finalizer, which stops the worker processes from the exiting thread
+    while a daemon thread's batch waits for them. That batch fails with a
+    PageforkError and merges nothing. Before the processes backend checked
+    for a close() under its batch: a bare AssertionError."""
+    started = tmp_path / "started"
+
+    def slow(mem, i, n, started):
+        mem["a"][:] += 1
+        open(started, "w").close()
+        time.sleep(2)
+
+    def finalize_when_started(app):
+        while not started.exists():
+            time.sleep(0.01)
+        app._executor._backend_finalizer()  # what atexit calls for an App never closed
+
+    with App("64KiB", backend="processes", workers=2) as app:
+        a = app.alloc("a", 4, np.int64, merge="sum")
+        finalizer = threading.Thread(target=finalize_when_started, args=(app,))
+        finalizer.start()
+        try:
+            # (or, had the killed workers' sockets closed first, WorkerError: died)
+            with pytest.raises(PageforkError):
+                app.parallel(slow, 2, args=(str(started),))
+        finally:
+            finalizer.join()
+        assert a.tolist() == [0, 0, 0, 0]
+
+
 LIFECYCLE = r"""
 import os, random, signal, sys, threading, time
 import numpy as np
