@@ -35,7 +35,7 @@ from .diffs import DiffBatch, expand_runs
 from .identity import products_as_overwrites
 from .layout import Allocation
 from .memory import Region
-from .merge import DataType, MergeOp, MergeRegion
+from .merge import MergeOp, MergeRegion
 from .snapshot import Snapshot
 from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
@@ -461,13 +461,12 @@ class Executor:
         return [o.result for o in outcomes]
 
     def merge_regions(self, layout: dict[str, Allocation]) -> list[MergeRegion]:
-        """The batch's merge regions: one per array by its rule, gaps OVERWRITE.
-        Byte-wise rules merge any dtype as bytes; typed rules use its DataType."""
+        """The batch's merge regions: one per array by its rule (in units of
+        :attr:`Allocation.merge_dtype`), gaps OVERWRITE."""
         self.snapshot.clear_merge_regions()
         for a in sorted(layout.values(), key=lambda a: a.offset):
             if a.nbytes:
-                dtype = DataType.RAW if a.merge.bytewise else a.np_dtype
-                self.snapshot.add_merge_region(a.offset, a.nbytes, dtype, a.merge)
+                self.snapshot.add_merge_region(a.offset, a.nbytes, a.merge_dtype, a.merge)
         self.snapshot.fill_gaps(MergeOp.OVERWRITE)
         return self.snapshot.merge_regions
 
