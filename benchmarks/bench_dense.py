@@ -19,7 +19,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pagefork.bench import progress_to_stderr
-from pagefork.bench.dense import SECTIONS, format_results, run_all
+from pagefork.bench.dense_report import SECTIONS, format_results, run_all
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pagefork.bench.dense import (DenseResults, deposit, dense_add, empty_batch, format_results, goals,
-                                  rss_peak, run_all, scattered_add, stencil)
+from pagefork.bench.dense import deposit, dense_add, empty_batch, rss_peak, scattered_add, stencil
+from pagefork.bench.dense_report import DenseResults, format_results, goals, run_all
 
 
 def test_every_workload_at_toy_sizes_is_correct():

@@ -252,7 +252,7 @@ def _bench_reduce(args: argparse.Namespace) -> int:
 
 def _bench_dense(args: argparse.Namespace) -> int:
     from .bench import progress_to_stderr
-    from .bench.dense import format_results, run_all
+    from .bench.dense_report import format_results, run_all
 
     res = run_all(quick=args.quick, progress=progress_to_stderr)
     print(format_results(res))
