@@ -239,6 +239,8 @@ class Executor:
     def _note_merged(self, batch: DiffBatch) -> None:
         """Flags the pages a merged batch changed (IGNORE diffs change
         nothing); costs what the diffs span, not the memory size."""
+        if len(batch) == 0:  # most threads of small batches: no numpy calls at all
+            return
         keep = (batch.ops != MergeOp.IGNORE) & (batch.lengths > 0)
         if not keep.any():
             return
@@ -454,7 +456,11 @@ class Executor:
         if stats.diffs:
             self.version += 1
         t3 = time.perf_counter()
-        self._remap_main()
+        # Nothing merged: main memory still maps the snapshot as it is, with
+        # tracking armed (a carry remapped it), so a remap would only drop
+        # the main program's latest writes and cost its mapped pages again.
+        if stats.diffs:
+            self._remap_main()
         t4 = time.perf_counter()
         stats.times = {"carry": t1 - t0, "run": t2 - t1, "merge": t3 - t2, "remap": t4 - t3}
         self.last_batch = stats
