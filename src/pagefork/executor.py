@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import _native
 from ._batch_thread import Request, manage
 from ._errors import ConflictError, MergeError, PageforkError, UnsupportedModeError, WorkerError
 from ._kernel_state import refuse_pinned
@@ -31,7 +32,7 @@ from ._limits import cannot_start, is_out_of_tasks
 from ._sizes import PAGE_SIZE, round_to_pages
 from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancel, Cancelled, ThreadOutcome,
                     find_conflicts, inside_batch_of, thread_tracking_mode)
-from .diffs import DiffBatch, expand_runs
+from .diffs import DiffBatch
 from .identity import products_as_overwrites
 from .layout import Allocation
 from .memory import Region
@@ -239,20 +240,10 @@ class Executor:
     def _note_merged(self, batch: DiffBatch) -> None:
         """Flags the pages a merged batch changed (IGNORE diffs change
         nothing); costs what the diffs span, not the memory size."""
-        if len(batch) == 0:  # most threads of small batches: no numpy calls at all
-            return
-        keep = (batch.ops != MergeOp.IGNORE) & (batch.lengths > 0)
-        if not keep.any():
-            return
-        offsets = batch.offsets if keep.all() else batch.offsets[keep]
-        lengths = batch.lengths if keep.all() else batch.lengths[keep]
-        first = offsets // PAGE_SIZE
-        last = (offsets + lengths - 1) // PAGE_SIZE
-        self._unsaved[first] = True  # most diffs (scattered values) end on their first page
-        self._unsaved[last] = True
-        inner = last - first > 1  # the pages between a long diff's first and last
-        if inner.any():
-            self._unsaved[expand_runs(first[inner] + 1, last[inner] - first[inner] - 1)] = True
+        if len(batch):
+            _native.mark_pages(self._unsaved.view(np.uint8), np.ascontiguousarray(batch.offsets),
+                               np.ascontiguousarray(batch.lengths), np.ascontiguousarray(batch.ops),
+                               PAGE_SIZE)
 
     def unsaved_pages(self) -> np.ndarray:
         """Flags (one per page of the snapshot) of the pages changed since
