@@ -87,6 +87,47 @@ def dirty_runs(dirty, start: int, end: int):
         p = p1
 
 
+def byte_runs(orig: bytes, mem: bytes, dtype: DataType, a: int, b: int) -> list[Diff]:
+    """OVERWRITE diffs of each maximal run of changed bytes in [a, b)."""
+    out = []
+    i = a
+    while i < b:
+        if mem[i] == orig[i]:
+            i += 1
+            continue
+        j = i
+        while j < b and mem[j] != orig[j]:
+            j += 1
+        out.append(Diff(i, mem[i:j], dtype, MergeOp.OVERWRITE))
+        i = j
+    return out
+
+
+def overwrite_elements(orig: bytes, mem: bytes, dtype: DataType, start: int, end: int, a: int,
+                       b: int) -> list[Diff]:
+    """OVERWRITE in a region of ``dtype`` values over [start, end), for the
+    dirty range [a, b): each maximal run of changed elements (any byte
+    differs), whole; an element straddling the range's edge is compared
+    whole; bytes after the last whole element are byte runs."""
+    k = dtype.itemsize
+    whole = start + (end - start) // k * k
+    out = []
+    e = start + (a - start) // k * k
+    run = None
+    while e < min(b, whole):
+        if mem[e:e + k] != orig[e:e + k]:
+            run = e if run is None else run
+        elif run is not None:
+            out.append(Diff(run, mem[run:e], dtype, MergeOp.OVERWRITE))
+            run = None
+        e += k
+    if run is not None:
+        out.append(Diff(run, mem[run:e], dtype, MergeOp.OVERWRITE))
+    if b > whole:
+        out.extend(byte_runs(orig, mem, dtype, max(a, whole), b))
+    return out
+
+
 def diff(orig: bytes, mem: bytes, dirty, regions) -> list[Diff]:
     """regions: MergeRegion list (empty: OVERWRITE over everything)."""
     size, limit = len(orig), min(len(orig), len(mem))
@@ -108,17 +149,10 @@ def diff(orig: bytes, mem: bytes, dirty, regions) -> list[Diff]:
         if end <= start or r.op is MergeOp.IGNORE:
             continue
         for a, b in dirty_runs(dirty, start, end):
-            if r.op is MergeOp.OVERWRITE:
-                i = a
-                while i < b:
-                    if mem[i] == orig[i]:
-                        i += 1
-                        continue
-                    j = i
-                    while j < b and mem[j] != orig[j]:
-                        j += 1
-                    out.append(Diff(i, mem[i:j], r.dtype, r.op))
-                    i = j
+            if r.op is MergeOp.OVERWRITE and k > 1:
+                out.extend(overwrite_elements(orig, mem, r.dtype, start, end, a, b))
+            elif r.op is MergeOp.OVERWRITE:
+                out.extend(byte_runs(orig, mem, r.dtype, a, b))
             elif r.op is MergeOp.XOR:
                 out.append(Diff(a, bytes(x ^ y for x, y in zip(mem[a:b], orig[a:b])), r.dtype, r.op))
             else:

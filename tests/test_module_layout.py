@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"_checkpoint_format", "_checkpoint_store", "_checkpoint_versions", "checkpoint"},
     {"app"},
     {"demo", "bench", "bench.tracking", "bench.diffs", "bench.executor", "bench.reduce", "bench.checkpoint",
-     "bench.dask", "cli", "__main__"},
+     "bench.dask", "bench.dense", "bench.dense_report", "cli", "__main__"},
     {""},  # the package itself: public names only
 ]
 

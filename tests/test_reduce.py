@@ -29,10 +29,16 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot im
 @pytest.fixture(scope="module", autouse=True)
 def keep_memory_always():
     """Workers keep thread memory however few pages a thread wrote, so the
-    small arrays here exercise putting pages back (workers read it at start)."""
+    small arrays here exercise putting pages back (workers read it at start;
+    the threads backend's slots read the module's value in this process)."""
+    from pagefork.backends import combine
+
     old = os.environ.get("PAGEFORK_KEEP_MIN_PAGES")
+    old_value = combine._KEEP_MIN_PAGES
     os.environ["PAGEFORK_KEEP_MIN_PAGES"] = "0"
+    combine._KEEP_MIN_PAGES = 0
     yield
+    combine._KEEP_MIN_PAGES = old_value
     if old is None:
         del os.environ["PAGEFORK_KEEP_MIN_PAGES"]
     else:
@@ -83,10 +89,10 @@ class _Views:
         return np.frombuffer(self._buf, a.dtype, int(np.prod(a.shape)), a.offset).reshape(a.shape)
 
 
-@pytest.fixture(scope="module")
-def reduce_app(keep_memory_always):
+@pytest.fixture(scope="module", params=["processes", "threads"])
+def reduce_app(keep_memory_always, request):
     total = sum(np.dtype(d).itemsize * c for _, d, c, _ in ARRAYS) + 16 * len(ARRAYS)
-    with App(total + 3 * PAGE_SIZE, backend="processes", workers=2) as app:
+    with App(total + 3 * PAGE_SIZE, backend=request.param, workers=2) as app:
         for name, dtype, count, merge in ARRAYS:
             app.alloc(name, count, dtype, merge=merge)
         app["iprod"][:] = 1
@@ -634,7 +640,7 @@ def work(mem, i, n, k, pause, dense, head):
     return i
 
 
-with App("1MiB", max_size="16MiB", backend="processes", workers=2) as app:
+with App("1MiB", max_size="16MiB", backend=sys.argv[3], workers=2) as app:
     s = app.alloc("s", E, np.int64, merge="sum")
     x = app.alloc("x", E, np.uint32, merge="xor")
     o = app.alloc("o", E, np.int64)
@@ -672,13 +678,15 @@ print("ok", rounds, "merged", merged)
 """
 
 
-def test_sigint_while_workers_combine_and_reply_through_the_buffer():
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_sigint_while_workers_combine_and_reply_through_the_buffer(backend):
     """Real SIGINTs (single and bursts) at random points of batches whose
-    workers combine reductions and send megabytes through their reply
-    buffers, with memory kept between threads: every round is all or
-    nothing, threads always see the snapshot, and main writes survive."""
+    workers (worker processes, or the threads backend's slots) combine
+    reductions and send megabytes through their reply buffers, with memory
+    kept between threads: every round is all or nothing, threads always see
+    the snapshot, and main writes survive."""
     env = dict(os.environ, PAGEFORK_KEEP_MIN_PAGES="0")
-    done = subprocess.run([sys.executable, "-c", COMBINING_STRESS, "15", "11"], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", COMBINING_STRESS, "15", "11", backend], capture_output=True,
                           text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok 15")

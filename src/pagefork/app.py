@@ -157,9 +157,11 @@ class App:
               merge: str | MergeOp = "overwrite", start: str = "snapshot") -> np.ndarray:
         """A new zeroed array in main memory, merged by ``merge``.
 
-        Any fixed-size dtype without Python objects may use the byte-wise
-        rules ``overwrite``, ``xor`` and ``ignore`` (structured, complex,
-        strings, other byte orders: merged as bytes). The typed rules ``sum``,
+        Any fixed-size dtype without Python objects may use the rules
+        ``overwrite``, ``xor`` and ``ignore``; ``overwrite`` merges numbers
+        value by value (a changed value is carried whole; complex by its
+        float parts) and other dtypes (structured, strings, other byte
+        orders) as bytes, ``xor`` and ``ignore`` work on bytes. The typed rules ``sum``,
         ``subtract``, ``product``, ``max`` and ``min`` need a native-endian
         bool, int8..64, uint8..64, float32 or float64 (``sum``, ``subtract``
         and ``product`` not bool). Everything is checked here; a failed

@@ -34,7 +34,8 @@ from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
 __all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "Backend", "Workspace", "run_thread",
            "call_thread_function", "call_tracked", "check_thread_memory", "find_conflicts",
-           "thread_tracking_mode", "inside_batch_of", "MAX_TRACKED_REGIONS", "POLL", "PREPARATION"]
+           "thread_tracking_mode", "inside_batch_of", "copied_result", "preparation_error",
+           "MAX_TRACKED_REGIONS", "POLL", "PREPARATION"]
 
 # How often a thread that waits for workers looks at its Cancel (seconds).
 POLL = 0.05
@@ -183,7 +184,7 @@ MAX_TRACKED_REGIONS = int(_native.MAX_TRACKED_REGIONS)
 PREPARATION = "cannot prepare thread memory: "
 
 
-def _preparation_error(exc: BaseException) -> str:
+def preparation_error(exc: BaseException) -> str:
     """Why thread memory could not be mapped and tracked."""
     text = PREPARATION +  "".join(traceback.format_exception_only(exc)).strip()
     cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
@@ -204,6 +205,20 @@ def _copied(value: Any) -> Any:
     except Exception:  # lambdas, local classes: what cloudpickle is for
         data = cloudpickle.dumps(value)
     return pickle.loads(data)
+
+
+def copied_result(result: Any) -> Any:
+    """``result`` as an independent copy (pickled and unpickled, as other
+    backends ship it back) unless it is immutable: thread memory is reused
+    by the workspace's next thread, so views of it must not escape. Raises
+    PageforkError naming the type if it cannot be copied."""
+    if type(result) in _IMMUTABLE:
+        return result
+    try:
+        return _copied(result)
+    except BaseException as exc:
+        raise PageforkError(f"cannot copy the result ({type(result).__name__}) out of thread "
+                            f"memory: {exc!r}") from exc
 
 
 def call_thread_function(spec: BatchSpec, index: int, region: Region,
@@ -260,18 +275,14 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
         views = identity.begin(spec.layout.values()) if identity is not None else None
         tracker_.start(region)
     except BaseException as exc:  # not the thread's fault: say what the workspace lacks
-        return ThreadOutcome(index, error=_preparation_error(exc))
+        return ThreadOutcome(index, error=preparation_error(exc))
     try:
         result, dirty = call_tracked(spec, index, region, tracker_, views)
         diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
         if identity is not None:
             diffs = with_contributions(diffs, identity.collect())
-        if copy_result and type(result) not in _IMMUTABLE:
-            try:
-                result = _copied(result)
-            except BaseException as exc:
-                raise PageforkError(f"cannot copy the result ({type(result).__name__}) out of thread "
-                                    f"memory: {exc!r}") from exc
+        if copy_result:
+            result = copied_result(result)
         return ThreadOutcome(index, result, diffs, int(np.count_nonzero(dirty)))
     except BaseException as exc:  # the thread's own error, SystemExit included
         return ThreadOutcome(index, error="".join(traceback.format_exception(exc)))
@@ -352,7 +363,7 @@ class Workspace:
         try:
             region, t = self.prepare(spec)
         except Exception as exc:
-            return [ThreadOutcome(i, error=_preparation_error(exc)) for i in indexes]
+            return [ThreadOutcome(i, error=preparation_error(exc)) for i in indexes]
         outcomes = []
         for i in indexes:
             if cancel is not None and cancel.is_set():

@@ -181,8 +181,13 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.executor import batch_costs, format_batch_table
     from .bench.tracking import DEFAULT_SIZES, QUICK_SIZES, format_table, tracking_costs
 
+    if args.reduce and args.dense:
+        print("pagefork bench takes --reduce or --dense, not both", file=sys.stderr)
+        return 2
     if args.reduce:
         return _bench_reduce(args)
+    if args.dense:
+        return _bench_dense(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -236,6 +241,18 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_reduce(args: argparse.Namespace) -> int:
     from .bench import progress_to_stderr
     from .bench.reduce import format_results, run_all
+
+    res = run_all(quick=args.quick, progress=progress_to_stderr)
+    print(format_results(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res.as_dict(), f, indent=2)
+    return 0
+
+
+def _bench_dense(args: argparse.Namespace) -> int:
+    from .bench import progress_to_stderr
+    from .bench.dense_report import format_results, run_all
 
     res = run_all(quick=args.quick, progress=progress_to_stderr)
     print(format_results(res))
@@ -427,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--reduce", action="store_true",
                        help="reductions beside serial numpy, shared memory + lock and joblib instead "
                             "(as benchmarks/bench_reduce.py)")
+    bench.add_argument("--dense", action="store_true",
+                       help="whole-array work (stencil, empty batch, scattered and dense adds, deposit) "
+                            "beside serial numpy and its alternatives instead (as benchmarks/bench_dense.py)")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="an example application end to end")
     demo.add_argument("--backend", default="processes", choices=("threads", "processes", "dask"),

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import _native
 from ._batch_thread import Request, manage
 from ._errors import ConflictError, MergeError, PageforkError, UnsupportedModeError, WorkerError
 from ._kernel_state import refuse_pinned
@@ -31,11 +32,11 @@ from ._limits import cannot_start, is_out_of_tasks
 from ._sizes import PAGE_SIZE, round_to_pages
 from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancel, Cancelled, ThreadOutcome,
                     find_conflicts, inside_batch_of, thread_tracking_mode)
-from .diffs import DiffBatch, expand_runs
+from .diffs import DiffBatch
 from .identity import products_as_overwrites
 from .layout import Allocation, ThreadMemory
 from .memory import Region
-from .merge import DataType, MergeOp, MergeRegion
+from .merge import MergeOp, MergeRegion
 from .snapshot import Snapshot
 from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
@@ -243,18 +244,10 @@ class Executor:
     def _note_merged(self, batch: DiffBatch) -> None:
         """Flags the pages a merged batch changed (IGNORE diffs change
         nothing); costs what the diffs span, not the memory size."""
-        keep = (batch.ops != MergeOp.IGNORE) & (batch.lengths > 0)
-        if not keep.any():
-            return
-        offsets = batch.offsets if keep.all() else batch.offsets[keep]
-        lengths = batch.lengths if keep.all() else batch.lengths[keep]
-        first = offsets // PAGE_SIZE
-        last = (offsets + lengths - 1) // PAGE_SIZE
-        self._unsaved[first] = True  # most diffs (scattered values) end on their first page
-        self._unsaved[last] = True
-        inner = last - first > 1  # the pages between a long diff's first and last
-        if inner.any():
-            self._unsaved[expand_runs(first[inner] + 1, last[inner] - first[inner] - 1)] = True
+        if len(batch):
+            _native.mark_pages(self._unsaved.view(np.uint8), np.ascontiguousarray(batch.offsets),
+                               np.ascontiguousarray(batch.lengths), np.ascontiguousarray(batch.ops),
+                               PAGE_SIZE)
 
     def unsaved_pages(self) -> np.ndarray:
         """Flags (one per page of the snapshot) of the pages changed since
@@ -458,20 +451,23 @@ class Executor:
         if stats.diffs:
             self.version += 1
         t3 = time.perf_counter()
-        self._remap_main()
+        # Nothing merged: main memory still maps the snapshot as it is, with
+        # tracking armed (a carry remapped it), so a remap would only drop
+        # the main program's latest writes and cost its mapped pages again.
+        if stats.diffs:
+            self._remap_main()
         t4 = time.perf_counter()
         stats.times = {"carry": t1 - t0, "run": t2 - t1, "merge": t3 - t2, "remap": t4 - t3}
         self.last_batch = stats
         return [o.result for o in outcomes]
 
     def merge_regions(self, layout: dict[str, Allocation]) -> list[MergeRegion]:
-        """The batch's merge regions: one per array by its rule, gaps OVERWRITE.
-        Byte-wise rules merge any dtype as bytes; typed rules use its DataType."""
+        """The batch's merge regions: one per array by its rule (in units of
+        :attr:`Allocation.merge_dtype`), gaps OVERWRITE."""
         self.snapshot.clear_merge_regions()
         for a in sorted(layout.values(), key=lambda a: a.offset):
             if a.nbytes:
-                dtype = DataType.RAW if a.merge.bytewise else a.np_dtype
-                self.snapshot.add_merge_region(a.offset, a.nbytes, dtype, a.merge)
+                self.snapshot.add_merge_region(a.offset, a.nbytes, a.merge_dtype, a.merge)
         self.snapshot.fill_gaps(MergeOp.OVERWRITE)
         return self.snapshot.merge_regions
 

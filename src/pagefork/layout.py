@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .memory import Region
-from .merge import MergeOp
+from .merge import DataType, MergeOp
 
 __all__ = ["Allocation", "ThreadMemory", "dtype_text", "dtype_of"]
 
@@ -46,6 +46,27 @@ class Allocation:
     @property
     def np_dtype(self) -> np.dtype:
         return dtype_of(self.dtype)
+
+    @property
+    def merge_dtype(self) -> DataType:
+        """The unit the array's changes are diffed and merged in. Typed rules:
+        its DataType. ``overwrite``: its element where it has a DataType
+        (bool, ints, floats: a changed value is carried whole, so threads
+        writing one element never merge into a mix of their bytes), a
+        complex number's float parts, else bytes (structured records,
+        strings, other byte orders: two fields of one record stay two
+        locations). ``xor`` and ``ignore``: bytes."""
+        dt = self.np_dtype
+        if self.merge in (MergeOp.XOR, MergeOp.IGNORE):
+            return DataType.RAW
+        if self.merge is not MergeOp.OVERWRITE:
+            return DataType.of(dt)
+        if dt.fields is None and dt.kind == "c" and dt.itemsize in (8, 16):
+            dt = np.dtype(f"f{dt.itemsize // 2}").newbyteorder(dt.byteorder)
+        try:
+            return DataType.of(dt)
+        except (TypeError, ValueError):
+            return DataType.RAW
 
     @property
     def nbytes(self) -> int:

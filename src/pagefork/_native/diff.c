@@ -2,7 +2,13 @@
  * region by region, and emits a DiffBatch.
  *
  * OVERWRITE emits each maximal run of changed bytes (runs join across the
- * pages of one dirty run); XOR emits mem ^ orig for each dirty range; typed
+ * pages of one dirty run) in RAW and 1-byte regions; in a region of wider
+ * values it emits each maximal run of changed elements, every element
+ * carried whole (a float's unchanged sign and exponent bytes never split a
+ * run, and a merged element is always one some thread wrote); bytes past
+ * the region's last whole element stay byte-exact. Runs never extend
+ * across an unchanged element: it would overwrite what an earlier thread
+ * merged there. XOR emits mem ^ orig for each dirty range; typed
  * ops compare element by element (bitwise, so an unchanged NaN is unchanged)
  * and emit each run of changed elements with one value per element:
  * SUM u-o, SUBTRACT o-u, PRODUCT u/o, MAX/MIN u. Integer arithmetic wraps.
@@ -79,6 +85,63 @@ static int overwrite_runs(pf_batch *out, const uint8_t *mem, const uint8_t *orig
     }
     if (open_at != SIZE_MAX)
         return emit_run(out, mem, open_at, b, dtype);
+    return 0;
+}
+
+/* Bit 0 of each k-bit group of a pf_diff_mask64 mask set where any bit of
+ * the group is: one bit per k-byte element of a 64-byte block, "changed". */
+static inline uint64_t element_bits(uint64_t m, size_t k)
+{
+    if (k >= 2)
+        m |= m >> 1;
+    if (k >= 4)
+        m |= m >> 2;
+    if (k >= 8)
+        m |= m >> 4;
+    return m & (k == 2 ? 0x5555555555555555ull : k == 4 ? 0x1111111111111111ull
+                                                        : 0x0101010101010101ull);
+}
+
+/* First element in [e, e1) (of k bytes, k = 2, 4 or 8, counted from base)
+ * equal to the original, or e1: 64 bytes at a time, so a long run of
+ * changed values costs a few vector compares per 64 bytes. */
+static size_t first_same_element(const uint8_t *mem, const uint8_t *orig, size_t base, size_t e,
+                                 size_t e1, size_t k)
+{
+    const size_t per_block = 64 / k;
+    while (e + per_block <= e1) {
+        uint64_t changed = element_bits(pf_diff_mask64(mem + base + e * k, orig + base + e * k), k);
+        uint64_t all = k == 2 ? 0x5555555555555555ull : k == 4 ? 0x1111111111111111ull
+                                                               : 0x0101010101010101ull;
+        uint64_t same = ~changed & all;
+        if (same != 0)
+            return e + (size_t)__builtin_ctzll(same) / k;
+        e += per_block;
+    }
+    for (; e < e1; e++)
+        if (memcmp(mem + base + e * k, orig + base + e * k, k) == 0)
+            break;
+    return e;
+}
+
+/* OVERWRITE at element granularity over elements [e0, e1) of k bytes at
+ * `base`: each maximal run of changed elements (compared bitwise, so an
+ * unchanged NaN is unchanged and 0.0 -> -0.0 is a change), carried whole. */
+static int overwrite_elements(pf_batch *out, const uint8_t *mem, const uint8_t *orig, size_t base,
+                              size_t e0, size_t e1, size_t k, int dtype)
+{
+    const size_t end = base + e1 * k;
+    size_t e = e0;
+    while (e < e1) {
+        /* Equal stretches at vector speed. */
+        size_t d = pf_find_diff(mem, orig, base + e * k, end);
+        if (d >= end)
+            break;
+        size_t r0 = (d - base) / k;
+        e = first_same_element(mem, orig, base, r0 + 1, e1, k);
+        if (emit_run(out, mem, base + r0 * k, base + e * k, dtype) != 0)
+            return -1;
+    }
     return 0;
 }
 
@@ -176,16 +239,27 @@ static const typed_kernel typed_kernels[PF_N_DTYPES] = {
 static int diff_range(pf_batch *out, const uint8_t *mem, const uint8_t *orig, size_t start,
                       size_t end, size_t a, size_t b, int dtype, int op, diff_error *err)
 {
-    if (op == PF_OVERWRITE)
-        return overwrite_runs(out, mem, orig, a, b, dtype);
     if (op == PF_XOR)
         return xor_range(out, mem, orig, a, b, dtype);
     size_t k = (size_t)pf_itemsize[dtype];
+    if (op == PF_OVERWRITE && k == 1)
+        return overwrite_runs(out, mem, orig, a, b, dtype);
+    /* The elements overlapping [a, b), compared whole even where one
+     * straddles the edge of the dirty range (as typed diffs always did). */
     size_t n_elems = (end - start) / k;
     size_t e0 = (a - start) / k, e1 = (b - start + k - 1) / k;
     if (e1 > n_elems)
         e1 = n_elems;
-    return typed_kernels[dtype](out, mem, orig, start, e0, e1, dtype, op, err);
+    if (op != PF_OVERWRITE)
+        return typed_kernels[dtype](out, mem, orig, start, e0, e1, dtype, op, err);
+    if (e0 < e1 && overwrite_elements(out, mem, orig, start, e0, e1, k, dtype) != 0)
+        return -1;
+    /* A typed OVERWRITE region need not be whole values: its tail bytes
+     * (after the last whole element) are compared byte by byte. */
+    size_t whole = start + n_elems * k;
+    if (b > whole)
+        return overwrite_runs(out, mem, orig, a > whole ? a : whole, b, dtype);
+    return 0;
 }
 
 /* diff(memory, original, dirty, page_size, starts, ends, dtypes, ops)

@@ -272,3 +272,48 @@ PyObject *pf_copy_pages(PyObject *self, PyObject *args)
         return NULL;
     return PyLong_FromSize_t(copied);
 }
+
+/* mark_pages(flags, offsets, lengths, ops, page_size) -> None: sets the
+ * flag (one byte per page) of every page a diff changes: IGNORE diffs and
+ * empty ones change none. One pass without the GIL, whatever the count of
+ * diffs (numpy needed several passes and index arrays as long as the batch). A
+ * diff reaching past the flags is a ValueError, before any flag is set. */
+PyObject *pf_mark_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer flags, offsets, lengths, ops;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*n", &flags, &offsets, &lengths, &ops, &page_size))
+        return NULL;
+    size_t n = (size_t)ops.len, ps = (size_t)page_size, n_flags = (size_t)flags.len;
+    const int64_t *off = offsets.buf, *len = lengths.buf;
+    const uint8_t *op = ops.buf;
+    uint8_t *f = flags.buf;
+    int bad = page_size <= 0 || offsets.len != (Py_ssize_t)(n * 8) || lengths.len != offsets.len;
+    for (size_t i = 0; i < n && !bad; i++)
+        if (op[i] != PF_IGNORE && len[i] > 0 &&
+            (off[i] < 0 || (uint64_t)off[i] > (uint64_t)INT64_MAX - (uint64_t)len[i] ||
+             (uint64_t)(off[i] + len[i] - 1) / ps >= n_flags))
+            bad = 1;
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "mark_pages: malformed columns or a diff past the flags");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t i = 0; i < n; i++) {
+            if (op[i] == PF_IGNORE || len[i] <= 0)
+                continue;
+            size_t first = (size_t)off[i] / ps, last = (size_t)(off[i] + len[i] - 1) / ps;
+            if (first == last)
+                f[first] = 1; /* most diffs: a value or a run within one page */
+            else
+                memset(f + first, 1, last - first + 1);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&flags);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&ops);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}

@@ -46,6 +46,8 @@ static PyMethodDef native_methods[] = {
      "apply(target, offsets, lengths, dtypes, ops, data, check_only=False)"},
     {"check_columns", pf_check_columns, METH_VARARGS,
      "check_columns(offsets, lengths, dtypes, ops, data_len) -> None or (index, problem)"},
+    {"mark_pages", pf_mark_pages, METH_VARARGS,
+     "mark_pages(flags, offsets, lengths, ops, page_size): flag every page a diff changes"},
     {"copy_pages", pf_copy_pages, METH_VARARGS,
      "copy_pages(target, source, dirty, page_size) -> bytes copied"},
     {"crc32c", pf_crc32c, METH_VARARGS, "crc32c(data, crc=0) -> int"},

@@ -377,6 +377,7 @@ PyObject *pf_diff(PyObject *self, PyObject *args);
 PyObject *pf_identity_diff(PyObject *self, PyObject *args);
 PyObject *pf_apply(PyObject *self, PyObject *args);
 PyObject *pf_copy_pages(PyObject *self, PyObject *args);
+PyObject *pf_mark_pages(PyObject *self, PyObject *args);
 PyObject *pf_check_columns(PyObject *self, PyObject *args);
 PyObject *pf_crc32c(PyObject *self, PyObject *args);
 uint32_t pf_crc32c_update(uint32_t crc, const uint8_t *data, size_t len);

@@ -28,8 +28,8 @@ import numpy as np
 
 from .. import _native, compact
 from .._sizes import round_to_pages
-from ..batch import (BatchSpec, ThreadOutcome, Workspace, call_thread_function, call_tracked,
-                     check_thread_memory)
+from ..batch import (BatchSpec, Cancel, ThreadOutcome, Workspace, call_thread_function, call_tracked,
+                     check_thread_memory, copied_result, preparation_error)
 from ..diffs import DiffBatch
 from ..identity import with_contributions
 from ..memory import PAGE_SIZE, Region
@@ -78,6 +78,11 @@ def unpack(header: tuple[int, bytes] | None, data: Any) -> DiffBatch | None:
         return None
     count, tokens = header
     return compact.decode_columns(tokens, count, data)
+
+
+class _Unprepared(Exception):
+    """Thread memory could not be mapped, tracked or given its identity
+    buffers: not the thread's fault (the text says what the workspace lacks)."""
 
 
 @dataclass
@@ -208,8 +213,11 @@ class CombiningWorkspace(Workspace):
                 _native.copy_pages(region, whole, stale, PAGE_SIZE)
         if before is None:
             self._kept = None
-            spec.snapshot.map_to(region)
-            tracker_.start(region)
+            try:
+                spec.snapshot.map_to(region)
+                tracker_.start(region)
+            except BaseException as exc:
+                raise _Unprepared(preparation_error(exc)) from exc
             result, dirty = call_tracked(spec, i, region, tracker_, identity)
             if tracker_.mode == "cow":  # not under mlockall: Workspace.prepare
                 self._kept = key
@@ -229,26 +237,41 @@ class CombiningWorkspace(Workspace):
         return result, new | before.view(np.bool_), new
 
     def run_combining(self, spec: BatchSpec, indexes: Sequence[int],
-                      report: Callable[[ThreadOutcome], None]) -> DiffBatch | None:
+                      report: Callable[[ThreadOutcome], None], *, copy_result: bool = False,
+                      cancel: Cancel | None = None) -> DiffBatch | None:
         """Runs ``indexes`` one after the other, calling ``report`` with each
         outcome as it finishes (its diffs cover the non-combinable regions).
         Returns one batch holding the combined diffs of the combinable
-        regions, or None when nothing was combined."""
+        regions, or None when nothing was combined. ``copy_result``: each
+        result is copied out of thread memory (which the next thread reuses)
+        before it is reported. Once ``cancel`` is set no further thread
+        starts (the threads not run are not reported). Memory that cannot
+        be prepared fails every thread with a preparation error."""
         combining = combines(spec.merge_regions, len(indexes))
         own, shared = split_regions(spec.merge_regions) if combining else (spec.merge_regions, [])
-        region, tracker_ = self.prepare(spec)
+        try:
+            region, tracker_ = self.prepare(spec)
+        except Exception as exc:
+            for i in indexes:
+                report(ThreadOutcome(i, error=preparation_error(exc)))
+            return None
         snapshot = spec.snapshot
         partial = self._partial(spec) if combining else None
         columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
         covered = _covered_pages(region.n_pages, *columns[:2]) if combining else None
         clean: np.ndarray | None = None  # the first thread puts back every private page
         for i in indexes:
+            if cancel is not None and cancel.is_set():
+                break
             outcome: ThreadOutcome
             try:
-                if region.closed:  # an earlier thread function closed it: rebuild
-                    region, tracker_ = self.prepare(spec)
-                # (collect takes the identity views back from this dict)
-                views = self.identity.begin(spec.layout.values())
+                try:
+                    if region.closed:  # an earlier thread function closed it: rebuild
+                        region, tracker_ = self.prepare(spec)
+                    # (collect takes the identity views back from this dict)
+                    views = self.identity.begin(spec.layout.values())
+                except BaseException as exc:
+                    raise _Unprepared(preparation_error(exc)) from exc
                 result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining, views)
                 diffs = snapshot.diff(region, dirty, regions=own)
                 written = dirty
@@ -267,7 +290,12 @@ class CombiningWorkspace(Workspace):
                 # Identity arrays ship per thread: at scattered densities
                 # their diffs are small, and folding them costs a pass more.
                 diffs = with_contributions(diffs, self.identity.collect())
+                if copy_result:
+                    result = copied_result(result)
                 outcome = ThreadOutcome(i, result, diffs, count)
+            except _Unprepared as exc:
+                self._kept = self._private = None
+                outcome = ThreadOutcome(i, error=str(exc))
             except BaseException as exc:  # the thread's own error (SystemExit included)
                 self._kept = self._private = None  # the next thread maps afresh
                 outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))

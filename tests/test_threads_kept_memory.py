@@ -1,0 +1,84 @@
+"""The threads backend's slots keep their thread memory mapped across threads
+and batches (backends/combine.py's CombiningWorkspace): exact merges, results
+copied out of the reused memory, cancellation between threads, and memory
+that cannot be prepared named as such."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagefork import App, WorkerError
+from pagefork.backends import combine
+from pagefork.backends.combine import CombiningWorkspace
+from pagefork.batch import PREPARATION, BatchSpec, Cancel
+from pagefork.snapshot import Snapshot
+
+
+@pytest.fixture
+def keep_always(monkeypatch):
+    monkeypatch.setattr(combine, "_KEEP_MIN_PAGES", 0)
+
+
+def _slots(app: App) -> list[CombiningWorkspace]:
+    return [slot.space for slot in app._executor.backend._slots]  # type: ignore[attr-defined]
+
+
+def _rewrite(mem, i, n, step):
+    a = mem["a"]
+    assert (a == step).all(), f"thread {i} saw {np.unique(a)} in batch {step}"  # the snapshot, not a neighbour
+    a[i::n] = step + 1
+    return a[:4]  # a view of thread memory, which the slot's next thread reuses
+
+
+def test_kept_memory_stays_exact_and_results_are_copies(keep_always):
+    with App("1MiB", backend="threads", workers=2) as app:
+        a = app.alloc("a", 50_000, np.int64)  # ~98 pages
+        results = []
+        for step in range(4):
+            results.append(app.parallel(_rewrite, 4, args=(step,)))
+            assert (a == step + 1).all()
+        if app._executor.thread_mode == "cow":  # only cow thread memory is kept
+            assert all(space._kept is not None for space in _slots(app))
+        for step, got in enumerate(results):  # copies, unchanged by later threads
+            assert all(isinstance(r, np.ndarray) and (r == step + 1)[i::4].all() for i, r in enumerate(got))
+
+
+def test_a_thread_that_cannot_get_memory_is_a_preparation_error(monkeypatch):
+    with App("1MiB", backend="threads", workers=2) as app:
+        a = app.alloc("a", 100, np.int64)
+
+        def refuse(self, region):
+            if region is not app.memory:
+                raise OSError(12, "no memory for thread memory (test)")
+            return original(self, region)
+
+        original = Snapshot.map_to
+        monkeypatch.setattr(Snapshot, "map_to", refuse)
+        with pytest.raises(WorkerError) as info:
+            app.parallel(lambda mem, i, n: mem["a"].__setitem__(i, 1), 2)
+        assert info.value.traceback.startswith(PREPARATION) and "no memory for thread memory" in str(info.value)
+        monkeypatch.setattr(Snapshot, "map_to", original)
+        app.parallel(lambda mem, i, n: mem["a"].__setitem__(i, 1), 2)
+        assert list(a[:3]) == [1, 1, 0]
+
+
+def test_no_thread_starts_once_cancelled():
+    snap = Snapshot(size=1 << 16)
+    cancel = Cancel()
+    ran: list[int] = []
+
+    def fn(mem, i, n):
+        ran.append(i)
+        if i == 1:
+            cancel.set()
+
+    spec = BatchSpec(fn, 4, (), snap, {}, [], "none", 0)
+    space = CombiningWorkspace()
+    reported: list[int] = []
+    try:
+        space.run_combining(spec, [0, 1, 2, 3], lambda o: reported.append(o.index), cancel=cancel)
+    finally:
+        space.close()
+        snap.close()
+    assert ran == [0, 1] and reported == [0, 1]
