@@ -598,6 +598,68 @@ def test_alternate_signal_stack_moved_into_tracked_memory_kills_at_the_next_sign
         check_altstack_reads("after", altstack_reads(result), False)
 
 
+#: argv: mode, n. One thread points its alternate stack into tracked memory
+#: and calls pagefork, then n more threads with stacks elsewhere do; all stay
+#: alive while the main thread re-arms and signals the first one.
+MANY_ALTSTACKS = r"""
+import ctypes, signal, sys, threading
+import pagefork
+from pagefork import PAGE_SIZE, Region
+
+class stack_t(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int),
+                ("ss_size", ctypes.c_size_t)]
+
+libc = ctypes.CDLL(None, use_errno=True)
+mode, others = sys.argv[1], int(sys.argv[2])
+region = Region(64 * PAGE_SIZE)
+region.array()[:] = 1
+t = pagefork.tracker(mode)
+t.start(region)
+caught = []
+signal.signal(signal.SIGUSR1, lambda *args: caught.append(1))
+done = threading.Event()
+buffers = [ctypes.create_string_buffer(64 * 1024) for _ in range(others)]
+
+def run(address, size, ready):
+    ss = stack_t(address, 0, size)
+    assert libc.sigaltstack(ctypes.byref(ss), None) == 0, ctypes.get_errno()
+    t.dirty_pages(region)  # pagefork learns this thread's stack
+    ready.set()
+    done.wait(600)
+
+def spawn(address, size):
+    ready = threading.Event()
+    thread = threading.Thread(target=run, args=(address, size, ready))
+    thread.start()
+    assert ready.wait(600)
+    return thread
+
+first = spawn(region.address + 8 * PAGE_SIZE, 16 * PAGE_SIZE)
+rest = [spawn(ctypes.addressof(b), len(b)) for b in buffers]
+t.dirty_pages(region, reset=True)  # re-arms around the known stacks
+signal.pthread_kill(first.ident, signal.SIGUSR1)
+region.array()[40 * PAGE_SIZE] = 2
+done.set()
+for thread in [first, *rest]:
+    thread.join()
+print("round", sorted(int(p) for p in t.dirty_pages(region, reset=True).nonzero()[0]))
+print("caught", len(caught))
+"""
+
+
+@pytest.mark.parametrize("others", [0, 200])
+def test_alternate_signal_stacks_of_hundreds_of_threads(others):
+    """Every live thread's stack stays known however many threads call
+    pagefork: the list once held 64 and evicted the oldest live entry, so
+    the 65th thread got the first one's stack protected at the next arm and
+    its next signal killed the process (SIGSEGV)."""
+    require("segfault")
+    result = run_script(MANY_ALTSTACKS.replace("sys.argv[1], int(sys.argv[2])",
+                                               f"'segfault', {others}"), timeout=600)
+    check_altstack_reads("after", altstack_reads(result), True)
+
+
 @pytest.mark.parametrize("when", ["before", "then_call", "thread", "after"])
 def test_alternate_signal_stack_under_user_mode_only_uffd(when, tmp_path):
     """uffd in user-mode-only (an unprivileged process): like segfault mode."""

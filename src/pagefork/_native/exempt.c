@@ -118,20 +118,43 @@ void pf_spans_mark(pf_range *r)
 
 /* ---- alternate signal stacks ------------------------------------------- */
 
-#define PF_MAX_KNOWN_STACKS 64
-
 /* Threads that told us (by calling pagefork) about an enabled alternate
- * stack. Guarded by the GIL. */
-static struct {
+ * stack. Guarded by the GIL. The list grows with the threads: forgetting a
+ * live thread's stack would protect it at the next arm and kill the thread
+ * at its next signal, so entries go only when their thread has exited (or
+ * when memory for one more entry cannot be had). */
+typedef struct {
     pid_t tid;
     pid_t pid; /* the process that recorded it: a forked child forgets */
     uintptr_t lo, hi;
-} known[PF_MAX_KNOWN_STACKS];
-static size_t n_known, next_evict;
+} known_stack;
+static known_stack *known;
+static size_t n_known, known_capacity, next_evict;
 
 static int thread_alive(pid_t pid, pid_t tid)
 {
     return pid == getpid() && (syscall(SYS_tgkill, pid, tid, 0) == 0 || errno != ESRCH);
+}
+
+/* Index of a free entry: drops exited threads first, then grows the list;
+ * only without memory does it reuse a live thread's entry (round robin). */
+static size_t known_slot(void)
+{
+    if (n_known == known_capacity)
+        for (size_t k = 0; k < n_known;)
+            if (!thread_alive(known[k].pid, known[k].tid))
+                known[k] = known[--n_known];
+            else
+                k++;
+    if (n_known == known_capacity) {
+        size_t capacity = known_capacity ? 2 * known_capacity : 64;
+        known_stack *grown = realloc(known, capacity * sizeof *known);
+        if (grown == NULL)
+            return n_known == 0 ? SIZE_MAX : next_evict++ % n_known;
+        known = grown;
+        known_capacity = capacity;
+    }
+    return n_known++;
 }
 
 int pf_altstack_note(stack_t *out)
@@ -151,19 +174,8 @@ int pf_altstack_note(stack_t *out)
             known[i] = known[--n_known];
         return 0;
     }
-    if (i == n_known) {
-        /* Make room: drop threads that have exited, else the oldest entry
-         * (round robin). */
-        for (size_t k = 0; n_known == PF_MAX_KNOWN_STACKS && k < n_known;)
-            if (!thread_alive(known[k].pid, known[k].tid))
-                known[k] = known[--n_known];
-            else
-                k++;
-        if (n_known == PF_MAX_KNOWN_STACKS)
-            i = next_evict++ % PF_MAX_KNOWN_STACKS;
-        else
-            i = n_known++;
-    }
+    if (i == n_known && (i = known_slot()) == SIZE_MAX)
+        return 1;
     known[i].tid = tid;
     known[i].pid = pid;
     known[i].lo = (uintptr_t)ss.ss_sp;
