@@ -28,6 +28,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -214,8 +215,13 @@ int pf_altstack_own(pf_range *r, pf_span *out)
 
 static int status_fd = -1;
 static pid_t status_pid;
+static char *status_text; /* grown to hold the whole file */
+static size_t status_capacity;
 
-/* VmPin of this process in kB, or -1 when it cannot be read. */
+/* VmPin of this process in kB, or -1 when it cannot be read. The file is
+ * read whole, in one read (a consistent copy): lines before VmPin can be
+ * long (Groups: up to 65536 supplementary groups), so a fixed buffer would
+ * miss it. */
 static long pinned_kb(void)
 {
     pid_t pid = getpid();
@@ -227,49 +233,76 @@ static long pinned_kb(void)
         if (status_fd < 0)
             return -1;
     }
-    char text[4096];
-    ssize_t got = pread(status_fd, text, sizeof text - 1, 0);
+    ssize_t got;
+    for (;;) {
+        if (status_capacity == 0 || (got = pread(status_fd, status_text, status_capacity - 1, 0)) ==
+                                        (ssize_t)status_capacity - 1) {
+            size_t capacity = status_capacity ? 2 * status_capacity : 4096;
+            char *grown = capacity > ((size_t)1 << 24) ? NULL : realloc(status_text, capacity);
+            if (grown == NULL)
+                return -1;
+            status_text = grown;
+            status_capacity = capacity;
+            continue;
+        }
+        break;
+    }
     if (got <= 0)
         return -1;
-    text[got] = '\0';
-    const char *line = strstr(text, "\nVmPin:");
+    status_text[got] = '\0';
+    const char *line = strstr(status_text, "\nVmPin:");
     return line == NULL ? -1 : strtol(line + 7, NULL, 10);
 }
 
 /* Adds the registered buffers of the io_uring behind descriptor `fd` that
  * touch [start, start + n_pages) to `out`. fdinfo lists them after a
- * "UserBufs:" line as "<index>: 0x<address>/<length>". */
-static void ring_buffers(int fd, uintptr_t start, size_t n_pages, pf_span *out, size_t *n_out)
+ * "UserBufs:\t<count>" line as "<index>: 0x<address>/<length>", or
+ * "<index>: <none>" for an empty slot (a sparse table, a buffer updated
+ * away). Returns 0, or -1 when the list was incomplete: the kernel prints
+ * the entries only when it gets the ring's lock without waiting (another
+ * thread submitting or registering holds it). */
+static int ring_buffers(int fd, uintptr_t start, size_t n_pages, pf_span *out, size_t *n_out)
 {
     char path[64];
     snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
     FILE *f = fopen(path, "re");
     if (f == NULL)
-        return;
+        return 0; /* closed meanwhile: its buffers went with it (or with a dup, seen there) */
     char line[256];
     int in_buffers = 0;
+    unsigned long expected = 0, seen = 0;
+    int header = 0;
     while (fgets(line, sizeof line, f) != NULL) {
         if (strncmp(line, "UserBufs:", 9) == 0) {
-            in_buffers = 1;
+            expected = strtoul(line + 9, NULL, 10);
+            header = in_buffers = 1;
             continue;
         }
+        if (!in_buffers)
+            continue;
         unsigned index;
-        unsigned long long address, length;
-        if (in_buffers && sscanf(line, " %u: 0x%llx/%llu", &index, &address, &length) == 3) {
-            pf_span s;
-            if (clip(start, n_pages, (uintptr_t)address, (uintptr_t)(address + length), &s))
-                pf_spans_add(out, n_out, PF_MAX_SPANS, s.first, s.count);
-        } else if (in_buffers) {
+        int at = 0;
+        if (sscanf(line, " %u:%n", &index, &at) != 1 || at == 0) {
             in_buffers = 0;
+            continue;
         }
+        seen++;
+        unsigned long long address, length;
+        pf_span s;
+        if (sscanf(line + at, " 0x%llx/%llu", &address, &length) == 2 &&
+            clip(start, n_pages, (uintptr_t)address, (uintptr_t)(address + length), &s))
+            pf_spans_add(out, n_out, PF_MAX_SPANS, s.first, s.count);
     }
     fclose(f);
+    return header && seen == expected ? 0 : -1;
 }
 
-/* Best effort: where /proc cannot be read, nothing is found. */
+/* Best effort: where /proc cannot be read, nothing is found. A ring whose
+ * buffer list stays incomplete (its lock held at every try) may pin any
+ * page: then the whole memory counts as pinned. */
 void pf_pinned_spans(uintptr_t start, size_t n_pages, pf_span *out, size_t *n_out)
 {
-    if (pinned_kb() <= 0) /* one read when nothing is pinned */
+    if (pinned_kb() == 0) /* one read when nothing is pinned; unreadable: look anyway */
         return;
     DIR *dir = opendir("/proc/self/fd");
     if (dir == NULL)
@@ -284,8 +317,22 @@ void pf_pinned_spans(uintptr_t start, size_t n_pages, pf_span *out, size_t *n_ou
         if (len <= 0)
             continue;
         target[len] = '\0';
-        if (strcmp(target, "anon_inode:[io_uring]") == 0)
-            ring_buffers(atoi(e->d_name), start, n_pages, out, n_out);
+        if (strcmp(target, "anon_inode:[io_uring]") != 0)
+            continue;
+        int complete = 0;
+        for (int attempt = 0; !complete && attempt < 100; attempt++) {
+            pf_span found[PF_MAX_SPANS];
+            size_t n_found = 0;
+            if (attempt > 0)
+                sched_yield();
+            if (ring_buffers(atoi(e->d_name), start, n_pages, found, &n_found) == 0) {
+                complete = 1;
+                for (size_t i = 0; i < n_found; i++)
+                    pf_spans_add(out, n_out, PF_MAX_SPANS, found[i].first, found[i].count);
+            }
+        }
+        if (!complete)
+            pf_spans_add(out, n_out, PF_MAX_SPANS, 0, n_pages);
     }
     closedir(dir);
 }
