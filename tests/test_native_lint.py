@@ -57,6 +57,53 @@ def test_signal_handler_stays_async_signal_safe():
             assert forbidden not in registry[name], f"{name} uses {forbidden}"
 
 
+#: What the SIGSEGV handler may call outside pagefork's own sources: system
+#: calls' thin wrappers and functions POSIX lists as async-signal-safe, C11
+#: atomics, and the handler it chains to (through the saved sigaction).
+SIGNAL_SAFE_CALLS = {"memset", "mprotect", "raise", "sigaction", "sigismember", "sigpending",
+                     "sched_yield", "syscall", "sa_sigaction", "sa_handler"}
+
+
+def without_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+
+
+def test_everything_the_signal_handler_reaches_is_async_signal_safe():
+    """Follows every call from on_segv through the native sources (so a
+    helper added later is checked too, not only the functions named above)
+    and allows only async-signal-safe calls outside them."""
+    bodies: dict[str, list[str]] = {}
+    for path in NATIVE.glob("*.c"):
+        for name, body in functions(without_comments(path.read_text())):
+            bodies.setdefault(name, []).append(body)
+    keywords = {"if", "else", "while", "for", "switch", "return", "sizeof", "defined"}
+    reached, todo, outside = set(), ["on_segv"], {}
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        for body in bodies[name]:
+            for call in re.findall(r"\b([A-Za-z_]\w*)\s*\(", body):
+                if call in bodies:
+                    todo.append(call)
+                elif call not in keywords and not call.startswith(("atomic_", "__atomic_")):
+                    outside.setdefault(call, name)
+    assert {"on_segv", "chain", "pf_registry_acquire", "pf_range_mark"} <= reached
+    unsafe = {call: caller for call, caller in outside.items() if call not in SIGNAL_SAFE_CALLS}
+    assert unsafe == {}, f"reached from the SIGSEGV handler: {unsafe}"
+
+
+def test_thread_locals_never_allocate_on_first_use():
+    """A __thread variable of a shared object in the general-dynamic TLS
+    model may be allocated (malloc) by its first access, which can be in
+    the signal handler: every one is initial-exec."""
+    for path in SOURCES:
+        for line in without_comments(path.read_text()).splitlines():
+            if re.search(r"\b(__thread|_Thread_local|thread_local)\b", line):
+                assert 'tls_model("initial-exec")' in line, f"{path.name}: {line.strip()}"
+
+
 def test_native_files_call_each_other_without_cycles():
     """Each C file calls functions of files below it only (the registry and
     helpers below the mechanisms); shared work such as the after-fork
