@@ -660,6 +660,71 @@ def test_alternate_signal_stacks_of_hundreds_of_threads(others):
     check_altstack_reads("after", altstack_reads(result), True)
 
 
+#: argv: n. n threads put 2-page alternate stacks 6 pages apart in tracked
+#: memory and call pagefork (a read without reset un-protects each); then
+#: this thread puts its stack between two of them, calls pagefork, and
+#: takes a signal.
+STACKS_BETWEEN = r"""
+import ctypes, signal, sys, threading
+import pagefork
+from pagefork import PAGE_SIZE, Region
+class stack_t(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+libc = ctypes.CDLL(None, use_errno=True)
+n_threads = int(sys.argv[1])
+region = Region(128 * PAGE_SIZE)
+region.array()[:] = 1
+t = pagefork.tracker("segfault")
+t.start(region)
+caught = []
+signal.signal(signal.SIGUSR1, lambda *a: caught.append(1))
+done = threading.Event()
+
+def use_altstack(page):
+    ss = stack_t(region.address + page * PAGE_SIZE, 0, 2 * PAGE_SIZE)
+    assert libc.sigaltstack(ctypes.byref(ss), None) == 0, ctypes.get_errno()
+
+def run(page, ready):
+    use_altstack(page)
+    t.dirty_pages(region)  # no reset: pagefork un-protects this thread's stack
+    ready.set()
+    done.wait(600)
+
+threads = []
+for k in range(n_threads):  # stacks at pages 6k, 6k + 1: disjoint, apart
+    ready = threading.Event()
+    threads.append(threading.Thread(target=run, args=(6 * k, ready)))
+    threads[-1].start()
+    assert ready.wait(600)
+use_altstack(6 * 3 + 3)  # this thread's stack: pages 21-22, between two others
+t.dirty_pages(region)
+signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+region.array()[120 * PAGE_SIZE] = 2
+done.set()
+for th in threads:
+    th.join()
+print("round", sorted(int(p) for p in t.dirty_pages(region, reset=True).nonzero()[0]))
+print("caught", len(caught))
+"""
+
+
+@pytest.mark.parametrize("others", [4, 17])
+def test_alternate_signal_stack_between_many_others(others):
+    """Past 16 holes they merge into one span that also covers the armed
+    pages between them: a stack put there was taken as already writable
+    and left protected, and its thread's next signal killed the process
+    (SIGSEGV). The merged hole is un-protected whole (reported whole)."""
+    require("segfault")
+    result = run_script(STACKS_BETWEEN.replace("int(sys.argv[1])", str(others)), timeout=600)
+    reads = altstack_reads(result)
+    assert [label for label, _ in reads] == ["round"]
+    stacks = {p for k in range(others) for p in (6 * k, 6 * k + 1)} | {21, 22}
+    if others == 4:
+        assert reads[0][1] == stacks | {120}
+    else:  # merged: the span from the first stack to the last, all reported
+        assert reads[0][1] == set(range(6 * others - 4)) | {120}
+
+
 @pytest.mark.parametrize("when", ["before", "then_call", "thread", "after"])
 def test_alternate_signal_stack_under_user_mode_only_uffd(when, tmp_path):
     """uffd in user-mode-only (an unprivileged process): like segfault mode."""

@@ -230,6 +230,27 @@ static void refresh_spans(PfTracking *self, size_t first, size_t count, int look
     r->n_pinned = n_pinned;
 }
 
+/* Un-protects the parts of r's holes outside [first, end) (an arm of part
+ * of the range): past PF_MAX_SPANS the holes merge into one span that also
+ * covers armed pages between them, and a page in a hole must be writable
+ * (rescue_own_stack trusts it). */
+static int disarm_holes_outside(PfTracking *self, size_t first, size_t end)
+{
+    pf_range *r = self->range;
+    size_t n = atomic_load(&r->n_pages);
+    for (size_t i = 0; i < r->n_holes; i++) {
+        size_t lo = r->holes[i].first, hi = r->holes[i].first + r->holes[i].count;
+        if (hi > n)
+            hi = n;
+        size_t parts[2][2] = {{lo, hi < first ? hi : first}, {lo > end ? lo : end, hi}};
+        for (int k = 0; k < 2; k++)
+            if (parts[k][0] < parts[k][1] &&
+                self->ops->disarm(r, parts[k][0], parts[k][1] - parts[k][0]) != 0)
+                return -1;
+    }
+    return 0;
+}
+
 /* Arms [first, first + count) around its holes, which are un-protected
  * instead (refresh_spans); `how`: ARM_* flags. */
 static int arm_range(PfTracking *self, size_t first, size_t count, int how)
@@ -254,7 +275,9 @@ static int arm_range(PfTracking *self, size_t first, size_t count, int how)
             return -1;
         at = hi;
     }
-    return at < end ? self->ops->arm(r, at, end - at) : 0;
+    if (at < end && self->ops->arm(r, at, end - at) != 0)
+        return -1;
+    return disarm_holes_outside(self, first, end);
 }
 
 /* A thread that pointed its alternate stack into armed memory after the
@@ -267,10 +290,15 @@ static int rescue_own_stack(PfTracking *self)
     if (!kernel_writes_fail(r) || !pf_altstack_own(r, &own) ||
         pf_spans_cover(r->holes, r->n_holes, own.first, own.count))
         return 0;
-    if (self->ops->disarm(r, own.first, own.count) != 0)
-        return -1;
     pf_spans_add(r->holes, &r->n_holes, PF_MAX_SPANS, own.first, own.count);
-    return 0;
+    /* The hole now holding the stack may be larger: merged with others, or
+     * past PF_MAX_SPANS all of them merged into one that also covers armed
+     * pages between them. Un-protect all of it, so that a stack found in a
+     * hole (the check above) is always writable. */
+    for (size_t i = 0; i < r->n_holes; i++)
+        if (pf_spans_cover(&r->holes[i], 1, own.first, own.count))
+            return self->ops->disarm(r, r->holes[i].first, r->holes[i].count);
+    return self->ops->disarm(r, own.first, own.count);
 }
 
 static int collect(PfTracking *self)
