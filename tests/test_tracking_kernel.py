@@ -514,10 +514,13 @@ elif when == "thread":
     t.start(region)
     ready, done = threading.Event(), threading.Event()
     def other():
+        old = stack_t()
+        libc.sigaltstack(None, ctypes.byref(old))
         use_altstack()
         t.dirty_pages(region)
         ready.set()
         done.wait(600)
+        libc.sigaltstack(ctypes.byref(old), None)  # ASan unmaps a thread's stack at exit
     worker = threading.Thread(target=other)
     worker.start()
     assert ready.wait(600)
@@ -622,11 +625,12 @@ done = threading.Event()
 buffers = [ctypes.create_string_buffer(64 * 1024) for _ in range(others)]
 
 def run(address, size, ready):
-    ss = stack_t(address, 0, size)
-    assert libc.sigaltstack(ctypes.byref(ss), None) == 0, ctypes.get_errno()
+    ss, old = stack_t(address, 0, size), stack_t()
+    assert libc.sigaltstack(ctypes.byref(ss), ctypes.byref(old)) == 0, ctypes.get_errno()
     t.dirty_pages(region)  # pagefork learns this thread's stack
     ready.set()
     done.wait(600)
+    libc.sigaltstack(ctypes.byref(old), None)  # ASan unmaps a thread's stack at exit
 
 def spawn(address, size):
     ready = threading.Event()
@@ -685,10 +689,13 @@ def use_altstack(page):
     assert libc.sigaltstack(ctypes.byref(ss), None) == 0, ctypes.get_errno()
 
 def run(page, ready):
+    old = stack_t()
+    libc.sigaltstack(None, ctypes.byref(old))
     use_altstack(page)
     t.dirty_pages(region)  # no reset: pagefork un-protects this thread's stack
     ready.set()
     done.wait(600)
+    libc.sigaltstack(ctypes.byref(old), None)  # ASan unmaps a thread's stack at exit
 
 threads = []
 for k in range(n_threads):  # stacks at pages 6k, 6k + 1: disjoint, apart
