@@ -1337,3 +1337,24 @@ def test_doctor_prints_the_warnings():
             result = subprocess.run([sys.executable, "-m", "pagefork.cli", "doctor", "--json"],
                                     capture_output=True, text=True, timeout=300)
         assert "KSM is running" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["segfault", "uffd-async"])
+def test_no_descriptor_of_proc_status_is_kept_open(mode):
+    """The pin check reads /proc/self/status at every arm and closes it: a
+    descriptor kept open could be closed by the program and its number
+    reused (pagefork would then read another file, or close the program's
+    descriptor in a forked child)."""
+    require(mode)
+    with pagefork.Region(4 * PAGE_SIZE) as region, pagefork.tracker(mode) as t:
+        t.start(region)
+        t.dirty_pages(region, reset=mode != "cow")
+        t.stop(region)
+        t.start(region)
+        open_files = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        assert not [f for f in open_files if f.endswith("/status")]

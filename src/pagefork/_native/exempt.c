@@ -213,40 +213,37 @@ int pf_altstack_own(pf_range *r, pf_span *out)
 
 /* ---- long-term pins ----------------------------------------------------- */
 
-static int status_fd = -1;
-static pid_t status_pid;
 static char *status_text; /* grown to hold the whole file */
 static size_t status_capacity;
 
 /* VmPin of this process in kB, or -1 when it cannot be read. The file is
  * read whole, in one read (a consistent copy): lines before VmPin can be
  * long (Groups: up to 65536 supplementary groups), so a fixed buffer would
- * miss it. */
+ * miss it. Opened on every call: a descriptor kept open could be closed and
+ * its number reused by the program (pagefork would read another file, or
+ * close the program's in a forked child). */
 static long pinned_kb(void)
 {
-    pid_t pid = getpid();
-    if (status_fd < 0 || status_pid != pid) { /* /proc/self is resolved at open() */
-        if (status_fd >= 0)
-            close(status_fd);
-        status_fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
-        status_pid = pid;
-        if (status_fd < 0)
-            return -1;
-    }
+    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
     ssize_t got;
     for (;;) {
-        if (status_capacity == 0 || (got = pread(status_fd, status_text, status_capacity - 1, 0)) ==
-                                        (ssize_t)status_capacity - 1) {
+        if (status_capacity == 0 ||
+            (got = pread(fd, status_text, status_capacity - 1, 0)) == (ssize_t)status_capacity - 1) {
             size_t capacity = status_capacity ? 2 * status_capacity : 4096;
             char *grown = capacity > ((size_t)1 << 24) ? NULL : realloc(status_text, capacity);
-            if (grown == NULL)
+            if (grown == NULL) {
+                close(fd);
                 return -1;
+            }
             status_text = grown;
             status_capacity = capacity;
             continue;
         }
         break;
     }
+    close(fd);
     if (got <= 0)
         return -1;
     status_text[got] = '\0';
