@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 # pytest fails on no tests collected (exit 5) like on any other error.
 test: $(STAMP)
+	$(BIN)/python -m ruff check
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -23,11 +23,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 
 def _asan_loaded() -> bool:
-    try:
-        ctypes.CDLL(None).__asan_init
-    except AttributeError:
-        return False
-    return True
+    return hasattr(ctypes.CDLL(None), "__asan_init")
 
 
 #: True under AddressSanitizer (`make test-sanitize`). Its quarantine holds on

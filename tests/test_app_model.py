@@ -8,7 +8,6 @@ large enough that replies outgrow the workers' reply buffers."""
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 
 import cloudpickle

@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import uuid
@@ -59,7 +58,7 @@ def test_app_round_trip_is_exact(tmp_path):
     with App("1MiB", max_size="4MiB", backend="threads") as app:
         a = app.alloc("a", 5000, np.float64, merge="sum")
         b = app.alloc("b", (64, 64), np.int32, merge="max")
-        c = app.alloc("c", 10, np.uint8, merge="ignore")
+        app.alloc("c", 10, np.uint8, merge="ignore")
         a[:] = np.arange(5000)
         b[:] = -1
         first = app.checkpoint(tmp_path)
@@ -586,7 +585,7 @@ def test_sigint_at_random_points_of_checkpoints(tmp_path):
     with App("256KiB", backend="threads") as app:
         data = app.alloc("d", 200_000, np.uint8)
         interrupted = 0
-        for i in range(150):
+        for _ in range(150):
             data[rng.randrange(data.size)] = rng.randrange(256)
             timer = threading.Timer(rng.uniform(0, 0.004), signal.raise_signal, (signal.SIGINT,))
             try:

@@ -718,7 +718,7 @@ def test_damaged_replies_are_corrupt_data_never_another_error():
     seeds = [compress_batch([Diff(rng.randrange(1 << 16), rng.randbytes(rng.randrange(1, 300)))
                              for _ in range(rng.randrange(4))]) for _ in range(20)]
     plain = [zstandard.ZstdCompressor().compress(zstandard.ZstdDecompressor().decompress(s)) for s in seeds]
-    for i in range(5000):
+    for _ in range(5000):
         blob = mutate(rng, rng.choice(seeds + plain), [(4, 1), (5, 4), (6, 8)])
         try:
             batch = decompress_batch(blob, 1 << 16)

@@ -9,13 +9,11 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagefork import (PAGE_SIZE, CorruptDataError, DataType, Diff, DiffBatch, MergeError, MergeOp,
-                      OutOfBoundsError, Snapshot, delta, wire)
+from pagefork import (PAGE_SIZE, CorruptDataError, Diff, DiffBatch, MergeError, OutOfBoundsError, Snapshot, delta, wire)
 
 import reference
 from fuzzing import reseal

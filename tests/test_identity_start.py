@@ -1111,7 +1111,7 @@ def _keep_an_export(mem, i, n, how):
         "ctypeslib_as_array": lambda: np.ctypeslib.as_array(a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
                                                             (2000,)),
     }[how]()
-    del a, view
+    a = view = None  # the lambdas above ran already: nothing of the buffer is held here
     if how != "cycle_with_a_finalizer":  # garbage, not held
         _HELD.append(kept)
 

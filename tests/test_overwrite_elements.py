@@ -185,7 +185,8 @@ def test_threads_merged_in_order_match_the_reference(case):
         a, b = np.frombuffer(merged, np.uint8), np.frombuffer(expected, np.uint8)
         for r in regions:
             if r.op is MergeOp.MAX:
-                x, y = a[r.offset:r.offset + r.length].view(np.float64), b[r.offset:r.offset + r.length].view(np.float64)
+                span = slice(r.offset, r.offset + r.length)
+                x, y = a[span].view(np.float64), b[span].view(np.float64)
                 assert np.array_equal(x, y, equal_nan=True)
                 a, b = a.copy(), b.copy()
                 a[r.offset:r.offset + r.length] = b[r.offset:r.offset + r.length]

@@ -214,7 +214,7 @@ def test_fold_equals_diff_then_apply(dtype, op):
     acc_fold = orig.copy()
     acc_apply = Snapshot(orig.tobytes())
     dirty = np.array([1, 0, 1], np.uint8)
-    for t in range(3):
+    for _ in range(3):
         mem = orig.copy()
         flip = rng.integers(0, size, 200)
         mem[flip] = rng.integers(0, 256, 200, dtype=np.uint8) & (1 if dtype == "?" else 255)

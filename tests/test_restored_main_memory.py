@@ -941,7 +941,7 @@ def test_thread_scope_on_a_loaded_region_sees_only_this_threads_writes(huge_save
         other.join()
         assert np.flatnonzero(t.dirty_pages(loaded, "thread", reset=True)).tolist() == [5, 513]
         t.stop_thread(loaded)
-        del view
+        view = None  # released before the region closes
 
 
 def test_advise_huge_passes_on_a_failing_truth_test_and_refuses_a_closed_region_with_views():
@@ -987,7 +987,7 @@ def test_four_threads_first_writing_the_same_huge_pages_at_once_are_all_seen(hug
             thread.join()
         seen += _global(t, loaded)
         assert sorted(seen) == sorted(page for pages in mine for page in pages)
-        del view
+        view = None  # released before the region closes
 
 
 @pytest.mark.parametrize("mode", ["uffd", "uffd-async"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -67,8 +68,8 @@ def test_merge_region_validation():
         MergeRegion(0, 8, DataType.BOOL, MergeOp.PRODUCT)
     with pytest.raises(ValueError):
         MergeRegion(-1, 8)
-    with pytest.raises(Exception):
-        r.offset = 3  # type: ignore[misc]  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.offset = 3  # type: ignore[misc]
 
 
 def test_diff_batch_is_a_sequence():

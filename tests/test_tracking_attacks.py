@@ -170,7 +170,7 @@ def test_threads_sharing_one_tracker_never_see_another_tracker(mode_name):
                     errors.append(repr(exc))
             except BufferError:
                 pass  # shrinking while another thread holds a view
-            except Exception as exc:  # noqa: BLE001 - every other error is a finding
+            except Exception as exc:
                 errors.append(repr(exc))
 
     sys.setswitchinterval(1e-6)

@@ -236,9 +236,8 @@ def test_another_process_writing_shared_memory_is_not_seen(mode_name, backing):
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
         if backing == "memfd":  # an unrelated process maps the memfd and writes it
             path = f"/proc/{os.getpid()}/fd/{region._fd}"
-            code = ("import mmap, os; fd = os.open(%r, os.O_RDWR); "
-                    "m = mmap.mmap(fd, %d); m[%d] = 7; m.close()") % (path, 8 * PAGE_SIZE,
-                                                                     6 * PAGE_SIZE)
+            code = (f"import mmap, os; fd = os.open({path!r}, os.O_RDWR); "
+                    f"m = mmap.mmap(fd, {8 * PAGE_SIZE}); m[{6 * PAGE_SIZE}] = 7; m.close()")
             subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
         a = region.array()
         assert a[4 * PAGE_SIZE] == 9 and a[6 * PAGE_SIZE] == (7 if backing == "memfd" else 0)

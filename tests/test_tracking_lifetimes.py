@@ -5,13 +5,11 @@ subprocess and check the exit status and a clean stderr."""
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
 import textwrap
 import threading
 
-import numpy as np
 import pytest
 
 import pagefork
@@ -448,7 +446,7 @@ def test_thread_slot_limit_is_named():
         def hold() -> None:
             try:
                 t.start_thread(region)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
             started.release()
             release.wait()

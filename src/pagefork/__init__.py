@@ -17,7 +17,7 @@ if _native.VERSION != __version__:  # a stale build of the extension
         f"{__version__}: rebuild it (make test, or pip install .)"
     )
 
-from ._errors import (  # noqa: E402
+from ._errors import (
     ConflictError,
     CorruptDataError,
     MergeError,
@@ -26,17 +26,17 @@ from ._errors import (  # noqa: E402
     UnsupportedModeError,
     WorkerError,
 )
-from .memory import PAGE_SIZE, Region  # noqa: E402
-from .merge import DataType, MergeOp, MergeRegion  # noqa: E402
-from .diffs import Diff, DiffBatch  # noqa: E402
-from .snapshot import Snapshot  # noqa: E402
-from .tracking import MODES, Support, Tracker, TrackingFallbackWarning, probe, tracker  # noqa: E402
-from . import compact, delta, wire  # noqa: E402
-from . import checkpoint  # noqa: E402
-from .checkpoint import CheckpointInfo  # noqa: E402
-from .executor import BatchStats  # noqa: E402
-from .layout import ThreadMemory  # noqa: E402
-from .app import App  # noqa: E402
+from .memory import PAGE_SIZE, Region
+from .merge import DataType, MergeOp, MergeRegion
+from .diffs import Diff, DiffBatch
+from .snapshot import Snapshot
+from .tracking import MODES, Support, Tracker, TrackingFallbackWarning, probe, tracker
+from . import compact, delta, wire
+from . import checkpoint
+from .checkpoint import CheckpointInfo
+from .executor import BatchStats
+from .layout import ThreadMemory
+from .app import App
 
 __all__ = [
     "PAGE_SIZE",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import _thread
 import queue
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from .batch import Cancel
 

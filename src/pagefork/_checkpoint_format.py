@@ -20,7 +20,8 @@ import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
+from collections.abc import Iterator
 
 import numpy as np
 

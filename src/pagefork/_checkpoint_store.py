@@ -16,7 +16,8 @@ import os
 import re
 import secrets
 import stat
-from typing import Any, BinaryIO, Iterable, Protocol
+from typing import Any, BinaryIO, Protocol
+from collections.abc import Iterable
 
 from ._errors import CorruptDataError
 

@@ -19,7 +19,8 @@ import os
 import sys
 import traceback
 import weakref
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 __all__ = ["renewed_in_child", "leave_if_forked"]
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import faulthandler
 import functools
 import signal
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from . import _native
 

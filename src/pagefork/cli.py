@@ -7,7 +7,8 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from ._version import __version__
 

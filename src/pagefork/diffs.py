@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence, Union, overload
+from typing import Any, overload
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -206,7 +207,7 @@ class DiffBatch(Sequence[Diff]):
                                          bytes(self.data)))
 
 
-Batchable = Union[DiffBatch, Iterable[Diff]]
+Batchable = DiffBatch | Iterable[Diff]
 
 
 def _int_column(values: Any, dtype: type, what: str) -> np.ndarray:

@@ -20,7 +20,8 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -517,7 +518,8 @@ class Executor:
             finalizer.detach()
         backend, self.backend = self.backend, _ClosedBackend(self.backend.name)
         abandoned = backend.close(timeout) or 0
-        for name in ("_restore_tracker", "_main_tracker", "memory", "snapshot"):  # those that exist (__init__ may have failed)
+        # Those that exist (__init__ may have failed part-way).
+        for name in ("_restore_tracker", "_main_tracker", "memory", "snapshot"):
             part = getattr(self, name, None)
             if part is not None:
                 part.close()

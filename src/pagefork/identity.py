@@ -28,7 +28,8 @@ import pickle
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -25,7 +25,8 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import cloudpickle
 import zstandard

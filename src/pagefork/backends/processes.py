@@ -41,7 +41,8 @@ import sys
 import time
 import traceback
 from multiprocessing import connection, reduction
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import cloudpickle
 

@@ -25,7 +25,7 @@ import functools
 import queue
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .._cpus import available_cpus
 from .._limits import cannot_start, is_out_of_tasks

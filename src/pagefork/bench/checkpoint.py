@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

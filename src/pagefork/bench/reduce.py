@@ -29,7 +29,8 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -416,7 +417,7 @@ def tracked_changes_cost(size: int = 256 << 20, repeat: int = 1,
     rows: dict[str, dict] = {}
     import json
 
-    for r in range(repeat):
+    for _ in range(repeat):
         for mode, name in (("tracked", "Snapshot.tracked_changes()"), ("bytes", "bytes(snapshot.view())")):
             if progress:
                 progress(f"{name} after writing {size >> 20} MiB")

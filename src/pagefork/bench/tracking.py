@@ -12,7 +12,7 @@ import mmap
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
