@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"layout", "identity"},
     {"batch"},
     {"backends.threads", "backends.replies", "backends.combine", "backends.spawn", "backends.processes",
-     "backends.dask", "backends"},
+     "backends.dask", "backends._dask_worker", "backends"},
     {"_batch_thread", "executor"},
     {"_checkpoint_format", "_checkpoint_store", "_checkpoint_versions", "checkpoint"},
     {"app"},

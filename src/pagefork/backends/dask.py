@@ -1,6 +1,7 @@
 """The Dask backend: the threads a batch places on one Dask worker are one
 task there, run one after the other in a combining workspace (reductions
-combined on the worker first, see combine.py).
+combined on the worker first, see combine.py). The worker side (snapshot
+caches, the task itself) is in _dask_worker.py.
 
 Workers may be on other hosts, so they cannot map the snapshot's memfd.
 Each keeps a cache of snapshots keyed by (app, version), as an attribute
@@ -21,7 +22,6 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import threading
 import time
 import traceback
 import uuid
@@ -32,169 +32,19 @@ import cloudpickle
 import zstandard
 
 from .. import compact
-from .._errors import CorruptDataError, PageforkError
-from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome, thread_tracking_mode
+from .._errors import PageforkError
+from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
-from ..snapshot import Snapshot
-from ..tracking import probe
-from .combine import CombiningWorkspace
+from ._dask_worker import SnapshotMissing, _CacheEntry, compress_batch, decompress_batch, run_group
+from ._dask_worker import drop_cache as _drop_cache
 from .threads import group_by_slot
 
-__all__ = ["DaskBackend"]
+__all__ = ["DaskBackend", "SnapshotMissing", "compress_batch", "decompress_batch"]
 
 _MAX_ATTEMPTS = 3  # per task: a lost worker's threads re-run elsewhere
 
-
-class SnapshotMissing(Exception):
-    """A worker was asked to run a version it cannot build (it lost its cache)."""
-
-
-# ---- the worker side ------------------------------------------------------------
-
-
-class _CacheEntry:
-    """One app's snapshot on one worker, and thread memory for its tasks."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.version = -1
-        self.snapshot: Snapshot | None = None
-        self.spaces: list[CombiningWorkspace] = []
-
-    def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> Snapshot:
-        """Brings the snapshot to ``version`` and returns it. An App's versions
-        only grow, so an older one comes from a stale task (of a cancelled
-        batch, reaching the worker late): refused, as replacing the snapshot
-        would close it under the newer batch's running group."""
-        with self.lock:
-            if version < self.version:
-                raise SnapshotMissing(f"holds version {self.version}, newer than the stale {version}")
-            if self.version == version:
-                assert self.snapshot is not None
-                return self.snapshot
-            if kind == "full" and payload is not None:
-                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
-                old, self.snapshot = self.snapshot, Snapshot(data, max_size=max_size)
-                if old is not None:  # only now: a failure above keeps the old version usable
-                    old.close()
-            elif kind == "delta" and payload is not None and self.snapshot is not None:
-                base, changes = cloudpickle.loads(zstandard.ZstdDecompressor().decompress(payload))
-                if base != self.version:
-                    raise SnapshotMissing(f"holds version {self.version}, delta is from {base}")
-                self.snapshot._grow(size)
-                self.snapshot.apply(compact.decode(changes))
-            else:
-                raise SnapshotMissing(f"holds version {self.version}, needs {version}")
-            self.version = version
-            return self.snapshot
-
-    def workspace(self) -> CombiningWorkspace:
-        with self.lock:
-            return self.spaces.pop() if self.spaces else CombiningWorkspace()
-
-    def give_back(self, space: CombiningWorkspace) -> None:
-        with self.lock:
-            self.spaces.append(space)
-
-    def close(self) -> None:
-        with self.lock:
-            for space in self.spaces:
-                space.close()
-            self.spaces.clear()
-            if self.snapshot is not None:
-                self.snapshot.close()
-                self.snapshot = None
-            self.version = -1  # a group still holding the entry is told "missing"
-
-
-def _cache(app_id: str) -> _CacheEntry:
-    from distributed import get_worker
-
-    worker = get_worker()
-    lock = worker.__dict__.setdefault("_pagefork_lock", threading.Lock())
-    with lock:
-        caches = worker.__dict__.setdefault("_pagefork_snapshots", {})
-        return caches.setdefault(app_id, _CacheEntry())
-
-
-def _drop_cache(app_id: str, dask_worker: Any = None) -> None:
-    caches = getattr(dask_worker, "_pagefork_snapshots", {})
-    entry = caches.pop(app_id, None)
-    if entry is not None:
-        entry.close()
-
-
-def compress_batch(batch: DiffBatch | None) -> bytes:
-    """``batch`` compact-encoded and zstd-compressed, streamed: the diff data
-    goes to the compressor from the batch's own buffer."""
-    parts = compact.encode_parts(batch if batch is not None else DiffBatch())
-    size = sum(memoryview(p).nbytes for p in parts)
-    compressor = zstandard.ZstdCompressor(level=1).compressobj(size=size)
-    return b"".join([*(compressor.compress(p) for p in parts), compressor.flush()])
-
-
-def decompress_batch(blob: bytes, memory_size: int) -> DiffBatch:
-    """The batch :func:`compress_batch` made of diffs to a memory of
-    ``memory_size`` bytes. A frame claiming more than any such batch could
-    hold is refused before anything is allocated (CorruptDataError)."""
-    limit = 16 * memory_size + (1 << 20)  # data <= memory; a few token bytes per run of >= 1 byte
-    try:
-        claimed = zstandard.frame_content_size(blob)
-        if claimed < 0 or claimed > limit:
-            raise CorruptDataError(f"a compressed reply claims {claimed} bytes (-1: no size), not "
-                                   f"0 to {limit} as diffs of a {memory_size}-byte memory")
-        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=claimed)
-    except zstandard.ZstdError as exc:
-        raise CorruptDataError(f"a compressed reply is malformed: {exc}") from None
-    return compact.decode(data)
-
-
-def _run_group(app_id: str, version: int, size: int, max_size: int, kind: str, payload: Any,
-               program: bytes, indexes: list[int]) -> tuple:
-    """The threads ``indexes`` of a batch, on a worker: bring the cached
-    snapshot to ``version``, run them one after the other, combining what
-    combines. Replies ("ok", [(index, result, diffs, dirty pages, error)],
-    combined diffs or None, the worker's address), ("missing", why) or
-    ("error", why) when no thread could run."""
-    entry = _cache(app_id)
-    try:
-        snapshot = entry.update(version, size, max_size, kind, payload)
-    except SnapshotMissing as exc:
-        return ("missing", str(exc))
-    try:
-        paths, body = pickle.loads(program)
-        for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it
-            if path not in sys.path:
-                sys.path.append(path)
-        fn, args, n, layout, regions, mode = cloudpickle.loads(body)
-    except BaseException:
-        return ("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
-    if mode not in probe() or not probe()[mode].available:
-        mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
-    spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
-    replies: list[tuple] = []
-
-    def report(outcome: ThreadOutcome) -> None:
-        if outcome.error is None:
-            try:
-                replies.append((outcome.index, cloudpickle.dumps(outcome.result),
-                                compress_batch(outcome.diffs), outcome.dirty_pages, None))
-                return
-            except BaseException:
-                outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-        replies.append((outcome.index, None, None, outcome.dirty_pages, outcome.error))
-
-    space = entry.workspace()
-    try:
-        combined = space.run_combining(spec, indexes, report)
-        blob = None if combined is None else compress_batch(combined)
-    except BaseException:  # combining failed (e.g. no memory): the threads fail with it
-        return ("error", "the worker could not run or combine the threads:\n" + traceback.format_exc())
-    finally:
-        entry.give_back(space)
-    from distributed import get_worker
-
-    return ("ok", replies, blob, get_worker().address)
+# Kept importable from here (tests and client.run callers name them so).
+_ = (_CacheEntry, _drop_cache)
 
 
 def _absolute(path: str) -> str:
@@ -202,9 +52,6 @@ def _absolute(path: str) -> str:
         return os.path.abspath(path)
     except OSError:  # the working directory was deleted
         return path
-
-
-# ---- the client side ---------------------------------------------------------------
 
 
 class DaskBackend:
@@ -324,7 +171,7 @@ class DaskBackend:
                     receivers[key].add(address)
                     shipped += payloads[key][1]
             future = self.client.submit(
-                _run_group, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
+                run_group, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
                 key[0], payloads[key][0] if key in payloads else None, futures["program"], indexes,
                 workers=[address], allow_other_workers=True, pure=False)
             tasks[str(future.key)] = (indexes, address)
