@@ -568,6 +568,37 @@ def test_a_stale_full_snapshot_never_replaces_a_newer_one():
         entry.close()
 
 
+def test_a_whole_snapshot_unpacks_exactly_and_refuses_a_wrong_size():
+    """Decompressed in 4 MiB pieces straight into the memfd, zero pages
+    skipped: every byte as sent, for sizes that are no multiple of a piece or
+    a page; a payload shorter or longer than the size is CorruptDataError."""
+    import zstandard
+
+    from pagefork import CorruptDataError
+    from pagefork.backends._dask_worker import unpack_full
+
+    rng = np.random.default_rng(9)
+    size = (9 << 20) + 3 * PAGE_SIZE + 123
+    data = np.zeros(size, np.uint8)
+    for start in rng.integers(0, size - 5000, 40):  # scattered runs, some across piece borders
+        data[start: start + rng.integers(1, 5000)] = rng.integers(1, 256, dtype=np.uint8)
+    data[(4 << 20) - 1] = 7  # the last byte of the first piece
+    data[-1] = 9
+    pack = zstandard.ZstdCompressor(level=1).compress
+    snapshot = unpack_full(pack(data.tobytes()), size, 2 * size)
+    try:
+        assert snapshot.size == size and snapshot.max_size == 2 * size
+        assert snapshot.read() == data.tobytes()
+        assert len(snapshot.tracked_changes()) == 0
+    finally:
+        snapshot.close()
+    for wrong in (size - 1, size + 1):
+        with pytest.raises(CorruptDataError, match="whole snapshot holds"):
+            unpack_full(pack(data.tobytes()), wrong, 2 * size)
+    with pytest.raises(CorruptDataError):
+        unpack_full(b"\x28\xb5\x2f\xfd not zstd", size, size)
+
+
 def _slow_dense(mem, i, n, gate):
     """Writes everything, then waits for ``gate`` to exist (a stale group
     still running while the next batch runs on the same worker)."""

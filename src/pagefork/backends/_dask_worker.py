@@ -5,8 +5,9 @@ Workers may be on other hosts, so they cannot map the client's memfd. Each
 keeps a cache of snapshots keyed by (app, version), as an attribute of the
 Worker object (never in ``Worker.data``). A worker that does not hold the
 batch's version receives either the whole snapshot (first batch, or a
-worker that lost its cache) or a zstd-compressed delta: the ranges the
-snapshot changed since the version it holds.
+worker that lost its cache), zstd-compressed and decompressed straight into
+its memfd in bounded pieces, or a delta: the ranges the snapshot changed
+since the version it holds.
 """
 
 from __future__ import annotations
@@ -18,17 +19,22 @@ import traceback
 from typing import Any
 
 import cloudpickle
+import numpy as np
 import zstandard
 
 from .. import compact
 from .._errors import CorruptDataError
+from .._sizes import PAGE_SIZE, round_to_pages
 from ..batch import BatchSpec, ThreadOutcome, thread_tracking_mode
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from ..tracking import probe
 from .combine import CombiningWorkspace
 
-__all__ = ["SnapshotMissing", "compress_batch", "decompress_batch", "run_group", "drop_cache"]
+__all__ = ["SnapshotMissing", "compress_batch", "decompress_batch", "run_group", "drop_cache", "unpack_full"]
+
+#: Bytes a full snapshot is decompressed in at a time (one reused buffer).
+_PIECE = 4 << 20
 
 
 class SnapshotMissing(Exception):
@@ -45,7 +51,7 @@ class _CacheEntry:
         self.snapshot: Snapshot | None = None
         self.spaces: list[CombiningWorkspace] = []
 
-    def update(self, version: int, size: int, max_size: int, kind: str, payload: bytes | None) -> Snapshot:
+    def update(self, version: int, size: int, max_size: int, kind: str, payload: Any) -> Snapshot:
         """Brings the snapshot to ``version`` and returns it. An App's versions
         only grow, so an older one comes from a stale task (of a cancelled
         batch, reaching the worker late): refused, as replacing the snapshot
@@ -57,8 +63,7 @@ class _CacheEntry:
                 assert self.snapshot is not None
                 return self.snapshot
             if kind == "full" and payload is not None:
-                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
-                old, self.snapshot = self.snapshot, Snapshot(data, max_size=max_size)
+                old, self.snapshot = self.snapshot, unpack_full(payload, size, max_size)
                 if old is not None:  # only now: a failure above keeps the old version usable
                     old.close()
             elif kind == "delta" and payload is not None and self.snapshot is not None:
@@ -67,6 +72,7 @@ class _CacheEntry:
                     raise SnapshotMissing(f"holds version {self.version}, delta is from {base}")
                 self.snapshot._grow(size)
                 self.snapshot.apply(compact.decode(changes))
+                self.snapshot.clear_tracked_changes()  # nobody here reads them: they would only grow
             else:
                 raise SnapshotMissing(f"holds version {self.version}, needs {version}")
             self.version = version
@@ -89,6 +95,48 @@ class _CacheEntry:
                 self.snapshot.close()
                 self.snapshot = None
             self.version = -1  # a group still holding the entry is told "missing"
+
+
+def unpack_full(payload: Any, size: int, max_size: int) -> Snapshot:
+    """A snapshot of ``size`` bytes from a whole compressed snapshot,
+    decompressed straight into its memfd in bounded pieces (no copy of the
+    whole beside it). Zero pages are skipped: a fresh memfd reads as zeros
+    and holds no memory for them. CorruptDataError unless the payload
+    holds exactly ``size`` bytes."""
+    snapshot = Snapshot(size=size, max_size=max_size)
+    try:
+        buffer = bytearray(_PIECE)
+        piece = memoryview(buffer)
+        words = np.frombuffer(buffer, np.uint64).reshape(-1, PAGE_SIZE // 8)
+        at = 0
+        with zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False) as reader:
+            while at < size:
+                want = min(_PIECE, size - at)
+                got = 0
+                while got < want:
+                    n = reader.readinto(piece[got:want])
+                    if not n:
+                        raise CorruptDataError(f"a whole snapshot holds {at + got} bytes, not {size}")
+                    got += n
+                pages = round_to_pages(got) // PAGE_SIZE
+                buffer[got: pages * PAGE_SIZE] = bytes(pages * PAGE_SIZE - got)  # the last page's tail
+                written = np.flatnonzero(words[:pages].any(axis=1))
+                if written.size:  # runs of written pages, each copied once
+                    breaks = np.flatnonzero(np.diff(written) != 1) + 1
+                    for run in np.split(written, breaks):
+                        start, end = int(run[0]) * PAGE_SIZE, min(int(run[-1] + 1) * PAGE_SIZE, got)
+                        snapshot.write(piece[start:end], at + start)
+                at += got
+            if reader.read(1):
+                raise CorruptDataError(f"a whole snapshot holds more than {size} bytes")
+        snapshot.clear_tracked_changes()
+        return snapshot
+    except zstandard.ZstdError as exc:
+        snapshot.close()
+        raise CorruptDataError(f"a whole snapshot is malformed: {exc}") from None
+    except BaseException:
+        snapshot.close()
+        raise
 
 
 def _cache(app_id: str) -> _CacheEntry:
@@ -146,6 +194,10 @@ def run_group(app_id: str, version: int, size: int, max_size: int, kind: str, pa
         snapshot = entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:
         return ("missing", str(exc))
+    except CorruptDataError as exc:
+        from distributed import get_worker
+
+        return ("error", f"the Dask worker {get_worker().address} received a damaged snapshot: {exc}")
     try:
         paths, body = pickle.loads(program)
         for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it

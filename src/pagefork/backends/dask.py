@@ -112,12 +112,14 @@ class DaskBackend:
         return "full", None
 
     def _payload(self, spec: BatchSpec, kind: str, held: int | None) -> bytes:
-        """The payload itself, zstd-compressed."""
-        compress = zstandard.ZstdCompressor(level=1).compress
+        """The payload itself, zstd-compressed; a whole snapshot straight from
+        its memory (no copy of it first)."""
+        compressor = zstandard.ZstdCompressor(level=1)
         if kind == "delta":
             batch = DiffBatch.concat(self._changes[v] for v in self._recorded if v > (held or 0))
-            return compress(cloudpickle.dumps((held, compact.encode(batch))))
-        return compress(spec.snapshot.read())
+            return compressor.compress(cloudpickle.dumps((held, compact.encode(batch))))
+        with spec.snapshot.view() as view:
+            return compressor.compress(view)
 
     # -- running --
 
