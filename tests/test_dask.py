@@ -719,18 +719,21 @@ def test_a_restarted_worker_gets_deltas_again(tmp_path):
         assert a[:4].tolist() == [7, 7, 9, 9]
 
 
-def test_slots_follow_workers_that_left_and_came_back(client, monkeypatch):
-    with App("64KiB", backend="dask", client=client) as app:
-        backend = app._executor.backend
-        backend.addresses = ["a", "b", "c"]
-        for alive, expected in [(["a", "b", "c", "d"], ["a", "b", "c"]),  # nothing left
-                                (["a", "c"], ["a", "c", "c"]),             # b gone, nobody new yet
-                                (["a", "c", "e"], ["a", "c", "e"]),        # e started: a shared slot moves
-                                ([], ["a", "c", "e"]),                     # nobody: left to Dask
-                                (["f", "g"], ["f", "g", "f"])]:
-            monkeypatch.setattr(backend, "_alive", lambda alive=alive: alive)
-            backend._follow_workers()
-            assert backend.addresses == expected
+def test_slots_follow_workers_that_left_came_back_or_joined(client):
+    with App("64KiB", backend="dask", client=client) as app, \
+            App("64KiB", backend="dask", client=client, workers=3) as capped:
+        for backend in (app._executor.backend, capped._executor.backend):
+            backend.addresses = ["a", "b", "c"]
+        for alive, expected in [(["a", "b", "c", "d"], ["a", "b", "c", "d"]),  # d joined: a slot of its own
+                                (["a", "c"], ["a", "c", "c", "c"]),            # b, d gone, nobody new yet
+                                (["a", "c", "e"], ["a", "c", "e", "c"]),       # e started: a shared slot moves
+                                ([], ["a", "c", "e", "c"]),                    # nobody: left to Dask
+                                (["f", "g"], ["f", "g", "f", "g"])]:
+            app._executor.backend._follow_workers(alive)
+            assert app._executor.backend.addresses == expected
+            capped._executor.backend._follow_workers(alive)
+            assert capped._executor.backend.addresses == expected[:3]  # workers=3: never more slots
+        assert app._executor.backend.slots == 4 and capped._executor.backend.slots == 3
 
 
 def test_damaged_replies_are_corrupt_data_never_another_error():

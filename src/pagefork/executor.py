@@ -406,6 +406,9 @@ class Executor:
         stats.main_dirty_pages = self.carry_main_writes()
         regions = self.merge_regions(layout)
         t1 = time.perf_counter()
+        follow = getattr(self.backend, "follow_workers", None)
+        if follow is not None:  # a cluster's workers come and go: slots follow them before placing
+            follow(request.cancel)
         placement, stats.placement_cached = self.placement(n)
         spec = BatchSpec(fn, n, args, self.snapshot, layout, regions,
                          self.thread_mode, self.version,

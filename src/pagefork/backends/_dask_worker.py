@@ -2,12 +2,11 @@
 the task that runs a batch's threads there, and the replies it sends.
 
 Workers may be on other hosts, so they cannot map the client's memfd. Each
-keeps a cache of snapshots keyed by (app, version), as an attribute of the
-Worker object (never in ``Worker.data``). A worker that does not hold the
-batch's version receives either the whole snapshot (first batch, or a
-worker that lost its cache), zstd-compressed and decompressed straight into
-its memfd in bounded pieces, or a delta: the ranges the snapshot changed
-since the version it holds.
+keeps a cache of snapshots keyed by App, as an attribute of the Worker
+object (never in ``Worker.data``, which Dask may spill or evict). A worker
+that does not hold the batch's version receives the whole snapshot
+(zstd-compressed, decompressed straight into its memfd in bounded pieces)
+or a delta: the ranges that changed since the version it holds.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ _PIECE = 4 << 20
 
 class SnapshotMissing(Exception):
     """A worker was asked to run a version it cannot build (it lost its cache)."""
-
 
 
 class _CacheEntry:
@@ -139,10 +137,7 @@ def unpack_full(payload: Any, size: int, max_size: int) -> Snapshot:
         raise
 
 
-def _cache(app_id: str) -> _CacheEntry:
-    from distributed import get_worker
-
-    worker = get_worker()
+def _cache(worker: Any, app_id: str) -> _CacheEntry:
     lock = worker.__dict__.setdefault("_pagefork_lock", threading.Lock())
     with lock:
         caches = worker.__dict__.setdefault("_pagefork_snapshots", {})
@@ -183,21 +178,22 @@ def decompress_batch(blob: bytes, memory_size: int) -> DiffBatch:
 
 
 def run_group(app_id: str, version: int, size: int, max_size: int, kind: str, payload: Any,
-               program: bytes, indexes: list[int]) -> tuple:
+              program: bytes, indexes: list[int]) -> tuple:
     """The threads ``indexes`` of a batch, on a worker: bring the cached
     snapshot to ``version``, run them one after the other, combining what
     combines. Replies ("ok", [(index, result, diffs, dirty pages, error)],
     combined diffs or None, the worker's address), ("missing", why) or
     ("error", why) when no thread could run."""
-    entry = _cache(app_id)
+    from distributed import get_worker
+
+    worker = get_worker()
+    entry = _cache(worker, app_id)
     try:
         snapshot = entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:
         return ("missing", str(exc))
     except CorruptDataError as exc:
-        from distributed import get_worker
-
-        return ("error", f"the Dask worker {get_worker().address} received a damaged snapshot: {exc}")
+        return ("error", f"the Dask worker {worker.address} received a damaged snapshot: {exc}")
     try:
         paths, body = pickle.loads(program)
         for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it
@@ -229,6 +225,4 @@ def run_group(app_id: str, version: int, size: int, max_size: int, kind: str, pa
         return ("error", "the worker could not run or combine the threads:\n" + traceback.format_exc())
     finally:
         entry.give_back(space)
-    from distributed import get_worker
-
-    return ("ok", replies, blob, get_worker().address)
+    return ("ok", replies, blob, worker.address)

@@ -3,30 +3,37 @@ task there, run one after the other in a combining workspace (reductions
 combined on the worker first, see combine.py). The worker side (snapshot
 caches, the task itself) is in _dask_worker.py.
 
-Workers may be on other hosts, so they cannot map the snapshot's memfd.
-Each keeps a cache of snapshots keyed by (app, version), as an attribute
-of the Worker object (never in ``Worker.data``). A worker that does not
-hold the batch's version receives either the whole snapshot (first batch,
-or a worker that lost its cache) or a zstd-compressed delta: the ranges the
-snapshot changed since the version it holds, compact-encoded (pagefork.compact). Payloads travel
-as futures, not task arguments. Results come back as compressed compact-encoded
-DiffBatches (streamed into the compressor, never joined into one copy) and
-merge on the client like every other backend's. A lost worker's task runs
-again elsewhere, whole.
+A worker that does not hold the batch's snapshot version is sent the whole
+snapshot (first batch, or a worker that lost its cache) or a
+zstd-compressed delta: the ranges the snapshot changed since the version it
+holds, compact-encoded (pagefork.compact). Payloads travel as futures, not
+task arguments, from the client straight to the first worker that needs
+them and from worker to worker after that; replies come straight back
+(the scheduler relays no data, unless the client cannot reach the workers).
+Results come back as compressed compact-encoded DiffBatches and merge on
+the client like every other backend's. A lost worker's task runs again
+elsewhere, whole.
+
+Every wait is bounded and cancellable: calls to the scheduler and workers
+run on the client's event loop while the batch thread watches its Cancel
+and a deadline; a cluster without workers, or a client that lost its
+scheduler, fails the batch with a PageforkError.
 
 Install with ``pip install pagefork[dask]``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import pickle
 import sys
 import time
 import traceback
 import uuid
-from typing import Any
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import cloudpickle
 import zstandard
@@ -39,9 +46,21 @@ from ._dask_worker import SnapshotMissing, _CacheEntry, compress_batch, decompre
 from ._dask_worker import drop_cache as _drop_cache
 from .threads import group_by_slot
 
-__all__ = ["DaskBackend", "SnapshotMissing", "compress_batch", "decompress_batch"]
+__all__ = ["DaskBackend", "WAIT_FOR_WORKERS", "CALL_TIMEOUT", "SnapshotMissing", "compress_batch",
+           "decompress_batch"]
 
 _MAX_ATTEMPTS = 3  # per task: a lost worker's threads re-run elsewhere
+
+#: Seconds a batch waits for a cluster without workers to get one, or for a
+#: client that lost its scheduler to reconnect, before failing.
+WAIT_FOR_WORKERS = 20.0
+
+#: Seconds one exchange with the scheduler or a worker may take (plus the
+#: time its data takes at :data:`_SLOWEST_LINK` bytes per second).
+CALL_TIMEOUT = 30.0
+_SLOWEST_LINK = 20e6
+
+_T = TypeVar("_T")
 
 # Kept importable from here (tests and client.run callers name them so).
 _ = (_CacheEntry, _drop_cache)
@@ -54,9 +73,49 @@ def _absolute(path: str) -> str:
         return path
 
 
+class _Idle:
+    """Watches, while a batch waits, for a cluster with no running worker
+    (none, or all paused by Dask for lack of memory): Dask would keep the
+    batch's tasks waiting for one for good. Asks the scheduler about once a
+    second, without blocking the caller."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.query: concurrent.futures.Future | None = None
+        self.asked = time.monotonic()
+        self.since: float | None = None  # when a query first found no running worker
+
+    def check(self) -> None:
+        """Raises PageforkError once the cluster has had no running worker
+        for WAIT_FOR_WORKERS seconds."""
+        now = time.monotonic()
+        query = self.query
+        if query is not None and query.done():
+            self.query = None
+            running = None if query.cancelled() or query.exception() else query.result()
+            if running:
+                self.since = None
+            elif running is not None and self.since is None:
+                self.since = now
+            if self.since is not None and now - self.since > WAIT_FOR_WORKERS:
+                raise PageforkError(f"the Dask cluster has had no running workers for {WAIT_FOR_WORKERS:g} "
+                                    "s while the batch waited (none, or all paused for lack of memory); "
+                                    "nothing merged")
+        if self.query is None and now - self.asked > 1.0 and self.client.status == "running":
+            self.query = asyncio.run_coroutine_threadsafe(self.client.scheduler.ncores_running(),
+                                                          self.client.loop.asyncio_loop)
+            self.asked = now
+
+    def close(self) -> None:
+        if self.query is not None:
+            self.query.cancel()
+
+
 class DaskBackend:
     """Runs threads as Dask tasks; ``client`` is a ``distributed.Client`` or a
-    scheduler address; ``workers`` limits how many workers are used."""
+    scheduler address; ``workers`` limits how many workers are used (at
+    most that many slots; otherwise one slot per worker, following the
+    cluster as it grows)."""
 
     name = "dask"
     ships_changes = True  # later versions go to cached workers as deltas
@@ -70,17 +129,138 @@ class DaskBackend:
         if client is None:
             raise ValueError("backend='dask' needs client= (a distributed.Client or a scheduler address)")
         self._own_client = not isinstance(client, distributed.Client)
-        self.client = distributed.Client(client) if self._own_client else client
+        self.client: Any = distributed.Client(client) if self._own_client else client
         self._check_client()
-        addresses = self._alive()
+        addresses = self._alive(None)
         if not addresses:
             raise PageforkError("the Dask cluster has no workers")
+        self._limit = workers
         self.addresses = addresses[:workers] if workers else addresses
-        self.slots = len(self.addresses)
         self.app_id = uuid.uuid4().hex
+        # Straight to and from the workers unless the client was told not to
+        # (direct_to_workers=False) or cannot reach them (found at the first try).
+        self._direct = getattr(self.client, "direct_to_workers", None) is not False
         self._known: dict[str, int] = {}  # worker address -> snapshot version it holds
         self._recorded: list[int] = []    # versions whose changes are kept, oldest first
         self._changes: dict[int, DiffBatch] = {}  # version -> changes from the one before
+
+    @property
+    def slots(self) -> int:
+        return len(self.addresses)
+
+    # -- waiting on the client's event loop --
+
+    def _wait(self, make: Callable[[], Awaitable[_T]], cancel: Cancel | None, what: str,
+              timeout: float | None, watch: Callable[[], None] | None = None) -> _T:
+        """Runs ``make()`` on the client's event loop and waits for it,
+        raising Cancelled once ``cancel`` is set, PageforkError once the
+        client is closed or after ``timeout`` seconds (None: no deadline),
+        or what ``watch`` (called while waiting) raises; the coroutine is
+        cancelled in every case."""
+
+        async def call() -> _T:
+            return await make()
+
+        future = asyncio.run_coroutine_threadsafe(call(), self.client.loop.asyncio_loop)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                concurrent.futures.wait([future], POLL)
+                if future.done():
+                    return future.result()
+                if cancel is not None:
+                    cancel.check()
+                self._check_client()
+                if watch is not None:
+                    watch()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PageforkError(f"{what} took longer than {timeout:.0f} s; the Dask cluster "
+                                        "does not answer")
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _check_client(self) -> None:
+        """A closed client never completes anything: say so at once."""
+        status = getattr(self.client, "status", "running")
+        if status in ("closing", "closed") or status is None:
+            raise PageforkError(f"the Dask client is {status or 'closed'}: the App cannot run batches "
+                                "(create the App with a running distributed.Client)")
+
+    def _alive(self, cancel: Cancel | None, running: bool = False) -> list[str]:
+        """The cluster's workers now, sorted; ``running``: only those taking
+        tasks (not paused for lack of memory, not retiring). (``ncores``
+        lists them all; ``scheduler_info`` lists only five by default in
+        some versions.)"""
+        ask = self.client.scheduler.ncores_running if running else self.client.scheduler.ncores
+        workers = self._wait(lambda: ask(), cancel, "asking the Dask scheduler for its workers", CALL_TIMEOUT)
+        return sorted(workers)
+
+    def _workers(self, cancel: Cancel, running: bool = False) -> list[str]:
+        """:meth:`_alive`, waiting at most WAIT_FOR_WORKERS for there to be one."""
+        deadline = time.monotonic() + WAIT_FOR_WORKERS
+        while True:
+            alive = self._alive(cancel, running)
+            if alive:
+                return alive
+            if time.monotonic() > deadline:
+                which = ("running workers (none joined, or all are paused for lack of memory or retiring)"
+                         if running else "workers")
+                raise PageforkError(f"the Dask cluster has no {which} for {WAIT_FOR_WORKERS:g} s; start "
+                                    "workers, then run the batch again")
+            for _ in range(5):
+                cancel.check()
+                time.sleep(POLL)
+
+    def _connected(self, cancel: Cancel) -> None:
+        """Waits (at most WAIT_FOR_WORKERS) for a client that lost its
+        scheduler to reconnect."""
+        deadline = time.monotonic() + WAIT_FOR_WORKERS
+        while self.client.status != "running":
+            self._check_client()
+            cancel.check()
+            if time.monotonic() > deadline:
+                raise PageforkError(f"the Dask client has not reconnected to its scheduler in "
+                                    f"{WAIT_FOR_WORKERS:g} s (status {self.client.status!r}); "
+                                    "run the batch again once the scheduler is back")
+            time.sleep(POLL)
+
+    def follow_workers(self, cancel: Cancel) -> None:
+        """Brings the slots up to date with the cluster before a batch is
+        placed (the executor calls this first): workers that left are
+        replaced, workers that joined get slots. Waits at most
+        WAIT_FOR_WORKERS for a cluster without workers to get one."""
+        self._check_client()
+        self._connected(cancel)
+        self._follow_workers(self._workers(cancel))
+
+    def _follow_workers(self, alive: list[str]) -> None:
+        """Forgets workers that left the cluster, moves slots whose worker
+        left (a nanny restarts it under a new address) to live workers no
+        slot uses yet (the new worker's cache warms up again, where
+        submitting to the old address would send it the whole snapshot on
+        every batch), and gives workers that joined slots of their own, up
+        to ``workers=``. Slots never go away: a cached placement names
+        only slots that still exist."""
+        if not alive:
+            return
+        for gone in set(self._known) - set(alive):  # its version would pin every change since
+            del self._known[gone]
+        spare = [a for a in alive if a not in self.addresses]
+        moved: list[str] = []
+        for slot, address in enumerate(self.addresses):
+            if (address not in alive or address in moved) and spare:  # a shared one too, once
+                address = spare.pop(0)                                 # the new worker is up
+            elif address not in alive:
+                address = alive[slot % len(alive)]
+            moved.append(address)
+        room = len(spare) if self._limit is None else max(0, min(len(spare), self._limit - len(moved)))
+        self.addresses = moved + spare[:room]
+
+    def _other(self, address: str, cancel: Cancel) -> str:
+        """A running worker other than ``address`` if there is one."""
+        alive = self._workers(cancel, running=True)
+        return next((a for a in alive if a != address), alive[0])
 
     # -- payloads --
 
@@ -121,20 +301,39 @@ class DaskBackend:
         with spec.snapshot.view() as view:
             return compressor.compress(view)
 
-    # -- running --
+    def _scatter(self, blob: bytes, address: str, cancel: Cancel) -> tuple[Any, str]:
+        """A future holding ``blob`` on ``address`` (or another worker if it
+        left), sent straight there unless the client cannot reach workers;
+        returns it and the worker it went to."""
+        timeout = CALL_TIMEOUT + len(blob) / _SLOWEST_LINK
+        for attempt in range(_MAX_ATTEMPTS):
+            direct = self._direct
+            try:
+                future = self._wait(lambda: self.client._scatter(
+                    blob, workers=[address] if direct else None, direct=direct, hash=False,
+                    timeout=min(5.0, CALL_TIMEOUT)), cancel, "sending data to a Dask worker", timeout)
+                return future, address
+            except PageforkError:
+                raise
+            except Exception as exc:
+                if attempt == _MAX_ATTEMPTS - 1:
+                    raise PageforkError(f"cannot send data to the Dask workers: {exc!r}") from exc
+                alive = self._workers(cancel, running=True)
+                # Running but unreachable from here (a comm error, not "no valid
+                # workers"): send through the scheduler from now on.
+                if direct and address in alive and isinstance(exc, OSError) and "valid" not in str(exc):
+                    self._direct = False
+                else:
+                    address = next((a for a in alive if a != address), alive[0])
+        raise AssertionError("unreachable")
 
-    def _check_client(self) -> None:
-        """A closed client never completes anything: say so at once."""
-        status = getattr(self.client, "status", "running")
-        if status in ("closing", "closed") or status is None:
-            raise PageforkError(f"the Dask client is {status or 'closed'}: the App cannot run batches "
-                                "(create the App with a running distributed.Client)")
+    # -- running --
 
     def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
         from distributed import as_completed
 
         self._check_client()
-        self._follow_workers()
+        self._connected(cancel)
         try:
             body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
                                spec.tracking))
@@ -146,66 +345,70 @@ class DaskBackend:
         program = pickle.dumps((paths, body), protocol=pickle.HIGHEST_PROTOCOL)
         self._record(spec)
         shipped = 0
-        program_to: set[str] = set()  # workers the program (future) goes to
-        payloads: dict[tuple[str, int | None], tuple[Any, int]] = {}  # key -> (future, bytes)
-        futures = {"program": self._scatter(program)}
+        sent: dict[Any, tuple[Any, int, set[str]]] = {}  # key -> (future, bytes, workers it reaches)
+        tasks: dict[str, tuple[list[int], str]] = {}
+        submitted: list[Any] = []
 
-        def rescatter() -> None:
-            """Scattered data dies with the worker that held it: start over."""
-            futures["program"] = self._scatter(program)
-            payloads.clear()
-            receivers.clear()
-            program_to.clear()
-
-        receivers: dict[tuple[str, int | None], set[str]] = {}
+        def ship(key: Any, make: Callable[[], bytes], address: str) -> Any:
+            """The future of a payload (made once per batch) that ``address``
+            will read; counts what crosses the network to get it there."""
+            nonlocal shipped
+            if key not in sent:
+                blob = make()
+                future, target = self._scatter(blob, address, cancel)
+                sent[key] = (future, len(blob), {target})
+                shipped += len(blob) * (1 if self._direct else 2)  # the scheduler relays it once more
+            future, nbytes, reached = sent[key]
+            if address not in reached:  # from a worker holding it to this one
+                reached.add(address)
+                shipped += nbytes
+            return future
 
         def submit(indexes: list[int], address: str, full: bool = False) -> Any:
-            nonlocal shipped
-            if address not in program_to:  # Dask moves the program to each worker once
-                program_to.add(address)
-                shipped += len(program)
             key = self._payload_kind(spec, None if full else self._known.get(address))
-            if key[0] != "none":
-                if key not in payloads:  # one future per distinct payload
-                    blob = self._payload(spec, *key)
-                    payloads[key] = (self._scatter(blob), len(blob))
-                if address not in receivers.setdefault(key, set()):  # Dask moves it to each
-                    receivers[key].add(address)
-                    shipped += payloads[key][1]
+            program_future = ship("program", lambda: program, address)
+            payload = None if key[0] == "none" else ship(key, lambda: self._payload(spec, *key), address)
             future = self.client.submit(
                 run_group, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
-                key[0], payloads[key][0] if key in payloads else None, futures["program"], indexes,
+                key[0], payload, program_future, indexes,
                 workers=[address], allow_other_workers=True, pure=False)
             tasks[str(future.key)] = (indexes, address)
+            submitted.append(future)
             return future
 
         def fail(indexes: list[int], why: str) -> None:
             for i in indexes:
                 outcomes[i] = ThreadOutcome(i, error=why)
 
-        tasks: dict[str, tuple[list[int], str]] = {}
         attempts: dict[int, int] = {}  # first thread of a task -> times sent
         outcomes: dict[int, ThreadOutcome] = {}
-        groups = list(group_by_slot(placement).items())
-        submitted = [submit(indexes, self.addresses[slot]) for slot, indexes in groups]
-        attempts.update({indexes[0]: 1 for _, indexes in groups})
-        pending = as_completed(submitted)
+        groups = [(self.addresses[slot], indexes) for slot, indexes in group_by_slot(placement).items()]
         memory_size = spec.snapshot.max_size
+        idle = _Idle(self.client)
         try:
-            for future in self._completed(pending, cancel):
+            pending = as_completed([submit(indexes, address) for address, indexes in groups])
+            attempts.update({indexes[0]: 1 for _, indexes in groups})
+            for future in self._completed(pending, cancel, idle):
                 indexes, address = tasks[str(future.key)]
                 first = indexes[0]
                 try:
-                    reply = future.result()
+                    if future.status == "cancelled":
+                        self._cancelled(future)
+                    # No deadline (a reply may be large), but a lost worker's task waits
+                    # for another one to run it again: idle watches for none.
+                    reply = self._wait(lambda: self.client._gather([future], direct=self._direct), cancel,
+                                       "fetching a reply from a Dask worker", None, idle.check)[0]
+                except PageforkError:
+                    raise
                 except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
-                    self._check_client()
                     self._known.pop(address, None)
                     if attempts[first] < _MAX_ATTEMPTS:
                         attempts[first] += 1
+                        sent.clear()  # scattered data dies with the worker that held it: start over
                         try:
-                            rescatter()
-                            submitted.append(submit(indexes, self._other(address), full=True))
-                            pending.add(submitted[-1])
+                            pending.add(submit(indexes, self._other(address, cancel), full=True))
+                        except PageforkError:
+                            raise
                         except Exception as again:
                             fail(indexes, f"threads {indexes} were lost with their Dask worker and "
                                           f"could not be re-sent: {again!r}")
@@ -217,8 +420,7 @@ class DaskBackend:
                     self._known.pop(address, None)
                     if attempts[first] <= _MAX_ATTEMPTS:
                         attempts[first] += 1
-                        submitted.append(submit(indexes, address, full=True))
-                        pending.add(submitted[-1])
+                        pending.add(submit(indexes, address, full=True))
                     else:
                         fail(indexes, f"threads {indexes}: {reply[1]}")
                     continue
@@ -227,10 +429,11 @@ class DaskBackend:
                     continue
                 _, replies, blob, worker = reply
                 self._known[worker] = spec.version
+                relayed = 1 if self._direct else 2
                 for i, result, diffs, dirty, error in replies:
                     outcome = outcomes[i] = ThreadOutcome(i, dirty_pages=dirty, error=error)
                     if error is None:
-                        shipped += len(result) + len(diffs)
+                        shipped += (len(result) + len(diffs)) * relayed
                         try:
                             outcome.diffs = decompress_batch(diffs, memory_size)
                             outcome.result = cloudpickle.loads(result)
@@ -238,89 +441,68 @@ class DaskBackend:
                             outcome.error = ("cannot load the result on the client:\n"
                                              + traceback.format_exc())
                 if blob is not None:
-                    shipped += len(blob)
+                    shipped += len(blob) * relayed
                     try:
                         outcomes[first].combined = decompress_batch(blob, memory_size)
                     except Exception:
                         outcomes[first] = ThreadOutcome(first, error="cannot load the combined diffs on "
                                                         "the client:\n" + traceback.format_exc())
-        except BaseException:  # cancelled, or the client went away: stop the batch's tasks
-            try:
-                if getattr(self.client, "status", None) == "running":
-                    self.client.cancel(submitted, force=True)
-            except Exception:
-                pass
+        except BaseException:  # cancelled, failed, or the client went away: stop the batch's tasks
+            self._abandon(submitted)
             raise
+        finally:
+            idle.close()
         result = [outcomes[i] for i in sorted(outcomes)]
         if result:
             result[0].bytes_shipped = shipped
         return result
 
-    def _completed(self, pending: Any, cancel: Cancel) -> Any:
+    def _cancelled(self, future: Any) -> None:
+        """Raises why a task of the batch was cancelled: PageforkError if the
+        client lost its scheduler (its tasks are gone with it), otherwise
+        (data it needed was lost with a worker) an error that sends its
+        threads to another worker."""
+        self._check_client()
+        why = getattr(getattr(future, "_state", None), "exception", None)
+        reason = getattr(why, "reason", "")
+        if self.client.status != "running" or reason in ("scheduler-connection-lost", "scheduler-restart"):
+            raise PageforkError("the Dask client lost its connection to the scheduler during the batch "
+                                f"({reason or self.client.status}; restarted?), which dropped its tasks; "
+                                "nothing merged. The next batch runs once the client has reconnected")
+        raise RuntimeError(f"the task was cancelled on the Dask cluster: {why}")
+
+    def _abandon(self, futures: list[Any]) -> None:
+        """Cancels the batch's tasks, waiting a few seconds at most."""
+        if futures and getattr(self.client, "status", None) == "running":
+            try:
+                self._wait(lambda: self.client._cancel(futures, force=True), None, "cancelling tasks", 5.0)
+            except Exception:
+                pass
+
+    def _completed(self, pending: Any, cancel: Cancel, idle: _Idle) -> Any:
         """The futures of ``pending`` as they complete; raises Cancelled once
-        ``cancel`` is set and PageforkError once the client is closed."""
+        ``cancel`` is set, PageforkError once the client is closed or
+        ``idle`` finds no running worker."""
         condition = getattr(pending, "thread_condition", None)
         while not pending.is_empty():
-            if not pending.has_ready():
-                cancel.check()
-                self._check_client()
-                if condition is not None:
-                    with condition:
-                        if not pending.has_ready():
-                            condition.wait(POLL)
-                else:
-                    time.sleep(POLL / 10)
+            if pending.has_ready():
+                yield from pending.next_batch(block=False)
                 continue
-            yield from pending.next_batch(block=False)
-
-    def _scatter(self, blob: bytes) -> Any:
-        """A future holding ``blob``. Right after a worker dies the scheduler
-        may still pick it, so a failed scatter is retried for a few seconds."""
-        for attempt in range(20):
+            cancel.check()
             self._check_client()
-            try:
-                return self.client.scatter(blob, hash=False)
-            except Exception:
-                self._check_client()
-                if attempt == 19:
-                    raise
-                time.sleep(0.25)
-
-    def _alive(self) -> list[str]:
-        """The cluster's workers now, sorted (``nthreads`` lists them all;
-        ``scheduler_info`` lists only five by default in some versions)."""
-        return sorted(self.client.nthreads())
-
-    def _follow_workers(self) -> None:
-        """Forgets workers that left the cluster, and moves slots whose
-        worker left (a nanny restarts it under a new address) to live
-        workers no slot uses yet: the new worker's cache warms up again,
-        where submitting to the old address would send it the whole
-        snapshot on every batch."""
-        alive = self._alive()
-        if not alive:
-            return
-        for gone in set(self._known) - set(alive):  # its version would pin every change since
-            del self._known[gone]
-        spare = [a for a in alive if a not in self.addresses]
-        moved: list[str] = []
-        for slot, address in enumerate(self.addresses):
-            if (address not in alive or address in moved) and spare:  # a shared one too, once
-                address = spare.pop(0)                                 # the new worker is up
-            elif address not in alive:
-                address = alive[slot % len(alive)]
-            moved.append(address)
-        self.addresses = moved
-
-    def _other(self, address: str) -> str:
-        alive = self._alive()
-        others = [a for a in alive if a != address] or alive
-        return others[0] if others else address
+            idle.check()
+            if condition is not None:
+                with condition:
+                    if not pending.has_ready():
+                        condition.wait(POLL)
+            else:
+                time.sleep(POLL / 10)
 
     def close(self, timeout: float = 10.0) -> int:
         if getattr(self.client, "status", None) == "running":
             try:
-                self.client.run(_drop_cache, self.app_id)
+                self._wait(lambda: self.client._run(_drop_cache, self.app_id, on_error="ignore"), None,
+                           "dropping the App's snapshots on the workers", max(timeout, 1.0))
             except Exception:
                 pass
         if self._own_client:
