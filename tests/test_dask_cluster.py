@@ -287,6 +287,56 @@ def test_workers_added_later_get_slots():
         assert capped._executor.backend.slots == 1
 
 
+# ---- a killed client's snapshots on the workers (issue 23, item 9) -------------------------------
+
+KILLED_CLIENT = r'''
+import sys, time
+import numpy as np
+import distributed
+from pagefork import App
+
+client = distributed.Client(sys.argv[1])
+app = App("8MiB", backend="dask", client=client)
+a = app.alloc("a", 1 << 20, np.int64, merge="sum")
+a[:] = 5
+app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+print(app._executor.backend.app_id, flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_killed_clients_snapshots_are_freed_on_the_workers():
+    def _cached_apps(dask_worker):  # nested: sent by value, the workers cannot import this file
+        return sorted(getattr(dask_worker, "_pagefork_snapshots", {}))
+
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            App("1MiB", backend="dask", client=client) as mine:
+        mine.alloc("a", 4, np.int64, merge="sum")
+        mine.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        own = mine._executor.backend.app_id
+        clients = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, cluster.scheduler_address],
+                                    stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        try:
+            gone = [process.stdout.readline().strip() for process in clients]
+            assert all(gone), gone
+            assert all(set(gone) < set(apps) for apps in client.run(_cached_apps).values())
+        finally:
+            for process in clients:
+                process.kill()
+                process.wait()
+        deadline = time.monotonic() + 60
+        while any(set(gone) & set(apps) for apps in client.run(_cached_apps).values()):
+            assert time.monotonic() < deadline, client.run(_cached_apps)
+            time.sleep(0.2)
+        assert all(own in apps for apps in client.run(_cached_apps).values())  # a live App keeps its own
+        mine["a"][0] = 7
+        mine.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
+        assert mine.last_batch.bytes_shipped < 100_000  # a delta: its cache was kept
+        assert mine["a"].tolist() == [9, 4, 4, 4]
+
+
 # ---- what crosses the network (issue 23, item 10) ------------------------------------------------
 
 
@@ -321,6 +371,41 @@ def test_payloads_and_replies_go_straight_between_client_and_workers():
 
 
 # ---- a worker receiving the whole snapshot (issue 23, item 5) ------------------------------------
+
+SHORT_OF_MEMORY = r'''
+import sys
+import numpy as np
+import distributed
+from pagefork import App, PageforkError
+
+with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=1, memory_limit="256MiB",
+                              dashboard_address=None) as cluster, \
+        distributed.Client(cluster) as client:
+    (worker,) = client.nthreads()
+    with App("128MiB", backend="dask", client=client) as app:
+        a = app.alloc("a", 128 << 20, np.uint8)
+        a[:] = np.random.default_rng(0).integers(0, 256, a.size, dtype=np.uint8)
+        for attempt in range(2):  # the next batch says so again, it does not hang
+            try:
+                app.parallel(lambda mem, i, n: None, 1)
+                print("no error")
+            except PageforkError as exc:
+                print(type(exc).__name__, worker in str(exc), exc)
+    with App("4MiB", backend="dask", client=client) as small:  # what fits still runs
+        small.alloc("b", 4, np.int64, merge="sum")
+        small.parallel(lambda mem, i, n: mem["b"].__iadd__(1), 2)
+        print("small", small["b"].tolist())
+'''
+
+
+def test_a_worker_that_cannot_hold_the_snapshot_is_a_clear_error():
+    done = run_isolated(SHORT_OF_MEMORY, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and lines[2] == "small [2, 2, 2, 2]", done.stdout
+    for line in lines[:2]:
+        assert line.startswith("PageforkError True "), done.stdout
+        assert "cannot hold" in line and str(128 << 20) in line and "memory_limit" in line, line
 
 
 def test_a_worker_receiving_the_whole_snapshot_holds_it_once():

@@ -7,10 +7,17 @@ object (never in ``Worker.data``, which Dask may spill or evict). A worker
 that does not hold the batch's version receives the whole snapshot
 (zstd-compressed, decompressed straight into its memfd in bounded pieces)
 or a delta: the ranges that changed since the version it holds.
+
+A cached snapshot lives as long as its App's *lease*: a small task the
+App's client holds on the scheduler. Each worker asks the scheduler now
+and then whether the leases of its cached Apps still exist, and drops the
+snapshots of those that do not (a client that was killed, or an App
+dropped without close), so they do not stay until the worker restarts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import sys
 import threading
@@ -30,10 +37,16 @@ from ..snapshot import Snapshot
 from ..tracking import probe
 from .combine import CombiningWorkspace
 
-__all__ = ["SnapshotMissing", "compress_batch", "decompress_batch", "run_group", "drop_cache", "unpack_full"]
+__all__ = ["SnapshotMissing", "compress_batch", "decompress_batch", "run_group", "hold_lease",
+           "worker_room", "drop_cache", "LEASE_CHECK_SECONDS"]
+
+#: How often a worker holding snapshots checks that their Apps' leases exist.
+LEASE_CHECK_SECONDS = 3.0
 
 #: Bytes a full snapshot is decompressed in at a time (one reused buffer).
 _PIECE = 4 << 20
+
+_WATCH = "pagefork-leases"  # the worker's periodic callback checking the leases
 
 
 class SnapshotMissing(Exception):
@@ -48,6 +61,7 @@ class _CacheEntry:
         self.version = -1
         self.snapshot: Snapshot | None = None
         self.spaces: list[CombiningWorkspace] = []
+        self.lease = ""  # key of the App's lease on the scheduler ("" : none)
 
     def update(self, version: int, size: int, max_size: int, kind: str, payload: Any) -> Snapshot:
         """Brings the snapshot to ``version`` and returns it. An App's versions
@@ -137,11 +151,16 @@ def unpack_full(payload: Any, size: int, max_size: int) -> Snapshot:
         raise
 
 
-def _cache(worker: Any, app_id: str) -> _CacheEntry:
+def _cache(worker: Any, app_id: str, lease: str) -> _CacheEntry:
     lock = worker.__dict__.setdefault("_pagefork_lock", threading.Lock())
     with lock:
         caches = worker.__dict__.setdefault("_pagefork_snapshots", {})
-        return caches.setdefault(app_id, _CacheEntry())
+        entry = caches.get(app_id)
+        if entry is None:
+            entry = caches[app_id] = _CacheEntry()
+            worker.loop.add_callback(_watch_leases, worker)
+        entry.lease = lease  # a client that reconnected holds a new one
+        return entry
 
 
 def drop_cache(app_id: str, dask_worker: Any = None) -> None:
@@ -150,6 +169,70 @@ def drop_cache(app_id: str, dask_worker: Any = None) -> None:
     entry = caches.pop(app_id, None)
     if entry is not None:
         entry.close()
+
+
+def hold_lease() -> None:
+    """The lease task: its result is nothing; that the scheduler knows its
+    key while the App's client holds it is the point."""
+    return None
+
+
+def _watch_leases(worker: Any) -> None:
+    """Starts the worker's lease check, once (on the worker's event loop)."""
+    if _WATCH in worker.periodic_callbacks or worker.status.name in ("closing", "closed"):
+        return
+    from tornado.ioloop import PeriodicCallback
+
+    callback = PeriodicCallback(lambda: _drop_expired(worker), LEASE_CHECK_SECONDS * 1000)
+    worker.periodic_callbacks[_WATCH] = callback  # stopped with the worker's own
+    callback.start()
+
+
+async def _drop_expired(worker: Any) -> None:
+    """Drops the snapshots of Apps whose lease the scheduler no longer knows."""
+    leases = {app: e.lease for app, e in list(getattr(worker, "_pagefork_snapshots", {}).items()) if e.lease}
+    if not leases:
+        return
+    try:
+        known = await worker.scheduler.get_task_status(keys=sorted(set(leases.values())))
+    except Exception:  # scheduler unreachable: try again next time (or the worker closes)
+        return
+    for app, lease in leases.items():
+        if known.get(lease) is None:
+            # In a thread: closing waits for a group that is decompressing into it.
+            await asyncio.get_running_loop().run_in_executor(None, _drop_if_leased, worker, app, lease)
+
+
+def _drop_if_leased(worker: Any, app: str, lease: str) -> None:
+    entry = getattr(worker, "_pagefork_snapshots", {}).get(app)
+    if entry is not None and entry.lease == lease:  # not renewed meanwhile
+        drop_cache(app, worker)
+
+
+def worker_room(dask_worker: Any = None) -> tuple[int, float, int]:
+    """(memory_limit, the fraction of it at which Dask pauses or kills the
+    worker, the process memory it uses now) for this worker; a limit of 0
+    means none."""
+    import dask
+
+    limit = int(getattr(dask_worker.memory_manager, "memory_limit", None) or 0)
+    fractions = [dask.config.get(f"distributed.worker.memory.{name}", False) for name in ("pause", "terminate")]
+    usable = min([float(f) for f in fractions if f] or [1.0])
+    return limit, usable, int(dask_worker.monitor.get_process_memory())
+
+
+def room_problem(address: str, room: tuple[int, float, int], size: int, payload: int = 0) -> str:
+    """Why a worker with ``room`` (see :func:`worker_room`) cannot take a
+    whole snapshot of ``size`` bytes (``payload``: compressed bytes it has
+    yet to receive), or ""."""
+    limit, usable, used = room
+    if not limit or used + payload + size <= usable * limit:
+        return ""
+    also = f" and {payload} bytes of compressed payload" if payload else ""
+    return (f"the Dask worker {address} cannot hold the App's snapshot: it needs {size} bytes{also} "
+            f"on top of the {used} bytes its process uses, over {usable:.0%} of its memory_limit of "
+            f"{limit} bytes, where Dask pauses or restarts it. Give the workers a larger memory_limit "
+            "or use a smaller App")
 
 
 def compress_batch(batch: DiffBatch | None) -> bytes:
@@ -177,17 +260,22 @@ def decompress_batch(blob: bytes, memory_size: int) -> DiffBatch:
     return compact.decode(data)
 
 
-def run_group(app_id: str, version: int, size: int, max_size: int, kind: str, payload: Any,
+def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, kind: str, payload: Any,
               program: bytes, indexes: list[int]) -> tuple:
     """The threads ``indexes`` of a batch, on a worker: bring the cached
     snapshot to ``version``, run them one after the other, combining what
     combines. Replies ("ok", [(index, result, diffs, dirty pages, error)],
-    combined diffs or None, the worker's address), ("missing", why) or
-    ("error", why) when no thread could run."""
+    combined diffs or None, the worker's address), ("missing", why),
+    ("refused", why) when the worker cannot hold the snapshot, or ("error",
+    why) when no thread could run."""
     from distributed import get_worker
 
     worker = get_worker()
-    entry = _cache(worker, app_id)
+    entry = _cache(worker, app_id, lease)
+    if kind == "full" and entry.version != version:
+        problem = room_problem(worker.address, worker_room(worker), size)
+        if problem:
+            return ("refused", problem)
     try:
         snapshot = entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:

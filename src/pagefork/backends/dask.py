@@ -1,7 +1,7 @@
 """The Dask backend: the threads a batch places on one Dask worker are one
 task there, run one after the other in a combining workspace (reductions
 combined on the worker first, see combine.py). The worker side (snapshot
-caches, the task itself) is in _dask_worker.py.
+caches, leases, the task itself) is in _dask_worker.py.
 
 A worker that does not hold the batch's snapshot version is sent the whole
 snapshot (first batch, or a worker that lost its cache) or a
@@ -42,7 +42,8 @@ from .. import compact
 from .._errors import PageforkError
 from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
-from ._dask_worker import SnapshotMissing, _CacheEntry, compress_batch, decompress_batch, run_group
+from ._dask_worker import (SnapshotMissing, _CacheEntry, compress_batch, decompress_batch, hold_lease,
+                           room_problem, run_group, worker_room)
 from ._dask_worker import drop_cache as _drop_cache
 from .threads import group_by_slot
 
@@ -59,6 +60,11 @@ WAIT_FOR_WORKERS = 20.0
 #: time its data takes at :data:`_SLOWEST_LINK` bytes per second).
 CALL_TIMEOUT = 30.0
 _SLOWEST_LINK = 20e6
+
+#: Whole snapshots at least this large are sent only after the workers
+#: receiving them said they have room (one round trip); smaller ones are
+#: checked by the task on the worker.
+_CHECK_ROOM_FROM = 16 << 20
 
 _T = TypeVar("_T")
 
@@ -140,6 +146,8 @@ class DaskBackend:
         # Straight to and from the workers unless the client was told not to
         # (direct_to_workers=False) or cannot reach them (found at the first try).
         self._direct = getattr(self.client, "direct_to_workers", None) is not False
+        self._leases = 0
+        self._lease: Any = None
         self._known: dict[str, int] = {}  # worker address -> snapshot version it holds
         self._recorded: list[int] = []    # versions whose changes are kept, oldest first
         self._changes: dict[int, DiffBatch] = {}  # version -> changes from the one before
@@ -262,6 +270,18 @@ class DaskBackend:
         alive = self._workers(cancel, running=True)
         return next((a for a in alive if a != address), alive[0])
 
+    # -- leases --
+
+    def _renew_lease(self) -> str:
+        """The key of the App's lease, submitted again if the scheduler lost
+        it (a client that reconnected to a restarted scheduler)."""
+        lease = self._lease
+        if lease is None or lease.status in ("cancelled", "lost", "error"):
+            self._leases += 1
+            self._lease = self.client.submit(hold_lease, key=f"pagefork-lease-{self.app_id}-{self._leases}",
+                                             pure=False)
+        return str(self._lease.key)
+
     # -- payloads --
 
     def _record(self, spec: BatchSpec) -> None:
@@ -301,6 +321,18 @@ class DaskBackend:
         with spec.snapshot.view() as view:
             return compressor.compress(view)
 
+    def _check_room(self, addresses: Sequence[str], size: int, payload: int, cancel: Cancel) -> None:
+        """Refuses (PageforkError) to send a whole snapshot to workers whose
+        memory_limit leaves no room for it: Dask would pause the worker
+        (and the batch would wait for good) or restart it."""
+        rooms = self._wait(lambda: self.client._run(worker_room, workers=list(addresses), on_error="return"),
+                           cancel, "asking Dask workers for their memory", CALL_TIMEOUT)
+        for address, room in sorted(rooms.items()):
+            if isinstance(room, tuple):  # a worker that left meanwhile answers an error
+                problem = room_problem(address, room, size, payload)
+                if problem:
+                    raise PageforkError(problem)
+
     def _scatter(self, blob: bytes, address: str, cancel: Cancel) -> tuple[Any, str]:
         """A future holding ``blob`` on ``address`` (or another worker if it
         left), sent straight there unless the client cannot reach workers;
@@ -334,6 +366,7 @@ class DaskBackend:
 
         self._check_client()
         self._connected(cancel)
+        lease = self._renew_lease()
         try:
             body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
                                spec.tracking))
@@ -349,12 +382,14 @@ class DaskBackend:
         tasks: dict[str, tuple[list[int], str]] = {}
         submitted: list[Any] = []
 
+        made: dict[Any, bytes] = {}  # payloads made before they are sent (to check room first)
+
         def ship(key: Any, make: Callable[[], bytes], address: str) -> Any:
             """The future of a payload (made once per batch) that ``address``
             will read; counts what crosses the network to get it there."""
             nonlocal shipped
             if key not in sent:
-                blob = make()
+                blob = made.pop(key, None) or make()
                 future, target = self._scatter(blob, address, cancel)
                 sent[key] = (future, len(blob), {target})
                 shipped += len(blob) * (1 if self._direct else 2)  # the scheduler relays it once more
@@ -369,7 +404,7 @@ class DaskBackend:
             program_future = ship("program", lambda: program, address)
             payload = None if key[0] == "none" else ship(key, lambda: self._payload(spec, *key), address)
             future = self.client.submit(
-                run_group, self.app_id, spec.version, spec.snapshot.size, spec.snapshot.max_size,
+                run_group, self.app_id, lease, spec.version, spec.snapshot.size, spec.snapshot.max_size,
                 key[0], payload, program_future, indexes,
                 workers=[address], allow_other_workers=True, pure=False)
             tasks[str(future.key)] = (indexes, address)
@@ -386,6 +421,11 @@ class DaskBackend:
         memory_size = spec.snapshot.max_size
         idle = _Idle(self.client)
         try:
+            full = sorted({a for a, _ in groups if self._payload_kind(spec, self._known.get(a))[0] == "full"})
+            if full and spec.snapshot.size >= _CHECK_ROOM_FROM:
+                blob = made[("full", None)] = self._payload(spec, "full", None)
+                self._check_room(full, spec.snapshot.size, len(blob), cancel)
+                del blob
             pending = as_completed([submit(indexes, address) for address, indexes in groups])
             attempts.update({indexes[0]: 1 for _, indexes in groups})
             for future in self._completed(pending, cancel, idle):
@@ -416,6 +456,8 @@ class DaskBackend:
                         fail(indexes, f"threads {indexes} were lost {attempts[first]} times with their "
                                       f"Dask worker; last: {exc!r}")
                     continue
+                if reply[0] == "refused":
+                    raise PageforkError(reply[1])
                 if reply[0] == "missing":  # the worker lost its cache: send it everything
                     self._known.pop(address, None)
                     if attempts[first] <= _MAX_ATTEMPTS:
@@ -504,6 +546,12 @@ class DaskBackend:
                 self._wait(lambda: self.client._run(_drop_cache, self.app_id, on_error="ignore"), None,
                            "dropping the App's snapshots on the workers", max(timeout, 1.0))
             except Exception:
+                pass
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                lease.release()  # the workers drop what the call above missed
+            except Exception:  # the client is gone: so is the lease
                 pass
         if self._own_client:
             self.client.close(timeout=max(timeout, 1.0))
