@@ -296,15 +296,15 @@ def test_main_memory_read_but_not_written_is_not_remapped_by_a_checkpoint(tmp_pa
         app.checkpoint(tmp_path)
         executor = app._executor
         remaps = []
-        real = executor._remap_main
-        executor._remap_main = lambda: (remaps.append(1), real())[1]
+        real = executor._window
+        executor._window = lambda: (remaps.append(1), real())[1]
         int(a.sum())  # reads map every page
         app.checkpoint(tmp_path)
         assert remaps == []
         a[5 * PAGE_SIZE] = 9  # a main-program write: carried and remapped
         info = app.checkpoint(tmp_path)
         assert remaps == [1] and info.pages == 1
-        del executor._remap_main
+        del executor._window
         expected = a.copy()
     with App.restore(tmp_path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"batch"},
     {"backends.threads", "backends.replies", "backends.combine", "backends.spawn", "backends.processes",
      "backends.dask", "backends._dask_worker", "backends"},
-    {"_batch_thread", "executor"},
+    {"_main_memory", "_batch_thread", "executor"},
     {"_checkpoint_format", "_checkpoint_store", "_checkpoint_versions", "checkpoint"},
     {"app"},
     {"demo", "bench", "bench.tracking", "bench.diffs", "bench.executor", "bench.reduce", "bench.checkpoint",

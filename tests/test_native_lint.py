@@ -45,7 +45,7 @@ def test_every_read_only_protection_has_an_unprotect_path():
 def test_signal_handler_stays_async_signal_safe():
     text = (NATIVE / "segfault.c").read_text()
     handler = dict(functions(text))
-    for name in ("on_segv", "chain", "is_write_fault", "mark_all", "take_default_action"):
+    for name in ("on_segv", "chain", "is_write_fault", "mark_all", "take_default_action", "park_if_held"):
         body = handler[name]
         for forbidden in ("malloc", "calloc", "free(", "Py", "printf", "pthread_mutex", "fopen",
                           "pf_altstack", "pf_pinned", "pf_spans", "opendir"):

@@ -206,6 +206,15 @@ class Tracker:
             self._call(region, "start", create=True)
             self._epochs[id(region)] = next(_epoch_counter)
 
+    def _start_fresh(self, region: Region) -> None:
+        """:meth:`start` on memory its owner has just mapped from its file
+        (the executor, after a window): for ``cow`` a page copied since then
+        is a write to report, not memory that was never freshly mapped."""
+        with self._lock:
+            self._epochs.pop(id(region), None)
+            self._call(region, "start_fresh", create=True)
+            self._epochs[id(region)] = next(_epoch_counter)
+
     def stop(self, region: Region) -> None:
         """Stops whole-process tracking of ``region``; its flags stay readable."""
         with self._lock:

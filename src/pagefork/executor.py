@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from . import _native
+from . import _main_memory, _native
 from ._batch_thread import Request, manage
-from ._errors import ConflictError, MergeError, PageforkError, UnsupportedModeError, WorkerError
+from ._errors import ConflictError, PageforkError, UnsupportedModeError, WorkerError
 from ._kernel_state import refuse_pinned
 from ._limits import cannot_start, is_out_of_tasks
 from ._sizes import PAGE_SIZE, round_to_pages
@@ -104,6 +104,9 @@ class Executor:
             self._main_tracker = tracker(self._main_mode)
             # Set between a restore and the snapshot's fill (see begin_restore).
             self._restore_tracker: Tracker | None = None
+            # Main memory's tracking failed to re-arm: every page counts as
+            # written until a window re-arms it (carried whole, saved whole).
+            self._all_written = False
             self._remap_main()
         except BaseException:  # Ctrl-C included: release what exists
             self._release(0.0)
@@ -136,6 +139,8 @@ class Executor:
     # ---- main memory ---------------------------------------------------------
 
     def _remap_main(self) -> None:
+        """Maps main memory from the snapshot and tracks it; only while no
+        other thread can have it (the App is being made or restored)."""
         self.snapshot.map_to(self.memory)
         mode = mode_for_new_mapping(self._main_mode)  # not cow under mlockall(MCL_FUTURE)
         if mode != self._main_tracker.mode:
@@ -143,8 +148,42 @@ class Executor:
             self._main_tracker = tracker(mode)
         self._main_tracker.start(self.memory)
 
-    def _main_dirty(self) -> np.ndarray:
-        return self._main_tracker.dirty_pages(self.memory, "global")
+    def _window(self, batches: Sequence[DiffBatch] = (),
+                closing: Sequence[Tracker] = ()) -> _main_memory.Window:
+        """Carries main memory's written pages into the snapshot, merges
+        ``batches`` and maps main memory again, its other writers held
+        (see _main_memory); notes the pages carried. ``closing``: trackers
+        whose tracking of main memory ends with the old mapping."""
+        stopping = list(closing)
+        mode = mode_for_new_mapping(self._main_mode)  # not cow under mlockall(MCL_FUTURE)
+        switching = mode != self._main_tracker.mode
+        if switching and self._main_tracker._epoch(self.memory) is not None:
+            stopping.append(self._main_tracker)
+        done = _main_memory.window(self.memory, self.snapshot, batches=batches, closing=stopping,
+                                   carry_all=self._all_written)
+        if switching:
+            self._main_tracker.close()
+            self._main_tracker = tracker(mode)
+        self._all_written = done.tracking_error is not None
+        if self._all_written:
+            try:  # the window stopped it for good: a later window starts it again
+                self._main_tracker.close()
+            except (PageforkError, OSError):
+                pass
+            _main_memory.warn_tracking_lost(str(done.tracking_error))
+        elif not closing and self._main_tracker._epoch(self.memory) is None:
+            self._start_main_tracking()  # a new mode, or it could not start before
+        self._note_carried(done.carried)
+        return done
+
+    def _start_main_tracking(self) -> None:
+        """Starts main memory's tracker on a window's new mapping; failing,
+        every page counts as written until a window re-arms it."""
+        try:
+            self._main_tracker._start_fresh(self.memory)
+        except (PageforkError, OSError) as exc:
+            self._all_written = True
+            _main_memory.warn_tracking_lost(str(exc))
 
     def carry_main_writes(self) -> int:
         """Carries the main program's writes since the last batch into the
@@ -155,22 +194,20 @@ class Executor:
         nobody reads)."""
         refuse_pinned(self.memory, "a batch, checkpoint or resize")
         if self._restore_tracker is not None:
-            dirty = self._fill_snapshot()
-        else:
-            dirty = self._main_dirty()
-            if dirty.any():
-                self.snapshot.write_pages(self.memory, dirty)
-                # Drops the private copies and re-arms tracking. Unwritten,
-                # main memory already shows the snapshot with tracking armed,
-                # and a remap would cost every page the program has mapped (a
-                # checkpoint after the program read all of its memory, for nothing).
-                self._remap_main()
-        n = int(np.count_nonzero(dirty))
-        if n:
+            return self._fill_snapshot()
+        if self._all_written or _main_memory.written_pages(self.memory, self._main_tracker).any():
+            # Unwritten, main memory shows the snapshot with tracking armed: a
+            # window would cost every page mapped, for nothing. A write after
+            # this look is a private copy, carried by the next window.
+            return int(np.count_nonzero(self._window().carried))
+        return 0
+
+    def _note_carried(self, dirty: np.ndarray) -> None:
+        """Flags the pages a window carried as unsaved (a new version)."""
+        if dirty.any():
             self._unsaved[: dirty.size] |= dirty
             self.version += 1
             self._forget_unshipped_changes()
-        return n
 
     def _forget_unshipped_changes(self) -> None:
         """The snapshot records every range written into it (tracked_changes)
@@ -227,20 +264,25 @@ class Executor:
             return None
         return restore_tracker
 
-    def _fill_snapshot(self) -> np.ndarray:
+    def _fill_snapshot(self) -> int:
         """Copies restored main memory into the empty snapshot and maps main
-        memory from it again. Returns the pages the program wrote since the
-        restore (copied again if written during the fill)."""
-        assert self._restore_tracker is not None
-        self.snapshot._fill_from(self.memory)
-        dirty = self._restore_tracker.dirty_pages(self.memory, "global")
-        if dirty.any():
-            self.snapshot.write_pages(self.memory, dirty)
+        memory from it again. Returns how many pages the program wrote since
+        the restore (copied again, in the window, if written during the fill)."""
+        restore_tracker = self._restore_tracker
+        assert restore_tracker is not None
+        self.snapshot._fill_from(self.memory)  # writers run on, tracked
+        # In main memory's own mode the restore tracker tracks on (armed on
+        # the new mapping in the window); another (uffd-async for cow) stops.
+        adopt = restore_tracker.mode == mode_for_new_mapping(self._main_mode)
+        if adopt:
+            self._main_tracker.close()
+            self._main_tracker = restore_tracker
+        carried = self._window(closing=() if adopt else (restore_tracker,)).carried
         self.snapshot.clear_tracked_changes()  # workers get the whole snapshot anyway
-        self._restore_tracker.close()
         self._restore_tracker = None
-        self._remap_main()
-        return dirty
+        if not adopt:
+            self._start_main_tracking()
+        return int(np.count_nonzero(carried))
 
     def _note_merged(self, batch: DiffBatch) -> None:
         """Flags the pages a merged batch changed (IGNORE diffs change
@@ -262,12 +304,14 @@ class Executor:
         self._unsaved[: round_to_pages(self.snapshot.size) // PAGE_SIZE] = False
 
     def resize(self, size: int) -> None:
-        """Grows main memory and the snapshot in place (contents kept).
+        """Grows main memory and the snapshot in place (contents kept): the
+        new pages map the snapshot's new (zero) pages, the others stay as
+        they are, written pages included (the next window carries them).
         Call on the batch thread (``call``)."""
-        self.carry_main_writes()
+        if self._restore_tracker is not None:
+            self.carry_main_writes()  # main memory is not the snapshot's mapping yet: fill it
         self.snapshot._grow(size)
-        self.memory.resize(size)
-        self._remap_main()
+        self.memory._grow_file(self.snapshot._memory._fd, round_to_pages(size))
         self.version += 1
 
     # ---- batches ---------------------------------------------------------------
@@ -438,30 +482,30 @@ class Executor:
         stats.dirty_pages = sum(o.dirty_pages for o in outcomes)
         if not request.begin_commit():
             raise Cancelled()
-        # Main memory written while the batch ran (other Python threads, or
-        # thread functions writing the App's arrays directly): carried first,
-        # as if written just before the batch, then the threads' changes.
-        if self._main_dirty().any():
-            stats.main_dirty_pages += self.carry_main_writes()
-        batches = products_as_overwrites(batches, layout.values(), self.snapshot)
-        try:
-            self.snapshot.apply_batches(batches)  # checked first: all or nothing
-        except MergeError:
-            self.last_batch = stats
-            raise
-        for batch in batches:
-            self._note_merged(batch)
-        self._forget_unshipped_changes()
+        remap = 0.0
+        # Nothing to merge: main memory stays as it is (it maps the unchanged
+        # snapshot with tracking armed; its writes are carried by the next
+        # window). Else main memory written while the batch ran (other Python
+        # threads, or thread functions writing the App's arrays directly) is
+        # carried first, as if written just before the batch, then the
+        # threads' changes merge, in one window (_main_memory). Identity
+        # products read the carried values.
         if stats.diffs:
+            if any(a.start == "identity" and a.merge is MergeOp.PRODUCT for a in layout.values()):
+                _main_memory.carry_without_remap(self.memory, self.snapshot, self._main_tracker)
+            batches = products_as_overwrites(batches, layout.values(), self.snapshot)
+            done = self._window(batches)  # the merge checked first: all or nothing
+            stats.main_dirty_pages += int(np.count_nonzero(done.carried))
+            if done.refused is not None:
+                self.last_batch = stats
+                raise done.refused
+            for batch in batches:
+                self._note_merged(batch)
+            self._forget_unshipped_changes()
             self.version += 1
-        t3 = time.perf_counter()
-        # Nothing merged: main memory still maps the snapshot as it is, with
-        # tracking armed (a carry remapped it), so a remap would only drop
-        # the main program's latest writes and cost its mapped pages again.
-        if stats.diffs:
-            self._remap_main()
+            remap = done.seconds[3]  # the new mapping, its arming and the writers' wake-up
         t4 = time.perf_counter()
-        stats.times = {"carry": t1 - t0, "run": t2 - t1, "merge": t3 - t2, "remap": t4 - t3}
+        stats.times = {"carry": t1 - t0, "run": t2 - t1, "merge": t4 - t2 - remap, "remap": remap}
         self.last_batch = stats
         return [o.result for o in outcomes]
 

@@ -299,6 +299,39 @@ static PyObject *mapping_map_anonymous(PfMapping *self, PyObject *args)
     return remap_start(self, -1, length, 0, huge);
 }
 
+/* _grow_file(fd, size): grows a private region whose pages so far all map
+ * a file (a snapshot, Snapshot.map_to) to `size`, mapping the file's pages
+ * [old size, size) privately over the reservation, so the pages it had
+ * stay as they are (written ones too). Trackings arm the new pages. */
+static PyObject *mapping_grow_file(PfMapping *self, PyObject *args)
+{
+    int fd;
+    Py_ssize_t new_size;
+    if (!PyArg_ParseTuple(args, "in", &fd, &new_size))
+        return NULL;
+    if (check_open(self) != 0)
+        return NULL;
+    if (fd < 0 || new_size < 0 || (size_t)new_size > self->max_size || new_size % (Py_ssize_t)pf_page_size) {
+        PyErr_SetString(PyExc_ValueError, "_grow_file: a file and whole pages within max_size");
+        return NULL;
+    }
+    if (self->fd >= 0 || self->shared || self->file_end < self->size) {
+        PyErr_SetString(PyExc_ValueError, "_grow_file: only on a private region mapped from a file");
+        return NULL;
+    }
+    size_t n = (size_t)new_size;
+    if (n <= self->size)
+        Py_RETURN_NONE;
+    if (map_fixed_file(self, self->size, n, fd, 0) != 0)
+        return NULL;
+    self->file_end = n;
+    self->size = n;
+    for (PfTracking *t = self->trackings; t != NULL; t = t->next)
+        if (pf_tracking_resize(t, n / pf_page_size) != 0)
+            return NULL;
+    Py_RETURN_NONE;
+}
+
 /* _advise_huge(huge): MADV_HUGEPAGE (memory about to be filled whole, where
  * 2 MiB faults beat 4 KiB ones) or back to MADV_NOHUGEPAGE (so khugepaged
  * builds no new huge pages in memory that is tracked page by page; those it
@@ -404,6 +437,7 @@ static PyMethodDef mapping_methods[] = {
     {"_resize", (PyCFunction)mapping_resize, METH_VARARGS, NULL},
     {"_map_file", (PyCFunction)mapping_map_file, METH_VARARGS, NULL},
     {"_map_anonymous", (PyCFunction)mapping_map_anonymous, METH_VARARGS, NULL},
+    {"_grow_file", (PyCFunction)mapping_grow_file, METH_VARARGS, NULL},
     {"_advise_huge", (PyCFunction)mapping_advise_huge, METH_O, NULL},
     {"_close", (PyCFunction)mapping_close, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},

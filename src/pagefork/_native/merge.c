@@ -7,6 +7,7 @@
 #include "pagefork.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #define IS_NAN(x) ((x) != (x))
@@ -66,6 +67,112 @@ static const typed_ops typed[PF_N_DTYPES] = {
     [PF_FLOAT32] = OPS(apply_f32), [PF_FLOAT64] = OPS(apply_f64),
 };
 
+/* Checks every diff of `c` against a target of `size` bytes, of which the
+ * first `mapped` can be read at `dst` (a check may allow bytes up to `size`
+ * past the mapping: memory about to grow, reading as zero). Returns 0, or
+ * PF_MERGE_BAD_INDEX (out of bounds), PF_MERGE_BAD_VALUE (malformed) or
+ * PF_MERGE_BAD_PRODUCT (PRODUCT over a zero) with the reason in `why`.
+ * Touches no Python object: executor windows check without giving up the
+ * GIL (window.c). */
+int pf_merge_check(const pf_diff_columns *c, const uint8_t *dst, size_t mapped, size_t size,
+                   char *why, size_t why_len)
+{
+    size_t n = c->n, used = 0;
+    const int64_t *off = c->offsets, *len = c->lengths;
+    const uint8_t *dt = c->dtypes, *op = c->ops;
+    for (size_t i = 0; i < n; i++) {
+        if (pf_op_valid(dt[i], op[i]) != 0) {
+            snprintf(why, why_len, "diff %zu: invalid dtype/op codes %d/%d", i, dt[i], op[i]);
+            return PF_MERGE_BAD_VALUE;
+        }
+        if (off[i] < 0 || len[i] < 0 || (uint64_t)len[i] > (uint64_t)c->data_len - used ||
+            (uint64_t)off[i] > size || (uint64_t)len[i] > size - (uint64_t)off[i]) {
+            snprintf(why, why_len, "diff %zu at offset %lld, %lld bytes, is outside the %zu bytes "
+                     "it applies to", i, (long long)off[i], (long long)len[i], size);
+            return PF_MERGE_BAD_INDEX;
+        }
+        int typed_op = pf_op_is_typed(op[i]);
+        size_t k = (size_t)pf_itemsize[dt[i]];
+        if (typed_op && (size_t)len[i] % k != 0) {
+            snprintf(why, why_len, "diff %zu: %lld bytes is not a whole number of %zu-byte values", i,
+                     (long long)len[i], k);
+            return PF_MERGE_BAD_VALUE;
+        }
+        if (op[i] == PF_PRODUCT && len[i] > 0) {
+            size_t in_map = (size_t)off[i] >= mapped ? 0 : mapped - (size_t)off[i];
+            if (in_map > (size_t)len[i])
+                in_map = (size_t)len[i];
+            ssize_t z = typed[dt[i]].find_zero(dst + off[i], in_map / k);
+            long long at = z >= 0 ? (long long)(off[i] + z * (ssize_t)k)
+                                  : (in_map < (size_t)len[i] ? (long long)(off[i] + (int64_t)in_map) : -1);
+            if (at >= 0) { /* bytes past the mapped end read as zero */
+                snprintf(why, why_len, "PRODUCT at offset %lld: the value it multiplies is zero", at);
+                return PF_MERGE_BAD_PRODUCT;
+            }
+        }
+        used += (size_t)len[i];
+    }
+    if (used != c->data_len) {
+        snprintf(why, why_len, "apply: data length does not match the diff lengths");
+        return PF_MERGE_BAD_VALUE;
+    }
+    return 0;
+}
+
+/* Applies the checked diffs of `c` to dst, in order. No Python: callers may
+ * run it without the GIL. */
+void pf_merge_write(const pf_diff_columns *c, uint8_t *dst)
+{
+    size_t n = c->n, at = 0;
+    const int64_t *off = c->offsets, *len = c->lengths;
+    const uint8_t *dt = c->dtypes, *op = c->ops, *src = c->data;
+    for (size_t i = 0; i < n; i++) {
+        size_t l = (size_t)len[i];
+        uint8_t *d = dst + off[i];
+        /* Scattered diffs miss the cache one after another: ask ahead
+         * (a prefetch never faults, whatever the address). */
+        if (i + PREFETCH_AHEAD < n)
+            __builtin_prefetch(dst + off[i + PREFETCH_AHEAD], 1);
+        switch (op[i]) {
+        case PF_OVERWRITE: memmove(d, src + at, l); break; /* data may alias the target */
+        case PF_XOR:
+            for (size_t j = 0; j < l; j++)
+                d[j] ^= src[at + j];
+            break;
+        case PF_IGNORE: break;
+        default: typed[dt[i]].apply(d, src + at, l / (size_t)pf_itemsize[dt[i]], op[i]);
+        }
+        at += l;
+    }
+}
+
+/* The columns of buffers as pf_diff_columns; -1 with ValueError when their
+ * lengths disagree. */
+int pf_diff_columns_of(pf_diff_columns *c, const Py_buffer *offsets, const Py_buffer *lengths,
+                       const Py_buffer *dtypes, const Py_buffer *ops, const Py_buffer *data)
+{
+    size_t n = (size_t)dtypes->len;
+    if (offsets->len != (Py_ssize_t)(n * 8) || lengths->len != offsets->len || ops->len != dtypes->len) {
+        PyErr_SetString(PyExc_ValueError, "apply: malformed diff columns");
+        return -1;
+    }
+    c->n = n;
+    c->offsets = offsets->buf;
+    c->lengths = lengths->buf;
+    c->dtypes = dtypes->buf;
+    c->ops = ops->buf;
+    c->data = data->buf;
+    c->data_len = (size_t)data->len;
+    return 0;
+}
+
+/* The exception pf_merge_check's answer stands for. */
+PyObject *pf_merge_error_type(int problem)
+{
+    return problem == PF_MERGE_BAD_INDEX ? PyExc_IndexError
+           : problem == PF_MERGE_BAD_PRODUCT ? PyExc_ArithmeticError : PyExc_ValueError;
+}
+
 /* apply(target, offsets, lengths, dtypes, ops, data, check_only=False, limit=-1, done=None)
  * Raises IndexError (bounds), ValueError (malformed) or ArithmeticError
  * (PRODUCT over a zero) before writing anything. A check may allow bytes up
@@ -95,75 +202,21 @@ PyObject *pf_apply(PyObject *self, PyObject *args)
             goto done;
         }
     }
-    size_t n = (size_t)dtypes.len;
-    const int64_t *off = offsets.buf, *len = lengths.buf;
-    const uint8_t *dt = dtypes.buf, *op = ops.buf, *src = data.buf;
+    pf_diff_columns c;
+    if (pf_diff_columns_of(&c, &offsets, &lengths, &dtypes, &ops, &data) != 0)
+        goto done;
     uint8_t *dst = target.buf;
     size_t mapped = (size_t)target.len;
     size_t size = check_only && limit > target.len ? (size_t)limit : mapped;
-    if (offsets.len != (Py_ssize_t)(n * 8) || lengths.len != offsets.len || ops.len != dtypes.len) {
-        PyErr_SetString(PyExc_ValueError, "apply: malformed diff columns");
-        goto done;
-    }
-    size_t used = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (pf_op_valid(dt[i], op[i]) != 0) {
-            PyErr_Format(PyExc_ValueError, "diff %zu: invalid dtype/op codes %d/%d", i, dt[i], op[i]);
-            goto done;
-        }
-        if (off[i] < 0 || len[i] < 0 || (uint64_t)len[i] > (uint64_t)data.len - used ||
-            (uint64_t)off[i] > size || (uint64_t)len[i] > size - (uint64_t)off[i]) {
-            PyErr_Format(PyExc_IndexError, "diff %zu at offset %lld, %lld bytes, is outside the "
-                         "%zu bytes it applies to", i, (long long)off[i], (long long)len[i], size);
-            goto done;
-        }
-        int typed_op = pf_op_is_typed(op[i]);
-        size_t k = (size_t)pf_itemsize[dt[i]];
-        if (typed_op && (size_t)len[i] % k != 0) {
-            PyErr_Format(PyExc_ValueError, "diff %zu: %lld bytes is not a whole number of %zu-byte "
-                         "values", i, (long long)len[i], k);
-            goto done;
-        }
-        if (op[i] == PF_PRODUCT && len[i] > 0) {
-            size_t in_map = (size_t)off[i] >= mapped ? 0 : mapped - (size_t)off[i];
-            if (in_map > (size_t)len[i])
-                in_map = (size_t)len[i];
-            ssize_t z = typed[dt[i]].find_zero(dst + off[i], in_map / k);
-            long long at = z >= 0 ? (long long)(off[i] + z * (ssize_t)k)
-                                  : (in_map < (size_t)len[i] ? (long long)(off[i] + (int64_t)in_map) : -1);
-            if (at >= 0) { /* bytes past the mapped end read as zero */
-                PyErr_Format(PyExc_ArithmeticError, "PRODUCT at offset %lld: the value it "
-                             "multiplies is zero", at);
-                goto done;
-            }
-        }
-        used += (size_t)len[i];
-    }
-    if (used != (size_t)data.len) {
-        PyErr_SetString(PyExc_ValueError, "apply: data length does not match the diff lengths");
+    char why[256];
+    int problem = pf_merge_check(&c, dst, mapped, size, why, sizeof why);
+    if (problem) {
+        PyErr_SetString(pf_merge_error_type(problem), why);
         goto done;
     }
     if (!check_only) {
         Py_BEGIN_ALLOW_THREADS
-        size_t at = 0;
-        for (size_t i = 0; i < n; i++) {
-            size_t l = (size_t)len[i];
-            uint8_t *d = dst + off[i];
-            /* Scattered diffs miss the cache one after another: ask ahead
-             * (a prefetch never faults, whatever the address). */
-            if (i + PREFETCH_AHEAD < n)
-                __builtin_prefetch(dst + off[i + PREFETCH_AHEAD], 1);
-            switch (op[i]) {
-            case PF_OVERWRITE: memmove(d, src + at, l); break; /* data may alias the target */
-            case PF_XOR:
-                for (size_t j = 0; j < l; j++)
-                    d[j] ^= src[at + j];
-                break;
-            case PF_IGNORE: break;
-            default: typed[dt[i]].apply(d, src + at, l / (size_t)pf_itemsize[dt[i]], op[i]);
-            }
-            at += l;
-        }
+        pf_merge_write(&c, dst);
         Py_END_ALLOW_THREADS
         if (done.buf != NULL)
             *(uint8_t *)done.buf = 1;

@@ -61,6 +61,10 @@ static PyMethodDef native_methods[] = {
      "delta_check(state, chunk, old_len, new_len, final): checks a body piece by piece"},
     {"_scribble", pf_scribble, METH_VARARGS,
      "_scribble(address, n_pages, slot, first_seq, count, seed) -> seed: native-speed test writes."},
+    {"_write_sequence", pf_write_sequence, METH_VARARGS,
+     "_write_sequence(address, count, first, gap_ns, stop) -> writes: a GIL-free writer for tests."},
+    {"_set_window_pause", pf_set_window_pause, METH_O,
+     "Hold every executor window's merge open this many seconds (tests)."},
     {"_segfault_reassert", pf_segfault_reassert, METH_NOARGS,
      "Put the segfault-mode SIGSEGV handler back on top after Python code replaced it."},
     {"compact_encode", pf_compact_encode, METH_VARARGS,
@@ -81,6 +85,11 @@ static PyMethodDef native_methods[] = {
      "Whether memory mapped now is locked and populated at once (mlockall(MCL_FUTURE))."},
     {"_segfault_suspend", pf_segfault_suspend, METH_NOARGS,
      "Before Python code replaces the SIGSEGV handler: make segfault-tracked memory writable."},
+    {"window", pf_window, METH_VARARGS,
+     "window(memory, snapshot, fd, flags, scan, merges, closing, hold): carry, merge and map "
+     "main memory again with its other writers held (see window.c)"},
+    {"hold_probe", pf_hold_probe, METH_NOARGS,
+     "hold_probe() -> (userfaultfd holds writers here, why not, kernel writes held too)"},
     {"_set_uffd_feature_mask", native_set_uffd_feature_mask, METH_O,
      "Hide userfaultfd features (a bit mask to keep); tests use it to act like older kernels."},
     {"_set_pagemap_scan", native_set_pagemap_scan, METH_O,
@@ -103,7 +112,8 @@ PyMODINIT_FUNC PyInit__native(void)
     static int hooks_added;
     if (!hooks_added) {
         if (pf_registry_add_fork_hook(pf_uffd_forget_after_fork) < 0 ||
-            pf_registry_add_fork_hook(pf_uffd_async_forget_after_fork) < 0) {
+            pf_registry_add_fork_hook(pf_uffd_async_forget_after_fork) < 0 ||
+            pf_registry_add_fork_hook(pf_window_forget_after_fork) < 0) {
             PyErr_SetString(PyExc_RuntimeError, "pagefork: too many fork hooks");
             return NULL;
         }

@@ -224,6 +224,15 @@ int pf_tracking_region_remapped(PfTracking *t);
 int pf_tracking_resize(PfTracking *t, size_t n_pages);
 /* tracking.c: collects kernel state that a remap would discard. */
 int pf_tracking_before_remap(PfTracking *t);
+/* tracking.c, for executor windows (window.c), GIL held: whether t tracks the
+ * whole process now (and in which mode); ORs the pages it saw written into
+ * `flags` (n pages; every page for "none"); after the memory was mapped
+ * again, clears its flags and arms the new mapping (cow: the mapping is the
+ * arming); closes it for good. -1 with an exception set on failure. */
+int pf_tracking_global_mode(PfTracking *t); /* -1 when not tracking globally */
+int pf_tracking_read_into(PfTracking *t, uint8_t *flags, size_t n);
+int pf_tracking_rearm_fresh(PfTracking *t);
+int pf_tracking_close(PfTracking *t);
 
 /* ---- mechanisms ----------------------------------------------------------
  * Each returns 0 on success or -1 with a Python exception set. Ranges are in
@@ -266,6 +275,7 @@ enum pf_pagemap_kind {
     PF_PAGEMAP_SOFT_DIRTY,  /* soft-dirty bit set */
     PF_PAGEMAP_UNPROTECTED, /* no userfaultfd write-protection (PAGE_IS_WRITTEN) */
     PF_PAGEMAP_ZAPPED,      /* unprotected and unpopulated: dropped by madvise */
+    PF_PAGEMAP_COW_PRESENT, /* a private copy mapped now (a swapped one is left out) */
 };
 /* Marks in `out` (one byte per page) the pages of [start, start + n pages)
  * that match `kind`. Uses PAGEMAP_SCAN when the kernel has it, else
@@ -276,6 +286,14 @@ ssize_t pf_pagemap_find(uintptr_t start, size_t n_pages, int kind, uint8_t *out)
  * number of pages returned, or -1 with errno. */
 ssize_t pf_pagemap_scan(uintptr_t start, uintptr_t end, struct pm_scan_arg *tmpl, uint8_t *out);
 int pf_pagemap_scan_available(void);
+
+/* segfault.c: writers held for an executor window (window.c). The range is
+ * made read-only; a write fault there parks the faulting thread on a futex
+ * in the SIGSEGV handler until pf_segfault_unhold. Returns the hold's slot,
+ * or -1 with an exception set. unhold makes the range writable again only
+ * with `unprotect` (when nothing was mapped over it meanwhile). */
+int pf_segfault_hold(uintptr_t start, size_t len);
+void pf_segfault_unhold(int slot, int unprotect);
 
 /* uffd.c / uffd_async.c: process-wide descriptors and probes. */
 int pf_uffd_open(int features, int *got_features, int *user_mode_only);
@@ -373,6 +391,24 @@ static inline uint8_t *pf_batch_add(pf_batch *b, int64_t offset, size_t length, 
 PyObject *pf_batch_finish(pf_batch *b);
 void pf_batch_free(pf_batch *b);
 
+/* The columns of a DiffBatch (merge.c). */
+typedef struct {
+    size_t n;
+    const int64_t *offsets;
+    const int64_t *lengths;
+    const uint8_t *dtypes;
+    const uint8_t *ops;
+    const uint8_t *data;
+    size_t data_len;
+} pf_diff_columns;
+enum { PF_MERGE_BAD_INDEX = 1, PF_MERGE_BAD_VALUE, PF_MERGE_BAD_PRODUCT };
+int pf_diff_columns_of(pf_diff_columns *c, const Py_buffer *offsets, const Py_buffer *lengths,
+                       const Py_buffer *dtypes, const Py_buffer *ops, const Py_buffer *data);
+int pf_merge_check(const pf_diff_columns *c, const uint8_t *dst, size_t mapped, size_t size,
+                   char *why, size_t why_len);
+void pf_merge_write(const pf_diff_columns *c, uint8_t *dst);
+PyObject *pf_merge_error_type(int problem);
+
 PyObject *pf_diff(PyObject *self, PyObject *args);
 PyObject *pf_identity_diff(PyObject *self, PyObject *args);
 PyObject *pf_apply(PyObject *self, PyObject *args);
@@ -389,6 +425,8 @@ PyObject *pf_delta_apply(PyObject *self, PyObject *args);
 PyObject *pf_delta_check(PyObject *self, PyObject *args);
 #define PF_DELTA_CHECK_STATE 40 /* bytes of delta_check's state */
 PyObject *pf_scribble(PyObject *self, PyObject *args);
+PyObject *pf_write_sequence(PyObject *self, PyObject *args);
+PyObject *pf_set_window_pause(PyObject *self, PyObject *arg);
 PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused);
 PyObject *pf_compact_encode(PyObject *self, PyObject *args);
 PyObject *pf_compact_decode(PyObject *self, PyObject *args);
@@ -398,5 +436,8 @@ PyObject *pf_keep_changed(PyObject *self, PyObject *args);
 PyObject *pf_fold(PyObject *self, PyObject *args);
 PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused);
 PyObject *pf_new_mappings_locked(PyObject *self, PyObject *unused);
+PyObject *pf_window(PyObject *self, PyObject *args);
+PyObject *pf_hold_probe(PyObject *self, PyObject *args);
+void pf_window_forget_after_fork(void);
 
 #endif

@@ -121,6 +121,9 @@ static ssize_t read_entries(uintptr_t start, size_t n_pages, int kind, uint8_t *
             case PF_PAGEMAP_COW: /* KSM's zero page is not the file's either */
                 match = mapped && !(e & PM_ENTRY_FILE);
                 break;
+            case PF_PAGEMAP_COW_PRESENT:
+                match = (e & PM_ENTRY_PRESENT) && !(e & PM_ENTRY_FILE);
+                break;
             case PF_PAGEMAP_SOFT_DIRTY:
                 match = mapped && (e & PM_ENTRY_SOFT_DIRTY);
                 break;
@@ -160,6 +163,14 @@ ssize_t pf_pagemap_find(uintptr_t start, size_t n_pages, int kind, uint8_t *out)
         arg.category_inverted = PAGE_IS_FILE;
         arg.category_mask = PAGE_IS_FILE;
         arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+        break;
+    case PF_PAGEMAP_COW_PRESENT:
+        /* Under userfaultfd write-protection an unpopulated page of a file
+         * mapping holds a marker that reads as swapped and not the file's:
+         * only present pages tell a copy from a marker. */
+        arg.category_inverted = PAGE_IS_FILE;
+        arg.category_mask = PAGE_IS_PRESENT | PAGE_IS_FILE;
+        arg.return_mask = PAGE_IS_PRESENT;
         break;
     case PF_PAGEMAP_SOFT_DIRTY:
         arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;

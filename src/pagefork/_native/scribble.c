@@ -5,6 +5,9 @@
  */
 #include "pagefork.h"
 
+#include <errno.h>
+#include <time.h>
+
 /* _scribble(address, n_pages, slot, first_seq, count, seed) -> next seed */
 PyObject *pf_scribble(PyObject *self, PyObject *args)
 {
@@ -29,4 +32,37 @@ PyObject *pf_scribble(PyObject *self, PyObject *args)
     }
     Py_END_ALLOW_THREADS
     return PyLong_FromUnsignedLongLong(x);
+}
+
+/* _write_sequence(address, count, first, gap_ns, stop) -> writes done:
+ * writes first + k into the k-th 8-byte slot from `address`, one after the
+ * other, `gap_ns` apart, without the GIL, until `count` are written or the
+ * byte `stop` (a writable buffer) is set. A writer that keeps running
+ * through whatever other threads do meanwhile; every value it wrote is
+ * where it wrote it unless a write was lost. */
+PyObject *pf_write_sequence(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long address, count, first;
+    long long gap_ns;
+    Py_buffer stop;
+    if (!PyArg_ParseTuple(args, "KKKLw*", &address, &count, &first, &gap_ns, &stop))
+        return NULL;
+    if (stop.len < 1 || gap_ns < 0) {
+        PyBuffer_Release(&stop);
+        PyErr_SetString(PyExc_ValueError, "_write_sequence: a stop byte and a gap >= 0 needed");
+        return NULL;
+    }
+    volatile uint8_t *halt = stop.buf;
+    uint64_t k = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; k < count && !*halt; k++) {
+        ((volatile uint64_t *)address)[k] = first + k;
+        struct timespec gap = {.tv_sec = gap_ns / 1000000000LL, .tv_nsec = gap_ns % 1000000000LL};
+        while (gap_ns > 0 && nanosleep(&gap, &gap) != 0 && errno == EINTR)
+            ;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&stop);
+    return PyLong_FromUnsignedLongLong(k);
 }

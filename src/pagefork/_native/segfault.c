@@ -16,10 +16,14 @@
 #include "pagefork.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 /* The previous handler, double-buffered so a re-install never tears it
  * under a handler running on another thread. */
@@ -28,6 +32,41 @@ static _Atomic int previous_index;
 static int installed_once; /* ensure_handler ran at least once (GIL held) */
 
 static int protect(pf_range *r, size_t first, size_t count, int prot);
+
+/* ---- writers held for an executor window -----------------------------------
+ * Where userfaultfd cannot hold the writers of main memory for a window
+ * (window.c), the memory is made read-only and a write fault there parks
+ * the thread on the hold's futex word until the window ends; the write then
+ * runs again, on whatever is mapped there by then. A hold is published with
+ * [start, end) set and withdrawn by clearing them before `seq` changes, so a
+ * thread that read `seq` first and then found its address in the range
+ * either sleeps until the change or sees it at once (EAGAIN). */
+#define PF_MAX_HOLDS 64
+typedef struct {
+    _Atomic uintptr_t start, end;
+    _Atomic uint32_t seq;
+    _Atomic int used;
+} pf_hold;
+static pf_hold holds[PF_MAX_HOLDS];
+
+/* Async-signal-safe: atomics and futex(2). 1 if the thread waited (or the
+ * hold ended meanwhile): the caller returns, and the write runs again. */
+static int park_if_held(uintptr_t addr)
+{
+    for (int i = 0; i < PF_MAX_HOLDS; i++) {
+        pf_hold *h = &holds[i];
+        if (!atomic_load(&h->used))
+            continue;
+        uint32_t seq = atomic_load(&h->seq);
+        if (addr >= atomic_load(&h->start) && addr < atomic_load(&h->end)) {
+            /* EINTR (another signal) or a spurious wake-up: the write runs
+             * again and parks again while the hold lasts. */
+            syscall(SYS_futex, &h->seq, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
+            return 1;
+        }
+    }
+    return 0;
+}
 
 static int is_write_fault(void *context)
 {
@@ -117,6 +156,11 @@ static void on_segv(int signo, siginfo_t *info, void *context)
     int saved_errno = errno;
     if (info->si_code == SEGV_ACCERR && is_write_fault(context)) {
         uintptr_t addr = (uintptr_t)info->si_addr;
+        if (park_if_held(addr)) {
+            retried = 0;
+            errno = saved_errno;
+            return;
+        }
         pf_range *r = pf_registry_acquire(addr, PF_MODE_SEGFAULT);
         if (r != NULL) {
             pf_range_mark(r, addr, 0);
@@ -321,6 +365,41 @@ static int protect(pf_range *r, size_t first, size_t count, int prot)
         return -1;
     }
     return 0;
+}
+
+int pf_segfault_hold(uintptr_t start, size_t len)
+{
+    if (ensure_handler() != 0)
+        return -1;
+    for (int i = 0; i < PF_MAX_HOLDS; i++) {
+        int expected = 0;
+        if (!atomic_compare_exchange_strong(&holds[i].used, &expected, 1))
+            continue;
+        atomic_store(&holds[i].start, start);
+        atomic_store(&holds[i].end, start + len);
+        if (mprotect((void *)start, len, PROT_READ) != 0) {
+            int err = errno;
+            pf_segfault_unhold(i, 0);
+            pf_oserror_errno(err, "mprotect");
+            return -1;
+        }
+        return i;
+    }
+    PyErr_SetString(PyExc_RuntimeError, "too many writer holds at once");
+    return -1;
+}
+
+void pf_segfault_unhold(int slot, int unprotect)
+{
+    pf_hold *h = &holds[slot];
+    uintptr_t start = atomic_load(&h->start), end = atomic_load(&h->end);
+    if (unprotect)
+        mprotect((void *)start, end - start, PROT_READ | PROT_WRITE);
+    atomic_store(&h->end, 0);
+    atomic_store(&h->start, 0);
+    atomic_fetch_add(&h->seq, 1);
+    syscall(SYS_futex, &h->seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    atomic_store(&h->used, 0);
 }
 
 static int segfault_attach(pf_range *r)

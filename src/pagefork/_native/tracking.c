@@ -340,6 +340,26 @@ static PyObject *tracking_start(PfTracking *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* start_fresh(): start on memory its owner has just mapped from its file
+ * (the executor, right after a window). For cow a page copied since then is
+ * a write to report, not memory that was never freshly mapped: no check. */
+static PyObject *tracking_start_fresh(PfTracking *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_usable(self) != 0)
+        return NULL;
+    if (self->range->mode != PF_MODE_COW)
+        return tracking_start(self, NULL);
+    pf_range *r = self->range;
+    if (attach(self) != 0)
+        return NULL;
+    pf_range_begin_exclusive(r);
+    memset(r->global, 0, atomic_load(&r->n_pages));
+    atomic_store(&r->global_active, 1);
+    pf_range_end_exclusive(r);
+    Py_RETURN_NONE;
+}
+
 static PyObject *tracking_stop(PfTracking *self, PyObject *unused)
 {
     (void)unused;
@@ -619,6 +639,50 @@ int pf_tracking_region_remapped(PfTracking *self)
     return arm_range(self, 0, atomic_load(&r->n_pages), ARM_FRESH | ARM_LOOK_PINS);
 }
 
+/* ---- executor windows (window.c), GIL held -------------------------------- */
+
+int pf_tracking_global_mode(PfTracking *self)
+{
+    pf_range *r = self->range;
+    if (r == NULL || inherited(self) || self->mapping == NULL || !atomic_load(&r->global_active))
+        return -1;
+    return r->mode;
+}
+
+int pf_tracking_read_into(PfTracking *self, uint8_t *flags, size_t n)
+{
+    pf_range *r = self->range;
+    if (self->ops == NULL) { /* "none": every page counts as written */
+        memset(flags, 1, n);
+        return 0;
+    }
+    if (collect(self) != 0)
+        return -1;
+    size_t have = atomic_load(&r->n_pages);
+    for (size_t i = 0; i < n && i < have; i++)
+        flags[i] |= r->global[i];
+    return 0;
+}
+
+/* The memory was just mapped again from its file (no page of it written
+ * before this call can be in the flags: the window held every writer). cow
+ * is armed by the mapping itself; a page copied since is a write. */
+int pf_tracking_rearm_fresh(PfTracking *self)
+{
+    pf_range *r = self->range;
+    pf_range_begin_exclusive(r);
+    memset(r->global, 0, atomic_load(&r->n_pages));
+    pf_range_end_exclusive(r);
+    if (self->ops == NULL || !self->attached || r->mode == PF_MODE_COW)
+        return 0;
+    return arm_range(self, 0, atomic_load(&r->n_pages), ARM_FRESH | ARM_LOOK_PINS);
+}
+
+int pf_tracking_close(PfTracking *self)
+{
+    return close_tracking(self);
+}
+
 static void tracking_dealloc(PfTracking *self)
 {
     if (self->weakrefs != NULL)
@@ -669,6 +733,8 @@ static PyObject *tracking_get_fallbacks(PfTracking *self, void *closure)
 
 static PyMethodDef tracking_methods[] = {
     {"start", (PyCFunction)tracking_start, METH_NOARGS, "Start tracking the whole process."},
+    {"start_fresh", (PyCFunction)tracking_start_fresh, METH_NOARGS,
+     "Start on memory just mapped from its file (cow: pages copied since are writes)."},
     {"stop", (PyCFunction)tracking_stop, METH_NOARGS, "Stop whole-process tracking."},
     {"start_thread", (PyCFunction)tracking_start_thread, METH_NOARGS, "Track the calling thread."},
     {"stop_thread", (PyCFunction)tracking_stop_thread, METH_NOARGS, "Stop tracking the calling thread."},

@@ -8,13 +8,17 @@
 
 #include <string.h>
 
-/* private_pages(memory, out) -> count. `memory`: a page-aligned private
- * mapping of a file; out: one byte per page, set to 1 where the page is the
- * process's own copy (written, so copied by the kernel), else 0. */
+/* private_pages(memory, out, present=False) -> count. `memory`: a
+ * page-aligned private mapping of a file; out: one byte per page, set to 1
+ * where the page is the process's own copy (written, so copied by the
+ * kernel), else 0. `present`: only copies mapped now (under userfaultfd
+ * write-protection an unpopulated page holds a marker that reads as a
+ * swapped copy). */
 PyObject *pf_private_pages(PyObject *self, PyObject *args)
 {
     Py_buffer memory, out;
-    if (!PyArg_ParseTuple(args, "y*w*", &memory, &out))
+    int present = 0;
+    if (!PyArg_ParseTuple(args, "y*w*|p", &memory, &out, &present))
         return NULL;
     PyObject *result = NULL;
     size_t ps = pf_page_size;
@@ -25,7 +29,8 @@ PyObject *pf_private_pages(PyObject *self, PyObject *args)
         goto done;
     }
     memset(out.buf, 0, n_pages);
-    ssize_t found = pf_pagemap_find((uintptr_t)memory.buf, n_pages, PF_PAGEMAP_COW, out.buf);
+    ssize_t found = pf_pagemap_find((uintptr_t)memory.buf, n_pages,
+                                    present ? PF_PAGEMAP_COW_PRESENT : PF_PAGEMAP_COW, out.buf);
     if (found < 0) {
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/pagemap");
         goto done;
