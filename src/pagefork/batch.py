@@ -14,6 +14,7 @@ import pickle
 import sys
 import threading
 import traceback
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from .merge import MergeOp, MergeRegion
 from .snapshot import Snapshot
 from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
-__all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "Backend", "Workspace", "run_thread",
+__all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "Backend", "Workspace", "run_thread", "holders", "kept",
            "call_thread_function", "call_tracked", "check_thread_memory", "find_conflicts",
            "thread_tracking_mode", "inside_batch_of", "copied_result", "preparation_error",
            "MAX_TRACKED_REGIONS", "POLL", "PREPARATION"]
@@ -229,14 +230,16 @@ def call_thread_function(spec: BatchSpec, index: int, region: Region,
     it cannot call its own App)."""
     previous = getattr(_inside, "snapshot", None)
     _inside.snapshot = spec.snapshot
+    mem = ThreadMemory(region, spec.layout, identity)
     pid = os.getpid()
     try:
-        result = spec.fn(ThreadMemory(region, spec.layout, identity), index, spec.n, *spec.args)
+        result = spec.fn(mem, index, spec.n, *spec.args)
     except BaseException as exc:
         leave_if_forked(pid, exc)  # a child the function forked never returns into pagefork
         raise
     finally:
         _inside.snapshot = previous
+        mem._expire()  # a mem kept past the thread reaches nothing
     leave_if_forked(pid, None)
     return result
 
@@ -329,10 +332,30 @@ def find_conflicts(outcomes: Sequence[ThreadOutcome], limit: int = 10) -> list[s
     return found
 
 
+def holders(region: Region) -> tuple[int, int, int]:
+    """What holds ``region``: buffer exports (numpy views, memoryviews, and
+    everything made from them), references (``mem.region`` kept) and weak
+    references (which can give it back). Compared before and after a
+    thread, at the same place in the same frame: any that grew means the
+    thread kept a way to write its memory after it returned."""
+    return region._exports, sys.getrefcount(region), weakref.getweakrefcount(region)
+
+
+def kept(before: tuple[int, int, int], after: tuple[int, int, int]) -> bool:
+    """Whether something the last thread left still holds its memory: what
+    :func:`holders` said before it and after it (called the same way)."""
+    return any(now > then for now, then in zip(after, before))
+
+
 class Workspace:
     """A worker's thread memory and tracker, reused across batches and resized
     to follow the snapshot (threads and worker processes each hold one).
-    A thread function may have closed or resized the memory: it is rebuilt."""
+    A thread function may have closed or resized the memory: it is rebuilt.
+    Memory a thread kept a way into (a view, its Region, a weak reference:
+    a Python thread it started may write through it later) is never reused:
+    it is left to what holds it, closed (so new views of it fail) and the
+    next thread gets new memory, so nothing written there after its thread
+    returned can merge anywhere (see :meth:`detach`)."""
 
     def __init__(self) -> None:
         self.region: Region | None = None
@@ -351,25 +374,44 @@ class Workspace:
                 self.close()
         if self.region is None:
             self.region = Region(size, max_size=max_size)
+        if not self.region._snapshot_mapped:  # what cow needs to track it (each thread maps it again)
+            spec.snapshot.map_to(self.region)
         mode = mode_for_new_mapping(spec.tracking)  # not cow under mlockall(MCL_FUTURE)
         if self.tracker is None or self.tracker.mode != mode:
             if self.tracker is not None:
                 self.tracker.close()
             self.tracker = tracker(mode)
+        # Its weak reference to the region made now, not during the first
+        # thread, where it would look like one the thread kept.
+        self.tracker._tracking(self.region, create=True)
         return self.region, self.tracker
+
+    def detach(self) -> None:
+        """Leaves the memory to what the last thread kept of it: closed (no
+        new view of it, nothing tracks it; views already made keep it
+        mapped, and writes through them reach nothing that merges), and the
+        next thread gets new memory (:meth:`prepare`)."""
+        if self.region is not None:
+            self.region.close()
+            self.region = None
 
     def run(self, spec: BatchSpec, indexes: Sequence[int], *, copy_result: bool = False,
             cancel: Cancel | None = None) -> list[ThreadOutcome]:
         """Runs ``indexes`` one after the other; stops early once ``cancel`` is set."""
-        try:
-            region, t = self.prepare(spec)
-        except Exception as exc:
-            return [ThreadOutcome(i, error=preparation_error(exc)) for i in indexes]
-        outcomes = []
+        outcomes: list[ThreadOutcome] = []
         for i in indexes:
             if cancel is not None and cancel.is_set():
                 break
+            try:
+                region, t = self.prepare(spec)  # new memory after a detach
+            except Exception as exc:
+                outcomes += [ThreadOutcome(k, error=preparation_error(exc)) for k in indexes[len(outcomes):]]
+                break
+            before = holders(region)
             outcomes.append(run_thread(spec, i, region, t, copy_result=copy_result, identity=self.identity))
+            if kept(before, holders(region)):
+                self.detach()
+            del region
         return outcomes
 
     def close(self) -> None:

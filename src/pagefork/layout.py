@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._errors import PageforkError
 from .memory import Region
 from .merge import DataType, MergeOp
 
@@ -86,9 +87,22 @@ class ThreadMemory:
 
     def __init__(self, region: Region, layout: dict[str, Allocation],
                  identity: dict[str, np.ndarray] | None = None) -> None:
-        self.region = region
+        self._region: Region | None = region
         self._layout = layout
         self._identity = identity or {}
+
+    @property
+    def region(self) -> Region:
+        """The thread's whole memory; a ``mem`` kept past its thread raises
+        :class:`PageforkError` (that memory serves later threads)."""
+        if self._region is None:
+            raise PageforkError("this mem's thread is over: its memory went with it (use mem and "
+                                "mem[name] inside the thread function only)")
+        return self._region
+
+    def _expire(self) -> None:
+        """The thread is over: nothing reaches its memory through ``mem`` any more."""
+        self._region = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         own = self._identity.get(name)

@@ -30,7 +30,7 @@ import numpy as np
 from .. import _native, compact
 from .._sizes import round_to_pages
 from ..batch import (BatchSpec, Cancel, ThreadOutcome, Workspace, call_thread_function, call_tracked,
-                     check_thread_memory, copied_result, preparation_error)
+                     check_thread_memory, copied_result, holders, kept, preparation_error)
 from ..diffs import DiffBatch
 from ..identity import with_contributions
 from ..memory import PAGE_SIZE, Region
@@ -261,14 +261,20 @@ class CombiningWorkspace(Workspace):
         columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
         covered = _covered_pages(region.n_pages, *columns[:2]) if combining else None
         clean: np.ndarray | None = None  # the first thread puts back every private page
+        result: Any
+        diffs: DiffBatch | None
+        outcome: ThreadOutcome | None
         for i in indexes:
             if cancel is not None and cancel.is_set():
                 break
-            outcome: ThreadOutcome
+            before = None
             try:
                 try:
-                    if region.closed:  # an earlier thread function closed it: rebuild
+                    if region.closed:  # an earlier thread function closed it, or it was left: rebuild
                         region, tracker_ = self.prepare(spec)
+                        self._kept = self._private = None
+                        clean = None
+                    before = holders(region)
                     # (collect takes the identity views back from this dict)
                     views = self.identity.begin(spec.layout.values())
                 except BaseException as exc:
@@ -301,6 +307,11 @@ class CombiningWorkspace(Workspace):
                 self._kept = self._private = None  # the next thread maps afresh
                 outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))
             report(outcome)
+            # What the thread left holding its memory (a view, its Region, a
+            # weak reference) keeps it: the next thread gets new memory.
+            outcome = result = diffs = None
+            if before is not None and not region.closed and kept(before, holders(region)):
+                self.detach()  # closed: the next iteration rebuilds
         if partial is None:
             return None
         return snapshot.diff(partial.region, partial.touched, regions=shared)
