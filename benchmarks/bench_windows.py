@@ -60,7 +60,7 @@ def windows(size: int, written: int, repeats: int, mapped: bool) -> dict[str, tu
             for hold in HOLDS:
                 main_memory.HOLD = "auto" if hold == "uffd" else hold
                 held, ck, join = [], [], []
-                for r in range(repeats):
+                for _ in range(repeats):
                     if mapped:
                         int(a[:: PAGE_SIZE // 8].sum())
                     a[: written * stride: stride] += 1
