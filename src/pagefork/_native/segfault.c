@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -367,10 +368,36 @@ static int protect(pf_range *r, size_t first, size_t count, int prot)
     return 0;
 }
 
+/* A child forked while a hold lasted (fork(2) from a thread running
+ * without the GIL, mid-window) inherits the read-only memory but not the
+ * window that would end the hold: its first write there would park
+ * forever. Its copy is its own, so the child ends every hold at once. */
+static void end_holds_in_child(void)
+{
+    for (int i = 0; i < PF_MAX_HOLDS; i++) {
+        pf_hold *h = &holds[i];
+        uintptr_t start = atomic_load(&h->start), end = atomic_load(&h->end);
+        if (atomic_load(&h->used) && end > start)
+            mprotect((void *)start, end - start, PROT_READ | PROT_WRITE);
+        atomic_store(&h->end, 0);
+        atomic_store(&h->start, 0);
+        atomic_fetch_add(&h->seq, 1);
+        atomic_store(&h->used, 0);
+    }
+}
+
+static void watch_forks(void)
+{
+    pthread_atfork(NULL, NULL, end_holds_in_child);
+}
+
+static pthread_once_t forks_watched = PTHREAD_ONCE_INIT;
+
 int pf_segfault_hold(uintptr_t start, size_t len)
 {
     if (ensure_handler() != 0)
         return -1;
+    pthread_once(&forks_watched, watch_forks);
     for (int i = 0; i < PF_MAX_HOLDS; i++) {
         int expected = 0;
         if (!atomic_compare_exchange_strong(&holds[i].used, &expected, 1))
