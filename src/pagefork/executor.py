@@ -377,7 +377,10 @@ class Executor:
             self._requests.put(request)
             # Woken now and then: a SIGINT that another thread received (or
             # _thread.interrupt_main) only raises once this thread runs bytecode.
-            while not request.done.wait(POLL):
+            # (A deadline sooner than the next poll is waited for exactly: a
+            # batch that ends within a poll of its deadline is still late.)
+            while not request.done.wait(POLL if deadline is None else
+                                        max(0.0, min(POLL, deadline - time.monotonic()))):
                 if not self._alive.is_set():
                     raise PageforkError("the App's batch thread has ended (interpreter shutdown?)")
                 if deadline is not None and time.monotonic() >= deadline:
