@@ -138,8 +138,10 @@ while len(ends) < 2 and time.monotonic() < deadline:
         try:
             if how == "subreaper":  # re-parented to us: ours to reap
                 pid, status = os.waitpid(w, os.WNOHANG)
-                if pid == w:
-                    ends[w] = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+                if pid == w and os.WIFSIGNALED(status):
+                    ends[w] = f"signal {os.WTERMSIG(status)}"
+                elif pid == w:
+                    ends[w] = f"exit {os.WEXITSTATUS(status)}"
             else:  # a zombie of the exec'd program, which never reaps it
                 with open(f"/proc/{w}/stat") as f:
                     if f.read().rsplit(")", 1)[1].split()[0] == "Z":
