@@ -240,20 +240,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_reduce(args: argparse.Namespace) -> int:
-    from .bench import progress_to_stderr
-    from .bench.reduce import format_results, run_all
+    from .bench import reduce
 
-    res = run_all(quick=args.quick, progress=progress_to_stderr)
-    print(format_results(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res.as_dict(), f, indent=2)
-    return 0
+    return _bench_report(args, reduce.run_all, reduce.format_results)
 
 
 def _bench_dense(args: argparse.Namespace) -> int:
+    from .bench import dense_report
+
+    return _bench_report(args, dense_report.run_all, dense_report.format_results)
+
+
+def _bench_report(args: argparse.Namespace, run_all: Any, format_results: Any) -> int:
+    """Runs one comparison benchmark, prints its report, writes --json."""
     from .bench import progress_to_stderr
-    from .bench.dense_report import format_results, run_all
 
     res = run_all(quick=args.quick, progress=progress_to_stderr)
     print(format_results(res))
