@@ -131,3 +131,25 @@ def tracked(request: pytest.FixtureRequest):
 def remap(region: Region) -> None:
     """Maps a memfd region's file over it again (how cow tracking is re-armed)."""
     region._map_file(region._fd, region.size, region.shared)
+
+
+def cycles_in(graph: dict[str, set[str]]) -> list[str]:
+    """Every cycle a depth-first walk of ``graph`` (node -> nodes it points
+    to) closes, as "a -> b -> a"; empty when it is acyclic. Used for the
+    package's imports and the C files' calls."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[str] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(path[path.index(target):] + [node, target]))
+            elif target not in state:
+                visit(target, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cycles_in
+
 ROOT = Path(__file__).resolve().parent.parent / "src" / "pagefork"
 if not ROOT.is_dir():  # CI also runs the suite against an installed wheel, from a copy of tests/
     pytest.skip(f"no sources at {ROOT} (tests run outside the source tree)", allow_module_level=True)
@@ -103,22 +105,7 @@ def test_imports_point_down_the_layers():
 
 
 def test_no_import_cycles():
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    cycles = []
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for target in sorted(GRAPH[name]):
-            if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [name, target]))
-            elif target not in state:
-                visit(target, path + [name])
-        state[name] = 2
-
-    for name in sorted(GRAPH):
-        if name not in state:
-            visit(name, [])
-    assert cycles == []
+    assert cycles_in(GRAPH) == []
 
 
 def test_the_checker_sees_cycles_and_type_only_imports(tmp_path):
@@ -128,3 +115,8 @@ def test_the_checker_sees_cycles_and_type_only_imports(tmp_path):
     modules = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
     assert _imports("a", modules["a"], modules) == {"b"}
     assert _imports("b", modules["b"], modules) == {"a"}
+
+
+def test_the_cycle_finder_names_each_cycle():
+    assert cycles_in({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
+    assert cycles_in({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cycles_in
+
 NATIVE = Path(__file__).resolve().parent.parent / "src" / "pagefork" / "_native"
 if not NATIVE.is_dir():  # CI also runs the suite against an installed wheel, from a copy of tests/
     pytest.skip(f"no C sources at {NATIVE} (tests run outside the source tree)", allow_module_level=True)
@@ -116,22 +118,7 @@ def test_native_files_call_each_other_without_cycles():
                     if defined.get(name, file) != file}
              for file, text in texts.items()}
     assert defined and any(calls.values())
-    state: dict[str, int] = {}
-    cycles = []
-
-    def visit(file: str, path: list[str]) -> None:
-        state[file] = 1
-        for callee in sorted(calls[file]):
-            if state.get(callee) == 1:
-                cycles.append(" -> ".join(path[path.index(callee):] + [file, callee]))
-            elif callee not in state:
-                visit(callee, path + [file])
-        state[file] = 2
-
-    for file in sorted(calls):
-        if file not in state:
-            visit(file, [])
-    assert cycles == []
+    assert cycles_in(calls) == []
 
 
 def test_every_arm_goes_around_the_holes():
