@@ -7,6 +7,9 @@ import ctypes
 import gc
 import os
 import signal
+import sys
+import threading
+import traceback
 
 import pytest
 from hypothesis import settings
@@ -38,8 +41,18 @@ def _leak_check() -> None:
     (CPython leaves memory behind on purpose), and not from inside pytest:
     objects referenced only by running Python frames sit in CPython's
     mmap-ed frame stack, which LeakSanitizer does not scan. Exits the process
-    with a report if anything leaked (a no-op unless detect_leaks=1)."""
+    with a report if anything leaked (a no-op unless detect_leaks=1).
+
+    Threads still running then (daemon threads: atexit runs after the others
+    were joined) hold objects in their frames that LeakSanitizer cannot see
+    either: they are named, with where they are, so such a report can be
+    told apart from a real leak."""
     gc.collect()
+    frames = sys._current_frames()
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    for thread in others:
+        where = traceback.format_stack(frames[thread.ident]) if thread.ident in frames else ["(no frame)"]
+        print(f"leak check: thread {thread.name!r} still runs at:\n{''.join(where[-3:])}", file=sys.stderr)
     ctypes.CDLL(None).__lsan_do_leak_check()
 
 
