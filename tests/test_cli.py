@@ -117,3 +117,18 @@ def test_the_pagefork_logger_is_silent_by_default_and_tells_at_debug(tmp_path):
     loud = subprocess.run([sys.executable, "-c", script, "debug"], capture_output=True, text=True, timeout=120)
     assert loud.returncode == 0, loud.stderr
     assert "pagefork DEBUG checkpoint version 1 of" in loud.stderr and "a whole base (no tracked pages)" in loud.stderr
+
+
+@pytest.mark.parametrize("args", [("doctor",), ("checkpoint", "ls", "--json", "{tmp}")])  # rich, print()
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, args):
+    """`pagefork doctor | head -1`: the pipe's reader is gone before the
+    output is written; the command exits 1 with nothing on stderr (no
+    BrokenPipeError traceback), as Python's documentation advises."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pagefork", *(a.format(tmp=tmp_path) for a in args)],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (1, "")

@@ -467,7 +467,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.set_defaults(run=_checkpoint_verify)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
-    return int(run(args))
+    try:
+        status = int(run(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`pagefork doctor | head -1`): stop quietly, as
+        # Python's documentation advises, with stdout on /dev/null so the
+        # interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
 
 
 if __name__ == "__main__":
