@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 import pytest
@@ -45,11 +46,16 @@ def _leak_check() -> None:
 
     Threads still running then (daemon threads: atexit runs after the others
     were joined) hold objects in their frames that LeakSanitizer cannot see
-    either: they are named, with where they are, so such a report can be
-    told apart from a real leak."""
+    either. They get 10 s to end (a timed-out batch's sleeping thread does);
+    those still running are named, with where they are, so a report they
+    cause can be told apart from a real leak."""
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    deadline = time.monotonic() + 10
+    for thread in others:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    others = [t for t in others if t.is_alive()]
     gc.collect()
     frames = sys._current_frames()
-    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
     for thread in others:
         where = traceback.format_stack(frames[thread.ident]) if thread.ident in frames else ["(no frame)"]
         print(f"leak check: thread {thread.name!r} still runs at:\n{''.join(where[-3:])}", file=sys.stderr)
