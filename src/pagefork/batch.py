@@ -37,7 +37,8 @@ from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 __all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "Backend", "Workspace", "run_thread", "holders", "kept",
            "call_thread_function", "call_tracked", "check_thread_memory", "find_conflicts",
            "thread_tracking_mode", "inside_batch_of", "copied_result", "preparation_error",
-           "MAX_TRACKED_REGIONS", "POLL", "PREPARATION"]
+           "MAX_TRACKED_REGIONS", "POLL", "PREPARATION", "ClosedBackend", "diff_written",
+           "empty_batch"]
 
 # How often a thread that waits for workers looks at its Cancel (seconds).
 POLL = 0.05
@@ -95,10 +96,15 @@ class BatchSpec:
     def dumps(self, obj: Any) -> bytes:
         """``obj`` pickled for a worker (cloudpickle), refusing views of main
         memory: a worker would get a copy, and writes to it would be lost."""
+        if type(obj) is tuple and not obj:  # no args: the most common case, always the same bytes
+            return _NO_ARGS
         _mp_main_by_value()
         buffer = io.BytesIO()
         _WorkerPickler(buffer, self.main_memory).dump(obj)
         return buffer.getvalue()
+
+
+_NO_ARGS = pickle.dumps((), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _mp_main_by_value() -> None:
@@ -163,6 +169,22 @@ class Backend(Protocol):
         """Stops the workers, waiting at most ``timeout`` seconds for running
         thread functions; returns how many were still running (abandoned)."""
         ...
+
+
+class ClosedBackend:
+    """What a closed executor holds instead of its backend."""
+
+    slots = 0
+    ships_changes = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+        raise PageforkError("the App is closed")
+
+    def close(self, timeout: float) -> int:
+        return 0
 
 
 
@@ -282,7 +304,7 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
         return ThreadOutcome(index, error=preparation_error(exc))
     try:
         result, dirty = call_tracked(spec, index, region, tracker_, views)
-        diffs = spec.snapshot.diff(region, dirty, regions=spec.merge_regions)
+        diffs = diff_written(spec.snapshot, region, dirty, spec.merge_regions)
         if identity is not None:
             diffs = with_contributions(diffs, identity.collect())
         if copy_result:
@@ -290,6 +312,26 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
         return ThreadOutcome(index, result, diffs, int(np.count_nonzero(dirty)))
     except BaseException as exc:  # the thread's own error, SystemExit included
         return ThreadOutcome(index, error="".join(traceback.format_exception(exc)))
+
+
+# Columns of an empty batch (no element: shared safely).
+_NONE64, _NONE8 = np.zeros(0, np.int64), np.zeros(0, np.uint8)
+
+
+def empty_batch() -> DiffBatch:
+    """A batch of no diffs, made without numpy's list conversions."""
+    return DiffBatch._unchecked(_NONE64, _NONE64, _NONE8, _NONE8, b"")
+
+
+def diff_written(snapshot: Snapshot, region: Region, dirty: np.ndarray,
+                 regions: list[MergeRegion]) -> DiffBatch:
+    """``snapshot.diff(region, dirty, regions=regions)``, skipped where no
+    page is flagged and the region ends within the snapshot's last page:
+    then it is empty (compared pages are only the flagged ones, and only a
+    region reaching past the snapshot adds an extension diff)."""
+    if region.size <= round_to_pages(snapshot.size) and not dirty.any():
+        return empty_batch()
+    return snapshot.diff(region, dirty, regions=regions)
 
 
 def find_conflicts(outcomes: Sequence[ThreadOutcome], limit: int = 10) -> list[str]:

@@ -31,8 +31,8 @@ from ._errors import ConflictError, PageforkError, UnsupportedModeError, WorkerE
 from ._kernel_state import refuse_pinned
 from ._limits import cannot_start, is_out_of_tasks
 from ._sizes import PAGE_SIZE, round_to_pages
-from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancel, Cancelled, ThreadOutcome,
-                    find_conflicts, inside_batch_of, thread_tracking_mode)
+from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancelled, ClosedBackend, find_conflicts,
+                    inside_batch_of, thread_tracking_mode)
 from .diffs import DiffBatch
 from .identity import products_as_overwrites
 from .layout import Allocation, ThreadMemory
@@ -112,6 +112,8 @@ class Executor:
             self._release(0.0)
             raise
         self._placements: dict[tuple[int, int], list[int]] = {}
+        self._regions_key: tuple | None = None  # the layout merge_regions last built for
+        self._regions: list[MergeRegion] = []
         self.last_batch = BatchStats()
         # Pages of the snapshot changed since the last checkpoint (mark_saved):
         # carried main-program writes and merged batches.
@@ -153,7 +155,11 @@ class Executor:
         """Carries main memory's written pages into the snapshot, merges
         ``batches`` and maps main memory again, its other writers held
         (see _main_memory); notes the pages carried. ``closing``: trackers
-        whose tracking of main memory ends with the old mapping."""
+        whose tracking of main memory ends with the old mapping. Refuses
+        while io_uring fixed buffers pin main memory: the ring would go on
+        writing into the old pages, where nobody reads (looked for only
+        here: ~20 us, and a batch that maps nothing again needs no look)."""
+        refuse_pinned(self.memory, "a batch, checkpoint or resize")
         stopping = list(closing)
         mode = mode_for_new_mapping(self._main_mode)  # not cow under mlockall(MCL_FUTURE)
         switching = mode != self._main_tracker.mode
@@ -189,11 +195,10 @@ class Executor:
         """Carries the main program's writes since the last batch into the
         snapshot: the pages it wrote, copied whole. Returns their count.
         After a restore, first fills the snapshot from main memory.
-        Refuses while io_uring fixed buffers pin main memory (a batch,
-        checkpoint or resize maps it again, and the ring would write where
-        nobody reads)."""
-        refuse_pinned(self.memory, "a batch, checkpoint or resize")
+        Refuses while io_uring fixed buffers pin main memory, where it maps
+        main memory again (:meth:`_window`)."""
         if self._restore_tracker is not None:
+            refuse_pinned(self.memory, "a batch, checkpoint or resize")
             return self._fill_snapshot()
         if self._all_written or _main_memory.written_pages(self.memory, self._main_tracker).any():
             # Unwritten, main memory shows the snapshot with tracking armed: a
@@ -514,13 +519,18 @@ class Executor:
 
     def merge_regions(self, layout: dict[str, Allocation]) -> list[MergeRegion]:
         """The batch's merge regions: one per array by its rule (in units of
-        :attr:`Allocation.merge_dtype`), gaps OVERWRITE."""
+        :attr:`Allocation.merge_dtype`), gaps OVERWRITE; built again only
+        when the layout's rules changed (an alloc)."""
+        key = tuple((a.offset, a.nbytes, a.merge_dtype, a.merge) for a in layout.values())
+        if key == self._regions_key:
+            return self._regions
         self.snapshot.clear_merge_regions()
         for a in sorted(layout.values(), key=lambda a: a.offset):
             if a.nbytes:
                 self.snapshot.add_merge_region(a.offset, a.nbytes, a.merge_dtype, a.merge)
         self.snapshot.fill_gaps(MergeOp.OVERWRITE)
-        return self.snapshot.merge_regions
+        self._regions_key, self._regions = key, self.snapshot.merge_regions
+        return self._regions
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Stops the backend and releases memory, on the batch thread after
@@ -566,7 +576,7 @@ class Executor:
         finalizer = getattr(self, "_backend_finalizer", None)
         if finalizer is not None:
             finalizer.detach()
-        backend, self.backend = self.backend, _ClosedBackend(self.backend.name)
+        backend, self.backend = self.backend, ClosedBackend(self.backend.name)
         abandoned = backend.close(timeout) or 0
         # Those that exist (__init__ may have failed part-way).
         for name in ("_restore_tracker", "_main_tracker", "memory", "snapshot"):
@@ -581,19 +591,3 @@ def _close_backend(backend: Backend, pid: int) -> None:
     or open at interpreter exit), unless this is a fork()ed child."""
     if os.getpid() == pid:
         backend.close(1.0)
-
-
-class _ClosedBackend:
-    """What a closed executor holds instead of its backend."""
-
-    slots = 0
-    ships_changes = False
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
-        raise PageforkError("the App is closed")
-
-    def close(self, timeout: float) -> int:
-        return 0
