@@ -82,3 +82,50 @@ def test_no_thread_starts_once_cancelled():
         space.close()
         snap.close()
     assert ran == [0, 1] and reported == [0, 1]
+
+
+def _look(mem, i, n, write):
+    a = mem["a"]
+    seen = a.copy()  # what this thread started from
+    if write and i == 1:
+        a[1] = 5
+    return seen
+
+
+def test_memory_a_thread_left_unwritten_is_reused_without_a_remap(monkeypatch):
+    """A thread that wrote nothing leaves its memory still mapping the
+    snapshot: the slot's next thread starts on it without mapping it again,
+    sees the snapshot's current bytes (changed by the main program and by
+    merges since), and memory written meanwhile is mapped afresh."""
+    with App("1MiB", backend="threads", workers=1) as app:
+        a = app.alloc("a", 1000, np.int64)
+        a[:] = 3
+        remaps: list[int] = []
+        original = Snapshot.map_to
+
+        def counted(self, region):
+            if region is not app.memory:
+                remaps.append(region.address)
+            return original(self, region)
+
+        monkeypatch.setattr(Snapshot, "map_to", counted)
+        app.parallel(_look, 3, args=(False,))  # new memory, mapped for the first thread
+        remaps.clear()
+        assert all((seen == 3).all() for seen in app.parallel(_look, 3, args=(False,)))
+        cow = app._executor.thread_mode == "cow"
+        if cow:  # left unwritten by every thread: never mapped again
+            assert remaps == []
+        a[:] = 7
+        got = app.parallel(_look, 3, args=(True,))
+        assert all((seen == 7).all() for seen in got)  # not thread 1's write, nor the old bytes
+        assert a[1] == 5 and (np.delete(a, 1) == 7).all()
+        space = _slots(app)[0]
+        if cow:
+            app.parallel(_look, 1, args=(False,))  # leaves the memory clean
+            view = space.region.array(np.uint8)
+            view[:] = 0xFF  # written outside any thread: private pages
+            del view
+            remaps.clear()
+        assert (app.parallel(_look, 1, args=(False,))[0] == np.where(np.arange(1000) == 1, 5, 7)).all()
+        if cow:
+            assert len(remaps) == 1  # the start saw the private pages: mapped afresh

@@ -28,9 +28,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import _native, compact
+from .._errors import PageforkError
 from .._sizes import round_to_pages
 from ..batch import (BatchSpec, Cancel, ThreadOutcome, Workspace, call_thread_function, call_tracked,
-                     check_thread_memory, copied_result, holders, kept, preparation_error)
+                     check_thread_memory, copied_result, diff_written, empty_batch, holders, kept,
+                     preparation_error)
 from ..diffs import DiffBatch
 from ..identity import with_contributions
 from ..memory import PAGE_SIZE, Region
@@ -70,6 +72,8 @@ def pack(batch: DiffBatch | None) -> tuple[tuple[int, bytes] | None, Any]:
     count, and the data buffer itself (sent as is, never copied here)."""
     if batch is None:
         return None, b""
+    if len(batch) == 0 and batch.nbytes == 0:  # a thread that wrote nothing: nothing to encode
+        return (0, b""), b""
     return (len(batch), compact.encode_columns(batch)), batch.data
 
 
@@ -78,6 +82,8 @@ def unpack(header: tuple[int, bytes] | None, data: Any) -> DiffBatch | None:
     if header is None:
         return None
     count, tokens = header
+    if count == 0 and tokens == b"" and memoryview(data).nbytes == 0:  # pack's empty batch
+        return empty_batch()
     return compact.decode_columns(tokens, count, data)
 
 
@@ -185,6 +191,26 @@ class CombiningWorkspace(Workspace):
             self._partial_kept = key
         return _Partial(r, np.zeros(r.n_pages, np.bool_))
 
+    @staticmethod
+    def _start_clean(spec: BatchSpec, region: Region, tracker_: Tracker) -> bool:
+        """Starts ``cow`` tracking of ``region`` without mapping it again, if
+        the last thread on it left no private page (it still maps the
+        snapshot, and shows its current bytes: a merge writes the file the
+        mapping reads). The start itself checks that no page is private
+        (a write since); else, or when the region is new, resized or of
+        another snapshot, returns False (map it afresh). Saves a remap per
+        thread that wrote nothing."""
+        clean = getattr(region, "_clean_for", None)
+        region._clean_for = None  # the thread about to run may write it
+        if (tracker_.mode != "cow" or clean is None or clean[0] is not spec.snapshot
+                or clean[1] != region.size):
+            return False
+        try:
+            tracker_.start(region)
+        except (PageforkError, OSError):  # a page was written since: map afresh
+            return False
+        return True
+
     def _run_one(self, spec: BatchSpec, i: int, region: Region, tracker_: Tracker,
                  clean: np.ndarray | None, exact: bool,
                  identity: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray | None]:
@@ -215,13 +241,16 @@ class CombiningWorkspace(Workspace):
         if before is None:
             self._kept = None
             try:
-                spec.snapshot.map_to(region)
-                tracker_.start(region)
+                if not self._start_clean(spec, region, tracker_):
+                    spec.snapshot.map_to(region)
+                    tracker_.start(region)
             except BaseException as exc:
                 raise _Unprepared(preparation_error(exc)) from exc
             result, dirty = call_tracked(spec, i, region, tracker_, identity)
             if tracker_.mode == "cow":  # not under mlockall: Workspace.prepare
                 self._kept = key
+                if not dirty.any():  # still the snapshot's mapping: the next thread may reuse it
+                    region._clean_for = (spec.snapshot, region.size)
                 # cow: written = private. Only worth keeping for many pages.
                 many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
                 self._private = dirty.view(np.uint8).copy() if many else None
@@ -258,8 +287,11 @@ class CombiningWorkspace(Workspace):
             return None
         snapshot = spec.snapshot
         partial = self._partial(spec) if combining else None
-        columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
-        covered = _covered_pages(region.n_pages, *columns[:2]) if combining else None
+        columns: tuple[np.ndarray, ...] = ()  # the combinable regions, for fold
+        covered = None
+        if combining:
+            columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
+            covered = _covered_pages(region.n_pages, *columns[:2])
         clean: np.ndarray | None = None  # the first thread puts back every private page
         result: Any
         diffs: DiffBatch | None
@@ -280,7 +312,7 @@ class CombiningWorkspace(Workspace):
                 except BaseException as exc:
                     raise _Unprepared(preparation_error(exc)) from exc
                 result, dirty, new = self._run_one(spec, i, region, tracker_, clean, not combining, views)
-                diffs = snapshot.diff(region, dirty, regions=own)
+                diffs = diff_written(snapshot, region, dirty, own)
                 written = dirty
                 if partial is not None:
                     changed = np.zeros(region.n_pages, np.uint8)
@@ -314,7 +346,7 @@ class CombiningWorkspace(Workspace):
                 self.detach()  # closed: the next iteration rebuilds
         if partial is None:
             return None
-        return snapshot.diff(partial.region, partial.touched, regions=shared)
+        return diff_written(snapshot, partial.region, partial.touched, shared)
 
     def close(self) -> None:
         super().close()
