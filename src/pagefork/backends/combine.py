@@ -192,16 +192,16 @@ class CombiningWorkspace(Workspace):
         return _Partial(r, np.zeros(r.n_pages, np.bool_))
 
     @staticmethod
-    def _start_clean(spec: BatchSpec, region: Region, tracker_: Tracker) -> bool:
+    def _start_clean(spec: BatchSpec, region: Region, tracker_: Tracker,
+                     clean: tuple[Any, int] | None) -> bool:
         """Starts ``cow`` tracking of ``region`` without mapping it again, if
         the last thread on it left no private page (it still maps the
         snapshot, and shows its current bytes: a merge writes the file the
         mapping reads). The start itself checks that no page is private
         (a write since); else, or when the region is new, resized or of
         another snapshot, returns False (map it afresh). Saves a remap per
-        thread that wrote nothing."""
-        clean = getattr(region, "_clean_for", None)
-        region._clean_for = None  # the thread about to run may write it
+        thread that wrote nothing. ``clean``: what the last thread left
+        (``Region._clean_for``)."""
         if (tracker_.mode != "cow" or clean is None or clean[0] is not spec.snapshot
                 or clean[1] != region.size):
             return False
@@ -224,6 +224,7 @@ class CombiningWorkspace(Workspace):
         every private page is compared."""
         whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
         key = (spec.snapshot, region.address, region.size)
+        clean_for, region._clean_for = region._clean_for, None  # this thread may write it
         before = None
         if (tracker_.mode == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
                 and _same(self._kept, key)):
@@ -241,7 +242,7 @@ class CombiningWorkspace(Workspace):
         if before is None:
             self._kept = None
             try:
-                if not self._start_clean(spec, region, tracker_):
+                if not self._start_clean(spec, region, tracker_, clean_for):
                     spec.snapshot.map_to(region)
                     tracker_.start(region)
             except BaseException as exc:
