@@ -393,6 +393,24 @@ def kept(before: tuple[int, int, int], after: tuple[int, int, int]) -> bool:
     return any(now > then for now, then in zip(after, before))
 
 
+# The batch whose tracking mode for new mappings was last worked out here,
+# weakly (a batch's function and arguments must not outlive it), and the mode.
+_last_mode: tuple[weakref.ref, str] | None = None
+
+
+def _new_mapping_mode(spec: BatchSpec) -> str:
+    """``mode_for_new_mapping(spec.tracking)``, worked out once per batch in
+    a process: its mlockall probe maps and unmaps a page (~10 us with other
+    threads running), and the threads backend's slots share one batch."""
+    global _last_mode
+    last = _last_mode
+    if last is not None and last[0]() is spec:
+        return last[1]
+    mode = mode_for_new_mapping(spec.tracking)
+    _last_mode = (weakref.ref(spec), mode)
+    return mode
+
+
 class Workspace:
     """A worker's thread memory and tracker, reused across batches and resized
     to follow the snapshot (threads and worker processes each hold one).
@@ -422,7 +440,7 @@ class Workspace:
             self.region = Region(size, max_size=max_size)
         if not self.region._snapshot_mapped:  # what cow needs to track it (each thread maps it again)
             spec.snapshot.map_to(self.region)
-        mode = mode_for_new_mapping(spec.tracking)  # not cow under mlockall(MCL_FUTURE)
+        mode = _new_mapping_mode(spec)  # not cow under mlockall(MCL_FUTURE)
         if self.tracker is None or self.tracker.mode != mode:
             if self.tracker is not None:
                 self.tracker.close()
