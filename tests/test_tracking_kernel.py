@@ -1151,6 +1151,35 @@ def test_mapping_again_under_an_io_uring_pin_loses_the_rings_writes(ring, data_f
         snap.close()
 
 
+def test_a_start_on_memory_just_mapped_drops_the_pins_of_the_old_pages(ring, data_fd):
+    """Thread memory is mapped anew before every thread and started without
+    a look for io_uring buffers (Tracker._start_mapped): a pin holds the
+    pages it was registered on, which the new mapping replaced. The pinned
+    spans an earlier start found are dropped, and the ring writes into the
+    old pages, never into the region."""
+    mode_name = next((m for m in SEEING_MODES if pagefork.probe()[m].available), None)
+    if mode_name is None:
+        pytest.skip("no mode blind to pins works here")
+    snap = Snapshot(size=8 * PAGE_SIZE)
+    try:
+        with Region(8 * PAGE_SIZE, backing="memfd") as region, pagefork.tracker(mode_name) as t:
+            snap.map_to(region)
+            assert ring.register(region.address + 2 * PAGE_SIZE, 2 * PAGE_SIZE) == 0
+            t.start(region)
+            assert as_set(t.dirty_pages(region, "global")) == {2, 3}  # found by start's look
+            t.stop(region)
+            snap.map_to(region)
+            t._start_mapped(region)
+            assert ring.read(data_fd, region.address + 2 * PAGE_SIZE, 100, fixed=True) == 100
+            write_pages(region, {6}, 7)
+            assert as_set(t.dirty_pages(region, "global")) == {6}
+            assert page_bytes(region, 2) == bytes(100)
+            t.stop(region)
+            ring.unregister()
+    finally:
+        snap.close()
+
+
 @pytest.mark.parametrize("backend", ["threads", "processes"])
 def test_app_batches_refuse_while_io_uring_pins_main_memory(backend, ring, data_fd, tmp_path):
     """A batch (a checkpoint, a resize) maps main memory again: under a pin

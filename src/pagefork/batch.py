@@ -303,7 +303,7 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
     try:
         spec.snapshot.map_to(region)
         views = identity.begin(spec.layout.values()) if identity is not None else None
-        tracker_.start(region)
+        tracker_._start_mapped(region)
     except BaseException as exc:  # not the thread's fault: say what the workspace lacks
         return ThreadOutcome(index, error=preparation_error(exc))
     try:

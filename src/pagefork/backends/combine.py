@@ -244,7 +244,7 @@ class CombiningWorkspace(Workspace):
             try:
                 if not self._start_clean(spec, region, tracker_, clean_for):
                     spec.snapshot.map_to(region)
-                    tracker_.start(region)
+                    tracker_._start_mapped(region)
             except BaseException as exc:
                 raise _Unprepared(preparation_error(exc)) from exc
             result, dirty = call_tracked(spec, i, region, tracker_, identity)
