@@ -129,3 +129,22 @@ def test_memory_a_thread_left_unwritten_is_reused_without_a_remap(monkeypatch):
         assert (app.parallel(_look, 1, args=(False,))[0] == np.where(np.arange(1000) == 1, 5, 7)).all()
         if cow:
             assert len(remaps) == 1  # the start saw the private pages: mapped afresh
+
+
+def _shrink_and_regrow(mem, i, n):
+    if i == 0:  # regrown pages read as zero, not the snapshot's bytes (and no tracker sees them)
+        size = mem.region.size
+        mem.region.resize(size // 2)
+        mem.region.resize(size)
+        return None
+    return int(np.count_nonzero(mem["a"] != 3))
+
+
+def test_memory_a_thread_shrank_and_regrew_is_mapped_again():
+    """Shrinking and regrowing thread memory to the same size writes no page
+    a tracker sees, but the regrown pages are no longer the snapshot's: the
+    next thread gets the memory mapped afresh."""
+    with App("1MiB", backend="threads", workers=1) as app:
+        a = app.alloc("a", 100_000, np.int64)
+        a[:] = 3
+        assert app.parallel(_shrink_and_regrow, 2) == [None, 0]

@@ -60,9 +60,10 @@ class Region(_native.Mapping):
         self._trackings: weakref.WeakSet[Any] = weakref.WeakSet()
         # Set by Snapshot.map_to: the memory is a private mapping of a snapshot.
         self._snapshot_mapped = False
-        # (snapshot, size) a workspace left this memory mapped from with no
-        # page written (pagefork.backends.combine): reusable without a remap.
-        self._clean_for: tuple[Any, int] | None = None
+        # (snapshot, size, shrinks) a workspace left this memory mapped from
+        # with no page written (pagefork.backends.combine): reusable without
+        # a remap.
+        self._clean_for: tuple[Any, int, int] | None = None
         # Counts shrinks: pages cut and regrown read as zero without any
         # tracker reporting them, so an incremental checkpoint must start over.
         self._shrinks = 0

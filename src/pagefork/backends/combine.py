@@ -193,17 +193,19 @@ class CombiningWorkspace(Workspace):
 
     @staticmethod
     def _start_clean(spec: BatchSpec, region: Region, tracker_: Tracker,
-                     clean: tuple[Any, int] | None) -> bool:
+                     clean: tuple[Any, int, int] | None) -> bool:
         """Starts ``cow`` tracking of ``region`` without mapping it again, if
         the last thread on it left no private page (it still maps the
         snapshot, and shows its current bytes: a merge writes the file the
         mapping reads). The start itself checks that no page is private
-        (a write since); else, or when the region is new, resized or of
-        another snapshot, returns False (map it afresh). Saves a remap per
+        (a write since); else, or when the region is new, resized (a shrink
+        and a regrowth back to the same size included: regrown pages are
+        not the snapshot's) or of another snapshot, returns False (map it
+        afresh). Saves a remap per
         thread that wrote nothing. ``clean``: what the last thread left
         (``Region._clean_for``)."""
         if (tracker_.mode != "cow" or clean is None or clean[0] is not spec.snapshot
-                or clean[1] != region.size):
+                or clean[1:] != (region.size, region._shrinks)):
             return False
         try:
             tracker_.start(region)
@@ -225,6 +227,7 @@ class CombiningWorkspace(Workspace):
         whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
         key = (spec.snapshot, region.address, region.size)
         clean_for, region._clean_for = region._clean_for, None  # this thread may write it
+        shape = (region.size, region._shrinks)  # as mapped for this thread
         before = None
         if (tracker_.mode == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
                 and _same(self._kept, key)):
@@ -250,8 +253,9 @@ class CombiningWorkspace(Workspace):
             result, dirty = call_tracked(spec, i, region, tracker_, identity)
             if tracker_.mode == "cow":  # not under mlockall: Workspace.prepare
                 self._kept = key
-                if not dirty.any():  # still the snapshot's mapping: the next thread may reuse it
-                    region._clean_for = (spec.snapshot, region.size)
+                # Still the snapshot's mapping, unless it was resized: reusable.
+                if not dirty.any() and (region.size, region._shrinks) == shape:
+                    region._clean_for = (spec.snapshot, *shape)
                 # cow: written = private. Only worth keeping for many pages.
                 many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
                 self._private = dirty.view(np.uint8).copy() if many else None
