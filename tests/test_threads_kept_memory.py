@@ -133,6 +133,7 @@ def test_memory_a_thread_left_unwritten_is_reused_without_a_remap(monkeypatch):
 
 def _shrink_and_regrow(mem, i, n):
     if i == 0:  # regrown pages read as zero, not the snapshot's bytes (and no tracker sees them)
+        mem["a"][0] = 4  # a page written: kept memory (below) is put back, not mapped afresh
         size = mem.region.size
         mem.region.resize(size // 2)
         mem.region.resize(size)
@@ -140,10 +141,14 @@ def _shrink_and_regrow(mem, i, n):
     return int(np.count_nonzero(mem["a"] != 3))
 
 
-def test_memory_a_thread_shrank_and_regrew_is_mapped_again():
-    """Shrinking and regrowing thread memory to the same size writes no page
-    a tracker sees, but the regrown pages are no longer the snapshot's: the
-    next thread gets the memory mapped afresh."""
+@pytest.mark.parametrize("keep", [False, True])
+def test_memory_a_thread_shrank_and_regrew_is_mapped_again(keep, monkeypatch):
+    """Shrinking and regrowing thread memory to the same size, the regrown
+    pages are no longer the snapshot's (and no tracker sees them): the next
+    thread gets the memory mapped afresh, whether it would be reused as it
+    was or kept and put back."""
+    if keep:
+        monkeypatch.setattr(combine, "_KEEP_MIN_PAGES", 0)
     with App("1MiB", backend="threads", workers=1) as app:
         a = app.alloc("a", 100_000, np.int64)
         a[:] = 3

@@ -135,8 +135,8 @@ def _keep_min_pages(default: int = 256) -> int:
 _KEEP_MIN_PAGES = _keep_min_pages()
 
 
-def _same(a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
-    """Whether two (snapshot, address, size) keys name the same mapping (the
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two (snapshot, address, size, ...) keys name the same mapping (the
     snapshot by identity: a new one may reuse an old one's id and fd)."""
     return a[0] is b[0] and a[1:] == b[1:]
 
@@ -165,7 +165,9 @@ class CombiningWorkspace(Workspace):
     def __init__(self) -> None:
         super().__init__()
         self._partial_region: Region | None = None
-        self._kept: tuple[Any, int, int] | None = None  # (snapshot, address, size) kept mapped
+        # (snapshot, address, size, shrinks) kept mapped: a shrink and a regrowth
+        # to the same size leave zero pages no scan sees, so they count too.
+        self._kept: tuple[Any, int, int, int] | None = None
         self._partial_kept: tuple[Any, int, int] | None = None
         self._recent = 0  # pages recent threads changed (halving per thread that changed fewer)
         self._private: np.ndarray | None = None  # private pages the last thread left
@@ -225,7 +227,7 @@ class CombiningWorkspace(Workspace):
         pages to compare are narrowed to the ones it wrote or changed; else
         every private page is compared."""
         whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
-        key = (spec.snapshot, region.address, region.size)
+        key = (spec.snapshot, region.address, region.size, region._shrinks)
         clean_for, region._clean_for = region._clean_for, None  # this thread may write it
         shape = (region.size, region._shrinks)  # as mapped for this thread
         before = None
