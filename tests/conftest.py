@@ -36,34 +36,43 @@ def _asan_loaded() -> bool:
 SANITIZED = _asan_loaded()
 
 
-def _leak_check() -> None:
-    """LeakSanitizer, run from atexit, before the interpreter finalizes: every
-    Python object is still reachable from the heap then. Not at process exit
-    (CPython leaves memory behind on purpose), and not from inside pytest:
-    objects referenced only by running Python frames sit in CPython's
-    mmap-ed frame stack, which LeakSanitizer does not scan. Exits the process
-    with a report if anything leaked (a no-op unless detect_leaks=1).
-
-    Threads still running then (daemon threads: atexit runs after the others
-    were joined) hold objects in their frames that LeakSanitizer cannot see
-    either. They get 10 s to end (a timed-out batch's sleeping thread does);
-    those still running are named, with where they are, so a report they
-    cause can be told apart from a real leak."""
+def _name_running_threads() -> None:
+    """Threads still running at exit (daemon threads: atexit runs after the
+    others were joined) hold objects in their frames that LeakSanitizer
+    cannot see. They get 10 s to end (a timed-out batch's sleeping thread
+    does); those still running are named on stderr, with where they are, so
+    a report they cause can be told apart from a real leak."""
     others = [t for t in threading.enumerate() if t is not threading.current_thread()]
     deadline = time.monotonic() + 10
     for thread in others:
         thread.join(max(0.0, deadline - time.monotonic()))
-    others = [t for t in others if t.is_alive()]
-    gc.collect()
     frames = sys._current_frames()
     for thread in others:
-        where = traceback.format_stack(frames[thread.ident]) if thread.ident in frames else ["(no frame)"]
-        print(f"leak check: thread {thread.name!r} still runs at:\n{''.join(where[-3:])}", file=sys.stderr)
-    ctypes.CDLL(None).__lsan_do_leak_check()
+        if thread.is_alive():
+            where = traceback.format_stack(frames[thread.ident]) if thread.ident in frames else ["?"]
+            print(f"leak check: thread {thread.name!r} still runs at:\n{''.join(where[-3:])}", file=sys.stderr)
 
 
+def _before_leak_check() -> None:
+    """Names threads still running, then collects garbage, before the leak
+    check (registered apart: see below)."""
+    _name_running_threads()
+    gc.collect()
+
+
+# LeakSanitizer runs from atexit, before the interpreter finalizes: every
+# Python object is still reachable from the heap then. Not at process exit
+# (CPython leaves memory behind on purpose), and not from inside pytest or
+# any Python function: objects referenced only by running Python frames
+# (locals, and a frame's own object wherever something materialized it, as
+# warnings and tracebacks do) sit in CPython's mmap-ed frame stack, which
+# LeakSanitizer does not scan. So the check itself is the atexit callback,
+# called from C with no Python frame running; registered first, it runs after
+# every later handler, _before_leak_check included. It exits the process with
+# a report if anything leaked (a no-op unless detect_leaks=1).
 if SANITIZED:
-    atexit.register(_leak_check)  # registered first, so it runs after later handlers
+    atexit.register(ctypes.CDLL(None).__lsan_do_leak_check)
+    atexit.register(_before_leak_check)
 
 #: Test files (by name prefix) that do not drive the native core beyond what
 #: the others do: Dask (mostly distributed's Python, slow under ASan), the
