@@ -1,6 +1,7 @@
-"""Hostile review of the empty-batch shortcuts (branch emptybatch): thread
-memory a thread "left unwritten" (cow: no private page) reused without a
-remap, diffs skipped for threads that wrote nothing, merge regions cached
+"""The empty batch's shortcuts at their edges: thread memory a thread "left
+unwritten" (cow: no private page) or wrote many pages of (put back by a
+copy) reused without a remap, also after the thread remapped, unmapped or
+protected it, diffs skipped for threads that wrote nothing, merge regions cached
 per layout, the mlockall probe cached per batch. Each test compares with the
 bytes a serial numpy reference gives."""
 
@@ -41,7 +42,6 @@ def _seen(mem, i, n):
     return mem["a"].copy()
 
 
-@pytest.mark.xfail(strict=True, reason="thread memory left with no private page is reused unmapped even if the thread mmap()ed over it (combine.py _start_clean)")
 @pytest.mark.parametrize("backend", ["threads", "processes"])
 def test_anonymous_remap_of_unwritten_thread_memory_is_not_reused(backend):
     """A thread maps anonymous memory over a page of its view (MAP_FIXED,
@@ -67,7 +67,6 @@ def test_anonymous_remap_of_unwritten_thread_memory_is_not_reused(backend):
         assert (a == 9).all()
 
 
-@pytest.mark.xfail(strict=True, reason="thread memory left with no private page is reused unmapped even if the thread mmap()ed over it (combine.py _start_clean)")
 def test_file_remap_of_unwritten_thread_memory_is_not_reused(tmp_path):
     """Same with a private mapping of another file, read (file pages: not
     private copies): the next thread must not see that file's bytes."""
@@ -115,7 +114,6 @@ _MPROTECT_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="a thread's mprotect(PROT_READ) of unwritten memory survives into the next thread (no remap): SIGSEGV (combine.py _start_clean)")
 def test_protection_a_thread_left_on_unwritten_memory_does_not_reach_the_next_thread():
     """A thread that made its view read-only (mprotect, writing nothing):
     before this branch the next thread got its memory mapped afresh
@@ -377,7 +375,6 @@ _MUNMAP_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="a hole a thread munmap()ed in unwritten thread memory survives into the next thread (no remap): SIGSEGV (combine.py _start_clean)")
 def test_a_hole_a_thread_left_in_unwritten_memory_does_not_reach_the_next_thread():
     """munmap of a page of the view, nothing written: PAGEMAP_SCAN skips
     the hole (no private page), the memory is reused, the next thread's
@@ -405,3 +402,33 @@ def test_madvise_remove_on_thread_memory_is_refused_by_the_kernel():
         got = app.parallel(fn, 2)
         assert got[0][0] == -1
         assert (got[1] == 8).all() and (a == 8).all()
+
+
+_KEPT_MPROTECT_CHILD = textwrap.dedent("""
+import ctypes, mmap, numpy as np
+from pagefork import App
+from pagefork.backends.combine import _KEEP_MIN_PAGES
+pages = 2 * _KEEP_MIN_PAGES + 8
+def fn(mem, i, n):
+    a = mem["a"]
+    a[:] = i + 1  # every page written: the slot keeps this memory for the next thread
+    if i == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(a.ctypes.data, mmap.PAGESIZE, 1) == 0  # PROT_READ, after writing
+    return int(a[0])
+with App(f"{pages * mmap.PAGESIZE + (1 << 20)}", backend="threads", workers=1) as app:
+    a = app.alloc("a", pages * mmap.PAGESIZE // 8, np.int64)
+    assert app.parallel(fn, 3) == [1, 2, 3]
+    assert (a == 3).all()
+print("ok", flush=True)
+""")
+
+
+def test_protection_a_thread_left_on_kept_memory_does_not_reach_the_next_thread():
+    """The same on memory a slot keeps mapped across threads because they
+    write many pages (put back by a copy): a page the thread made read-only
+    must not reach the next thread (nor the copy that puts pages back)."""
+    proc = subprocess.run([sys.executable, "-c", _KEPT_MPROTECT_CHILD], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])

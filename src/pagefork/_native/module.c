@@ -73,6 +73,9 @@ static PyMethodDef native_methods[] = {
      "compact_decode(tokens, count, data_len) -> (offsets, lengths, dtypes, ops)"},
     {"private_pages", pf_private_pages, METH_VARARGS,
      "private_pages(memory, out) -> count of pages that are the process's own copies"},
+    {"maps_covers", pf_maps_covers, METH_VARARGS,
+     "maps_covers(address, length, fd) -> whether one private read-write mapping of fd from offset 0 "
+     "covers the range (None: the kernel cannot tell)"},
     {"keep_changed", pf_keep_changed, METH_VARARGS,
      "keep_changed(memory, original, flags) -> count: unflags pages equal to the original"},
     {"fold", pf_fold, METH_VARARGS,

@@ -432,6 +432,7 @@ PyObject *pf_compact_encode(PyObject *self, PyObject *args);
 PyObject *pf_compact_decode(PyObject *self, PyObject *args);
 PyObject *pf_gather(PyObject *self, PyObject *args);
 PyObject *pf_private_pages(PyObject *self, PyObject *args);
+PyObject *pf_maps_covers(PyObject *self, PyObject *args);
 PyObject *pf_keep_changed(PyObject *self, PyObject *args);
 PyObject *pf_fold(PyObject *self, PyObject *args);
 PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused);

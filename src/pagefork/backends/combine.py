@@ -141,6 +141,15 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return a[0] is b[0] and a[1:] == b[1:]
 
 
+def _still_mapped(spec: BatchSpec, region: Region) -> bool:
+    """Whether ``region`` is still the one private read-write mapping of the
+    snapshot a workspace made: a thread can remap, unmap or protect its
+    memory (mmap, munmap, mprotect through ctypes), which no page-state read
+    sees, and the next thread must not meet that. False where the kernel
+    cannot tell (no PROCMAP_QUERY before Linux 6.11): map afresh."""
+    return region.size > 0 and bool(_native.maps_covers(region.address, region.size, spec.snapshot.fd))
+
+
 class CombiningWorkspace(Workspace):
     """A worker's :class:`Workspace` that, across the threads of a batch it
     runs, combines the diffs of combinable regions (see the module), and
@@ -207,7 +216,7 @@ class CombiningWorkspace(Workspace):
         thread that wrote nothing. ``clean``: what the last thread left
         (``Region._clean_for``)."""
         if (tracker_.mode != "cow" or clean is None or clean[0] is not spec.snapshot
-                or clean[1:] != (region.size, region._shrinks)):
+                or clean[1:] != (region.size, region._shrinks) or not _still_mapped(spec, region)):
             return False
         try:
             tracker_.start(region)
@@ -232,7 +241,7 @@ class CombiningWorkspace(Workspace):
         shape = (region.size, region._shrinks)  # as mapped for this thread
         before = None
         if (tracker_.mode == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
-                and _same(self._kept, key)):
+                and _same(self._kept, key) and _still_mapped(spec, region)):
             if clean is not None and self._private is not None:
                 before = self._private  # as the last thread of this batch left it
                 kept = int(np.count_nonzero(before))
