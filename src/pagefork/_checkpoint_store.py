@@ -40,6 +40,10 @@ class Store(Protocol):
 
     def delete(self, name: str) -> None: ...
 
+    def exists(self) -> bool:
+        """Whether the target itself (folder, bucket or prefix) exists."""
+        ...
+
     def remove_stale_temporaries(self) -> None:
         """Deletes what saves killed before their commit left behind."""
         ...
@@ -129,6 +133,9 @@ class LocalStore:
             os.unlink(os.path.join(self.path, name))
         except FileNotFoundError:
             pass
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
 
     def remove_stale_temporaries(self) -> None:
         """Deletes temporary files left by writers that no longer run (a
@@ -243,6 +250,14 @@ class FsspecStore:
             self.fs.rm_file(self._path(name))
         except FileNotFoundError:
             pass
+
+    def exists(self) -> bool:
+        """False for a bucket that does not exist, and for a prefix with no
+        object under it (object stores have no empty folders)."""
+        try:
+            return bool(self.fs.exists(self.root))
+        except FileNotFoundError:
+            return False
 
     def remove_stale_temporaries(self) -> None:
         """Object stores leave no partial objects behind."""
