@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import numpy as np
 import pytest
@@ -38,3 +37,134 @@ def test_ls_and_verify_agree_on_a_target_with_no_checkpoint(tmp_path, capsys, wh
         ck.save(region, target)
     assert cli(["checkpoint", "ls", str(target)]) == 0
     assert cli(["checkpoint", "verify", str(target)]) == 0
+
+
+# ---- untouched pages stay untouched ---------------------------------------------------------
+
+SIZE = 128 << 20  # 1% of its pages written: 1.3 MiB of data
+EVERY = 100 * PAGE_SIZE // 8  # int64s between written pages
+SLACK = 24 << 20  # buffers (4 MiB pieces, zstd), far below the 128 MiB a whole copy costs
+
+_UNTOUCHED = textwrap.dedent("""
+    import hashlib, json, os, sys
+    import numpy as np
+    from pagefork import App, PAGE_SIZE
+
+    size, every, target = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+    def memfd(app):  # bytes the snapshot's file holds (holes hold none)
+        return os.fstat(app._executor.snapshot.fd).st_blocks * 512
+
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+    def bump(mem, i, n):
+        mem["a"][1::every] += 1
+
+    out = {}
+    with App(size, backend="threads", workers=1) as app:
+        a = app.alloc("a", size // 8, np.int64)
+        a[::every] = np.arange(1, len(a[::every]) + 1)
+        app.parallel(bump, 1)
+        del a
+        out["data"] = memfd(app)
+        app.checkpoint(target)
+        out["after checkpoint"] = memfd(app)
+        digest = hashlib.sha256(app.memory).hexdigest()
+    anon0 = anon()
+    with App.restore(target, backend="threads", workers=1) as back:
+        out["restored anon"] = anon() - anon0
+        out["restored file"] = memfd(back)
+        back.parallel(bump, 1)
+        out["batch anon"] = anon() - anon0
+        out["batch file"] = memfd(back)
+        a = back["a"].copy()
+        a[1::every] -= 1
+        out["exact"] = hashlib.sha256(a).hexdigest() == digest
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def untouched(tmp_path_factory):
+    """Memory of a 128 MiB App with 1% of its pages written, through a base
+    checkpoint, a restore and the first batch after it (in a subprocess)."""
+    target = tmp_path_factory.mktemp("untouched")
+    run = subprocess.run([sys.executable, "-c", _UNTOUCHED, str(SIZE), str(EVERY), str(target)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_a_base_checkpoint_leaves_untouched_pages_untouched(untouched):
+    assert untouched["data"] < SLACK
+    assert untouched["after checkpoint"] - untouched["data"] < SLACK
+
+
+def test_a_restore_and_its_first_batch_hold_the_data_once(untouched):
+    assert untouched["exact"] is True
+    assert untouched["restored file"] < SLACK and untouched["batch file"] < SLACK
+    assert untouched["restored anon"] < SLACK and untouched["batch anon"] < SLACK
+
+
+# ---- progress ---------------------------------------------------------------------------------
+
+def _recorder() -> tuple[list[tuple[int, int]], object]:
+    calls: list[tuple[int, int]] = []
+    return calls, lambda done, total: calls.append((done, total))
+
+
+def _assert_monotonic_to(calls: list[tuple[int, int]], total: int) -> None:
+    assert calls and calls[-1] == (total, total)
+    assert all(t == total for _, t in calls)
+    dones = [d for d, _ in calls]
+    assert dones == sorted(dones) and 0 <= dones[0]
+
+
+@pytest.mark.parametrize("compress", [1, None])
+def test_app_checkpoint_and_restore_report_progress(tmp_path, compress):
+    size = 16 << 20
+    with App(size, backend="threads", workers=1) as app:
+        a = app.alloc("a", size // 8, np.int64)
+        a[:: PAGE_SIZE // 8] = 7
+        calls, progress = _recorder()
+        app.checkpoint(tmp_path, compress=compress, progress=progress)
+        _assert_monotonic_to(calls, size)  # a base: the whole image, piece by piece
+        assert len(calls) == size // (4 << 20)
+        a[5] = 1
+        calls, progress = _recorder()
+        info = app.checkpoint(tmp_path, compress=compress, progress=progress)
+        assert not info.base
+        _assert_monotonic_to(calls, calls[-1][1])  # an increment: its body
+        expected = a.copy()
+    calls, progress = _recorder()
+    with App.restore(tmp_path, backend="threads", workers=1, progress=progress) as back:
+        assert np.array_equal(back["a"], expected)
+    _assert_monotonic_to(calls, ck.versions(tmp_path)[-1].restore_bytes)
+    assert len(calls) > 2
+
+
+def test_region_save_and_load_report_progress_and_stay_silent_by_default(tmp_path, capsys):
+    with Region(8 << 20) as region:
+        np.frombuffer(region, np.uint8)[::PAGE_SIZE] = 1
+        calls, progress = _recorder()
+        ck.save(region, tmp_path, progress=progress)
+        _assert_monotonic_to(calls, 8 << 20)
+        ck.save(region, tmp_path)
+    calls, progress = _recorder()
+    ck.load(tmp_path, version=1, progress=progress).close()
+    _assert_monotonic_to(calls, ck.versions(tmp_path)[0].restore_bytes)
+    ck.load(tmp_path).close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_must_be_callable(tmp_path):
+    with Region(PAGE_SIZE) as region, pytest.raises(TypeError, match="progress must be callable"):
+        ck.save(region, tmp_path, progress=1)
+    with App(PAGE_SIZE, backend="threads", workers=1) as app, \
+            pytest.raises(TypeError, match="progress must be callable"):
+        app.checkpoint(tmp_path, progress="yes")
+    with pytest.raises(TypeError, match="progress must be callable"):
+        App.restore(tmp_path, progress=3)
