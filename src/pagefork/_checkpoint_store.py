@@ -23,6 +23,10 @@ from ._errors import CorruptDataError
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store"]
 
+#: Objects larger than this go to fsspec targets in parts of this size
+#: (S3's minimum part is 5 MiB).
+PART_SIZE = 16 << 20
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -218,12 +222,35 @@ class FsspecStore:
         return f"{self.root}/{name}"
 
     def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None:
-        """One request. ``exclusive`` is checked just before (object stores
-        have no portable create-if-absent: the check narrows the race)."""
-        if exclusive and self.fs.exists(self._path(name)):
-            raise FileExistsError(errno.EEXIST, "exists", self._path(name))
-        self.fs.pipe_file(self._path(name), b"".join(bytes(c) if not isinstance(c, bytes) else c
-                                                     for c in chunks))
+        """An object of at most one part (PART_SIZE bytes) in one request;
+        a larger one streamed in parts of that size (a multipart upload on
+        S3, which makes the object appear only once it completes; a failed
+        one is aborted), so memory stays bounded by a few parts, not the
+        object. ``exclusive`` is checked just before (object stores have no
+        portable create-if-absent: the check narrows the race)."""
+        path = self._path(name)
+        if exclusive and self.fs.exists(path):
+            raise FileExistsError(errno.EEXIST, "exists", path)
+        pieces = iter(chunks)
+        first = bytearray()
+        for chunk in pieces:
+            first += chunk
+            if len(first) > PART_SIZE:
+                break
+        else:
+            self.fs.pipe_file(path, bytes(first))
+            return
+        f = self.fs.open(path, "wb", block_size=PART_SIZE)
+        try:
+            f.write(first)
+            del first
+            for chunk in pieces:
+                f.write(chunk)
+            f.close()  # the commit
+        except BaseException:
+            _discard(f)
+            self.delete(name)  # where the file system wrote in place
+            raise
 
     def open(self, name: str) -> BinaryIO:
         path = self._path(name)
@@ -261,6 +288,17 @@ class FsspecStore:
 
     def remove_stale_temporaries(self) -> None:
         """Object stores leave no partial objects behind."""
+
+
+def _discard(f: Any) -> None:
+    """Throws away an object being written (aborts an S3 multipart upload)
+    without committing it."""
+    try:
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()
+    except Exception:  # the original error matters more
+        pass
 
 
 def _file_url_path(url: str) -> str:
