@@ -271,3 +271,19 @@ def test_ls_and_verify_of_a_bucket_that_does_not_exist(s3_endpoint, monkeypatch,
             err = capsys.readouterr().err
             assert f"pagefork checkpoint {command}: no checkpoint in {target}" in err, err
             assert ("(it does not exist)" in err) != exists, err
+
+
+def test_verify_reports_progress_and_the_cli_shows_it(tmp_path, capsys):
+    with Region(8 << 20) as region:
+        np.frombuffer(region, np.uint8)[::PAGE_SIZE] = 1
+        ck.save(region, tmp_path, compress=None)
+        ck.save(region, tmp_path, compress=None)
+    calls, progress = _recorder()
+    assert all(problem is None for _, _, problem in ck.verify(tmp_path, progress=progress))
+    total = sum(v.restore_bytes for v in ck.versions(tmp_path))
+    _assert_monotonic_to(calls, total)
+    assert cli(["checkpoint", "verify", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""  # not a terminal: silent
+    assert cli(["checkpoint", "verify", str(tmp_path), "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.endswith("verified: 16.0 MiB of 16.0 MiB (100%)\n"), err

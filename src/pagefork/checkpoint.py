@@ -454,9 +454,12 @@ def versions(target: Target) -> list[VersionInfo]:
     return out
 
 
-def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
+def verify(target: Target, *, progress: Progress | None = None) -> Iterator[tuple[int, str, str | None]]:
     """Checks every object of every version: yields (version, object,
-    None if intact else why not), manifests first. Reads everything."""
+    None if intact else why not), manifests first. Reads everything.
+    ``progress(done, total)``, if given, is told the data objects' stored
+    bytes checked, after each object."""
+    _check_progress(progress)
     store = open_store(target)
     manifests = []
     for v in sorted(_chain.manifests(store)):
@@ -467,7 +470,12 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
             continue  # a writer pruned it since it was listed: not damage
         except CorruptDataError as exc:
             yield v, manifest_name(v), str(exc)
-    for m, ref in iter_refs(manifests):
+    refs = list(iter_refs(manifests))
+    total, done = sum(ref.size for _, ref in refs), 0
+    for m, ref in refs:
+        if progress is not None and done:
+            progress(done, total)
+        done += ref.size
         try:  # bases never exceed it
             scratch = Region(max(m.size, PAGE_SIZE)) if ref.kind == "base" else None
         except PageforkError as exc:  # a size no restore could map either: check the rest
@@ -487,4 +495,6 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
         finally:
             if scratch is not None:
                 scratch.close()
+    if progress is not None:
+        progress(done, total)
 

@@ -414,14 +414,35 @@ def _human(n: int) -> str:
     return str(n)
 
 
+class _ByteProgress:
+    """``progress(done, total)`` as one line on stderr, rewritten in place
+    at most every 0.2 s, and ended when done reaches total."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if done < total and now - self.last < 0.2:
+            return
+        self.last = now
+        share = f" ({100 * done // total}%)" if total else ""
+        end = "\n" if done >= total else ""
+        print(f"\r{self.what}: {_human(done)} of {_human(total)}{share}", end=end, file=sys.stderr, flush=True)
+
+
 def _checkpoint_verify(args: argparse.Namespace) -> int:
     from .checkpoint import verify
 
     checked = 0
+    show = args.progress or sys.stderr.isatty()
     try:
-        for version, name, problem in verify(args.target):
+        for version, name, problem in verify(args.target, progress=_ByteProgress("verified") if show else None):
             if problem is not None:
-                print(f"version {version}: {name} is bad: {problem}", file=sys.stderr)
+                print(f"{chr(10) if show else ''}version {version}: {name} is bad: {problem}", file=sys.stderr)
                 return 1
             checked += 1
     except Exception as exc:  # an unreachable store
@@ -481,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = checkpoint_sub.add_parser("verify", help="check every object; exit 1 naming the first bad one, "
                                       "or if there is no checkpoint")
     check.add_argument("target", help="a folder or an fsspec URL")
+    check.add_argument("--progress", action="store_true",
+                       help="show the bytes checked on stderr (the default where stderr is a terminal)")
     check.set_defaults(run=_checkpoint_verify)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
