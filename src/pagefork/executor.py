@@ -232,7 +232,12 @@ class Executor:
         memory is mapped from it and tracked; version counter set, nothing
         unsaved."""
         self.snapshot.clear_tracked_changes()  # workers get the whole snapshot anyway
-        self._remap_main()
+        self.snapshot.map_to(self.memory)
+        mode = mode_for_new_mapping(self._main_mode)  # not cow under mlockall(MCL_FUTURE)
+        if mode != self._main_tracker.mode:
+            self._main_tracker = tracker(mode)
+        # Failing, every page counts as written (warned) until a window re-arms it.
+        self._start_main_tracking()
         self.version = version
         self.mark_saved()
 
