@@ -195,7 +195,7 @@ def s3_endpoint():
 
 
 _S3_CLIENT = textwrap.dedent("""
-    import json, sys
+    import hashlib, json, sys
     import fsspec
     import numpy as np
     import pagefork._checkpoint_store
@@ -224,13 +224,21 @@ _S3_CLIENT = textwrap.dedent("""
             f.write("5")  # VmHWM := VmRSS
         info = app.checkpoint(target)
         peak = status("VmHWM") - base
+        digest = hashlib.sha256(app.memory).hexdigest()
     parts = len(fs.ls(root, detail=False, refresh=True))
-    print(json.dumps({"peak": peak, "base": info.base, "objects": parts}))
+    base = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with App.restore(target, backend="threads", workers=1) as back:  # into the snapshot's file
+        restore_peak = status("VmHWM") - base
+        exact = hashlib.sha256(back.memory).hexdigest() == digest
+    print(json.dumps({"peak": peak, "base": info.base, "objects": parts, "restore peak": restore_peak,
+                      "exact": exact}))
 """)
 
 
 @pytest.mark.python_only
-def test_a_base_checkpoint_to_s3_streams_in_bounded_parts(s3_endpoint):
+def test_a_base_checkpoint_to_s3_and_its_restore_stream_in_bounded_parts(s3_endpoint):
     size, part = 64 << 20, 5 << 20
     run = subprocess.run([sys.executable, "-c", _S3_CLIENT, s3_endpoint,
                           f"pagefork-scale/{uuid.uuid4().hex}", str(size), str(part)],
@@ -241,6 +249,8 @@ def test_a_base_checkpoint_to_s3_streams_in_bounded_parts(s3_endpoint):
     # A copy of every piece and their join were 2x the App (133 MiB here);
     # now a few parts (S3File's buffer, the part, the HTTP body: ~40 MiB).
     assert out["peak"] < size, out
+    # A restore read the whole object into memory; now a block at a time.
+    assert out["exact"] and out["restore peak"] < size, out
 
 
 @pytest.mark.python_only

@@ -11,7 +11,6 @@ every byte it needs is durable.
 from __future__ import annotations
 
 import errno
-import io
 import os
 import re
 import secrets
@@ -253,9 +252,11 @@ class FsspecStore:
             raise
 
     def open(self, name: str) -> BinaryIO:
+        """The object for reading, streamed in PART_SIZE blocks (a restore
+        holds a block at a time, not the object)."""
         path = self._path(name)
         try:
-            return io.BytesIO(self.fs.cat_file(path))
+            return self.fs.open(path, "rb", block_size=PART_SIZE, cache_type="readahead")
         except FileNotFoundError:
             raise
         except OSError as exc:
