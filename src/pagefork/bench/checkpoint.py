@@ -302,7 +302,7 @@ def format_checkpoint_report(c: CheckpointCosts) -> str:
         f"{c.app_load_s * 1e3:.1f} ms: {c.app_restore_ratio:.2f}x",
         f"  the same into a bare Region (checkpoint.load), from the disk {c.region_load_s * 1e3:8.1f} ms: "
         f"{c.region_restore_ratio:.2f}x np.load",
-        f"  the first batch after that restore fills the App's snapshot {c.first_batch_s * 1e3:.1f} ms; "
+        f"  the first batch after that restore {c.first_batch_s * 1e3:.1f} ms; "
         f"restore + first batch vs np.load into a fresh App + first batch "
         f"{(c.warm_restore_s + c.first_batch_s) * 1e3:.0f} vs "
         f"{(c.app_load_s + c.app_first_batch_s) * 1e3:.0f} ms: {c.restore_and_batch_ratio:.2f}x",
