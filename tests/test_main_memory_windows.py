@@ -92,7 +92,7 @@ def write_all(kind, w, base):
                     assert os.readv(r, [view[8 * k: 8 * k + 8]]) == 8
                     break
                 except OSError as e:
-                    # The fill after a restore holds writers by mprotect, where
+                    # A restored App's first window may hold writers by mprotect, where
                     # the kernel's writes fail with EFAULT (documented): retried
                     # there, an error anywhere else.
                     if e.errno != errno.EFAULT or not filling:
