@@ -19,6 +19,8 @@ from pagefork import PAGE_SIZE, App, Region
 from pagefork import checkpoint as ck
 from pagefork.cli import main as cli
 
+from conftest import SANITIZED
+
 
 # ---- no checkpoint: ls and verify agree -------------------------------------------------
 
@@ -107,7 +109,8 @@ def test_a_base_checkpoint_leaves_untouched_pages_untouched(untouched):
 def test_a_restore_and_its_first_batch_hold_the_data_once(untouched):
     assert untouched["exact"] is True
     assert untouched["restored file"] < SLACK and untouched["batch file"] < SLACK
-    assert untouched["restored anon"] < SLACK and untouched["batch anon"] < SLACK
+    if not SANITIZED:  # ASan's quarantine keeps freed buffers resident
+        assert untouched["restored anon"] < SLACK and untouched["batch anon"] < SLACK
 
 
 # ---- progress ---------------------------------------------------------------------------------
