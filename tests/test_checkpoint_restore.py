@@ -406,17 +406,19 @@ def test_an_app_restore_from_a_base_truncated_meanwhile_is_an_error_not_a_crash(
     Before, the checksum thread read a mapping of the file: truncated before
     the mapping, it died with a traceback; truncated while it read, SIGBUS
     would kill the process. Now it preads, and the restore says so."""
+    from pagefork._checkpoint_store import LocalStore
+
     path, _ = large_app_checkpoint
     base = objects(path, ".base")[0]
-    real = fmt._local_file
+    real = LocalStore.open
 
-    def truncated_after_the_check(r, ref):
-        found = real(r, ref)
-        if ref.kind == "base":
+    def truncated_after_the_check(self, name):
+        found = real(self, name)
+        if name == base.name:
             os.truncate(base, base.stat().st_size // 3)
         return found
 
-    monkeypatch.setattr(fmt, "_local_file", truncated_after_the_check)
+    monkeypatch.setattr(LocalStore, "open", truncated_after_the_check)
     with pytest.raises(CorruptDataError, match=f"{base.name}.*truncated"):
         App.restore(path, backend="threads", workers=1)
 

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"backends.threads", "backends.replies", "backends.combine", "backends.spawn", "backends.processes",
      "backends.dask", "backends._dask_worker", "backends"},
     {"_main_memory", "_batch_thread", "executor"},
-    {"_checkpoint_format", "_checkpoint_store", "_checkpoint_versions", "checkpoint"},
+    {"_checkpoint_format", "_checkpoint_store", "_checkpoint_versions", "_checkpoint_images", "checkpoint"},
     {"app"},
     {"demo", "bench", "bench.tracking", "bench.diffs", "bench.executor", "bench.reduce", "bench.checkpoint",
      "bench.dask", "bench.dense", "bench.dense_report", "cli", "__main__"},

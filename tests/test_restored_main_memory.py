@@ -1,8 +1,9 @@
-"""App.restore reads the checkpoint into main memory (fresh anonymous
-memory, huge pages allowed) and leaves the snapshot empty until the first
-batch, checkpoint or resize fills it from main memory. Between the two the
-main program may read and write its arrays: every write must reach the
-threads of the next batch and the next checkpoint, exactly."""
+"""App.restore writes the checkpoint straight into the App's (empty)
+snapshot, only the pages that are not zero, and maps main memory from it;
+then the main program may read and write its arrays: every write must reach
+the threads of the next batch and the next checkpoint, exactly. (Bare
+regions, checkpoint.load, are filled in fresh anonymous memory, huge pages
+allowed: the second half of this file.)"""
 
 from __future__ import annotations
 
@@ -119,66 +120,15 @@ def test_two_threads_starting_the_first_batches_after_a_restore_at_once(saved):
         assert np.array_equal(back["a"], expected)
 
 
-def test_writes_made_while_the_snapshot_fills_are_not_lost(saved, monkeypatch):
-    """A write that lands after the fill copied its page (another Python
-    thread of the program) is copied again."""
-    require("uffd-async")  # the fill waits for the first batch only under it
-    path, expected = saved
-    real = Snapshot._fill_from
-
-    def fill_then_write(self, memory):
-        real(self, memory)
-        np.frombuffer(memory, np.int64)[17 * PER_PAGE] = -17
-
-    monkeypatch.setattr(Snapshot, "_fill_from", fill_then_write)
-    with App.restore(path, backend="threads", workers=1) as app:
-        assert app.parallel(_bump, 1, args=(17 * PER_PAGE,)) == [-16]
-        expected[17 * PER_PAGE] = -16
-        assert np.array_equal(app["a"], expected)
-        assert app.checkpoint(path).pages == 1
-    with App.restore(path, backend="threads", workers=1) as back:
-        assert np.array_equal(back["a"], expected)
-
-
-def test_a_failed_fill_changes_nothing_and_the_next_batch_fills(saved, monkeypatch):
-    require("uffd-async")  # the fill waits for the first batch only under it
-    path, expected = saved
-    real = Snapshot._fill_from
-    calls = []
-
-    def fails_once(self, memory):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError(errno.ENOMEM, "no memory for the snapshot")
-        real(self, memory)
-
-    monkeypatch.setattr(Snapshot, "_fill_from", fails_once)
-    with App.restore(path, backend="threads", workers=1) as app:
-        app["a"][0] = 50
-        with pytest.raises(OSError, match="no memory"):
-            app.parallel(_bump, 1, args=(1,))
-        app["a"][PER_PAGE] = 60
-        expected[[0, PER_PAGE]] = [50, 60]
-        assert np.array_equal(app["a"], expected)
-        assert app.parallel(_bump, 1, args=(1,)) == [2]
-        expected[1] = 2
-        assert np.array_equal(app["a"], expected)
-        assert app.checkpoint(path).pages == 2  # pages 0 and 1: written before and by the batch
-    assert len(calls) == 2
-    with App.restore(path, backend="threads", workers=1) as back:
-        assert np.array_equal(back["a"], expected)
-
-
 def test_a_fill_failing_during_a_restore_fails_the_restore_and_leaves_nothing(saved, monkeypatch):
-    """Where no tracker can watch main memory the restore fills the snapshot
-    itself: a failure there is the restore's, and the half-made App is closed
-    (its batch thread gone)."""
+    """A failure writing the snapshot (its file system full) is the
+    restore's, and the half-made App is closed (its batch thread gone)."""
+    import pagefork._checkpoint_images as images
     import pagefork.executor as executor_module
 
     path, _ = saved
-    monkeypatch.setattr(executor_module.Executor, "_start_restore_tracker", lambda self: None)
-    monkeypatch.setattr(Snapshot, "_fill_from",
-                        lambda self, memory: (_ for _ in ()).throw(OSError(errno.ENOSPC, "no space")))
+    monkeypatch.setattr(images, "write_nonzero",
+                        lambda fd, chunk, at: (_ for _ in ()).throw(OSError(errno.ENOSPC, "no space")))
     made = []
     real_init = executor_module.Executor.__init__
 
@@ -419,68 +369,6 @@ def test_advise_huge_refuses_memory_others_share_and_closed_regions():
 
 # ---- hostile review (atk13) ----------------------------------------------------------------
 
-def _fail_restore_trackers(monkeypatch, how: str) -> None:
-    """Makes the tracker a restore starts on main memory unavailable (as for
-    a user without userfaultfd and a kernel without mprotect tracking):
-    ``tracker()`` raises, ``start`` raises, or only "none" exists."""
-    import pagefork.executor as executor_module
-    from pagefork import PageforkError, UnsupportedModeError
-
-    real_tracker, real_begin = executor_module.tracker, executor_module.Executor.begin_restore
-    restoring = threading.local()
-
-    def begin_restore(self):
-        restoring.on = True
-        return real_begin(self)
-
-    def restore_tracker(mode=None, **kwargs):
-        if not getattr(restoring, "on", False):
-            return real_tracker(mode, **kwargs)
-        restoring.on = False
-        if how == "raises":
-            raise UnsupportedModeError(mode or "auto", "hidden by the test")
-        t = real_tracker("none" if how == "none" else mode, **kwargs)
-        if how == "start raises":
-            def start(region):
-                raise PageforkError("uffd tracking: start: Operation not permitted (hidden by the test)")
-            t.start = start  # type: ignore[method-assign]
-        return t
-
-    monkeypatch.setattr(executor_module.Executor, "begin_restore", begin_restore)
-    monkeypatch.setattr(executor_module, "tracker", restore_tracker)
-
-
-@pytest.mark.parametrize("how", ["raises", "start raises", "none"])
-@pytest.mark.parametrize("backend", ["threads", "processes"])
-def test_a_restore_without_a_page_exact_tracker_fills_at_once_and_stays_exact(saved, monkeypatch, how,
-                                                                             backend):
-    """Found by atk13: an UnsupportedModeError (or a failed start) for the
-    restore tracker made App.restore fail; now the snapshot is filled at
-    once and main memory is the snapshot's mapping again, tracked exactly."""
-    path, expected = saved
-    _fail_restore_trackers(monkeypatch, how)
-    with App.restore(path, backend=backend, workers=1) as app:
-        assert app._executor._restore_tracker is None
-        assert np.array_equal(app["a"], expected)
-        app["a"][20 * PER_PAGE + 3] = -20
-        expected[20 * PER_PAGE + 3] = -20
-        assert app.parallel(_bump, 2, args=(21 * PER_PAGE,)) == [21 * PER_PAGE + 1] * 2
-        expected[21 * PER_PAGE] += 2
-        assert np.array_equal(app["a"], expected)
-        info = app.checkpoint(path)
-        assert (info.base, info.pages) == (False, 2)
-    with App.restore(path, backend="threads", workers=1) as back:
-        assert np.array_equal(back["a"], expected)
-
-
-def test_a_restore_without_a_restore_tracker_and_a_checkpoint_writes_nothing(saved, monkeypatch):
-    path, _ = saved
-    _fail_restore_trackers(monkeypatch, "raises")
-    with App.restore(path, backend="threads", workers=1) as app:
-        int(app["a"].sum())
-        assert app.checkpoint(path).pages == 0
-
-
 @pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
 def test_one_written_page_of_a_huge_page_is_exactly_one_checkpointed_page(tmp_path, tracking):
     """Restored main memory may sit on transparent huge pages: a write to
@@ -546,11 +434,10 @@ def test_after_a_fork_before_the_fill_the_parent_stays_exact(saved, tracking):
 
 
 @pytest.mark.parametrize("tracking", ["uffd", "uffd-async"])
-def test_pages_discarded_before_the_fill_are_checkpointed_as_they_read(saved, tracking):
-    """MADV_DONTNEED on restored main memory (private anonymous until the
-    fill) zeroes the pages; the uffd modes report them, so the snapshot,
-    the threads and the next checkpoint all agree with what memory reads.
-    (segfault mode cannot see a discard: docs/tracking.md.)"""
+def test_pages_discarded_after_a_restore_are_checkpointed_as_they_read(saved, tracking):
+    """MADV_DONTNEED on restored main memory (a private mapping of the
+    snapshot) drops nothing the program wrote: the pages read the restored
+    values again, and the threads and the next checkpoint agree."""
     import ctypes
     import mmap
 
@@ -560,10 +447,9 @@ def test_pages_discarded_before_the_fill_are_checkpointed_as_they_read(saved, tr
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     with App.restore(path, backend="threads", workers=1, tracking=tracking) as app:
         assert libc.madvise(app.memory.address + 2 * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED) == 0
-        expected[2 * PER_PAGE: 3 * PER_PAGE] = 0
         assert np.array_equal(app["a"], expected)
-        assert app.parallel(lambda mem, i, n: int(mem["a"][2 * PER_PAGE + 1]), 1) == [0]
-        assert app.checkpoint(path).pages == 1
+        assert app.parallel(lambda mem, i, n: int(mem["a"][2 * PER_PAGE + 1]), 1) == [2 * PER_PAGE + 1]
+        assert app.checkpoint(path).pages == 0
     with App.restore(path, backend="threads", workers=1) as back:
         assert np.array_equal(back["a"], expected)
 
@@ -667,13 +553,9 @@ def test_the_kernel_may_write_restored_memory_before_the_fill(saved, tmp_path, m
         assert np.array_equal(back["a"], expected)
 
 
-def test_a_restore_with_tracking_none_fills_at_once(saved):
-    """"none" reports every page written: as a restore tracker it would copy
-    every page twice and leave all of them unsaved; the fill happens during
-    the restore instead, and the values stay exact."""
+def test_a_restore_with_tracking_none_stays_exact(saved):
     path, expected = saved
     with App.restore(path, backend="threads", workers=1, tracking="none") as app:
-        assert app._executor._restore_tracker is None
         app["a"][9] = -9
         expected[9] = -9
         assert app.parallel(_bump, 1, args=(10,)) == [11]

@@ -21,7 +21,7 @@ import re
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class ObjectWriter:
     (zstd reading a buffer that changes under it may emit a frame that
     decodes to bytes that were never there)."""
 
-    def __init__(self, kind: int, memory_size: int, body: memoryview | list[memoryview],
+    def __init__(self, kind: int, memory_size: int, body: Any,
                  level: int | None, *, live: bool = False) -> None:
         self.pieces = body if isinstance(body, list) else [body]
         self.live = live
@@ -112,6 +112,8 @@ class ObjectWriter:
         self.header = HEADER.pack(MAGIC, VERSION, kind, flags, memory_size, body_len)
         self.crc = 0
         self.length = 0
+        #: told (body bytes done, body bytes in all) after each piece
+        self.progress: Callable[[int, int], None] | None = None
 
     def _out(self, data: Any) -> Any:
         self.crc = _native.crc32c(data, self.crc)
@@ -128,9 +130,12 @@ class ObjectWriter:
             compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True) \
                 .compressobj(size=sum(p.nbytes for p in self.pieces))
         scratch = memoryview(bytearray(CHUNK)) if self.live else None
+        total = sum(p.nbytes for p in self.pieces)
+        done = 0
         for body in self.pieces:
             for at in range(0, body.nbytes, CHUNK):
                 piece = body[at: at + CHUNK]
+                done += piece.nbytes
                 if scratch is not None:
                     scratch[: piece.nbytes] = piece
                     piece = scratch[: piece.nbytes]
@@ -140,8 +145,12 @@ class ObjectWriter:
                         yield self._out(packed)
                 else:
                     yield self._out(piece)
+                if self.progress is not None:
+                    self.progress(done, total)
         if compressor is not None:
             yield self._out(compressor.flush())
+        if self.progress is not None and total == 0:
+            self.progress(0, 0)
 
 
 _WIRE_HEADER = struct.Struct("<4sHHQQ")  # wire.py's header; tests hold the two equal

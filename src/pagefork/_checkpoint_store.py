@@ -11,7 +11,6 @@ every byte it needs is durable.
 from __future__ import annotations
 
 import errno
-import io
 import os
 import re
 import secrets
@@ -22,6 +21,10 @@ from collections.abc import Iterable
 from ._errors import CorruptDataError
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "open_store"]
+
+#: Objects larger than this go to fsspec targets in parts of this size
+#: (S3's minimum part is 5 MiB).
+PART_SIZE = 16 << 20
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -39,6 +42,10 @@ class Store(Protocol):
     def names(self) -> list[str]: ...
 
     def delete(self, name: str) -> None: ...
+
+    def exists(self) -> bool:
+        """Whether the target itself (folder, bucket or prefix) exists."""
+        ...
 
     def remove_stale_temporaries(self) -> None:
         """Deletes what saves killed before their commit left behind."""
@@ -130,6 +137,9 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
     def remove_stale_temporaries(self) -> None:
         """Deletes temporary files left by writers that no longer run (a
         kill between create and rename)."""
@@ -211,17 +221,42 @@ class FsspecStore:
         return f"{self.root}/{name}"
 
     def put(self, name: str, chunks: Iterable[Any], *, exclusive: bool = False) -> None:
-        """One request. ``exclusive`` is checked just before (object stores
-        have no portable create-if-absent: the check narrows the race)."""
-        if exclusive and self.fs.exists(self._path(name)):
-            raise FileExistsError(errno.EEXIST, "exists", self._path(name))
-        self.fs.pipe_file(self._path(name), b"".join(bytes(c) if not isinstance(c, bytes) else c
-                                                     for c in chunks))
+        """An object of at most one part (PART_SIZE bytes) in one request;
+        a larger one streamed in parts of that size (a multipart upload on
+        S3, which makes the object appear only once it completes; a failed
+        one is aborted), so memory stays bounded by a few parts, not the
+        object. ``exclusive`` is checked just before (object stores have no
+        portable create-if-absent: the check narrows the race)."""
+        path = self._path(name)
+        if exclusive and self.fs.exists(path):
+            raise FileExistsError(errno.EEXIST, "exists", path)
+        pieces = iter(chunks)
+        first = bytearray()
+        for chunk in pieces:
+            first += chunk
+            if len(first) > PART_SIZE:
+                break
+        else:
+            self.fs.pipe_file(path, bytes(first))
+            return
+        f = self.fs.open(path, "wb", block_size=PART_SIZE)
+        try:
+            f.write(first)
+            del first
+            for chunk in pieces:
+                f.write(chunk)
+            f.close()  # the commit
+        except BaseException:
+            _discard(f)
+            self.delete(name)  # where the file system wrote in place
+            raise
 
     def open(self, name: str) -> BinaryIO:
+        """The object for reading, streamed in PART_SIZE blocks (a restore
+        holds a block at a time, not the object)."""
         path = self._path(name)
         try:
-            return io.BytesIO(self.fs.cat_file(path))
+            return self.fs.open(path, "rb", block_size=PART_SIZE, cache_type="readahead")
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -244,8 +279,27 @@ class FsspecStore:
         except FileNotFoundError:
             pass
 
+    def exists(self) -> bool:
+        """False for a bucket that does not exist, and for a prefix with no
+        object under it (object stores have no empty folders)."""
+        try:
+            return bool(self.fs.exists(self.root))
+        except FileNotFoundError:
+            return False
+
     def remove_stale_temporaries(self) -> None:
         """Object stores leave no partial objects behind."""
+
+
+def _discard(f: Any) -> None:
+    """Throws away an object being written (aborts an S3 multipart upload)
+    without committing it."""
+    try:
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()
+    except Exception:  # the original error matters more
+        pass
 
 
 def _file_url_path(url: str) -> str:

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -101,10 +102,13 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def restore_into(store: Store, manifest: Manifest, memory: Region, *, zeroed: bool) -> None:
+def restore_into(store: Store, manifest: Manifest, memory: Region, *, zeroed: bool,
+                 progress: Callable[[int, int], None] | None = None) -> None:
     """Writes the image of ``manifest`` into ``memory``, which is at least
-    ``manifest.size`` bytes (``zeroed``: it holds only zeros)."""
+    ``manifest.size`` bytes (``zeroed``: it holds only zeros); ``progress``
+    is told the stored bytes read after each object."""
     view = memoryview(memory).cast("B")
+    total, done = sum(o.size for o in manifest.objects), 0
     try:
         for ref in manifest.objects:
             try:
@@ -124,6 +128,9 @@ def restore_into(store: Store, manifest: Manifest, memory: Region, *, zeroed: bo
             if ref.kind == "base" and size < manifest.size and not zeroed:
                 # The memory grew after the base: what was never written reads as zero.
                 np.frombuffer(view, np.uint8, manifest.size - size, size)[:] = 0
+            done += ref.size
+            if progress is not None:
+                progress(done, total)
     finally:
         view.release()
 
@@ -171,11 +178,15 @@ def own_version(store: Store, version: int, own_object: str) -> Manifest | None:
 def commit(store: Store, *, source: memoryview, size: int, max_size: int,
             pages: np.ndarray | None, parent: Manifest | None, app: dict[str, Any] | None,
             base_every: int, base_fraction: float, keep: int | None,
-            compress: int | None, t0: float, live: bool) -> tuple[CheckpointInfo, Manifest]:
+            compress: int | None, t0: float, live: bool, image: Any = None,
+            progress: Callable[[int, int], None] | None = None) -> tuple[CheckpointInfo, Manifest]:
     """Writes one version: a base when ``pages`` is None, there is no
     parent, or the parent's chain is long or large enough; else an
     increment of ``pages`` on top of ``parent``. ``live``: other threads
-    may be writing ``source``."""
+    may be writing ``source``. ``image``: what a base stores, if not
+    ``source[:size]`` (a FileImage of a snapshot's memfd, whose holes are
+    never read). ``progress(done, total)`` is told the bytes of the data
+    object's body done."""
     store.remove_stale_temporaries()
     found = manifests(store)
     version = max(found, default=0) + 1
@@ -191,11 +202,13 @@ def commit(store: Store, *, source: memoryview, size: int, max_size: int,
                   "a whole base" if as_base else "an increment", why)
     if as_base:
         n_pages = -(-size // PAGE_SIZE)
-        writer = ObjectWriter(KIND_IMAGE, size, source[:size], compress, live=live)
+        writer = ObjectWriter(KIND_IMAGE, size, source[:size] if image is None else image, compress,
+                              live=live)
     else:
         assert pages is not None
         n_pages = int(np.count_nonzero(pages))
         writer = ObjectWriter(KIND_PAGES, size, pages_body(source, size, pages), compress)
+    writer.progress = progress
     name = f"v{version:010d}-{os.urandom(4).hex()}.{'base' if as_base else 'incr'}"
     store.put(name, writer.chunks())
     length = writer.length

@@ -99,6 +99,11 @@ def _check_dtype_and_shape(dtype: DTypeLike, shape: Any, op: MergeOp) -> tuple[n
     return dt, shape_t
 
 
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable as progress(done, total), not {type(progress).__name__}")
+
+
 class App:
     """Main memory with named arrays, and ``parallel`` to run batches.
 
@@ -265,42 +270,53 @@ class App:
     def checkpoint(self, target: Any, *, keep: int | None = None,
                    base_every: int = _checkpoint.DEFAULT_BASE_EVERY,
                    base_fraction: float = _checkpoint.DEFAULT_BASE_FRACTION,
-                   compress: int | None = _checkpoint.DEFAULT_COMPRESS) -> _checkpoint.CheckpointInfo:
+                   compress: int | None = _checkpoint.DEFAULT_COMPRESS,
+                   progress: Callable[[int, int], None] | None = None) -> _checkpoint.CheckpointInfo:
         """Writes main memory's pages changed since this App's last
         checkpoint (a whole base the first time, every ``base_every``
         increments, or once the increments pass ``base_fraction`` of the
         memory), and the array layout, to ``target`` (a folder or an fsspec
         URL); ``keep`` prunes all but the newest versions. Call it between
-        batches. Returns the version, pages, bytes written and seconds."""
+        batches. Returns the version, pages, bytes written and seconds.
+        ``progress(done, total)``, if given, is told the bytes of data
+        written so far, piece by piece (from the batch thread), ending with
+        ``done == total``."""
         self._check_open()
+        _check_progress(progress)
         return _checkpoint.save_executor(self._executor, target, layout=self._checkpoint_layout,
                                          last=lambda: self._last_checkpoint, saved=self._saved, keep=keep,
                                          base_every=base_every, base_fraction=base_fraction,
-                                         compress=compress)
+                                         compress=compress, progress=progress)
 
     @classmethod
-    def restore(cls, target: Any, *, version: int | None = None, **app_kwargs: Any) -> App:
+    def restore(cls, target: Any, *, version: int | None = None,
+                progress: Callable[[int, int], None] | None = None, **app_kwargs: Any) -> App:
         """A new App with the arrays, merge rules, bytes and version counter
         of checkpoint ``version`` of ``target``; ``app_kwargs`` (backend,
         workers, ...) go to the constructor. The next ``checkpoint`` to the
         same target is an increment on it. Without ``version``, the newest
         restorable version: damaged newer ones are skipped with a
-        RuntimeWarning naming them."""
+        RuntimeWarning naming them. ``progress(done, total)``, if given, is
+        told the stored bytes read so far (``total``: the version's objects),
+        ending with ``done == total``."""
+        _check_progress(progress)
         for key in ("size", "max_size"):
             if key in app_kwargs:
                 raise TypeError(f"App.restore takes {key} from the checkpoint, not as an argument")
         if version is None:
-            return _checkpoint.newest_restorable(target, lambda image: cls._from_image(image, app_kwargs))
-        return cls._from_image(_checkpoint.find_app_image(target, version), app_kwargs)
+            return _checkpoint.newest_restorable(target, lambda image: cls._from_image(image, app_kwargs,
+                                                                                      progress))
+        return cls._from_image(_checkpoint.find_app_image(target, version), app_kwargs, progress)
 
     @classmethod
-    def _from_image(cls, image: _checkpoint.AppImage, app_kwargs: dict[str, Any]) -> App:
+    def _from_image(cls, image: _checkpoint.AppImage, app_kwargs: dict[str, Any],
+                    progress: Callable[[int, int], None] | None = None) -> App:
         """A new App restored from ``image``."""
         manifest = image.manifest
         app = cls(manifest.size, max_size=max(manifest.max_size, manifest.size), **app_kwargs)
         try:
             counter = app._restore_layout(image)  # checked before any byte is read
-            app._last_checkpoint = _checkpoint.restore_executor(image, app._executor, counter)
+            app._last_checkpoint = _checkpoint.restore_executor(image, app._executor, counter, progress)
         except BaseException:
             app.close()
             raise

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _checkpoint_versions as _chain
 from ._checkpoint_format import Manifest, iter_refs, manifest_name, read_object
+from ._checkpoint_images import FileImage, Progress, restore_into_snapshot
 from ._checkpoint_versions import CheckpointInfo
 from ._forking import renewed_in_child
 from ._checkpoint_store import Store, open_store
@@ -104,6 +105,11 @@ def _check_options(keep: Any, base_every: Any, base_fraction: Any, compress: Any
 
 
 
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable as progress(done, total), not {type(progress).__name__}")
+
+
 # ---- bare regions -----------------------------------------------------------------------
 
 # region -> {tracker id: (the tracker, the store it last saved to with that
@@ -159,7 +165,7 @@ def _target_lock(store: Store) -> _TargetLock:
 
 def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep: int | None = None,
          base_every: int = DEFAULT_BASE_EVERY, base_fraction: float = DEFAULT_BASE_FRACTION,
-         compress: int | None = DEFAULT_COMPRESS) -> CheckpointInfo:
+         compress: int | None = DEFAULT_COMPRESS, progress: Progress | None = None) -> CheckpointInfo:
     """Checkpoints ``region`` to ``target`` (a folder or an fsspec URL).
 
     Without ``tracker`` every save is a base (the whole region). With a
@@ -168,10 +174,13 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
     written since the save before, read and re-armed atomically: with
     writer threads running, every page written before ``save`` returns is
     in this version or the next. ``compress`` is a zstd level (None: off;
-    incompressible data is stored raw either way).
+    incompressible data is stored raw either way). ``progress(done,
+    total)``, if given, is told the bytes of the version's data written so
+    far, piece by piece, ending with ``done == total``.
     """
     t0 = time.perf_counter()
     _check_options(keep, base_every, base_fraction, compress)
+    _check_progress(progress)
     if not isinstance(region, Region):
         raise TypeError(f"save checkpoints a pagefork Region, not {type(region).__name__}")
     if region.closed:
@@ -180,11 +189,12 @@ def save(region: Region, target: Target, *, tracker: Tracker | None = None, keep
         raise TypeError(f"tracker must be a pagefork Tracker, not {type(tracker).__name__}")
     store = open_store(target)
     with _target_lock(store):
-        return _save(region, store, tracker, keep, base_every, base_fraction, compress, t0)
+        return _save(region, store, tracker, keep, base_every, base_fraction, compress, t0, progress)
 
 
 def _save(region: Region, store: Store, tracker: Tracker | None, keep: int | None, base_every: int,
-          base_fraction: float, compress: int | None, t0: float) -> CheckpointInfo:
+          base_fraction: float, compress: int | None, t0: float,
+          progress: Progress | None = None) -> CheckpointInfo:
     key = id(tracker)
     last, last_object, shrinks = None, "", 0
     epoch = tracker._epoch(region) if tracker is not None else None
@@ -210,7 +220,7 @@ def _save(region: Region, store: Store, tracker: Tracker | None, keep: int | Non
         info, manifest = _chain.commit(store, source=view, size=region.size, max_size=region.max_size,
                                        pages=pages if parent is not None else None, parent=parent,
                                        app=None, base_every=base_every, base_fraction=base_fraction,
-                                       keep=keep, compress=compress, t0=t0, live=True)
+                                       keep=keep, compress=compress, t0=t0, live=True, progress=progress)
     except BaseException:
         # The tracker's flags were read and cleared: the next save must not
         # build on what this one may not have written. It writes a base.
@@ -227,7 +237,8 @@ def _save(region: Region, store: Store, tracker: Tracker | None, keep: int | Non
     return info
 
 
-def load(target: Target, *, version: int | None = None, into: Region | None = None) -> Region:
+def load(target: Target, *, version: int | None = None, into: Region | None = None,
+         progress: Progress | None = None) -> Region:
     """The memory of checkpoint ``version`` (default: the newest) of
     ``target``: a new Region, or ``into`` resized to it (within its
     max_size). Damaged or missing objects raise CorruptDataError naming
@@ -244,20 +255,23 @@ def load(target: Target, *, version: int | None = None, into: Region | None = No
 
     A version a writer prunes (``keep=``) while this load reads it raises
     VersionPrunedError, not damage; a load of the newest version then
-    takes the new newest instead."""
+    takes the new newest instead. ``progress(done, total)``, if given, is
+    told the stored bytes read, object by object, ending with ``done ==
+    total``."""
     if into is not None and not isinstance(into, Region):
         raise TypeError(f"into must be a pagefork Region, not {type(into).__name__}")
+    _check_progress(progress)
     store = open_store(target)
     for attempt in range(_PRUNED_RETRIES):
         try:
-            return _load(store, _chain.pick_version(store, version), into)
+            return _load(store, _chain.pick_version(store, version), into, progress)
         except VersionPrunedError:
             if version is not None or attempt == _PRUNED_RETRIES - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _load(store: Store, v: int, into: Region | None) -> Region:
+def _load(store: Store, v: int, into: Region | None, progress: Progress | None = None) -> Region:
     """``load`` of version ``v``."""
     manifest = _chain.read_manifest(store, v)
     if into is not None:
@@ -275,7 +289,7 @@ def _load(store: Store, v: int, into: Region | None) -> Region:
     try:
         if into is None:
             memory._advise_huge(True)  # filled whole: 2 MiB page faults, not 4 KiB ones
-        _chain.restore_into(store, manifest, memory, zeroed=into is None)
+        _chain.restore_into(store, manifest, memory, zeroed=into is None, progress=progress)
         if into is None:
             memory._advise_huge(False)  # a region is tracked page by page: no new huge pages
     except BaseException:
@@ -302,7 +316,8 @@ def save_executor(executor: Executor, target: Target, *, layout: Callable[[], di
                   last: Callable[[], SavedAt | None], saved: Callable[[SavedAt], None],
                   keep: int | None = None, base_every: int = DEFAULT_BASE_EVERY,
                   base_fraction: float = DEFAULT_BASE_FRACTION,
-                  compress: int | None = DEFAULT_COMPRESS) -> CheckpointInfo:
+                  compress: int | None = DEFAULT_COMPRESS,
+                  progress: Progress | None = None) -> CheckpointInfo:
     """The executor's main-memory pages changed since ``last()`` (all of
     them if it is None or elsewhere) to ``target``, with ``layout()`` as the
     manifest's App layout; ``saved`` learns where they went. The callbacks
@@ -325,11 +340,14 @@ def save_executor(executor: Executor, target: Target, *, layout: Callable[[], di
             parent = _chain.own_version(store, at.version, at.last_object)
         meta = layout()
         snapshot = executor.snapshot
+        # A base reads the snapshot's file, not its mapping: a hole (a page
+        # never written) read through the mapping would be allocated.
         info, manifest = _chain.commit(store, source=snapshot.view(), size=snapshot.size,
                                        max_size=snapshot.max_size,
                                        pages=pages if parent is not None else None, parent=parent,
                                        app=meta, base_every=base_every, base_fraction=base_fraction,
-                                       keep=keep, compress=compress, t0=t0, live=False)
+                                       keep=keep, compress=compress, t0=t0, live=False,
+                                       image=FileImage(snapshot.fd, snapshot.size), progress=progress)
         executor.mark_saved()
         saved(SavedAt(store.description, info.version, manifest.objects[-1].name))
         return info
@@ -402,11 +420,13 @@ def newest_restorable(target: Target, restore: Callable[[AppImage], T]) -> T:
         return result
 
 
-def restore_executor(image: AppImage, executor: Executor, counter: int) -> SavedAt:
-    """Reads ``image`` into the executor's main memory, on its batch thread,
+def restore_executor(image: AppImage, executor: Executor, counter: int,
+                     progress: Progress | None = None) -> SavedAt:
+    """Reads ``image`` into the executor's (empty) snapshot, writing only
+    pages that are not zero, maps main memory from it, on its batch thread,
     and sets its version counter; returns where it came from."""
     def fill(_: Any) -> None:
-        _chain.restore_into(image.store, image.manifest, executor.begin_restore(), zeroed=True)
+        restore_into_snapshot(image.store, image.manifest, executor.begin_restore(), progress)
         executor.restored(counter)
 
     executor.call(fill, cancellable=False)
@@ -434,9 +454,12 @@ def versions(target: Target) -> list[VersionInfo]:
     return out
 
 
-def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
+def verify(target: Target, *, progress: Progress | None = None) -> Iterator[tuple[int, str, str | None]]:
     """Checks every object of every version: yields (version, object,
-    None if intact else why not), manifests first. Reads everything."""
+    None if intact else why not), manifests first. Reads everything.
+    ``progress(done, total)``, if given, is told the data objects' stored
+    bytes checked, after each object."""
+    _check_progress(progress)
     store = open_store(target)
     manifests = []
     for v in sorted(_chain.manifests(store)):
@@ -447,7 +470,12 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
             continue  # a writer pruned it since it was listed: not damage
         except CorruptDataError as exc:
             yield v, manifest_name(v), str(exc)
-    for m, ref in iter_refs(manifests):
+    refs = list(iter_refs(manifests))
+    total, done = sum(ref.size for _, ref in refs), 0
+    for m, ref in refs:
+        if progress is not None and done:
+            progress(done, total)
+        done += ref.size
         try:  # bases never exceed it
             scratch = Region(max(m.size, PAGE_SIZE)) if ref.kind == "base" else None
         except PageforkError as exc:  # a size no restore could map either: check the rest
@@ -467,4 +495,6 @@ def verify(target: Target) -> Iterator[tuple[int, str, str | None]]:
         finally:
             if scratch is not None:
                 scratch.close()
+    if progress is not None:
+        progress(done, total)
 

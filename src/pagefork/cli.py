@@ -358,9 +358,9 @@ def _checkpoint_ls(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps([dataclasses.asdict(v) for v in found], indent=1))
-        return 0
     if not found:
-        print(f"no checkpoint in {args.target}")
+        return _no_checkpoint("ls", args.target)
+    if args.json:
         return 0
     header = ("version", "parent", "written (UTC)", "kind", "memory", "pages", "bytes",
               "chain", "restore")
@@ -390,6 +390,22 @@ def _checkpoint_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_checkpoint(command: str, target: str) -> int:
+    """``ls`` and ``verify`` of a target with no checkpoint (an empty folder,
+    or one, a bucket or a prefix that does not exist) both say so on stderr,
+    naming a target that does not exist, and exit 1: a mistyped target
+    never passes for an empty one."""
+    from ._checkpoint_store import open_store
+
+    try:
+        exists = open_store(target).exists()
+    except Exception:  # unreachable: listing it just said "nothing there"
+        exists = True
+    why = "" if exists else " (it does not exist)"
+    print(f"pagefork checkpoint {command}: no checkpoint in {target}{why}", file=sys.stderr)
+    return 1
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -398,22 +414,42 @@ def _human(n: int) -> str:
     return str(n)
 
 
+class _ByteProgress:
+    """``progress(done, total)`` as one line on stderr, rewritten in place
+    at most every 0.2 s, and ended when done reaches total."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if done < total and now - self.last < 0.2:
+            return
+        self.last = now
+        share = f" ({100 * done // total}%)" if total else ""
+        end = "\n" if done >= total else ""
+        print(f"\r{self.what}: {_human(done)} of {_human(total)}{share}", end=end, file=sys.stderr, flush=True)
+
+
 def _checkpoint_verify(args: argparse.Namespace) -> int:
     from .checkpoint import verify
 
     checked = 0
+    show = args.progress or sys.stderr.isatty()
     try:
-        for version, name, problem in verify(args.target):
+        for version, name, problem in verify(args.target, progress=_ByteProgress("verified") if show else None):
             if problem is not None:
-                print(f"version {version}: {name} is bad: {problem}", file=sys.stderr)
+                print(f"{chr(10) if show else ''}version {version}: {name} is bad: {problem}", file=sys.stderr)
                 return 1
             checked += 1
     except Exception as exc:  # an unreachable store
         print(f"pagefork checkpoint verify: {exc}", file=sys.stderr)
         return 1
     if checked == 0:
-        print(f"no checkpoint in {args.target}", file=sys.stderr)
-        return 1
+        return _no_checkpoint("verify", args.target)
     print(f"{checked} objects in {args.target} are intact")
     return 0
 
@@ -458,12 +494,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
     checkpoint = sub.add_parser("checkpoint", help="list or verify the checkpoints in a folder or URL")
     checkpoint_sub = checkpoint.add_subparsers(dest="action", required=True)
-    ls = checkpoint_sub.add_parser("ls", help="versions, times, sizes and chain lengths")
+    ls = checkpoint_sub.add_parser("ls", help="versions, times, sizes and chain lengths; exit 1 if "
+                                   "there is no checkpoint")
     ls.add_argument("target", help="a folder or an fsspec URL (memory://, s3://...)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(run=_checkpoint_ls)
-    check = checkpoint_sub.add_parser("verify", help="check every object; exit 1 naming the first bad one")
+    check = checkpoint_sub.add_parser("verify", help="check every object; exit 1 naming the first bad one, "
+                                      "or if there is no checkpoint")
     check.add_argument("target", help="a folder or an fsspec URL")
+    check.add_argument("--progress", action="store_true",
+                       help="show the bytes checked on stderr (the default where stderr is a terminal)")
     check.set_defaults(run=_checkpoint_verify)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _main_memory, _native
 from ._batch_thread import Request, manage
-from ._errors import ConflictError, PageforkError, UnsupportedModeError, WorkerError
+from ._errors import ConflictError, PageforkError, WorkerError
 from ._kernel_state import refuse_pinned
 from ._limits import cannot_start, is_out_of_tasks
 from ._sizes import PAGE_SIZE, round_to_pages
@@ -102,8 +102,6 @@ class Executor:
             self._main_mode = self.thread_mode if tracking not in (None, "auto") else (
                 "cow" if probe()["cow"].available else tracker("auto").mode)
             self._main_tracker = tracker(self._main_mode)
-            # Set between a restore and the snapshot's fill (see begin_restore).
-            self._restore_tracker: Tracker | None = None
             # Main memory's tracking failed to re-arm: every page counts as
             # written until a window re-arms it (carried whole, saved whole).
             self._all_written = False
@@ -194,12 +192,8 @@ class Executor:
     def carry_main_writes(self) -> int:
         """Carries the main program's writes since the last batch into the
         snapshot: the pages it wrote, copied whole. Returns their count.
-        After a restore, first fills the snapshot from main memory.
         Refuses while io_uring fixed buffers pin main memory, where it maps
         main memory again (:meth:`_window`)."""
-        if self._restore_tracker is not None:
-            refuse_pinned(self.memory, "a batch, checkpoint or resize")
-            return self._fill_snapshot()
         if self._all_written or _main_memory.written_pages(self.memory, self._main_tracker).any():
             # Unwritten, main memory shows the snapshot with tracking armed: a
             # window would cost every page mapped, for nothing. A write after
@@ -221,73 +215,31 @@ class Executor:
         if not self.backend.ships_changes:
             self.snapshot.clear_tracked_changes()
 
-    def begin_restore(self) -> Region:
-        """Main memory as fresh anonymous memory (huge pages allowed) for a
-        restore to fill, before :meth:`restored`; nothing may run in between.
+    def begin_restore(self) -> Snapshot:
+        """The (empty) snapshot, for a restore to fill before :meth:`restored`;
+        nothing may run in between. Main memory's tracking stops until then.
 
-        The snapshot stays empty until the first batch, checkpoint or resize
-        fills it from main memory (:meth:`carry_main_writes`): a restore
-        then costs what reading the bytes into memory costs. Filling a memfd
-        first was 2.5x slower where shmem has only 4 KiB pages."""
-        self._main_tracker.close()  # only main memory's; started again at the fill
-        self.memory._map_anonymous(self.memory.size, True)
-        self.memory._snapshot_mapped = False
-        return self.memory
+        A restore writes straight into the snapshot's file, only the pages
+        that are not zero (the rest stay holes), and main memory is then
+        mapped from it: nothing is written twice, and untouched pages stay
+        untouched (filling main memory first, then the snapshot from it at
+        the first batch, needed the App's size twice)."""
+        self._main_tracker.close()  # started again on the new mapping
+        return self.snapshot
 
     def restored(self, version: int) -> None:
-        """Main memory holds a restored image (:meth:`begin_restore`): its
-        writes are tracked until the snapshot is filled; version counter set,
-        nothing unsaved. Where no page-exact tracker can watch main memory
-        (none available, or "none", which would report every page written),
-        the snapshot is filled at once instead."""
-        self.version = version
-        restore_tracker = self._start_restore_tracker()
-        if restore_tracker is None:
-            self.snapshot._fill_from(self.memory)
-            self.snapshot.clear_tracked_changes()
-            self._remap_main()
-        self._restore_tracker = restore_tracker
-        self.mark_saved()
-
-    def _start_restore_tracker(self) -> Tracker | None:
-        """A page-exact tracker started on main memory, or None. Where main
-        memory is cow-tracked, only uffd-async stands in for cow: like cow it
-        lets the kernel write the memory and sees it (read(2), recv_into,
-        /proc/self/mem); segfault's protection fails read(2) with EFAULT and
-        misses /proc/self/mem, sync uffd fails /proc/self/mem with EIO, and
-        "auto" may pick either where it measures cheaper."""
-        try:
-            restore_tracker = tracker(self._main_mode if self._main_mode != "cow" else "uffd-async")
-        except UnsupportedModeError:
-            return None
-        if restore_tracker.mode == "none":
-            return None
-        try:
-            restore_tracker.start(self.memory)
-        except PageforkError:  # e.g. userfaultfd refused at run time
-            restore_tracker.close()
-            return None
-        return restore_tracker
-
-    def _fill_snapshot(self) -> int:
-        """Copies restored main memory into the empty snapshot and maps main
-        memory from it again. Returns how many pages the program wrote since
-        the restore (copied again, in the window, if written during the fill)."""
-        restore_tracker = self._restore_tracker
-        assert restore_tracker is not None
-        self.snapshot._fill_from(self.memory)  # writers run on, tracked
-        # In main memory's own mode the restore tracker tracks on (armed on
-        # the new mapping in the window); another (uffd-async for cow) stops.
-        adopt = restore_tracker.mode == mode_for_new_mapping(self._main_mode)
-        if adopt:
-            self._main_tracker.close()
-            self._main_tracker = restore_tracker
-        carried = self._window(closing=() if adopt else (restore_tracker,)).carried
+        """The snapshot holds a restored image (:meth:`begin_restore`): main
+        memory is mapped from it and tracked; version counter set, nothing
+        unsaved."""
         self.snapshot.clear_tracked_changes()  # workers get the whole snapshot anyway
-        self._restore_tracker = None
-        if not adopt:
-            self._start_main_tracking()
-        return int(np.count_nonzero(carried))
+        self.snapshot.map_to(self.memory)
+        mode = mode_for_new_mapping(self._main_mode)  # not cow under mlockall(MCL_FUTURE)
+        if mode != self._main_tracker.mode:
+            self._main_tracker = tracker(mode)
+        # Failing, every page counts as written (warned) until a window re-arms it.
+        self._start_main_tracking()
+        self.version = version
+        self.mark_saved()
 
     def _note_merged(self, batch: DiffBatch) -> None:
         """Flags the pages a merged batch changed (IGNORE diffs change
@@ -313,8 +265,6 @@ class Executor:
         new pages map the snapshot's new (zero) pages, the others stay as
         they are, written pages included (the next window carries them).
         Call on the batch thread (``call``)."""
-        if self._restore_tracker is not None:
-            self.carry_main_writes()  # main memory is not the snapshot's mapping yet: fill it
         self.snapshot._grow(size)
         self.memory._grow_file(self.snapshot._memory._fd, round_to_pages(size))
         self.version += 1
@@ -579,7 +529,7 @@ class Executor:
         backend, self.backend = self.backend, ClosedBackend(self.backend.name)
         abandoned = backend.close(timeout) or 0
         # Those that exist (__init__ may have failed part-way).
-        for name in ("_restore_tracker", "_main_tracker", "memory", "snapshot"):
+        for name in ("_main_tracker", "memory", "snapshot"):
             part = getattr(self, name, None)
             if part is not None:
                 part.close()

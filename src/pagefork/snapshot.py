@@ -261,22 +261,6 @@ class Snapshot:
             copied = _native.copy_pages(whole[: self._size], mem, flags.view(np.uint8), PAGE_SIZE)
         return int(copied)
 
-    def _fill_from(self, memory: Region) -> None:
-        """Writes ``memory`` (up to the snapshot's size) into the snapshot's
-        file: pwrite in large pieces, without the GIL and without a page
-        fault per page (writing through the shared mapping takes one).
-        Records no tracked change: for a snapshot nothing has seen yet."""
-        chunk = 64 << 20
-        with self._lock, memoryview(memory) as whole:
-            self._check_open()
-            end = min(whole.nbytes, round_to_pages(self._size))
-            fd = self._memory._fd
-            for at in range(0, end, chunk):
-                with whole[at: min(at + chunk, end)] as piece:
-                    done = 0
-                    while done < piece.nbytes:
-                        done += os.pwrite(fd, piece[done:], at + done)
-
     def map_to(self, region: Region) -> None:
         """Restores ``region`` from the snapshot, copy-on-write and in place:
         same address, existing numpy views stay valid, the snapshot is never

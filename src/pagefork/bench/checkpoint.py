@@ -2,8 +2,7 @@
 on the same disk: an incremental checkpoint of an App after 1% of its pages
 changed beside ``np.save`` of the whole memory; a restore from a base plus
 10 increments beside ``np.load`` of one full copy (and the first batch
-after it, which fills the App's snapshot, beside a fresh App's first batch
-after np.load); and the
+after it beside a fresh App's first batch after np.load); and the
 checkpoint cost of the same changed pages in a small and a large memory,
 in rounds that alternate which memory goes first, also after the program
 read all of its memory."""
@@ -51,7 +50,7 @@ class CheckpointCosts:
     np_load_s: float           # np.load of one full copy into numpy memory
     region_load_s: float       # checkpoint.load of the same version into a new bare Region
     app_load_s: float          # one full copy loaded into a fresh App's memory
-    first_batch_s: float       # a batch right after the warm restore (fills the snapshot)
+    first_batch_s: float       # a batch right after the warm restore
     app_first_batch_s: float   # a batch right after app_load (carries the whole memory)
     base_s: float              # the first (whole) checkpoint
     warm_restore_s: float      # the restore again, its files in the page cache
@@ -303,7 +302,7 @@ def format_checkpoint_report(c: CheckpointCosts) -> str:
         f"{c.app_load_s * 1e3:.1f} ms: {c.app_restore_ratio:.2f}x",
         f"  the same into a bare Region (checkpoint.load), from the disk {c.region_load_s * 1e3:8.1f} ms: "
         f"{c.region_restore_ratio:.2f}x np.load",
-        f"  the first batch after that restore fills the App's snapshot {c.first_batch_s * 1e3:.1f} ms; "
+        f"  the first batch after that restore {c.first_batch_s * 1e3:.1f} ms; "
         f"restore + first batch vs np.load into a fresh App + first batch "
         f"{(c.warm_restore_s + c.first_batch_s) * 1e3:.0f} vs "
         f"{(c.app_load_s + c.app_first_batch_s) * 1e3:.0f} ms: {c.restore_and_batch_ratio:.2f}x",
