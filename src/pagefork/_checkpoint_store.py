@@ -10,6 +10,7 @@ every byte it needs is durable.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -248,7 +249,8 @@ class FsspecStore:
             f.close()  # the commit
         except BaseException:
             _discard(f)
-            self.delete(name)  # where the file system wrote in place
+            with contextlib.suppress(Exception):  # the write's own error is the one to raise
+                self.delete(name)  # where the file system wrote in place
             raise
 
     def open(self, name: str) -> BinaryIO:
@@ -298,6 +300,9 @@ def _discard(f: Any) -> None:
         discard = getattr(f, "discard", None)
         if discard is not None:
             discard()
+            # fsspec's discard drops the buffer but leaves the file open, so
+            # its close() at garbage collection would flush it and fail.
+            f.closed = True
     except Exception:  # the original error matters more
         pass
 

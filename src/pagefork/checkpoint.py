@@ -126,15 +126,23 @@ class _TargetLock:
     same version number); forgotten when no save holds it. Other processes
     must not write the same target."""
 
-    __slots__ = ("lock", "__weakref__")
+    __slots__ = ("lock", "owner", "__weakref__")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.owner = -1
 
     def __enter__(self) -> None:
+        # A save's progress callback saving to the same target would wait
+        # for itself: refused instead.
+        if self.owner == threading.get_ident():
+            raise PageforkError("a save to this target is already running in this thread (a progress "
+                                "callback cannot save to the target it reports on)")
         self.lock.acquire()
+        self.owner = threading.get_ident()
 
     def __exit__(self, *exc: object) -> None:
+        self.owner = -1
         self.lock.release()
 
 
@@ -458,9 +466,13 @@ def verify(target: Target, *, progress: Progress | None = None) -> Iterator[tupl
     """Checks every object of every version: yields (version, object,
     None if intact else why not), manifests first. Reads everything.
     ``progress(done, total)``, if given, is told the data objects' stored
-    bytes checked, after each object."""
+    bytes checked, after each object. Arguments are checked at the call,
+    before the first item."""
     _check_progress(progress)
-    store = open_store(target)
+    return _verify(open_store(target), progress)
+
+
+def _verify(store: Store, progress: Progress | None) -> Iterator[tuple[int, str, str | None]]:
     manifests = []
     for v in sorted(_chain.manifests(store)):
         try:

@@ -118,6 +118,7 @@ class Executor:
         self._unsaved = np.zeros(round_to_pages(max_size) // PAGE_SIZE, np.bool_)
         self._current: Request | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._serving = -1  # the batch thread's ident, once it serves
         # Workers, sockets and the batch thread belong to this process; a
         # fork()ed child must not use them (or stop them when it exits).
         self._pid = os.getpid()
@@ -286,10 +287,16 @@ class Executor:
         return placement, False
 
     def check_not_nested(self) -> None:
-        """Refuses calls from a thread function of this executor's own batch."""
+        """Refuses calls from a thread function of this executor's own batch,
+        and from the batch thread itself (a checkpoint's progress callback):
+        both would wait for work queued behind their own, for ever."""
         if inside_batch_of(self.snapshot):
             raise PageforkError("a thread function cannot call app.parallel, alloc or close on its "
                                 "own App (the batch it belongs to is still running)")
+        if _thread.get_ident() == self._serving:
+            raise PageforkError("a callback the App runs (a checkpoint's or restore's progress) cannot "
+                                "call app.parallel, alloc, checkpoint or close on that App: it would wait "
+                                "for itself")
 
     def run(self, fn: Callable[..., Any], n: int, args: tuple, layout: dict[str, Allocation],
             timeout: float | None = None) -> list[Any]:
@@ -375,6 +382,7 @@ class Executor:
 
     def serve(self, request: Request) -> None:
         """Runs one request on the batch thread."""
+        self._serving = _thread.get_ident()
         if not request.start():
             request.error = self._cancelled_error(request)
             return
