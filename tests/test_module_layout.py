@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"layout", "identity"},
     {"batch"},
     {"backends.threads", "backends.replies", "backends.combine", "backends.spawn", "backends.processes",
+     "backends._messages",
      "backends.dask", "backends._dask_worker", "backends"},
     {"_main_memory", "_batch_thread", "executor"},
     {"_checkpoint_format", "_checkpoint_store", "_checkpoint_versions", "_checkpoint_images", "checkpoint"},

@@ -35,6 +35,7 @@ from ..batch import BatchSpec, ThreadOutcome, thread_tracking_mode
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from ..tracking import probe
+from ._messages import GroupDone, GroupFailed, ThreadReply
 from .combine import CombiningWorkspace
 
 __all__ = ["SnapshotMissing", "compress_batch", "decompress_batch", "run_group", "hold_lease",
@@ -261,13 +262,10 @@ def decompress_batch(blob: bytes, memory_size: int) -> DiffBatch:
 
 
 def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, kind: str, payload: Any,
-              program: bytes, indexes: list[int]) -> tuple:
+              program: bytes, indexes: list[int]) -> GroupDone | GroupFailed:
     """The threads ``indexes`` of a batch, on a worker: bring the cached
     snapshot to ``version``, run them one after the other, combining what
-    combines. Replies ("ok", [(index, result, diffs, dirty pages, error)],
-    combined diffs or None, the worker's address), ("missing", why),
-    ("refused", why) when the worker cannot hold the snapshot, or ("error",
-    why) when no thread could run."""
+    combines (see GroupDone and GroupFailed for the replies)."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -275,13 +273,13 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
     if kind == "full" and entry.version != version:
         problem = room_problem(worker.address, worker_room(worker), size)
         if problem:
-            return ("refused", problem)
+            return GroupFailed("refused", problem)
     try:
         snapshot = entry.update(version, size, max_size, kind, payload)
     except SnapshotMissing as exc:
-        return ("missing", str(exc))
+        return GroupFailed("missing", str(exc))
     except CorruptDataError as exc:
-        return ("error", f"the Dask worker {worker.address} received a damaged snapshot: {exc}")
+        return GroupFailed("error", f"the Dask worker {worker.address} received a damaged snapshot: {exc}")
     try:
         paths, body = pickle.loads(program)
         for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it
@@ -289,28 +287,28 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
                 sys.path.append(path)
         fn, args, n, layout, regions, mode = cloudpickle.loads(body)
     except BaseException:
-        return ("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
+        return GroupFailed("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
     if mode not in probe() or not probe()[mode].available:
         mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
     spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
-    replies: list[tuple] = []
+    replies: list[ThreadReply] = []
 
     def report(outcome: ThreadOutcome) -> None:
         if outcome.error is None:
             try:
-                replies.append((outcome.index, cloudpickle.dumps(outcome.result),
-                                compress_batch(outcome.diffs), outcome.dirty_pages, None))
+                replies.append(ThreadReply(outcome.index, cloudpickle.dumps(outcome.result), outcome.dirty_pages,
+                                           None, compress_batch(outcome.diffs)))
                 return
             except BaseException:
                 outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-        replies.append((outcome.index, None, None, outcome.dirty_pages, outcome.error))
+        replies.append(ThreadReply(outcome.index, None, outcome.dirty_pages, outcome.error))
 
     space = entry.workspace()
     try:
         combined = space.run_combining(spec, indexes, report)
         blob = None if combined is None else compress_batch(combined)
     except BaseException:  # combining failed (e.g. no memory): the threads fail with it
-        return ("error", "the worker could not run or combine the threads:\n" + traceback.format_exc())
+        return GroupFailed("error", "the worker could not run or combine the threads:\n" + traceback.format_exc())
     finally:
         entry.give_back(space)
-    return ("ok", replies, blob, worker.address)
+    return GroupDone(replies, blob, worker.address)

@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import uuid
+from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ from .. import compact
 from .._errors import PageforkError
 from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
+from ._messages import GroupDone, GroupFailed, thread_outcome
 from ._dask_worker import (SnapshotMissing, _CacheEntry, compress_batch, decompress_batch, hold_lease,
                            room_problem, run_group, worker_room)
 from ._dask_worker import drop_cache as _drop_cache
@@ -115,6 +117,27 @@ class _Idle:
     def close(self) -> None:
         if self.query is not None:
             self.query.cancel()
+
+
+@dataclass
+class _Run:
+    """One batch on the cluster, while it runs."""
+
+    spec: BatchSpec
+    cancel: Cancel
+    lease: str  # the key of the App's lease
+    program: bytes  # the function, arguments and layout (see DaskBackend._program)
+    shipped: int = 0  # bytes crossing the network
+    sent: dict[Any, tuple[Any, int, set[str]]] = field(default_factory=dict)  # key -> (future, bytes, reached)
+    made: dict[Any, bytes] = field(default_factory=dict)  # payloads made before sent (to check room first)
+    tasks: dict[str, tuple[list[int], str]] = field(default_factory=dict)  # task key -> (threads, worker)
+    submitted: list[Any] = field(default_factory=list)
+    attempts: dict[int, int] = field(default_factory=dict)  # first thread of a task -> times sent
+    outcomes: dict[int, ThreadOutcome] = field(default_factory=dict)
+
+    def fail(self, indexes: list[int], why: str) -> None:
+        for i in indexes:
+            self.outcomes[i] = ThreadOutcome(i, error=why)
 
 
 class DaskBackend:
@@ -366,138 +389,132 @@ class DaskBackend:
 
         self._check_client()
         self._connected(cancel)
-        lease = self._renew_lease()
+        run = _Run(spec, cancel, self._renew_lease(), self._program(spec))
+        self._record(spec)
+        groups = [(self.addresses[slot], indexes) for slot, indexes in group_by_slot(placement).items()]
+        idle = _Idle(self.client)
         try:
-            body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
-                               spec.tracking))
+            full = sorted({a for a, _ in groups if self._payload_kind(spec, self._known.get(a))[0] == "full"})
+            if full and spec.snapshot.size >= _CHECK_ROOM_FROM:
+                blob = run.made[("full", None)] = self._payload(spec, "full", None)
+                self._check_room(full, spec.snapshot.size, len(blob), cancel)
+                del blob
+            pending = as_completed([self._submit(run, indexes, address) for address, indexes in groups])
+            run.attempts.update({indexes[0]: 1 for _, indexes in groups})
+            for future in self._completed(pending, cancel, idle):
+                again = self._collect(run, future, idle)
+                if again is not None:
+                    pending.add(again)
+        except BaseException:  # cancelled, failed, or the client went away: stop the batch's tasks
+            self._abandon(run.submitted)
+            raise
+        finally:
+            idle.close()
+        result = [run.outcomes[i] for i in sorted(run.outcomes)]
+        if result:
+            result[0].bytes_shipped = run.shipped
+        return result
+
+    def _program(self, spec: BatchSpec) -> bytes:
+        """The batch's function, arguments and layout, and the client's sys.path."""
+        try:
+            body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions, spec.tracking))
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to Dask workers "
                                 f"(they travel pickled): {exc!r}") from exc
         # Relative entries ('' is the working directory) mean the client's folders.
         paths = [_absolute(p) for p in sys.path if isinstance(p, str)]
-        program = pickle.dumps((paths, body), protocol=pickle.HIGHEST_PROTOCOL)
-        self._record(spec)
-        shipped = 0
-        sent: dict[Any, tuple[Any, int, set[str]]] = {}  # key -> (future, bytes, workers it reaches)
-        tasks: dict[str, tuple[list[int], str]] = {}
-        submitted: list[Any] = []
+        return pickle.dumps((paths, body), protocol=pickle.HIGHEST_PROTOCOL)
 
-        made: dict[Any, bytes] = {}  # payloads made before they are sent (to check room first)
+    def _ship(self, run: _Run, key: Any, make: Callable[[], bytes], address: str) -> Any:
+        """The future of a payload (made once per batch) that ``address``
+        will read; counts what crosses the network to get it there."""
+        if key not in run.sent:
+            blob = run.made.pop(key, None) or make()
+            future, target = self._scatter(blob, address, run.cancel)
+            run.sent[key] = (future, len(blob), {target})
+            run.shipped += len(blob) * (1 if self._direct else 2)  # the scheduler relays it once more
+        future, nbytes, reached = run.sent[key]
+        if address not in reached:  # from a worker holding it to this one
+            reached.add(address)
+            run.shipped += nbytes
+        return future
 
-        def ship(key: Any, make: Callable[[], bytes], address: str) -> Any:
-            """The future of a payload (made once per batch) that ``address``
-            will read; counts what crosses the network to get it there."""
-            nonlocal shipped
-            if key not in sent:
-                blob = made.pop(key, None) or make()
-                future, target = self._scatter(blob, address, cancel)
-                sent[key] = (future, len(blob), {target})
-                shipped += len(blob) * (1 if self._direct else 2)  # the scheduler relays it once more
-            future, nbytes, reached = sent[key]
-            if address not in reached:  # from a worker holding it to this one
-                reached.add(address)
-                shipped += nbytes
-            return future
+    def _submit(self, run: _Run, indexes: list[int], address: str, full: bool = False) -> Any:
+        """Submits threads ``indexes`` as one task for ``address``."""
+        spec = run.spec
+        key = self._payload_kind(spec, None if full else self._known.get(address))
+        program = self._ship(run, "program", lambda: run.program, address)
+        payload = None if key[0] == "none" else self._ship(run, key, lambda: self._payload(spec, *key), address)
+        future = self.client.submit(
+            run_group, self.app_id, run.lease, spec.version, spec.snapshot.size, spec.snapshot.max_size,
+            key[0], payload, program, indexes, workers=[address], allow_other_workers=True, pure=False)
+        run.tasks[str(future.key)] = (indexes, address)
+        run.submitted.append(future)
+        return future
 
-        def submit(indexes: list[int], address: str, full: bool = False) -> Any:
-            key = self._payload_kind(spec, None if full else self._known.get(address))
-            program_future = ship("program", lambda: program, address)
-            payload = None if key[0] == "none" else ship(key, lambda: self._payload(spec, *key), address)
-            future = self.client.submit(
-                run_group, self.app_id, lease, spec.version, spec.snapshot.size, spec.snapshot.max_size,
-                key[0], payload, program_future, indexes,
-                workers=[address], allow_other_workers=True, pure=False)
-            tasks[str(future.key)] = (indexes, address)
-            submitted.append(future)
-            return future
-
-        def fail(indexes: list[int], why: str) -> None:
-            for i in indexes:
-                outcomes[i] = ThreadOutcome(i, error=why)
-
-        attempts: dict[int, int] = {}  # first thread of a task -> times sent
-        outcomes: dict[int, ThreadOutcome] = {}
-        groups = [(self.addresses[slot], indexes) for slot, indexes in group_by_slot(placement).items()]
-        memory_size = spec.snapshot.max_size
-        idle = _Idle(self.client)
+    def _collect(self, run: _Run, future: Any, idle: _Idle) -> Any:
+        """Takes in a completed task's reply; returns the task sent again in
+        its place (its worker was lost, or lost its snapshot), or None."""
+        indexes, address = run.tasks[str(future.key)]
+        first = indexes[0]
         try:
-            full = sorted({a for a, _ in groups if self._payload_kind(spec, self._known.get(a))[0] == "full"})
-            if full and spec.snapshot.size >= _CHECK_ROOM_FROM:
-                blob = made[("full", None)] = self._payload(spec, "full", None)
-                self._check_room(full, spec.snapshot.size, len(blob), cancel)
-                del blob
-            pending = as_completed([submit(indexes, address) for address, indexes in groups])
-            attempts.update({indexes[0]: 1 for _, indexes in groups})
-            for future in self._completed(pending, cancel, idle):
-                indexes, address = tasks[str(future.key)]
-                first = indexes[0]
-                try:
-                    if future.status == "cancelled":
-                        self._cancelled(future)
-                    # No deadline (a reply may be large), but a lost worker's task waits
-                    # for another one to run it again: idle watches for none.
-                    reply = self._wait(lambda: self.client._gather([future], direct=self._direct), cancel,
-                                       "fetching a reply from a Dask worker", None, idle.check)[0]
-                except PageforkError:
-                    raise
-                except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
-                    self._known.pop(address, None)
-                    if attempts[first] < _MAX_ATTEMPTS:
-                        attempts[first] += 1
-                        sent.clear()  # scattered data dies with the worker that held it: start over
-                        try:
-                            pending.add(submit(indexes, self._other(address, cancel), full=True))
-                        except PageforkError:
-                            raise
-                        except Exception as again:
-                            fail(indexes, f"threads {indexes} were lost with their Dask worker and "
-                                          f"could not be re-sent: {again!r}")
-                    else:
-                        fail(indexes, f"threads {indexes} were lost {attempts[first]} times with their "
-                                      f"Dask worker; last: {exc!r}")
-                    continue
-                if reply[0] == "refused":
-                    raise PageforkError(reply[1])
-                if reply[0] == "missing":  # the worker lost its cache: send it everything
-                    self._known.pop(address, None)
-                    if attempts[first] <= _MAX_ATTEMPTS:
-                        attempts[first] += 1
-                        pending.add(submit(indexes, address, full=True))
-                    else:
-                        fail(indexes, f"threads {indexes}: {reply[1]}")
-                    continue
-                if reply[0] == "error":
-                    fail(indexes, reply[1])
-                    continue
-                _, replies, blob, worker = reply
-                self._known[worker] = spec.version
-                relayed = 1 if self._direct else 2
-                for i, result, diffs, dirty, error in replies:
-                    outcome = outcomes[i] = ThreadOutcome(i, dirty_pages=dirty, error=error)
-                    if error is None:
-                        shipped += (len(result) + len(diffs)) * relayed
-                        try:
-                            outcome.diffs = decompress_batch(diffs, memory_size)
-                            outcome.result = cloudpickle.loads(result)
-                        except (Exception, SystemExit):  # a result's __reduce__ may call sys.exit
-                            outcome.error = ("cannot load the result on the client:\n"
-                                             + traceback.format_exc())
-                if blob is not None:
-                    shipped += len(blob) * relayed
-                    try:
-                        outcomes[first].combined = decompress_batch(blob, memory_size)
-                    except Exception:
-                        outcomes[first] = ThreadOutcome(first, error="cannot load the combined diffs on "
-                                                        "the client:\n" + traceback.format_exc())
-        except BaseException:  # cancelled, failed, or the client went away: stop the batch's tasks
-            self._abandon(submitted)
+            if future.status == "cancelled":
+                self._cancelled(future)
+            # No deadline (a reply may be large), but a lost worker's task waits
+            # for another one to run it again: idle watches for none.
+            reply = self._wait(lambda: self.client._gather([future], direct=self._direct), run.cancel,
+                               "fetching a reply from a Dask worker", None, idle.check)[0]
+        except PageforkError:
             raise
-        finally:
-            idle.close()
-        result = [outcomes[i] for i in sorted(outcomes)]
-        if result:
-            result[0].bytes_shipped = shipped
-        return result
+        except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
+            self._known.pop(address, None)
+            if run.attempts[first] >= _MAX_ATTEMPTS:
+                run.fail(indexes, f"threads {indexes} were lost {run.attempts[first]} times with their Dask "
+                                  f"worker; last: {exc!r}")
+                return None
+            run.attempts[first] += 1
+            run.sent.clear()  # scattered data dies with the worker that held it: start over
+            try:
+                return self._submit(run, indexes, self._other(address, run.cancel), full=True)
+            except PageforkError:
+                raise
+            except Exception as again:
+                run.fail(indexes, f"threads {indexes} were lost with their Dask worker and could not be "
+                                  f"re-sent: {again!r}")
+                return None
+        if isinstance(reply, GroupFailed):
+            if reply.kind == "refused":
+                raise PageforkError(reply.why)
+            if reply.kind == "error":
+                run.fail(indexes, reply.why)
+                return None
+            self._known.pop(address, None)  # "missing": the worker lost its cache, send it everything
+            if run.attempts[first] > _MAX_ATTEMPTS:
+                run.fail(indexes, f"threads {indexes}: {reply.why}")
+                return None
+            run.attempts[first] += 1
+            return self._submit(run, indexes, address, full=True)
+        self._known[reply.worker] = run.spec.version
+        self._take_replies(run, reply, first)
+        return None
+
+    def _take_replies(self, run: _Run, reply: GroupDone, first: int) -> None:
+        """The outcomes of a task's threads, and its combined diffs."""
+        memory_size = run.spec.snapshot.max_size
+        relayed = 1 if self._direct else 2
+        for thread in reply.threads:
+            if thread.error is None:
+                run.shipped += (len(thread.result or b"") + len(thread.diffs)) * relayed
+            run.outcomes[thread.thread] = thread_outcome(
+                thread, lambda: decompress_batch(thread.diffs, memory_size), "on the client")
+        if reply.combined is not None:
+            run.shipped += len(reply.combined) * relayed
+            try:
+                run.outcomes[first].combined = decompress_batch(reply.combined, memory_size)
+            except Exception:
+                run.outcomes[first] = ThreadOutcome(first, error="cannot load the combined diffs on the "
+                                                    "client:\n" + traceback.format_exc())
 
     def _cancelled(self, future: Any) -> None:
         """Raises why a task of the batch was cancelled: PageforkError if the

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from multiprocessing import connection, reduction
 from typing import Any
 from collections.abc import Sequence
@@ -53,13 +54,16 @@ from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from . import combine, replies
+from ._messages import (NO_DIFFS, AttachReplies, AttachSnapshot, GroupEnd, Prepare, RunBatch, ShippedDiffs, Stop,
+                        ThreadReply, thread_outcome)
 from .spawn import WorkerConnection, die_with_parent, spawn_worker
 from .threads import group_by_slot
 
 __all__ = ["ProcessesBackend"]
 
 
-_END = -1  # in a slot's pending set: the worker's "end" message (combined diffs) is still due
+_END = -1  # in a slot's pending set: the worker's GroupEnd (combined diffs) is still due
+
 
 def _send(conn: connection.Connection, message: Any) -> int:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -67,80 +71,86 @@ def _send(conn: connection.Connection, message: Any) -> int:
     return len(data)
 
 
-def _ship(conn: connection.Connection, writer: replies.ReplyWriter | None, message: tuple,
-          packed: tuple[Any, Any] = (None, b"")) -> None:
-    """Sends ``message`` + (compact header, where the data is) of a packed
-    batch, in one frame (so an interrupted parent never reads half a reply):
-    where is None (no batch), ("inline", bytes) or (offset, length) in the
-    reply buffer."""
+def _shipped(writer: replies.ReplyWriter | None, packed: tuple[Any, Any]) -> ShippedDiffs:
+    """Where a packed batch (combine.pack) travels: large data through the
+    reply buffer, the rest inline in the message (sent in one frame, so an
+    interrupted parent never reads half a reply)."""
     header, data = packed
-    where: Any = None
-    if header is not None:
-        if writer is not None and memoryview(data).nbytes >= replies.INLINE_LIMIT:
-            try:
-                where = writer.put(data)
-            except OSError:  # no room for the buffer: send it inline
-                where = None
-        if where is None:
-            where = ("inline", bytes(data))
-    _send(conn, message + (header, where))
+    if header is None:
+        return NO_DIFFS
+    if writer is not None and memoryview(data).nbytes >= replies.INLINE_LIMIT:
+        try:
+            offset, length = writer.put(data)
+            return ShippedDiffs(header, None, offset, length)
+        except OSError:  # no room for the buffer: send it inline
+            pass
+    return ShippedDiffs(header, bytes(data))
 
 
-def _worker_main(conn: connection.Connection) -> None:
+class _WorkerLoop:
     """A worker process: attach snapshots, run threads, send back diffs."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    snapshot: Snapshot | None = None
-    home: tuple[list[str], str | None] | None = None  # the parent's sys.path and cwd
-    space = combine.CombiningWorkspace()
-    writer: replies.ReplyWriter | None = None
-    while True:
-        try:
-            message = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        kind = message[0]
-        if kind == "stop":
-            return
-        if kind == "prepare":  # the parent's sys.path and working directory
-            _, path, cwd = message
-            home = (list(path), cwd)
-            _go_home(home)
-            continue
-        if kind == "snapshot":
-            _, size, max_size = message
-            fd = reduction.recv_handle(conn)
-            if snapshot is not None:
-                snapshot.close()
-            snapshot = Snapshot.attach(fd, size, max_size)
-            os.close(fd)
-            continue
-        if kind == "replies":
-            if writer is not None:
-                writer.close()
-            writer = replies.ReplyWriter(reduction.recv_handle(conn))
-            continue
-        _, seq, version, size, n, fn_bytes, args_bytes, layout, regions, mode, indexes = message
-        assert snapshot is not None, "a batch arrived before its snapshot"
-        try:
-            snapshot._follow_size(size)
-            fn = cloudpickle.loads(fn_bytes)
-            args = cloudpickle.loads(args_bytes)
-        except BaseException:
-            error = "".join(traceback.format_exc())
-            for i in indexes:
-                _ship(conn, writer, ("done", seq, i, None, 0, f"cannot load the thread function:\n{error}"))
-            if combine.combines(regions, len(indexes)):
-                _ship(conn, writer, ("end", seq, None))
-            _go_home(home)  # loading the function may have imported a module that moved
-            continue
-        if writer is not None:
-            writer.start_batch()
-        spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
 
+    def __init__(self, conn: connection.Connection) -> None:
+        self.conn = conn
+        self.snapshot: Snapshot | None = None
+        self.home: tuple[list[str], str | None] | None = None  # the parent's sys.path and cwd
+        self.space = combine.CombiningWorkspace()
+        self.writer: replies.ReplyWriter | None = None
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return
+            if isinstance(message, Stop):
+                return
+            if isinstance(message, Prepare):
+                self.home = (list(message.path), message.cwd)
+            elif isinstance(message, AttachSnapshot):
+                fd = reduction.recv_handle(self.conn)
+                if self.snapshot is not None:
+                    self.snapshot.close()
+                self.snapshot = Snapshot.attach(fd, message.size, message.max_size)
+                os.close(fd)
+                continue
+            elif isinstance(message, AttachReplies):
+                if self.writer is not None:
+                    self.writer.close()
+                self.writer = replies.ReplyWriter(reduction.recv_handle(self.conn))
+                continue
+            else:
+                self.run_batch(message)
+            # Loading the function may have imported a module that moved; a
+            # thread function may have changed both.
+            _go_home(self.home)
+
+    def reply(self, seq: int, index: int, error: str, dirty: int = 0) -> None:
+        """A thread's failure."""
+        _send(self.conn, ThreadReply(index, None, dirty, error, NO_DIFFS, seq))
+
+    def run_batch(self, batch: RunBatch) -> None:
+        assert self.snapshot is not None, "a batch arrived before its snapshot"
+        combining = combine.combines(batch.regions, len(batch.indexes))  # the parent waits for GroupEnd then
+        try:
+            self.snapshot._follow_size(batch.size)
+            fn = cloudpickle.loads(batch.fn)
+            args = cloudpickle.loads(batch.args)
+        except BaseException:
+            error = "cannot load the thread function:\n" + traceback.format_exc()
+            for i in batch.indexes:
+                self.reply(batch.seq, i, error)
+            if combining:
+                _send(self.conn, GroupEnd(batch.seq, None, NO_DIFFS))
+            return
+        if self.writer is not None:
+            self.writer.start_batch()
+        spec = BatchSpec(fn, batch.n, args, self.snapshot, batch.layout, batch.regions, batch.mode,
+                         batch.version)
         reported: set[int] = set()
 
         def report(outcome: ThreadOutcome) -> None:
-            result = None
+            result: bytes | None = None
             packed: tuple[Any, Any] = (None, b"")
             if outcome.error is None:
                 try:
@@ -148,25 +158,24 @@ def _worker_main(conn: connection.Connection) -> None:
                     packed = combine.pack(outcome.diffs)
                 except BaseException:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-            _ship(conn, writer, ("done", seq, outcome.index, result, outcome.dirty_pages, outcome.error),
-                  packed)
+            _send(self.conn, ThreadReply(outcome.index, result, outcome.dirty_pages, outcome.error,
+                                         _shipped(self.writer, packed), batch.seq))
             reported.add(outcome.index)  # only once its reply is sent
 
         packed: tuple[Any, Any] = (None, b"")
         failure: str | None = None
         try:
-            packed = combine.pack(space.run_combining(spec, indexes, report))
+            packed = combine.pack(self.space.run_combining(spec, batch.indexes, report))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException:  # combining failed (e.g. no memory): the batch fails
             failure = "the worker could not run or combine the threads:\n" + traceback.format_exc()
         if failure is not None:  # every thread still owed a reply gets the failure
-            for i in indexes:
+            for i in batch.indexes:
                 if i not in reported:
-                    _ship(conn, writer, ("done", seq, i, None, 0, failure))
-        if combine.combines(regions, len(indexes)):  # the parent waits for it exactly then
-            _ship(conn, writer, ("end", seq, failure), packed)
-        _go_home(home)
+                    self.reply(batch.seq, i, failure)
+        if combining:
+            _send(self.conn, GroupEnd(batch.seq, failure, _shipped(self.writer, packed)))
 
 
 def _go_home(home: tuple[list[str], str | None] | None) -> None:
@@ -215,7 +224,7 @@ class _Worker:
             return 0
         reader = replies.ReplyReader(replies.create())
         try:
-            sent = _send(self.conn, ("replies",))
+            sent = _send(self.conn, AttachReplies())
             self.conn.send_handle(reader.fd)
         except BaseException:
             reader.close()
@@ -223,23 +232,22 @@ class _Worker:
         self.replies = reader
         return sent
 
-    def payload(self, where: Any) -> Any:
-        """The diff data a reply points to (see _ship); ValueError if it
+    def payload(self, diffs: ShippedDiffs) -> Any:
+        """The diff data a reply points to (see _shipped); ValueError if it
         points outside the reply buffer."""
-        if where is None:
+        if diffs.header is None:
             return b""
-        if where[0] == "inline":
-            return where[1]
+        if diffs.inline is not None:
+            return diffs.inline
         if self.replies is None:
             raise ValueError("a reply points into a buffer this worker was never given")
-        offset, length = where
-        return self.replies.get(int(offset), int(length))
+        return self.replies.get(int(diffs.offset), int(diffs.length))
 
     def ensure_prepared(self, preparation: tuple[list[str], str | None]) -> int:
         """Sends the parent's sys.path and cwd unless this worker has them."""
         if self.prepared == preparation:
             return 0
-        sent = _send(self.conn, ("prepare", *preparation))
+        sent = _send(self.conn, Prepare(*preparation))
         self.prepared = preparation
         return sent
 
@@ -248,7 +256,7 @@ class _Worker:
         key = (id(snapshot), snapshot.fd)
         if self.snapshot_key == key:
             return 0
-        sent = _send(self.conn, ("snapshot", snapshot.size, snapshot.max_size))
+        sent = _send(self.conn, AttachSnapshot(snapshot.size, snapshot.max_size))
         self.conn.send_handle(snapshot.fd)
         self.snapshot_key = key
         return sent
@@ -288,7 +296,7 @@ class _Worker:
         already did: a second write to a worker that has exited fails)."""
         if ask:
             try:
-                _send(self.conn, ("stop",))
+                _send(self.conn, Stop())
             except (OSError, ValueError):
                 pass
         try:
@@ -303,6 +311,19 @@ class _Worker:
         if self.replies is not None:
             self.replies.close()
             self.replies = None
+
+
+@dataclass
+class _Run:
+    """One batch on the pool, while it runs."""
+
+    seq: int
+    outcomes: dict[int, ThreadOutcome] = field(default_factory=dict)
+    pending: dict[int, set[int]] = field(default_factory=dict)  # slot -> replies still due
+    used: dict[int, _Worker] = field(default_factory=dict)  # slot -> its worker for this batch
+    first: dict[int, int] = field(default_factory=dict)  # slot -> its first thread
+    combined: dict[int, DiffBatch] = field(default_factory=dict)  # slot -> its combined diffs
+    shipped: int = 0  # bytes sent and received
 
 
 class ProcessesBackend:
@@ -341,114 +362,115 @@ class ProcessesBackend:
 
     def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
         self._seq += 1
-        seq = self._seq  # replies carry it: a reply is only ever read by its own batch
+        run = _Run(self._seq)  # replies carry its seq: a reply is only ever read by its own batch
         try:
-            fn_bytes = spec.dumps(spec.fn)
-            args_bytes = spec.dumps(spec.args)
+            call = RunBatch(run.seq, spec.version, spec.snapshot.size, spec.n, spec.dumps(spec.fn),
+                            spec.dumps(spec.args), spec.layout, spec.merge_regions, spec.tracking, [])
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to worker processes "
                                 f"(they travel pickled): {exc!r}") from exc
-        preparation = _preparation()
-        outcomes: dict[int, ThreadOutcome] = {}
-        pending: dict[int, set[int]] = {}
-        used: dict[int, _Worker] = {}  # this batch's workers (close() may empty self._workers meanwhile)
-        first: dict[int, int] = {}  # slot -> its first thread, which carries the combined diffs
-        combined: dict[int, DiffBatch] = {}
-        shipped = 0
         try:
+            preparation = _preparation()
             for slot, indexes in group_by_slot(placement).items():
                 cancel.check()
                 self._check_open()
-                w = used[slot] = self._worker(slot)
-                try:
-                    shipped += w.ensure_prepared(preparation)
-                    shipped += w.ensure_snapshot(spec.snapshot)
-                    shipped += w.ensure_replies()
-                    shipped += _send(w.conn, ("batch", seq, spec.version, spec.snapshot.size, spec.n,
-                                              fn_bytes, args_bytes, spec.layout, spec.merge_regions,
-                                              spec.tracking, indexes))
-                    pending[slot] = set(indexes) | (
-                        {_END} if combine.combines(spec.merge_regions, len(indexes)) else set())
-                    first[slot] = indexes[0]
-                except (OSError, ValueError) as exc:
-                    self._check_open()
-                    why = f"cannot reach worker {slot}: {exc}"
-                    if not w.alive():
-                        why = w.why_lost(slot) or why
-                    self._drop(slot)
-                    for i in indexes:
-                        outcomes[i] = ThreadOutcome(i, error=why)
-            while pending:
+                self._start(run, slot, spec, call._replace(indexes=indexes), preparation)
+            while run.pending:
                 cancel.check()
                 self._check_open()
-                waits: dict[Any, int] = {used[slot].conn: slot for slot in pending}
-                try:
-                    ready_list = connection.wait(list(waits), POLL)
-                except (OSError, ValueError):  # a socket close() closed meanwhile
-                    self._check_open()
-                    raise
-                for ready in ready_list:
-                    slot = waits[ready]
-                    w = used[slot]
-                    try:
-                        data = w.conn.recv_bytes()
-                        message = pickle.loads(data)
-                        header, where = message[-2:]
-                        payload = w.payload(where)
-                    except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
-                        self._check_open()
-                        code = w.exit_code()
-                        lost = w.why_lost(slot)
-                        for i in sorted(pending.pop(slot) - {_END}) or [first[slot]]:
-                            outcomes[i] = ThreadOutcome(
-                                i, error=lost or f"worker process {slot} (pid {w.process.pid}) died while "
-                                                 f"running thread {i} (exit code {code})")
-                        self._drop(slot)
-                        continue
-                    shipped += len(data)  # with inline payloads
-                    if where is not None and where[0] != "inline":
-                        shipped += memoryview(payload).nbytes  # through the reply buffer
-                    if message[1] != seq:
-                        continue  # cannot happen: workers of cancelled batches are replaced
-                    if message[0] == "end":
-                        error = message[2]
-                        try:
-                            batch = combine.unpack(header, payload)
-                        except CorruptDataError as exc:
-                            error = f"worker {slot} sent malformed combined diffs: {exc}"
-                        if error is not None:
-                            i = first[slot]
-                            outcomes[i] = ThreadOutcome(i, error=error)
-                        elif batch is not None:
-                            combined[slot] = batch
-                        i = _END
-                    else:
-                        _, _, i, result, dirty, error, _, _ = message
-                        outcome = ThreadOutcome(i, dirty_pages=dirty, error=error)
-                        if error is None:
-                            try:
-                                outcome.diffs = combine.unpack(header, payload)
-                                outcome.result = cloudpickle.loads(result)
-                            except CorruptDataError as exc:
-                                outcome.error = f"worker {slot} sent malformed diffs: {exc}"
-                            except (Exception, SystemExit):  # a result's __reduce__ may call sys.exit
-                                outcome.error = ("cannot load the result in the parent:\n"
-                                                 + traceback.format_exc())
-                        if i not in outcomes:  # an "end" error may have claimed it
-                            outcomes[i] = outcome
-                    pending[slot].discard(i)
-                    if not pending[slot]:
-                        del pending[slot]
+                for slot in self._ready(run):
+                    self._receive(run, slot)
         except BaseException:  # cancelled (or broken): workers still busy are in an unknown state
-            for slot in pending:
+            for slot in run.pending:
                 self._drop(slot, kill=True)
             raise
-        for slot, batch in combined.items():
-            outcomes[first[slot]].combined = batch
-        result = [outcomes[i] for i in sorted(outcomes)]
+        for slot, batch in run.combined.items():
+            run.outcomes[run.first[slot]].combined = batch
+        result = [run.outcomes[i] for i in sorted(run.outcomes)]
         if result:
-            result[0].bytes_shipped = shipped
+            result[0].bytes_shipped = run.shipped
         return result
+
+    def _start(self, run: _Run, slot: int, spec: BatchSpec, call: RunBatch,
+               preparation: tuple[list[str], str | None]) -> None:
+        """Sends slot ``slot``'s worker what it lacks and its threads; a
+        worker that cannot be reached fails them."""
+        w = run.used[slot] = self._worker(slot)  # (close() may empty self._workers meanwhile)
+        try:
+            run.shipped += w.ensure_prepared(preparation)
+            run.shipped += w.ensure_snapshot(spec.snapshot)
+            run.shipped += w.ensure_replies()
+            run.shipped += _send(w.conn, call)
+        except (OSError, ValueError) as exc:
+            self._check_open()
+            why = f"cannot reach worker {slot}: {exc}"
+            if not w.alive():
+                why = w.why_lost(slot) or why
+            self._drop(slot)
+            for i in call.indexes:
+                run.outcomes[i] = ThreadOutcome(i, error=why)
+            return
+        run.pending[slot] = set(call.indexes) | (
+            {_END} if combine.combines(spec.merge_regions, len(call.indexes)) else set())
+        run.first[slot] = call.indexes[0]
+
+    def _ready(self, run: _Run) -> list[int]:
+        """The slots of ``run`` with a reply to read (waiting at most POLL)."""
+        waits: dict[Any, int] = {run.used[slot].conn: slot for slot in run.pending}
+        try:
+            return [waits[ready] for ready in connection.wait(list(waits), POLL)]
+        except (OSError, ValueError):  # a socket close() closed meanwhile
+            self._check_open()
+            raise
+
+    def _receive(self, run: _Run, slot: int) -> None:
+        """Reads one reply from slot ``slot``'s worker into ``run``."""
+        w = run.used[slot]
+        try:
+            data = w.conn.recv_bytes()
+            message = pickle.loads(data)
+            payload = w.payload(message.diffs)
+        except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
+            self._check_open()
+            self._lost(run, slot)
+            return
+        run.shipped += len(data)  # with inline payloads
+        if message.diffs.header is not None and message.diffs.inline is None:
+            run.shipped += memoryview(payload).nbytes  # through the reply buffer
+        if message.seq != run.seq:
+            return  # cannot happen: workers of cancelled batches are replaced
+        if isinstance(message, GroupEnd):
+            error = message.error
+            try:
+                batch = combine.unpack(message.diffs.header, payload)
+            except CorruptDataError as exc:
+                error = f"worker {slot} sent malformed combined diffs: {exc}"
+            if error is not None:
+                i = run.first[slot]
+                run.outcomes[i] = ThreadOutcome(i, error=error)
+            elif batch is not None:
+                run.combined[slot] = batch
+            i = _END
+        else:
+            i = message.thread
+            outcome = thread_outcome(message, lambda: combine.unpack(message.diffs.header, payload),
+                                     "in the parent")
+            run.outcomes.setdefault(i, outcome)  # a GroupEnd's error may have claimed it
+        run.pending[slot].discard(i)
+        if not run.pending[slot]:
+            del run.pending[slot]
+
+    def _lost(self, run: _Run, slot: int) -> None:
+        """Fails the threads a worker that died still owed (its first one if
+        only its GroupEnd was due) and forgets the worker."""
+        w = run.used[slot]
+        code = w.exit_code()
+        lost = w.why_lost(slot)
+        for i in sorted(run.pending.pop(slot) - {_END}) or [run.first[slot]]:
+            run.outcomes[i] = ThreadOutcome(
+                i, error=lost or f"worker process {slot} (pid {w.process.pid}) died while running thread "
+                                 f"{i} (exit code {code})")
+        self._drop(slot)
 
     def _check_open(self) -> None:
         """Raises if close() ran (on another thread: an App collected, or
@@ -476,7 +498,7 @@ class ProcessesBackend:
         for w in workers:  # ask all first, so they stop in parallel
             if w is not None:
                 try:
-                    _send(w.conn, ("stop",))
+                    _send(w.conn, Stop())
                 except (OSError, ValueError):
                     pass
         for w in workers:
@@ -487,4 +509,4 @@ class ProcessesBackend:
 
 if __name__ == "__main__":
     die_with_parent(int(sys.argv[2]))
-    _worker_main(connection.Connection(int(sys.argv[1])))
+    _WorkerLoop(connection.Connection(int(sys.argv[1]))).serve()
