@@ -15,7 +15,7 @@ import sys
 import threading
 import traceback
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from collections.abc import Callable, Sequence
 
@@ -34,7 +34,8 @@ from .merge import MergeOp, MergeRegion
 from .snapshot import Snapshot
 from .tracking import Tracker, mode_for_new_mapping, probe, tracker
 
-__all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "Backend", "Workspace", "run_thread", "holders", "kept",
+__all__ = ["BatchSpec", "Cancel", "Cancelled", "ThreadOutcome", "BatchResult", "Backend", "Workspace",
+           "run_thread", "holders", "kept",
            "call_thread_function", "call_tracked", "check_thread_memory", "find_conflicts",
            "thread_tracking_mode", "inside_batch_of", "copied_result", "preparation_error",
            "MAX_TRACKED_REGIONS", "POLL", "PREPARATION", "ClosedBackend", "diff_written",
@@ -148,10 +149,18 @@ class ThreadOutcome:
     diffs: DiffBatch | None = None
     dirty_pages: int = 0
     error: str | None = None  # formatted traceback, or why the worker died
-    bytes_shipped: int = 0
-    # Diffs its worker combined from several threads of the batch (regions
-    # whose merge is order-free, see backends/combine.py); merged once.
-    combined: DiffBatch | None = None
+
+
+@dataclass
+class BatchResult:
+    """What a backend's run returns: each thread's outcome, and what belongs
+    to the batch rather than to one thread."""
+
+    outcomes: list[ThreadOutcome]
+    # Diffs workers combined from several threads of the batch (regions
+    # whose merge is order-free, see backends/combine.py); merged once each.
+    combined: list[DiffBatch] = field(default_factory=list)
+    bytes_shipped: int = 0  # what crossed to and from workers
 
 
 class Backend(Protocol):
@@ -164,7 +173,7 @@ class Backend(Protocol):
     # if not, the executor drops them after every batch.
     ships_changes: bool
 
-    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> BatchResult:
         """Every thread's outcome; raises Cancelled soon after ``cancel`` is
         set, leaving no worker that could still touch a later batch."""
         ...
@@ -184,7 +193,7 @@ class ClosedBackend:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> BatchResult:
         raise PageforkError("the App is closed")
 
     def close(self, timeout: float) -> int:

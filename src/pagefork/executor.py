@@ -423,9 +423,10 @@ class Executor:
         spec = BatchSpec(fn, n, args, self.snapshot, layout, regions,
                          self.thread_mode, self.version,
                          (self.memory.address, self.memory.address + self.memory.max_size))
-        outcomes = sorted(self.backend.run(spec, placement, request.cancel), key=lambda o: o.index)
+        ran = self.backend.run(spec, placement, request.cancel)
+        outcomes = sorted(ran.outcomes, key=lambda o: o.index)
         t2 = time.perf_counter()
-        stats.bytes_shipped = sum(o.bytes_shipped for o in outcomes)
+        stats.bytes_shipped = ran.bytes_shipped
         failed = [o for o in outcomes if o.error is not None]
         if len(outcomes) != n and not failed:
             raise PageforkError(f"the {self.backend.name} backend reported {len(outcomes)} of {n} threads")
@@ -442,7 +443,7 @@ class Executor:
                 self.last_batch = stats
                 raise ConflictError("; ".join(conflicts))
         batches = [o.diffs for o in outcomes if o.diffs is not None]
-        batches += [o.combined for o in outcomes if o.combined is not None]
+        batches += ran.combined
         stats.diffs = sum(len(b) for b in batches)
         stats.diff_bytes = sum(b.nbytes for b in batches)
         stats.dirty_pages = sum(o.dirty_pages for o in outcomes)

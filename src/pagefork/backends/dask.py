@@ -41,7 +41,7 @@ import zstandard
 
 from .. import compact
 from .._errors import PageforkError
-from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
+from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
 from ._messages import GroupDone, GroupFailed, thread_outcome
 from ._dask_worker import (SnapshotMissing, _CacheEntry, compress_batch, decompress_batch, hold_lease,
@@ -134,6 +134,7 @@ class _Run:
     submitted: list[Any] = field(default_factory=list)
     attempts: dict[int, int] = field(default_factory=dict)  # first thread of a task -> times sent
     outcomes: dict[int, ThreadOutcome] = field(default_factory=dict)
+    combined: dict[int, DiffBatch] = field(default_factory=dict)  # first thread of a task -> its combined diffs
 
     def fail(self, indexes: list[int], why: str) -> None:
         for i in indexes:
@@ -384,7 +385,7 @@ class DaskBackend:
 
     # -- running --
 
-    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> BatchResult:
         from distributed import as_completed
 
         self._check_client()
@@ -410,10 +411,8 @@ class DaskBackend:
             raise
         finally:
             idle.close()
-        result = [run.outcomes[i] for i in sorted(run.outcomes)]
-        if result:
-            result[0].bytes_shipped = run.shipped
-        return result
+        return BatchResult([run.outcomes[i] for i in sorted(run.outcomes)], list(run.combined.values()),
+                           run.shipped)
 
     def _program(self, spec: BatchSpec) -> bytes:
         """The batch's function, arguments and layout, and the client's sys.path."""
@@ -511,7 +510,7 @@ class DaskBackend:
         if reply.combined is not None:
             run.shipped += len(reply.combined) * relayed
             try:
-                run.outcomes[first].combined = decompress_batch(reply.combined, memory_size)
+                run.combined[first] = decompress_batch(reply.combined, memory_size)
             except Exception:
                 run.outcomes[first] = ThreadOutcome(first, error="cannot load the combined diffs on the "
                                                     "client:\n" + traceback.format_exc())

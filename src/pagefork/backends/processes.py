@@ -50,7 +50,7 @@ import cloudpickle
 from .._cpus import available_cpus
 from .._errors import CorruptDataError, PageforkError
 from .._limits import cannot_start, is_out_of_tasks, limit_report
-from ..batch import POLL, BatchSpec, Cancel, ThreadOutcome
+from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from . import combine, replies
@@ -360,7 +360,7 @@ class ProcessesBackend:
             w = self._workers[slot] = _Worker(slot)
         return w
 
-    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> BatchResult:
         self._seq += 1
         run = _Run(self._seq)  # replies carry its seq: a reply is only ever read by its own batch
         try:
@@ -384,12 +384,8 @@ class ProcessesBackend:
             for slot in run.pending:
                 self._drop(slot, kill=True)
             raise
-        for slot, batch in run.combined.items():
-            run.outcomes[run.first[slot]].combined = batch
-        result = [run.outcomes[i] for i in sorted(run.outcomes)]
-        if result:
-            result[0].bytes_shipped = run.shipped
-        return result
+        return BatchResult([run.outcomes[i] for i in sorted(run.outcomes)], list(run.combined.values()),
+                           run.shipped)
 
     def _start(self, run: _Run, slot: int, spec: BatchSpec, call: RunBatch,
                preparation: tuple[list[str], str | None]) -> None:

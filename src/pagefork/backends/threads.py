@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 
 from .._cpus import available_cpus
 from .._limits import cannot_start, is_out_of_tasks
-from ..batch import POLL, BatchSpec, Cancel, Cancelled, ThreadOutcome
+from ..batch import POLL, BatchResult, BatchSpec, Cancel, Cancelled, ThreadOutcome
+from ..diffs import DiffBatch
 from .combine import CombiningWorkspace
 
 __all__ = ["ThreadsBackend", "group_by_slot"]
@@ -91,25 +92,24 @@ class ThreadsBackend:
         self._running: set[_Slot] = set()  # slots running jobs, of this and cancelled batches
 
     def _work(self, slot: _Slot, spec: BatchSpec, indexes: list[int], cancel: Cancel,
-              out: dict[int, list[ThreadOutcome]], key: int) -> None:
+              out: dict[int, tuple[list[ThreadOutcome], DiffBatch | None]], key: int) -> None:
+        combined = None
         try:
             outcomes: list[ThreadOutcome] = []
             combined = slot.space.run_combining(spec, indexes, outcomes.append, copy_result=True,
                                                 cancel=cancel)
-            if combined is not None and outcomes:
-                outcomes[0].combined = combined  # merged once, with the slot's first thread
         except BaseException as exc:  # never: run_combining reports per thread
             outcomes = [ThreadOutcome(i, error=f"the worker thread failed: {exc!r}") for i in indexes]
         with self._lock:
-            out[key] = outcomes
+            out[key] = (outcomes, combined)
             slot.busy = False
             if slot.retired:
                 slot.space.close()
             self._running.discard(slot)
             self._lock.notify_all()
 
-    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> list[ThreadOutcome]:
-        out: dict[int, list[ThreadOutcome]] = {}
+    def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> BatchResult:
+        out: dict[int, tuple[list[ThreadOutcome], DiffBatch | None]] = {}
         groups = group_by_slot(placement)
         started: list[tuple[int, _Slot]] = []
         try:
@@ -137,7 +137,9 @@ class ThreadsBackend:
         except BaseException:
             self._abandon(started)
             raise
-        return [o for slot_index in groups for o in out.get(slot_index, [])]
+        done = [out[slot_index] for slot_index in groups if slot_index in out]
+        return BatchResult([o for outcomes, _ in done for o in outcomes],
+                           [combined for _, combined in done if combined is not None])
 
     def _abandon(self, started: list[tuple[int, _Slot]]) -> None:
         """Replaces every slot still in use by a new one; the old slot's
