@@ -22,7 +22,7 @@ MAX_LINES = 600
 # be placed here, which is the moment to decide where it belongs.
 LAYERS: list[set[str]] = [
     {"_version", "_errors", "_buffers", "_native", "_baseline", "_sizes", "_signals", "_framing", "_system",
-     "_forking", "_cpus", "_limits", "_log"},
+     "_forking", "_cpus", "_limits", "_log", "_thread_errors"},
     {"memory"},
     {"_kernel_state", "_tracker", "tracking"},
     {"merge", "diffs", "snapshot", "wire", "compact", "delta"},

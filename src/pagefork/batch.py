@@ -26,6 +26,7 @@ from . import _native
 from ._errors import PageforkError
 from ._forking import leave_if_forked
 from ._sizes import round_to_pages
+from ._thread_errors import PREPARATION, thread_error
 from .diffs import DiffBatch
 from .identity import IdentityBuffers, with_contributions
 from .layout import Allocation, ThreadMemory
@@ -149,6 +150,7 @@ class ThreadOutcome:
     diffs: DiffBatch | None = None
     dirty_pages: int = 0
     error: str | None = None  # formatted traceback, or why the worker died
+    exception: BaseException | None = None  # what the thread function raised (its traceback dropped)
 
 
 @dataclass
@@ -216,9 +218,6 @@ def thread_tracking_mode(requested: str | None = None) -> str:
 #: the native module says otherwise). Main memory is one; each thread
 #: function running on the threads backend holds one while it runs.
 MAX_TRACKED_REGIONS = int(_native.MAX_TRACKED_REGIONS)
-
-
-PREPARATION = "cannot prepare thread memory: "
 
 
 def preparation_error(exc: BaseException) -> str:
@@ -324,7 +323,7 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
             result = copied_result(result)
         return ThreadOutcome(index, result, diffs, int(np.count_nonzero(dirty)))
     except BaseException as exc:  # the thread's own error, SystemExit included
-        return ThreadOutcome(index, error="".join(traceback.format_exception(exc)))
+        return ThreadOutcome(index, error=thread_error(exc), exception=exc)
 
 
 # Columns of an empty batch (no element: shared safely).

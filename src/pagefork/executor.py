@@ -27,11 +27,12 @@ import numpy as np
 
 from . import _main_memory, _native
 from ._batch_thread import Request, manage
-from ._errors import ConflictError, PageforkError, WorkerError
+from ._errors import ConflictError, PageforkError
 from ._kernel_state import refuse_pinned
 from ._limits import cannot_start, is_out_of_tasks
 from ._sizes import PAGE_SIZE, round_to_pages
-from .batch import (POLL, PREPARATION, Backend, BatchSpec, Cancelled, ClosedBackend, find_conflicts,
+from ._thread_errors import worker_error
+from .batch import (POLL, Backend, BatchSpec, Cancelled, ClosedBackend, find_conflicts,
                     inside_batch_of, thread_tracking_mode)
 from .diffs import DiffBatch
 from .identity import products_as_overwrites
@@ -431,12 +432,8 @@ class Executor:
         if len(outcomes) != n and not failed:
             raise PageforkError(f"the {self.backend.name} backend reported {len(outcomes)} of {n} threads")
         if failed:
-            # A workspace that could not be prepared explains the others' failures
-            first = min(failed, key=lambda o: (not (o.error or "").startswith(PREPARATION), o.index))
-            err = WorkerError(f"thread {first.index} of {n} failed:\n{first.error}", thread=first.index,
-                              traceback=first.error or "", failed=[o.index for o in failed])
             self.last_batch = stats
-            raise err
+            raise worker_error(failed, n)  # its __cause__: the thread's exception, where it could be rebuilt
         if self.detect_conflicts:
             conflicts = find_conflicts(outcomes)
             if conflicts:

@@ -31,6 +31,7 @@ import zstandard
 from .. import compact
 from .._errors import CorruptDataError
 from .._sizes import PAGE_SIZE, round_to_pages
+from .._thread_errors import pickled_exception
 from ..batch import BatchSpec, ThreadOutcome, thread_tracking_mode
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
@@ -301,7 +302,9 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
                 return
             except BaseException:
                 outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-        replies.append(ThreadReply(outcome.index, None, outcome.dirty_pages, outcome.error))
+        exception, note = pickled_exception(outcome.exception)
+        replies.append(ThreadReply(outcome.index, None, outcome.dirty_pages, (outcome.error or "") + note,
+                                   exception=exception))
 
     space = entry.workspace()
     try:

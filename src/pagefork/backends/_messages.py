@@ -26,6 +26,7 @@ from collections.abc import Callable
 import cloudpickle
 
 from .._errors import CorruptDataError
+from .._thread_errors import rebuilt_exception
 from ..batch import ThreadOutcome
 from ..diffs import DiffBatch
 
@@ -101,6 +102,7 @@ class ThreadReply(NamedTuple):
     error: str | None  # the formatted error, None on success
     diffs: Any = None
     seq: int = 0  # processes: the batch it belongs to
+    exception: bytes | None = None  # what the thread raised, pickled (_thread_errors)
 
 
 class GroupEnd(NamedTuple):
@@ -132,10 +134,15 @@ class GroupFailed(NamedTuple):
 
 def thread_outcome(reply: ThreadReply, diffs: Callable[[], DiffBatch | None], where: str) -> ThreadOutcome:
     """The outcome ``reply`` describes, its diffs decoded by ``diffs()`` and
-    its result unpickled here (``where``: "in the parent", "on the client").
-    What cannot be decoded or unpickled fails the thread, saying why."""
+    its result (or the thread's exception) unpickled here (``where``: "in the
+    parent", "on the client"). A result or diffs that cannot be loaded fail
+    the thread, saying why; an exception that cannot be rebuilt leaves the
+    text only, with a note."""
     outcome = ThreadOutcome(reply.thread, dirty_pages=reply.dirty_pages, error=reply.error)
-    if reply.error is None:
+    if reply.error is not None:
+        outcome.exception, note = rebuilt_exception(reply.exception)
+        outcome.error = reply.error + note
+    else:
         try:
             outcome.diffs = diffs()
             outcome.result = cloudpickle.loads(reply.result) if reply.result is not None else None

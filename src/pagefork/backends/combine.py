@@ -20,7 +20,6 @@ raw data, so a dense run costs its bytes and a scattered int64 about 9.5.
 from __future__ import annotations
 
 import os
-import traceback
 from dataclasses import dataclass, replace
 from typing import Any
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 from .. import _native, compact
 from .._errors import PageforkError
 from .._sizes import round_to_pages
+from .._thread_errors import thread_error
 from ..batch import (BatchSpec, Cancel, ThreadOutcome, Workspace, call_thread_function, call_tracked,
                      check_thread_memory, copied_result, diff_written, empty_batch, holders, kept,
                      preparation_error)
@@ -353,7 +353,7 @@ class CombiningWorkspace(Workspace):
                 outcome = ThreadOutcome(i, error=str(exc))
             except BaseException as exc:  # the thread's own error (SystemExit included)
                 self._kept = self._private = None  # the next thread maps afresh
-                outcome = ThreadOutcome(i, error="".join(traceback.format_exception(exc)))
+                outcome = ThreadOutcome(i, error=thread_error(exc), exception=exc)
             report(outcome)
             # What the thread left holding its memory (a view, its Region, a
             # weak reference) keeps it: the next thread gets new memory.

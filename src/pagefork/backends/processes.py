@@ -49,6 +49,7 @@ import cloudpickle
 
 from .._cpus import available_cpus
 from .._errors import CorruptDataError, PageforkError
+from .._thread_errors import pickled_exception
 from .._limits import cannot_start, is_out_of_tasks, limit_report
 from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
@@ -158,8 +159,10 @@ class _WorkerLoop:
                     packed = combine.pack(outcome.diffs)
                 except BaseException:
                     outcome.error = "cannot send the result back:\n" + traceback.format_exc()
-            _send(self.conn, ThreadReply(outcome.index, result, outcome.dirty_pages, outcome.error,
-                                         _shipped(self.writer, packed), batch.seq))
+            exception, note = pickled_exception(outcome.exception)
+            _send(self.conn, ThreadReply(outcome.index, result, outcome.dirty_pages,
+                                         None if outcome.error is None else outcome.error + note,
+                                         _shipped(self.writer, packed), batch.seq, exception))
             reported.add(outcome.index)  # only once its reply is sent
 
         packed: tuple[Any, Any] = (None, b"")
