@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -77,7 +78,10 @@ def test_later_batches_ship_the_change_not_the_memory(client):
     assert later_64 < (64 << 20) // 100
 
 
-def test_a_raising_task_is_a_worker_error(client):
+def test_a_raising_task_is_a_worker_error(client, caplog):
+    """Its __cause__ is the thread's exception, rebuilt on the client, and
+    its first line names the user's frame; the App's slots are logged."""
+    caplog.set_level(logging.INFO, logger="pagefork")
     with App("64KiB", backend="dask", client=client) as app:
         a = app.alloc("a", 8, np.int64, merge="sum")
         app.parallel(lambda mem, i, n: mem["a"].__iadd__(1), 2)
@@ -86,12 +90,18 @@ def test_a_raising_task_is_a_worker_error(client):
         def work(mem, i, n):
             mem["a"][:] += 1
             if i == 1:
-                raise RuntimeError("remote failure")
+                raise KeyError("remote failure")
 
-        with pytest.raises(WorkerError, match="RuntimeError: remote failure") as info:
+        with pytest.raises(WorkerError) as info:
             app.parallel(work, 3)
         assert info.value.thread == 1
+        assert type(info.value.__cause__) is KeyError and info.value.__cause__.args == ("remote failure",)
+        line = work.__code__.co_firstlineno + 3
+        assert str(info.value).splitlines()[0] == (f"thread 1 of 3 failed: KeyError: 'remote failure' "
+                                                   f"(in work, {__file__}, line {line})")
         assert bytes(app.memory) == before and a.tolist() == [2] * 8
+    assert any(r.getMessage().startswith("Dask backend: 2 slot(s), on workers tcp://")
+               for r in caplog.records if r.name == "pagefork")
 
 
 def test_a_worker_that_lost_its_cache_gets_the_full_snapshot(client):

@@ -68,6 +68,10 @@ def test_the_cause_is_the_threads_exception(backend):
         with pytest.raises(WorkerError) as info:
             app.parallel(custom, 2)
         assert type(info.value.__cause__) is Custom and info.value.__cause__.code == 7
+        # Sent by value (cloudpickle drops its file name): the worker puts the name back.
+        line = custom.__code__.co_firstlineno + 2
+        assert str(info.value).splitlines()[0].endswith(f"Custom: 7 (in custom, {__file__}, line {line})")
+        assert f'File "{__file__}", line {line}, in custom\n    raise Custom(7)' in info.value.traceback
 
         with pytest.raises(WorkerError) as info:
             app.parallel(_fail, 2, args=("lock",))

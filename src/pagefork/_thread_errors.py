@@ -8,14 +8,16 @@ from __future__ import annotations
 import os
 import sysconfig
 import traceback
-from typing import Protocol
+import types
+from typing import Any, Protocol
 from collections.abc import Sequence
 
 import cloudpickle
 
 from ._errors import WorkerError
 
-__all__ = ["PREPARATION", "thread_error", "pickled_exception", "rebuilt_exception", "worker_error"]
+__all__ = ["PREPARATION", "thread_error", "pickled_exception", "rebuilt_exception", "worker_error", "code_files",
+           "restore_code_files"]
 
 #: How the text of a thread whose memory could not be prepared begins.
 PREPARATION = "cannot prepare thread memory: "
@@ -112,3 +114,60 @@ def worker_error(failed: Sequence[_Failed], n: int) -> WorkerError:
                       failed=[o.index for o in failed])
     err.__cause__ = first.exception
     return err
+
+
+# cloudpickle sends code by value (functions of __main__, lambdas, local
+# functions) without its file name: a worker's traceback would say
+# File "<dynamic-code>". The parent sends the names along and the worker
+# puts them back, so the text names the user's file (and, where the worker
+# can read the file, shows its lines).
+_DYNAMIC = "<dynamic-code>"
+
+
+def _functions(fn: Any) -> list[types.FunctionType]:
+    """``fn`` and the functions of its module it names (its helpers)."""
+    if not isinstance(fn, types.FunctionType):
+        return []
+    found = [fn]
+    for name in fn.__code__.co_names:
+        helper = fn.__globals__.get(name)
+        if isinstance(helper, types.FunctionType) and helper is not fn:
+            found.append(helper)
+    return found
+
+
+def _nested(code: types.CodeType) -> list[types.CodeType]:
+    """``code`` and the code objects defined inside it."""
+    found = [code]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found += _nested(const)
+    return found
+
+
+def code_files(fn: Any) -> dict[tuple[str, int], str]:
+    """(name, first line) -> file of the code a worker runs for ``fn``: its
+    own, its helpers' (:func:`_functions`) and the code nested in them."""
+    return {(c.co_name, c.co_firstlineno): c.co_filename
+            for f in _functions(fn) for c in _nested(f.__code__)}
+
+
+def _renamed(code: types.CodeType, files: dict[tuple[str, int], str]) -> types.CodeType:
+    consts = tuple(_renamed(c, files) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    changes: dict[str, Any] = {}
+    if any(a is not b for a, b in zip(consts, code.co_consts)):
+        changes["co_consts"] = consts
+    name = files.get((code.co_name, code.co_firstlineno))
+    if code.co_filename == _DYNAMIC and name is not None:
+        changes["co_filename"] = name
+    return code.replace(**changes) if changes else code
+
+
+def restore_code_files(fn: Any, files: dict[tuple[str, int], str]) -> None:
+    """In a worker: gives the code of ``fn`` (and its helpers) that
+    cloudpickle sent by value its file names back (:func:`code_files`)."""
+    try:
+        for f in _functions(fn):
+            f.__code__ = _renamed(f.__code__, files)
+    except Exception:  # only the tracebacks' file names are at stake: never fail the batch for them
+        pass

@@ -30,6 +30,7 @@ from ._batch_thread import Request, manage
 from ._errors import ConflictError, PageforkError
 from ._kernel_state import refuse_pinned
 from ._limits import cannot_start, is_out_of_tasks
+from ._log import log
 from ._sizes import PAGE_SIZE, round_to_pages
 from ._thread_errors import worker_error
 from .batch import (POLL, Backend, BatchSpec, Cancelled, ClosedBackend, find_conflicts,
@@ -421,14 +422,15 @@ class Executor:
         if follow is not None:  # a cluster's workers come and go: slots follow them before placing
             follow(request.cancel)
         placement, stats.placement_cached = self.placement(n)
-        spec = BatchSpec(fn, n, args, self.snapshot, layout, regions,
-                         self.thread_mode, self.version,
+        spec = BatchSpec(fn, n, args, self.snapshot, layout, regions, self.thread_mode, self.version,
                          (self.memory.address, self.memory.address + self.memory.max_size))
+        log.debug("batch of %d threads starts on the %s backend", n, self.backend.name)
         ran = self.backend.run(spec, placement, request.cancel)
         outcomes = sorted(ran.outcomes, key=lambda o: o.index)
         t2 = time.perf_counter()
         stats.bytes_shipped = ran.bytes_shipped
         failed = [o for o in outcomes if o.error is not None]
+        log.debug("batch: threads done in %.1f ms, %d failed", (t2 - t1) * 1e3, len(failed))
         if len(outcomes) != n and not failed:
             raise PageforkError(f"the {self.backend.name} backend reported {len(outcomes)} of {n} threads")
         if failed:
@@ -470,6 +472,7 @@ class Executor:
             remap = done.seconds[3]  # the new mapping, its arming and the writers' wake-up
         t4 = time.perf_counter()
         stats.times = {"carry": t1 - t0, "run": t2 - t1, "merge": t4 - t2 - remap, "remap": remap}
+        log.debug("batch merged: %s", stats.summary())
         self.last_batch = stats
         return [o.result for o in outcomes]
 

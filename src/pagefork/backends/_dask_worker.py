@@ -31,7 +31,7 @@ import zstandard
 from .. import compact
 from .._errors import CorruptDataError
 from .._sizes import PAGE_SIZE, round_to_pages
-from .._thread_errors import pickled_exception
+from .._thread_errors import pickled_exception, restore_code_files
 from ..batch import BatchSpec, ThreadOutcome, thread_tracking_mode
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
@@ -286,7 +286,8 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
         for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it
             if path not in sys.path:
                 sys.path.append(path)
-        fn, args, n, layout, regions, mode = cloudpickle.loads(body)
+        fn, args, n, layout, regions, mode, files = cloudpickle.loads(body)
+        restore_code_files(fn, files)
     except BaseException:
         return GroupFailed("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
     if mode not in probe() or not probe()[mode].available:

@@ -73,6 +73,7 @@ class RunBatch(NamedTuple):
     regions: list[Any]
     mode: str  # tracking mode for thread memory
     indexes: list[int]
+    files: dict[tuple[str, int], str]  # the function's code -> its file (_thread_errors.code_files)
 
 
 # ---- worker -> parent ------------------------------------------------------------------

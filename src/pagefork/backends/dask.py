@@ -41,6 +41,8 @@ import zstandard
 
 from .. import compact
 from .._errors import PageforkError
+from .._log import log
+from .._thread_errors import code_files
 from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
 from ._messages import GroupDone, GroupFailed, thread_outcome
@@ -166,6 +168,7 @@ class DaskBackend:
             raise PageforkError("the Dask cluster has no workers")
         self._limit = workers
         self.addresses = addresses[:workers] if workers else addresses
+        log.info("Dask backend: %d slot(s), on workers %s", len(self.addresses), ", ".join(self.addresses))
         self.app_id = uuid.uuid4().hex
         # Straight to and from the workers unless the client was told not to
         # (direct_to_workers=False) or cannot reach them (found at the first try).
@@ -287,6 +290,11 @@ class DaskBackend:
                 address = alive[slot % len(alive)]
             moved.append(address)
         room = len(spare) if self._limit is None else max(0, min(len(spare), self._limit - len(moved)))
+        for slot, (old, new) in enumerate(zip(self.addresses, moved)):
+            if old != new:
+                log.info("Dask slot %d moves from worker %s, which left, to %s", slot, old, new)
+        for slot, address in enumerate(spare[:room], len(moved)):
+            log.info("Dask worker %s joined: it gets slot %d", address, slot)
         self.addresses = moved + spare[:room]
 
     def _other(self, address: str, cancel: Cancel) -> str:
@@ -417,7 +425,8 @@ class DaskBackend:
     def _program(self, spec: BatchSpec) -> bytes:
         """The batch's function, arguments and layout, and the client's sys.path."""
         try:
-            body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions, spec.tracking))
+            body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions, spec.tracking,
+                               code_files(spec.fn)))
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to Dask workers "
                                 f"(they travel pickled): {exc!r}") from exc
@@ -456,7 +465,6 @@ class DaskBackend:
         """Takes in a completed task's reply; returns the task sent again in
         its place (its worker was lost, or lost its snapshot), or None."""
         indexes, address = run.tasks[str(future.key)]
-        first = indexes[0]
         try:
             if future.status == "cancelled":
                 self._cancelled(future)
@@ -467,36 +475,52 @@ class DaskBackend:
         except PageforkError:
             raise
         except Exception as exc:  # its worker died (and Dask gave up) or a payload was lost
-            self._known.pop(address, None)
-            if run.attempts[first] >= _MAX_ATTEMPTS:
-                run.fail(indexes, f"threads {indexes} were lost {run.attempts[first]} times with their Dask "
-                                  f"worker; last: {exc!r}")
-                return None
-            run.attempts[first] += 1
-            run.sent.clear()  # scattered data dies with the worker that held it: start over
-            try:
-                return self._submit(run, indexes, self._other(address, run.cancel), full=True)
-            except PageforkError:
-                raise
-            except Exception as again:
-                run.fail(indexes, f"threads {indexes} were lost with their Dask worker and could not be "
-                                  f"re-sent: {again!r}")
-                return None
+            return self._resend_lost(run, indexes, address, exc)
         if isinstance(reply, GroupFailed):
-            if reply.kind == "refused":
-                raise PageforkError(reply.why)
-            if reply.kind == "error":
-                run.fail(indexes, reply.why)
-                return None
-            self._known.pop(address, None)  # "missing": the worker lost its cache, send it everything
-            if run.attempts[first] > _MAX_ATTEMPTS:
-                run.fail(indexes, f"threads {indexes}: {reply.why}")
-                return None
-            run.attempts[first] += 1
-            return self._submit(run, indexes, address, full=True)
+            return self._failed(run, reply, indexes, address)
         self._known[reply.worker] = run.spec.version
-        self._take_replies(run, reply, first)
+        self._take_replies(run, reply, indexes[0])
         return None
+
+    def _resend_lost(self, run: _Run, indexes: list[int], address: str, exc: Exception) -> Any:
+        """Sends the threads of a task lost with its worker to another one
+        (whole snapshot and all), or fails them after _MAX_ATTEMPTS."""
+        first = indexes[0]
+        self._known.pop(address, None)
+        if run.attempts[first] >= _MAX_ATTEMPTS:
+            run.fail(indexes, f"threads {indexes} were lost {run.attempts[first]} times with their Dask "
+                              f"worker; last: {exc!r}")
+            return None
+        run.attempts[first] += 1
+        run.sent.clear()  # scattered data dies with the worker that held it: start over
+        try:
+            other = self._other(address, run.cancel)
+            log.info("threads %s were lost with Dask worker %s (%r): sent again, to %s", indexes, address,
+                     exc, other)
+            return self._submit(run, indexes, other, full=True)
+        except PageforkError:
+            raise
+        except Exception as again:
+            run.fail(indexes, f"threads {indexes} were lost with their Dask worker and could not be "
+                              f"re-sent: {again!r}")
+            return None
+
+    def _failed(self, run: _Run, reply: GroupFailed, indexes: list[int], address: str) -> Any:
+        """A task that ran no thread: the batch fails (no room for the
+        snapshot), its threads fail, or (the worker lost its snapshot) it is
+        sent again with the whole snapshot."""
+        if reply.kind == "refused":
+            raise PageforkError(reply.why)
+        if reply.kind == "error":
+            run.fail(indexes, reply.why)
+            return None
+        self._known.pop(address, None)  # "missing": the worker lost its cache, send it everything
+        if run.attempts[indexes[0]] > _MAX_ATTEMPTS:
+            run.fail(indexes, f"threads {indexes}: {reply.why}")
+            return None
+        run.attempts[indexes[0]] += 1
+        log.info("Dask worker %s lacks the snapshot (%s): sending it whole", address, reply.why)
+        return self._submit(run, indexes, address, full=True)
 
     def _take_replies(self, run: _Run, reply: GroupDone, first: int) -> None:
         """The outcomes of a task's threads, and its combined diffs."""

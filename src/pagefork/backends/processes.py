@@ -49,7 +49,8 @@ import cloudpickle
 
 from .._cpus import available_cpus
 from .._errors import CorruptDataError, PageforkError
-from .._thread_errors import pickled_exception
+from .._thread_errors import code_files, pickled_exception, restore_code_files
+from .._log import log
 from .._limits import cannot_start, is_out_of_tasks, limit_report
 from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
@@ -108,23 +109,22 @@ class _WorkerLoop:
                 return
             if isinstance(message, Prepare):
                 self.home = (list(message.path), message.cwd)
+                _go_home(self.home)
             elif isinstance(message, AttachSnapshot):
                 fd = reduction.recv_handle(self.conn)
                 if self.snapshot is not None:
                     self.snapshot.close()
                 self.snapshot = Snapshot.attach(fd, message.size, message.max_size)
                 os.close(fd)
-                continue
             elif isinstance(message, AttachReplies):
                 if self.writer is not None:
                     self.writer.close()
                 self.writer = replies.ReplyWriter(reduction.recv_handle(self.conn))
-                continue
             else:
                 self.run_batch(message)
-            # Loading the function may have imported a module that moved; a
-            # thread function may have changed both.
-            _go_home(self.home)
+                # Loading the function may have imported a module that moved;
+                # the thread function may have changed both.
+                _go_home(self.home)
 
     def reply(self, seq: int, index: int, error: str, dirty: int = 0) -> None:
         """A thread's failure."""
@@ -137,6 +137,7 @@ class _WorkerLoop:
             self.snapshot._follow_size(batch.size)
             fn = cloudpickle.loads(batch.fn)
             args = cloudpickle.loads(batch.args)
+            restore_code_files(fn, batch.files)
         except BaseException:
             error = "cannot load the thread function:\n" + traceback.format_exc()
             for i in batch.indexes:
@@ -217,6 +218,7 @@ class _Worker:
             raise
         self.conn = WorkerConnection(ours)
         self.slot = slot
+        log.info("worker process %d started (pid %d)", slot, self.process.pid)
         self.snapshot_key: tuple[int, int] | None = None
         self.replies: replies.ReplyReader | None = None
         self.prepared: tuple[list[str], str | None] | None = None
@@ -356,7 +358,9 @@ class ProcessesBackend:
     def _worker(self, slot: int) -> _Worker:
         w = self._workers[slot]
         if w is None or not w.alive():
-            if w is not None:
+            if w is not None:  # it ended between batches
+                log.info("worker process %d (pid %d) had ended (exit code %s); starting another", slot,
+                         w.process.pid, w.process.returncode)
                 w.conn.close()
                 w.drop_replies()
                 self.replaced += 1
@@ -368,7 +372,8 @@ class ProcessesBackend:
         run = _Run(self._seq)  # replies carry its seq: a reply is only ever read by its own batch
         try:
             call = RunBatch(run.seq, spec.version, spec.snapshot.size, spec.n, spec.dumps(spec.fn),
-                            spec.dumps(spec.args), spec.layout, spec.merge_regions, spec.tracking, [])
+                            spec.dumps(spec.args), spec.layout, spec.merge_regions, spec.tracking, [],
+                            code_files(spec.fn))
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to worker processes "
                                 f"(they travel pickled): {exc!r}") from exc
@@ -483,6 +488,8 @@ class ProcessesBackend:
         batch starts a new one."""
         w, self._workers[slot] = self._workers[slot], None
         if w is not None:
+            log.info("worker process %d (pid %d) %s; another starts for the next batch", slot, w.process.pid,
+                     "is killed: its batch was cancelled, its state is unknown" if kill else "was lost")
             if kill:
                 w.kill()
             else:
