@@ -1,13 +1,15 @@
 """What a backend hands the executor (batch.Backend.run): a BatchResult
 holding each thread's outcome, and apart from them what belongs to the
 batch (the diffs a worker combined from several threads, bytes shipped).
-Each backend is driven directly, on a snapshot of its own."""
+Each backend is driven directly, on a snapshot of its own. And the named
+messages a worker process and its parent exchange (backends/_messages.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from pagefork.backends import _messages as messages
 from pagefork.backends import make_backend
 from pagefork.batch import BatchResult, BatchSpec, Cancel, thread_tracking_mode
 from pagefork.layout import Allocation
@@ -49,3 +51,22 @@ def test_combined_diffs_and_bytes_shipped_belong_to_the_batch(name):
     finally:
         backend.close(5.0)
         snap.close()
+
+
+def test_worker_messages_round_trip_as_their_own_types():
+    """Each message a worker's socket carries comes back equal and of its
+    type (a nested ShippedDiffs too); anything else is a ValueError."""
+    sent = [messages.Stop(), messages.Prepare(["/a", ""], None), messages.AttachSnapshot(8192, 1 << 20),
+            messages.AttachReplies(),
+            messages.RunBatch(3, 2, 8192, 4, b"fn", b"args", {}, [], "cow", [0, 2], {("f", 1): "/x.py"}),
+            messages.ThreadReply(2, b"result", 5, None, messages.ShippedDiffs((1, b"t"), None, 64, 9), 3),
+            messages.ThreadReply(1, None, 0, "boom", messages.NO_DIFFS, 3, b"exception"),
+            messages.GroupEnd(3, None, messages.ShippedDiffs((2, b"tt"), b"inline"))]
+    for message in sent:
+        back = messages.loads(messages.dumps(message))
+        assert back == message and type(back) is type(message)
+        assert type(getattr(back, "diffs", messages.NO_DIFFS)) is messages.ShippedDiffs
+    for bad in [b"", b"not a pickle", messages.pickle.dumps((99, ())), messages.pickle.dumps(("x", (1,))),
+                messages.pickle.dumps((5, (1, 2)))]:
+        with pytest.raises(ValueError, match="not a pagefork worker message"):
+            messages.loads(bad)

@@ -19,6 +19,7 @@ Dask backend: a task (``run_group``) returns :class:`GroupDone` (a
 
 from __future__ import annotations
 
+import pickle
 import traceback
 from typing import Any, NamedTuple
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from ..batch import ThreadOutcome
 from ..diffs import DiffBatch
 
 __all__ = ["Stop", "Prepare", "AttachSnapshot", "AttachReplies", "RunBatch", "ShippedDiffs", "NO_DIFFS",
-           "ThreadReply", "GroupEnd", "GroupDone", "GroupFailed", "thread_outcome"]
+           "ThreadReply", "GroupEnd", "GroupDone", "GroupFailed", "dumps", "loads", "thread_outcome"]
 
 
 # ---- parent -> worker process ------------------------------------------------------
@@ -131,6 +132,37 @@ class GroupFailed(NamedTuple):
 
     kind: str
     why: str
+
+
+# ---- on a worker process's socket ---------------------------------------------------------
+
+# A message travels as its type's tag and its fields, a plain tuple:
+# pickling the classes by reference (a module and attribute lookup per
+# class per message) made a small reply's round trip several times slower.
+_WIRE: tuple[type, ...] = (Stop, Prepare, AttachSnapshot, AttachReplies, RunBatch, ThreadReply, GroupEnd)
+_TAG = {cls: tag for tag, cls in enumerate(_WIRE)}
+_DIFFS_AT = {ThreadReply: ThreadReply._fields.index("diffs"), GroupEnd: GroupEnd._fields.index("diffs")}
+
+
+def dumps(message: Any) -> bytes:
+    """``message`` (one of the types above) as one frame."""
+    tag = _TAG[type(message)]
+    at = _DIFFS_AT.get(type(message))
+    fields = tuple(message) if at is None else (*message[:at], tuple(message[at]), *message[at + 1:])
+    return pickle.dumps((tag, fields), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> Any:
+    """The message :func:`dumps` made (ValueError if it is not one)."""
+    try:
+        tag, fields = pickle.loads(data)
+        cls = _WIRE[tag]
+        at = _DIFFS_AT.get(cls)
+        if at is not None:
+            fields = (*fields[:at], ShippedDiffs._make(fields[at]), *fields[at + 1:])
+        return cls._make(fields)
+    except Exception as exc:  # whatever the bytes were (a broken worker: the caller drops it)
+        raise ValueError(f"not a pagefork worker message: {exc!r}") from None
 
 
 def thread_outcome(reply: ThreadReply, diffs: Callable[[], DiffBatch | None], where: str) -> ThreadOutcome:

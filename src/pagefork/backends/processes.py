@@ -33,7 +33,6 @@ action would be killed by a write to a worker that had exited).
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -57,7 +56,7 @@ from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from . import combine, replies
 from ._messages import (NO_DIFFS, AttachReplies, AttachSnapshot, GroupEnd, Prepare, RunBatch, ShippedDiffs, Stop,
-                        ThreadReply, thread_outcome)
+                        ThreadReply, dumps, loads, thread_outcome)
 from .spawn import WorkerConnection, die_with_parent, spawn_worker
 from .threads import group_by_slot
 
@@ -68,7 +67,7 @@ _END = -1  # in a slot's pending set: the worker's GroupEnd (combined diffs) is 
 
 
 def _send(conn: connection.Connection, message: Any) -> int:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = dumps(message)
     conn.send_bytes(data)
     return len(data)
 
@@ -102,7 +101,7 @@ class _WorkerLoop:
     def serve(self) -> None:
         while True:
             try:
-                message = pickle.loads(self.conn.recv_bytes())
+                message = loads(self.conn.recv_bytes())
             except (EOFError, OSError):
                 return
             if isinstance(message, Stop):
@@ -432,7 +431,7 @@ class ProcessesBackend:
         w = run.used[slot]
         try:
             data = w.conn.recv_bytes()
-            message = pickle.loads(data)
+            message = loads(data)
             payload = w.payload(message.diffs)
         except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
             self._check_open()
