@@ -12,7 +12,7 @@ import signal
 import numpy as np
 import pytest
 
-from pagefork import App, WorkerError
+from pagefork import App, BatchStats, WorkerError
 
 
 def _records(caplog, level: int) -> list[str]:
@@ -53,6 +53,20 @@ def test_batch_phases_at_debug(caplog):
     assert phases[3] == "batch of 3 threads starts on the threads backend"
     assert re.fullmatch(r"batch: threads done in \d+\.\d ms, 3 failed", phases[4]) and len(phases) == 5
     assert not any(m.startswith("batch") for m in _records(caplog, logging.INFO))
+
+
+def test_the_batch_summary_is_made_only_for_debug(caplog, monkeypatch):
+    """Every batch logs its summary at DEBUG: below it, the text is never made."""
+    made: list[int] = []
+    monkeypatch.setattr(BatchStats, "summary", lambda self: str(made.append(1)))
+    caplog.set_level(logging.INFO, logger="pagefork")
+    with App("64KiB", backend="threads", workers=1) as app:
+        app.alloc("a", 4, np.int64, merge="sum")
+        app.parallel(_add, 2)
+        assert made == []
+        caplog.set_level(logging.DEBUG, logger="pagefork")
+        app.parallel(_add, 2)
+    assert made and "batch merged: None" in _records(caplog, logging.DEBUG)  # made for each handler
 
 
 def test_worker_processes_started_and_replaced_at_info(caplog):

@@ -30,7 +30,7 @@ from ._batch_thread import Request, manage
 from ._errors import ConflictError, PageforkError
 from ._kernel_state import refuse_pinned
 from ._limits import cannot_start, is_out_of_tasks
-from ._log import log
+from ._log import lazy, log
 from ._sizes import PAGE_SIZE, round_to_pages
 from ._thread_errors import worker_error
 from .batch import (POLL, Backend, BatchSpec, Cancelled, ClosedBackend, find_conflicts,
@@ -472,7 +472,7 @@ class Executor:
             remap = done.seconds[3]  # the new mapping, its arming and the writers' wake-up
         t4 = time.perf_counter()
         stats.times = {"carry": t1 - t0, "run": t2 - t1, "merge": t4 - t2 - remap, "remap": remap}
-        log.debug("batch merged: %s", stats.summary())
+        log.debug("batch merged: %s", lazy(stats.summary))
         self.last_batch = stats
         return [o.result for o in outcomes]
 

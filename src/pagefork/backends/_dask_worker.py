@@ -36,7 +36,7 @@ from ..batch import BatchSpec, ThreadOutcome, thread_tracking_mode
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from ..tracking import probe
-from ._messages import GroupDone, GroupFailed, ThreadReply
+from ._messages import DaskProgram, GroupDone, GroupFailed, ThreadReply
 from .combine import CombiningWorkspace
 
 __all__ = ["SnapshotMissing", "compress_batch", "decompress_batch", "run_group", "hold_lease",
@@ -286,13 +286,14 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
         for path in paths:  # the client's sys.path, as multiprocessing's spawn passes it
             if path not in sys.path:
                 sys.path.append(path)
-        fn, args, n, layout, regions, mode, files = cloudpickle.loads(body)
-        restore_code_files(fn, files)
+        call: DaskProgram = cloudpickle.loads(body)
+        restore_code_files(call.fn, call.files)
     except BaseException:
         return GroupFailed("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
+    mode = call.mode
     if mode not in probe() or not probe()[mode].available:
         mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
-    spec = BatchSpec(fn, n, args, snapshot, layout, regions, mode, version)
+    spec = BatchSpec(call.fn, call.n, call.args, snapshot, call.layout, call.regions, mode, version)
     replies: list[ThreadReply] = []
 
     def report(outcome: ThreadOutcome) -> None:

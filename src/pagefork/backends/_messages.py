@@ -13,8 +13,9 @@ Processes backend, over each worker's socket (pickled, one frame each)::
                                    <-----    GroupEnd (combined diffs), if it combines
       Stop()                       ----->    exits
 
-Dask backend: a task (``run_group``) returns :class:`GroupDone` (a
-:class:`ThreadReply` per thread) or :class:`GroupFailed`.
+Dask backend: a task (``run_group``) reads the batch's
+:class:`DaskProgram` and returns :class:`GroupDone` (a :class:`ThreadReply`
+per thread) or :class:`GroupFailed`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..batch import ThreadOutcome
 from ..diffs import DiffBatch
 
 __all__ = ["Stop", "Prepare", "AttachSnapshot", "AttachReplies", "RunBatch", "ShippedDiffs", "NO_DIFFS",
-           "ThreadReply", "GroupEnd", "GroupDone", "GroupFailed", "dumps", "loads", "thread_outcome"]
+           "ThreadReply", "GroupEnd", "DaskProgram", "GroupDone", "GroupFailed", "dumps", "loads", "thread_outcome"]
 
 
 # ---- parent -> worker process ------------------------------------------------------
@@ -114,6 +115,19 @@ class GroupEnd(NamedTuple):
     seq: int
     error: str | None
     diffs: ShippedDiffs
+
+
+class DaskProgram(NamedTuple):
+    """What a Dask task of the batch runs (cloudpickled, sent once per
+    worker with the client's sys.path)."""
+
+    fn: Any
+    args: tuple[Any, ...]
+    n: int
+    layout: dict[str, Any]
+    regions: list[Any]
+    mode: str  # the client's tracking mode for thread memory
+    files: dict[tuple[str, int], str]  # the function's code -> its file (_thread_errors.code_files)
 
 
 class GroupDone(NamedTuple):

@@ -45,7 +45,7 @@ from .._log import log
 from .._thread_errors import code_files
 from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
 from ..diffs import DiffBatch
-from ._messages import GroupDone, GroupFailed, thread_outcome
+from ._messages import DaskProgram, GroupDone, GroupFailed, thread_outcome
 from ._dask_worker import (SnapshotMissing, _CacheEntry, compress_batch, decompress_batch, hold_lease,
                            room_problem, run_group, worker_room)
 from ._dask_worker import drop_cache as _drop_cache
@@ -425,8 +425,8 @@ class DaskBackend:
     def _program(self, spec: BatchSpec) -> bytes:
         """The batch's function, arguments and layout, and the client's sys.path."""
         try:
-            body = spec.dumps((spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions, spec.tracking,
-                               code_files(spec.fn)))
+            body = spec.dumps(DaskProgram(spec.fn, spec.args, spec.n, spec.layout, spec.merge_regions,
+                                          spec.tracking, code_files(spec.fn)))
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to Dask workers "
                                 f"(they travel pickled): {exc!r}") from exc
