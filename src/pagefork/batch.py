@@ -176,8 +176,9 @@ class Backend(Protocol):
     ships_changes: bool
 
     def run(self, spec: BatchSpec, placement: Sequence[int], cancel: Cancel) -> BatchResult:
-        """Every thread's outcome; raises Cancelled soon after ``cancel`` is
-        set, leaving no worker that could still touch a later batch."""
+        """Every thread's outcome and the batch's own values (BatchResult);
+        raises Cancelled soon after ``cancel`` is set, leaving no worker
+        that could still touch a later batch."""
         ...
 
     def close(self, timeout: float) -> int:
