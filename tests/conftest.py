@@ -16,7 +16,7 @@ import pytest
 from hypothesis import settings
 
 import pagefork
-from pagefork import PAGE_SIZE, Region
+from support import KINDS, SANITIZED, kind_supports, make_region, require
 
 
 # A runner that starts the suite as a background job (SIGINT ignored, as
@@ -24,16 +24,6 @@ from pagefork import PAGE_SIZE, Region
 # into a no-op: tests run with Python's own SIGINT handler wherever started.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _asan_loaded() -> bool:
-    return hasattr(ctypes.CDLL(None), "__asan_init")
-
-
-#: True under AddressSanitizer (`make test-sanitize`). Its quarantine holds on
-#: to freed memory, so RSS growth says nothing about leaks there; tests that
-#: measure RSS skip that check, and LeakSanitizer checks instead (below).
-SANITIZED = _asan_loaded()
 
 
 def _name_running_threads() -> None:
@@ -98,26 +88,6 @@ settings.register_profile("slow", max_examples=2000, deadline=None)
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("PAGEFORK_HYPOTHESIS", "default"))
 
-KINDS = {
-    "anon-private": dict(shared=False, backing="anonymous"),
-    "anon-shared": dict(shared=True, backing="anonymous"),
-    "memfd-private": dict(shared=False, backing="memfd"),
-    "memfd-shared": dict(shared=True, backing="memfd"),
-}
-
-
-def require(mode: str) -> None:
-    """Skips the test with the probe's reason when ``mode`` cannot work here."""
-    support = pagefork.probe()[mode]
-    if not support.available:
-        pytest.skip(f"{mode} unavailable: {support.reason}")
-
-
-def kind_supports(mode: str, kind: str) -> bool:
-    """cow tracks only private memfd (snapshot) mappings."""
-    return mode != "cow" or kind == "memfd-private"
-
-
 @pytest.fixture(params=pagefork.MODES)
 def mode(request: pytest.FixtureRequest) -> str:
     require(request.param)
@@ -135,11 +105,6 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def make_region(kind: str, pages: int = 16, max_pages: int | None = None) -> Region:
-    max_size = None if max_pages is None else max_pages * PAGE_SIZE
-    return Region(pages * PAGE_SIZE, max_size=max_size, **KINDS[kind])
-
-
 COMBOS = [(m, k) for m in pagefork.MODES for k in KINDS if kind_supports(m, k)]
 
 
@@ -154,30 +119,3 @@ def tracked(request: pytest.FixtureRequest):
     yield mode, tracker, region
     tracker.close()
     region.close()
-
-
-def remap(region: Region) -> None:
-    """Maps a memfd region's file over it again (how cow tracking is re-armed)."""
-    region._map_file(region._fd, region.size, region.shared)
-
-
-def cycles_in(graph: dict[str, set[str]]) -> list[str]:
-    """Every cycle a depth-first walk of ``graph`` (node -> nodes it points
-    to) closes, as "a -> b -> a"; empty when it is acyclic. Used for the
-    package's imports and the C files' calls."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    cycles: list[str] = []
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for target in sorted(graph.get(node, ())):
-            if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [node, target]))
-            elif target not in state:
-                visit(target, path + [node])
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
-    return cycles

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -15,6 +14,9 @@ import pytest
 
 import pagefork
 from pagefork import App, ConflictError, OutOfBoundsError, PAGE_SIZE, PageforkError, WorkerError
+
+from support import SIGINT_PRELUDE
+from support import run_python as run_script
 
 
 @pytest.fixture(params=["threads", "processes"])
@@ -336,24 +338,7 @@ from pagefork import App
 backend, rounds = sys.argv[1], int(sys.argv[2])
 rng = random.Random(int(sys.argv[3]))
 
-
-def burst(count):
-    for _ in range(count):  # Ctrl-C pressed once, or several times quickly
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.002)
-
-
-inside = False
-
-
-def on_sigint(signum, frame):
-    # Python's own behaviour, but only inside the test's try: a signal that
-    # comes after the round ended must not end the script.
-    if inside:
-        raise KeyboardInterrupt
-
-
-signal.signal(signal.SIGINT, on_sigint)
+signal.signal(signal.SIGINT, on_sigint)  # SIGINT_PRELUDE's
 N = 3
 with App("256KiB", max_size="8MiB", backend=backend, workers=2) as app:
     total = app.alloc("total", N, np.int64, merge="sum")
@@ -396,16 +381,11 @@ print("ok", rounds, "merged", merged)
 """
 
 
-def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def test_sigint_at_random_points_in_a_loop(backend):
     """Real SIGINTs at random points of batches (large replies arriving,
     threads still running); after each, the state is all-or-nothing and the
     next batch is exact."""
-    done = run_script(STRESS, backend, 40, 1)
+    done = run_script(STRESS, backend, 40, 1, prelude=SIGINT_PRELUDE)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok 40")
     merged = int(done.stdout.split()[-1])
@@ -1175,15 +1155,8 @@ import os, signal, sys, threading, time
 import numpy as np
 from pagefork import App
 
-stop, inside = threading.Event(), False
-
-
-def on_sigint(signum, frame):
-    if inside:
-        raise KeyboardInterrupt
-
-
-signal.signal(signal.SIGINT, on_sigint)
+stop = threading.Event()
+signal.signal(signal.SIGINT, on_sigint)  # SIGINT_PRELUDE's
 
 
 def storm():
@@ -1216,7 +1189,7 @@ print("ok")
 def test_a_sigint_storm_never_kills_the_batch_thread(backend):
     """Ctrl-C every half millisecond while batches run back to back: every
     call ends (merged or not, never half), and the batch thread lives on."""
-    done = run_script(SIGINT_STORM, backend, 1500, timeout=300)
+    done = run_script(SIGINT_STORM, backend, 1500, timeout=300, prelude=SIGINT_PRELUDE)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "ok\n"
 

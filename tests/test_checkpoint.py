@@ -26,6 +26,8 @@ from pagefork import PAGE_SIZE, App, CorruptDataError, Region
 from pagefork import checkpoint as ck
 from pagefork.cli import main as cli
 
+from support import open_fds, rss_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -396,21 +398,14 @@ def _leak_round(path):
 def test_no_growth(tmp_path):
     import gc
 
-    def fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
-    def rss_kib() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
     for _ in range(20):
         _leak_round(tmp_path)
     gc.collect()
-    before_fds, before_rss, before_locks = fds(), rss_kib(), len(ck._locks.targets)
+    before_fds, before_rss, before_locks = open_fds(), rss_kib(), len(ck._locks.targets)
     for _ in range(200):
         _leak_round(tmp_path)
     gc.collect()
-    assert fds() == before_fds
+    assert open_fds() == before_fds
     assert rss_kib() - before_rss < 8192, "RSS grew by more than 8 MiB over 200 rounds"
     assert len(ck._locks.targets) <= before_locks and len(ck._last_saved) == 0
 

@@ -23,7 +23,7 @@ from pagefork import checkpoint as ck
 from pagefork._checkpoint_store import LocalStore
 from pagefork.cli import main as cli
 
-from conftest import require
+from support import require
 
 
 def objects(path: Path, suffix: str) -> list[Path]:

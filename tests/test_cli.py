@@ -12,10 +12,7 @@ import pytest
 
 import pagefork
 
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pagefork.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+from support import run_cli as run
 
 
 def test_doctor_json_schema():
@@ -132,3 +129,15 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, args):
     finally:
         os.close(write)
     assert (result.returncode, result.stderr) == (1, "")
+
+
+@pytest.mark.parametrize("size", ["9" * 40, "1000TiB"])
+def test_bench_size_larger_than_the_machine_is_a_usage_error(size):
+    """Before: accepted by argparse, then a traceback (exit status 1) from
+    the region it could not reserve."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "pagefork.cli", "bench", "--sizes", size],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "larger than this machine's memory" in out.stderr

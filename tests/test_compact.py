@@ -16,7 +16,7 @@ from pagefork import CorruptDataError, DataType, Diff, DiffBatch, MergeOp, PAGE_
 from pagefork import _native
 
 from fuzzing import mutate, reseal
-from test_snapshot import PAIRS
+from support import PAIRS
 
 
 @st.composite

@@ -13,6 +13,8 @@ distributed = pytest.importorskip("distributed")
 from pagefork import App, ConflictError, PAGE_SIZE, PageforkError, WorkerError  # noqa: E402
 from pagefork.backends.dask import _drop_cache  # noqa: E402
 
+from support import SIGINT_PRELUDE  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def client():
@@ -262,22 +264,8 @@ from pagefork import App
 rng = random.Random(5)
 
 
-def burst(count):
-    for _ in range(count):  # Ctrl-C pressed once, or several times quickly
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.002)
-
-
-inside = False
-
-
-def on_sigint(signum, frame):
-    if inside:  # Python's own behaviour, but only inside the test's try
-        raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, on_sigint)  # SIGINT_PRELUDE's
     with distributed.LocalCluster(processes=True, n_workers=1, threads_per_worker=2,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client, \
             App("4MiB", backend="dask", client=client) as app:
@@ -315,7 +303,7 @@ def test_sigint_at_random_points_in_a_loop(tmp_path, dense):
     import sys
 
     script = tmp_path / "stress.py"
-    script.write_text(STRESS)
+    script.write_text(SIGINT_PRELUDE + STRESS)
     done = subprocess.run([sys.executable, str(script), "25", str(dense)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok merged")
@@ -329,7 +317,7 @@ def test_reductions_combine_on_the_workers_exactly(client):
     """Several threads per worker: order-free arrays come back combined, one
     batch per worker; every byte equals the thread-by-thread reference, and
     each thread saw the snapshot, not a neighbour's writes."""
-    from test_reduce import ARRAYS, _expected, _write
+    from support import ARRAYS, expected_arrays, write_arrays
 
     total = sum(np.dtype(d).itemsize * c for _, d, c, _ in ARRAYS) + 16 * len(ARRAYS)
     with App(total + 3 * PAGE_SIZE, backend="dask", client=client) as app:
@@ -339,8 +327,8 @@ def test_reductions_combine_on_the_workers_exactly(client):
             app["iprod"][:] = 1
             app.parallel(_noop, 1)
             before = app._executor.snapshot.read()
-            seen = app.parallel(_write, n, args=(seed,))
-            assert app._executor.snapshot.read() == _expected(app, before, n, seed)
+            seen = app.parallel(write_arrays, n, args=(seed,))
+            assert app._executor.snapshot.read() == expected_arrays(app, before, n, seed)
             assert bytes(app.memory)[: len(before)] == app._executor.snapshot.read()
             for s in seen:
                 for name, *_ in ARRAYS:

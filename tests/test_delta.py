@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import random
 import struct
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from hypothesis import strategies as st
 
 from pagefork import CorruptDataError, delta
 from fuzzing import mutate, reseal
+from support import run_python
 
 
 @st.composite
@@ -125,8 +123,7 @@ def sealed(flags: int, old_len: int, new_len: int, body: bytes, body_len: int | 
 def run_measured(code: str) -> tuple[int, str, str]:
     """Runs ``code`` in a fresh interpreter (a crash or a blow-up must not
     take the test run with it); returns exit status, stdout, stderr."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                            text=True, timeout=600)
+    result = run_python(code)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -310,3 +307,23 @@ def test_encode_arguments():
             delta.encode(b"a", b"b", page_size=bad)
     with pytest.raises(TypeError):
         delta.encode(b"a", b"b", page_size=1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tail", [b"garbage", "frame", b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd"],
+                         ids=["garbage", "second-frame", "skippable-frame"])
+def test_compressed_delta_with_bytes_after_its_frame_is_corrupt(tail):
+    """Before: zstd's one-shot decompress stopped at the first frame, so a
+    resealed delta with anything appended still applied."""
+    import zstandard
+
+    from pagefork import CorruptDataError, delta
+    from fuzzing import reseal
+
+    old, new = bytes(1000), bytes(500) + b"x" * 500
+    message = delta.encode(old, new, zstd_level=3)
+    assert delta.apply(message, old) == new
+    extra = zstandard.ZstdCompressor().compress(b"abc") if tail == "frame" else tail
+    with pytest.raises(CorruptDataError, match="after its frame"):
+        delta.apply(reseal(message[:-4] + extra), old)
+    with pytest.raises(CorruptDataError):
+        delta.apply(reseal(message[:-7]), old)  # a cut frame

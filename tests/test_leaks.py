@@ -4,7 +4,6 @@ memory or open file descriptors (the native core frees what it allocates)."""
 from __future__ import annotations
 
 import gc
-import os
 
 import numpy as np
 import pytest
@@ -12,16 +11,7 @@ import pytest
 import pagefork
 from pagefork import PAGE_SIZE, Diff, MergeError, Region, Snapshot, delta, wire
 
-from conftest import SANITIZED
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+from support import SANITIZED, open_fds, rss_kib
 
 
 def _snapshot_round():

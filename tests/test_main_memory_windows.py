@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -23,19 +20,10 @@ from pagefork import PAGE_SIZE, App, PageforkError
 from pagefork.tracking import TrackingFallbackWarning
 from pagefork._tracker import Tracker
 
+from support import require
+from support import run_python as run
+
 MODES = [None, "segfault", "uffd", "uffd-async", "none"]
-
-
-def run(script: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def require_tracking(tracking: str | None) -> None:
-    if tracking is not None:
-        support = pagefork.probe()[tracking]
-        if not support.available:
-            pytest.skip(f"{tracking} unavailable: {support.reason}")
 
 
 # Writers, each on an array no batch thread touches, each writing every
@@ -170,7 +158,7 @@ def test_writes_from_other_threads_during_windows_are_never_lost(backend, tracki
     stores) hammer arrays no batch touches while checkpoints, batches and
     restores run back to back: every write is in main memory, in the next
     batch's view and in the next checkpoint."""
-    require_tracking(tracking)
+    require(tracking)
     done = run(HAMMER, backend, tracking or "default", "auto", "checkpoint,batch,restore",
                _kernel_writes(tracking, "auto"))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -182,7 +170,7 @@ def test_writes_during_windows_are_never_lost_under_the_mprotect_hold(tracking):
     """The same where userfaultfd cannot hold writers: main memory is made
     read-only for the window and faulting threads wait in the SIGSEGV
     handler."""
-    require_tracking(tracking)
+    require(tracking)
     done = run(HAMMER, "threads", tracking or "default", "mprotect", "checkpoint,batch,restore", "no")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "ok\n"
@@ -298,7 +286,7 @@ def test_tracking_that_cannot_be_armed_again_counts_every_page_written(mode, tmp
     afterwards reaches the next batch and the next checkpoint."""
     if os.uname().machine != "x86_64":
         pytest.skip("the seccomp filter is written for x86-64")
-    require_tracking(mode)
+    require(mode)
     done = run(REARM_FAILS, mode, tmp_path / "ck", timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     said, whole, seen, digest = done.stdout.rsplit(" ", 1)[0].split(" ", 2) + [done.stdout.split()[-1]]

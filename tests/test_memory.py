@@ -8,20 +8,7 @@ import pytest
 import pagefork
 from pagefork import PAGE_SIZE, OutOfBoundsError, PageforkError, Region
 
-from conftest import KINDS, make_region
-
-
-def vm_flags(address: int) -> str:
-    with open("/proc/self/smaps") as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        if "-" in line.split(" ")[0]:
-            start, end = (int(x, 16) for x in line.split(" ")[0].split("-"))
-            if start <= address < end:
-                for later in lines[i + 1:]:
-                    if later.startswith("VmFlags:"):
-                        return later
-    raise AssertionError("mapping not found in smaps")
+from support import KINDS, make_region, vma_flags
 
 
 def test_page_size_is_the_hosts():
@@ -48,7 +35,7 @@ def test_region_basics(kind):
         a[2] = -7
         assert np.frombuffer(region, np.int32)[2] == -7
         assert region.array(np.uint8)[5] == 42
-        assert "nh" in vm_flags(region.address).split()  # MADV_NOHUGEPAGE
+        assert "nh" in vma_flags(region.address)  # MADV_NOHUGEPAGE
         del a
     assert region.closed
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cycles_in
+from support import cycles_in
 
 ROOT = Path(__file__).resolve().parent.parent / "src" / "pagefork"
 if not ROOT.is_dir():  # CI also runs the suite against an installed wheel, from a copy of tests/

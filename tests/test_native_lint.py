@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cycles_in
+from support import cycles_in
 
 NATIVE = Path(__file__).resolve().parent.parent / "src" / "pagefork" / "_native"
 if not NATIVE.is_dir():  # CI also runs the suite against an installed wheel, from a copy of tests/

@@ -4,19 +4,16 @@ runs in a fresh interpreter (descriptors and probes are per process)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 import pagefork
 from pagefork import _native
 
+from support import run_python
+
 
 def run(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                            text=True, timeout=120)
+    result = run_python(code, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

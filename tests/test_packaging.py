@@ -69,7 +69,7 @@ def test_sdist_carries_what_its_tests_need_and_they_collect(tmp_path):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         tar.extractall(tmp_path / "unpacked", filter="data")
     wanted = {"LICENSE", "README.md", "Makefile", "tests/conftest.py", "tests/reference.py",
-              "tests/fuzzing.py", "tests/lsan-suppressions.txt", "tests/test_packaging.py",
+              "tests/fuzzing.py", "tests/support.py", "tests/lsan-suppressions.txt", "tests/test_packaging.py",
               "examples/jacobi_checkpoint.py", "docs/tracking.md", "docs/_hooks.py", "mkdocs.yml",
               "src/pagefork/_native/pagefork.h",
               *(f"examples/{p.name}" for p in (ROOT / "examples").glob("*.py"))}

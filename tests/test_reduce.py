@@ -6,7 +6,6 @@ model (each thread diffed against the snapshot, merged in thread order)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import cloudpickle
@@ -22,8 +21,11 @@ from pagefork.backends.combine import combinable, split_regions
 from pagefork.merge import DataType, MergeOp, MergeRegion
 
 import reference
+import support
+from support import ARRAYS, SIGINT_PRELUDE, expected_arrays, run_python, write_arrays
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+cloudpickle.register_pickle_by_value(support)  # nor support (write_arrays)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,49 +46,6 @@ def keep_memory_always():
     else:
         os.environ["PAGEFORK_KEEP_MIN_PAGES"] = old
 
-# name, dtype, elements, merge: combinable ones and ones that must stay per thread.
-ARRAYS = [
-    ("isum", "i8", 700, "sum"), ("isub", "i4", 900, "subtract"), ("umin", "u1", 5000, "min"),
-    ("imax", "i2", 1500, "max"), ("bmax", "?", 3000, "max"), ("fxor", "f8", 300, "xor"),
-    ("fsum", "f8", 600, "sum"), ("iprod", "i8", 300, "product"), ("fmin", "f4", 900, "min"),
-    ("raw", "u1", 3000, "overwrite"),
-]
-
-
-def _write(mem, i, n, seed):
-    """Thread i: random values at random places of every array, and reads
-    of everything (returned), so isolation is checked too."""
-    rng = np.random.default_rng([seed, i])
-    seen = {}
-    for name, dtype, count, merge in ARRAYS:
-        a = mem[name]
-        seen[name] = a.tobytes()
-        k = int(rng.integers(0, 4))
-        if k == 0:
-            continue
-        if k == 3:
-            idx = np.arange(count)  # the whole array
-        else:
-            idx = np.unique(rng.integers(0, count, int(rng.integers(1, 40))))
-        if merge == "product":
-            a[idx] = a[idx] * rng.choice([-3, -2, -1, 2, 3], idx.size)  # whole multiples only
-        elif dtype == "?":
-            a[idx] = rng.integers(0, 2, idx.size).astype(bool)
-        elif dtype.startswith("f"):
-            a[idx] = rng.normal(0, 100, idx.size).astype(dtype)
-        else:
-            info = np.iinfo(dtype)
-            a[idx] = rng.integers(info.min, info.max, idx.size, dtype=dtype, endpoint=True)
-    return seen
-
-
-class _Views:
-    def __init__(self, buf: bytearray, layout):
-        self._buf, self._layout = buf, layout
-
-    def __getitem__(self, name):
-        a = self._layout[name]
-        return np.frombuffer(self._buf, a.dtype, int(np.prod(a.shape)), a.offset).reshape(a.shape)
 
 
 @pytest.fixture(scope="module", params=["processes", "threads"])
@@ -97,17 +56,6 @@ def reduce_app(keep_memory_always, request):
             app.alloc(name, count, dtype, merge=merge)
         app["iprod"][:] = 1
         yield app
-
-
-def _expected(app, before: bytes, n: int, seed: int) -> bytes:
-    regions = app._executor.merge_regions(app._layout)
-    dirty = np.ones(len(before) // PAGE_SIZE, bool)
-    out = before
-    for i in range(n):
-        mem = bytearray(before)
-        _write(_Views(mem, app._layout), i, n, seed)
-        out = reference.apply(out, reference.diff(before, bytes(mem), dirty, regions))
-    return out
 
 
 @settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -121,8 +69,8 @@ def test_batches_merge_exactly_like_the_reference(reduce_app, n, seed, main):
         app["raw"][rng.integers(0, 3000, 50)] = 9
     app.parallel(lambda mem, i, n: None, 1)  # carries the main writes into the snapshot
     before = app._executor.snapshot.read()
-    seen = app.parallel(_write, n, args=(seed,))
-    assert app._executor.snapshot.read() == _expected(app, before, n, seed)
+    seen = app.parallel(write_arrays, n, args=(seed,))
+    assert app._executor.snapshot.read() == expected_arrays(app, before, n, seed)
     assert bytes(app.memory)[: len(before)] == app._executor.snapshot.read()
     for s in seen:  # every thread saw the snapshot, not a neighbour's writes
         for name, *_ in ARRAYS:
@@ -603,21 +551,7 @@ from pagefork import App
 
 rounds, seed = int(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(seed)
-inside = False
-
-
-def on_sigint(signum, frame):  # raises only inside a round's try
-    if inside:
-        raise KeyboardInterrupt
-
-
-signal.signal(signal.SIGINT, on_sigint)
-
-
-def burst(count):
-    for _ in range(count):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.001)
+signal.signal(signal.SIGINT, on_sigint)  # SIGINT_PRELUDE's
 
 
 E, N = 300_000, 5  # 2.4 MB arrays: combined diffs travel through the reply buffers
@@ -648,7 +582,7 @@ with App("1MiB", max_size="16MiB", backend=sys.argv[3], workers=2) as app:
     merged = 0
     for r in range(rounds):
         k, dense = int(o[0]), rng.random() < 0.5
-        timer = threading.Timer(rng.uniform(0, rng.choice([0.2, 0.6, 2.0])), burst, (rng.choice([1, 3]),))
+        timer = threading.Timer(rng.uniform(0, rng.choice([0.2, 0.6, 2.0])), burst, (rng.choice([1, 3]), 0.001))
         time.sleep(0.005)  # late signals of the last round are ignored here
         try:
             timer.start()
@@ -686,8 +620,7 @@ def test_sigint_while_workers_combine_and_reply_through_the_buffer(backend):
     kept between threads: every round is all or nothing, threads always see
     the snapshot, and main writes survive."""
     env = dict(os.environ, PAGEFORK_KEEP_MIN_PAGES="0")
-    done = subprocess.run([sys.executable, "-c", COMBINING_STRESS, "15", "11", backend], capture_output=True,
-                          text=True, timeout=600, env=env)
+    done = run_python(COMBINING_STRESS, "15", "11", backend, prelude=SIGINT_PRELUDE, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok 15")
 

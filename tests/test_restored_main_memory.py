@@ -12,9 +12,6 @@ import gc
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 import weakref
@@ -26,7 +23,8 @@ import pagefork
 from pagefork import PAGE_SIZE, App, Region, Snapshot
 from pagefork import checkpoint as ck
 
-from conftest import require
+from support import require, vma_flags_within
+from support import run_python as _run
 
 PAGES = 64
 N = PAGES * PAGE_SIZE // 8
@@ -52,7 +50,7 @@ def _bump(mem, i, n, where):
 @pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
 def test_writes_after_a_restore_are_in_the_next_checkpoint_exactly(saved, tracking):
     path, expected = saved
-    _require_tracking(tracking)
+    require(tracking)
     with App.restore(path, backend="threads", workers=1, tracking=tracking) as app:
         a = app["a"]
         assert np.array_equal(a, expected)
@@ -207,23 +205,12 @@ def test_ctrl_c_during_first_batches_after_restores(saved):
     assert interrupted >= 1
 
 
-def _run(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                          text=True, timeout=120)
-
-
 def _run_ok(script: str) -> None:
     """Runs ``script`` in a fresh interpreter: it must exit 0 having printed
     exactly "ok"."""
     result = _run(script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
-
-
-def _require_tracking(tracking: str | None) -> None:
-    """Skips unless ``tracking`` (None: the App's default) works here."""
-    if tracking is not None:
-        require(tracking)
 
 
 @pytest.mark.parametrize("ending", ["exit", "close then exit", "del then exit", "fork"])
@@ -374,7 +361,7 @@ def test_one_written_page_of_a_huge_page_is_exactly_one_checkpointed_page(tmp_pa
     """Restored main memory may sit on transparent huge pages: a write to
     one 4 KiB page of one must still be exactly one page of the next
     checkpoint and of the first batch's carried writes."""
-    _require_tracking(tracking)
+    require(tracking)
     size = 8 << 20
     n = size // 8
     with App(size, backend="threads", workers=1) as app:
@@ -403,7 +390,7 @@ def test_after_a_fork_before_the_fill_the_parent_stays_exact(saved, tracking):
     App, and exits 0; the parent's later writes are exactly the next
     checkpoint's pages, and the child's never reach it."""
     path, expected = saved
-    _require_tracking(tracking)
+    require(tracking)
     _run_ok(f"""
         import os
         import numpy as np
@@ -462,7 +449,7 @@ def test_views_kept_past_an_unfilled_app_stay_writable(saved, tracking, ending):
     memory (no SIGSEGV from a protection left behind, no fault thread
     waited on)."""
     path, _ = saved
-    _require_tracking(tracking)
+    require(tracking)
     _run_ok(f"""
         import gc
         from pagefork import App
@@ -583,20 +570,6 @@ def huge_saved(tmp_path):
         return tmp_path / "ck", bytes(region)
 
 
-def _vm_flags(region: Region) -> list[list[str]]:
-    """The VmFlags of every mapping inside the region's reservation."""
-    flags, inside = [], False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()
-            if head and "-" in head[0] and not head[0].endswith(":"):
-                start = int(head[0].split("-")[0], 16)
-                inside = region.address <= start < region.address + region.max_size
-            elif inside and head and head[0] == "VmFlags:":
-                flags.append(head[1:])
-    return flags
-
-
 def _global(t, region, reset=True):
     return np.flatnonzero(t.dirty_pages(region, "global", reset=reset)).tolist()
 
@@ -605,7 +578,7 @@ def test_a_loaded_region_is_advised_no_huge_pages_again(huge_saved):
     path, expected = huge_saved
     with ck.load(path) as loaded:
         assert bytes(loaded) == expected
-        flags = _vm_flags(loaded)
+        flags = vma_flags_within(loaded.address, loaded.address + loaded.max_size)
         assert flags and all("nh" in f and "hg" not in f for f in flags), flags
 
 

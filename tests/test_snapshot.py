@@ -6,7 +6,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 
 import numpy as np
@@ -19,22 +18,11 @@ from pagefork import (PAGE_SIZE, DataType, Diff, DiffBatch, MergeError, MergeOp,
                       OutOfBoundsError, PageforkError, Region, Snapshot)
 
 import reference
+from support import PAIRS, float_ranges_of, run_python, same_modulo_nan_payloads
 
 TYPED_OPS = [MergeOp.SUM, MergeOp.SUBTRACT, MergeOp.PRODUCT, MergeOp.MAX, MergeOp.MIN]
 NUMERIC = [t for t in DataType if t not in (DataType.RAW, DataType.BOOL)]
 
-
-def valid_pairs():
-    for dtype in dict.fromkeys(DataType):  # aliases collapse
-        for op in MergeOp:
-            try:
-                MergeRegion(0, 8, dtype, op)
-            except ValueError:
-                continue
-            yield dtype, op
-
-
-PAIRS = list(valid_pairs())
 
 
 # ---- types and values ----------------------------------------------------------
@@ -285,28 +273,6 @@ def layouts(draw):
     return orig.tobytes(), mem_bytes, dirty, regions
 
 
-def same_modulo_nan_payloads(got: bytes, want: bytes, float_ranges) -> bool:
-    """Bytes equal, except that two NaNs count as equal inside float ranges
-    (IEEE 754 leaves the payload of NaN arithmetic open; numpy and C differ)."""
-    if got == want:
-        return True
-    if len(got) != len(want):
-        return False
-    a, b = np.frombuffer(got, np.uint8).copy(), np.frombuffer(want, np.uint8).copy()
-    for start, end, dtype in float_ranges:
-        x = a[start:end].view(dtype.numpy)
-        y = b[start:end].view(dtype.numpy)
-        both_nan = np.isnan(x) & np.isnan(y)
-        x[both_nan] = y[both_nan] = 0
-    return bool(np.array_equal(a, b))
-
-
-def float_ranges_of(batch) -> list:
-    return [(d.offset, d.offset + len(d.data), d.dtype) for d in batch
-            if d.dtype in (DataType.FLOAT32, DataType.FLOAT64) and d.op not in
-            (MergeOp.OVERWRITE, MergeOp.XOR, MergeOp.IGNORE)]
-
-
 def batches_match(got: DiffBatch, want: list) -> bool:
     if len(got) != len(want):
         return False
@@ -475,12 +441,6 @@ def test_write_pages_copies_whole_dirty_pages():
 # ---- findings of issue 11 ---------------------------------------------------------
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter: a crash shows as its exit status."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=600)
-
-
 def test_apply_while_another_thread_changes_the_columns():
     """Snapshot.apply checks, then applies with the GIL released: a thread
     moving the last offset out of bounds in between must never make it
@@ -639,7 +599,7 @@ def test_typed_region_tail_is_carried_as_overwrite(dtype):
 
 @pytest.mark.parametrize("kind", ["anon-private", "anon-shared", "memfd-private", "memfd-shared"])
 def test_regrown_pages_read_zero_after_map_to(kind):
-    from conftest import KINDS
+    from support import KINDS
 
     with Snapshot(b"\xab" * 4 * PAGE_SIZE) as snap, \
             Region(4 * PAGE_SIZE, max_size=4 * PAGE_SIZE, **KINDS[kind]) as region:

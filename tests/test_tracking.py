@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 
 import numpy as np
@@ -16,21 +13,8 @@ import pagefork
 from pagefork import PAGE_SIZE, PageforkError, Region, UnsupportedModeError
 from pagefork import _native
 
-from conftest import SANITIZED, kind_supports, make_region, remap, require
-
-
-def write_pages(region: Region, pages, value: int = 1, offset: int = 0) -> None:
-    a = region.array(np.uint8)
-    a[np.asarray(list(pages), dtype=np.int64) * PAGE_SIZE + offset] = value
-
-
-def as_set(flags: np.ndarray) -> set[int]:
-    assert flags.dtype == np.bool_
-    return set(np.flatnonzero(flags).tolist())
-
-
-def expected(mode: str, pages, n: int) -> set[int]:
-    return set(range(n)) if mode == "none" else set(pages)
+from support import (SANITIZED, as_set, expected, kind_supports, make_region, open_fds, remap, require,
+                     rss_kib, run_python, write_pages)
 
 
 def rearm(mode: str, tracker, region) -> None:
@@ -333,11 +317,6 @@ def test_kernel_writes_into_tracked_memory(mode):
 # ---- signal handling -------------------------------------------------------------
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_faulthandler_between_rounds_and_real_crash_reported():
     require("segfault")
     result = run_python("""
@@ -390,18 +369,6 @@ def test_write_to_read_only_memory_outside_tracking_still_crashes():
 
 
 # ---- resources --------------------------------------------------------------------
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError
 
 
 def test_no_fd_or_memory_growth(mode):

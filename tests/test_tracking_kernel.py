@@ -24,35 +24,15 @@ import pagefork
 from pagefork import PAGE_SIZE, PageforkError, Region, Snapshot
 from pagefork._system import kernel_release
 
-from conftest import SANITIZED, require
-from test_tracking import as_set, write_pages
-from test_tracking_attacks import run_script
+from support import (KINDS, SANITIZED, SEEING_MODES, as_set, madvise, require, unprivileged_prefix, vma_flags,
+                     write_pages)
+from support import run_python as run_script
 
 libc = ctypes.CDLL(None, use_errno=True)
 MADV_MERGEABLE, MADV_UNMERGEABLE = 12, 13
 PROT_NONE, PROT_READ = 0, 1
-MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT = 4, 8, 20, 21
+MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MADV_COLD, MADV_PAGEOUT = 4, 8, 9, 20, 21
 UFFD_MODES = ["uffd", "uffd-async"]
-
-
-def madvise(region: Region, first: int, count: int, advice: int) -> None:
-    rc = libc.madvise(ctypes.c_void_p(region.address + first * PAGE_SIZE),
-                      ctypes.c_size_t(count * PAGE_SIZE), advice)
-    if rc != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-
-
-def vma_flags(address: int) -> list[str]:
-    with open("/proc/self/smaps") as f:
-        inside = False
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                inside = lo <= address < hi
-            elif inside and fields[0] == "VmFlags:":
-                return fields[1:]
-    raise AssertionError("no VMA at that address")
 
 
 # ---- madvise ---------------------------------------------------------------------------
@@ -209,7 +189,6 @@ def test_uffd_thread_scope_misses_a_discarded_page_written_before_the_read():
 
 # ---- what no mode can see ---------------------------------------------------------------
 
-SEEING_MODES = ["segfault", "uffd", "uffd-async"]
 
 
 def vma_perms(address: int) -> str:
@@ -734,11 +713,9 @@ def test_alternate_signal_stack_between_many_others(others):
 @pytest.mark.parametrize("when", ["before", "then_call", "thread", "after"])
 def test_alternate_signal_stack_under_user_mode_only_uffd(when, tmp_path):
     """uffd in user-mode-only (an unprivileged process): like segfault mode."""
-    from test_unprivileged import _unprivileged_prefix
-
     script = tmp_path / "altstack.py"
     script.write_text(ALTSTACK)
-    result = subprocess.run([*_unprivileged_prefix(), sys.executable, str(script), "uffd", when],
+    result = subprocess.run([*unprivileged_prefix(), sys.executable, str(script), "uffd", when],
                             capture_output=True, text=True, timeout=300)
     if "uffd unavailable" in result.stderr or "UnsupportedModeError" in result.stderr:
         pytest.skip(result.stderr.strip().splitlines()[-1])
@@ -1423,3 +1400,72 @@ def test_idle_batch_after_a_pin_on_clean_main_memory_refuses(backend, mode, ring
         off = address - a.ctypes.data
         assert all(bytes(g[off:off + 100]) == DATA[:100] for g in got)
         assert bytes(a[off:off + 100]) == DATA[:100]
+
+
+# ---- discarding pages that are not private anonymous memory (docs/tracking.md) ----------
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+@pytest.mark.parametrize("kind,advice", [("memfd-private", MADV_DONTNEED),
+                                         ("anon-shared", MADV_REMOVE),
+                                         ("memfd-shared", MADV_REMOVE)],
+                         ids=["private-memfd-dontneed", "shared-anon-remove",
+                              "shared-memfd-remove"])
+def test_discarding_file_backed_pages_is_not_seen(mode_name, kind, advice):
+    """Documented limit: the pages change (a private copy reverts to the
+    file's page; a punched hole reads as zeroes) through the file, without
+    any page-table event a mode could see; later writes are still seen."""
+    require(mode_name)
+    with Region(8 * PAGE_SIZE, **KINDS[kind]) as region, pagefork.tracker(mode_name) as t:
+        a = region.array()
+        a[::PAGE_SIZE] = 1
+        t.start(region)
+        madvise(region, 0, 8, advice)
+        assert not a[::PAGE_SIZE].any()  # the data changed
+        assert as_set(t.dirty_pages(region, "global", reset=True)) == set()
+        a[3 * PAGE_SIZE] = 2
+        assert as_set(t.dirty_pages(region, "global")) == {3}
+
+
+# ---- memory replaced behind pagefork's back ----------------------------------------------
+
+
+def _map_fixed_anonymous(address: int, length: int) -> None:
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    got = libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10, -1, 0)  # 0x10: MAP_FIXED
+    assert got == address, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.parametrize("mode_name", SEEING_MODES)
+def test_memory_mapped_over_a_tracked_region(mode_name):
+    """A user's mmap(MAP_FIXED) over tracked pages drops their protection and
+    registration. uffd reports the replaced pages (they read as unprotected);
+    uffd-async cannot scan a range that is partly unregistered and reports
+    the whole region instead of failing for ever; segfault cannot tell
+    (documented): the first write there is lost until the next arm. Every
+    mode is armed again by the next reset=True read."""
+    require(mode_name)
+    with Region(8 * PAGE_SIZE) as region, pagefork.tracker(mode_name) as t:
+        t.start(region)
+        _map_fixed_anonymous(region.address + 2 * PAGE_SIZE, 2 * PAGE_SIZE)
+        a = region.array()
+        a[[2 * PAGE_SIZE, 6 * PAGE_SIZE]] = 1
+        dirty = as_set(t.dirty_pages(region, "global", reset=True))
+        if mode_name == "segfault":
+            assert dirty == {6}
+        elif mode_name == "uffd":
+            assert dirty == {2, 3, 6}
+        else:
+            assert dirty == set(range(8))
+        a[[2 * PAGE_SIZE, 6 * PAGE_SIZE]] = 2
+        assert as_set(t.dirty_pages(region, "global", reset=True)) == {2, 6}
+        a[3 * PAGE_SIZE] = 3
+        assert as_set(t.dirty_pages(region, "global")) == {3}
+        t.stop(region)

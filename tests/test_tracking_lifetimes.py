@@ -5,8 +5,6 @@ subprocess and check the exit status and a clean stderr."""
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import textwrap
 import threading
 
@@ -15,8 +13,7 @@ import pytest
 import pagefork
 from pagefork import PAGE_SIZE, PageforkError, Region
 
-from conftest import require
-from test_tracking import as_set, write_pages
+from support import as_set, require, run_python, write_pages
 
 LIFETIME_MODES = ["segfault", "uffd", "uffd-async", "cow"]
 
@@ -49,9 +46,7 @@ def new_region(pages=8):
 def run_clean(mode: str, body: str) -> str:
     """Runs body after PRELUDE in a fresh interpreter; asserts exit status 0
     and nothing on stderr; returns stdout."""
-    code = PRELUDE.format(mode=mode) + textwrap.dedent(body)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    result = run_python(body, prelude=PRELUDE.format(mode=mode), timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     return result.stdout

@@ -12,8 +12,7 @@ import pagefork
 from pagefork import PAGE_SIZE, Region, UnsupportedModeError
 from pagefork import _native
 
-from conftest import require
-from test_tracking import as_set, expected, write_pages
+from support import as_set, expected, require, write_pages
 
 ATOMIC_RESET_MODES = ["none", "segfault", "uffd", "uffd-async"]
 

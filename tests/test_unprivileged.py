@@ -10,39 +10,20 @@ suite as a fresh unprivileged user.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
-from pagefork import _native
+
+from support import unprivileged_prefix
 
 TESTS = Path(__file__).resolve().parent
 
 
-def _unprivileged_prefix() -> list[str]:
-    """The command prefix that runs a process in user-mode-only userfaultfd,
-    or skips with why that cannot happen here."""
-    sysctl = Path("/proc/sys/vm/unprivileged_userfaultfd")
-    if sysctl.exists() and sysctl.read_text().strip() != "0":
-        pytest.skip("vm.unprivileged_userfaultfd=1: every process may handle kernel faults")
-    err = _native.uffd_probe()[0]
-    if err:
-        pytest.skip(f"userfaultfd cannot be opened here: {os.strerror(err)}")
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is not installed: cannot drop CAP_SYS_PTRACE")
-    return [setpriv, "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
-
-
 def run_unprivileged(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*_unprivileged_prefix(), sys.executable, *args], capture_output=True,
+    return subprocess.run([*unprivileged_prefix(), sys.executable, *args], capture_output=True,
                           text=True, timeout=600, cwd=cwd)
 
 

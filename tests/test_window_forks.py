@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,12 +17,9 @@ import pytest
 
 import pagefork
 
+from support import run_python as run
+
 HELPER = Path(__file__).resolve().parent / "fork_in_window_helper.c"
-
-
-def run(script: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

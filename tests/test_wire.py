@@ -14,7 +14,8 @@ from pagefork import CorruptDataError, DataType, Diff, DiffBatch, MergeOp, wire
 from pagefork import _native
 
 from fuzzing import mutate, reseal
-from test_snapshot import PAIRS
+from support import PAIRS
+from pagefork import Snapshot
 
 
 @st.composite
@@ -168,3 +169,64 @@ def test_reused_receive_buffer_cannot_redirect_apply():
         buffer[at: at + 8] = struct.pack("<q", 12)
         snap.apply(batch)
         assert snap.read() == b"ab" + bytes(10) + b"cd" + bytes(2)
+
+
+def test_every_cut_and_bit_flip_of_small_messages_is_corrupt_data_or_applies():
+    """Exhaustive over small messages: every truncation, every bit flip
+    (with the CRC as it was, and resealed), every byte set to 0/0x7F/0x80/
+    0xFF and resealed. Decoding raises only CorruptDataError; what decodes
+    applies or raises only OutOfBoundsError/MergeError."""
+    from fuzzing import reseal
+
+    from pagefork import CorruptDataError, MergeError, OutOfBoundsError, delta, wire
+
+    old = bytes(range(200))
+    new = bytes(range(50)) + b"Q" * 30 + bytes(range(80, 200)) + b"tail"
+    messages = [(wire.encode([Diff(3, np.array([1, -2], np.int64).tobytes(), DataType.INT64,
+                                   MergeOp.SUM), Diff(40, b"xyz", op="xor"), Diff(0, b"")]), "wire")]
+    messages += [(delta.encode(old, new, **kw), "delta") for kw in
+                 ({}, {"page_size": 16}, {"xor": True}, {"zstd_level": 1},
+                  {"xor": True, "zstd_level": 3})]
+
+    def check(message: bytes, kind: str) -> None:
+        try:
+            decoded = wire.decode(message) if kind == "wire" else delta.apply(message, old)
+        except CorruptDataError:
+            return
+        if kind == "wire":
+            with Snapshot(size=64, max_size=128) as snap:
+                try:
+                    snap.apply(decoded)
+                except (OutOfBoundsError, MergeError):
+                    pass
+
+    for message, kind in messages:
+        body = message[:-4]
+        for cut in range(len(message)):
+            check(message[:cut], kind)
+            check(reseal(body[:cut]), kind)
+        for bit in range(len(message) * 8):
+            flipped = bytearray(message)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            check(bytes(flipped), kind)
+            if bit < len(body) * 8:
+                check(reseal(bytes(flipped[:len(body)])), kind)
+        for at in range(len(body)):
+            for value in (0, 0x7F, 0x80, 0xFF):
+                changed = bytearray(body)
+                changed[at] = value
+                check(reseal(bytes(changed)), kind)
+
+
+def test_diff_batches_pickle_whatever_made_them():
+    """Before: a batch from Snapshot.diff or wire.decode held a memoryview,
+    so pickling it (multiprocessing, a cache) raised TypeError."""
+    import pickle
+
+    from pagefork import DiffBatch, wire
+
+    with Snapshot(bytes(100)) as snap:
+        made = snap.diff(b"x" * 50 + bytes(50), [True])
+    for batch in (made, wire.decode(bytearray(wire.encode(made))), DiffBatch([Diff(3, b"ab")])):
+        copy = pickle.loads(pickle.dumps(batch))
+        assert copy == batch and isinstance(copy, DiffBatch)

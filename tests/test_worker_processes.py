@@ -12,10 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,15 +21,8 @@ import pytest
 import pagefork
 from pagefork import App
 
-from conftest import SANITIZED
-
-
-def run_script(script: str, *args: str, flags: tuple[str, ...] = (), timeout: float = 300,
-               cwd: Path | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """Runs ``script`` in a fresh interpreter (a hang or a crash must not take
-    pytest down) and returns what it did."""
-    return subprocess.run([*prefix, sys.executable, *flags, "-c", textwrap.dedent(script), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+from support import SANITIZED
+from support import run_python as run_script
 
 
 def gone(pid: int) -> bool:

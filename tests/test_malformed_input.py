@@ -1,4 +1,4 @@
-"""Hostile input to snapshots, batches, wire and delta: adversarial values
+"""Malformed input to snapshots, batches, wire and delta: adversarial values
 (huge and negative offsets, lengths overflowing 64 bits, zero-length and
 page-straddling diffs, mutable buffers) raise only pagefork's own errors,
 never crash, and never allocate more than the input or the receiver allows."""
@@ -17,7 +17,7 @@ from pagefork import (PAGE_SIZE, CorruptDataError, Diff, DiffBatch, MergeError, 
 
 import reference
 from fuzzing import reseal
-from test_snapshot import PAIRS, same_modulo_nan_payloads, float_ranges_of
+from support import PAIRS, float_ranges_of, same_modulo_nan_payloads
 
 ALLOWED = (CorruptDataError, OutOfBoundsError, MergeError)
 

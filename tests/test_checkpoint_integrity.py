@@ -1,6 +1,7 @@
-"""Hostile-review regressions for checkpoints: one tracker saved to two
-targets, crafted manifests and objects (memory bombs), damaged or odd
-targets on the CLI, and App chains across growth and interrupted batches."""
+"""Checkpoint chains stay exact and damaged targets are refused: one
+tracker saved to two targets, crafted manifests and objects (memory bombs),
+damaged or odd targets on the CLI, writers racing for a version number, and
+App chains across growth and interrupted batches."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pagefork import _checkpoint_versions as _chain
 from pagefork import checkpoint as ck
 from pagefork._checkpoint_format import Manifest
 
-from conftest import SANITIZED
+from support import SANITIZED
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,13 +1,11 @@
-"""Hostile review of the tracking layer: interleavings, lifetimes and kernel
-events the other tracking tests do not reach. Each test names the way a write
-could be lost, a page misreported, or the process taken down."""
+"""Tracking under concurrency: resizes, forks, garbage collection, threads
+sharing a tracker, restarts and exits while other threads write. Each test
+names the way a write could be lost, a page misreported, or the process
+taken down."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,17 +13,10 @@ import pytest
 import pagefork
 from pagefork import PAGE_SIZE, Region
 
-from conftest import KINDS, require
-from test_tracking import as_set
+from support import KINDS, SEEING_MODES, as_set, require
+from support import run_python as run_script
 
-SEEING_MODES = ["segfault", "uffd", "uffd-async"]
 KIND_IDS = list(KINDS)
-
-
-def run_script(body: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Runs body in a fresh interpreter (a crash or hang must not take pytest down)."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True,
-                          text=True, timeout=timeout)
 
 
 # ---- resize --------------------------------------------------------------------------
@@ -192,86 +183,6 @@ def test_threads_sharing_one_tracker_never_see_another_tracker(mode_name):
     tracker.close()
 
 
-# ---- discarding pages that are not private anonymous memory (docs/tracking.md) ----------
-
-MADV_DONTNEED, MADV_REMOVE = 4, 9
-
-
-def _madvise(region: Region, first: int, count: int, advice: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(region.address + first * PAGE_SIZE),
-                    ctypes.c_size_t(count * PAGE_SIZE), advice) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-
-
-@pytest.mark.parametrize("mode_name", SEEING_MODES)
-@pytest.mark.parametrize("kind,advice", [("memfd-private", MADV_DONTNEED),
-                                         ("anon-shared", MADV_REMOVE),
-                                         ("memfd-shared", MADV_REMOVE)],
-                         ids=["private-memfd-dontneed", "shared-anon-remove",
-                              "shared-memfd-remove"])
-def test_discarding_file_backed_pages_is_not_seen(mode_name, kind, advice):
-    """Documented limit: the pages change (a private copy reverts to the
-    file's page; a punched hole reads as zeroes) through the file, without
-    any page-table event a mode could see; later writes are still seen."""
-    require(mode_name)
-    with Region(8 * PAGE_SIZE, **KINDS[kind]) as region, pagefork.tracker(mode_name) as t:
-        a = region.array()
-        a[::PAGE_SIZE] = 1
-        t.start(region)
-        _madvise(region, 0, 8, advice)
-        assert not a[::PAGE_SIZE].any()  # the data changed
-        assert as_set(t.dirty_pages(region, "global", reset=True)) == set()
-        a[3 * PAGE_SIZE] = 2
-        assert as_set(t.dirty_pages(region, "global")) == {3}
-
-
-# ---- memory replaced behind pagefork's back ----------------------------------------------
-
-
-def _map_fixed_anonymous(address: int, length: int) -> None:
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    got = libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE,
-                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10, -1, 0)  # 0x10: MAP_FIXED
-    assert got == address, os.strerror(ctypes.get_errno())
-
-
-@pytest.mark.parametrize("mode_name", SEEING_MODES)
-def test_memory_mapped_over_a_tracked_region(mode_name):
-    """A user's mmap(MAP_FIXED) over tracked pages drops their protection and
-    registration. uffd reports the replaced pages (they read as unprotected);
-    uffd-async cannot scan a range that is partly unregistered and reports
-    the whole region instead of failing for ever; segfault cannot tell
-    (documented): the first write there is lost until the next arm. Every
-    mode is armed again by the next reset=True read."""
-    require(mode_name)
-    with Region(8 * PAGE_SIZE) as region, pagefork.tracker(mode_name) as t:
-        t.start(region)
-        _map_fixed_anonymous(region.address + 2 * PAGE_SIZE, 2 * PAGE_SIZE)
-        a = region.array()
-        a[[2 * PAGE_SIZE, 6 * PAGE_SIZE]] = 1
-        dirty = as_set(t.dirty_pages(region, "global", reset=True))
-        if mode_name == "segfault":
-            assert dirty == {6}
-        elif mode_name == "uffd":
-            assert dirty == {2, 3, 6}
-        else:
-            assert dirty == set(range(8))
-        a[[2 * PAGE_SIZE, 6 * PAGE_SIZE]] = 2
-        assert as_set(t.dirty_pages(region, "global", reset=True)) == {2, 6}
-        a[3 * PAGE_SIZE] = 3
-        assert as_set(t.dirty_pages(region, "global")) == {3}
-        t.stop(region)
-
-
 # ---- start again while writers run ---------------------------------------------------------
 
 
@@ -330,64 +241,7 @@ def test_start_again_while_writers_run_leaves_no_page_writable_and_unmarked():
     assert unmarked == 0
 
 
-# ---- interrupts and interpreter exit -------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode_name", SEEING_MODES)
-def test_keyboard_interrupt_at_random_points_leaves_tracking_consistent(mode_name):
-    """A timer raises KeyboardInterrupt inside start/stop/dirty_pages/close/
-    resize/start_thread at random points, a few thousand times; afterwards
-    the tracker still reports exact sets and the process exits cleanly."""
-    require(mode_name)
-    result = run_script(f"""
-        import random, signal
-        import numpy as np
-        import pagefork
-        from pagefork import PAGE_SIZE, Region, PageforkError
-
-        mode = {mode_name!r}
-        pagefork.probe()
-        t = pagefork.tracker(mode)
-        r = Region(8 * PAGE_SIZE, max_size=16 * PAGE_SIZE)
-        rng = random.Random(1)
-        armed = False
-        interrupts = 0
-
-        def interrupt(*_):
-            global armed
-            if armed:  # only inside an operation, never in the loop's own handlers
-                armed = False
-                raise KeyboardInterrupt
-
-        signal.signal(signal.SIGALRM, interrupt)
-        signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
-        for _ in range(3000):
-            op = rng.randrange(8)
-            try:
-                armed = True
-                if op == 0: t.start(r)
-                elif op == 1: t.stop(r)
-                elif op == 2: t.dirty_pages(r, "global", reset=True)
-                elif op == 3: r.array()[rng.randrange(r.n_pages) * PAGE_SIZE] += 1
-                elif op == 4: t.close()
-                elif op == 5: r.resize(rng.choice([8, 16]) * PAGE_SIZE)
-                elif op == 6 and mode != "uffd-async": t.start_thread(r)
-                elif op == 7 and mode != "uffd-async": t.stop_thread(r)
-                armed = False
-            except KeyboardInterrupt:
-                interrupts += 1
-            except PageforkError as exc:
-                armed = False
-                assert "never tracked" in str(exc), exc
-        signal.setitimer(signal.ITIMER_REAL, 0, 0)
-        signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        t.start(r)
-        r.array()[[PAGE_SIZE, 5 * PAGE_SIZE]] += 1
-        assert np.flatnonzero(t.dirty_pages(r, "global")).tolist() == [1, 5]
-        print("ok")
-    """)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == "ok\n"
+# ---- interpreter exit -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode_name", SEEING_MODES)
@@ -463,89 +317,3 @@ def test_child_without_the_tracked_memory_closes_silently(mode_name, how):
     assert result.stderr == ""
 
 
-# ---- SIGSEGV handlers swapped while writers run (segfault mode) ---------------------------
-
-
-@pytest.mark.parametrize("swap", ["faulthandler", "signal"])
-def test_handler_swaps_while_writers_write_neither_kill_nor_lose(swap):
-    """faulthandler.enable()/disable() or signal.signal(SIGSEGV, ...) while
-    native threads write segfault-tracked memory: a write that faulted
-    between the new handler's install and pagefork's re-assert used to reach
-    faulthandler, which reported it as a fatal error and killed the process.
-    Rounds of reset=True reads with a shadow copy must still lose nothing."""
-    require("segfault")
-    result = run_script(f"""
-        import faulthandler, signal, threading
-        import numpy as np
-        import pagefork
-        from pagefork import PAGE_SIZE, Region, _native
-        PAGES = 128
-        region = Region(PAGES * PAGE_SIZE)
-        mem = region.array(np.uint64).reshape(PAGES, PAGE_SIZE // 8)
-        t = pagefork.tracker("segfault")
-        t.start(region)
-        stop = threading.Event()
-
-        def writer(slot):
-            seq, seed = 1, slot + 1
-            while not stop.is_set():
-                seed = _native._scribble(region.address, PAGES, slot, seq, 1 << 12, seed)
-                seq += 1 << 12
-
-        def swap(i):
-            if {swap!r} == "faulthandler":
-                faulthandler.enable() if i % 2 == 0 else faulthandler.disable()
-            else:
-                signal.signal(signal.SIGSEGV, signal.SIG_DFL if i % 2 else lambda *a: None)
-
-        shadow = mem.copy()
-        pending = np.zeros(PAGES, dtype=bool)
-        lost = 0
-        threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
-        for th in threads:
-            th.start()
-        for i in range(800):
-            swap(i)
-            dirty = t.dirty_pages(region, "global", reset=True)
-            lost += int(np.count_nonzero(pending & ~dirty))
-            shadow[dirty] = mem[dirty]
-            pending = (mem != shadow).any(axis=1)
-        stop.set()
-        for th in threads:
-            th.join()
-        dirty = t.dirty_pages(region, "global", reset=True)
-        lost += int(np.count_nonzero(pending & ~dirty))
-        shadow[dirty] = mem[dirty]
-        assert lost == 0 and np.array_equal(shadow, mem), lost
-        swap(1)
-        mem[7, 0] += 1  # single-threaded: exact again
-        assert np.flatnonzero(t.dirty_pages(region, "global")).tolist() == [7]
-        print("ok")
-    """)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Fatal Python error" not in result.stderr
-    assert result.stdout == "ok\n"
-
-
-def test_handler_swap_with_a_tracked_page_the_user_made_inaccessible():
-    """The swap hashes every tracked page: one the user made PROT_NONE must
-    not crash it (segfault mode undoes user protections, as documented)."""
-    require("segfault")
-    result = run_script("""
-        import ctypes, faulthandler
-        import numpy as np
-        import pagefork
-        from pagefork import PAGE_SIZE, Region
-        libc = ctypes.CDLL(None, use_errno=True)
-        r = Region(8 * PAGE_SIZE)
-        t = pagefork.tracker("segfault")
-        t.start(r)
-        assert libc.mprotect(ctypes.c_void_p(r.address + 2 * PAGE_SIZE),
-                             ctypes.c_size_t(PAGE_SIZE), 0) == 0
-        faulthandler.enable()
-        r.array()[5 * PAGE_SIZE] = 1
-        assert np.flatnonzero(t.dirty_pages(r, "global")).tolist() == [5]
-        print("ok")
-    """, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == "ok\n"
