@@ -26,7 +26,7 @@ from pagefork import PAGE_SIZE, App, CorruptDataError, Region
 from pagefork import checkpoint as ck
 from pagefork.cli import main as cli
 
-from support import open_fds, rss_kib
+from support import growth_rounds, open_fds, rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -402,7 +402,7 @@ def test_no_growth(tmp_path):
         _leak_round(tmp_path)
     gc.collect()
     before_fds, before_rss, before_locks = open_fds(), rss_kib(), len(ck._locks.targets)
-    for _ in range(200):
+    for _ in range(growth_rounds(200)):
         _leak_round(tmp_path)
     gc.collect()
     assert open_fds() == before_fds

@@ -13,7 +13,7 @@ import pagefork
 from pagefork import PAGE_SIZE, PageforkError, Region, UnsupportedModeError
 from pagefork import _native
 
-from support import (SANITIZED, as_set, expected, kind_supports, make_region, open_fds, remap, require,
+from support import (SANITIZED, as_set, expected, growth_rounds, kind_supports, make_region, open_fds, remap, require,
                      rss_kib, run_python, write_pages)
 
 
@@ -388,14 +388,14 @@ def test_no_fd_or_memory_growth(mode):
                     tracker.start_thread(region)
                     tracker.stop_thread(region)
 
-        cycles(300)  # warm up allocators and caches
+        cycles(growth_rounds(300))  # warm up allocators and caches
         fds, rss = open_fds(), rss_kib()
-        cycles(3000)
+        cycles(growth_rounds(3000))
         assert open_fds() == fds
         if not SANITIZED:  # ASan's quarantine keeps freed memory
             assert rss_kib() - rss < 4096, "RSS grew by more than 4 MiB over 3000 cycles"
         # Fresh trackers and regions each time: nothing leaks either.
-        for _ in range(500):
+        for _ in range(growth_rounds(500)):
             with make_region(kind, 4) as r, pagefork.tracker(mode) as t:
                 t.start(r)
                 write_pages(r, {1})
