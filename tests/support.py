@@ -102,7 +102,7 @@ def remap(region: Region) -> None:
 # ---- subprocesses ----------------------------------------------------------------------
 
 
-def run_python(script: str, *args: object, timeout: float = 600, prelude: str = "",
+def run_python(script: str, *args: object, timeout: float = 300, prelude: str = "",
                flags: tuple[str, ...] = (), prefix: tuple[str, ...] | list[str] = (),
                cwd: Path | str | None = None, env: dict[str, str] | None = None
                ) -> subprocess.CompletedProcess[str]:
