@@ -74,7 +74,7 @@ def test_bench_baseline_falls_back_to_user_mode_only(tmp_path):
     out = tmp_path / "bench.json"
     result = run_unprivileged("-m", "pagefork.cli", "bench", "--quick", "--modes", "uffd",
                               "uffd-async", "--sizes", "64KiB", "--batch-sizes", "1MiB",
-                              "--json", str(out))
+                              "--checkpoint-sizes", "4MiB", "1MiB", "--json", str(out))
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["tracking"]
     assert {r["mode"] for r in rows} <= {"uffd", "uffd-async"}
