@@ -66,15 +66,16 @@ if SANITIZED:
 
 #: Test files (by name prefix) that do not drive the native core beyond what
 #: the others do: Dask (mostly distributed's Python, slow under ASan), the
-#: example scripts and the docs' code blocks (the executor paths test_app
-#: covers), text lints, packaging (builds, sdists) and the CPU count. Every
+#: example scripts, the docs' code blocks and the dense benchmarks' harness
+#: (the executor paths test_app covers), text lints, packaging (builds,
+#: sdists) and the CPU count. Every
 #: other test, in files present and future, is marked ``native``, and ``make
 #: test-sanitize`` (run by .ci/run) runs the ``native`` tests against an
 #: ASan+UBSan build. ``@pytest.mark.native`` adds a test from these files;
 #: ``@pytest.mark.python_only`` leaves out a test of another file whose extra
 #: part is third-party Python (the S3 server: its libraries leak on purpose).
 NOT_NATIVE_TEST_FILES = ("test_dask", "test_examples", "test_native_lint", "test_docs", "test_packaging",
-                         "test_cpus")
+                         "test_cpus", "test_bench_dense")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
