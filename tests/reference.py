@@ -40,37 +40,51 @@ def is_nan(x) -> bool:
 
 
 def combine(dtype: DataType, op: MergeOp, o, d):
-    """What apply does to one element."""
-    with np.errstate(all="ignore"):
-        if op is MergeOp.SUM:
-            return o + d
-        if op is MergeOp.SUBTRACT:
-            return o - d
-        if op is MergeOp.PRODUCT:
-            return o * d
-        if op is MergeOp.MAX:
-            return o if (o >= d or is_nan(o)) else d
-        if op is MergeOp.MIN:
-            return o if (o <= d or is_nan(o)) else d
+    """What apply does to one element. Integers are Python ints (unpack);
+    floats are numpy scalars, whose overflow and NaN warnings are silenced
+    (the context costs more than the arithmetic: entered for floats only)."""
+    if dtype in FLOATS:
+        with np.errstate(all="ignore"):
+            return _combine(op, o, d)
+    return _combine(op, o, d)
+
+
+def _combine(op: MergeOp, o, d):
+    if op is MergeOp.SUM:
+        return o + d
+    if op is MergeOp.SUBTRACT:
+        return o - d
+    if op is MergeOp.PRODUCT:
+        return o * d
+    if op is MergeOp.MAX:
+        return o if (o >= d or is_nan(o)) else d
+    if op is MergeOp.MIN:
+        return o if (o <= d or is_nan(o)) else d
     raise AssertionError(op)
 
 
 def element_delta(dtype: DataType, op: MergeOp, u, o, offset: int):
-    """What diff sends for one changed element."""
-    with np.errstate(all="ignore"):
-        if op is MergeOp.SUM:
-            return u - o
-        if op is MergeOp.SUBTRACT:
-            return o - u
-        if op is MergeOp.PRODUCT:
-            if o == 0:
-                raise MergeError(f"PRODUCT at offset {offset}")
-            if dtype in FLOATS:
-                return u / o
-            if u % o:
-                raise MergeError(f"PRODUCT at offset {offset}")
-            return u // o
-        return u
+    """What diff sends for one changed element (warnings as in combine)."""
+    if dtype in FLOATS:
+        with np.errstate(all="ignore"):
+            return _element_delta(dtype, op, u, o, offset)
+    return _element_delta(dtype, op, u, o, offset)
+
+
+def _element_delta(dtype: DataType, op: MergeOp, u, o, offset: int):
+    if op is MergeOp.SUM:
+        return u - o
+    if op is MergeOp.SUBTRACT:
+        return o - u
+    if op is MergeOp.PRODUCT:
+        if o == 0:
+            raise MergeError(f"PRODUCT at offset {offset}")
+        if dtype in FLOATS:
+            return u / o
+        if u % o:
+            raise MergeError(f"PRODUCT at offset {offset}")
+        return u // o
+    return u
 
 
 def dirty_runs(dirty, start: int, end: int):
