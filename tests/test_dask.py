@@ -393,7 +393,7 @@ def test_identity_start_gives_the_same_bytes_as_the_threads_backend(client):
     assert np.frombuffer(answers[0][1], np.float64).tolist() == [-4.0, -1.0, -2.0, -3.0]
 
 
-# ---- attacks on the per-worker grouping ----------------------------------------------
+# ---- the per-worker grouping ---------------------------------------------------------
 
 
 MIXED = [("isum", np.int64, 700, "sum"), ("fsum", np.float64, 500, "sum"),

@@ -512,7 +512,7 @@ def test_product_over_zeros_and_region_writes_in_thread_order():
         assert ints.tolist() == wrapped.tolist()
 
 
-# ---- attacks: views that outlive their thread, fork, hostile kernel input ---------------
+# ---- views that outlive their thread, fork, malformed kernel input ----------------------
 
 _KEPT: list = []
 
@@ -1020,7 +1020,7 @@ def test_a_frame_a_profiler_held_cannot_hide_a_kept_view(profiled):
     buffers.close()
 
 
-# ---- attacks on the reference-count guard: exports it did not count -------------------
+# ---- the reference-count guard: exports it did not count ------------------------------
 #
 # mem[name].base is the buffer's ``data``; data.base its memoryview; that
 # memoryview's managed buffer (what memoryview(mv), mv[...], np.frombuffer(mv)

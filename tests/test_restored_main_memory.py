@@ -354,7 +354,7 @@ def test_advise_huge_refuses_memory_others_share_and_closed_regions():
         region._advise_huge(True)
 
 
-# ---- hostile review (atk13) ----------------------------------------------------------------
+# ---- restores without a page-exact tracker, forks, discards and kept views before the fill ----
 
 @pytest.mark.parametrize("tracking", [None, "segfault", "uffd", "uffd-async"])
 def test_one_written_page_of_a_huge_page_is_exactly_one_checkpointed_page(tmp_path, tracking):
@@ -553,7 +553,7 @@ def test_a_restore_with_tracking_none_stays_exact(saved):
         assert np.array_equal(back["a"], expected)
 
 
-# ---- hostile review of the huge-page load ----------------------------------------------------
+# ---- regions loaded on huge pages ------------------------------------------------------------
 
 HUGE = 2 << 20
 LOADED_SIZE = 4 * HUGE
