@@ -13,6 +13,7 @@ import pytest
 import pagefork
 
 from support import run_cli as run
+from support import run_python
 
 
 def test_doctor_json_schema():
@@ -109,9 +110,9 @@ def test_the_pagefork_logger_is_silent_by_default_and_tells_at_debug(tmp_path):
             logging.basicConfig(level=logging.DEBUG, format="%(name)s %(levelname)s %(message)s")
             pagefork.checkpoint.save(region, {str(tmp_path / 'loud')!r})
     """)
-    quiet = subprocess.run([sys.executable, "-c", script, "quiet"], capture_output=True, text=True, timeout=120)
+    quiet = run_python(script, "quiet", timeout=120)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
-    loud = subprocess.run([sys.executable, "-c", script, "debug"], capture_output=True, text=True, timeout=120)
+    loud = run_python(script, "debug", timeout=120)
     assert loud.returncode == 0, loud.stderr
     assert "pagefork DEBUG checkpoint version 1 of" in loud.stderr and "a whole base (no tracked pages)" in loud.stderr
 
@@ -135,8 +136,6 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, args):
 def test_bench_size_larger_than_the_machine_is_a_usage_error(size):
     """Before: accepted by argparse, then a traceback (exit status 1) from
     the region it could not reserve."""
-    import subprocess
-
     out = subprocess.run([sys.executable, "-m", "pagefork.cli", "bench", "--sizes", size],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr

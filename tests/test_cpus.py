@@ -5,8 +5,6 @@ from the real ones in a subprocess with a narrowed affinity."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +12,8 @@ import pytest
 
 from pagefork import _cpus
 from pagefork._cpus import available_cpus, cgroup_cpu_limit
+
+from support import run_python
 
 
 def fake_cgroups(tmp_path: Path, proc_cgroup: str, mounts: list[tuple[str, str, str, str]],
@@ -127,7 +127,7 @@ def test_default_workers_follow_the_affinity():
                 slots.append(app._executor.backend.slots)
         print(before, os.cpu_count(), *slots)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
     before, machine, threads, processes = map(int, result.stdout.split())
     assert before == available_cpus() >= 2 and machine >= 2

@@ -17,6 +17,8 @@ from pagefork import PAGE_SIZE, App, ConflictError, CorruptDataError, WorkerErro
 from pagefork.identity import identity_of
 from pagefork.merge import MergeOp
 
+from support import run_python
+
 BACKENDS = ["threads", "processes"]
 
 CASES = [  # (rule, dtype)
@@ -810,9 +812,6 @@ def test_exit_with_buffers_alive(close):
     globals (memoryviews, the mmap, weak references, the mem too), in any
     order, and a forked child that writes them and exits: exit status 0,
     no output on stderr, and later threads still start at the identity."""
-    import subprocess
-    import sys
-
     script = f"""
 import gc, numpy as np
 from pagefork import App
@@ -842,7 +841,7 @@ elif "{close}" == "forked_child":
     assert app.parallel(lambda mem, i, n: bool((mem["acc"] == -np.inf).all()), 2) == [True, True]
 print("done")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    out = run_python(script, timeout=600)
     assert out.returncode == 0 and out.stdout == "done\n", out.stderr
     assert out.stderr == ""
 
@@ -852,9 +851,6 @@ def test_sigint_at_random_points_in_a_loop(backend):
     """SIGINT at random points over many batches (a subprocess): every batch
     that runs starts at the identity, the process exits cleanly, and the
     final batch merges exactly (nothing an interrupted batch wrote leaks)."""
-    import subprocess
-    import sys
-
     script = f"""
 import random, signal, threading, numpy as np
 from pagefork import App
@@ -890,7 +886,7 @@ with App("1MiB", backend="{backend}", workers=2) as app:
     assert np.array_equal(acc, expected)
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    out = run_python(script, timeout=600)
     assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
 
 
@@ -1356,9 +1352,6 @@ def test_a_thread_cannot_unmap_the_buffer_under_its_views(backend):
     SIGSEGV). Now it is refused, as the mmap's close() and resize() were,
     even once the buffer is left to a kept view. In a subprocess: a crash is
     an exit status."""
-    import subprocess
-    import sys
-
     script = f"""
 import sys
 import numpy as np
@@ -1373,7 +1366,7 @@ with App("256KiB", backend={backend!r}, workers=1) as app:
     fresh = app.parallel(t._write_the_kept_then_work, 2)
     print(results, fresh, acc[:3].tolist(), int(acc[3:].sum()))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    out = run_python(script, timeout=600)
     assert out.returncode == 0, out.stderr
     # Merged: 3s everywhere from each of the first three threads (their own
     # views), a[0] += 1 from all seven, 10s from the last batch; nothing

@@ -5,10 +5,6 @@ never crash, and never allocate more than the input or the receiver allows."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +14,7 @@ from pagefork import (PAGE_SIZE, CorruptDataError, Diff, DiffBatch, MergeError, 
 import reference
 from fuzzing import reseal
 from support import PAIRS, float_ranges_of, same_modulo_nan_payloads
+from support import run_python
 
 ALLOWED = (CorruptDataError, OutOfBoundsError, MergeError)
 
@@ -182,8 +179,7 @@ def test_fuzz_raises_only_pagefork_errors_within_a_memory_bound():
     import os
 
     tests = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(FUZZ.format(tests=tests, n=30_000))],
-                            capture_output=True, text=True, timeout=1200)
+    result = run_python(FUZZ.format(tests=tests, n=30_000), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     before, after, ok, refused = map(int, result.stdout.split())
     assert ok + refused == 60_000 and ok > 0 and refused > 0

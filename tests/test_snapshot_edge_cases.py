@@ -5,12 +5,12 @@ reference model or exact bytes."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
 from pagefork import DataType, Diff, MergeOp, PAGE_SIZE, Snapshot
+
+from support import run_python
 
 
 def test_write_keeps_its_errors():
@@ -319,7 +319,6 @@ def test_tracked_changes_after_only_ignored_diffs():
 def test_tracked_changes_memory_stays_near_its_output_size():
     """Before: one int64 index per byte gathered: 64 MiB of tracked writes
     peaked at about 1 GiB more. Measured in a fresh process."""
-    import subprocess
     import textwrap
 
     script = textwrap.dedent("""
@@ -334,8 +333,7 @@ def test_tracked_changes_memory_stays_near_its_output_size():
         assert len(changes) == 1 and changes[0].data == snap.read()
         print(grown)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300)
+    out = run_python(script)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 3 * 64, f"tracked_changes of 64 MiB peaked {out.stdout.strip()} MiB more"
 
@@ -477,10 +475,8 @@ print("ok")
 
 @pytest.mark.parametrize("how", ["close", "leave"])
 def test_snapshot_freed_while_mapped_and_exit_with_everything_alive(how):
-    import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _FREED_WHILE_MAPPED, how], capture_output=True,
-                         text=True, timeout=300)
+    out = run_python(_FREED_WHILE_MAPPED, how)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 

@@ -13,6 +13,8 @@ import pagefork.merge
 import pagefork.snapshot
 from pagefork import DataType, Diff, MergeOp, PAGE_SIZE, Snapshot
 
+from support import run_python
+
 
 #: Where a Snapshot's operations run: the snapshot itself and the diff and
 #: merge-rule code it calls (in snapshot.py alone before the module split).
@@ -189,8 +191,5 @@ print(interrupted)
 def test_real_signals_at_random_instants_leave_apply_write_and_queue_all_or_nothing():
     """SIGALRM raised as KeyboardInterrupt at random instants of
     write_queued/apply/write, in a fresh process (its exit status checked)."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", _SIGNAL_LOOP, "11", "1500"], capture_output=True,
-                         text=True, timeout=600)
+    out = run_python(_SIGNAL_LOOP, "11", "1500", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,12 +6,10 @@ batch that started it) and checks its exit status and output exactly."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
+
+from support import run_python
 
 KEPT = r"""
 import os, sys, threading, time, weakref
@@ -82,8 +80,7 @@ def test_writes_after_a_thread_returned_never_merge(backend, start, how, tmp_pat
     what it kept (its view of an array, its mem, mem.region, a memoryview
     of it, a weak reference to it) while unrelated batches run on the same
     worker: none of those writes reaches main memory or a later thread."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(KEPT), backend, start, how, str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = run_python(KEPT, backend, start, how, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "0 0 True\n"
 
