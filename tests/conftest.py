@@ -1,4 +1,6 @@
-"""Shared fixtures: every tracking mode and every kind of memory."""
+"""Shared fixtures (every tracking mode and every kind of memory), the
+suite's markers and hooks, and the LeakSanitizer check at exit. Helpers that
+tests import live in support.py."""
 
 from __future__ import annotations
 
