@@ -19,7 +19,7 @@ from pagefork import PAGE_SIZE, App, Region
 from pagefork import checkpoint as ck
 from pagefork.cli import main as cli
 
-from conftest import SANITIZED
+from support import SANITIZED
 
 
 # ---- no checkpoint: ls and verify agree -------------------------------------------------
