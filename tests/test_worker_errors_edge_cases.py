@@ -1,6 +1,6 @@
-"""Hostile review of the `workers` branch: thread exceptions that fight
-pickling and formatting, malformed worker replies, and the pagefork logger
-with handlers that misbehave. Tests marked xfail(strict) are open bugs."""
+"""Worker errors at their edges: thread exceptions that fight pickling and
+formatting, malformed worker replies, and the pagefork logger with handlers
+that misbehave. Tests marked xfail(strict) are open bugs."""
 
 from __future__ import annotations
 
@@ -19,16 +19,13 @@ import pytest
 
 from pagefork import App, WorkerError
 
+from support import run_python as _run_script
+
 BACKENDS = ["threads", "processes"]
 
 
 def _kbi():
     raise KeyboardInterrupt("raised while unpickling the exception")
-
-
-def _run_script(code: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _ok(mem, i, n):
