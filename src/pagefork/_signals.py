@@ -35,12 +35,12 @@ def _follow(module: Any, name: str, concerns_sigsegv: Callable[..., bool]) -> No
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         concerned = concerns_sigsegv(*args, **kwargs)
         if concerned:  # a tracked write must never reach the new handler
-            _native._segfault_suspend()
+            _native.segfault_suspend()
         try:
             return original(*args, **kwargs)
         finally:
             if concerned:
-                _native._segfault_reassert()
+                _native.segfault_reassert()
 
     setattr(wrapper, _WRAPPED, True)
     setattr(module, name, wrapper)

@@ -65,7 +65,7 @@ static PyMethodDef native_methods[] = {
      "_write_sequence(address, count, first, gap_ns, stop) -> writes: a GIL-free writer for tests."},
     {"_set_window_pause", pf_set_window_pause, METH_O,
      "Hold every executor window's merge open this many seconds (tests)."},
-    {"_segfault_reassert", pf_segfault_reassert, METH_NOARGS,
+    {"segfault_reassert", pf_segfault_reassert, METH_NOARGS,
      "Put the segfault-mode SIGSEGV handler back on top after Python code replaced it."},
     {"compact_encode", pf_compact_encode, METH_VARARGS,
      "compact_encode(offsets, lengths, dtypes, ops) -> token stream"},
@@ -86,7 +86,7 @@ static PyMethodDef native_methods[] = {
      "pinned_pages(address, n_pages) -> [(first, count)]: pages pinned by io_uring fixed buffers"},
     {"new_mappings_locked", pf_new_mappings_locked, METH_NOARGS,
      "Whether memory mapped now is locked and populated at once (mlockall(MCL_FUTURE))."},
-    {"_segfault_suspend", pf_segfault_suspend, METH_NOARGS,
+    {"segfault_suspend", pf_segfault_suspend, METH_NOARGS,
      "Before Python code replaces the SIGSEGV handler: make segfault-tracked memory writable."},
     {"window", pf_window, METH_VARARGS,
      "window(memory, snapshot, fd, flags, scan, merges, closing, hold): carry, merge and map "

@@ -326,8 +326,8 @@ static void resume_range(pf_range *r)
     r->swap_hashes = NULL;
 }
 
-/* _native._segfault_suspend(): call before Python code replaces the SIGSEGV
- * handler; _segfault_reassert() after it resumes tracking. */
+/* _native.segfault_suspend(): call before Python code replaces the SIGSEGV
+ * handler; segfault_reassert() after it resumes tracking. */
 PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -339,10 +339,10 @@ PyObject *pf_segfault_suspend(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* _native._segfault_reassert(): puts the handler back on top after Python
+/* _native.segfault_reassert(): puts the handler back on top after Python
  * code replaced it (faulthandler.enable(), signal.signal(SIGSEGV, ...)),
  * keeping the replacement as the handler of faults we do not own, then
- * protects what _segfault_suspend made writable. No-op until segfault mode
+ * protects what segfault_suspend made writable. No-op until segfault mode
  * has been used. */
 PyObject *pf_segfault_reassert(PyObject *self, PyObject *unused)
 {
