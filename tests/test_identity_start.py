@@ -381,9 +381,9 @@ def test_identity_diff_matches_the_diff_against_a_filled_reference(rule_dtype, n
     flags = np.ones(max(1, -(-memory.nbytes // PAGE_SIZE)), np.uint8)
     columns = (np.array([0], np.int64), np.array([memory.nbytes], np.int64),
                np.array([kind], np.uint8), np.array([int(op)], np.uint8))
-    expected = DiffBatch._from_native(_native.diff(memory.view(np.uint8), reference.view(np.uint8), flags,
+    expected = DiffBatch.from_native(_native.diff(memory.view(np.uint8), reference.view(np.uint8), flags,
                                                    PAGE_SIZE, *columns))
-    got = DiffBatch._from_native(_native.identity_diff(memory.view(np.uint8), identity.view(np.uint8),
+    got = DiffBatch.from_native(_native.identity_diff(memory.view(np.uint8), identity.view(np.uint8),
                                                        kind, int(op)))
     assert got == expected
 
@@ -751,7 +751,7 @@ def test_identity_diff_refuses_hostile_buffers():
     frozen.flags.writeable = False
     from pagefork.diffs import DiffBatch
 
-    got = DiffBatch._from_native(_native.identity_diff(frozen, np.zeros(1, np.int64), i64, add))
+    got = DiffBatch.from_native(_native.identity_diff(frozen, np.zeros(1, np.int64), i64, add))
     assert got.offsets.tolist() == [8] and got.lengths.tolist() == [999 * 8]
     assert bytes(got.data) == frozen[1:].tobytes()
     assert np.array_equal(frozen, np.arange(1000))

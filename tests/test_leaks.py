@@ -65,7 +65,7 @@ def _hostile_inputs():
     z = np.zeros(2, np.uint8)
     with Snapshot(bytes(64), max_size=128) as s:
         for offsets, lengths, ops in (([0, 1 << 44], [1, 1], z), ([0, 1], [1, 1], [0, 9])):
-            batch = DiffBatch._unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
+            batch = DiffBatch.unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
                                          z, np.array(ops, np.uint8), b"ab")
             try:
                 s.apply(batch)

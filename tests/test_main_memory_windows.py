@@ -199,7 +199,7 @@ def test_a_failed_start_after_a_restore_counts_every_page_written(saved, monkeyp
     support = pagefork.probe()["cow"]
     if not support.available:
         pytest.skip(f"cow unavailable: {support.reason}")
-    real, calls = Tracker._start_fresh, []
+    real, calls = Tracker.start_fresh, []
 
     def fails_once(self, region):
         calls.append(self.mode)
@@ -207,7 +207,7 @@ def test_a_failed_start_after_a_restore_counts_every_page_written(saved, monkeyp
             raise PageforkError("cow tracking: start: Cannot allocate memory (hidden by the test)")
         return real(self, region)
 
-    monkeypatch.setattr(Tracker, "_start_fresh", fails_once)
+    monkeypatch.setattr(Tracker, "start_fresh", fails_once)
     with pytest.warns(TrackingFallbackWarning, match="every page counts as written"):
         app = App.restore(saved, backend="threads", workers=1)  # whose start fails
     with app:

@@ -166,7 +166,7 @@ def test_fold_equals_diff_then_apply(dtype, op):
         mem = orig.copy()
         flip = rng.integers(0, size, 200)
         mem[flip] = rng.integers(0, 256, 200, dtype=np.uint8) & (1 if dtype == "?" else 255)
-        cols = snap._region_columns(size, [region])
+        cols = snap.region_columns(size, [region])
         diffs = snap.diff(mem, dirty.astype(bool), regions=[region])
         acc_apply.apply(diffs)
         expected_mem = mem.copy()  # changed elements put back, on dirty pages only
@@ -203,7 +203,7 @@ def test_fold_equals_the_reference_at_any_density(kind, pages, head, tail, chang
     end = start + max(0, (size - tail - start) // k * k)
     region = MergeRegion(start, end - start, dtype, op)
     snap = Snapshot(orig.tobytes())
-    cols = snap._region_columns(size, [region])
+    cols = snap.region_columns(size, [region])
     dirty = rng.integers(0, 2, pages).astype(np.uint8)
     acc = orig.copy()
     expected_acc = orig.tobytes()
@@ -241,8 +241,8 @@ def test_fold_rejects_what_it_cannot_do():
                    MergeRegion(0, 8, DataType.INT64, MergeOp.PRODUCT)):
         with pytest.raises(ValueError):
             _native.fold(buf, buf, buf, b"\x01", bytearray(1), PAGE_SIZE,
-                         *snap._region_columns(PAGE_SIZE, [region]))
-    cols = snap._region_columns(PAGE_SIZE, [MergeRegion(0, 8, DataType.INT64, MergeOp.SUM)])
+                         *snap.region_columns(PAGE_SIZE, [region]))
+    cols = snap.region_columns(PAGE_SIZE, [MergeRegion(0, 8, DataType.INT64, MergeOp.SUM)])
     with pytest.raises(ValueError):
         _native.fold(bytearray(4), buf, buf, b"\x01", bytearray(1), PAGE_SIZE, *cols)  # acc too short
     with pytest.raises(ValueError):

@@ -692,7 +692,7 @@ def test_from_columns_checks_every_column():
 def test_apply_refuses_malformed_and_out_of_bounds_batches():
     def columns(offsets, lengths, dtypes=None, ops=None, data=None):
         n = len(offsets)
-        return DiffBatch._unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
+        return DiffBatch.unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
                                     np.array(dtypes or [0] * n, np.uint8),
                                     np.array(ops or [0] * n, np.uint8),
                                     data if data is not None else bytes(sum(lengths)))
@@ -768,7 +768,7 @@ def test_attach_checks_its_file_and_never_resizes_it(tmp_path):
     with Snapshot(b"abc", max_size=8 * PAGE_SIZE) as owner:
         with Snapshot.attach(owner.fd, owner.size, owner.max_size) as other:
             owner.write(b"z", 2 * PAGE_SIZE)
-            other._follow_size(owner.size)
+            other.follow_size(owner.size)
             assert other.read(2 * PAGE_SIZE, 1) == b"z"
 
 
@@ -798,7 +798,7 @@ def test_nobody_can_shrink_a_snapshot_file_under_its_mappings():
         os.ftruncate(snap.fd, 4 * PAGE_SIZE)  # growing stays possible
         with Snapshot.attach(snap.fd, snap.size, snap.max_size) as other:
             other.write(b"y", 3 * PAGE_SIZE + 1)
-            snap._follow_size(other.size)
+            snap.follow_size(other.size)
             assert snap.read(3 * PAGE_SIZE, 2) == b"\0y"
         assert snap.read(0, 3 * PAGE_SIZE) == b"x" * (3 * PAGE_SIZE)
 

@@ -1130,7 +1130,7 @@ def test_mapping_again_under_an_io_uring_pin_loses_the_rings_writes(ring, data_f
 
 def test_a_start_on_memory_just_mapped_drops_the_pins_of_the_old_pages(ring, data_fd):
     """Thread memory is mapped anew before every thread and started without
-    a look for io_uring buffers (Tracker._start_mapped): a pin holds the
+    a look for io_uring buffers (Tracker.start_mapped): a pin holds the
     pages it was registered on, which the new mapping replaced. The pinned
     spans an earlier start found are dropped, and the ring writes into the
     old pages, never into the region."""
@@ -1146,7 +1146,7 @@ def test_a_start_on_memory_just_mapped_drops_the_pins_of_the_old_pages(ring, dat
             assert as_set(t.dirty_pages(region, "global")) == {2, 3}  # found by start's look
             t.stop(region)
             snap.map_to(region)
-            t._start_mapped(region)
+            t.start_mapped(region)
             assert ring.read(data_fd, region.address + 2 * PAGE_SIZE, 100, fixed=True) == 100
             write_pages(region, {6}, 7)
             assert as_set(t.dirty_pages(region, "global")) == {6}

@@ -118,7 +118,7 @@ def test_typed_diffs_must_be_whole_values_when_made_and_encoded(dtype):
     with pytest.raises(ValueError, match="offset 4096: 101 bytes is not a whole number"):
         Diff(4096, bytes(101), dtype, MergeOp.SUM)
     k = dtype.itemsize
-    bad = DiffBatch._unchecked(np.array([0, 4096], np.int64), np.array([k, k + 1], np.int64),
+    bad = DiffBatch.unchecked(np.array([0, 4096], np.int64), np.array([k, k + 1], np.int64),
                                np.array([dtype, dtype], np.uint8),
                                np.array([MergeOp.SUM] * 2, np.uint8), bytes(2 * k + 1))
     with pytest.raises(ValueError, match="offset 4096: .*not a whole number"):
@@ -138,7 +138,7 @@ def test_typed_diffs_must_be_whole_values_when_made_and_encoded(dtype):
 def test_encode_rejects_what_decode_rejects(offsets, lengths, why):
     data = bytes(sum(lengths))
     n = len(offsets)
-    batch = DiffBatch._unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
+    batch = DiffBatch.unchecked(np.array(offsets, np.int64), np.array(lengths, np.int64),
                                  np.zeros(n, np.uint8), np.zeros(n, np.uint8), data)
     if why is None:
         assert wire.decode(wire.encode(batch)) == batch

@@ -141,7 +141,7 @@ def restore_into_snapshot(store: Store, manifest: Manifest, snapshot: Snapshot,
     possibly after some bytes were written."""
     total = sum(o.size for o in manifest.objects)
     done = 0
-    fd = snapshot._memory._fd
+    fd = snapshot.mapping.file_fd
     for ref in manifest.objects:
         try:
             with store.open(ref.name) as f:
@@ -153,7 +153,7 @@ def restore_into_snapshot(store: Store, manifest: Manifest, snapshot: Snapshot,
                 else:
                     _, batch = read_object(f, ref, None, manifest.size)
                     if batch is not None and len(batch):
-                        with memoryview(snapshot._memory) as whole:
+                        with memoryview(snapshot.mapping) as whole:
                             _native.apply(whole[: manifest.size], *batch.columns())
         except FileNotFoundError:
             raise missing(store, manifest.version, ref) from None

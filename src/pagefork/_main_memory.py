@@ -82,7 +82,7 @@ def _scannable(memory: Region) -> bool:
     """Whether main memory's private copies are its written pages (mapped
     from the snapshot, /proc/self/pagemap readable, and not mapped under
     mlockall(MCL_FUTURE), which copies every page as it maps it)."""
-    return memory._snapshot_mapped and probe()["cow"].available and not new_mappings_locked()
+    return memory.snapshot_mapped and probe()["cow"].available and not new_mappings_locked()
 
 
 def written_pages(memory: Region, tracker_: Tracker) -> np.ndarray:
@@ -139,35 +139,34 @@ def window(memory: Region, snapshot: Snapshot, *, batches: Sequence[DiffBatch] =
     columns, records = _merge_columns(batches)
     flags = (np.ones if carry_all else np.zeros)(memory.n_pages, np.uint8)
     scan = _scannable(memory)
-    stopping = [t._tracking(memory, create=False) for t in closing]
-    with snapshot._lock:
-        snapshot._check_open()
+    stopping = [t.native_tracking(memory, create=False) for t in closing]
+    with snapshot.held_open():
         if memory.size > round_to_pages(snapshot.size):
             raise OutOfBoundsError(f"main memory ({memory.size} bytes) is larger than its snapshot "
                                    f"({snapshot.size} bytes)")
         # Diffs past the end grow the snapshot (a thread grew its memory),
         # as Snapshot.apply does: undone if the merge is refused.
-        size = snapshot._size
+        size = snapshot.size
         end = max((int((c[0] + c[1]).max()) for c in columns), default=0)
-        if end > snapshot._max_size:
+        if end > snapshot.max_size:
             raise OutOfBoundsError(f"a diff ends at byte {end}, past the snapshot's max_size "
-                                   f"({snapshot._max_size})")
+                                   f"({snapshot.max_size})")
         if end > size:
-            snapshot._grow(end)
-        with memoryview(snapshot._memory) as whole:
+            snapshot.grow(end)
+        with memoryview(snapshot.mapping) as whole:
             hold, hold_error, refused, tracking_error, seconds = _native.window(
-                memory, whole[: snapshot._size], snapshot._memory._fd, flags, int(scan), columns,
+                memory, whole[: snapshot.size], snapshot.mapping.file_fd, flags, int(scan), columns,
                 stopping, _HOLD_CODES[HOLD])
-        memory._snapshot_mapped = True
+        memory.snapshot_mapped = True
         carried = flags.view(np.bool_)
-        pages = np.flatnonzero(carried[: -(-min(memory.size, snapshot._size) // PAGE_SIZE)])
+        pages = np.flatnonzero(carried[: -(-min(memory.size, snapshot.size) // PAGE_SIZE)])
         if pages.size:
             starts = pages.astype(np.int64) * PAGE_SIZE
-            snapshot._changes.append((starts, np.minimum(starts + PAGE_SIZE, snapshot._size) - starts))
+            snapshot.note_changes([(starts, np.minimum(starts + PAGE_SIZE, snapshot.size) - starts)])
         if refused is None:
-            snapshot._changes.extend(records)
+            snapshot.note_changes(records)
         else:
-            snapshot._size = size  # pages past it stay mapped and read as zero
+            snapshot.undo_growth(size)
     for t in closing:
         t.close()
     if hold_error is not None:

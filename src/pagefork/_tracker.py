@@ -108,8 +108,8 @@ class Tracker:
     def __repr__(self) -> str:
         return f"<Tracker mode={self.mode!r} regions={len(self._regions)}>"
 
-    def _epoch(self, region: Region) -> int | None:
-        """None unless whole-process tracking of ``region`` runs; else a
+    def epoch(self, region: Region) -> int | None:
+        """Internal: for executors and checkpoints. None unless whole-process tracking of ``region`` runs; else a
         number that changes when its flags are cleared other than by
         ``dirty_pages(reset=True)`` (start, reset)."""
         with self._lock:
@@ -127,7 +127,8 @@ class Tracker:
                 f"{self._pid}; it cannot be used in a child (it would act on the parent's "
                 "memory): create a new tracker in the child")
 
-    def _tracking(self, region: Region, create: bool) -> _native.Tracking:
+    def native_tracking(self, region: Region, create: bool) -> _native.Tracking:
+        """Internal: for main-memory windows: the native tracking of ``region`` (made if ``create``)."""
         self._check_owner()
         if not isinstance(region, Region):
             raise TypeError(f"expected a pagefork.Region, got {type(region).__name__}")
@@ -139,7 +140,7 @@ class Tracker:
                 return entry[1]
             if not create:
                 raise PageforkError(f"this {self.mode!r} tracker has never tracked the region")
-            for other in region._trackings:
+            for other in region.trackings:
                 if other is not None:
                     raise PageforkError("the region is already tracked by another Tracker")
             self._check_memory(region)
@@ -152,7 +153,7 @@ class Tracker:
 
             # Registered with the region first: an exception (KeyboardInterrupt)
             # between the two leaves no entry whose region does not know it.
-            region._trackings.add(tracking)
+            region.trackings.add(tracking)
             self._regions[key] = (weakref.ref(region, forget), tracking)
             return tracking
 
@@ -164,7 +165,7 @@ class Tracker:
             entry[1].close()
 
     def _check_memory(self, region: Region) -> None:
-        private_file = not region.shared and (region.backing == "memfd" or region._snapshot_mapped)
+        private_file = not region.shared and (region.backing == "memfd" or region.snapshot_mapped)
         if self.mode == "cow" and not private_file:
             raise PageforkError(
                 "cow tracks only memory mapped privately from a snapshot (Snapshot.map_to) "
@@ -175,7 +176,7 @@ class Tracker:
     def _call(self, region: Region, action: str, create: bool = False) -> None:
         try:
             with self._lock:  # close() in another thread must not orphan it midway
-                getattr(self._tracking(region, create), action)()
+                getattr(self.native_tracking(region, create), action)()
         except NotImplementedError:
             raise UnsupportedModeError(self.mode, "it has no thread-local scope") from None
         except OSError as exc:
@@ -206,8 +207,8 @@ class Tracker:
             self._call(region, "start", create=True)
             self._epochs[id(region)] = next(_epoch_counter)
 
-    def _start_fresh(self, region: Region) -> None:
-        """:meth:`start` on memory its owner has just mapped from its file
+    def start_fresh(self, region: Region) -> None:
+        """Internal: for executors. :meth:`start` on memory its owner has just mapped from its file
         (the executor, after a window): for ``cow`` a page copied since then
         is a write to report, not memory that was never freshly mapped."""
         with self._lock:
@@ -215,8 +216,8 @@ class Tracker:
             self._call(region, "start_fresh", create=True)
             self._epochs[id(region)] = next(_epoch_counter)
 
-    def _start_mapped(self, region: Region) -> None:
-        """:meth:`start` on memory the caller has just mapped anew
+    def start_mapped(self, region: Region) -> None:
+        """Internal: for thread memory. :meth:`start` on memory the caller has just mapped anew
         (``Snapshot.map_to``): a pin holds the pages it was registered on,
         which the new mapping replaced, so io_uring buffers are not looked
         for (~10-20 us per start in modes blind to pins; thread memory is
@@ -270,7 +271,7 @@ class Tracker:
         if reset and self.mode in _NO_ATOMIC_RESET:
             raise UnsupportedModeError(self.mode, "dirty_pages(reset=True) " + _NO_ATOMIC_RESET[self.mode])
         with self._lock:
-            tracking = self._tracking(region, create=False)
+            tracking = self.native_tracking(region, create=False)
             while True:
                 out = np.empty(tracking.n_pages, dtype=np.uint8)  # dirty() writes every byte
                 try:
@@ -287,7 +288,7 @@ class Tracker:
 
     def stats(self, region: Region) -> TrackerStats:
         """What tracking ``region`` has needed so far (see :class:`TrackerStats`)."""
-        return TrackerStats(fallbacks=self._tracking(region, create=False).fallbacks)
+        return TrackerStats(fallbacks=self.native_tracking(region, create=False).fallbacks)
 
     def _warn_fallbacks(self, tracking: _native.Tracking) -> None:
         count = tracking.fallbacks
@@ -339,7 +340,7 @@ class Tracker:
                 tracking.close()
                 region = ref()
                 if region is not None:
-                    region._trackings.discard(tracking)
+                    region.trackings.discard(tracking)
 
     def __enter__(self) -> Tracker:
         return self

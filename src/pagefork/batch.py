@@ -274,7 +274,7 @@ def call_thread_function(spec: BatchSpec, index: int, region: Region,
         raise
     finally:
         _inside.snapshot = previous
-        mem._expire()  # a mem kept past the thread reaches nothing
+        mem.expire()  # a mem kept past the thread reaches nothing
     leave_if_forked(pid, None)
     return result
 
@@ -312,7 +312,7 @@ def run_thread(spec: BatchSpec, index: int, region: Region, tracker_: Tracker, *
     try:
         spec.snapshot.map_to(region)
         views = identity.begin(spec.layout.values()) if identity is not None else None
-        tracker_._start_mapped(region)
+        tracker_.start_mapped(region)
     except BaseException as exc:  # not the thread's fault: say what the workspace lacks
         return ThreadOutcome(index, error=preparation_error(exc))
     try:
@@ -333,7 +333,7 @@ _NONE64, _NONE8 = np.zeros(0, np.int64), np.zeros(0, np.uint8)
 
 def empty_batch() -> DiffBatch:
     """A batch of no diffs, made without numpy's list conversions."""
-    return DiffBatch._unchecked(_NONE64, _NONE64, _NONE8, _NONE8, b"")
+    return DiffBatch.unchecked(_NONE64, _NONE64, _NONE8, _NONE8, b"")
 
 
 def diff_written(snapshot: Snapshot, region: Region, dirty: np.ndarray,
@@ -393,7 +393,7 @@ def holders(region: Region) -> tuple[int, int, int]:
     references (which can give it back). Compared before and after a
     thread, at the same place in the same frame: any that grew means the
     thread kept a way to write its memory after it returned."""
-    return region._exports, sys.getrefcount(region), weakref.getweakrefcount(region)
+    return region.exports, sys.getrefcount(region), weakref.getweakrefcount(region)
 
 
 def kept(before: tuple[int, int, int], after: tuple[int, int, int]) -> bool:
@@ -447,7 +447,7 @@ class Workspace:
                 self.close()
         if self.region is None:
             self.region = Region(size, max_size=max_size)
-        if not self.region._snapshot_mapped:  # what cow needs to track it (each thread maps it again)
+        if not self.region.snapshot_mapped:  # what cow needs to track it (each thread maps it again)
             spec.snapshot.map_to(self.region)
         mode = _new_mapping_mode(spec)  # not cow under mlockall(MCL_FUTURE)
         if self.tracker is None or self.tracker.mode != mode:
@@ -456,7 +456,7 @@ class Workspace:
             self.tracker = tracker(mode)
         # Its weak reference to the region made now, not during the first
         # thread, where it would look like one the thread kept.
-        self.tracker._tracking(self.region, create=True)
+        self.tracker.native_tracking(self.region, create=True)
         return self.region, self.tracker
 
     def detach(self) -> None:

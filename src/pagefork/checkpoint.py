@@ -205,7 +205,7 @@ def _save(region: Region, store: Store, tracker: Tracker | None, keep: int | Non
           progress: Progress | None = None) -> CheckpointInfo:
     key = id(tracker)
     last, last_object, shrinks = None, "", 0
-    epoch = tracker._epoch(region) if tracker is not None else None
+    epoch = tracker.epoch(region) if tracker is not None else None
     with _locks.lock:
         entry = _last_saved.get(region, {}).get(key) if tracker is not None else None
         # Not a new tracker at a reused id; its last save went to this target;
@@ -216,7 +216,7 @@ def _save(region: Region, store: Store, tracker: Tracker | None, keep: int | Non
     parent = None
     if last is not None:
         parent = _chain.own_version(store, last, last_object)
-        if parent is not None and (parent.size != region.size or region._shrinks != shrinks):
+        if parent is not None and (parent.size != region.size or region.shrinks != shrinks):
             parent = None  # resized: a new base (pages cut off and regrown are not tracked)
     # Read-and-re-arm before copying: a write after this point is flagged
     # for the next save, and a page written before it is copied below.
@@ -241,7 +241,7 @@ def _save(region: Region, store: Store, tracker: Tracker | None, keep: int | Non
         with _locks.lock:
             _last_saved.setdefault(region, {})[key] = (
                 weakref.ref(tracker), store.description, info.version,
-                manifest.objects[-1].name, region._shrinks, epoch)
+                manifest.objects[-1].name, region.shrinks, epoch)
     return info
 
 
@@ -296,10 +296,10 @@ def _load(store: Store, v: int, into: Region | None, progress: Progress | None =
         memory = Region(manifest.size, max_size=max(manifest.max_size, manifest.size))
     try:
         if into is None:
-            memory._advise_huge(True)  # filled whole: 2 MiB page faults, not 4 KiB ones
+            memory.advise_huge(True)  # filled whole: 2 MiB page faults, not 4 KiB ones
         _chain.restore_into(store, manifest, memory, zeroed=into is None, progress=progress)
         if into is None:
-            memory._advise_huge(False)  # a region is tracked page by page: no new huge pages
+            memory.advise_huge(False)  # a region is tracked page by page: no new huge pages
     except BaseException:
         if into is None:
             memory.close()

@@ -107,7 +107,7 @@ class DiffBatch(Sequence[Diff]):
         columns (negative or overflowing ranges, unknown or invalid codes,
         typed diffs that are not whole values, lengths that do not add up to
         the data) raise ``ValueError`` naming the first bad diff."""
-        batch = cls._unchecked(_int_column(offsets, np.int64, "offsets"),
+        batch = cls.unchecked(_int_column(offsets, np.int64, "offsets"),
                                _int_column(lengths, np.int64, "lengths"),
                                _int_column(dtypes, np.uint8, "dtypes"),
                                _int_column(ops, np.uint8, "ops"),
@@ -118,8 +118,9 @@ class DiffBatch(Sequence[Diff]):
         return batch
 
     @classmethod
-    def _unchecked(cls, offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray,
-                   ops: np.ndarray, data: bytes | memoryview) -> DiffBatch:
+    def unchecked(cls, offsets: np.ndarray, lengths: np.ndarray, dtypes: np.ndarray,
+                  ops: np.ndarray, data: bytes | memoryview) -> DiffBatch:
+        """Internal: for the diff and merge kernels' callers: a batch from columns already checked."""
         batch = cls.__new__(cls)
         batch.offsets, batch.lengths, batch.dtypes, batch.ops = offsets, lengths, dtypes, ops
         batch.data = data
@@ -127,10 +128,10 @@ class DiffBatch(Sequence[Diff]):
         return batch
 
     @classmethod
-    def _from_native(cls, columns: tuple[Any, Any, Any, Any, Any]) -> DiffBatch:
-        """A batch the diff kernel made (well formed by construction)."""
+    def from_native(cls, columns: tuple[Any, Any, Any, Any, Any]) -> DiffBatch:
+        """Internal: for snapshots and identity diffs. A batch the diff kernel made (well formed by construction)."""
         offsets, lengths, dtypes, ops, data = columns  # _native.Buffer: no copies
-        return cls._unchecked(np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int64),
+        return cls.unchecked(np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int64),
                               np.frombuffer(dtypes, np.uint8), np.frombuffer(ops, np.uint8),
                               memoryview(data))
 
@@ -140,7 +141,7 @@ class DiffBatch(Sequence[Diff]):
         parts = list(batches)
         if not parts:
             return cls()
-        return cls._unchecked(
+        return cls.unchecked(
             np.concatenate([b.offsets for b in parts]), np.concatenate([b.lengths for b in parts]),
             np.concatenate([b.dtypes for b in parts]), np.concatenate([b.ops for b in parts]),
             b"".join(b.data for b in parts))

@@ -164,7 +164,7 @@ class Executor:
         stopping = list(closing)
         mode = mode_for_new_mapping(self._main_mode)  # not cow under mlockall(MCL_FUTURE)
         switching = mode != self._main_tracker.mode
-        if switching and self._main_tracker._epoch(self.memory) is not None:
+        if switching and self._main_tracker.epoch(self.memory) is not None:
             stopping.append(self._main_tracker)
         done = _main_memory.window(self.memory, self.snapshot, batches=batches, closing=stopping,
                                    carry_all=self._all_written)
@@ -178,7 +178,7 @@ class Executor:
             except (PageforkError, OSError):
                 pass
             _main_memory.warn_tracking_lost(str(done.tracking_error))
-        elif not closing and self._main_tracker._epoch(self.memory) is None:
+        elif not closing and self._main_tracker.epoch(self.memory) is None:
             self._start_main_tracking()  # a new mode, or it could not start before
         self._note_carried(done.carried)
         return done
@@ -187,7 +187,7 @@ class Executor:
         """Starts main memory's tracker on a window's new mapping; failing,
         every page counts as written until a window re-arms it."""
         try:
-            self._main_tracker._start_fresh(self.memory)
+            self._main_tracker.start_fresh(self.memory)
         except (PageforkError, OSError) as exc:
             self._all_written = True
             _main_memory.warn_tracking_lost(str(exc))
@@ -268,8 +268,8 @@ class Executor:
         new pages map the snapshot's new (zero) pages, the others stay as
         they are, written pages included (the next window carries them).
         Call on the batch thread (``call``)."""
-        self.snapshot._grow(size)
-        self.memory._grow_file(self.snapshot._memory._fd, round_to_pages(size))
+        self.snapshot.grow(size)
+        self.memory.grow_file(self.snapshot.mapping.file_fd, round_to_pages(size))
         self.version += 1
 
     # ---- batches ---------------------------------------------------------------

@@ -225,10 +225,10 @@ class _Buffer:
         # before the diff: what writes after the count held the buffer at
         # the count (the diff runs without the GIL).
         alone = self._references() == self.own_references()
-        batch = DiffBatch._from_native(_native.identity_diff(
+        batch = DiffBatch.from_native(_native.identity_diff(
             self._bytes()[: a.nbytes], self.identity.view(np.uint8), int(self.kind), int(a.merge)))
         self.pending = (batch.offsets, batch.lengths) if alone else None
-        return DiffBatch._unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
+        return DiffBatch.unchecked(batch.offsets + a.offset, batch.lengths, batch.dtypes, batch.ops,
                                     batch.data)
 
 
@@ -336,7 +336,7 @@ def products_as_overwrites(batches: Sequence[DiffBatch], allocations: Iterable[A
                 # .at: an element may repeat (mem.region written there too), in diff order
                 np.multiply.at(values, np.searchsorted(touched, elements), factors)
         count = touched.size
-        extra.append(DiffBatch._unchecked(lo + touched.astype(np.int64) * k, np.full(count, k, np.int64),
+        extra.append(DiffBatch.unchecked(lo + touched.astype(np.int64) * k, np.full(count, k, np.int64),
                                           np.zeros(count, np.uint8), np.zeros(count, np.uint8),
                                           values.tobytes()))  # RAW, OVERWRITE
     out = [b if kept.all() else _select(b, kept) for b, kept in zip(batches, keep)]
@@ -346,5 +346,5 @@ def products_as_overwrites(batches: Sequence[DiffBatch], allocations: Iterable[A
 def _select(b: DiffBatch, kept: np.ndarray) -> DiffBatch:
     """The diffs of ``b`` flagged in ``kept``."""
     lengths = b.lengths[kept]
-    return DiffBatch._unchecked(b.offsets[kept], lengths, b.dtypes[kept], b.ops[kept],
+    return DiffBatch.unchecked(b.offsets[kept], lengths, b.dtypes[kept], b.ops[kept],
                                 _native.gather(b.data, b.starts[kept], lengths))

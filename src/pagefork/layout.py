@@ -100,8 +100,8 @@ class ThreadMemory:
                                 "mem[name] inside the thread function only)")
         return self._region
 
-    def _expire(self) -> None:
-        """The thread is over: nothing reaches its memory through ``mem`` any more."""
+    def expire(self) -> None:
+        """Internal: for batch threads. The thread is over: nothing reaches its memory through ``mem`` any more."""
         self._region = None
 
     def __getitem__(self, name: str) -> np.ndarray:

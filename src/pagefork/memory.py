@@ -56,14 +56,16 @@ class Region(_native.Mapping):
         if backing not in ("anonymous", "memfd"):
             raise ValueError(f"backing must be 'anonymous' or 'memfd', not {backing!r}")
         self.backing: Backing = backing
-        # Trackings of this region (the native core resizes and stops them).
-        self._trackings: weakref.WeakSet[Any] = weakref.WeakSet()
-        # Set by Snapshot.map_to: the memory is a private mapping of a snapshot.
-        self._snapshot_mapped = False
-        # (snapshot, size, shrinks) a workspace left this memory mapped from
-        # with no page written (pagefork.backends.combine): reusable without
-        # a remap.
-        self._clean_for: tuple[Any, int, int] | None = None
+        # Internal: for Tracker: trackings of this region (the native core
+        # resizes and stops them).
+        self.trackings: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Internal: for Snapshot.map_to and main-memory windows: the memory is
+        # a private mapping of a snapshot.
+        self.snapshot_mapped = False
+        # Internal: for pagefork.backends.combine: (snapshot, size, shrinks) a
+        # workspace left this memory mapped from with no page written:
+        # reusable without a remap.
+        self.clean_for: tuple[Any, int, int] | None = None
         # Counts shrinks: pages cut and regrown read as zero without any
         # tracker reporting them, so an incremental checkpoint must start over.
         self._shrinks = 0
@@ -85,6 +87,35 @@ class Region(_native.Mapping):
     def max_size(self) -> int:  # type: ignore[override]
         """The largest size :meth:`resize` accepts, in bytes."""
         return self._max_size
+
+    @property
+    def shrinks(self) -> int:
+        """Internal: for checkpoints and thread combines: how many times the region shrank."""
+        return self._shrinks
+
+    @property
+    def file_fd(self) -> int:
+        """Internal: for snapshots and benchmarks: the backing memfd, or -1."""
+        return self._fd
+
+    @property
+    def exports(self) -> int:
+        """Internal: for leak checks: views (memoryview, numpy) of the region still alive."""
+        return self._exports
+
+    def map_snapshot(self, fd: int) -> None:
+        """Internal: for Snapshot.map_to: maps the snapshot file ``fd`` over the region, privately, in place."""
+        self._map_file(fd, self.size, False)
+        self.snapshot_mapped = True
+
+    def grow_file(self, fd: int, size: int) -> None:
+        """Internal: for executors: grows the region to ``size`` bytes, mapping the new pages of
+        the file ``fd`` privately; the pages it had stay as they are."""
+        self._grow_file(fd, size)
+
+    def advise_huge(self, huge: bool) -> None:
+        """Internal: for checkpoint restores: asks for (or against) transparent huge pages."""
+        self._advise_huge(huge)
 
     @property
     def n_pages(self) -> int:
@@ -149,7 +180,7 @@ class Region(_native.Mapping):
         if self.closed:
             return
         self._close()  # stops every tracking of it first (the native core owns that order)
-        self._trackings.clear()
+        self.trackings.clear()
 
     def _check_open(self) -> None:
         if self.closed:

@@ -9,12 +9,13 @@ it copy-on-write (:meth:`Snapshot.map_to`), changed, and compared back
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
 import threading
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -123,7 +124,7 @@ class Snapshot:
             # Whoever else holds the memfd (a worker it was sent to) can grow
             # it but never shrink it: pages cut off under a mapping would
             # kill this process with SIGBUS on the next read.
-            fcntl.fcntl(self._memory._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            fcntl.fcntl(self._memory.file_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         if view is not None and nbytes:
             memoryview(self._memory)[:nbytes] = view
 
@@ -157,11 +158,11 @@ class Snapshot:
                                    "it would map; attaching never resizes it")
         return cls(size=nbytes, max_size=max_size, _fd=fd)
 
-    def _follow_size(self, size: int) -> None:
-        """Adopts a size the snapshot's owner grew the shared file to."""
+    def follow_size(self, size: int) -> None:
+        """Internal: for worker processes: adopts a size the snapshot's owner grew the shared file to."""
         with self._lock:
             self._check_open()
-            self._grow(size)
+            self.grow(size)
 
     # ---- basics ---------------------------------------------------------------
 
@@ -179,7 +180,7 @@ class Snapshot:
     def fd(self) -> int:
         """The memfd holding the snapshot (to pass to other processes)."""
         self._check_open()
-        return self._memory._fd
+        return self._memory.file_fd
 
     @property
     def closed(self) -> bool:
@@ -188,6 +189,26 @@ class Snapshot:
     def _check_open(self) -> None:
         if self._memory.closed:
             raise PageforkError("the snapshot is closed")
+
+    @property
+    def mapping(self) -> Region:
+        """Internal: for windows, thread memory and checkpoints: the shared mapping of the file."""
+        return self._memory
+
+    @contextlib.contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Internal: for main-memory windows: holds the lock; refuses a closed snapshot."""
+        with self._lock:
+            self._check_open()
+            yield
+
+    def note_changes(self, ranges: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Internal: for main-memory windows: (offsets, lengths) written past the snapshot's API."""
+        self._changes.extend(ranges)
+
+    def undo_growth(self, size: int) -> None:
+        """Internal: for a refused window merge: back to ``size`` (pages past it stay mapped, read as zero)."""
+        self._size = size
 
     def _check_range(self, offset: int, length: int, limit: int, what: str) -> None:
         if offset < 0 or length < 0 or offset + length > limit:
@@ -210,14 +231,15 @@ class Snapshot:
             self._check_open()
             return memoryview(self._memory)[: self._size].toreadonly()
 
-    def _grow(self, size: int) -> None:
+    def grow(self, size: int) -> None:
+        """Internal: for main-memory windows and workers: grows to ``size`` (caller holds the lock)."""
         if size > self._max_size:
             raise OutOfBoundsError(f"the snapshot would grow to {size} bytes; its max_size is "
                                    f"{self._max_size}")
         if size > self._size:
             pages = round_to_pages(size)
             if pages > self._memory.size:  # (an undone apply may have left it larger)
-                if self._attached and os.fstat(self._memory._fd).st_size < pages:
+                if self._attached and os.fstat(self._memory.file_fd).st_size < pages:
                     raise OutOfBoundsError(f"an attached snapshot cannot grow to {size} bytes: "
                                            "its file is smaller, and only the snapshot that "
                                            "made it grows it")
@@ -237,7 +259,7 @@ class Snapshot:
                                        f"its max_size is {self._max_size}")
             # One OVERWRITE diff: grown, written and recorded all or nothing,
             # even when interrupted.
-            self._apply(DiffBatch._unchecked(np.array([offset], np.int64),
+            self._apply(DiffBatch.unchecked(np.array([offset], np.int64),
                                              np.array([view.nbytes], np.int64),
                                              np.zeros(1, np.uint8), np.zeros(1, np.uint8), view))
 
@@ -278,8 +300,7 @@ class Snapshot:
             if region.size > round_to_pages(self._size):
                 raise OutOfBoundsError(f"a region of {region.size} bytes is larger than the "
                                        f"snapshot ({self._size} bytes)")
-            region._map_file(self._memory._fd, region.size, False)
-            region._snapshot_mapped = True
+            region.map_snapshot(self._memory.file_fd)
 
     # ---- merge regions ----------------------------------------------------------
 
@@ -331,8 +352,8 @@ class Snapshot:
             self._merge_regions.extend(gaps)
             self._merge_regions.sort(key=lambda r: r.offset)
 
-    def _region_columns(self, limit: int, regions: list[MergeRegion]) -> tuple[np.ndarray, ...]:
-        """The regions as kernel columns, clipped to ``limit``. A typed region
+    def region_columns(self, limit: int, regions: list[MergeRegion]) -> tuple[np.ndarray, ...]:
+        """Internal: for diffs and thread combines. The regions as kernel columns, clipped to ``limit``. A typed region
         cut short (running to the end, or past the snapshot) keeps its whole
         values; its leftover tail bytes are carried as OVERWRITE."""
         regions = regions or [MergeRegion(0, 0)]
@@ -377,11 +398,11 @@ class Snapshot:
         with self._lock:
             self._check_open()
             size = self._size
-            columns = self._region_columns(min(mem.nbytes, size), self._merge_regions
+            columns = self.region_columns(min(mem.nbytes, size), self._merge_regions
                                            if regions is None else checked_regions(regions))
             try:
                 with memoryview(self._memory) as whole:
-                    batch = DiffBatch._from_native(_native.diff(
+                    batch = DiffBatch.from_native(_native.diff(
                         mem, whole[:size], flags.view(np.uint8), PAGE_SIZE, *columns))
             except ArithmeticError as exc:
                 raise MergeError(str(exc)) from None
@@ -457,7 +478,7 @@ class Snapshot:
                     for c in columns:
                         _native.apply(whole[:size], *c, True, max(end, size))
                 if end > size:
-                    self._grow(end)
+                    self.grow(end)
             # Recorded first: an interrupt right after a write must not lose
             # it from tracked_changes (reporting an unwritten range is harmless).
             self._changes.extend(records)

@@ -74,4 +74,4 @@ def decode(data: Any) -> DiffBatch:
     why = column_error(offsets, lengths, dtypes, ops, data_len)
     if why is not None:
         raise CorruptDataError(f"malformed wire message: {why}")
-    return DiffBatch._unchecked(offsets, lengths, dtypes, ops, view[at: at + data_len])
+    return DiffBatch.unchecked(offsets, lengths, dtypes, ops, view[at: at + data_len])

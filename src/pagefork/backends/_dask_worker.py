@@ -84,7 +84,7 @@ class _CacheEntry:
                 base, changes = cloudpickle.loads(zstandard.ZstdDecompressor().decompress(payload))
                 if base != self.version:
                     raise SnapshotMissing(f"holds version {self.version}, delta is from {base}")
-                self.snapshot._grow(size)
+                self.snapshot.grow(size)
                 self.snapshot.apply(compact.decode(changes))
                 self.snapshot.clear_tracked_changes()  # nobody here reads them: they would only grow
             else:

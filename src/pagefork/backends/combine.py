@@ -196,7 +196,7 @@ class CombiningWorkspace(Workspace):
         if self._partial_kept is not None and _same(self._partial_kept, key):
             private = np.empty(r.n_pages, np.uint8)  # put back to the snapshot's bytes
             _native.private_pages(r, private)
-            _native.copy_pages(r, spec.snapshot._memory, private, PAGE_SIZE)
+            _native.copy_pages(r, spec.snapshot.mapping, private, PAGE_SIZE)
         else:
             spec.snapshot.map_to(r)  # equal to the snapshot, copy-on-write
             self._partial_kept = key
@@ -214,9 +214,9 @@ class CombiningWorkspace(Workspace):
         not the snapshot's) or of another snapshot, returns False (map it
         afresh). Saves a remap per
         thread that wrote nothing. ``clean``: what the last thread left
-        (``Region._clean_for``)."""
+        (``Region.clean_for``)."""
         if (tracker_.mode != "cow" or clean is None or clean[0] is not spec.snapshot
-                or clean[1:] != (region.size, region._shrinks) or not _still_mapped(spec, region)):
+                or clean[1:] != (region.size, region.shrinks) or not _still_mapped(spec, region)):
             return False
         try:
             tracker_.start(region)
@@ -235,10 +235,10 @@ class CombiningWorkspace(Workspace):
         the pages to compare are exactly those it wrote). With ``exact``, the
         pages to compare are narrowed to the ones it wrote or changed; else
         every private page is compared."""
-        whole = spec.snapshot._memory  # the snapshot's pages, to the page-rounded end
-        key = (spec.snapshot, region.address, region.size, region._shrinks)
-        clean_for, region._clean_for = region._clean_for, None  # this thread may write it
-        shape = (region.size, region._shrinks)  # as mapped for this thread
+        whole = spec.snapshot.mapping  # the snapshot's pages, to the page-rounded end
+        key = (spec.snapshot, region.address, region.size, region.shrinks)
+        clean_for, region.clean_for = region.clean_for, None  # this thread may write it
+        shape = (region.size, region.shrinks)  # as mapped for this thread
         before = None
         if (tracker_.mode == "cow" and self._recent >= _KEEP_MIN_PAGES and self._kept is not None
                 and _same(self._kept, key) and _still_mapped(spec, region)):
@@ -258,15 +258,15 @@ class CombiningWorkspace(Workspace):
             try:
                 if not self._start_clean(spec, region, tracker_, clean_for):
                     spec.snapshot.map_to(region)
-                    tracker_._start_mapped(region)
+                    tracker_.start_mapped(region)
             except BaseException as exc:
                 raise _Unprepared(preparation_error(exc)) from exc
             result, dirty = call_tracked(spec, i, region, tracker_, identity)
             if tracker_.mode == "cow":  # not under mlockall: Workspace.prepare
                 self._kept = key
                 # Still the snapshot's mapping, unless it was resized: reusable.
-                if not dirty.any() and (region.size, region._shrinks) == shape:
-                    region._clean_for = (spec.snapshot, *shape)
+                if not dirty.any() and (region.size, region.shrinks) == shape:
+                    region.clean_for = (spec.snapshot, *shape)
                 # cow: written = private. Only worth keeping for many pages.
                 many = np.count_nonzero(dirty) >= _KEEP_MIN_PAGES
                 self._private = dirty.view(np.uint8).copy() if many else None
@@ -306,7 +306,7 @@ class CombiningWorkspace(Workspace):
         columns: tuple[np.ndarray, ...] = ()  # the combinable regions, for fold
         covered = None
         if combining:
-            columns = snapshot._region_columns(min(region.size, snapshot.size), shared)
+            columns = snapshot.region_columns(min(region.size, snapshot.size), shared)
             covered = _covered_pages(region.n_pages, *columns[:2])
         clean: np.ndarray | None = None  # the first thread puts back every private page
         result: Any

@@ -133,7 +133,7 @@ class _WorkerLoop:
         assert self.snapshot is not None, "a batch arrived before its snapshot"
         combining = combine.combines(batch.regions, len(batch.indexes))  # the parent waits for GroupEnd then
         try:
-            self.snapshot._follow_size(batch.size)
+            self.snapshot.follow_size(batch.size)
             fn = cloudpickle.loads(batch.fn)
             args = cloudpickle.loads(batch.args)
             restore_code_files(fn, batch.files)

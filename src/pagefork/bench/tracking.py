@@ -56,7 +56,7 @@ class TrackingCost:
 def _fill_file(region: Region) -> None:
     """Gives a memfd region's file one non-zero byte per page (a snapshot has
     content; copying a hole would not copy anything)."""
-    with mmap.mmap(region._fd, region.size, mmap.MAP_SHARED) as file_map:
+    with mmap.mmap(region.file_fd, region.size, mmap.MAP_SHARED) as file_map:
         np.frombuffer(file_map, np.uint8)[::PAGE_SIZE] = 0x5A
 
 
@@ -77,7 +77,7 @@ def _pagefork_once(mode: str, region: Region) -> tuple[int, int, int]:
     t = tracker(mode)
     t0 = time.perf_counter_ns()
     if mode == "cow":
-        region._map_file(region._fd, region.size, False)  # what Snapshot.map_to does
+        region.map_snapshot(region.file_fd)  # what Snapshot.map_to does
     t.start(region)
     start_ns = time.perf_counter_ns() - t0
     write = _baseline.touch(region.address, n, 7)
@@ -106,7 +106,7 @@ def _raw_once(mode: str, region: Region) -> tuple[int, int, int]:
         arm, write, rearm, _ = _baseline.uffd_async(addr, n)
         return write, rearm, arm
     if mode == "cow":
-        mapping, write, read, _ = _baseline.cow(addr, n, region._fd)
+        mapping, write, read, _ = _baseline.cow(addr, n, region.file_fd)
         return write, read, mapping
     if mode == "softpte":
         arm, write, read, _ = _baseline.softpte(addr, n)
