@@ -187,8 +187,8 @@ def pages_body(source: memoryview, size: int, pages: np.ndarray) -> list[memoryv
     return pieces
 
 
-class _Reader:
-    """Reads an object in chunks, keeping its CRC32C and length."""
+class ObjectReader:
+    """Internal: for checkpoint images too. Reads an object in chunks, keeping its CRC32C and length."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
@@ -229,7 +229,7 @@ class ObjectRef:
     pages: int         # pages it carries
 
 
-def _read_header(r: _Reader, ref: ObjectRef, memory_limit: int) -> tuple[int, int, int, int]:
+def read_header(r: ObjectReader, ref: ObjectRef, memory_limit: int) -> tuple[int, int, int, int]:
     """Reads and checks an object's header: (kind, flags, memory_size,
     body_len)."""
     header = r.read(HEADER.size)
@@ -265,15 +265,15 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
     ``memory_limit``, never by a size a manifest or header claims."""
     import zstandard
 
-    r = _Reader(f)
-    kind, flags, memory_size, body_len = _read_header(r, ref, memory_limit)
+    r = ObjectReader(f)
+    kind, flags, memory_size, body_len = read_header(r, ref, memory_limit)
     try:
         if kind == KIND_IMAGE:
             if into is None or into.nbytes < memory_size:
                 raise CorruptDataError(f"its image of {memory_size} bytes does not fit the memory")
             _read_image(r, ref, flags, into[:memory_size])
             return memory_size, None
-        body = _read_rest(r, ref)
+        body = read_rest(r, ref)
         raw: Any = body
         if flags & FLAG_ZSTD:
             raw = _decompress(body, body_len)
@@ -288,7 +288,7 @@ def read_object(f: BinaryIO, ref: ObjectRef, into: memoryview | None,
     return memory_size, batch
 
 
-def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview) -> None:
+def _read_image(r: ObjectReader, ref: ObjectRef, flags: int, target: memoryview) -> None:
     """Streams an image into ``target`` chunk by chunk. The bytes land
     before the checksum is known: a damaged image fails after writing, and
     the caller discards the memory."""
@@ -296,7 +296,7 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview) -> N
 
     if flags & FLAG_ZSTD:
         # Checksum the compressed bytes first: never decode unchecked input.
-        packed = _read_rest(r, ref)
+        packed = read_rest(r, ref)
         source = zstandard.ZstdDecompressor().stream_reader(packed)
         _fill_image(source, target)
         if source.read(1):
@@ -307,7 +307,7 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview) -> N
         if not _copy_local(r, ref, target):
             _fill_image(r, target)
             r.drain()
-            _check(r, ref)
+            check_read(r, ref)
         return
     except OSError as exc:
         if exc.errno != errno.EFAULT or body[2] is None:
@@ -320,7 +320,7 @@ def _read_image(r: _Reader, ref: ObjectRef, flags: int, target: memoryview) -> N
     r.f.seek(body[2])
     _fill_image(_Bounced(r), target)
     r.drain()
-    _check(r, ref)
+    check_read(r, ref)
 
 
 def _fill_image(source: Any, target: memoryview) -> None:
@@ -336,7 +336,7 @@ class _Bounced:
     """Reads through a buffer of its own, then copies: for memory the
     kernel may not write into."""
 
-    def __init__(self, reader: _Reader) -> None:
+    def __init__(self, reader: ObjectReader) -> None:
         self.reader = reader
         self.buffer = memoryview(bytearray(CHUNK))
 
@@ -349,7 +349,7 @@ class _Bounced:
 PARALLEL_COPY = 64 << 20  # images at least this large are copied by two native threads
 
 
-def _local_file(r: _Reader, ref: ObjectRef) -> tuple[int, int] | None:
+def _local_file(r: ObjectReader, ref: ObjectRef) -> tuple[int, int] | None:
     """(descriptor, offset of the body) when the object is a local regular
     file of the size the manifest says, read just past its header; else
     None (the caller streams it)."""
@@ -364,7 +364,7 @@ def _local_file(r: _Reader, ref: ObjectRef) -> tuple[int, int] | None:
     return src, at
 
 
-def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
+def _copy_local(r: ObjectReader, ref: ObjectRef, target: memoryview) -> bool:
     """Copies a raw image from a local file into ``target`` in native code:
     one copy, with the CRC32C computed over each piece where it landed,
     while it is still in the cache; large images by two native threads,
@@ -383,7 +383,7 @@ def _copy_local(r: _Reader, ref: ObjectRef, target: memoryview) -> bool:
     r.length, r.crc = at + size, crc
     r.f.seek(at + size)
     r.drain()  # bytes past the image: counted and checksummed, then refused by the length check
-    _check(r, ref)
+    check_read(r, ref)
     return True
 
 
@@ -395,15 +395,15 @@ def check_object(f: BinaryIO, ref: ObjectRef, memory_limit: int) -> None:
     if ref.kind != "base":
         read_object(f, ref, None, memory_limit)
         return
-    r = _Reader(f)
-    _read_header(r, ref, memory_limit)
+    r = ObjectReader(f)
+    read_header(r, ref, memory_limit)
     buffer = memoryview(bytearray(CHUNK))
     while r.readinto(buffer) == CHUNK:
         pass
-    _check(r, ref)
+    check_read(r, ref)
 
 
-def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray | memoryview:
+def read_rest(r: ObjectReader, ref: ObjectRef) -> bytearray | memoryview:
     """The rest of the object, checked against ``ref``. Read straight into
     a buffer that at most doubles as bytes arrive, so memory grows with the
     bytes stored, not with the size ``ref`` claims. A local file of the
@@ -415,7 +415,7 @@ def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray | memoryview:
         whole = np.empty(want, np.uint8).data.cast("B")
         got = _fill(r, whole)
         r.drain()
-        _check(r, ref)
+        check_read(r, ref)
         return whole[:got]
     body = bytearray(min(want, CHUNK))
     got = 0
@@ -427,7 +427,7 @@ def _read_rest(r: _Reader, ref: ObjectRef) -> bytearray | memoryview:
         body.extend(bytes(min(len(body), want - len(body))))
     del body[got:]
     r.drain()
-    _check(r, ref)
+    check_read(r, ref)
     return body
 
 
@@ -453,7 +453,8 @@ def _fill(reader: Any, target: memoryview) -> int:
     return got
 
 
-def _check(r: _Reader, ref: ObjectRef) -> None:
+def check_read(r: ObjectReader, ref: ObjectRef) -> None:
+    """Refuses (CorruptDataError) an object read whole whose length or CRC32C is not the manifest's."""
     if r.length != ref.size:
         raise CorruptDataError(f"{r.length} bytes long, the manifest says {ref.size}")
     if r.crc != ref.crc32c:

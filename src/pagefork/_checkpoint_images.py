@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from . import _native
-from ._checkpoint_format import (CHUNK, FLAG_ZSTD, KIND_IMAGE, Manifest, ObjectRef, _check, _Reader,
-                                 _read_header, _read_rest, read_object)
+from ._checkpoint_format import (CHUNK, FLAG_ZSTD, KIND_IMAGE, Manifest, ObjectReader, ObjectRef, check_read,
+                                 read_header, read_object, read_rest)
 from ._checkpoint_store import Store
 from ._checkpoint_versions import damage, missing
 from ._errors import CorruptDataError
@@ -105,12 +105,12 @@ def _image_chunks(f: BinaryIO, ref: ObjectRef, memory_limit: int) -> Iterator[tu
     discards what it wrote)."""
     import zstandard
 
-    r = _Reader(f)
-    kind, flags, memory_size, _ = _read_header(r, ref, memory_limit)
-    if kind != KIND_IMAGE:  # _read_header holds kind and the manifest equal
+    r = ObjectReader(f)
+    kind, flags, memory_size, _ = read_header(r, ref, memory_limit)
+    if kind != KIND_IMAGE:  # read_header holds kind and the manifest equal
         raise CorruptDataError("a base that holds no image")
     buffer = memoryview(bytearray(CHUNK))
-    source = zstandard.ZstdDecompressor().stream_reader(_read_rest(r, ref)) if flags & FLAG_ZSTD else r
+    source = zstandard.ZstdDecompressor().stream_reader(read_rest(r, ref)) if flags & FLAG_ZSTD else r
     try:
         for at in range(0, memory_size, CHUNK):
             want = min(CHUNK, memory_size - at)
@@ -126,7 +126,7 @@ def _image_chunks(f: BinaryIO, ref: ObjectRef, memory_limit: int) -> Iterator[tu
                 raise CorruptDataError("its compressed image is longer than its memory")
         else:
             r.drain()
-            _check(r, ref)
+            check_read(r, ref)
     except zstandard.ZstdError as exc:
         raise CorruptDataError(f"its compressed body is damaged: {exc}") from None
 
