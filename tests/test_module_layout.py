@@ -127,8 +127,13 @@ def test_the_cycle_finder_names_each_cycle():
 # A module reads only its own underscored names; what another module needs
 # from it is an explicit internal method or property ("Internal: for X").
 
+# NamedTuple's API is public despite its underscore (it keeps clear of field names).
+_NAMEDTUPLE_API = {"_make", "_replace", "_asdict", "_fields", "_field_defaults"}
+
+
 def _private(name: str) -> bool:
-    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    return (name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+            and name not in _NAMEDTUPLE_API)
 
 
 def _definitions(tree: ast.Module) -> tuple[set[str], set[str]]:
@@ -228,14 +233,14 @@ def test_no_module_reads_another_modules_private_names():
 
 def test_the_private_read_checker_sees_members_and_module_names(tmp_path):
     """Another module's member (through any object) and module-level name (through
-    the module, or imported from it) count; self/cls, one's own names, dunders and a name no
-    package module defines (a library's) do not."""
-    (tmp_path / "a.py").write_text("class A:\n    _kept = 1\n    def __init__(self):\n        self._x = 1\n"
+    the module, or imported from it) count; self/cls, one's own names, dunders,
+    NamedTuple's API and a name no package module defines (a library's) do not."""
+    (tmp_path / "a.py").write_text("class A:\n    _kept = _replace = 1\n    def __init__(self):\n        self._x = 1\n"
                                    "def _helper():\n    pass\n")
     (tmp_path / "b.py").write_text("from . import a\nfrom .a import _helper, A\n"
                                    "def f(obj, client):\n"
                                    "    obj._x, obj._kept, a._helper()\n"
-                                   "    obj.__dict__, client._private_of_a_library, obj._own\n"
+                                   "    obj.__dict__, client._private_of_a_library, obj._own, obj._replace()\n"
                                    "class B:\n    def __init__(self):\n        self._own = self._x\n")
     modules = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
     assert foreign_private_reads(modules, tmp_path) == {"b.py: obj._x", "b.py: obj._kept", "b.py: a._helper",
