@@ -38,7 +38,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing import connection, reduction
 from typing import Any
@@ -48,7 +47,7 @@ import cloudpickle
 
 from .._cpus import available_cpus
 from .._errors import CorruptDataError, PageforkError
-from .._thread_errors import code_files, pickled_exception, restore_code_files
+from .._thread_errors import code_files, format_exc, pickled_exception, restore_code_files
 from .._log import log
 from .._limits import cannot_start, is_out_of_tasks, limit_report
 from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
@@ -56,7 +55,7 @@ from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from . import combine, replies
 from ._messages import (NO_DIFFS, AttachReplies, AttachSnapshot, GroupEnd, Prepare, RunBatch, ShippedDiffs, Stop,
-                        ThreadReply, dumps, loads, thread_outcome)
+                        REPLIES, ThreadReply, dumps, loads, thread_outcome)
 from .spawn import WorkerConnection, die_with_parent, spawn_worker
 from .threads import group_by_slot
 
@@ -138,7 +137,7 @@ class _WorkerLoop:
             args = cloudpickle.loads(batch.args)
             restore_code_files(fn, batch.files)
         except BaseException:
-            error = "cannot load the thread function:\n" + traceback.format_exc()
+            error = "cannot load the thread function:\n" + format_exc()
             for i in batch.indexes:
                 self.reply(batch.seq, i, error)
             if combining:
@@ -158,7 +157,7 @@ class _WorkerLoop:
                     result = cloudpickle.dumps(outcome.result)
                     packed = combine.pack(outcome.diffs)
                 except BaseException:
-                    outcome.error = "cannot send the result back:\n" + traceback.format_exc()
+                    outcome.error = "cannot send the result back:\n" + format_exc()
             exception, note = pickled_exception(outcome.exception)
             _send(self.conn, ThreadReply(outcome.index, result, outcome.dirty_pages,
                                          None if outcome.error is None else outcome.error + note,
@@ -172,7 +171,7 @@ class _WorkerLoop:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException:  # combining failed (e.g. no memory): the batch fails
-            failure = "the worker could not run or combine the threads:\n" + traceback.format_exc()
+            failure = "the worker could not run or combine the threads:\n" + format_exc()
         if failure is not None:  # every thread still owed a reply gets the failure
             for i in batch.indexes:
                 if i not in reported:
@@ -358,11 +357,11 @@ class ProcessesBackend:
         w = self._workers[slot]
         if w is None or not w.alive():
             if w is not None:  # it ended between batches
-                log.info("worker process %d (pid %d) had ended (exit code %s); starting another", slot,
-                         w.process.pid, w.process.returncode)
                 w.conn.close()
                 w.drop_replies()
                 self.replaced += 1
+                log.info("worker process %d (pid %d) had ended (exit code %s); starting another", slot,
+                         w.process.pid, w.process.returncode)
             w = self._workers[slot] = _Worker(slot)
         return w
 
@@ -431,11 +430,15 @@ class ProcessesBackend:
         w = run.used[slot]
         try:
             data = w.conn.recv_bytes()
-            message = loads(data)
-            payload = w.payload(message.diffs)
-        except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
+        except (EOFError, OSError):  # the worker died (its socket closed)
             self._check_open()
             self._lost(run, slot)
+            return
+        try:
+            message = loads(data, REPLIES)
+            payload = w.payload(message.diffs)
+        except ValueError as exc:  # not a reply: the worker's state is unknown
+            self._lost(run, slot, malformed=str(exc))
             return
         run.shipped += len(data)  # with inline payloads
         if message.diffs.header is not None and message.diffs.inline is None:
@@ -463,17 +466,25 @@ class ProcessesBackend:
         if not run.pending[slot]:
             del run.pending[slot]
 
-    def _lost(self, run: _Run, slot: int) -> None:
-        """Fails the threads a worker that died still owed (its first one if
-        only its GroupEnd was due) and forgets the worker."""
+    def _lost(self, run: _Run, slot: int, malformed: str | None = None) -> None:
+        """Fails the threads a worker that died (or sent a ``malformed``
+        reply: it is killed) still owed (its first one if only its GroupEnd
+        was due) and forgets the worker."""
         w = run.used[slot]
-        code = w.exit_code()
-        lost = w.why_lost(slot)
+        pid = w.process.pid
+        if malformed is not None:
+            self._drop(slot, kill=True, why="sent a malformed reply and is killed")
+            def why(i: int) -> str:
+                return (f"worker process {slot} (pid {pid}) sent a malformed reply while running thread {i} "
+                        f"({malformed}); it was killed")
+        else:
+            code = w.exit_code()
+            lost = w.why_lost(slot)
+            self._drop(slot)
+            def why(i: int) -> str:
+                return lost or f"worker process {slot} (pid {pid}) died while running thread {i} (exit code {code})"
         for i in sorted(run.pending.pop(slot) - {_END}) or [run.first[slot]]:
-            run.outcomes[i] = ThreadOutcome(
-                i, error=lost or f"worker process {slot} (pid {w.process.pid}) died while running thread "
-                                 f"{i} (exit code {code})")
-        self._drop(slot)
+            run.outcomes[i] = ThreadOutcome(i, error=why(i))
 
     def _check_open(self) -> None:
         """Raises if close() ran (on another thread: an App collected, or
@@ -482,19 +493,20 @@ class ProcessesBackend:
             raise PageforkError("the App was closed while the batch ran (by another thread, or at "
                                 "interpreter exit); nothing merged")
 
-    def _drop(self, slot: int, kill: bool = False) -> None:
-        """Forgets a worker that died or whose state is unknown; the next
-        batch starts a new one."""
+    def _drop(self, slot: int, kill: bool = False,
+              why: str = "is killed: its batch was cancelled, its state is unknown") -> None:
+        """Forgets a worker that died or whose state is unknown (``kill``:
+        ends it, saying ``why``); the next batch starts a new one."""
         w, self._workers[slot] = self._workers[slot], None
-        if w is not None:
-            log.info("worker process %d (pid %d) %s; another starts for the next batch", slot, w.process.pid,
-                     "is killed: its batch was cancelled, its state is unknown" if kill else "was lost")
+        if w is not None:  # the worker is dealt with first, then logged (logging never comes first)
             if kill:
                 w.kill()
             else:
                 w.conn.close()
             w.drop_replies()
             self.replaced += 1
+            log.info("worker process %d (pid %d) %s; another starts for the next batch", slot, w.process.pid,
+                     why if kill else "was lost")
 
     def close(self, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
