@@ -18,7 +18,10 @@ import load in the workers too; the caller's ``__main__`` is never re-run
 Replies are read on the executor's batch thread, where KeyboardInterrupt
 never lands, so a message is never cut in half. A cancelled batch (its caller
 was interrupted) kills the workers still running it; they are replaced
-before the next batch, so no worker is ever in an unknown state.
+before the next batch, so no worker is ever in an unknown state. A worker
+that sent half a reply and hangs blocks that read, which no cancel check
+interrupts: the caller's thread then kills it (abort(), through a pidfd).
+A reply that is no ThreadReply or GroupEnd kills its worker too.
 
 Workers die with their parent: each asks the kernel for SIGKILL when its
 parent dies (PR_SET_PDEATHSIG) and exits at once if the parent was gone
@@ -37,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing import connection, reduction
@@ -63,6 +67,20 @@ __all__ = ["ProcessesBackend"]
 
 
 _END = -1  # in a slot's pending set: the worker's GroupEnd (combined diffs) is still due
+
+# Orders closing a worker's pidfd against ProcessesBackend.abort signalling
+# through it from the caller's thread (a closed descriptor's number is reused).
+_PIDFDS = threading.Lock()
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor of process ``pid``, which this process has not reaped
+    (None where the kernel has none: before Linux 5.3): a signal sent
+    through it never reaches a process that got the pid after it."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _send(conn: connection.Connection, message: Any) -> int:
@@ -215,6 +233,7 @@ class _Worker:
                 raise cannot_start("a worker process", exc) from exc
             raise
         self.conn = WorkerConnection(ours)
+        self.pidfd = _pidfd(self.process.pid)
         self.slot = slot
         log.info("worker process %d started (pid %d)", slot, self.process.pid)
         self.snapshot_key: tuple[int, int] | None = None
@@ -311,9 +330,25 @@ class _Worker:
         self.drop_replies()
 
     def drop_replies(self) -> None:
+        """Releases what the parent holds of a worker it forgets: its reply
+        buffer and its pidfd."""
         if self.replies is not None:
             self.replies.close()
             self.replies = None
+        with _PIDFDS:
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
+
+    def abort(self) -> None:
+        """Kills the worker (SIGKILL through its pidfd) from any thread,
+        without waiting: the thread reading its socket gets EOF."""
+        with _PIDFDS:
+            if self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except OSError:  # it has exited
+                    pass
 
 
 @dataclass
@@ -352,6 +387,7 @@ class ProcessesBackend:
             raise
         self.replaced = 0  # workers restarted after dying or being abandoned
         self._seq = 0
+        self._running: _Run | None = None  # the batch run() is running (for abort())
 
     def _worker(self, slot: int) -> _Worker:
         w = self._workers[slot]
@@ -375,6 +411,7 @@ class ProcessesBackend:
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to worker processes "
                                 f"(they travel pickled): {exc!r}") from exc
+        self._running = run
         try:
             preparation = _preparation()
             for slot, indexes in group_by_slot(placement).items():
@@ -385,11 +422,13 @@ class ProcessesBackend:
                 cancel.check()
                 self._check_open()
                 for slot in self._ready(run):
-                    self._receive(run, slot)
+                    self._receive(run, slot, cancel)
         except BaseException:  # cancelled (or broken): workers still busy are in an unknown state
             for slot in run.pending:
                 self._drop(slot, kill=True)
             raise
+        finally:
+            self._running = None
         return BatchResult([run.outcomes[i] for i in sorted(run.outcomes)], list(run.combined.values()),
                            run.shipped)
 
@@ -425,13 +464,14 @@ class ProcessesBackend:
             self._check_open()
             raise
 
-    def _receive(self, run: _Run, slot: int) -> None:
+    def _receive(self, run: _Run, slot: int, cancel: Cancel) -> None:
         """Reads one reply from slot ``slot``'s worker into ``run``."""
         w = run.used[slot]
         try:
             data = w.conn.recv_bytes()
-        except (EOFError, OSError):  # the worker died (its socket closed)
+        except (EOFError, OSError):  # the worker died (its socket closed), or abort() killed it
             self._check_open()
+            cancel.check()
             self._lost(run, slot)
             return
         try:
@@ -485,6 +525,18 @@ class ProcessesBackend:
                 return lost or f"worker process {slot} (pid {pid}) died while running thread {i} (exit code {code})"
         for i in sorted(run.pending.pop(slot) - {_END}) or [run.first[slot]]:
             run.outcomes[i] = ThreadOutcome(i, error=why(i))
+
+    def abort(self) -> None:
+        """Kills the workers still running the current batch, from any
+        thread, without waiting: for a batch that was cancelled and has not
+        let go (the executor calls this after a grace), as the batch thread
+        may be blocked reading a reply a worker sent only half of. The
+        batch thread then reads EOF, and replaces the workers as for any
+        cancelled batch. (Without pidfds, before Linux 5.3, it does nothing.)"""
+        run = self._running
+        if run is not None:
+            for slot in tuple(run.pending):  # (copied under the GIL: the batch thread changes it)
+                run.used[slot].abort()
 
     def _check_open(self) -> None:
         """Raises if close() ran (on another thread: an App collected, or
