@@ -262,8 +262,11 @@ def _nested(code: types.CodeType) -> list[types.CodeType]:
 def code_files(fn: Any) -> dict[tuple[str, int], str]:
     """(name, first line) -> file of the code a worker runs for ``fn``: its
     own, its helpers' (:func:`_functions`) and the code nested in them."""
-    return {(c.co_name, c.co_firstlineno): c.co_filename
-            for f in _functions(fn) for c in _nested(f.__code__)}
+    try:
+        functions = _functions(fn)
+    except Exception:  # an object that fights isinstance (its __class__ raises): only the file names are at stake
+        functions = [fn] if isinstance(fn, types.FunctionType) else []
+    return {(c.co_name, c.co_firstlineno): c.co_filename for f in functions for c in _nested(f.__code__)}
 
 
 def _renamed(code: types.CodeType, files: dict[tuple[str, int], str]) -> types.CodeType:

@@ -398,13 +398,14 @@ class Executor:
 
     def _abort(self, request: Request) -> None:
         """Aborts the workers still running ``request``'s batch, if it was
-        cancelled (not merging) and the backend can (``abort()``, called
-        from this, the caller's thread): the batch thread may be blocked in
-        a read that no cancel check interrupts (a worker that sent half a
-        reply and hangs). The backend then lets go as for any cancel."""
+        cancelled (not merging) and the backend can: ``abort(cancel)``,
+        called from this, the caller's thread, as the batch thread may be
+        blocked in a read that no cancel check interrupts (a worker that
+        sent half a reply and hangs). The backend then lets go as for any
+        cancel."""
         abort = getattr(self.backend, "abort", None)
         if request.cancel.is_set() and abort is not None:
-            abort()
+            abort(request.cancel)  # (a no-op if its batch has ended meanwhile)
 
     def serve(self, request: Request) -> None:
         """Runs one request on the batch thread."""

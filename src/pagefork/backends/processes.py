@@ -387,7 +387,7 @@ class ProcessesBackend:
             raise
         self.replaced = 0  # workers restarted after dying or being abandoned
         self._seq = 0
-        self._running: _Run | None = None  # the batch run() is running (for abort())
+        self._running: tuple[Cancel, _Run] | None = None  # the batch run() is running (for abort())
 
     def _worker(self, slot: int) -> _Worker:
         w = self._workers[slot]
@@ -411,7 +411,7 @@ class ProcessesBackend:
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to worker processes "
                                 f"(they travel pickled): {exc!r}") from exc
-        self._running = run
+        self._running = (cancel, run)
         try:
             preparation = _preparation()
             for slot, indexes in group_by_slot(placement).items():
@@ -526,15 +526,17 @@ class ProcessesBackend:
         for i in sorted(run.pending.pop(slot) - {_END}) or [run.first[slot]]:
             run.outcomes[i] = ThreadOutcome(i, error=why(i))
 
-    def abort(self) -> None:
-        """Kills the workers still running the current batch, from any
-        thread, without waiting: for a batch that was cancelled and has not
-        let go (the executor calls this after a grace), as the batch thread
-        may be blocked reading a reply a worker sent only half of. The
-        batch thread then reads EOF, and replaces the workers as for any
-        cancelled batch. (Without pidfds, before Linux 5.3, it does nothing.)"""
-        run = self._running
-        if run is not None:
+    def abort(self, cancel: Cancel) -> None:
+        """Kills the workers still running the batch ``cancel`` belongs to
+        (if it is the one running), from any thread, without waiting: for a
+        batch that was cancelled and has not let go (the executor calls this
+        after a grace), as the batch thread may be blocked reading a reply a
+        worker sent only half of. The batch thread then reads EOF, and
+        replaces the workers as for any cancelled batch. (Without pidfds,
+        before Linux 5.3, it does nothing.)"""
+        running = self._running
+        if running is not None and running[0] is cancel:  # never a later batch's workers
+            run = running[1]
             for slot in tuple(run.pending):  # (copied under the GIL: the batch thread changes it)
                 run.used[slot].abort()
 
