@@ -1,8 +1,7 @@
 """Thread errors at the edges: exceptions that fight pickling and
 formatting, code whose file the first line must name wherever it is sent by
 value, malformed worker replies, and the pagefork logger with handlers that
-misbehave (logging never changes what pagefork does). A test marked
-xfail(strict) is an open bug."""
+misbehave (logging never changes what pagefork does)."""
 
 from __future__ import annotations
 
@@ -388,7 +387,7 @@ os._exit(0)
         done = _run_script(code, timeout=8)
     except subprocess.TimeoutExpired:
         pytest.fail("deadlocked: a handler called app.parallel on the batch thread")
-    assert "refused" in done.stdout and "[0, 1]" in done.stdout, done.stderr
+    assert done.stdout.splitlines() == ["refused PageforkError", "[0, 1]"], done.stdout + done.stderr
 
 
 # ---- a cause holding a view of the thread's memory ------------------------------------------

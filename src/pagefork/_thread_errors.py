@@ -44,12 +44,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
         if id(e) in seen:
             continue
         seen[id(e)] = e
-        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
-        if isinstance(e, _GROUPS):
-            try:
+        try:
+            todo += [c for c in (e.__cause__, e.__context__) if isinstance(c, BaseException)]
+            if isinstance(e, _GROUPS):
                 todo += [m for m in e.exceptions if isinstance(m, BaseException)]  # type: ignore[attr-defined]
-            except Exception:  # a subclass's property: its members are out of reach
-                pass
+        except Exception:  # a subclass's property that raises: what it hides is out of reach
+            pass
     return list(seen.values())
 
 
@@ -128,7 +128,10 @@ def thread_error(exc: BaseException) -> str:
     if frame is not None:
         head += f" (in {frame.name}, {frame.filename}, line {frame.lineno})"
     for e in _chain(exc):
-        e.__traceback__ = None
+        try:
+            e.__traceback__ = None
+        except Exception:  # (a subclass's property)
+            pass
     return head + "\n" + text
 
 
