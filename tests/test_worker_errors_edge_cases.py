@@ -269,8 +269,8 @@ def test_a_stuck_half_sent_reply_is_ended_by_the_timeout_ctrl_c_and_close():
             app.parallel(half, 1, timeout=1.0)
         except TimeoutError:
             print("timed out", app.parallel(lambda mem, i, n: i, 2))
-        threading.Timer(1.0, _thread.interrupt_main).start()
         try:
+            threading.Timer(1.0, _thread.interrupt_main).start()
             app.parallel(half, 1)
         except KeyboardInterrupt:
             print("interrupted", app.parallel(lambda mem, i, n: i, 2))
