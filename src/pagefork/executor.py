@@ -56,6 +56,11 @@ MAX_THREADS_PER_BATCH = 1 << 20
 #: Seconds ``App.close`` waits for running thread functions by default.
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
+#: Seconds a cancelled batch has to let go before its backend's workers are
+#: aborted from the caller's thread (Executor._abort). Killing them sooner
+#: changes nothing: a cancelled batch's workers are killed anyway.
+ABORT_GRACE = 0.5
+
 
 @dataclass
 class BatchStats:
@@ -337,6 +342,7 @@ class Executor:
         self.check_not_nested()
         request = Request(work, cancellable)
         deadline = None if timeout is None else time.monotonic() + timeout
+        abort_at: float | None = None  # when to abort the backend's workers (a batch that timed out)
         try:
             self._requests.put(request)
             # Woken now and then: a SIGINT that another thread received (or
@@ -349,7 +355,10 @@ class Executor:
                     raise PageforkError("the App's batch thread has ended (interpreter shutdown?)")
                 if deadline is not None and time.monotonic() >= deadline:
                     request.interrupt("timeout")  # then it lets go as for Ctrl-C, or finishes its merge
-                    deadline = None
+                    deadline, abort_at = None, time.monotonic() + ABORT_GRACE
+                if abort_at is not None and time.monotonic() >= abort_at:
+                    self._abort(request)
+                    abort_at = None
         except BaseException:
             while True:  # a burst of Ctrl-C must not skip the wait below
                 try:
@@ -372,15 +381,31 @@ class Executor:
         wait, as the batch remaps main memory when it ends, which would drop
         the writes a caller let go early makes next. Work that cannot be
         cancelled (alloc, a checkpoint's writes to a slow store) may be left
-        to finish in the background by another interrupt."""
+        to finish in the background by another interrupt. A cancelled batch
+        that has not let go after :data:`ABORT_GRACE` seconds has its
+        workers aborted (:meth:`_abort`)."""
+        abort_at: float | None = time.monotonic() + ABORT_GRACE
         while True:
             try:
                 while not request.done.wait(POLL) and self._alive.is_set():
-                    pass
+                    if abort_at is not None and time.monotonic() >= abort_at:
+                        self._abort(request)
+                        abort_at = None
                 return
             except BaseException:  # another Ctrl-C: the first one is re-raised after
                 if not request.cancellable:
                     return
+
+    def _abort(self, request: Request) -> None:
+        """Aborts the workers still running ``request``'s batch, if it was
+        cancelled (not merging) and the backend can: ``abort(cancel)``,
+        called from this, the caller's thread, as the batch thread may be
+        blocked in a read that no cancel check interrupts (a worker that
+        sent half a reply and hangs). The backend then lets go as for any
+        cancel."""
+        abort = getattr(self.backend, "abort", None)
+        if request.cancel.is_set() and abort is not None:
+            abort(request.cancel)  # (a no-op if its batch has ended meanwhile)
 
     def serve(self, request: Request) -> None:
         """Runs one request on the batch thread."""
@@ -515,6 +540,8 @@ class Executor:
             current = self._current
             if time.monotonic() > deadline and current is not None and current is not request:
                 current.interrupt("closed")  # it lets go within a fraction of a second
+                if time.monotonic() > deadline + ABORT_GRACE:
+                    self._abort(current)  # it did not (again each poll: a no-op once its workers are gone)
         if request.error is not None:
             error, request.error = request.error, None
             raise error

@@ -21,7 +21,6 @@ import asyncio
 import pickle
 import sys
 import threading
-import traceback
 from typing import Any
 
 import cloudpickle
@@ -31,7 +30,7 @@ import zstandard
 from .. import compact
 from .._errors import CorruptDataError
 from .._sizes import PAGE_SIZE, round_to_pages
-from .._thread_errors import pickled_exception, restore_code_files
+from .._thread_errors import format_exc, pickled_exception, restore_code_files
 from ..batch import BatchSpec, ThreadOutcome, thread_tracking_mode
 from ..diffs import DiffBatch
 from ..snapshot import Snapshot
@@ -289,7 +288,7 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
         call: DaskProgram = cloudpickle.loads(body)
         restore_code_files(call.fn, call.files)
     except BaseException:
-        return GroupFailed("error", "cannot load the thread function on the Dask worker:\n" + traceback.format_exc())
+        return GroupFailed("error", "cannot load the thread function on the Dask worker:\n" + format_exc())
     mode = call.mode
     if mode not in probe() or not probe()[mode].available:
         mode = thread_tracking_mode(None)  # this host's kernel differs from the client's
@@ -303,7 +302,7 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
                                            None, compress_batch(outcome.diffs)))
                 return
             except BaseException:
-                outcome.error = "cannot send the result back:\n" + traceback.format_exc()
+                outcome.error = "cannot send the result back:\n" + format_exc()
         exception, note = pickled_exception(outcome.exception)
         replies.append(ThreadReply(outcome.index, None, outcome.dirty_pages, (outcome.error or "") + note,
                                    exception=exception))
@@ -313,7 +312,7 @@ def run_group(app_id: str, lease: str, version: int, size: int, max_size: int, k
         combined = space.run_combining(spec, indexes, report)
         blob = None if combined is None else compress_batch(combined)
     except BaseException:  # combining failed (e.g. no memory): the threads fail with it
-        return GroupFailed("error", "the worker could not run or combine the threads:\n" + traceback.format_exc())
+        return GroupFailed("error", "the worker could not run or combine the threads:\n" + format_exc())
     finally:
         entry.give_back(space)
     return GroupDone(replies, blob, worker.address)

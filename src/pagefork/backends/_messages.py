@@ -21,19 +21,19 @@ per thread) or :class:`GroupFailed`.
 from __future__ import annotations
 
 import pickle
-import traceback
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
 import cloudpickle
 
 from .._errors import CorruptDataError
-from .._thread_errors import rebuilt_exception
+from .._thread_errors import format_exc, rebuilt_exception
 from ..batch import ThreadOutcome
 from ..diffs import DiffBatch
 
 __all__ = ["Stop", "Prepare", "AttachSnapshot", "AttachReplies", "RunBatch", "ShippedDiffs", "NO_DIFFS",
-           "ThreadReply", "GroupEnd", "DaskProgram", "GroupDone", "GroupFailed", "dumps", "loads", "thread_outcome"]
+           "ThreadReply", "GroupEnd", "DaskProgram", "GroupDone", "GroupFailed", "REPLIES", "dumps", "loads",
+           "thread_outcome"]
 
 
 # ---- parent -> worker process ------------------------------------------------------
@@ -166,11 +166,18 @@ def dumps(message: Any) -> bytes:
     return pickle.dumps((tag, fields), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def loads(data: bytes) -> Any:
-    """The message :func:`dumps` made (ValueError if it is not one)."""
+#: What a worker may send its parent.
+REPLIES: tuple[type, ...] = (ThreadReply, GroupEnd)
+
+
+def loads(data: bytes, accept: tuple[type, ...] = _WIRE) -> Any:
+    """The message :func:`dumps` made, of one of the types ``accept``
+    (ValueError if it is not one)."""
     try:
         tag, fields = pickle.loads(data)
         cls = _WIRE[tag]
+        if cls not in accept:
+            raise TypeError(f"a {cls.__name__} is not expected here")
         at = _DIFFS_AT.get(cls)
         if at is not None:
             fields = (*fields[:at], ShippedDiffs._make(fields[at]), *fields[at + 1:])
@@ -195,6 +202,7 @@ def thread_outcome(reply: ThreadReply, diffs: Callable[[], DiffBatch | None], wh
             outcome.result = cloudpickle.loads(reply.result) if reply.result is not None else None
         except CorruptDataError as exc:
             outcome.error = f"the worker sent malformed diffs: {exc}"
-        except (Exception, SystemExit):  # a result's __reduce__ may call sys.exit
-            outcome.error = f"cannot load the result {where}:\n" + traceback.format_exc()
+        except BaseException:  # whatever a result's __reduce__ raises, even KeyboardInterrupt or SystemExit
+            # (this runs while decoding a reply: a real Ctrl-C never lands here)
+            outcome.error = f"cannot load the result {where}:\n" + format_exc()
     return outcome

@@ -18,7 +18,10 @@ import load in the workers too; the caller's ``__main__`` is never re-run
 Replies are read on the executor's batch thread, where KeyboardInterrupt
 never lands, so a message is never cut in half. A cancelled batch (its caller
 was interrupted) kills the workers still running it; they are replaced
-before the next batch, so no worker is ever in an unknown state.
+before the next batch, so no worker is ever in an unknown state. A worker
+that sent half a reply and hangs blocks that read, which no cancel check
+interrupts: the caller's thread then kills it (abort(), through a pidfd).
+A reply that is no ThreadReply or GroupEnd kills its worker too.
 
 Workers die with their parent: each asks the kernel for SIGKILL when its
 parent dies (PR_SET_PDEATHSIG) and exits at once if the parent was gone
@@ -37,8 +40,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing import connection, reduction
 from typing import Any
@@ -48,7 +51,7 @@ import cloudpickle
 
 from .._cpus import available_cpus
 from .._errors import CorruptDataError, PageforkError
-from .._thread_errors import code_files, pickled_exception, restore_code_files
+from .._thread_errors import code_files, format_exc, pickled_exception, restore_code_files
 from .._log import log
 from .._limits import cannot_start, is_out_of_tasks, limit_report
 from ..batch import POLL, BatchResult, BatchSpec, Cancel, ThreadOutcome
@@ -56,7 +59,7 @@ from ..diffs import DiffBatch
 from ..snapshot import Snapshot
 from . import combine, replies
 from ._messages import (NO_DIFFS, AttachReplies, AttachSnapshot, GroupEnd, Prepare, RunBatch, ShippedDiffs, Stop,
-                        ThreadReply, dumps, loads, thread_outcome)
+                        REPLIES, ThreadReply, dumps, loads, thread_outcome)
 from .spawn import WorkerConnection, die_with_parent, spawn_worker
 from .threads import group_by_slot
 
@@ -64,6 +67,20 @@ __all__ = ["ProcessesBackend"]
 
 
 _END = -1  # in a slot's pending set: the worker's GroupEnd (combined diffs) is still due
+
+# Orders closing a worker's pidfd against ProcessesBackend.abort signalling
+# through it from the caller's thread (a closed descriptor's number is reused).
+_PIDFDS = threading.Lock()
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor of process ``pid``, which this process has not reaped
+    (None where the kernel has none: before Linux 5.3): a signal sent
+    through it never reaches a process that got the pid after it."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _send(conn: connection.Connection, message: Any) -> int:
@@ -138,7 +155,7 @@ class _WorkerLoop:
             args = cloudpickle.loads(batch.args)
             restore_code_files(fn, batch.files)
         except BaseException:
-            error = "cannot load the thread function:\n" + traceback.format_exc()
+            error = "cannot load the thread function:\n" + format_exc()
             for i in batch.indexes:
                 self.reply(batch.seq, i, error)
             if combining:
@@ -158,7 +175,7 @@ class _WorkerLoop:
                     result = cloudpickle.dumps(outcome.result)
                     packed = combine.pack(outcome.diffs)
                 except BaseException:
-                    outcome.error = "cannot send the result back:\n" + traceback.format_exc()
+                    outcome.error = "cannot send the result back:\n" + format_exc()
             exception, note = pickled_exception(outcome.exception)
             _send(self.conn, ThreadReply(outcome.index, result, outcome.dirty_pages,
                                          None if outcome.error is None else outcome.error + note,
@@ -172,7 +189,7 @@ class _WorkerLoop:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException:  # combining failed (e.g. no memory): the batch fails
-            failure = "the worker could not run or combine the threads:\n" + traceback.format_exc()
+            failure = "the worker could not run or combine the threads:\n" + format_exc()
         if failure is not None:  # every thread still owed a reply gets the failure
             for i in batch.indexes:
                 if i not in reported:
@@ -216,6 +233,7 @@ class _Worker:
                 raise cannot_start("a worker process", exc) from exc
             raise
         self.conn = WorkerConnection(ours)
+        self.pidfd = _pidfd(self.process.pid)
         self.slot = slot
         log.info("worker process %d started (pid %d)", slot, self.process.pid)
         self.snapshot_key: tuple[int, int] | None = None
@@ -312,9 +330,25 @@ class _Worker:
         self.drop_replies()
 
     def drop_replies(self) -> None:
+        """Releases what the parent holds of a worker it forgets: its reply
+        buffer and its pidfd."""
         if self.replies is not None:
             self.replies.close()
             self.replies = None
+        with _PIDFDS:
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
+
+    def abort(self) -> None:
+        """Kills the worker (SIGKILL through its pidfd) from any thread,
+        without waiting: the thread reading its socket gets EOF."""
+        with _PIDFDS:
+            if self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except OSError:  # it has exited
+                    pass
 
 
 @dataclass
@@ -353,16 +387,17 @@ class ProcessesBackend:
             raise
         self.replaced = 0  # workers restarted after dying or being abandoned
         self._seq = 0
+        self._running: tuple[Cancel, _Run] | None = None  # the batch run() is running (for abort())
 
     def _worker(self, slot: int) -> _Worker:
         w = self._workers[slot]
         if w is None or not w.alive():
             if w is not None:  # it ended between batches
-                log.info("worker process %d (pid %d) had ended (exit code %s); starting another", slot,
-                         w.process.pid, w.process.returncode)
                 w.conn.close()
                 w.drop_replies()
                 self.replaced += 1
+                log.info("worker process %d (pid %d) had ended (exit code %s); starting another", slot,
+                         w.process.pid, w.process.returncode)
             w = self._workers[slot] = _Worker(slot)
         return w
 
@@ -376,6 +411,7 @@ class ProcessesBackend:
         except Exception as exc:
             raise PageforkError(f"cannot send the thread function or its arguments to worker processes "
                                 f"(they travel pickled): {exc!r}") from exc
+        self._running = (cancel, run)
         try:
             preparation = _preparation()
             for slot, indexes in group_by_slot(placement).items():
@@ -386,11 +422,13 @@ class ProcessesBackend:
                 cancel.check()
                 self._check_open()
                 for slot in self._ready(run):
-                    self._receive(run, slot)
+                    self._receive(run, slot, cancel)
         except BaseException:  # cancelled (or broken): workers still busy are in an unknown state
             for slot in run.pending:
                 self._drop(slot, kill=True)
             raise
+        finally:
+            self._running = None
         return BatchResult([run.outcomes[i] for i in sorted(run.outcomes)], list(run.combined.values()),
                            run.shipped)
 
@@ -426,16 +464,21 @@ class ProcessesBackend:
             self._check_open()
             raise
 
-    def _receive(self, run: _Run, slot: int) -> None:
+    def _receive(self, run: _Run, slot: int, cancel: Cancel) -> None:
         """Reads one reply from slot ``slot``'s worker into ``run``."""
         w = run.used[slot]
         try:
             data = w.conn.recv_bytes()
-            message = loads(data)
-            payload = w.payload(message.diffs)
-        except (EOFError, OSError, ValueError):  # the worker died (its socket closed)
+        except (EOFError, OSError):  # the worker died (its socket closed), or abort() killed it
             self._check_open()
+            cancel.check()
             self._lost(run, slot)
+            return
+        try:
+            message = loads(data, REPLIES)
+            payload = w.payload(message.diffs)
+        except ValueError as exc:  # not a reply: the worker's state is unknown
+            self._lost(run, slot, malformed=str(exc))
             return
         run.shipped += len(data)  # with inline payloads
         if message.diffs.header is not None and message.diffs.inline is None:
@@ -463,17 +506,39 @@ class ProcessesBackend:
         if not run.pending[slot]:
             del run.pending[slot]
 
-    def _lost(self, run: _Run, slot: int) -> None:
-        """Fails the threads a worker that died still owed (its first one if
-        only its GroupEnd was due) and forgets the worker."""
+    def _lost(self, run: _Run, slot: int, malformed: str | None = None) -> None:
+        """Fails the threads a worker that died (or sent a ``malformed``
+        reply: it is killed) still owed (its first one if only its GroupEnd
+        was due) and forgets the worker."""
         w = run.used[slot]
-        code = w.exit_code()
-        lost = w.why_lost(slot)
+        pid = w.process.pid
+        if malformed is not None:
+            self._drop(slot, kill=True, why="sent a malformed reply and is killed")
+            def why(i: int) -> str:
+                return (f"worker process {slot} (pid {pid}) sent a malformed reply while running thread {i} "
+                        f"({malformed}); it was killed")
+        else:
+            code = w.exit_code()
+            lost = w.why_lost(slot)
+            self._drop(slot)
+            def why(i: int) -> str:
+                return lost or f"worker process {slot} (pid {pid}) died while running thread {i} (exit code {code})"
         for i in sorted(run.pending.pop(slot) - {_END}) or [run.first[slot]]:
-            run.outcomes[i] = ThreadOutcome(
-                i, error=lost or f"worker process {slot} (pid {w.process.pid}) died while running thread "
-                                 f"{i} (exit code {code})")
-        self._drop(slot)
+            run.outcomes[i] = ThreadOutcome(i, error=why(i))
+
+    def abort(self, cancel: Cancel) -> None:
+        """Kills the workers still running the batch ``cancel`` belongs to
+        (if it is the one running), from any thread, without waiting: for a
+        batch that was cancelled and has not let go (the executor calls this
+        after a grace), as the batch thread may be blocked reading a reply a
+        worker sent only half of. The batch thread then reads EOF, and
+        replaces the workers as for any cancelled batch. (Without pidfds,
+        before Linux 5.3, it does nothing.)"""
+        running = self._running
+        if running is not None and running[0] is cancel:  # never a later batch's workers
+            run = running[1]
+            for slot in tuple(run.pending):  # (copied under the GIL: the batch thread changes it)
+                run.used[slot].abort()
 
     def _check_open(self) -> None:
         """Raises if close() ran (on another thread: an App collected, or
@@ -482,19 +547,20 @@ class ProcessesBackend:
             raise PageforkError("the App was closed while the batch ran (by another thread, or at "
                                 "interpreter exit); nothing merged")
 
-    def _drop(self, slot: int, kill: bool = False) -> None:
-        """Forgets a worker that died or whose state is unknown; the next
-        batch starts a new one."""
+    def _drop(self, slot: int, kill: bool = False,
+              why: str = "is killed: its batch was cancelled, its state is unknown") -> None:
+        """Forgets a worker that died or whose state is unknown (``kill``:
+        ends it, saying ``why``); the next batch starts a new one."""
         w, self._workers[slot] = self._workers[slot], None
-        if w is not None:
-            log.info("worker process %d (pid %d) %s; another starts for the next batch", slot, w.process.pid,
-                     "is killed: its batch was cancelled, its state is unknown" if kill else "was lost")
+        if w is not None:  # the worker is dealt with first, then logged (logging never comes first)
             if kill:
                 w.kill()
             else:
                 w.conn.close()
             w.drop_replies()
             self.replaced += 1
+            log.info("worker process %d (pid %d) %s; another starts for the next batch", slot, w.process.pid,
+                     why if kill else "was lost")
 
     def close(self, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
