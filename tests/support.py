@@ -6,12 +6,14 @@ fixtures), never from one another (test_module_layout checks that)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +345,34 @@ def cycles_in(graph: dict[str, set[str]]) -> list[str]:
         if node not in state:
             visit(node, [])
     return cycles
+
+
+_MOTO = textwrap.dedent("""
+    import sys
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    print(server._server.server_port, flush=True)
+    sys.stdin.read()  # until the test closes it
+""")
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server in a process of its own (the objects it keeps stay
+    out of the test process, whose children's peaks tests measure); yields
+    its URL. Skips where s3fs or moto's server is not installed."""
+    pytest.importorskip("s3fs", reason="S3 tests need s3fs: pip install 'pagefork[test]'")
+    pytest.importorskip("moto.server", reason="S3 tests need moto[server]: pip install 'pagefork[test]'")
+    server = subprocess.Popen([sys.executable, "-c", _MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield f"http://127.0.0.1:{int(server.stdout.readline())}"
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -902,6 +902,18 @@ def test_writes_before_save_returns_are_in_that_version_or_the_next(tmp_path, mo
     if not support.available:
         pytest.skip(f"{mode} unavailable: {support.reason}")
     n_pages, writers = 64, 3
+    # The writers spin holding the GIL; every blocking call of a save waits
+    # a switch interval (5 ms) per writer to get it back. A short interval
+    # keeps the saves quick and the interleavings as dense.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        _writes_before_save(tmp_path, mode, base_every, compress, n_pages, writers)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _writes_before_save(tmp_path, mode, base_every, compress, n_pages, writers):
     region = Region(n_pages * PAGE_SIZE)
     t = pagefork.tracker(mode)
     t.start(region)

@@ -19,7 +19,7 @@ from pagefork import PAGE_SIZE, App, Region
 from pagefork import checkpoint as ck
 from pagefork.cli import main as cli
 
-from support import SANITIZED
+from support import SANITIZED, moto_server
 
 
 # ---- no checkpoint: ls and verify agree -------------------------------------------------
@@ -176,41 +176,16 @@ def test_progress_must_be_callable(tmp_path):
 
 # ---- S3: a base streams in bounded parts --------------------------------------------------------
 
-_MOTO = textwrap.dedent("""
-    import sys
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    print(server._server.server_port, flush=True)
-    sys.stdin.read()  # until the test closes it
-""")
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """A moto S3 server in a process of its own (the objects it keeps stay
-    out of this one, whose children's peaks other tests measure) with a
-    bucket ``pagefork-scale``; yields its URL."""
-    pytest.importorskip("s3fs", reason="S3 tests need s3fs: pip install 'pagefork[test]'")
-    pytest.importorskip("moto.server", reason="S3 tests need moto[server]: pip install 'pagefork[test]'")
-    import fsspec
+    """A moto S3 server with a bucket ``pagefork-scale``; yields its URL."""
+    with moto_server() as endpoint:
+        import fsspec
 
-    server = subprocess.Popen([sys.executable, "-c", _MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    try:
-        endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
         fs = fsspec.filesystem("s3", key="testing", secret="testing", skip_instance_cache=True,
                                client_kwargs={"endpoint_url": endpoint, "region_name": "eu-west-1"})
         fs.mkdir("pagefork-scale")
         yield endpoint
-    finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 _S3_CLIENT = textwrap.dedent("""

@@ -15,6 +15,8 @@ import pytest
 from pagefork import PAGE_SIZE, App, CorruptDataError, Region
 from pagefork import checkpoint as ck
 
+from support import moto_server
+
 P = PAGE_SIZE
 
 
@@ -359,16 +361,6 @@ def test_ctrl_c_at_random_points_of_a_restore_leaves_no_app_or_an_exact_one(tmp_
 
 # ---- S3: a failed multipart upload ------------------------------------------------------------
 
-_MOTO = textwrap.dedent("""
-    import sys
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    print(server._server.server_port, flush=True)
-    sys.stdin.read()
-""")
-
 _S3_FAIL = textwrap.dedent("""
     import gc, json, sys
     import fsspec
@@ -417,19 +409,8 @@ _S3_FAIL = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def moto_endpoint():
     """A moto S3 server in a process of its own; yields its URL."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    server = subprocess.Popen([sys.executable, "-c", _MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    try:
-        yield f"http://127.0.0.1:{int(server.stdout.readline())}"
-    finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")

@@ -450,6 +450,7 @@ def test_apply_while_another_thread_changes_the_columns():
         import struct, sys, threading
         import numpy as np
         from pagefork import DiffBatch, OutOfBoundsError, Snapshot, wire
+        sys.setswitchinterval(1e-4)  # apply releases the GIL: get it back without the 5 ms wait
         n = 2000
         snap = Snapshot(size=1 << 20)
         offsets = np.arange(n, dtype=np.int64) * 64
