@@ -117,7 +117,7 @@ def test_the_pagefork_logger_is_silent_by_default_and_tells_at_debug(tmp_path):
     assert "pagefork DEBUG checkpoint version 1 of" in loud.stderr and "a whole base (no tracked pages)" in loud.stderr
 
 
-@pytest.mark.parametrize("args", [("doctor",), ("checkpoint", "ls", "--json", "{tmp}")])  # rich, print()
+@pytest.mark.parametrize("args", [("doctor",), ("doctor", "--json")])  # rich, print()
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, args):
     """`pagefork doctor | head -1`: the pipe's reader is gone before the
     output is written; the command exits 1 with nothing on stderr (no

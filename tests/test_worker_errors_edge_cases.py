@@ -381,6 +381,7 @@ class Calls(logging.Handler):
 logging.getLogger("pagefork").addHandler(Calls())
 logging.getLogger("pagefork").setLevel(logging.DEBUG)
 print(app.parallel(lambda mem, i, n: i, 2))
+sys.stdout.flush()  # os._exit skips it
 os._exit(0)
 """
     try:
